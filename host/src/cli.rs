@@ -1,0 +1,191 @@
+//! The `sluice` command line: argument parsing and sub-commands.
+
+use crate::record::{Origin, Record};
+use crate::runtime::{Grants, Limits, Plugin, PluginInstance, Runtime};
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::io::{BufRead, BufWriter, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Sluice: a WebAssembly plugin-based stream router.
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Where compiled plugins are cached [default: $SLUICE_CACHE_DIR, else ~/.cache/sluice].
+    #[arg(long, global = true)]
+    pub cache_dir: Option<PathBuf>,
+    /// Compile plugins on every start instead of caching them.
+    #[arg(long, global = true)]
+    pub no_cache: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Work with transform plugins.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+    /// Generate a Finnhub-style trade feed (one JSON frame per line on stdout).
+    Feed(FeedArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FeedArgs {
+    /// How many frames to generate.
+    #[arg(long, default_value_t = 100)]
+    pub count: u64,
+    /// Seed of the generator: the same seed gives the same feed.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// One frame in N is a ping (0: none).
+    #[arg(long, default_value_t = 20)]
+    pub ping_every: u32,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Run a plugin over input values, one per line, and print its outputs.
+    ///
+    /// Each output value is printed on its own line on stdout; each failing
+    /// input is reported on stderr as `line N: <error>`. Exit status: 0 when
+    /// no input failed, 1 when some did, 2 when the plugin could not run.
+    Test(PluginTestArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PluginTestArgs {
+    /// The plugin component (.wasm).
+    pub plugin: PathBuf,
+    /// A plugin configuration entry, KEY=VALUE (repeatable).
+    #[arg(long = "config", short = 'c', value_parser = parse_key_value)]
+    pub config: Vec<(String, String)>,
+    /// Read input values from this file instead of stdin.
+    #[arg(long, short = 'i')]
+    pub input: Option<PathBuf>,
+    /// Records per call into the plugin.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: u32,
+    /// CPU limit per call, in milliseconds.
+    #[arg(long, default_value_t = Limits::default().cpu_ms)]
+    pub cpu_ms: u64,
+    /// Memory limit of the instance, in MiB.
+    #[arg(long, default_value_t = Limits::default().memory_bytes >> 20)]
+    pub memory_mib: usize,
+}
+
+fn parse_key_value(raw: &str) -> Result<(String, String), String> {
+    raw.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {raw:?}"))
+}
+
+/// Parses the arguments, runs the command, prints the error chain on failure.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("sluice: error: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let cache_dir = if cli.no_cache { None } else { cli.cache_dir.or_else(Runtime::default_cache_dir) };
+    let runtime = || Runtime::new(cache_dir.clone());
+    match cli.command {
+        Command::Plugin(PluginCommand::Test(args)) => plugin_test(&runtime()?, args),
+        Command::Feed(args) => feed(args),
+    }
+}
+
+fn feed(args: FeedArgs) -> anyhow::Result<ExitCode> {
+    let mut generator = crate::feed::FeedGenerator::new(args.seed);
+    generator.ping_every = args.ping_every;
+    let mut stdout = BufWriter::new(std::io::stdout().lock());
+    for frame in generator.take(args.count as usize) {
+        stdout.write_all(frame.json.as_bytes())?;
+        stdout.write_all(b"\n")?;
+    }
+    stdout.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn plugin_test(runtime: &Runtime, args: PluginTestArgs) -> anyhow::Result<ExitCode> {
+    let plugin = Plugin::load(runtime, &args.plugin)?;
+    let limits = Limits { cpu_ms: args.cpu_ms, memory_bytes: args.memory_mib << 20 };
+    let mut instance = PluginInstance::new(plugin, args.config, limits, Grants::default(), "plugin-test")?;
+
+    let (topic, mut input): (String, Box<dyn BufRead>) = match &args.input {
+        Some(path) => {
+            let file = std::fs::File::open(path).with_context(|| format!("cannot open input {}", path.display()))?;
+            (path.display().to_string(), Box::new(std::io::BufReader::new(file)))
+        }
+        None => ("stdin".to_string(), Box::new(std::io::stdin().lock())),
+    };
+    let mut stdout = BufWriter::new(std::io::stdout().lock());
+    let mut failed = 0u64;
+    let mut line_no = 0i64;
+    let mut batch = Vec::with_capacity(args.batch_size as usize);
+    loop {
+        let mut value = Vec::new();
+        let read = input.read_until(b'\n', &mut value).context("cannot read input")?;
+        if read > 0 {
+            if value.last() == Some(&b'\n') {
+                value.pop();
+                if value.last() == Some(&b'\r') {
+                    value.pop();
+                }
+            }
+            line_no += 1;
+            let origin = Origin { topic: topic.clone(), partition: 0, offset: line_no };
+            batch.push(Record { value, origin, ..Record::default() });
+        }
+        if batch.len() == args.batch_size as usize || (read == 0 && !batch.is_empty()) {
+            for (record, result) in batch.iter().zip(instance.process(&batch)) {
+                match result {
+                    Ok(outputs) => {
+                        for output in outputs {
+                            stdout.write_all(&output.value)?;
+                            stdout.write_all(b"\n")?;
+                        }
+                    }
+                    Err(error) => {
+                        failed += 1;
+                        stdout.flush()?;
+                        eprintln!("line {}: {error}", record.origin.offset);
+                    }
+                }
+            }
+            batch.clear();
+        }
+        if read == 0 {
+            break;
+        }
+    }
+    stdout.flush()?;
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

@@ -1,0 +1,48 @@
+//! The host's record types: what sources produce, transforms consume and sinks write.
+//! They mirror `wit/transform.wit` but belong to the host, so connectors never
+//! depend on a WIT version.
+
+/// A record header (ordered; a name may repeat).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub name: String,
+    pub value: Vec<u8>,
+}
+
+/// Where a record was read from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Origin {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// One record read from a source.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Record {
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Vec<Header>,
+    /// Milliseconds since the Unix epoch.
+    pub timestamp: Option<i64>,
+    pub origin: Origin,
+}
+
+/// One record produced by a transform (or passed through when there is none).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Output {
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Vec<Header>,
+    /// Milliseconds since the Unix epoch.
+    pub timestamp: Option<i64>,
+    /// A named sink of the pipeline; `None` is the default sink.
+    pub route: Option<String>,
+}
+
+impl From<Record> for Output {
+    /// Passthrough: the record as it came, to the default sink.
+    fn from(r: Record) -> Self {
+        Output { key: r.key, value: r.value, headers: r.headers, timestamp: r.timestamp, route: None }
+    }
+}

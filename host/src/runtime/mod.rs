@@ -1,0 +1,55 @@
+//! The WebAssembly plugin runtime.
+//!
+//! - [`engine`]: the one wasmtime [`Engine`](wasmtime::Engine) per process, its
+//!   epoch ticker thread (the CPU limit's clock) and the shared linker;
+//! - [`loader`]: reads a component, compiles it once and caches the machine
+//!   code on disk keyed by content hash, and keeps a ready-to-instantiate
+//!   `InstancePre` per plugin version ([`Plugin`]);
+//! - [`instance`]: a live plugin instance, one `Store` with its limits and
+//!   sandbox grants ([`PluginInstance`]), that runs batches and replaces
+//!   itself after a trap.
+
+pub mod engine;
+pub mod instance;
+pub mod loader;
+
+pub use engine::Runtime;
+pub use instance::{Grants, Limits, PluginInstance, RecordResult};
+pub use loader::Plugin;
+
+/// Host bindings generated from `wit/transform.wit`.
+pub(crate) mod bindings {
+    wasmtime::component::bindgen!({
+        world: "transformer",
+        path: "../wit",
+    });
+}
+
+/// What can go wrong with a plugin, at the seam between runtime and pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("cannot read plugin {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path} is not a usable WebAssembly component: {reason:#}")]
+    Compile { path: String, reason: anyhow::Error },
+    #[error("plugin {plugin} cannot be instantiated: {reason:#}")]
+    Instantiate { plugin: String, reason: anyhow::Error },
+    #[error("plugin {plugin} rejected its config: {message}")]
+    ConfigRejected { plugin: String, message: String },
+    #[error("plugin {plugin} failed in init: {fault}")]
+    InitFault { plugin: String, fault: Fault },
+}
+
+/// Why a call into a plugin instance did not return normally. The instance is
+/// discarded after any of these.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Fault {
+    #[error("CPU limit exceeded ({limit_ms} ms per call)")]
+    CpuLimit { limit_ms: u64 },
+    #[error("memory limit exceeded ({limit_bytes} bytes)")]
+    MemoryLimit { limit_bytes: usize },
+    #[error("plugin trapped: {0}")]
+    Trap(String),
+    #[error("plugin broke the contract: {0}")]
+    Contract(String),
+}

@@ -1,0 +1,72 @@
+//! A deliberately hostile plugin for Sluice's own tests. Config `mode` picks the
+//! misbehaviour; it only misbehaves on records whose value is `boom`, so a test
+//! can mix good and poison records in one batch. Other records are echoed.
+//!
+//! | mode          | on `boom`                                 |
+//! |---------------|-------------------------------------------|
+//! | `echo`        | echoes it like any other record           |
+//! | `trap`        | panics (a WASM trap)                      |
+//! | `loop`        | spins forever (stopped by the CPU limit)  |
+//! | `alloc`       | allocates without bound (memory limit)    |
+//! | `error`       | returns an error for the record           |
+//! | `init-trap`   | (any record) panics already in `init`     |
+//! | `init-reject` | (any record) rejects its config in `init` |
+//! | `fs`          | tries to read `/etc/hostname`             |
+//!
+//! Config `marker` (optional) is prepended to every echoed value, so hot-reload
+//! tests can tell versions apart.
+
+use sluice_plugin::{export_transform, Config, Output, Record, Transform};
+
+pub struct Chaos {
+    mode: String,
+    marker: String,
+}
+
+impl Transform for Chaos {
+    fn init(config: &Config) -> Result<Self, String> {
+        config.reject_unknown(&["mode", "marker"])?;
+        let mode = config.get("mode").unwrap_or("echo").to_string();
+        match mode.as_str() {
+            "init-trap" => panic!("chaos: trapping in init as asked"),
+            "init-reject" => Err("chaos: config rejected as asked".to_string()),
+            "echo" | "trap" | "loop" | "alloc" | "error" | "fs" => {
+                Ok(Chaos { mode, marker: config.get("marker").unwrap_or_default().to_string() })
+            }
+            other => Err(format!("unknown mode {other:?}")),
+        }
+    }
+
+    fn process(&mut self, record: Record) -> Result<Vec<Output>, String> {
+        if record.value == b"boom" {
+            match self.mode.as_str() {
+                "trap" => panic!("chaos: trapping as asked"),
+                "loop" => {
+                    let mut n: u64 = 0;
+                    loop {
+                        n = std::hint::black_box(n.wrapping_add(1));
+                    }
+                }
+                "alloc" => {
+                    let mut hoard: Vec<Vec<u8>> = Vec::new();
+                    loop {
+                        hoard.push(vec![1u8; 1 << 20]);
+                        std::hint::black_box(&hoard);
+                    }
+                }
+                "error" => return Err("chaos: failing the record as asked".to_string()),
+                "fs" => {
+                    return std::fs::read_to_string("/etc/hostname")
+                        .map(|s| vec![Output::new(s)])
+                        .map_err(|e| format!("chaos: cannot read /etc/hostname: {e}"))
+                }
+                _ => {}
+            }
+        }
+        let mut value = self.marker.clone().into_bytes();
+        value.extend_from_slice(&record.value);
+        Ok(vec![Output::new(value)])
+    }
+}
+
+export_transform!(Chaos);

@@ -1,0 +1,295 @@
+//! # sluice-plugin: write a Sluice transform as one plain function
+//!
+//! A Sluice transform is a WebAssembly component implementing
+//! `wit/transform.wit`. This crate hides that contract: you implement
+//! [`Transform`] (a constructor taking the plugin's [`Config`] and a `process`
+//! function from one [`Record`] to zero or more [`Output`]s), then invoke
+//! [`export_transform!`]. Batching, the boundary types and the instance state
+//! are the SDK's job.
+//!
+//! ```ignore
+//! use sluice_plugin::{export_transform, Config, Output, Record, Transform};
+//!
+//! struct Upper;
+//!
+//! impl Transform for Upper {
+//!     fn init(config: &Config) -> Result<Self, String> {
+//!         config.reject_unknown(&[])?;
+//!         Ok(Upper)
+//!     }
+//!     fn process(&mut self, record: Record) -> Result<Vec<Output>, String> {
+//!         Ok(vec![Output::new(record.value.to_ascii_uppercase())])
+//!     }
+//! }
+//!
+//! export_transform!(Upper);
+//! ```
+//!
+//! Build with `cargo build --release --target wasm32-wasip2`. Because the
+//! logic is plain Rust, `cargo test` runs it natively.
+
+use std::collections::BTreeMap;
+use std::fmt::Display;
+use std::str::FromStr;
+
+/// Bindings generated from `wit/transform.wit`. Plugin authors do not need
+/// them; they are public for [`export_transform!`].
+#[doc(hidden)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        world: "transformer",
+        path: "../../wit",
+        pub_export_macro: true,
+        default_bindings_module: "sluice_plugin::bindings",
+    });
+}
+
+use bindings::sluice::transform::types as wit;
+
+/// A record header (Kafka headers are ordered and may repeat a name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub name: String,
+    pub value: Vec<u8>,
+}
+
+/// Where an input record came from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Origin {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// One input record.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Record {
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Vec<Header>,
+    /// Milliseconds since the Unix epoch.
+    pub timestamp: Option<i64>,
+    pub origin: Origin,
+}
+
+impl Record {
+    /// A record with just a value, as a test fixture or from `sluice plugin test`.
+    pub fn from_value(value: impl Into<Vec<u8>>) -> Self {
+        Record { value: value.into(), ..Record::default() }
+    }
+}
+
+/// One output record. Build it with [`Output::new`] and the `with_*` methods.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Output {
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Vec<Header>,
+    /// Milliseconds since the Unix epoch.
+    pub timestamp: Option<i64>,
+    /// A named sink of the pipeline; `None` is the default sink.
+    pub route: Option<String>,
+}
+
+impl Output {
+    pub fn new(value: impl Into<Vec<u8>>) -> Self {
+        Output { value: value.into(), ..Output::default() }
+    }
+    pub fn with_key(mut self, key: impl Into<Vec<u8>>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+    pub fn with_timestamp(mut self, millis: i64) -> Self {
+        self.timestamp = Some(millis);
+        self
+    }
+    pub fn with_route(mut self, route: impl Into<String>) -> Self {
+        self.route = Some(route.into());
+        self
+    }
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
+        self.headers.push(Header { name: name.into(), value: value.into() });
+        self
+    }
+}
+
+/// The plugin's configuration: the `config` table of its pipeline entry.
+/// Values arrive as strings (TOML numbers and booleans are written out;
+/// arrays and tables arrive as JSON).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Config(BTreeMap<String, String>);
+
+impl Config {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    /// Parses `key` as `T`, with a message naming the key when it does not parse.
+    pub fn parse<T>(&self, key: &str) -> Result<Option<T>, String>
+    where
+        T: FromStr,
+        T::Err: Display,
+    {
+        self.get(key)
+            .map(|raw| raw.parse::<T>().map_err(|e| format!("config `{key}` = {raw:?}: {e}")))
+            .transpose()
+    }
+
+    /// Rejects any key not in `known`, so that a typo in the pipeline file is
+    /// reported instead of silently ignored.
+    pub fn reject_unknown(&self, known: &[&str]) -> Result<(), String> {
+        let unknown: Vec<&str> =
+            self.0.keys().map(String::as_str).filter(|k| !known.contains(k)).collect();
+        if unknown.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("unknown config key(s): {} (known: {})", unknown.join(", "), known.join(", ")))
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+}
+
+impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Config {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        Config(iter.into_iter().map(|(k, v)| (k.into(), v.into())).collect())
+    }
+}
+
+/// A transform: built once per instance from its configuration, then called
+/// for every record.
+pub trait Transform: Sized + 'static {
+    /// Validates the configuration. An `Err` rejects the pipeline (or the hot
+    /// reload) with this message.
+    fn init(config: &Config) -> Result<Self, String>;
+
+    /// Transforms one record into zero or more outputs. An `Err` sends the
+    /// input record to the pipeline's dead-letter destination with this
+    /// message; it does not stop the pipeline.
+    fn process(&mut self, record: Record) -> Result<Vec<Output>, String>;
+}
+
+/// Log lines from inside the plugin. In a WASM build they go to the host's
+/// log, tagged with the pipeline and plugin; natively (unit tests) to stderr.
+pub mod log {
+    #[derive(Debug, Clone, Copy)]
+    pub enum Level {
+        Trace,
+        Debug,
+        Info,
+        Warn,
+        Error,
+    }
+
+    pub fn log(level: Level, message: &str) {
+        #[cfg(target_arch = "wasm32")]
+        {
+            use crate::bindings::sluice::transform::log as host;
+            let level = match level {
+                Level::Trace => host::Level::Trace,
+                Level::Debug => host::Level::Debug,
+                Level::Info => host::Level::Info,
+                Level::Warn => host::Level::Warn,
+                Level::Error => host::Level::Error,
+            };
+            host::log(level, message);
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        eprintln!("[{level:?}] {message}");
+    }
+
+    pub fn debug(message: &str) {
+        log(Level::Debug, message)
+    }
+    pub fn info(message: &str) {
+        log(Level::Info, message)
+    }
+    pub fn warn(message: &str) {
+        log(Level::Warn, message)
+    }
+}
+
+/// The glue [`export_transform!`] expands to. Not part of the public API.
+#[doc(hidden)]
+pub mod __rt {
+    use super::*;
+    use std::cell::RefCell;
+
+    pub fn init<T: Transform>(slot: &RefCell<Option<T>>, config: Vec<(String, String)>) -> Result<(), String> {
+        let transform = T::init(&config.into_iter().collect())?;
+        *slot.borrow_mut() = Some(transform);
+        Ok(())
+    }
+
+    pub fn process_batch<T: Transform>(
+        slot: &RefCell<Option<T>>,
+        batch: Vec<wit::InputRecord>,
+    ) -> Vec<Result<Vec<wit::OutputRecord>, String>> {
+        let mut slot = slot.borrow_mut();
+        let Some(transform) = slot.as_mut() else {
+            return batch.iter().map(|_| Err("plugin used before init".to_string())).collect();
+        };
+        batch
+            .into_iter()
+            .map(|input| {
+                transform
+                    .process(record_from_wit(input))
+                    .map(|outputs| outputs.into_iter().map(output_to_wit).collect())
+            })
+            .collect()
+    }
+
+    fn record_from_wit(r: wit::InputRecord) -> Record {
+        Record {
+            key: r.key,
+            value: r.value,
+            headers: r.headers.into_iter().map(|h| Header { name: h.name, value: h.value }).collect(),
+            timestamp: r.timestamp,
+            origin: Origin { topic: r.origin.topic, partition: r.origin.partition, offset: r.origin.offset },
+        }
+    }
+
+    fn output_to_wit(o: Output) -> wit::OutputRecord {
+        wit::OutputRecord {
+            key: o.key,
+            value: o.value,
+            headers: o.headers.into_iter().map(|h| wit::Header { name: h.name, value: h.value }).collect(),
+            timestamp: o.timestamp,
+            route: o.route,
+        }
+    }
+}
+
+/// Exports a [`Transform`] implementation as the plugin's component entry
+/// points. Invoke it once, at the crate root of a `cdylib` crate.
+#[macro_export]
+macro_rules! export_transform {
+    ($transform:ty) => {
+        #[allow(dead_code)]
+        struct __SluiceGuest;
+
+        ::std::thread_local! {
+            static __SLUICE_STATE: ::std::cell::RefCell<::std::option::Option<$transform>> =
+                const { ::std::cell::RefCell::new(::std::option::Option::None) };
+        }
+
+        impl $crate::bindings::exports::sluice::transform::transform::Guest for __SluiceGuest {
+            fn init(
+                config: ::std::vec::Vec<(::std::string::String, ::std::string::String)>,
+            ) -> ::std::result::Result<(), ::std::string::String> {
+                __SLUICE_STATE.with(|state| $crate::__rt::init::<$transform>(state, config))
+            }
+
+            fn process_batch(
+                batch: ::std::vec::Vec<$crate::bindings::sluice::transform::types::InputRecord>,
+            ) -> ::std::vec::Vec<$crate::bindings::sluice::transform::types::RecordResult> {
+                __SLUICE_STATE.with(|state| $crate::__rt::process_batch::<$transform>(state, batch))
+            }
+        }
+
+        #[cfg(target_arch = "wasm32")]
+        $crate::bindings::export!(__SluiceGuest with_types_in $crate::bindings);
+    };
+}
