@@ -8,4 +8,4 @@ if ! rustup target list --installed | grep -qx wasm32-wasip2; then
 fi
 # Plugins get fat LTO and one codegen unit (the host keeps the faster-building defaults).
 CARGO_PROFILE_RELEASE_LTO=true CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 \
-  cargo build --release --target wasm32-wasip2 -p trade-flattener -p chaos "$@"
+  cargo build --release --target wasm32-wasip2 -p trade-flattener -p symbol-router -p chaos "$@"

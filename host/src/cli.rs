@@ -36,8 +36,24 @@ pub enum Command {
     /// Work with transform plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
-    /// Generate a Finnhub-style trade feed (one JSON frame per line on stdout).
+    /// Generate a Finnhub-style trade feed: to a Kafka topic, or one JSON frame per line on stdout.
     Feed(FeedArgs),
+    /// Validate pipeline files without running them (exit 1 on any error).
+    ///
+    /// Reports every error with its file:line:column: unknown keys, missing
+    /// plugin files, plugins rejecting their config, unknown sink names, unset
+    /// environment variables.
+    Check(PipelineArgs),
+    /// Run pipelines until SIGINT/SIGTERM, then stop gracefully (in-flight
+    /// batches finish, sinks flush, offsets commit).
+    Run(PipelineArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PipelineArgs {
+    /// Pipeline files, or folders whose *.toml files are pipelines.
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -51,6 +67,18 @@ pub struct FeedArgs {
     /// One frame in N is a ping (0: none).
     #[arg(long, default_value_t = 20)]
     pub ping_every: u32,
+    /// Kafka bootstrap servers, for `--topic`.
+    #[arg(long, env = "SLUICE_BROKERS")]
+    pub brokers: Option<String>,
+    /// Produce to this Kafka topic instead of printing to stdout.
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// Frames per second (0: as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u32,
+    /// A librdkafka producer property, KEY=VALUE (repeatable).
+    #[arg(long = "property", short = 'X', value_parser = parse_key_value)]
+    pub properties: Vec<(String, String)>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -119,18 +147,133 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Plugin(PluginCommand::Test(args)) => plugin_test(&runtime()?, args),
         Command::Feed(args) => feed(args),
+        Command::Check(args) => check(&runtime()?, &args),
+        Command::Run(args) => run_pipelines(runtime()?, &args),
     }
+}
+
+fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
+}
+
+fn print_config_errors(errors: &[crate::config::ConfigError]) {
+    for error in errors {
+        eprintln!("{error}");
+    }
+    eprintln!("sluice: {} error(s) in pipeline files", errors.len());
+}
+
+fn check(runtime: &Runtime, args: &PipelineArgs) -> anyhow::Result<ExitCode> {
+    match crate::config::load_dir_or_files(&args.paths, Some(runtime)) {
+        Ok(pipelines) => {
+            for p in &pipelines {
+                let plugins: Vec<String> =
+                    p.transforms.iter().map(|t| t.path.file_stem().unwrap_or_default().to_string_lossy().into_owned()).collect();
+                let sinks: Vec<&str> = p.sinks.keys().map(String::as_str).collect();
+                println!(
+                    "{}: ok: pipeline {} [{}] -> sinks [{}] (default {})",
+                    p.file.display(),
+                    p.name,
+                    plugins.join(" -> "),
+                    sinks.join(", "),
+                    p.default_sink
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(errors) => {
+            print_config_errors(&errors);
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn run_pipelines(runtime: Runtime, args: &PipelineArgs) -> anyhow::Result<ExitCode> {
+    let pipelines = match crate::config::load_dir_or_files(&args.paths, Some(&runtime)) {
+        Ok(p) => p,
+        Err(errors) => {
+            print_config_errors(&errors);
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    tokio_runtime()?.block_on(async move {
+        let mut topology = crate::topology::Topology::new(runtime);
+        topology.apply(pipelines).await?;
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        let mut failed = 0;
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = terminate.recv() => break,
+                _ = tick.tick() => {
+                    failed += topology.reap();
+                    if topology.is_empty() {
+                        return Ok(ExitCode::FAILURE);
+                    }
+                }
+            }
+        }
+        tracing::info!("shutting down: finishing in-flight batches");
+        topology.shutdown().await;
+        Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    })
 }
 
 fn feed(args: FeedArgs) -> anyhow::Result<ExitCode> {
     let mut generator = crate::feed::FeedGenerator::new(args.seed);
     generator.ping_every = args.ping_every;
+    if let Some(topic) = &args.topic {
+        let brokers = args.brokers.as_deref().context("--topic needs --brokers (or SLUICE_BROKERS)")?;
+        return tokio_runtime()?.block_on(feed_kafka(generator, brokers, topic, &args));
+    }
     let mut stdout = BufWriter::new(std::io::stdout().lock());
     for frame in generator.take(args.count as usize) {
         stdout.write_all(frame.json.as_bytes())?;
         stdout.write_all(b"\n")?;
     }
     stdout.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn feed_kafka(generator: crate::feed::FeedGenerator, brokers: &str, topic: &str, args: &FeedArgs) -> anyhow::Result<ExitCode> {
+    use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+    let (count, rate) = (args.count, args.rate);
+    let mut config = rdkafka::ClientConfig::new();
+    config.set("linger.ms", "5");
+    for (k, v) in &args.properties {
+        config.set(k, v);
+    }
+    let producer: FutureProducer = config
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .create()
+        .context("cannot create the Kafka producer")?;
+    let mut pacer = (rate > 0).then(|| tokio::time::interval(std::time::Duration::from_secs_f64(1.0 / rate as f64)));
+    let (mut frames, mut trades) = (0u64, 0u64);
+    let mut pending = std::collections::VecDeque::new();
+    for frame in generator.take(count as usize) {
+        if let Some(p) = pacer.as_mut() {
+            p.tick().await;
+        }
+        let delivery = producer
+            .send_result(FutureRecord::<(), _>::to(topic).payload(&frame.json))
+            .map_err(|(e, _)| e)
+            .with_context(|| format!("cannot produce to {topic}"))?;
+        pending.push_back(delivery);
+        if pending.len() >= 10_000 {
+            if let Some(d) = pending.pop_front() {
+                d.await?.map_err(|(e, _)| e).with_context(|| format!("delivery to {topic} failed"))?;
+            }
+        }
+        frames += 1;
+        trades += frame.trades as u64;
+    }
+    for d in pending {
+        d.await?.map_err(|(e, _)| e).with_context(|| format!("delivery to {topic} failed"))?;
+    }
+    producer.flush(rdkafka::util::Timeout::After(std::time::Duration::from_secs(30)))?;
+    eprintln!("fed {frames} frames ({trades} trades) to {topic}");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -9,7 +9,12 @@
 //! - [`record`]: the host's record types, shared by sources, transforms and sinks;
 //! - [`runtime`]: the wasmtime engine, the plugin loader with its compile cache,
 //!   and plugin instances with CPU and memory limits and sandbox grants;
+//! - [`config`]: pipeline files: TOML structures, `${VAR}` expansion, validation;
 //! - [`feed`]: a Finnhub-style trade feed generator (demo, tests, benchmarks);
+//! - [`sources`]: where records come from ([`sources::Source`]; Kafka);
+//! - [`transforms`]: the chain of plugin instances a batch runs through;
+//! - [`sinks`]: where outputs go ([`sinks::Sink`]; Kafka, PostgreSQL, stdout);
+//! - [`topology`]: the running set of pipelines, started and changed by applying a diff;
 //! - [`cli`]: the `sluice` command line (argument parsing and sub-commands);
 //!   `main.rs` only calls [`cli::main`].
 
@@ -20,6 +25,11 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub mod cli;
+pub mod config;
 pub mod feed;
 pub mod record;
 pub mod runtime;
+pub mod sinks;
+pub mod sources;
+pub mod topology;
+pub mod transforms;

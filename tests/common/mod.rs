@@ -47,3 +47,5 @@ pub fn instance_with(runtime: &Runtime, name: &str, config: &[(&str, &str)], lim
     let config = config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     PluginInstance::new(load(runtime, name), config, limits, grants, "test").expect("plugin instantiates")
 }
+
+pub mod services;

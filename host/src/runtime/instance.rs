@@ -3,6 +3,7 @@
 use super::bindings::sluice::transform::{log as wit_log, types as wit};
 use super::bindings::Transformer;
 use super::engine::EPOCH_TICK;
+use super::stderr::PluginStderr;
 use super::{Fault, Plugin, PluginError};
 use crate::record::{Header, Output, Record};
 use std::path::PathBuf;
@@ -47,6 +48,7 @@ pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
     memory: MemoryCap,
+    stderr: PluginStderr,
     /// `pipeline/plugin`, for the plugin's log lines.
     label: Arc<str>,
 }
@@ -134,7 +136,8 @@ impl PluginInstance {
     fn instantiate(&self) -> Result<Live, PluginError> {
         let name = || self.plugin.name.clone();
         let mut wasi = WasiCtxBuilder::new();
-        wasi.inherit_stderr().envs(&self.grants.env);
+        let stderr = PluginStderr::default();
+        wasi.stderr(stderr.clone()).envs(&self.grants.env);
         for (host, guest) in &self.grants.read_dirs {
             wasi.preopened_dir(host, guest, FsPerms::ReadOnly).map_err(|reason| PluginError::Instantiate {
                 plugin: name(),
@@ -148,6 +151,7 @@ impl PluginInstance {
             wasi: wasi.build(),
             table: ResourceTable::new(),
             memory: MemoryCap { limit: self.limits.memory_bytes, hit: false },
+            stderr,
             label: self.label.clone(),
         };
         let mut store = Store::new(&self.plugin.pre.engine(), state);
@@ -176,7 +180,11 @@ impl PluginInstance {
         }
         match error.downcast_ref::<Trap>() {
             Some(Trap::Interrupt) => Fault::CpuLimit { limit_ms: self.limits.cpu_ms },
-            _ => Fault::Trap(format!("{error:#}")),
+            _ if store.data().stderr.panic_message().is_some() => {
+                Fault::Trap(store.data().stderr.panic_message().unwrap_or_default())
+            }
+            Some(trap) => Fault::Trap(with_location(trap.to_string(), &error)),
+            None => Fault::Trap(with_location(error.root_cause().to_string(), &error)),
         }
     }
 
@@ -210,6 +218,7 @@ impl PluginInstance {
             }
         };
         live.store.set_epoch_deadline(self.deadline_ticks());
+        live.store.data().stderr.clear();
         let results = match live.bindings.sluice_transform_transform().call_process_batch(&mut live.store, inputs) {
             Ok(results) => results,
             Err(error) => return Err(self.classify(&live.store, error)),
@@ -219,6 +228,22 @@ impl PluginInstance {
         }
         self.live = Some(live);
         Ok(results.into_iter().map(|r| r.map(|outs| outs.into_iter().map(from_wit).collect())).collect())
+    }
+}
+
+/// `reason (in plugin_function)`: the innermost frame of the plugin's own
+/// code, skipping the standard library's panic and abort machinery. One line,
+/// so that it fits a log field or a dead-letter header.
+fn with_location(reason: String, error: &wasmtime::Error) -> String {
+    let is_runtime = |name: &str| {
+        name.contains('#') || ["std", "core", "alloc", "__rust", "abort", "panic", "dlmalloc", "wit_bindgen"].iter().any(|p| name.contains(p))
+    };
+    let frame = error
+        .downcast_ref::<wasmtime::WasmBacktrace>()
+        .and_then(|bt| bt.frames().iter().filter_map(|f| f.func_name()).find(|name| !is_runtime(name)));
+    match frame {
+        Some(name) => format!("{reason} (in {name})"),
+        None => reason,
     }
 }
 

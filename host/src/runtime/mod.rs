@@ -7,11 +7,13 @@
 //!   `InstancePre` per plugin version ([`Plugin`]);
 //! - [`instance`]: a live plugin instance, one `Store` with its limits and
 //!   sandbox grants ([`PluginInstance`]), that runs batches and replaces
-//!   itself after a trap.
+//!   itself after a trap;
+//! - `stderr`: the plugin's stderr, kept in memory for the fault's reason.
 
 pub mod engine;
 pub mod instance;
 pub mod loader;
+mod stderr;
 
 pub use engine::Runtime;
 pub use instance::{Grants, Limits, PluginInstance, RecordResult};

@@ -140,10 +140,10 @@ impl Config {
     pub fn reject_unknown(&self, known: &[&str]) -> Result<(), String> {
         let unknown: Vec<&str> =
             self.0.keys().map(String::as_str).filter(|k| !known.contains(k)).collect();
-        if unknown.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("unknown config key(s): {} (known: {})", unknown.join(", "), known.join(", ")))
+        match (unknown.is_empty(), known.is_empty()) {
+            (true, _) => Ok(()),
+            (false, true) => Err(format!("unknown config key(s): {} (this plugin takes no config)", unknown.join(", "))),
+            (false, false) => Err(format!("unknown config key(s): {} (known: {})", unknown.join(", "), known.join(", "))),
         }
     }
 

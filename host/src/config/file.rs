@@ -1,0 +1,259 @@
+//! The pipeline file format. Every table rejects unknown keys.
+//!
+//! ```toml
+//! name = "trades"                       # optional: defaults to the file name
+//! default_sink = "pg"                   # optional when there is one sink
+//!
+//! [source]
+//! type = "kafka"
+//! brokers = "${SLUICE_BROKERS:-127.0.0.1:9092}"
+//! topics = ["trades_raw"]
+//!
+//! [[transforms]]
+//! plugin = "../target/wasm32-wasip2/release/trade_flattener.wasm"
+//!
+//! [sinks.pg]
+//! type = "postgres"
+//! url = "${SLUICE_PG_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+//! table = "trades"
+//! columns = [{ name = "symbol", type = "text" }]
+//!
+//! [dead_letter]
+//! type = "kafka"
+//! brokers = "${SLUICE_BROKERS:-127.0.0.1:9092}"
+//! topic = "trades_dlq"
+//! ```
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use toml::Spanned;
+
+/// One pipeline: a source, a chain of transforms, named sinks, a dead-letter destination.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineFile {
+    /// The pipeline's name (logs, metrics, dead-letter headers, default consumer
+    /// group `sluice-<name>`). Defaults to the file name without `.toml`.
+    pub name: Option<String>,
+    /// Where records come from.
+    pub source: Spanned<SourceConfig>,
+    /// Plugins applied in order; the outputs of one are the inputs of the next.
+    /// Empty: records pass through unchanged.
+    #[serde(default)]
+    pub transforms: Vec<TransformConfig>,
+    /// Named sinks. A plugin output's `route` names one of them.
+    pub sinks: BTreeMap<String, Spanned<SinkConfig>>,
+    /// The sink for outputs without a route. Required when there are several sinks.
+    pub default_sink: Option<Spanned<String>>,
+    /// Where records go that a transform failed on, or whose output could not
+    /// be routed or converted (a Kafka topic, or stdout).
+    pub dead_letter: Spanned<SinkConfig>,
+}
+
+/// A source, chosen by `type`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SourceConfig {
+    Kafka(KafkaSourceConfig),
+}
+
+/// `type = "kafka"`: a consumer group over one or more topics.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSourceConfig {
+    /// Bootstrap servers, comma-separated (`host:port,host:port`).
+    pub brokers: String,
+    /// Topics to consume.
+    pub topics: Vec<String>,
+    /// Consumer group id. Default: `sluice-<pipeline name>`. Instances sharing
+    /// a group share the partitions.
+    pub group: Option<String>,
+    /// Where a group without committed offsets starts: `earliest` or `latest`.
+    #[serde(default)]
+    pub offset_reset: OffsetReset,
+    /// A batch closes at this many records...
+    #[serde(default = "default_batch_max_records")]
+    pub batch_max_records: usize,
+    /// ...or this many milliseconds after its first record, whichever comes first.
+    #[serde(default = "default_batch_max_ms")]
+    pub batch_max_ms: u64,
+    /// librdkafka consumer properties passed through as they are
+    /// (e.g. `"session.timeout.ms" = "10000"`). Sluice owns
+    /// `enable.auto.commit` (always false): offsets are committed only after
+    /// every sink has the batch.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+fn default_batch_max_records() -> usize {
+    1000
+}
+fn default_batch_max_ms() -> u64 {
+    50
+}
+
+/// Where a consumer group without committed offsets starts.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OffsetReset {
+    #[default]
+    Earliest,
+    Latest,
+}
+
+/// One plugin of the transform chain.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TransformConfig {
+    /// Path to the plugin component (`.wasm`), relative to the pipeline file.
+    pub plugin: Spanned<String>,
+    /// The plugin's configuration, handed to its `init`. Strings are passed
+    /// as they are; numbers and booleans written out; arrays and tables as JSON.
+    #[serde(default)]
+    pub config: toml::Table,
+    /// Resource limits of the plugin instance.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// What the sandbox lets the plugin reach. Default: nothing.
+    #[serde(default)]
+    pub grants: GrantsConfig,
+}
+
+/// Resource limits; unset values take the runtime's safe defaults.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// CPU time one call (`init` or one batch) may take, in milliseconds (default 1000).
+    pub cpu_ms: Option<u64>,
+    /// Linear memory the instance may grow to, in MiB (default 64).
+    pub memory_mib: Option<usize>,
+}
+
+/// Sandbox grants. Everything is denied unless listed here.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GrantsConfig {
+    /// Names of host environment variables the plugin may read.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Directories the plugin may read, as `"host/path"` (seen at the same
+    /// path) or `"host/path:/guest/path"`; relative to the pipeline file.
+    #[serde(default)]
+    pub read_dirs: Vec<String>,
+    /// Whether the plugin may open sockets and resolve names.
+    #[serde(default)]
+    pub network: bool,
+}
+
+/// A sink, chosen by `type`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SinkConfig {
+    Kafka(KafkaSinkConfig),
+    Postgres(PostgresSinkConfig),
+    Stdout(StdoutSinkConfig),
+}
+
+impl SinkConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SinkConfig::Kafka(_) => "kafka",
+            SinkConfig::Postgres(_) => "postgres",
+            SinkConfig::Stdout(_) => "stdout",
+        }
+    }
+}
+
+/// `type = "kafka"`: an idempotent producer writing to one topic; keys,
+/// headers and timestamps are kept.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSinkConfig {
+    /// Bootstrap servers, comma-separated.
+    pub brokers: String,
+    /// Destination topic.
+    pub topic: String,
+    /// librdkafka producer properties passed through as they are.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+/// `type = "postgres"`: rows into a table, one per output record, written
+/// with binary COPY in one transaction per batch. Output values must be JSON
+/// objects; each column takes the field of its `field` (default: its name).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSinkConfig {
+    /// Connection string, e.g. `postgres://user@127.0.0.1:5432/db`.
+    pub url: String,
+    /// Destination table (optionally `schema.table`).
+    pub table: String,
+    /// Create the table (and schema) if missing, from `columns`.
+    #[serde(default)]
+    pub create_table: bool,
+    /// The table's columns and where each takes its value from.
+    pub columns: Vec<ColumnConfig>,
+    /// Columns of a unique key: rows whose key exists are updated instead of
+    /// inserted (`INSERT … ON CONFLICT … DO UPDATE`). Empty: plain inserts.
+    #[serde(default)]
+    pub upsert_key: Vec<String>,
+}
+
+/// One column of a PostgreSQL sink.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnConfig {
+    /// Column name.
+    pub name: String,
+    /// Column type; decides how the JSON field is converted.
+    #[serde(rename = "type")]
+    pub kind: ColumnType,
+    /// Top-level field of the output JSON object (default: the column name).
+    /// A missing or null field gives NULL.
+    pub field: Option<String>,
+}
+
+/// The column types the PostgreSQL sink converts JSON into.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub enum ColumnType {
+    /// From a JSON string.
+    #[serde(rename = "text")]
+    Text,
+    /// From a JSON number.
+    #[serde(rename = "double precision")]
+    Double,
+    /// From a JSON integer.
+    #[serde(rename = "bigint")]
+    BigInt,
+    /// From a JSON boolean.
+    #[serde(rename = "boolean")]
+    Boolean,
+    /// From a JSON integer of milliseconds since the Unix epoch.
+    #[serde(rename = "timestamptz")]
+    Timestamptz,
+    /// From a JSON array of strings.
+    #[serde(rename = "text[]")]
+    TextArray,
+    /// From any JSON value.
+    #[serde(rename = "jsonb")]
+    Jsonb,
+}
+
+impl ColumnType {
+    pub fn sql(self) -> &'static str {
+        match self {
+            ColumnType::Text => "text",
+            ColumnType::Double => "double precision",
+            ColumnType::BigInt => "bigint",
+            ColumnType::Boolean => "boolean",
+            ColumnType::Timestamptz => "timestamptz",
+            ColumnType::TextArray => "text[]",
+            ColumnType::Jsonb => "jsonb",
+        }
+    }
+}
+
+/// `type = "stdout"`: one output value per line on standard output.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StdoutSinkConfig {}

@@ -1,0 +1,36 @@
+//! Sinks: where a pipeline's outputs go. A new sink is one module
+//! implementing [`Sink`]; [`build`] maps a sink's config to it.
+
+pub mod kafka;
+pub mod postgres;
+pub mod stdout;
+
+use crate::config::SinkConfig;
+use crate::record::Output;
+use async_trait::async_trait;
+
+/// A record the sink can never write (e.g. a value that does not fit the
+/// table): it goes to the dead-letter destination instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// Index in the batch given to [`Sink::write`].
+    pub index: usize,
+    pub reason: String,
+}
+
+#[async_trait]
+pub trait Sink: Send + Sync {
+    /// Writes `batch` and returns once the destination has durably accepted
+    /// every record not rejected. An `Err` means nothing can be assumed
+    /// written: the caller retries the whole batch.
+    async fn write(&self, batch: &[Output]) -> anyhow::Result<Vec<Rejected>>;
+}
+
+/// Builds the sink described by `config`.
+pub async fn build(config: &SinkConfig, pipeline: &str) -> anyhow::Result<Box<dyn Sink>> {
+    Ok(match config {
+        SinkConfig::Kafka(c) => Box::new(kafka::KafkaSink::new(c, pipeline)?),
+        SinkConfig::Postgres(c) => Box::new(postgres::PostgresSink::new(c.clone(), pipeline)),
+        SinkConfig::Stdout(_) => Box::new(stdout::StdoutSink),
+    })
+}

@@ -1,0 +1,112 @@
+//! The Kafka source: a consumer group with manual commits.
+
+use super::Source;
+use crate::config::{KafkaSourceConfig, OffsetReset};
+use crate::record::{Header, Origin, Record};
+use anyhow::Context;
+use async_trait::async_trait;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tracing::warn;
+
+pub struct KafkaSource {
+    consumer: StreamConsumer,
+    max_records: usize,
+    max_wait: Duration,
+    pipeline: String,
+}
+
+impl KafkaSource {
+    pub fn new(config: &KafkaSourceConfig, group: &str, pipeline: &str) -> anyhow::Result<Self> {
+        let mut client = ClientConfig::new();
+        for (k, v) in &config.properties {
+            client.set(k, v);
+        }
+        client
+            .set("bootstrap.servers", &config.brokers)
+            .set("group.id", group)
+            .set("client.id", format!("sluice-{pipeline}"))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .set(
+                "auto.offset.reset",
+                match config.offset_reset {
+                    OffsetReset::Earliest => "earliest",
+                    OffsetReset::Latest => "latest",
+                },
+            );
+        let consumer: StreamConsumer = client.create().context("cannot create the Kafka consumer")?;
+        let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics).with_context(|| format!("cannot subscribe to {topics:?}"))?;
+        Ok(KafkaSource {
+            consumer,
+            max_records: config.batch_max_records,
+            max_wait: Duration::from_millis(config.batch_max_ms),
+            pipeline: pipeline.to_string(),
+        })
+    }
+}
+
+fn to_record(m: &BorrowedMessage<'_>) -> Record {
+    Record {
+        key: m.key().map(<[u8]>::to_vec),
+        value: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        headers: m
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| Header { name: h.key.to_string(), value: h.value.map(<[u8]>::to_vec).unwrap_or_default() })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        timestamp: m.timestamp().to_millis(),
+        origin: Origin { topic: m.topic().to_string(), partition: m.partition(), offset: m.offset() },
+    }
+}
+
+#[async_trait]
+impl Source for KafkaSource {
+    async fn next_batch(&mut self) -> anyhow::Result<Vec<Record>> {
+        let mut batch = Vec::with_capacity(self.max_records);
+        // Wait as long as needed for the first record...
+        while batch.is_empty() {
+            match self.consumer.recv().await {
+                Ok(m) => batch.push(to_record(&m)),
+                Err(error) => {
+                    warn!(pipeline = %self.pipeline, %error, "kafka consumer error; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        // ...then fill the batch until it is full or its time is up.
+        let deadline = tokio::time::Instant::now() + self.max_wait;
+        while batch.len() < self.max_records {
+            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                Ok(Ok(m)) => batch.push(to_record(&m)),
+                Ok(Err(error)) => {
+                    warn!(pipeline = %self.pipeline, %error, "kafka consumer error");
+                    break;
+                }
+                Err(_elapsed) => break,
+            }
+        }
+        Ok(batch)
+    }
+
+    async fn commit(&mut self, batch: &[Record]) -> anyhow::Result<()> {
+        let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+        for r in batch {
+            let entry = next.entry((r.origin.topic.as_str(), r.origin.partition)).or_insert(0);
+            *entry = (*entry).max(r.origin.offset + 1);
+        }
+        let mut list = TopicPartitionList::new();
+        for ((topic, partition), offset) in next {
+            list.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+        }
+        tokio::task::block_in_place(|| self.consumer.commit(&list, CommitMode::Sync))
+            .context("cannot commit consumer offsets")
+    }
+}

@@ -1,0 +1,18 @@
+//! Sources: where a pipeline's records come from. A new source is one module
+//! implementing [`Source`].
+
+pub mod kafka;
+
+use crate::record::Record;
+use async_trait::async_trait;
+
+#[async_trait]
+pub trait Source: Send {
+    /// The next batch: at least one record, at most the configured count,
+    /// closed after the configured time. Waits while there is nothing to read.
+    async fn next_batch(&mut self) -> anyhow::Result<Vec<Record>>;
+
+    /// Marks every record of `batch` as done (every sink has it), so that a
+    /// restart resumes after them. Called once per batch, in order.
+    async fn commit(&mut self, batch: &[Record]) -> anyhow::Result<()>;
+}

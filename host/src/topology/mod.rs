@@ -1,0 +1,106 @@
+//! The running set of pipelines. [`Topology::apply`] moves it to a wanted
+//! set: starting is applying the set from nothing; a reload applies the next
+//! set. New pipelines are built (plugins compiled and initialised, sinks
+//! created) before anything running is stopped, so a set that cannot be built
+//! leaves the running one untouched.
+//!
+//! - [`pipeline`]: one pipeline's task: source → chain → sinks, dead letters, commits.
+
+pub mod pipeline;
+
+use crate::config::diff::diff;
+use crate::config::Pipeline;
+use crate::runtime::Runtime;
+use anyhow::Context;
+use pipeline::PipelineTask;
+use std::collections::BTreeMap;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+struct Running {
+    spec: Pipeline,
+    cancel: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+pub struct Topology {
+    runtime: Runtime,
+    running: BTreeMap<String, Running>,
+}
+
+impl Topology {
+    pub fn new(runtime: Runtime) -> Self {
+        Topology { runtime, running: BTreeMap::new() }
+    }
+
+    /// Moves the running set to `wanted`. On error nothing was changed.
+    pub async fn apply(&mut self, wanted: Vec<Pipeline>) -> anyhow::Result<()> {
+        let specs: BTreeMap<String, Pipeline> = self.running.iter().map(|(k, r)| (k.clone(), r.spec.clone())).collect();
+        let plan = diff(&specs, &wanted);
+        let mut built = Vec::with_capacity(plan.start.len());
+        for spec in plan.start {
+            let name = spec.name.clone();
+            let task = PipelineTask::build(&self.runtime, spec.clone())
+                .await
+                .with_context(|| format!("cannot start pipeline {name} ({})", spec.file.display()))?;
+            built.push((spec, task));
+        }
+        for name in plan.stop {
+            self.stop(&name).await;
+        }
+        for (spec, task) in built {
+            let cancel = CancellationToken::new();
+            info!(pipeline = %spec.name, file = %spec.file.display(), "pipeline starting");
+            let handle = tokio::spawn(task.run(cancel.clone()));
+            self.running.insert(spec.name.clone(), Running { spec, cancel, task: handle });
+        }
+        Ok(())
+    }
+
+    /// Stops one pipeline gracefully: its current batch finishes and commits.
+    async fn stop(&mut self, name: &str) {
+        if let Some(running) = self.running.remove(name) {
+            running.cancel.cancel();
+            match running.task.await {
+                Ok(Ok(())) => info!(pipeline = %name, "pipeline stopped"),
+                Ok(Err(e)) => error!(pipeline = %name, error = %format!("{e:#}"), "pipeline failed"),
+                Err(e) => error!(pipeline = %name, error = %e, "pipeline task panicked"),
+            }
+        }
+    }
+
+    /// Removes pipelines whose task ended on its own, logging why; returns how many failed.
+    pub fn reap(&mut self) -> usize {
+        let done: Vec<String> = self.running.iter().filter(|(_, r)| r.task.is_finished()).map(|(k, _)| k.clone()).collect();
+        let mut failed = 0;
+        for name in done {
+            if let Some(r) = self.running.remove(&name) {
+                failed += 1;
+                match futures::FutureExt::now_or_never(r.task) {
+                    Some(Ok(Err(e))) => error!(pipeline = %name, error = %format!("{e:#}"), "pipeline failed"),
+                    Some(Err(e)) => error!(pipeline = %name, error = %e, "pipeline task panicked"),
+                    _ => error!(pipeline = %name, "pipeline ended"),
+                }
+            }
+        }
+        failed
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.running.is_empty()
+    }
+
+    /// Stops every pipeline gracefully.
+    pub async fn shutdown(&mut self) {
+        let names: Vec<String> = self.running.keys().cloned().collect();
+        for name in &names {
+            if let Some(r) = self.running.get(name) {
+                r.cancel.cancel();
+            }
+        }
+        for name in names {
+            self.stop(&name).await;
+        }
+    }
+}

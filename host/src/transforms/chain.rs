@@ -1,0 +1,70 @@
+//! A chain of plugin instances: the outputs of one are the inputs of the next.
+
+use crate::config::TransformSpec;
+use crate::record::{Output, Record};
+use crate::runtime::{Plugin, PluginError, PluginInstance, Runtime};
+
+/// Why a source record produced nothing: which plugin failed it, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainFailure {
+    pub plugin: String,
+    pub error: String,
+}
+
+pub struct Chain {
+    stages: Vec<PluginInstance>,
+}
+
+impl Chain {
+    /// Loads and initialises every plugin of `specs`.
+    pub fn new(runtime: &Runtime, specs: &[TransformSpec], pipeline: &str) -> Result<Self, PluginError> {
+        let stages = specs
+            .iter()
+            .map(|s| {
+                let plugin = Plugin::load(runtime, &s.path)?;
+                PluginInstance::new(plugin, s.config.clone(), s.limits.clone(), s.grants.clone(), pipeline)
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Chain { stages })
+    }
+
+    pub fn stages(&self) -> &[PluginInstance] {
+        &self.stages
+    }
+
+    /// Runs `batch` through every stage. One result per source record: all
+    /// its final outputs, or the first failure on its way. A later stage's
+    /// output without a route keeps the route its input had.
+    pub fn process(&mut self, batch: &[Record]) -> Vec<Result<Vec<Output>, ChainFailure>> {
+        let Some((first, rest)) = self.stages.split_first_mut() else {
+            return batch.iter().map(|r| Ok(vec![Output::from(r.clone())])).collect();
+        };
+        let failure = |stage: &PluginInstance, error| ChainFailure { plugin: stage.plugin().name.clone(), error };
+        let mut results: Vec<_> = first.process(batch).into_iter().map(|r| r.map_err(|e| failure(first, e))).collect();
+        for stage in rest {
+            // Inputs of this stage: the outputs so far, each remembering its source record.
+            let mut owners = Vec::new();
+            let mut inputs = Vec::new();
+            for (i, result) in results.iter_mut().enumerate() {
+                if let Ok(outputs) = result {
+                    for out in outputs.drain(..) {
+                        owners.push((i, out.route));
+                        let origin = batch[i].origin.clone();
+                        inputs.push(Record { key: out.key, value: out.value, headers: out.headers, timestamp: out.timestamp, origin });
+                    }
+                }
+            }
+            for ((owner, route), result) in owners.into_iter().zip(stage.process(&inputs)) {
+                let Ok(outputs) = &mut results[owner] else { continue };
+                match result {
+                    Ok(new) => outputs.extend(new.into_iter().map(|mut o| {
+                        o.route = o.route.or_else(|| route.clone());
+                        o
+                    })),
+                    Err(error) => results[owner] = Err(failure(stage, error)),
+                }
+            }
+        }
+        results
+    }
+}

@@ -1,0 +1,86 @@
+//! `sluice check` on broken pipeline files: every error, with file:line:column.
+
+mod common;
+
+use std::process::Command;
+
+fn check(files: &[(&str, String)]) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let paths: Vec<_> = files
+        .iter()
+        .map(|(name, text)| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        })
+        .collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("--cache-dir")
+        .arg(common::test_cache_dir())
+        .arg("check")
+        .args(&paths)
+        .env_remove("SLUICE_TEST_UNSET")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap().replace(&format!("{}/", dir.path().display()), "");
+    (out.status.code().unwrap(), String::from_utf8(out.stdout).unwrap(), stderr)
+}
+
+const SOURCE: &str = "[source]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:9092\"\ntopics = [\"in\"]\n";
+const DLQ: &str = "[dead_letter]\ntype = \"stdout\"\n";
+
+#[test]
+fn every_error_is_reported_with_its_place() {
+    let flattener = common::plugin_path("trade_flattener");
+    let chaos = common::plugin_path("chaos");
+    let (code, _, stderr) = check(&[
+        ("unknown-key.toml", format!("colour = \"red\"\n{SOURCE}[sinks.out]\ntype = \"stdout\"\n{DLQ}")),
+        ("bad-sink-key.toml", format!("{SOURCE}[sinks.out]\ntype = \"stdout\"\nformat = \"json\"\n{DLQ}")),
+        ("env.toml", format!("[source]\ntype = \"kafka\"\nbrokers = \"${{SLUICE_TEST_UNSET}}\"\ntopics = [\"in\"]\n[sinks.out]\ntype = \"stdout\"\n{DLQ}")),
+        (
+            "semantic.toml",
+            format!(
+                "default_sink = \"nowhere\"\n{SOURCE}[[transforms]]\nplugin = \"{}\"\nconfig = {{ symbols = \"BTC\" }}\n[[transforms]]\nplugin = \"missing.wasm\"\n[[transforms]]\nplugin = \"{}\"\nconfig = {{ mode = \"init-trap\" }}\n[sinks.a]\ntype = \"stdout\"\n[sinks.b]\ntype = \"stdout\"\n[dead_letter]\ntype = \"postgres\"\nurl = \"x\"\ntable = \"t\"\ncolumns = []\n",
+                flattener.display(),
+                chaos.display()
+            ),
+        ),
+        ("no-sinks.toml", format!("{SOURCE}[sinks]\n{DLQ}")),
+        ("syntax.toml", "[source\n".to_string()),
+    ]);
+    assert_eq!(code, 1);
+    let lines: Vec<&str> = stderr.lines().collect();
+    let expected = [
+        "unknown-key.toml:1:1: unknown field `colour`, expected one of `name`, `source`, `transforms`, `sinks`, `default_sink`, `dead_letter`",
+        "bad-sink-key.toml:5:1: unknown field `format`, there are no fields",
+        "env.toml:3:12: environment variable `SLUICE_TEST_UNSET` is not set (write `${SLUICE_TEST_UNSET:-default}` for a default)",
+        "semantic.toml:7:10: plugin trade_flattener rejected its config: unknown config key(s): symbols (this plugin takes no config)",
+        "semantic.toml:10:10: plugin file",
+        "semantic.toml:12:10: plugin chaos failed in init: plugin trapped",
+        "semantic.toml:1:16: default_sink \"nowhere\" is not a sink of this pipeline (sinks: a, b)",
+        "semantic.toml:18:1: [dead_letter]: type \"postgres\" cannot hold dead letters; use \"kafka\" or \"stdout\"",
+        "no-sinks.toml:1:1: no sinks: add at least one `[sinks.NAME]` table",
+        "syntax.toml:1:8: unclosed table, expected `]`",
+    ];
+    for want in expected {
+        assert!(lines.iter().any(|l| l.starts_with(want)), "missing {want:?} in:\n{stderr}");
+    }
+    assert!(stderr.contains("missing.wasm does not exist"), "{stderr}");
+    assert!(stderr.ends_with(&format!("sluice: {} error(s) in pipeline files\n", lines.len() - 1)), "{stderr}");
+}
+
+#[test]
+fn the_shipped_pipelines_are_valid() {
+    common::plugin_path("trade_flattener");
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("--cache-dir")
+        .arg(common::test_cache_dir())
+        .arg("check")
+        .arg(common::root().join("pipelines"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("ok: pipeline trades [trade_flattener] -> sinks [pg] (default pg)"), "{stdout}");
+    assert!(stdout.contains("ok: pipeline btc-router [trade_flattener -> symbol_router] -> sinks [btc, other] (default other)"), "{stdout}");
+}

@@ -1,0 +1,250 @@
+//! Pipelines end to end against a real Kafka-protocol broker (Tansu) and the
+//! local PostgreSQL, with `sluice run` as a process.
+
+mod common;
+
+use common::services::*;
+use common::plugin_path;
+use sluice::feed::FeedGenerator;
+use rdkafka::Message;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// `(symbol, price, volume, ts)` of every trade the flattener makes of `frames`.
+fn expected_trades(frames: &[Vec<u8>]) -> Vec<(String, f64, f64, i64)> {
+    let mut out: Vec<_> = frames
+        .iter()
+        .filter_map(|f| trade_flattener::flatten(f).ok())
+        .flatten()
+        .map(|o| {
+            let v: serde_json::Value = serde_json::from_slice(&o.value).unwrap();
+            (v["symbol"].as_str().unwrap().to_string(), v["price"].as_f64().unwrap(), v["volume"].as_f64().unwrap(), v["ts"].as_i64().unwrap())
+        })
+        .collect();
+    out.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    out
+}
+
+fn generated(count: usize, seed: u64) -> Vec<Vec<u8>> {
+    FeedGenerator::new(seed).take(count).map(|f| f.json.into_bytes()).collect()
+}
+
+fn trades_pipeline(schema: &str, group: &str, batch: usize) -> String {
+    format!(
+        r#"
+name = "trades"
+[source]
+type = "kafka"
+brokers = "${{SLUICE_BROKERS}}"
+topics = ["trades_raw"]
+group = "{group}"
+batch_max_records = {batch}
+[[transforms]]
+plugin = "{plugin}"
+[sinks.pg]
+type = "postgres"
+url = "${{SLUICE_PG_URL}}"
+table = "{schema}.trades"
+create_table = true
+columns = [
+  {{ name = "symbol", type = "text" }},
+  {{ name = "price", type = "double precision" }},
+  {{ name = "volume", type = "double precision" }},
+  {{ name = "traded_at", type = "timestamptz", field = "ts" }},
+  {{ name = "conditions", type = "text[]" }},
+]
+[dead_letter]
+type = "kafka"
+brokers = "${{SLUICE_BROKERS}}"
+topic = "trades_dlq"
+"#,
+        plugin = plugin_path("trade_flattener").display()
+    )
+}
+
+async fn stored_trades(pg: &PgSchema) -> Vec<(String, f64, f64, i64)> {
+    let rows = pg
+        .client
+        .query(
+            &format!("SELECT symbol, price, volume, (extract(epoch from traded_at) * 1000)::bigint FROM {}.trades", pg.name),
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut out: Vec<_> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
+    out.sort_by(|a: &(String, f64, f64, i64), b| a.partial_cmp(b).unwrap());
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trades_reach_postgres_and_bad_frames_the_dead_letter_topic() {
+    let broker = Broker::start();
+    broker.create_topic("trades_raw", 3).await;
+    broker.create_topic("trades_dlq", 1).await;
+    let pg = PgSchema::create("e2e").await;
+
+    let malformed: Vec<Vec<u8>> = vec![
+        b"garbage".to_vec(),
+        br#"{"type":"trade"}"#.to_vec(),
+        br#"{"type":"trade","data":[{"s":"A","p":1,"t":2}]}"#.to_vec(),
+        Vec::new(),
+        vec![0xff, 0xfe, b'{'],
+    ];
+    let mut frames = generated(400, 7);
+    frames.push(br#"{"type":"trade","data":[]}"#.to_vec());
+    frames.push(br#"{"type":"trade","data":[{"s":"NULL:C","p":1.5,"t":1700000000000,"v":2,"c":null}]}"#.to_vec());
+    frames.extend(malformed.iter().cloned());
+    frames.extend(generated(100, 8));
+    let expected = expected_trades(&frames);
+    broker.produce("trades_raw", &frames).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_pipeline(dir.path(), "trades", &trades_pipeline(&pg.name, "g-e2e", 100));
+    let sluice = SluiceProcess::run(&[&file], &broker.addr);
+    let all_stored = wait_until(WAIT, || async { pg.count("trades").await as usize >= expected.len() }).await;
+    assert!(all_stored, "rows: {} of {}", pg.count("trades").await, expected.len());
+    let dead = broker.consume("trades_dlq", malformed.len(), WAIT);
+    assert_eq!(sluice.stop(), Some(0), "graceful exit");
+
+    assert_eq!(stored_trades(&pg).await, expected, "exactly the flattened trades, each once");
+    let conditions: Vec<String> = pg
+        .client
+        .query(&format!("SELECT array_to_string(conditions, ',') FROM {}.trades WHERE symbol = 'NULL:C'", pg.name), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(conditions, vec![String::new()], "c: null stores an empty array");
+
+    let mut dead_values: Vec<Vec<u8>> = dead.iter().map(|m| m.payload().unwrap_or_default().to_vec()).collect();
+    dead_values.sort();
+    let mut want = malformed.clone();
+    want.sort();
+    assert_eq!(dead_values, want, "exactly the malformed frames are dead-lettered");
+    for m in &dead {
+        assert_eq!(header(m, "sluice.pipeline").as_deref(), Some("trades"));
+        assert_eq!(header(m, "sluice.plugin").as_deref(), Some("trade_flattener"));
+        assert_eq!(header(m, "sluice.topic").as_deref(), Some("trades_raw"));
+        assert!(header(m, "sluice.error").is_some_and(|e| !e.is_empty()));
+        assert!(header(m, "sluice.partition").is_some() && header(m, "sluice.offset").is_some());
+    }
+
+    let raw = broker.consume("trades_raw", frames.len(), WAIT);
+    assert_eq!(raw.len(), frames.len());
+    // A partition that received nothing has nothing committed (-1): position 0.
+    let committed: Vec<i64> = broker.committed("g-e2e", "trades_raw", 3).into_iter().map(|c| c.max(0)).collect();
+    assert_eq!(committed, end_offsets(&raw, 3), "offsets committed up to the end of every partition");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_of_two_plugins_routes_to_two_sinks() {
+    let broker = Broker::start();
+    for t in ["raw", "btc", "other", "dlq"] {
+        broker.create_topic(t, 1).await;
+    }
+    let frames = generated(300, 11);
+    broker.produce("raw", &frames).await;
+    let expected = expected_trades(&frames);
+    let btc_expected = expected.iter().filter(|t| t.0.contains("BTC") || t.0.contains("XBT")).count();
+    assert!(btc_expected > 0 && btc_expected < expected.len());
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_pipeline(
+        dir.path(),
+        "router",
+        &format!(
+            r#"
+default_sink = "other"
+[source]
+type = "kafka"
+brokers = "${{SLUICE_BROKERS}}"
+topics = ["raw"]
+[[transforms]]
+plugin = "{flattener}"
+[[transforms]]
+plugin = "{router}"
+config = {{ routes = "BTC=btc,XBT=btc" }}
+[sinks.btc]
+type = "kafka"
+brokers = "${{SLUICE_BROKERS}}"
+topic = "btc"
+[sinks.other]
+type = "kafka"
+brokers = "${{SLUICE_BROKERS}}"
+topic = "other"
+[dead_letter]
+type = "kafka"
+brokers = "${{SLUICE_BROKERS}}"
+topic = "dlq"
+"#,
+            flattener = plugin_path("trade_flattener").display(),
+            router = plugin_path("symbol_router").display()
+        ),
+    );
+    let sluice = SluiceProcess::run(&[&file], &broker.addr);
+    let btc = broker.consume("btc", btc_expected, WAIT);
+    let other = broker.consume("other", expected.len() - btc_expected, WAIT);
+    assert_eq!(sluice.stop(), Some(0));
+
+    assert_eq!(btc.len(), btc_expected);
+    assert_eq!(other.len(), expected.len() - btc_expected);
+    let mut per_symbol: BTreeMap<String, usize> = BTreeMap::new();
+    for m in btc.iter().chain(&other) {
+        let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        let symbol = v["symbol"].as_str().unwrap();
+        assert_eq!(m.key(), Some(symbol.as_bytes()), "key is the symbol");
+        assert_eq!(m.timestamp().to_millis(), v["ts"].as_i64(), "timestamp is the trade's");
+        let is_btc = symbol.contains("BTC") || symbol.contains("XBT");
+        assert_eq!(m.topic() == "btc", is_btc, "{symbol} routed to {}", m.topic());
+        *per_symbol.entry(symbol.to_string()).or_default() += 1;
+    }
+    let mut want: BTreeMap<String, usize> = BTreeMap::new();
+    for t in &expected {
+        *want.entry(t.0.clone()).or_default() += 1;
+    }
+    assert_eq!(per_symbol, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_mid_stream_then_restart_loses_nothing() {
+    let broker = std::sync::Arc::new(Broker::start());
+    broker.create_topic("trades_raw", 2).await;
+    broker.create_topic("trades_dlq", 1).await;
+    let pg = PgSchema::create("restart").await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_pipeline(dir.path(), "trades", &trades_pipeline(&pg.name, "g-restart", 20));
+
+    let first = generated(1500, 21);
+    let second = generated(1500, 22);
+    let expected = expected_trades(&[first.clone(), second.clone()].concat());
+
+    let sluice = SluiceProcess::run(&[&file], &broker.addr);
+    // Feed the first half in slices while the router runs, and stop it mid-stream.
+    let feeder = {
+        let broker = broker.clone();
+        let first = first.clone();
+        tokio::spawn(async move {
+            for chunk in first.chunks(50) {
+                broker.produce("trades_raw", chunk).await;
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+        })
+    };
+    assert!(wait_until(WAIT, || async { pg.count("trades").await > 0 }).await);
+    assert_eq!(sluice.stop(), Some(0));
+    let after_stop = pg.count("trades").await as usize;
+    let feeding_when_stopped = !feeder.is_finished();
+    feeder.await.unwrap();
+    broker.produce("trades_raw", &second).await;
+
+    let sluice = SluiceProcess::run(&[&file], &broker.addr);
+    let done = wait_until(WAIT, || async { pg.count("trades").await as usize >= expected.len() }).await;
+    assert!(done, "rows: {} of {}", pg.count("trades").await, expected.len());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sluice.stop(), Some(0));
+    assert!(feeding_when_stopped && after_stop < expected.len(), "the first run was stopped mid-stream");
+    assert_eq!(stored_trades(&pg).await, expected, "every trade exactly once across the restart");
+}
