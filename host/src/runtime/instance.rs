@@ -154,7 +154,7 @@ impl PluginInstance {
             stderr,
             label: self.label.clone(),
         };
-        let mut store = Store::new(&self.plugin.pre.engine(), state);
+        let mut store = Store::new(self.plugin.pre.engine(), state);
         store.limiter(|state| &mut state.memory);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(self.deadline_ticks());

@@ -17,6 +17,8 @@ pub struct KafkaSource {
     max_records: usize,
     max_wait: Duration,
     pipeline: String,
+    /// The offsets of the last commit, repeated synchronously on shutdown.
+    last_commit: Option<TopicPartitionList>,
 }
 
 impl KafkaSource {
@@ -46,6 +48,7 @@ impl KafkaSource {
             max_records: config.batch_max_records,
             max_wait: Duration::from_millis(config.batch_max_ms),
             pipeline: pipeline.to_string(),
+            last_commit: None,
         })
     }
 }
@@ -106,7 +109,19 @@ impl Source for KafkaSource {
         for ((topic, partition), offset) in next {
             list.add_partition_offset(topic, partition, Offset::Offset(offset))?;
         }
-        tokio::task::block_in_place(|| self.consumer.commit(&list, CommitMode::Sync))
-            .context("cannot commit consumer offsets")
+        // Asynchronous: librdkafka sends commits in order in the background,
+        // so the next batch does not wait for a round trip. `flush_commits`
+        // makes them durable on shutdown.
+        self.consumer.commit(&list, CommitMode::Async).context("cannot commit consumer offsets")?;
+        self.last_commit = Some(list);
+        Ok(())
+    }
+
+    async fn flush_commits(&mut self) -> anyhow::Result<()> {
+        match self.last_commit.take() {
+            Some(list) => tokio::task::block_in_place(|| self.consumer.commit(&list, CommitMode::Sync))
+                .context("cannot commit consumer offsets"),
+            None => Ok(()),
+        }
     }
 }

@@ -15,4 +15,7 @@ pub trait Source: Send {
     /// Marks every record of `batch` as done (every sink has it), so that a
     /// restart resumes after them. Called once per batch, in order.
     async fn commit(&mut self, batch: &[Record]) -> anyhow::Result<()>;
+
+    /// Waits until every commit made so far is durable (on shutdown).
+    async fn flush_commits(&mut self) -> anyhow::Result<()>;
 }

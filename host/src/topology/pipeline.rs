@@ -50,12 +50,11 @@ impl PipelineTask {
     pub async fn run(mut self, cancel: CancellationToken) -> anyhow::Result<()> {
         loop {
             let batch = tokio::select! {
-                _ = cancel.cancelled() => return Ok(()),
+                _ = cancel.cancelled() => break,
                 batch = self.source.next_batch() => batch?,
             };
-            match self.deliver(&batch, &cancel).await {
-                Ok(()) => {}
-                Err(Stopped) => return Ok(()),
+            if let Err(Stopped) = self.deliver(&batch, &cancel).await {
+                break;
             }
             if let Err(error) = self.source.commit(&batch).await {
                 // The records are in the sinks; a lost commit only means they
@@ -63,6 +62,7 @@ impl PipelineTask {
                 warn!(pipeline = %self.spec.name, error = %format!("{error:#}"), "offset commit failed");
             }
         }
+        self.source.flush_commits().await
     }
 
     async fn deliver(&mut self, batch: &[Record], cancel: &CancellationToken) -> Result<(), Stopped> {

@@ -1,0 +1,165 @@
+//! End-to-end pipeline throughput on a real broker (Tansu, started here on a
+//! free loopback port) and the local PostgreSQL: a passthrough pipeline
+//! (Kafka → Kafka, no transform) beside the trade flattener into Kafka and
+//! into PostgreSQL, over the same pre-produced feed.
+//!
+//! Run: `scripts/build-plugins.sh && cargo bench -p sluice --bench pipeline`
+//! (`BENCH_FRAMES=N`, default 100,000 frames). Needs `tansu` on PATH
+//! (`scripts/install-tansu.sh`) and PostgreSQL at 127.0.0.1:5432.
+//!
+//! Throughput is measured between the pipeline's first and last offset commit,
+//! so consumer-group join time is left out.
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use sluice::config::load_pipeline;
+use sluice::feed::FeedGenerator;
+use sluice::runtime::Runtime;
+use sluice::topology::Topology;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PARTITIONS: i32 = 2;
+
+struct Broker(Child, String);
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_broker() -> anyhow::Result<Broker> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let url = format!("tcp://127.0.0.1:{port}");
+    let child = Command::new("tansu")
+        .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://tansu/"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let addr = format!("127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "tansu did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(Broker(child, addr))
+}
+
+async fn create_topics(brokers: &str, topics: &[&str]) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+    let new: Vec<NewTopic> = topics.iter().map(|t| NewTopic::new(t, PARTITIONS, TopicReplication::Fixed(1))).collect();
+    for r in admin.create_topics(&new, &AdminOptions::new()).await? {
+        r.map_err(|(t, e)| anyhow::anyhow!("cannot create {t}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Sum of the committed offsets of `group` on `topic` (= records done).
+fn committed(consumer: &BaseConsumer, topic: &str) -> i64 {
+    let mut list = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        list.add_partition(topic, p);
+    }
+    consumer
+        .committed_offsets(list, Duration::from_secs(5))
+        .map(|l| l.elements().iter().map(|e| if let Offset::Offset(o) = e.offset() { o } else { 0 }).sum())
+        .unwrap_or(0)
+}
+
+/// Runs the pipeline in `file` until its group has committed `records`;
+/// returns records/s between its first and its last commit.
+async fn measure(runtime: &Runtime, file: &Path, brokers: &str, group: &str, records: i64) -> anyhow::Result<f64> {
+    let pipeline = load_pipeline(file, Some(runtime)).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let probe: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).set("group.id", group).create()?;
+    let mut topology = Topology::new(runtime.clone());
+    topology.apply(vec![pipeline]).await?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let (mut first, mut start) = (0, Instant::now());
+    loop {
+        let done = tokio::task::block_in_place(|| committed(&probe, "raw"));
+        if first == 0 && done > 0 {
+            (first, start) = (done, Instant::now());
+        }
+        if done >= records {
+            let rate = (done - first) as f64 / start.elapsed().as_secs_f64();
+            topology.shutdown().await;
+            return Ok(rate);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "pipeline did not finish: {done} of {records}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn write(dir: &Path, name: &str, text: String) -> PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).expect("write pipeline");
+    path
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let frames: usize = std::env::var("BENCH_FRAMES").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    let broker = start_broker()?;
+    let brokers = broker.1.clone();
+    std::env::set_var("SLUICE_BROKERS", &brokers);
+    create_topics(&brokers, &["raw", "out_pass", "out_flat", "dlq"]).await?;
+
+    let mut generator = FeedGenerator::new(3);
+    generator.ping_every = 0;
+    let feed: Vec<_> = generator.take(frames).collect();
+    let trades: usize = feed.iter().map(|f| f.trades).sum();
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &brokers).set("linger.ms", "10").create()?;
+    let produce_start = Instant::now();
+    let mut pending = std::collections::VecDeque::new();
+    for f in &feed {
+        pending.push_back(producer.send_result(FutureRecord::<(), _>::to("raw").payload(&f.json)).map_err(|(e, _)| e)?);
+        if pending.len() > 20_000 {
+            if let Some(d) = pending.pop_front() {
+                d.await?.map_err(|(e, _)| e)?;
+            }
+        }
+    }
+    for d in pending {
+        d.await?.map_err(|(e, _)| e)?;
+    }
+    println!("workload: {frames} frames, {trades} trades; produced in {:.1} s", produce_start.elapsed().as_secs_f64());
+
+    let dir = tempfile::tempdir()?;
+    let flattener = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release/trade_flattener.wasm");
+    let source = |group: &str| {
+        format!("[source]\ntype = \"kafka\"\nbrokers = \"${{SLUICE_BROKERS}}\"\ntopics = [\"raw\"]\ngroup = \"{group}\"\n")
+    };
+    let kafka_sink = |topic: &str| format!("[sinks.out]\ntype = \"kafka\"\nbrokers = \"${{SLUICE_BROKERS}}\"\ntopic = \"{topic}\"\n");
+    let dlq = "[dead_letter]\ntype = \"kafka\"\nbrokers = \"${SLUICE_BROKERS}\"\ntopic = \"dlq\"\n";
+    let transform = format!("[[transforms]]\nplugin = \"{}\"\n", flattener.display());
+    let (pg, connection) = tokio_postgres::connect("postgres://postgres@127.0.0.1:5432/postgres", tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    let schema = format!("bench_{}", std::process::id());
+    let pg_sink = format!(
+        "[sinks.out]\ntype = \"postgres\"\nurl = \"postgres://postgres@127.0.0.1:5432/postgres\"\ntable = \"{schema}.trades\"\ncreate_table = true\ncolumns = [\n{{ name = \"symbol\", type = \"text\" }},\n{{ name = \"price\", type = \"double precision\" }},\n{{ name = \"volume\", type = \"double precision\" }},\n{{ name = \"traded_at\", type = \"timestamptz\", field = \"ts\" }},\n{{ name = \"conditions\", type = \"text[]\" }},\n]\n"
+    );
+    let pass = write(dir.path(), "pass", format!("{}{}{dlq}", source("g-pass"), kafka_sink("out_pass")));
+    let flat = write(dir.path(), "flat", format!("{}{transform}{}{dlq}", source("g-flat"), kafka_sink("out_flat")));
+    let to_pg = write(dir.path(), "pg", format!("{}{transform}{pg_sink}{dlq}", source("g-pg")));
+
+    let runtime = Runtime::new(Runtime::default_cache_dir())?;
+    let records = frames as i64;
+    let per_trade = trades as f64 / frames as f64;
+    let pass_rate = measure(&runtime, &pass, &brokers, "g-pass", records).await?;
+    println!("passthrough   kafka -> kafka:      {:>9.0} frames/s", pass_rate);
+    let flat_rate = measure(&runtime, &flat, &brokers, "g-flat", records).await?;
+    println!("flatten       kafka -> kafka:      {:>9.0} frames/s = {:>9.0} trades/s", flat_rate, flat_rate * per_trade);
+    let pg_rate = measure(&runtime, &to_pg, &brokers, "g-pg", records).await?;
+    println!("flatten       kafka -> postgres:   {:>9.0} frames/s = {:>9.0} rows/s", pg_rate, pg_rate * per_trade);
+    println!("ratio flatten/passthrough (frames/s): {:.2} (goal >= 0.70)", flat_rate / pass_rate);
+    let rows: i64 = pg.query_one(&format!("SELECT count(*) FROM {schema}.trades"), &[]).await?.get(0);
+    anyhow::ensure!(rows as usize == trades, "postgres holds {rows} rows, expected {trades}");
+    pg.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await?;
+    Ok(())
+}
