@@ -248,3 +248,76 @@ async fn graceful_shutdown_mid_stream_then_restart_loses_nothing() {
     assert!(feeding_when_stopped && after_stop < expected.len(), "the first run was stopped mid-stream");
     assert_eq!(stored_trades(&pg).await, expected, "every trade exactly once across the restart");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upsert_keeps_the_latest_row_per_key() {
+    let broker = Broker::start();
+    broker.create_topic("raw", 1).await; // one partition: a defined order
+    broker.create_topic("dlq", 1).await;
+    let pg = PgSchema::create("upsert").await;
+    let frames = generated(600, 31);
+    broker.produce("raw", &frames).await;
+    // The last trade of each symbol, in feed order.
+    let mut latest: BTreeMap<String, (f64, i64)> = BTreeMap::new();
+    for f in &frames {
+        for o in trade_flattener::flatten(f).unwrap_or_default() {
+            let v: serde_json::Value = serde_json::from_slice(&o.value).unwrap();
+            latest.insert(v["symbol"].as_str().unwrap().to_string(), (v["price"].as_f64().unwrap(), v["ts"].as_i64().unwrap()));
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_pipeline(
+        dir.path(),
+        "latest",
+        &format!(
+            r#"
+[source]
+type = "kafka"
+brokers = "${{SLUICE_BROKERS}}"
+topics = ["raw"]
+batch_max_records = 70
+[[transforms]]
+plugin = "{plugin}"
+[sinks.pg]
+type = "postgres"
+url = "${{SLUICE_PG_URL}}"
+table = "{schema}.latest"
+create_table = true
+upsert_key = ["symbol"]
+columns = [
+  {{ name = "symbol", type = "text" }},
+  {{ name = "price", type = "double precision" }},
+  {{ name = "ts", type = "bigint" }},
+]
+[dead_letter]
+type = "kafka"
+brokers = "${{SLUICE_BROKERS}}"
+topic = "dlq"
+"#,
+            plugin = plugin_path("trade_flattener").display(),
+            schema = pg.name
+        ),
+    );
+    let sluice = SluiceProcess::run(&[&file], &broker.addr);
+    let last_ts = latest.values().map(|(_, ts)| *ts).max().unwrap();
+    let query = format!("SELECT symbol, price, ts FROM {}.latest ORDER BY symbol", pg.name);
+    let caught_up = wait_until(WAIT, || async {
+        let max: Option<i64> = match pg.client.query_one(&format!("SELECT max(ts) FROM {}.latest", pg.name), &[]).await {
+            Ok(row) => row.get(0),
+            Err(_) => None,
+        };
+        max == Some(last_ts)
+    })
+    .await;
+    assert!(caught_up, "the last trade never arrived");
+    assert_eq!(sluice.stop(), Some(0));
+    let rows: BTreeMap<String, (f64, i64)> = pg
+        .client
+        .query(&query, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    assert_eq!(rows, latest, "one row per symbol, holding its latest trade");
+}

@@ -173,9 +173,9 @@ impl Drop for PgSchema {
     }
 }
 
-/// `sluice run` as a child process.
+/// `sluice run` as a child process, killed on drop unless stopped.
 pub struct SluiceProcess {
-    child: Child,
+    child: Option<Child>,
 }
 
 impl SluiceProcess {
@@ -193,22 +193,23 @@ impl SluiceProcess {
             .spawn()
             .unwrap();
         eprintln!("sluice log: {}", log.display());
-        SluiceProcess { child }
+        SluiceProcess { child: Some(child) }
     }
 
     /// SIGTERM, then waits: the graceful path. Returns the exit code.
     pub fn stop(mut self) -> Option<i32> {
-        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
-        let code = self.child.wait().unwrap().code();
-        std::mem::forget(self);
-        code
+        let mut child = self.child.take()?;
+        Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+        child.wait().unwrap().code()
     }
 }
 
 impl Drop for SluiceProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

@@ -33,3 +33,46 @@ pub fn diff(running: &BTreeMap<String, Pipeline>, wanted: &[Pipeline]) -> Diff {
     }
     d
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{KafkaSourceConfig, OffsetReset, SinkConfig, SourceConfig, StdoutSinkConfig};
+
+    fn pipeline(name: &str, topic: &str) -> Pipeline {
+        Pipeline {
+            name: name.into(),
+            file: format!("{name}.toml").into(),
+            source: SourceConfig::Kafka(KafkaSourceConfig {
+                brokers: "b".into(),
+                topics: vec![topic.into()],
+                group: None,
+                offset_reset: OffsetReset::Earliest,
+                batch_max_records: 1,
+                batch_max_ms: 1,
+                properties: Default::default(),
+            }),
+            transforms: vec![],
+            sinks: [("out".to_string(), SinkConfig::Stdout(StdoutSinkConfig {}))].into(),
+            default_sink: "out".into(),
+            dead_letter: SinkConfig::Stdout(StdoutSinkConfig {}),
+        }
+    }
+
+    #[test]
+    fn starting_is_the_diff_from_nothing() {
+        let d = diff(&BTreeMap::new(), &[pipeline("a", "x"), pipeline("b", "y")]);
+        assert_eq!(d.start.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert!(d.stop.is_empty() && d.keep.is_empty());
+    }
+
+    #[test]
+    fn a_reload_stops_removed_restarts_changed_and_keeps_the_rest() {
+        let running: BTreeMap<String, Pipeline> =
+            [pipeline("keep", "x"), pipeline("change", "x"), pipeline("gone", "x")].into_iter().map(|p| (p.name.clone(), p)).collect();
+        let d = diff(&running, &[pipeline("keep", "x"), pipeline("change", "other"), pipeline("new", "x")]);
+        assert_eq!(d.keep, ["keep"]);
+        assert_eq!(d.stop, ["gone", "change"]);
+        assert_eq!(d.start.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["change", "new"]);
+    }
+}
