@@ -102,7 +102,7 @@ async fn trades_reach_postgres_and_bad_frames_the_dead_letter_topic() {
 
     let dir = tempfile::tempdir().unwrap();
     let file = write_pipeline(dir.path(), "trades", &trades_pipeline(&pg.name, "g-e2e", 100));
-    let sluice = SluiceProcess::run(&[&file], &broker.addr);
+    let mut sluice = SluiceProcess::run(&[&file], &broker.addr);
     let all_stored = wait_until(WAIT, || async { pg.count("trades").await as usize >= expected.len() }).await;
     assert!(all_stored, "rows: {} of {}", pg.count("trades").await, expected.len());
     let dead = broker.consume("trades_dlq", malformed.len(), WAIT);
@@ -184,7 +184,7 @@ topic = "dlq"
             router = plugin_path("symbol_router").display()
         ),
     );
-    let sluice = SluiceProcess::run(&[&file], &broker.addr);
+    let mut sluice = SluiceProcess::run(&[&file], &broker.addr);
     let btc = broker.consume("btc", btc_expected, WAIT);
     let other = broker.consume("other", expected.len() - btc_expected, WAIT);
     assert_eq!(sluice.stop(), Some(0));
@@ -221,7 +221,7 @@ async fn graceful_shutdown_mid_stream_then_restart_loses_nothing() {
     let second = generated(1500, 22);
     let expected = expected_trades(&[first.clone(), second.clone()].concat());
 
-    let sluice = SluiceProcess::run(&[&file], &broker.addr);
+    let mut sluice = SluiceProcess::run(&[&file], &broker.addr);
     // Feed the first half in slices while the router runs, and stop it mid-stream.
     let feeder = {
         let broker = broker.clone();
@@ -240,7 +240,7 @@ async fn graceful_shutdown_mid_stream_then_restart_loses_nothing() {
     feeder.await.unwrap();
     broker.produce("trades_raw", &second).await;
 
-    let sluice = SluiceProcess::run(&[&file], &broker.addr);
+    let mut sluice = SluiceProcess::run(&[&file], &broker.addr);
     let done = wait_until(WAIT, || async { pg.count("trades").await as usize >= expected.len() }).await;
     assert!(done, "rows: {} of {}", pg.count("trades").await, expected.len());
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -298,7 +298,7 @@ topic = "dlq"
             schema = pg.name
         ),
     );
-    let sluice = SluiceProcess::run(&[&file], &broker.addr);
+    let mut sluice = SluiceProcess::run(&[&file], &broker.addr);
     let last_ts = latest.values().map(|(_, ts)| *ts).max().unwrap();
     let query = format!("SELECT symbol, price, ts FROM {}.latest ORDER BY symbol", pg.name);
     let caught_up = wait_until(WAIT, || async {

@@ -46,6 +46,11 @@ pub enum Command {
     Check(PipelineArgs),
     /// Run pipelines until SIGINT/SIGTERM, then stop gracefully (in-flight
     /// batches finish, sinks flush, offsets commit).
+    ///
+    /// Editing a pipeline file, adding or removing one in a given folder, or
+    /// replacing a plugin's .wasm reloads without a restart (so does SIGHUP):
+    /// plugin changes swap between two batches; other changes restart only the
+    /// pipeline concerned. An invalid change is logged and not applied.
     Run(PipelineArgs),
 }
 
@@ -134,7 +139,11 @@ pub fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -197,27 +206,81 @@ fn run_pipelines(runtime: Runtime, args: &PipelineArgs) -> anyhow::Result<ExitCo
         }
     };
     tokio_runtime()?.block_on(async move {
-        let mut topology = crate::topology::Topology::new(runtime);
+        use tokio::signal::unix::{signal, SignalKind};
+        let (changes_tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
+        let mut watcher = crate::config::watcher::Watcher::new(&args.paths, &pipelines, changes_tx)
+            .context("cannot watch the pipeline and plugin files")?;
+        let mut topology = crate::topology::Topology::new(runtime.clone());
         topology.apply(pipelines).await?;
-        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut hangup = signal(SignalKind::hangup())?;
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
         let mut failed = 0;
         loop {
-            tokio::select! {
+            let reason = tokio::select! {
                 _ = tokio::signal::ctrl_c() => break,
                 _ = terminate.recv() => break,
+                _ = hangup.recv() => "SIGHUP".to_string(),
+                Some(path) = changes.recv() => {
+                    // Debounce: editors and compilers write in several steps.
+                    let mut changed = std::collections::BTreeSet::from([path]);
+                    while let Ok(Some(more)) = tokio::time::timeout(std::time::Duration::from_millis(250), changes.recv()).await {
+                        changed.insert(more);
+                    }
+                    changed.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                }
                 _ = tick.tick() => {
                     failed += topology.reap();
                     if topology.is_empty() {
                         return Ok(ExitCode::FAILURE);
                     }
+                    continue;
                 }
-            }
+            };
+            reload(&runtime, &args.paths, &mut topology, &mut watcher, &reason).await;
         }
         tracing::info!("shutting down: finishing in-flight batches");
         topology.shutdown().await;
         Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
     })
+}
+
+/// Re-reads the pipeline files and applies them. Anything invalid (a file
+/// `sluice check` would reject, a plugin that does not compile or rejects its
+/// config) is logged and leaves the running pipelines as they were.
+async fn reload(
+    runtime: &Runtime,
+    paths: &[PathBuf],
+    topology: &mut crate::topology::Topology,
+    watcher: &mut crate::config::watcher::Watcher,
+    reason: &str,
+) {
+    use tracing::{info, warn};
+    let started = std::time::Instant::now();
+    let wanted = match tokio::task::block_in_place(|| crate::config::load_dir_or_files(paths, Some(runtime))) {
+        Ok(wanted) => wanted,
+        Err(errors) => {
+            for error in &errors {
+                warn!(%reason, %error, "reload rejected: invalid pipeline; running pipelines unchanged");
+            }
+            return;
+        }
+    };
+    match topology.apply(wanted).await {
+        Ok(applied) => {
+            watcher.follow(topology.pipelines());
+            info!(
+                %reason,
+                started = ?applied.started,
+                stopped = ?applied.stopped,
+                swapped = ?applied.swapped,
+                unchanged = ?applied.kept,
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "reload applied"
+            );
+        }
+        Err(error) => warn!(%reason, error = %format!("{error:#}"), "reload rejected; running pipelines unchanged"),
+    }
 }
 
 fn feed(args: FeedArgs) -> anyhow::Result<ExitCode> {

@@ -176,6 +176,8 @@ impl Drop for PgSchema {
 /// `sluice run` as a child process, killed on drop unless stopped.
 pub struct SluiceProcess {
     child: Option<Child>,
+    /// Where its log (stderr) goes.
+    pub log: PathBuf,
 }
 
 impl SluiceProcess {
@@ -193,11 +195,21 @@ impl SluiceProcess {
             .spawn()
             .unwrap();
         eprintln!("sluice log: {}", log.display());
-        SluiceProcess { child: Some(child) }
+        SluiceProcess { child: Some(child), log }
+    }
+
+    /// How many log lines contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        std::fs::read_to_string(&self.log).unwrap_or_default().lines().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Waits until the log has more than `before` lines containing `needle`.
+    pub async fn wait_log(&self, needle: &str, before: usize) -> bool {
+        wait_until(Duration::from_secs(60), || async { self.log_count(needle) > before }).await
     }
 
     /// SIGTERM, then waits: the graceful path. Returns the exit code.
-    pub fn stop(mut self) -> Option<i32> {
+    pub fn stop(&mut self) -> Option<i32> {
         let mut child = self.child.take()?;
         Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
         child.wait().unwrap().code()

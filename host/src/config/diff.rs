@@ -10,6 +10,10 @@ pub struct Diff {
     pub stop: Vec<String>,
     /// Pipelines to start: new, or changed.
     pub start: Vec<Pipeline>,
+    /// Pipelines whose only change is their transforms (a plugin file or a
+    /// plugin's config): the new chain replaces the old one between two
+    /// batches, without restarting the source or the sinks.
+    pub swap: Vec<Pipeline>,
     /// Pipelines left as they are.
     pub keep: Vec<String>,
 }
@@ -24,6 +28,7 @@ pub fn diff(running: &BTreeMap<String, Pipeline>, wanted: &[Pipeline]) -> Diff {
     for w in wanted {
         match running.get(&w.name) {
             Some(current) if current == w => d.keep.push(w.name.clone()),
+            Some(current) if Pipeline { transforms: w.transforms.clone(), ..current.clone() } == *w => d.swap.push(w.clone()),
             Some(_) => {
                 d.stop.push(w.name.clone());
                 d.start.push(w.clone());
@@ -70,8 +75,20 @@ mod tests {
     fn a_reload_stops_removed_restarts_changed_and_keeps_the_rest() {
         let running: BTreeMap<String, Pipeline> =
             [pipeline("keep", "x"), pipeline("change", "x"), pipeline("gone", "x")].into_iter().map(|p| (p.name.clone(), p)).collect();
+        let mut swapped = pipeline("keep", "x");
+        swapped.transforms.push(crate::config::TransformSpec {
+            path: "p.wasm".into(),
+            config: vec![],
+            limits: Default::default(),
+            grants: Default::default(),
+            hash: "abc".into(),
+        });
         let d = diff(&running, &[pipeline("keep", "x"), pipeline("change", "other"), pipeline("new", "x")]);
         assert_eq!(d.keep, ["keep"]);
+        let s = diff(&running, &[swapped, pipeline("change", "x"), pipeline("gone", "x")]);
+        assert_eq!(s.swap.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["keep"]);
+        assert_eq!(s.keep, ["change", "gone"]);
+        assert!(s.stop.is_empty() && s.start.is_empty());
         assert_eq!(d.stop, ["gone", "change"]);
         assert_eq!(d.start.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["change", "new"]);
     }

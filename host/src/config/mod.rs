@@ -1,10 +1,13 @@
 //! Pipeline files: the TOML structures ([`file`]), `${VAR}` expansion
-//! ([`env`]) and validation into runnable [`Pipeline`]s ([`validate`]).
+//! ([`env`]), validation into runnable [`Pipeline`]s ([`validate`]), what
+//! changes between two sets of pipelines ([`diff`]) and the file watcher that
+//! triggers reloads ([`watcher`]).
 
 pub mod diff;
 pub mod env;
 pub mod file;
 pub mod validate;
+pub mod watcher;
 
 pub use file::*;
 pub use validate::{load_dir_or_files, load_pipeline, ConfigError, Pipeline, TransformSpec};

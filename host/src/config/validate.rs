@@ -46,6 +46,9 @@ pub struct TransformSpec {
     pub config: Vec<(String, String)>,
     pub limits: Limits,
     pub grants: Grants,
+    /// SHA-256 of the plugin file when the pipeline was loaded with a runtime
+    /// (empty otherwise): replacing the `.wasm` changes the pipeline.
+    pub hash: String,
 }
 
 impl Pipeline {
@@ -220,16 +223,18 @@ fn check_transform(
         }
         grants.read_dirs.push((host, guest));
     }
-    let spec = TransformSpec { path, config, limits, grants };
+    let mut spec = TransformSpec { path, config, limits, grants, hash: String::new() };
     if !spec.path.is_file() {
         report.at(t.plugin.span(), format!("plugin file {} does not exist", spec.path.display()));
     } else if let Some(runtime) = runtime {
         let tried = Plugin::load(runtime, &spec.path).map_err(|e| e.to_string()).and_then(|plugin| {
-            PluginInstance::new(plugin, spec.config.clone(), spec.limits.clone(), spec.grants.clone(), pipeline)
+            PluginInstance::new(plugin.clone(), spec.config.clone(), spec.limits.clone(), spec.grants.clone(), pipeline)
+                .map(|_| plugin.hash.clone())
                 .map_err(|e| e.to_string())
         });
-        if let Err(message) = tried {
-            report.at(t.plugin.span(), message);
+        match tried {
+            Ok(hash) => spec.hash = hash,
+            Err(message) => report.at(t.plugin.span(), message),
         }
     }
     spec

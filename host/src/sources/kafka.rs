@@ -19,6 +19,11 @@ pub struct KafkaSource {
     pipeline: String,
     /// The offsets of the last commit, repeated synchronously on shutdown.
     last_commit: Option<TopicPartitionList>,
+    topics: Vec<String>,
+    /// The group is joined on the first read, not when the source is built:
+    /// a pipeline restarting on reload builds its new source while the old
+    /// one still runs, and two members of one group would split the partitions.
+    subscribed: bool,
 }
 
 impl KafkaSource {
@@ -41,10 +46,10 @@ impl KafkaSource {
                 },
             );
         let consumer: StreamConsumer = client.create().context("cannot create the Kafka consumer")?;
-        let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&topics).with_context(|| format!("cannot subscribe to {topics:?}"))?;
         Ok(KafkaSource {
             consumer,
+            topics: config.topics.clone(),
+            subscribed: false,
             max_records: config.batch_max_records,
             max_wait: Duration::from_millis(config.batch_max_ms),
             pipeline: pipeline.to_string(),
@@ -73,6 +78,11 @@ fn to_record(m: &BorrowedMessage<'_>) -> Record {
 #[async_trait]
 impl Source for KafkaSource {
     async fn next_batch(&mut self) -> anyhow::Result<Vec<Record>> {
+        if !self.subscribed {
+            let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+            self.consumer.subscribe(&topics).with_context(|| format!("cannot subscribe to {topics:?}"))?;
+            self.subscribed = true;
+        }
         let mut batch = Vec::with_capacity(self.max_records);
         // Wait as long as needed for the first record...
         while batch.is_empty() {

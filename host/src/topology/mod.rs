@@ -11,9 +11,11 @@ pub mod pipeline;
 use crate::config::diff::diff;
 use crate::config::Pipeline;
 use crate::runtime::Runtime;
+use crate::transforms::Chain;
 use anyhow::Context;
 use pipeline::PipelineTask;
 use std::collections::BTreeMap;
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
@@ -21,7 +23,18 @@ use tracing::{error, info};
 struct Running {
     spec: Pipeline,
     cancel: CancellationToken,
+    /// New chains for the task, applied between two batches.
+    swap: mpsc::UnboundedSender<Chain>,
     task: JoinHandle<anyhow::Result<()>>,
+}
+
+/// What [`Topology::apply`] did, for the reload log line.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub started: Vec<String>,
+    pub stopped: Vec<String>,
+    pub swapped: Vec<String>,
+    pub kept: Vec<String>,
 }
 
 pub struct Topology {
@@ -34,10 +47,17 @@ impl Topology {
         Topology { runtime, running: BTreeMap::new() }
     }
 
-    /// Moves the running set to `wanted`. On error nothing was changed.
-    pub async fn apply(&mut self, wanted: Vec<Pipeline>) -> anyhow::Result<()> {
+    /// Moves the running set to `wanted`. Everything new (pipelines to
+    /// start, chains to swap in) is built first; on error nothing was changed.
+    pub async fn apply(&mut self, wanted: Vec<Pipeline>) -> anyhow::Result<Applied> {
         let specs: BTreeMap<String, Pipeline> = self.running.iter().map(|(k, r)| (k.clone(), r.spec.clone())).collect();
         let plan = diff(&specs, &wanted);
+        let mut chains = Vec::with_capacity(plan.swap.len());
+        for spec in plan.swap {
+            let chain = tokio::task::block_in_place(|| Chain::new(&self.runtime, &spec.transforms, &spec.name))
+                .with_context(|| format!("cannot load the new plugins of pipeline {} ({})", spec.name, spec.file.display()))?;
+            chains.push((spec, chain));
+        }
         let mut built = Vec::with_capacity(plan.start.len());
         for spec in plan.start {
             let name = spec.name.clone();
@@ -46,16 +66,44 @@ impl Topology {
                 .with_context(|| format!("cannot start pipeline {name} ({})", spec.file.display()))?;
             built.push((spec, task));
         }
+        let mut applied = Applied { kept: plan.keep, ..Applied::default() };
+        for (spec, chain) in chains {
+            let Some(running) = self.running.get_mut(&spec.name) else { continue };
+            for (old, new) in running.spec.transforms.iter().zip(chain.stages()) {
+                let plugin = new.plugin();
+                info!(
+                    pipeline = %spec.name,
+                    plugin = %plugin.name,
+                    old = %old.hash.get(..12).unwrap_or("-"),
+                    new = %plugin.short_hash(),
+                    load_ms = plugin.load_time.as_secs_f64() * 1e3,
+                    cache_hit = plugin.cache_hit,
+                    "plugin swap ready; live from the next batch"
+                );
+            }
+            if running.swap.send(chain).is_ok() {
+                running.spec = spec;
+                applied.swapped.push(running.spec.name.clone());
+            }
+        }
         for name in plan.stop {
             self.stop(&name).await;
+            applied.stopped.push(name);
         }
         for (spec, task) in built {
             let cancel = CancellationToken::new();
+            let (swap, swaps) = mpsc::unbounded_channel();
             info!(pipeline = %spec.name, file = %spec.file.display(), "pipeline starting");
-            let handle = tokio::spawn(task.run(cancel.clone()));
-            self.running.insert(spec.name.clone(), Running { spec, cancel, task: handle });
+            let handle = tokio::spawn(task.run(cancel.clone(), swaps));
+            applied.started.push(spec.name.clone());
+            self.running.insert(spec.name.clone(), Running { spec, cancel, swap, task: handle });
         }
-        Ok(())
+        Ok(applied)
+    }
+
+    /// The running pipelines' specs (file, plugins with their hashes).
+    pub fn pipelines(&self) -> impl Iterator<Item = &Pipeline> {
+        self.running.values().map(|r| &r.spec)
     }
 
     /// Stops one pipeline gracefully: its current batch finishes and commits.

@@ -10,6 +10,7 @@ use crate::transforms::Chain;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -47,12 +48,20 @@ impl PipelineTask {
     }
 
     /// Runs until `cancel`; the batch in hand is finished and committed first.
-    pub async fn run(mut self, cancel: CancellationToken) -> anyhow::Result<()> {
+    /// A chain received on `swaps` replaces the current one between two
+    /// batches: every record is transformed by exactly one version.
+    pub async fn run(mut self, cancel: CancellationToken, mut swaps: mpsc::UnboundedReceiver<Chain>) -> anyhow::Result<()> {
         loop {
             let batch = tokio::select! {
                 _ = cancel.cancelled() => break,
                 batch = self.source.next_batch() => batch?,
             };
+            while let Ok(chain) = swaps.try_recv() {
+                self.chain = chain;
+                let versions: Vec<String> =
+                    self.chain.stages().iter().map(|s| format!("{}@{}", s.plugin().name, s.plugin().short_hash())).collect();
+                info!(pipeline = %self.spec.name, plugins = %versions.join(" -> "), "new plugin versions live");
+            }
             if let Err(Stopped) = self.deliver(&batch, &cancel).await {
                 break;
             }

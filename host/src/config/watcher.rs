@@ -1,0 +1,100 @@
+//! Watches the pipeline files (and folders) `sluice run` was given and the
+//! plugin files their pipelines use, and reports changes on a channel. The
+//! parent folders are watched, not the files, so editors' atomic renames and
+//! cargo's re-linking are seen; callers debounce.
+
+use super::Pipeline;
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::warn;
+
+#[derive(Default)]
+struct Interest {
+    /// Exact files: pipeline files given by name, plugin files.
+    files: BTreeSet<PathBuf>,
+    /// Folders given to `sluice run`: any `*.toml` in them.
+    pipeline_dirs: BTreeSet<PathBuf>,
+}
+
+impl Interest {
+    fn matches(&self, path: &Path) -> bool {
+        self.files.contains(path)
+            || (path.extension().is_some_and(|e| e == "toml") && path.parent().is_some_and(|d| self.pipeline_dirs.contains(d)))
+    }
+}
+
+pub struct Watcher {
+    inner: RecommendedWatcher,
+    watched: BTreeSet<PathBuf>,
+    interest: Arc<Mutex<Interest>>,
+    paths: Vec<PathBuf>,
+}
+
+/// `path` with its folder resolved (the file itself may not exist yet).
+fn normalize(path: &Path) -> PathBuf {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    match (parent.canonicalize(), path.file_name()) {
+        (Ok(dir), Some(name)) => dir.join(name),
+        _ => path.to_path_buf(),
+    }
+}
+
+impl Watcher {
+    /// Watches `paths` (the arguments of `sluice run`) and the plugins of
+    /// `pipelines`; each relevant change sends the changed path on `changes`.
+    pub fn new(paths: &[PathBuf], pipelines: &[Pipeline], changes: UnboundedSender<PathBuf>) -> notify::Result<Self> {
+        let interest = Arc::new(Mutex::new(Interest::default()));
+        let seen = interest.clone();
+        let inner = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+            Ok(event) if !matches!(event.kind, EventKind::Access(_)) => {
+                let Ok(interest) = seen.lock() else { return };
+                for path in event.paths.iter().filter(|p| interest.matches(p)) {
+                    let _ = changes.send(path.clone());
+                }
+            }
+            Ok(_) => {}
+            Err(error) => warn!(%error, "file watcher error"),
+        })?;
+        let mut watcher = Watcher { inner, watched: BTreeSet::new(), interest, paths: paths.to_vec() };
+        watcher.follow(pipelines);
+        Ok(watcher)
+    }
+
+    /// Follows the plugin files of `pipelines` (after a reload changed them).
+    pub fn follow<'a>(&mut self, pipelines: impl IntoIterator<Item = &'a Pipeline>) {
+        let mut interest = Interest::default();
+        for path in &self.paths {
+            if path.is_dir() {
+                if let Ok(dir) = path.canonicalize() {
+                    interest.pipeline_dirs.insert(dir);
+                }
+            } else {
+                interest.files.insert(normalize(path));
+            }
+        }
+        for p in pipelines {
+            interest.files.insert(normalize(&p.file));
+            interest.files.extend(p.transforms.iter().map(|t| normalize(&t.path)));
+        }
+        let dirs: BTreeSet<PathBuf> = interest
+            .files
+            .iter()
+            .filter_map(|f| f.parent().map(Path::to_path_buf))
+            .chain(interest.pipeline_dirs.iter().cloned())
+            .collect();
+        for dir in dirs.difference(&self.watched.clone()) {
+            match self.inner.watch(dir, RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    self.watched.insert(dir.clone());
+                }
+                Err(error) => warn!(dir = %dir.display(), %error, "cannot watch folder"),
+            }
+        }
+        if let Ok(mut current) = self.interest.lock() {
+            *current = interest;
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! Hot reload in a running `sluice run`: plugin swaps under a continuous feed,
+//! broken versions rejected, pipeline files added, changed and removed.
+
+mod common;
+
+use common::plugin_path;
+use common::services::*;
+use rdkafka::Message;
+use sluice::feed::FeedGenerator;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+/// Frames of exactly one trade each, with increasing, distinct timestamps.
+fn single_trade_frames(count: usize, seed: u64) -> Vec<Vec<u8>> {
+    let mut generator = FeedGenerator::new(seed);
+    generator.ping_every = 0;
+    generator.max_trades = 1;
+    generator.take(count).map(|f| f.json.into_bytes()).collect()
+}
+
+/// Replaces `target` atomically (write aside, then rename), as a deploy would.
+fn install(source: &Path, target: &Path) {
+    let aside = target.with_extension("wasm.new");
+    std::fs::copy(source, &aside).unwrap();
+    std::fs::rename(&aside, target).unwrap();
+}
+
+fn kafka_pipeline(plugin: &Path, config: &str, sink_topic: &str, group: &str) -> String {
+    format!(
+        r#"
+[source]
+type = "kafka"
+brokers = "${{SLUICE_BROKERS}}"
+topics = ["raw"]
+group = "{group}"
+batch_max_records = 20
+[[transforms]]
+plugin = "{plugin}"
+{config}
+[sinks.out]
+type = "kafka"
+brokers = "${{SLUICE_BROKERS}}"
+topic = "{sink_topic}"
+[dead_letter]
+type = "kafka"
+brokers = "${{SLUICE_BROKERS}}"
+topic = "dlq"
+"#,
+        plugin = plugin.display()
+    )
+}
+
+/// The trade timestamp an output carries, and which version made it:
+/// `true` for the flattener (`{"symbol":…,"ts":…}`), `false` for the echo (the raw frame).
+fn stamp(value: &[u8]) -> (i64, bool) {
+    let v: serde_json::Value = serde_json::from_slice(value).unwrap();
+    match v.get("ts") {
+        Some(ts) => (ts.as_i64().unwrap(), true),
+        None => (v["data"][0]["t"].as_i64().unwrap(), false),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_swaps_under_a_continuous_feed_process_every_record_exactly_once_in_order() {
+    let broker = Arc::new(Broker::start());
+    for t in ["raw", "out", "dlq"] {
+        broker.create_topic(t, 1).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("plugin.wasm");
+    let (flattener, echo) = (plugin_path("trade_flattener"), plugin_path("chaos"));
+    install(&flattener, &plugin);
+    let file = write_pipeline(dir.path(), "swap", &kafka_pipeline(&plugin, "", "out", "g-swap"));
+    let frames = single_trade_frames(2400, 5);
+    let mut sluice = SluiceProcess::run(&[&file], &broker.addr);
+    assert!(sluice.wait_log("pipeline starting", 0).await);
+
+    let feeder = {
+        let (broker, frames) = (broker.clone(), frames.clone());
+        tokio::spawn(async move {
+            for chunk in frames.chunks(20) {
+                broker.produce("raw", chunk).await;
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+        })
+    };
+    for swap in 0..20 {
+        let before = sluice.log_count("reload applied");
+        install(if swap % 2 == 0 { &echo } else { &flattener }, &plugin);
+        assert!(sluice.wait_log("reload applied", before).await, "swap {swap} was not applied");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    feeder.await.unwrap();
+
+    let out = broker.consume("out", frames.len(), WAIT);
+    assert_eq!(sluice.stop(), Some(0));
+    let stamps: Vec<(i64, bool)> = out.iter().map(|m| stamp(m.payload().unwrap())).collect();
+    let mut want: Vec<i64> = frames.iter().map(|f| stamp(&trade_flattener::flatten(f).unwrap()[0].value).0).collect();
+    want.sort();
+    let got: Vec<i64> = stamps.iter().map(|s| s.0).collect();
+    assert_eq!(got, want, "one output per input, in partition order");
+    let version_changes = stamps.windows(2).filter(|w| w[0].1 != w[1].1).count();
+    assert!(version_changes >= 5, "the outputs show the swaps ({version_changes} version changes)");
+    assert_eq!(sluice_swaps_logged(&sluice), 20);
+}
+
+fn sluice_swaps_logged(sluice: &SluiceProcess) -> usize {
+    sluice.log_count("plugin swap ready")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_versions_are_rejected_and_the_old_one_keeps_running() {
+    let broker = Broker::start();
+    for t in ["raw", "out", "dlq"] {
+        broker.create_topic(t, 1).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("plugin.wasm");
+    install(&plugin_path("trade_flattener"), &plugin);
+    let file = write_pipeline(dir.path(), "p", &kafka_pipeline(&plugin, "", "out", "g-broken"));
+    let mut sluice = SluiceProcess::run(&[&file], &broker.addr);
+    assert!(sluice.wait_log("pipeline starting", 0).await);
+    let frames = single_trade_frames(200, 9);
+    broker.produce("raw", &frames[..50]).await;
+
+    // 1. Not WASM at all.
+    let before = sluice.log_count("reload rejected");
+    std::fs::write(dir.path().join("garbage"), b"definitely not a component").unwrap();
+    install(&dir.path().join("garbage"), &plugin);
+    assert!(sluice.wait_log("reload rejected", before).await);
+    broker.produce("raw", &frames[50..100]).await;
+    // 2. A plugin that traps in init; 3. one that rejects its config.
+    let chaos = plugin_path("chaos");
+    for config in ["config = { mode = \"init-trap\" }", "config = { mode = \"no-such-mode\" }"] {
+        let before = sluice.log_count("reload rejected");
+        write_pipeline(dir.path(), "p", &kafka_pipeline(&chaos, config, "out", "g-broken"));
+        assert!(sluice.wait_log("reload rejected", before).await, "{config} was not rejected");
+    }
+    broker.produce("raw", &frames[100..]).await;
+
+    let out = broker.consume("out", frames.len(), WAIT);
+    assert_eq!(sluice.stop(), Some(0));
+    assert_eq!(out.len(), frames.len(), "no record lost");
+    assert!(out.iter().all(|m| stamp(m.payload().unwrap()).1), "every record went through the old version");
+    let log = std::fs::read_to_string(&sluice.log).unwrap();
+    assert!(log.contains("is not a usable WebAssembly component"), "{log}");
+    assert!(log.contains("plugin chaos failed in init"), "{log}");
+    assert!(log.contains("rejected its config: unknown mode"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_files_are_added_changed_and_removed_while_running() {
+    let broker = Broker::start();
+    for t in ["raw", "out_a", "out_b", "out_c", "dlq"] {
+        broker.create_topic(t, 1).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let flattener = plugin_path("trade_flattener");
+    write_pipeline(dir.path(), "a", &kafka_pipeline(&flattener, "", "out_a", "g-a"));
+    let mut sluice = SluiceProcess::run(&[dir.path()], &broker.addr);
+    assert!(sluice.wait_log("pipeline starting", 0).await);
+    let frames = single_trade_frames(300, 13);
+
+    broker.produce("raw", &frames[..100]).await;
+    assert_eq!(broker.consume("out_a", 100, WAIT).len(), 100);
+
+    // Add b: it starts, and its own group reads the topic from the start.
+    let before = sluice.log_count("reload applied");
+    write_pipeline(dir.path(), "b", &kafka_pipeline(&flattener, "", "out_b", "g-b"));
+    assert!(sluice.wait_log("reload applied", before).await);
+    assert_eq!(broker.consume("out_b", 100, WAIT).len(), 100);
+
+    // Change b's sink: b restarts gracefully and resumes where it stopped.
+    let before = sluice.log_count("reload applied");
+    write_pipeline(dir.path(), "b", &kafka_pipeline(&flattener, "", "out_c", "g-b"));
+    assert!(sluice.wait_log("reload applied", before).await);
+    broker.produce("raw", &frames[100..200]).await;
+    assert_eq!(broker.consume("out_c", 100, WAIT).len(), 100, "b's new records go to its new sink");
+
+    // Remove b: it stops; a goes on.
+    let before = sluice.log_count("reload applied");
+    std::fs::remove_file(dir.path().join("b.toml")).unwrap();
+    assert!(sluice.wait_log("reload applied", before).await);
+    broker.produce("raw", &frames[200..]).await;
+    assert_eq!(broker.consume("out_a", 300, WAIT).len(), 300);
+    assert_eq!(sluice.stop(), Some(0));
+    assert_eq!(broker.consume("out_b", 100, Duration::from_secs(2)).len(), 100, "b wrote nothing after its change");
+    assert_eq!(broker.consume("out_c", 100, Duration::from_secs(2)).len(), 100, "b wrote nothing after its removal");
+    let log = std::fs::read_to_string(&sluice.log).unwrap();
+    assert!(log.contains("stopped=[\"b\"]"), "{log}");
+}
