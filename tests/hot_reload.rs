@@ -192,3 +192,51 @@ async fn pipeline_files_are_added_changed_and_removed_while_running() {
     let log = std::fs::read_to_string(&sluice.log).unwrap();
     assert!(log.contains("stopped=[\"b\"]"), "{log}");
 }
+
+fn sha256_hex(path: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_endpoint_reports_versions_and_reloads_on_request() {
+    let broker = Broker::start();
+    for t in ["raw", "out", "dlq"] {
+        broker.create_topic(t, 1).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("plugin.wasm");
+    install(&plugin_path("trade_flattener"), &plugin);
+    let file = write_pipeline(dir.path(), "p", &kafka_pipeline(&plugin, "", "out", "g-admin"));
+    let mut sluice = SluiceProcess::run(&[&file], &broker.addr);
+    let admin = sluice.admin_addr().await;
+
+    let (code, body) = http(&admin, "GET", "/status");
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["pipelines"][0]["name"], "p");
+    assert_eq!(status["pipelines"][0]["plugins"][0]["version"], sha256_hex(&plugin_path("trade_flattener")));
+
+    let (code, body) = tokio::task::spawn_blocking({
+        let admin = admin.clone();
+        move || http(&admin, "POST", "/reload")
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("reload applied") && body.contains("unchanged [\"p\"]"), "{body}");
+
+    // A new plugin version, picked up by the watcher, shows in the status.
+    let before = sluice.log_count("reload applied");
+    install(&plugin_path("chaos"), &plugin);
+    assert!(sluice.wait_log("reload applied", before).await);
+    let status: serde_json::Value = serde_json::from_str(&http(&admin, "GET", "/status").1).unwrap();
+    assert_eq!(status["pipelines"][0]["plugins"][0]["version"], sha256_hex(&plugin_path("chaos")));
+
+    // An invalid file: POST /reload answers 422 with the `sluice check` message.
+    std::fs::write(&file, "[source]\ntype = \"kafka\"\nbogus = 1\n").unwrap();
+    let (code, body) = tokio::task::spawn_blocking(move || http(&admin, "POST", "/reload")).await.unwrap();
+    assert_eq!(code, 422, "{body}");
+    assert!(body.contains("p.toml:1:1: unknown field `bogus`"), "{body}");
+    assert_eq!(sluice.stop(), Some(0));
+}

@@ -51,7 +51,7 @@ pub enum Command {
     /// replacing a plugin's .wasm reloads without a restart (so does SIGHUP):
     /// plugin changes swap between two batches; other changes restart only the
     /// pipeline concerned. An invalid change is logged and not applied.
-    Run(PipelineArgs),
+    Run(RunArgs),
 }
 
 #[derive(Debug, Args)]
@@ -59,6 +59,27 @@ pub struct PipelineArgs {
     /// Pipeline files, or folders whose *.toml files are pipelines.
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub pipelines: PipelineArgs,
+    /// Address of the admin HTTP listener (GET /status, POST /reload); port 0
+    /// picks a free one (logged); `off` disables it.
+    #[arg(long, default_value = "127.0.0.1:8686", value_parser = parse_admin_addr)]
+    pub admin_addr: AdminAddr,
+}
+
+/// Where the admin listener listens, if anywhere.
+#[derive(Debug, Clone, Copy)]
+pub struct AdminAddr(pub Option<std::net::SocketAddr>);
+
+fn parse_admin_addr(raw: &str) -> Result<AdminAddr, String> {
+    if raw == "off" {
+        return Ok(AdminAddr(None));
+    }
+    raw.parse().map(|a| AdminAddr(Some(a))).map_err(|e| format!("{raw:?}: {e} (e.g. 127.0.0.1:8686, or off)"))
 }
 
 #[derive(Debug, Args)]
@@ -197,7 +218,8 @@ fn check(runtime: &Runtime, args: &PipelineArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn run_pipelines(runtime: Runtime, args: &PipelineArgs) -> anyhow::Result<ExitCode> {
+fn run_pipelines(runtime: Runtime, run: &RunArgs) -> anyhow::Result<ExitCode> {
+    let args = &run.pipelines;
     let pipelines = match crate::config::load_dir_or_files(&args.paths, Some(&runtime)) {
         Ok(p) => p,
         Err(errors) => {
@@ -212,15 +234,28 @@ fn run_pipelines(runtime: Runtime, args: &PipelineArgs) -> anyhow::Result<ExitCo
             .context("cannot watch the pipeline and plugin files")?;
         let mut topology = crate::topology::Topology::new(runtime.clone());
         topology.apply(pipelines).await?;
+        let status = std::sync::Arc::new(std::sync::RwLock::new(crate::admin::Status::default()));
+        update_status(&status, &topology, None);
+        let (admin_tx, mut admin_requests) = tokio::sync::mpsc::unbounded_channel::<crate::admin::ReloadRequest>();
+        if let AdminAddr(Some(addr)) = run.admin_addr {
+            if let Err(error) = crate::admin::serve(addr, status.clone(), admin_tx).await {
+                tracing::warn!(%addr, %error, "cannot start the admin listener; running without it");
+            }
+        }
         let mut terminate = signal(SignalKind::terminate())?;
         let mut hangup = signal(SignalKind::hangup())?;
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
         let mut failed = 0;
         loop {
+            let mut reply = None;
             let reason = tokio::select! {
                 _ = tokio::signal::ctrl_c() => break,
                 _ = terminate.recv() => break,
                 _ = hangup.recv() => "SIGHUP".to_string(),
+                Some(request) = admin_requests.recv() => {
+                    reply = Some(request);
+                    "POST /reload".to_string()
+                }
                 Some(path) = changes.recv() => {
                     // Debounce: editors and compilers write in several steps.
                     let mut changed = std::collections::BTreeSet::from([path]);
@@ -237,7 +272,11 @@ fn run_pipelines(runtime: Runtime, args: &PipelineArgs) -> anyhow::Result<ExitCo
                     continue;
                 }
             };
-            reload(&runtime, &args.paths, &mut topology, &mut watcher, &reason).await;
+            let outcome = reload(&runtime, &args.paths, &mut topology, &mut watcher, &reason).await;
+            update_status(&status, &topology, Some(&outcome));
+            if let Some(reply) = reply {
+                let _ = reply.send(outcome);
+            }
         }
         tracing::info!("shutting down: finishing in-flight batches");
         topology.shutdown().await;
@@ -248,13 +287,14 @@ fn run_pipelines(runtime: Runtime, args: &PipelineArgs) -> anyhow::Result<ExitCo
 /// Re-reads the pipeline files and applies them. Anything invalid (a file
 /// `sluice check` would reject, a plugin that does not compile or rejects its
 /// config) is logged and leaves the running pipelines as they were.
+/// Returns a one-line summary, or the reasons for the rejection.
 async fn reload(
     runtime: &Runtime,
     paths: &[PathBuf],
     topology: &mut crate::topology::Topology,
     watcher: &mut crate::config::watcher::Watcher,
     reason: &str,
-) {
+) -> Result<String, String> {
     use tracing::{info, warn};
     let started = std::time::Instant::now();
     let wanted = match tokio::task::block_in_place(|| crate::config::load_dir_or_files(paths, Some(runtime))) {
@@ -263,23 +303,60 @@ async fn reload(
             for error in &errors {
                 warn!(%reason, %error, "reload rejected: invalid pipeline; running pipelines unchanged");
             }
-            return;
+            return Err(errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"));
         }
     };
     match topology.apply(wanted).await {
         Ok(applied) => {
             watcher.follow(topology.pipelines());
+            let ms = started.elapsed().as_secs_f64() * 1e3;
             info!(
                 %reason,
                 started = ?applied.started,
                 stopped = ?applied.stopped,
                 swapped = ?applied.swapped,
                 unchanged = ?applied.kept,
-                ms = started.elapsed().as_secs_f64() * 1e3,
+                ms,
                 "reload applied"
             );
+            Ok(format!(
+                "reload applied in {ms:.0} ms: started {:?}, stopped {:?}, swapped {:?}, unchanged {:?}",
+                applied.started, applied.stopped, applied.swapped, applied.kept
+            ))
         }
-        Err(error) => warn!(%reason, error = %format!("{error:#}"), "reload rejected; running pipelines unchanged"),
+        Err(error) => {
+            let error = format!("{error:#}");
+            warn!(%reason, %error, "reload rejected; running pipelines unchanged");
+            Err(error)
+        }
+    }
+}
+
+fn update_status(
+    status: &std::sync::RwLock<crate::admin::Status>,
+    topology: &crate::topology::Topology,
+    outcome: Option<&Result<String, String>>,
+) {
+    use crate::admin::{PipelineStatus, PluginStatus};
+    let Ok(mut status) = status.write() else { return };
+    status.pipelines = topology
+        .pipelines()
+        .map(|p| PipelineStatus {
+            name: p.name.clone(),
+            file: p.file.display().to_string(),
+            plugins: p.transforms.iter().map(|t| PluginStatus { path: t.path.display().to_string(), version: t.hash.clone() }).collect(),
+        })
+        .collect();
+    match outcome {
+        Some(Ok(summary)) => {
+            status.reloads_ok += 1;
+            status.last_reload = Some(summary.clone());
+        }
+        Some(Err(error)) => {
+            status.reloads_failed += 1;
+            status.last_reload = Some(format!("rejected: {error}"));
+        }
+        None => {}
     }
 }
 

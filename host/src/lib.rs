@@ -15,6 +15,7 @@
 //! - [`transforms`]: the chain of plugin instances a batch runs through;
 //! - [`sinks`]: where outputs go ([`sinks::Sink`]; Kafka, PostgreSQL, stdout);
 //! - [`topology`]: the running set of pipelines, started and changed by applying a diff;
+//! - [`admin`]: the admin HTTP listener (`/status`, `/reload`);
 //! - [`cli`]: the `sluice` command line (argument parsing and sub-commands);
 //!   `main.rs` only calls [`cli::main`].
 
@@ -24,6 +25,7 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod feed;

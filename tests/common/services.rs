@@ -187,6 +187,7 @@ impl SluiceProcess {
             .arg("--cache-dir")
             .arg(super::test_cache_dir())
             .arg("run")
+            .args(["--admin-addr", "127.0.0.1:0"])
             .args(pipelines)
             .env("SLUICE_BROKERS", brokers)
             .env("SLUICE_PG_URL", PG_URL)
@@ -196,6 +197,14 @@ impl SluiceProcess {
             .unwrap();
         eprintln!("sluice log: {}", log.display());
         SluiceProcess { child: Some(child), log }
+    }
+
+    /// The admin listener's address, from the log.
+    pub async fn admin_addr(&self) -> String {
+        assert!(self.wait_log("admin listener ready", 0).await, "no admin listener");
+        let log = std::fs::read_to_string(&self.log).unwrap();
+        let line = log.lines().find(|l| l.contains("admin listener ready")).unwrap();
+        line.split("addr=").nth(1).unwrap().split_whitespace().next().unwrap().to_string()
     }
 
     /// How many log lines contain `needle`.
@@ -246,4 +255,17 @@ pub fn write_pipeline(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// A minimal HTTP/1.1 request: returns (status code, body).
+pub fn http(addr: &str, method: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(stream, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let code = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (code, body)
 }
