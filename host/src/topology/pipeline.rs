@@ -57,10 +57,14 @@ impl PipelineTask {
                 batch = self.source.next_batch() => batch?,
             };
             while let Ok(chain) = swaps.try_recv() {
-                self.chain = chain;
+                // The new chain is compiled, instantiated and initialised
+                // already: the pause is dropping the old one.
+                let started = std::time::Instant::now();
+                drop(std::mem::replace(&mut self.chain, chain));
+                let pause_us = started.elapsed().as_micros() as u64;
                 let versions: Vec<String> =
                     self.chain.stages().iter().map(|s| format!("{}@{}", s.plugin().name, s.plugin().short_hash())).collect();
-                info!(pipeline = %self.spec.name, plugins = %versions.join(" -> "), "new plugin versions live");
+                info!(pipeline = %self.spec.name, plugins = %versions.join(" -> "), pause_us, "new plugin versions live");
             }
             if let Err(Stopped) = self.deliver(&batch, &cancel).await {
                 break;
