@@ -63,20 +63,36 @@ fn stamp(value: &[u8]) -> (i64, bool) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn twenty_swaps_under_a_continuous_feed_process_every_record_exactly_once_in_order() {
+/// A broker with topics `raw`, `out` and `dlq`, and a running `sluice run`
+/// of pipeline `name` whose one plugin is `plugin.wasm` in a temporary
+/// folder, initially the trade flattener.
+struct SwapRig {
+    broker: Arc<Broker>,
+    dir: tempfile::TempDir,
+    plugin: std::path::PathBuf,
+    file: std::path::PathBuf,
+    sluice: SluiceProcess,
+}
+
+async fn swap_rig(name: &str) -> SwapRig {
     let broker = Arc::new(Broker::start());
     for t in ["raw", "out", "dlq"] {
         broker.create_topic(t, 1).await;
     }
     let dir = tempfile::tempdir().unwrap();
     let plugin = dir.path().join("plugin.wasm");
-    let (flattener, echo) = (plugin_path("trade_flattener"), plugin_path("chaos"));
-    install(&flattener, &plugin);
-    let file = write_pipeline(dir.path(), "swap", &kafka_pipeline(&plugin, "", "out", "g-swap"));
-    let frames = single_trade_frames(2400, 5);
-    let mut sluice = SluiceProcess::run(&[&file], &broker.addr);
+    install(&plugin_path("trade_flattener"), &plugin);
+    let file = write_pipeline(dir.path(), name, &kafka_pipeline(&plugin, "", "out", &format!("g-{name}")));
+    let sluice = SluiceProcess::run(&[&file], &broker.addr);
     assert!(sluice.wait_log("pipeline starting", 0).await);
+    SwapRig { broker, dir, plugin, file, sluice }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_swaps_under_a_continuous_feed_process_every_record_exactly_once_in_order() {
+    let SwapRig { broker, dir: _dir, plugin, mut sluice, .. } = swap_rig("swap").await;
+    let (flattener, echo) = (plugin_path("trade_flattener"), plugin_path("chaos"));
+    let frames = single_trade_frames(2400, 5);
 
     let feeder = {
         let (broker, frames) = (broker.clone(), frames.clone());
@@ -113,16 +129,7 @@ fn sluice_swaps_logged(sluice: &SluiceProcess) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_versions_are_rejected_and_the_old_one_keeps_running() {
-    let broker = Broker::start();
-    for t in ["raw", "out", "dlq"] {
-        broker.create_topic(t, 1).await;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let plugin = dir.path().join("plugin.wasm");
-    install(&plugin_path("trade_flattener"), &plugin);
-    let file = write_pipeline(dir.path(), "p", &kafka_pipeline(&plugin, "", "out", "g-broken"));
-    let mut sluice = SluiceProcess::run(&[&file], &broker.addr);
-    assert!(sluice.wait_log("pipeline starting", 0).await);
+    let SwapRig { broker, dir, plugin, mut sluice, .. } = swap_rig("p").await;
     let frames = single_trade_frames(200, 9);
     broker.produce("raw", &frames[..50]).await;
 
@@ -136,7 +143,7 @@ async fn broken_versions_are_rejected_and_the_old_one_keeps_running() {
     let chaos = plugin_path("chaos");
     for config in ["config = { mode = \"init-trap\" }", "config = { mode = \"no-such-mode\" }"] {
         let before = sluice.log_count("reload rejected");
-        write_pipeline(dir.path(), "p", &kafka_pipeline(&chaos, config, "out", "g-broken"));
+        write_pipeline(dir.path(), "p", &kafka_pipeline(&chaos, config, "out", "g-p"));
         assert!(sluice.wait_log("reload rejected", before).await, "{config} was not rejected");
     }
     broker.produce("raw", &frames[100..]).await;
@@ -200,15 +207,7 @@ fn sha256_hex(path: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_endpoint_reports_versions_and_reloads_on_request() {
-    let broker = Broker::start();
-    for t in ["raw", "out", "dlq"] {
-        broker.create_topic(t, 1).await;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let plugin = dir.path().join("plugin.wasm");
-    install(&plugin_path("trade_flattener"), &plugin);
-    let file = write_pipeline(dir.path(), "p", &kafka_pipeline(&plugin, "", "out", "g-admin"));
-    let mut sluice = SluiceProcess::run(&[&file], &broker.addr);
+    let SwapRig { dir: _dir, plugin, file, mut sluice, .. } = swap_rig("p").await;
     let admin = sluice.admin_addr().await;
 
     let (code, body) = http(&admin, "GET", "/status");
