@@ -64,3 +64,24 @@ impl AsyncWrite for PluginStderr {
         Poll::Ready(Ok(()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn finds_the_last_panic_and_keeps_only_the_tail() {
+        let stderr = PluginStderr::default();
+        assert_eq!(stderr.panic_message(), None);
+        let mut w = stderr.clone();
+        w.write_all(&vec![b'x'; 10_000]).await.unwrap();
+        w.write_all(b"\nthread '<unnamed>' panicked at src/lib.rs:7:9:\nbad frame\nsecond line\nnote: run with `RUST_BACKTRACE=1`\n")
+            .await
+            .unwrap();
+        assert_eq!(stderr.panic_message().as_deref(), Some("panicked at src/lib.rs:7:9: bad frame second line"));
+        assert!(stderr.0.lock().unwrap().len() <= KEEP);
+        stderr.clear();
+        assert_eq!(stderr.panic_message(), None);
+    }
+}
