@@ -9,6 +9,8 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 use tracing::warn;
 
@@ -18,12 +20,12 @@ pub struct KafkaSource {
     max_wait: Duration,
     pipeline: String,
     /// The offsets of the last commit, repeated synchronously on shutdown.
-    last_commit: Option<TopicPartitionList>,
+    last_commit: Mutex<Option<TopicPartitionList>>,
     topics: Vec<String>,
     /// The group is joined on the first read, not when the source is built:
     /// a pipeline restarting on reload builds its new source while the old
     /// one still runs, and two members of one group would split the partitions.
-    subscribed: bool,
+    subscribed: AtomicBool,
 }
 
 impl KafkaSource {
@@ -49,11 +51,11 @@ impl KafkaSource {
         Ok(KafkaSource {
             consumer,
             topics: config.topics.clone(),
-            subscribed: false,
+            subscribed: AtomicBool::new(false),
             max_records: config.batch_max_records,
             max_wait: Duration::from_millis(config.batch_max_ms),
             pipeline: pipeline.to_string(),
-            last_commit: None,
+            last_commit: Mutex::new(None),
         })
     }
 }
@@ -77,11 +79,10 @@ fn to_record(m: &BorrowedMessage<'_>) -> Record {
 
 #[async_trait]
 impl Source for KafkaSource {
-    async fn next_batch(&mut self) -> anyhow::Result<Vec<Record>> {
-        if !self.subscribed {
+    async fn next_batch(&self) -> anyhow::Result<Vec<Record>> {
+        if !self.subscribed.swap(true, Ordering::SeqCst) {
             let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
             self.consumer.subscribe(&topics).with_context(|| format!("cannot subscribe to {topics:?}"))?;
-            self.subscribed = true;
         }
         let mut batch = Vec::with_capacity(self.max_records);
         // Wait as long as needed for the first record...
@@ -109,7 +110,7 @@ impl Source for KafkaSource {
         Ok(batch)
     }
 
-    async fn commit(&mut self, batch: &[Record]) -> anyhow::Result<()> {
+    async fn commit(&self, batch: &[Record]) -> anyhow::Result<()> {
         let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
         for r in batch {
             let entry = next.entry((r.origin.topic.as_str(), r.origin.partition)).or_insert(0);
@@ -123,12 +124,15 @@ impl Source for KafkaSource {
         // so the next batch does not wait for a round trip. `flush_commits`
         // makes them durable on shutdown.
         self.consumer.commit(&list, CommitMode::Async).context("cannot commit consumer offsets")?;
-        self.last_commit = Some(list);
+        if let Ok(mut last) = self.last_commit.lock() {
+            *last = Some(list);
+        }
         Ok(())
     }
 
-    async fn flush_commits(&mut self) -> anyhow::Result<()> {
-        match self.last_commit.take() {
+    async fn flush_commits(&self) -> anyhow::Result<()> {
+        let last = self.last_commit.lock().ok().and_then(|mut l| l.take());
+        match last {
             Some(list) => tokio::task::block_in_place(|| self.consumer.commit(&list, CommitMode::Sync))
                 .context("cannot commit consumer offsets"),
             None => Ok(()),

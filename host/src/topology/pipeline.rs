@@ -6,9 +6,10 @@ use crate::record::{Header, Output, Record};
 use crate::runtime::Runtime;
 use crate::sinks::{self, Sink};
 use crate::sources::{kafka::KafkaSource, Source};
-use crate::transforms::Chain;
+use crate::transforms::{Chain, ChainFailure};
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -22,10 +23,16 @@ pub struct Stopped;
 
 pub struct PipelineTask {
     spec: Pipeline,
-    source: Box<dyn Source>,
+    source: Arc<dyn Source>,
     chain: Chain,
     sinks: BTreeMap<String, Box<dyn Sink>>,
     dead_letter: Box<dyn Sink>,
+}
+
+/// A batch and what the chain made of it, on its way to the sinks.
+struct Transformed {
+    batch: Vec<Record>,
+    results: Vec<Result<Vec<Output>, ChainFailure>>,
 }
 
 impl PipelineTask {
@@ -41,46 +48,87 @@ impl PipelineTask {
             sinks.insert(name.clone(), sinks::build(config, &spec.name).await?);
         }
         let dead_letter = sinks::build(&spec.dead_letter, &spec.name).await?;
-        let source: Box<dyn Source> = match &spec.source {
-            SourceConfig::Kafka(k) => Box::new(KafkaSource::new(k, &spec.group(), &spec.name)?),
+        let source: Arc<dyn Source> = match &spec.source {
+            SourceConfig::Kafka(k) => Arc::new(KafkaSource::new(k, &spec.group(), &spec.name)?),
         };
         Ok(PipelineTask { spec, source, chain, sinks, dead_letter })
     }
 
-    /// Runs until `cancel`; the batch in hand is finished and committed first.
+    /// Runs until `cancel`. Two stages overlap: the transform stage (its own
+    /// task) reads and transforms batch N+1 while this one writes batch N to
+    /// the sinks and commits it; batches are delivered and committed in order.
+    /// On `cancel` the batches in hand are delivered and committed first.
     /// A chain received on `swaps` replaces the current one between two
     /// batches: every record is transformed by exactly one version.
-    pub async fn run(mut self, cancel: CancellationToken, mut swaps: mpsc::UnboundedReceiver<Chain>) -> anyhow::Result<()> {
-        loop {
-            let batch = tokio::select! {
-                _ = cancel.cancelled() => break,
-                batch = self.source.next_batch() => batch?,
-            };
-            while let Ok(chain) = swaps.try_recv() {
-                // The new chain is compiled, instantiated and initialised
-                // already: the pause is dropping the old one.
-                let started = std::time::Instant::now();
-                drop(std::mem::replace(&mut self.chain, chain));
-                let pause_us = started.elapsed().as_micros() as u64;
-                let versions: Vec<String> =
-                    self.chain.stages().iter().map(|s| format!("{}@{}", s.plugin().name, s.plugin().short_hash())).collect();
-                info!(pipeline = %self.spec.name, plugins = %versions.join(" -> "), pause_us, "new plugin versions live");
-            }
-            if let Err(Stopped) = self.deliver(&batch, &cancel).await {
+    pub async fn run(self, cancel: CancellationToken, swaps: mpsc::UnboundedReceiver<Chain>) -> anyhow::Result<()> {
+        let PipelineTask { spec, source, chain, sinks, dead_letter } = self;
+        let (transformed_tx, mut transformed) = mpsc::channel::<Transformed>(1);
+        let stage = tokio::spawn(transform_stage(spec.name.clone(), source.clone(), chain, swaps, cancel.clone(), transformed_tx));
+        let delivery = Delivery { spec, sinks, dead_letter };
+        while let Some(Transformed { batch, results }) = transformed.recv().await {
+            if let Err(Stopped) = delivery.deliver(&batch, results, &cancel).await {
                 break;
             }
-            if let Err(error) = self.source.commit(&batch).await {
+            if let Err(error) = source.commit(&batch).await {
                 // The records are in the sinks; a lost commit only means they
                 // may be read again (at-least-once).
-                warn!(pipeline = %self.spec.name, error = %format!("{error:#}"), "offset commit failed");
+                warn!(pipeline = %delivery.spec.name, error = %format!("{error:#}"), "offset commit failed");
             }
         }
-        self.source.flush_commits().await
+        drop(transformed); // unblocks a transform stage waiting to hand over a batch
+        let stage = stage.await;
+        source.flush_commits().await?;
+        stage.map_err(|e| anyhow::anyhow!("transform stage panicked: {e}"))?
     }
+}
 
-    async fn deliver(&mut self, batch: &[Record], cancel: &CancellationToken) -> Result<(), Stopped> {
+/// Reads batches, applies chain swaps between them, transforms them, and
+/// hands them to the delivery stage (at most one waiting).
+async fn transform_stage(
+    pipeline: String,
+    source: Arc<dyn Source>,
+    mut chain: Chain,
+    mut swaps: mpsc::UnboundedReceiver<Chain>,
+    cancel: CancellationToken,
+    out: mpsc::Sender<Transformed>,
+) -> anyhow::Result<()> {
+    loop {
+        let batch = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            batch = source.next_batch() => batch?,
+        };
+        while let Ok(new) = swaps.try_recv() {
+            // The new chain is compiled, instantiated and initialised
+            // already: the pause is dropping the old one.
+            let started = std::time::Instant::now();
+            drop(std::mem::replace(&mut chain, new));
+            let pause_us = started.elapsed().as_micros() as u64;
+            let versions: Vec<String> =
+                chain.stages().iter().map(|s| format!("{}@{}", s.plugin().name, s.plugin().short_hash())).collect();
+            info!(%pipeline, plugins = %versions.join(" -> "), pause_us, "new plugin versions live");
+        }
+        let results = tokio::task::block_in_place(|| chain.process(&batch));
+        if out.send(Transformed { batch, results }).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// Routes a transformed batch to the sinks and the dead-letter destination.
+struct Delivery {
+    spec: Pipeline,
+    sinks: BTreeMap<String, Box<dyn Sink>>,
+    dead_letter: Box<dyn Sink>,
+}
+
+impl Delivery {
+    async fn deliver(
+        &self,
+        batch: &[Record],
+        results: Vec<Result<Vec<Output>, ChainFailure>>,
+        cancel: &CancellationToken,
+    ) -> Result<(), Stopped> {
         let pipeline = self.spec.name.clone();
-        let results = tokio::task::block_in_place(|| self.chain.process(batch));
         let mut routed: BTreeMap<&str, (Vec<usize>, Vec<Output>)> = BTreeMap::new();
         let mut dead = Vec::new();
         for (i, result) in results.into_iter().enumerate() {
