@@ -178,11 +178,15 @@ impl PluginInstance {
         if store.data().memory.hit {
             return Fault::MemoryLimit { limit_bytes: self.limits.memory_bytes };
         }
-        match error.downcast_ref::<Trap>() {
-            Some(Trap::Interrupt) => Fault::CpuLimit { limit_ms: self.limits.cpu_ms },
-            _ if store.data().stderr.panic_message().is_some() => {
-                Fault::Trap(store.data().stderr.panic_message().unwrap_or_default())
-            }
+        let trap = error.downcast_ref::<Trap>();
+        if let Some(Trap::Interrupt) = trap {
+            return Fault::CpuLimit { limit_ms: self.limits.cpu_ms };
+        }
+        // The plugin's own words, when it panicked; else the trap and where.
+        if let Some(message) = store.data().stderr.panic_message() {
+            return Fault::Trap(message);
+        }
+        match trap {
             Some(trap) => Fault::Trap(with_location(trap.to_string(), &error)),
             None => Fault::Trap(with_location(error.root_cause().to_string(), &error)),
         }
