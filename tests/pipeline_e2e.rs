@@ -4,78 +4,20 @@
 mod common;
 
 use common::services::*;
+use common::trades::*;
 use common::plugin_path;
-use sluice::feed::FeedGenerator;
 use rdkafka::Message;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// `(symbol, price, volume, ts)` of every trade the flattener makes of `frames`.
-fn expected_trades(frames: &[Vec<u8>]) -> Vec<(String, f64, f64, i64)> {
-    let mut out: Vec<_> = frames
-        .iter()
-        .filter_map(|f| trade_flattener::flatten(f).ok())
-        .flatten()
-        .map(|o| {
-            let v: serde_json::Value = serde_json::from_slice(&o.value).unwrap();
-            (v["symbol"].as_str().unwrap().to_string(), v["price"].as_f64().unwrap(), v["volume"].as_f64().unwrap(), v["ts"].as_i64().unwrap())
-        })
-        .collect();
-    out.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    out
-}
-
-fn generated(count: usize, seed: u64) -> Vec<Vec<u8>> {
-    FeedGenerator::new(seed).take(count).map(|f| f.json.into_bytes()).collect()
-}
-
 fn trades_pipeline(schema: &str, group: &str, batch: usize) -> String {
-    format!(
-        r#"
-name = "trades"
-[source]
-type = "kafka"
-brokers = "${{SLUICE_BROKERS}}"
-topics = ["trades_raw"]
-group = "{group}"
-batch_max_records = {batch}
-[[transforms]]
-plugin = "{plugin}"
-[sinks.pg]
-type = "postgres"
-url = "${{SLUICE_PG_URL}}"
-table = "{schema}.trades"
-create_table = true
-columns = [
-  {{ name = "symbol", type = "text" }},
-  {{ name = "price", type = "double precision" }},
-  {{ name = "volume", type = "double precision" }},
-  {{ name = "traded_at", type = "timestamptz", field = "ts" }},
-  {{ name = "conditions", type = "text[]" }},
-]
-[dead_letter]
-type = "kafka"
-brokers = "${{SLUICE_BROKERS}}"
-topic = "trades_dlq"
-"#,
-        plugin = plugin_path("trade_flattener").display()
-    )
+    trades_pipeline_to(&format!("{schema}.trades"), group, batch, "${SLUICE_PG_URL}", "")
 }
 
-async fn stored_trades(pg: &PgSchema) -> Vec<(String, f64, f64, i64)> {
-    let rows = pg
-        .client
-        .query(
-            &format!("SELECT symbol, price, volume, (extract(epoch from traded_at) * 1000)::bigint FROM {}.trades", pg.name),
-            &[],
-        )
-        .await
-        .unwrap();
-    let mut out: Vec<_> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
-    out.sort_by(|a: &(String, f64, f64, i64), b| a.partial_cmp(b).unwrap());
-    out
+async fn stored_trades(pg: &PgSchema) -> Vec<Trade> {
+    stored_trades_in(&pg.client, &format!("{}.trades", pg.name)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

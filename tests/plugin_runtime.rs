@@ -186,6 +186,34 @@ fn files_are_denied_unless_granted() {
 }
 
 #[test]
+fn sockets_are_denied_unless_granted() {
+    let (rt, _cache) = runtime();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let config = [("mode", "net"), ("addr", addr.as_str())];
+    let mut denied = instance(&rt, "chaos", &config);
+    let error = denied.process(&batch(&["boom"]))[0].clone().unwrap_err();
+    assert!(error.starts_with(&format!("chaos: cannot connect to {addr}")), "{error}");
+
+    let grants = Grants { network: true, ..Grants::default() };
+    let mut granted = instance_with(&rt, "chaos", &config, Limits::default(), grants);
+    let out = granted.process(&batch(&["boom"]))[0].clone().expect("the granted connect succeeds");
+    assert_eq!(out[0].value, format!("connected to {addr}").into_bytes());
+}
+
+#[test]
+fn outputs_over_the_caps_fail_only_their_record() {
+    let (rt, _cache) = runtime();
+    let limits = Limits { output_bytes: 1 << 20, outputs: 10, ..Limits::default() };
+    let mut big = instance_with(&rt, "chaos", &[("mode", "big"), ("big_mib", "2")], limits.clone(), Grants::default());
+    let results = big.process(&batch(&["a", "boom", "b"]));
+    assert_eq!(results[1].clone().unwrap_err(), "output limit: 2097152 bytes of output for one record (limit 1048576)");
+    assert!(results[0].is_ok() && results[2].is_ok());
+    let mut many = instance_with(&rt, "chaos", &[("mode", "many"), ("many", "11")], limits, Grants::default());
+    assert_eq!(many.process(&batch(&["boom"]))[0].clone().unwrap_err(), "output limit: 11 outputs for one record (limit 10)");
+}
+
+#[test]
 fn non_components_are_rejected_with_the_path() {
     let (rt, _cache) = runtime();
     let dir = tempfile::tempdir().unwrap();

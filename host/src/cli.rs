@@ -419,7 +419,7 @@ async fn feed_kafka(generator: crate::feed::FeedGenerator, brokers: &str, topic:
 
 fn plugin_test(runtime: &Runtime, args: PluginTestArgs) -> anyhow::Result<ExitCode> {
     let plugin = Plugin::load(runtime, &args.plugin)?;
-    let limits = Limits { cpu_ms: args.cpu_ms, memory_bytes: args.memory_mib << 20 };
+    let limits = Limits { cpu_ms: args.cpu_ms, memory_bytes: args.memory_mib << 20, ..Limits::default() };
     let mut instance = PluginInstance::new(plugin, args.config, limits, Grants::default(), "plugin-test")?;
 
     let (topic, mut input): (String, Box<dyn BufRead>) = match &args.input {

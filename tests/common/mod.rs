@@ -49,3 +49,4 @@ pub fn instance_with(runtime: &Runtime, name: &str, config: &[(&str, &str)], lim
 }
 
 pub mod services;
+pub mod trades;

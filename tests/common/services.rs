@@ -11,10 +11,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A Tansu broker with in-memory storage, killed on drop.
+/// A Tansu broker, killed on drop: in-memory, or durable (SQLite in a
+/// folder) so that it can be killed and restarted with its topics.
 pub struct Broker {
-    child: Child,
+    child: Option<Child>,
     pub addr: String,
+    port: u16,
+    storage: String,
 }
 
 fn free_port() -> u16 {
@@ -23,21 +26,46 @@ fn free_port() -> u16 {
 
 impl Broker {
     pub fn start() -> Broker {
+        Broker::start_with("memory://tansu/".to_string())
+    }
+
+    /// A broker keeping its topics, offsets and groups in `dir`.
+    pub fn start_durable(dir: &Path) -> Broker {
+        Broker::start_with(format!("sqlite:///{}", dir.join("tansu.db").display()))
+    }
+
+    fn start_with(storage: String) -> Broker {
         let port = free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
+        let mut broker = Broker { child: None, addr: format!("127.0.0.1:{port}"), port, storage };
+        broker.restart();
+        broker
+    }
+
+    /// Starts the broker again (same port, same storage) after [`Broker::kill`].
+    pub fn restart(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::env::temp_dir().join(format!("tansu-{}.log", self.port));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         let child = Command::new("tansu")
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", &self.storage])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
             .spawn()
             .expect("tansu must be installed: scripts/install-tansu.sh");
-        let addr = format!("127.0.0.1:{port}");
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&addr).is_err() {
-            assert!(Instant::now() < deadline, "tansu did not start on {addr}");
+        while std::net::TcpStream::connect(&self.addr).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not start on {}", self.addr);
             std::thread::sleep(Duration::from_millis(50));
         }
-        Broker { child, addr }
+    }
+
+    /// SIGKILL: the broker vanishes without a goodbye.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     pub async fn create_topic(&self, name: &str, partitions: i32) {
@@ -58,19 +86,7 @@ impl Broker {
     /// the records before the offset). A consumer resuming from a committed
     /// offset mid-batch would then miss records through no fault of its own.
     pub async fn produce(&self, topic: &str, values: &[Vec<u8>]) {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &self.addr)
-            .set("enable.idempotence", "true")
-            .set("batch.num.messages", "1")
-            .create()
-            .unwrap();
-        let mut pending = Vec::new();
-        for v in values {
-            pending.push(producer.send_result(FutureRecord::<(), [u8]>::to(topic).payload(v)).map_err(|(e, _)| e).unwrap());
-        }
-        for p in pending {
-            p.await.unwrap().map_err(|(e, _)| e).unwrap();
-        }
+        produce_to(&self.addr, topic, values, &[]).await
     }
 
     /// Reads `topic` from the beginning until `expected` messages arrived or `timeout` passed.
@@ -119,10 +135,26 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
+
+/// [`Broker::produce`] to the broker at `addr`, with extra producer properties.
+pub async fn produce_to(addr: &str, topic: &str, values: &[Vec<u8>], properties: &[(&str, &str)]) {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", addr).set("enable.idempotence", "true").set("batch.num.messages", "1");
+    for (k, v) in properties {
+        config.set(*k, *v);
+    }
+    let producer: FutureProducer = config.create().unwrap();
+    let mut pending = Vec::new();
+        for v in values {
+            pending.push(producer.send_result(FutureRecord::<(), [u8]>::to(topic).payload(v)).map_err(|(e, _)| e).unwrap());
+        }
+        for p in pending {
+            p.await.unwrap().map_err(|(e, _)| e).unwrap();
+        }
+    }
 
 /// One past the last offset of each partition among `messages` (0: none).
 pub fn end_offsets(messages: &[OwnedMessage], partitions: i32) -> Vec<i64> {
@@ -182,8 +214,14 @@ pub struct SluiceProcess {
 
 impl SluiceProcess {
     pub fn run(pipelines: &[&Path], brokers: &str) -> SluiceProcess {
+        SluiceProcess::run_with(pipelines, brokers, &[])
+    }
+
+    /// `sluice run` with extra environment variables.
+    pub fn run_with(pipelines: &[&Path], brokers: &str, env: &[(&str, &str)]) -> SluiceProcess {
         let log = std::env::temp_dir().join(format!("sluice-test-{}.log", free_port()));
         let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .envs(env.iter().copied())
             .arg("--cache-dir")
             .arg(super::test_cache_dir())
             .arg("run")
@@ -215,6 +253,14 @@ impl SluiceProcess {
     /// Waits until the log has more than `before` lines containing `needle`.
     pub async fn wait_log(&self, needle: &str, before: usize) -> bool {
         wait_until(Duration::from_secs(60), || async { self.log_count(needle) > before }).await
+    }
+
+    /// SIGKILL: no goodbye, no final commit.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// SIGTERM, then waits: the graceful path. Returns the exit code.
@@ -268,4 +314,81 @@ pub fn http(addr: &str, method: &str, path: &str) -> (u16, String) {
     let code = response.split_whitespace().nth(1).unwrap().parse().unwrap();
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (code, body)
+}
+
+/// A private PostgreSQL server (initdb in a temporary folder, a free port),
+/// which a test may stop and start without disturbing the shared one.
+pub struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    bin: PathBuf,
+}
+
+impl PrivatePostgres {
+    pub fn start() -> PrivatePostgres {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL server binaries under /usr/lib/postgresql")
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .find(|b| b.join("initdb").exists())
+            .expect("initdb");
+        let dir = tempfile::tempdir().unwrap();
+        let pg = PrivatePostgres { dir, port: free_port(), bin };
+        // initdb refuses to run as root: the cluster belongs to `postgres` then.
+        if is_root() {
+            Command::new("chown").args(["-R", "postgres"]).arg(pg.dir.path()).status().unwrap();
+        }
+        let data = pg.dir.path().join("data");
+        let out = pg.as_owner(pg.bin.join("initdb")).args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "-D"]).arg(&data).output().unwrap();
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        pg.start_server();
+        pg
+    }
+
+    fn as_owner(&self, program: PathBuf) -> Command {
+        if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(program);
+            c
+        } else {
+            Command::new(program)
+        }
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let data = self.dir.path().join("data");
+        let log = self.dir.path().join("server.log");
+        let out = self.as_owner(self.bin.join("pg_ctl")).arg("-D").arg(&data).arg("-l").arg(&log).args(args).output().unwrap();
+        assert!(out.status.success(), "pg_ctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    pub fn start_server(&self) {
+        let options = format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", self.port, self.dir.path().display());
+        self.pg_ctl(&["-w", "-o", &options, "start"]);
+    }
+
+    /// Stops the server at once (`immediate`: like a crash).
+    pub fn stop_server(&self) {
+        self.pg_ctl(&["-w", "-m", "immediate", "stop"]);
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let _ = self.as_owner(self.bin.join("pg_ctl")).arg("-D").arg(&data).args(["-m", "immediate", "stop"]).output();
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
 }

@@ -52,6 +52,7 @@ mod tests {
                 brokers: "b".into(),
                 topics: vec![topic.into()],
                 group: None,
+                instance_id: None,
                 offset_reset: OffsetReset::Earliest,
                 batch_max_records: 1,
                 batch_max_ms: 1,

@@ -68,6 +68,11 @@ pub struct KafkaSourceConfig {
     /// Consumer group id. Default: `sluice-<pipeline name>`. Instances sharing
     /// a group share the partitions.
     pub group: Option<String>,
+    /// Static group membership: a stable id of this instance within the
+    /// group (e.g. `"${HOSTNAME}"`), unique per running instance. An instance
+    /// restarting with the same id gets its partitions back at once instead
+    /// of after the group's session timeout. Unset: dynamic membership.
+    pub instance_id: Option<String>,
     /// Where a group without committed offsets starts: `earliest` or `latest`.
     #[serde(default)]
     pub offset_reset: OffsetReset,
@@ -127,6 +132,12 @@ pub struct LimitsConfig {
     pub cpu_ms: Option<u64>,
     /// Linear memory the instance may grow to, in MiB (default 64).
     pub memory_mib: Option<usize>,
+    /// Output one input record may produce, in MiB of keys, values and
+    /// headers (default 16); a record over it is dead-lettered.
+    pub output_mib: Option<usize>,
+    /// Outputs one input record may produce (default 100000); a record over
+    /// it is dead-lettered.
+    pub max_outputs: Option<usize>,
 }
 
 /// Sandbox grants. Everything is denied unless listed here.
@@ -197,6 +208,20 @@ pub struct PostgresSinkConfig {
     /// inserted (`INSERT … ON CONFLICT … DO UPDATE`). Empty: plain inserts.
     #[serde(default)]
     pub upsert_key: Vec<String>,
+    /// Exactly-once: each batch's rows and the source offsets they came from
+    /// are committed in one transaction (into `offsets_table`), and rows of
+    /// records read again after a crash, restart or rebalance are skipped.
+    /// `false`: at-least-once, one statement fewer per batch.
+    #[serde(default = "default_true")]
+    pub exactly_once: bool,
+    /// The table holding the source offsets of the rows written, keyed by
+    /// pipeline, sink, topic and partition; created if missing. Default:
+    /// `sluice_offsets` in the schema of `table`.
+    pub offsets_table: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// One column of a PostgreSQL sink.

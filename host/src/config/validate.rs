@@ -81,7 +81,13 @@ impl Reporter<'_> {
 pub fn load_pipeline(file: &Path, runtime: Option<&Runtime>) -> Result<Pipeline, Vec<ConfigError>> {
     let whole_file = |message: String| vec![ConfigError { file: file.to_path_buf(), line: 1, column: 1, message }];
     let raw = std::fs::read_to_string(file).map_err(|e| whole_file(format!("cannot read pipeline file: {e}")))?;
-    let text = expand(&raw, |name| std::env::var(name).ok()).map_err(|missing| {
+    parse_pipeline(&raw, file, runtime)
+}
+
+/// Expands and validates the text of a pipeline file read from `file`
+/// (which names the errors and anchors relative paths).
+pub fn parse_pipeline(raw: &str, file: &Path, runtime: Option<&Runtime>) -> Result<Pipeline, Vec<ConfigError>> {
+    let text = expand(raw, |name| std::env::var(name).ok()).map_err(|missing| {
         missing
             .into_iter()
             .map(|m| ConfigError {
@@ -204,6 +210,8 @@ fn check_transform(
     let limits = Limits {
         cpu_ms: t.limits.cpu_ms.unwrap_or(defaults.cpu_ms),
         memory_bytes: t.limits.memory_mib.map_or(defaults.memory_bytes, |m| m << 20),
+        output_bytes: t.limits.output_mib.map_or(defaults.output_bytes, |m| m << 20),
+        outputs: t.limits.max_outputs.unwrap_or(defaults.outputs),
     };
     let mut grants = Grants { network: t.grants.network, ..Grants::default() };
     for var in &t.grants.env {

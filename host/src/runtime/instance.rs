@@ -20,11 +20,32 @@ pub struct Limits {
     pub cpu_ms: u64,
     /// Linear memory the instance may grow to, in bytes.
     pub memory_bytes: usize,
+    /// Bytes (keys, values, headers) the outputs of one input record may total.
+    pub output_bytes: usize,
+    /// Outputs one input record may produce.
+    pub outputs: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { cpu_ms: 1_000, memory_bytes: 64 << 20 }
+        Limits { cpu_ms: 1_000, memory_bytes: 64 << 20, output_bytes: 16 << 20, outputs: 100_000 }
+    }
+}
+
+impl Limits {
+    /// Checks one record's outputs against the output caps.
+    fn check_outputs(&self, outputs: &[Output]) -> Result<(), String> {
+        if outputs.len() > self.outputs {
+            return Err(format!("output limit: {} outputs for one record (limit {})", outputs.len(), self.outputs));
+        }
+        let bytes: usize = outputs
+            .iter()
+            .map(|o| o.value.len() + o.key.as_ref().map_or(0, Vec::len) + o.headers.iter().map(|h| h.name.len() + h.value.len()).sum::<usize>())
+            .sum();
+        if bytes > self.output_bytes {
+            return Err(format!("output limit: {bytes} bytes of output for one record (limit {})", self.output_bytes));
+        }
+        Ok(())
     }
 }
 
@@ -145,7 +166,7 @@ impl PluginInstance {
             })?;
         }
         if self.grants.network {
-            wasi.inherit_network().allow_ip_name_lookup(true);
+            wasi.inherit_network().allow_tcp(true).allow_udp(true).allow_ip_name_lookup(true);
         }
         let state = HostState {
             wasi: wasi.build(),
@@ -231,7 +252,14 @@ impl PluginInstance {
             return Err(Fault::Contract(format!("{} results for {} records", results.len(), inputs.len())));
         }
         self.live = Some(live);
-        Ok(results.into_iter().map(|r| r.map(|outs| outs.into_iter().map(from_wit).collect())).collect())
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                let outputs: Vec<Output> = r?.into_iter().map(from_wit).collect();
+                self.limits.check_outputs(&outputs)?;
+                Ok(outputs)
+            })
+            .collect())
     }
 }
 

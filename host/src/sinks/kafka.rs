@@ -2,7 +2,7 @@
 
 use super::{Rejected, Sink};
 use crate::config::KafkaSinkConfig;
-use crate::record::Output;
+use crate::record::{Origin, Output};
 use anyhow::Context;
 use async_trait::async_trait;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -44,7 +44,7 @@ fn is_permanent(error: &KafkaError) -> bool {
 
 #[async_trait]
 impl Sink for KafkaSink {
-    async fn write(&self, batch: &[Output]) -> anyhow::Result<Vec<Rejected>> {
+    async fn write(&self, batch: &[Output], _origins: &[&Origin]) -> anyhow::Result<Vec<Rejected>> {
         let mut pending = Vec::with_capacity(batch.len());
         let mut rejected = Vec::new();
         for (index, out) in batch.iter().enumerate() {

@@ -6,7 +6,7 @@ pub mod postgres;
 pub mod stdout;
 
 use crate::config::SinkConfig;
-use crate::record::Output;
+use crate::record::{Origin, Output};
 use async_trait::async_trait;
 
 /// A record the sink can never write (e.g. a value that does not fit the
@@ -22,15 +22,18 @@ pub struct Rejected {
 pub trait Sink: Send + Sync {
     /// Writes `batch` and returns once the destination has durably accepted
     /// every record not rejected. An `Err` means nothing can be assumed
-    /// written: the caller retries the whole batch.
-    async fn write(&self, batch: &[Output]) -> anyhow::Result<Vec<Rejected>>;
+    /// written: the caller retries the whole batch (a sink that may have
+    /// written part of it must not write that part twice, or says it is
+    /// at-least-once). `origins[i]` is where the source record of `batch[i]`
+    /// was read: an exactly-once sink stores it with the data.
+    async fn write(&self, batch: &[Output], origins: &[&Origin]) -> anyhow::Result<Vec<Rejected>>;
 }
 
-/// Builds the sink described by `config`.
-pub async fn build(config: &SinkConfig, pipeline: &str) -> anyhow::Result<Box<dyn Sink>> {
+/// Builds the sink `name` of `pipeline`, described by `config`.
+pub async fn build(name: &str, config: &SinkConfig, pipeline: &str) -> anyhow::Result<Box<dyn Sink>> {
     Ok(match config {
         SinkConfig::Kafka(c) => Box::new(kafka::KafkaSink::new(c, pipeline)?),
-        SinkConfig::Postgres(c) => Box::new(postgres::PostgresSink::new(c.clone(), pipeline)),
+        SinkConfig::Postgres(c) => Box::new(postgres::PostgresSink::new(c.clone(), name, pipeline)),
         SinkConfig::Stdout(_) => Box::new(stdout::StdoutSink),
     })
 }

@@ -1,26 +1,92 @@
 //! The Kafka source: a consumer group with manual commits.
+//!
+//! Offsets are committed only for batches every sink has (see
+//! [`Source::commit`]). When the group takes partitions away (another
+//! instance joined, or this one leaves), the commits made so far are flushed
+//! synchronously before the partitions go, so the next owner starts right
+//! after the last delivered batch; batches still in flight are delivered but
+//! their commits are refused by the group, so the next owner reads them again
+//! (at-least-once; the PostgreSQL sink skips rows it already has).
 
 use super::Source;
 use crate::config::{KafkaSourceConfig, OffsetReset};
 use crate::record::{Header, Origin, Record};
 use anyhow::Context;
 use async_trait::async_trait;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaResult;
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tracing::warn;
+use tracing::{info, warn};
+
+/// Group events: logs assignments and failed commits, and flushes commits
+/// before partitions are revoked.
+pub struct GroupContext {
+    pipeline: String,
+    /// The offsets of the last commit, repeated synchronously on revocation and shutdown.
+    last_commit: Mutex<Option<TopicPartitionList>>,
+    /// The partitions this instance owns now, as `topic/partition`.
+    assignment: Arc<Mutex<Vec<(String, i32)>>>,
+}
+
+fn partitions(list: &TopicPartitionList) -> Vec<(String, i32)> {
+    list.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect()
+}
+
+fn describe(list: &[(String, i32)]) -> String {
+    list.iter().map(|(t, p)| format!("{t}/{p}")).collect::<Vec<_>>().join(",")
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            info!(pipeline = %self.pipeline, partitions = %describe(&partitions(list)), "partitions revoked");
+            if let Some(last) = self.last_commit.lock().ok().and_then(|mut l| l.take()) {
+                if let Err(error) = consumer.commit(&last, CommitMode::Sync) {
+                    warn!(pipeline = %self.pipeline, %error, "cannot flush offset commits before the revocation");
+                }
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(list) => {
+                let now = partitions(list);
+                info!(pipeline = %self.pipeline, partitions = %describe(&now), "partitions assigned");
+                if let Ok(mut a) = self.assignment.lock() {
+                    *a = now;
+                }
+            }
+            Rebalance::Revoke(_) => {
+                if let Ok(mut a) = self.assignment.lock() {
+                    a.clear();
+                }
+            }
+            Rebalance::Error(error) => warn!(pipeline = %self.pipeline, %error, "consumer group rebalance failed"),
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        if let Err(error) = result {
+            // The batches are in the sinks; they will be read again (at-least-once).
+            warn!(pipeline = %self.pipeline, %error, partitions = %describe(&partitions(offsets)), "offset commit refused");
+        }
+    }
+}
 
 pub struct KafkaSource {
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<GroupContext>,
     max_records: usize,
     max_wait: Duration,
     pipeline: String,
-    /// The offsets of the last commit, repeated synchronously on shutdown.
-    last_commit: Mutex<Option<TopicPartitionList>>,
     topics: Vec<String>,
     /// The group is joined on the first read, not when the source is built:
     /// a pipeline restarting on reload builds its new source while the old
@@ -47,7 +113,14 @@ impl KafkaSource {
                     OffsetReset::Latest => "latest",
                 },
             );
-        let consumer: StreamConsumer = client.create().context("cannot create the Kafka consumer")?;
+        // An instance that restarts with the same id gets its partitions
+        // back at once (static membership) instead of after a rebalance.
+        if let Some(id) = config.instance_id.as_deref().filter(|id| !id.is_empty()) {
+            client.set("group.instance.id", id);
+        }
+        let context = GroupContext { pipeline: pipeline.to_string(), last_commit: Mutex::new(None), assignment: Arc::default() };
+        let consumer: StreamConsumer<GroupContext> =
+            client.create_with_context(context).context("cannot create the Kafka consumer")?;
         Ok(KafkaSource {
             consumer,
             topics: config.topics.clone(),
@@ -55,8 +128,12 @@ impl KafkaSource {
             max_records: config.batch_max_records,
             max_wait: Duration::from_millis(config.batch_max_ms),
             pipeline: pipeline.to_string(),
-            last_commit: Mutex::new(None),
         })
+    }
+
+    /// The partitions this instance owns now.
+    pub fn assignment(&self) -> Vec<(String, i32)> {
+        self.consumer.context().assignment.lock().map(|a| a.clone()).unwrap_or_default()
     }
 }
 
@@ -124,14 +201,14 @@ impl Source for KafkaSource {
         // so the next batch does not wait for a round trip. `flush_commits`
         // makes them durable on shutdown.
         self.consumer.commit(&list, CommitMode::Async).context("cannot commit consumer offsets")?;
-        if let Ok(mut last) = self.last_commit.lock() {
+        if let Ok(mut last) = self.consumer.context().last_commit.lock() {
             *last = Some(list);
         }
         Ok(())
     }
 
     async fn flush_commits(&self) -> anyhow::Result<()> {
-        let last = self.last_commit.lock().ok().and_then(|mut l| l.take());
+        let last = self.consumer.context().last_commit.lock().ok().and_then(|mut l| l.take());
         match last {
             Some(list) => tokio::task::block_in_place(|| self.consumer.commit(&list, CommitMode::Sync))
                 .context("cannot commit consumer offsets"),

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// The pipeline was asked to stop while a batch could not be delivered: the
 /// batch stays uncommitted and is read again on the next start.
@@ -45,9 +45,9 @@ impl PipelineTask {
         }
         let mut sinks = BTreeMap::new();
         for (name, config) in &spec.sinks {
-            sinks.insert(name.clone(), sinks::build(config, &spec.name).await?);
+            sinks.insert(name.clone(), sinks::build(name, config, &spec.name).await?);
         }
-        let dead_letter = sinks::build(&spec.dead_letter, &spec.name).await?;
+        let dead_letter = sinks::build("dead_letter", &spec.dead_letter, &spec.name).await?;
         let source: Arc<dyn Source> = match &spec.source {
             SourceConfig::Kafka(k) => Arc::new(KafkaSource::new(k, &spec.group(), &spec.name)?),
         };
@@ -130,19 +130,20 @@ impl Delivery {
     ) -> Result<(), Stopped> {
         let pipeline = self.spec.name.clone();
         let mut routed: BTreeMap<&str, (Vec<usize>, Vec<Output>)> = BTreeMap::new();
-        let mut dead = Vec::new();
+        // Dead letters, with the index of their source record.
+        let mut dead: Vec<(usize, Output)> = Vec::new();
         for (i, result) in results.into_iter().enumerate() {
             let outputs = match result {
                 Ok(outputs) => outputs,
                 Err(failure) => {
-                    dead.push(dead_letter(&pipeline, &batch[i], &failure.plugin, &failure.error));
+                    dead.push((i, dead_letter(&pipeline, &batch[i], &failure.plugin, &failure.error)));
                     continue;
                 }
             };
             if let Some(route) = outputs.iter().filter_map(|o| o.route.as_deref()).find(|r| !self.sinks.contains_key(*r)) {
                 let known: Vec<&str> = self.sinks.keys().map(String::as_str).collect();
                 let error = format!("unknown route {route:?} (sinks: {})", known.join(", "));
-                dead.push(dead_letter(&pipeline, &batch[i], "router", &error));
+                dead.push((i, dead_letter(&pipeline, &batch[i], "router", &error)));
                 continue;
             }
             for out in outputs {
@@ -157,24 +158,39 @@ impl Delivery {
         let writes = routed.iter().map(|(name, (owners, outputs))| {
             let sink = &self.sinks[*name];
             let pipeline = &pipeline;
+            let origins: Vec<_> = owners.iter().map(|&i| &batch[i].origin).collect();
             async move {
-                let rejected = retry(pipeline, name, cancel, || sink.write(outputs)).await?;
+                let rejected = retry(pipeline, name, cancel, || sink.write(outputs, &origins)).await?;
                 Ok::<_, Stopped>(rejected.into_iter().map(|r| (owners[r.index], format!("sink {name}: {}", r.reason))).collect::<Vec<_>>())
             }
         });
         for rejected in futures::future::try_join_all(writes).await? {
             for (i, reason) in rejected {
-                dead.push(dead_letter(&pipeline, &batch[i], "sink", &reason));
+                dead.push((i, dead_letter(&pipeline, &batch[i], "sink", &reason)));
             }
         }
 
         if !dead.is_empty() {
             let written = dead.len();
             let dlq = &self.dead_letter;
+            let origins: Vec<_> = dead.iter().map(|(i, _)| &batch[*i].origin).collect();
+            let dead: Vec<Output> = dead.into_iter().map(|(_, out)| out).collect();
             let write_all = || async {
-                let rejected = dlq.write(&dead).await?;
-                anyhow::ensure!(rejected.is_empty(), "the dead-letter destination refused records: {:?}", rejected);
-                Ok(Vec::<sinks::Rejected>::new())
+                let rejected = dlq.write(&dead, &origins).await?;
+                if rejected.is_empty() {
+                    return Ok(());
+                }
+                // A dead letter the destination refuses for good (too large):
+                // its value is cut to a head, and the headers keep the origin,
+                // so the record can still be found in the source topic.
+                let cut: Vec<Output> = rejected.iter().map(|r| truncated(&dead[r.index], &r.reason)).collect();
+                let cut_origins: Vec<_> = rejected.iter().map(|r| origins[r.index]).collect();
+                for r in &rejected {
+                    error!(%pipeline, reason = %r.reason, bytes = dead[r.index].value.len(), "dead letter refused; writing it truncated");
+                }
+                let refused = dlq.write(&cut, &cut_origins).await?;
+                anyhow::ensure!(refused.is_empty(), "the dead-letter destination refused truncated records: {:?}", refused);
+                Ok(())
             };
             retry(&pipeline, "dead_letter", cancel, write_all).await?;
             debug!(%pipeline, records = written, "dead-lettered");
@@ -205,6 +221,38 @@ where
     }
 }
 
+/// Bytes of a `sluice.error` header: a plugin's message may quote a whole
+/// (huge) input.
+const MAX_ERROR_BYTES: usize = 4096;
+
+/// `text` cut to at most `max` bytes on a character boundary, saying so.
+fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes in all)", &text[..end], text.len())
+}
+
+/// Bytes of the value a truncated dead letter keeps.
+const TRUNCATED_HEAD: usize = 64 << 10;
+
+/// `dead` with its value cut to [`TRUNCATED_HEAD`] bytes, for a dead-letter
+/// destination that refused it whole.
+fn truncated(dead: &Output, reason: &str) -> Output {
+    let mut out = dead.clone();
+    out.value.truncate(TRUNCATED_HEAD);
+    for h in &mut out.headers {
+        h.value.truncate(TRUNCATED_HEAD);
+    }
+    out.headers.push(Header { name: "sluice.truncated".into(), value: dead.value.len().to_string().into_bytes() });
+    out.headers.push(Header { name: "sluice.truncated.reason".into(), value: reason.as_bytes().to_vec() });
+    out
+}
+
 /// The dead-letter record for `record`: its key, value, headers and timestamp
 /// as read, plus headers naming the pipeline, the failing stage, the error
 /// and the origin.
@@ -213,9 +261,31 @@ pub fn dead_letter(pipeline: &str, record: &Record, stage: &str, error: &str) ->
     let mut add = |name: &str, value: String| headers.push(Header { name: name.to_string(), value: value.into_bytes() });
     add("sluice.pipeline", pipeline.to_string());
     add("sluice.plugin", stage.to_string());
-    add("sluice.error", error.to_string());
+    add("sluice.error", clip(error, MAX_ERROR_BYTES));
     add("sluice.topic", record.origin.topic.clone());
     add("sluice.partition", record.origin.partition.to_string());
     add("sluice.offset", record.origin.offset.to_string());
     Output { key: record.key.clone(), value: record.value.clone(), headers, timestamp: record.timestamp, route: None }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letters_keep_the_record_and_a_bounded_error() {
+        let record = Record { value: b"v".to_vec(), origin: crate::record::Origin { topic: "t".into(), partition: 2, offset: 9 }, ..Record::default() };
+        let huge = "é".repeat(10_000);
+        let dead = dead_letter("p", &record, "plug", &huge);
+        let header = |name: &str| dead.headers.iter().find(|h| h.name == name).map(|h| String::from_utf8(h.value.clone()).unwrap());
+        assert_eq!(dead.value, b"v");
+        assert_eq!(header("sluice.offset").as_deref(), Some("9"));
+        let error = header("sluice.error").unwrap();
+        assert!(error.len() < MAX_ERROR_BYTES + 40 && error.ends_with("(20000 bytes in all)"), "{}", error.len());
+        assert_eq!(clip("short", 10), "short");
+
+        let cut = truncated(&Output { value: vec![1; TRUNCATED_HEAD * 2], ..dead.clone() }, "too large");
+        assert_eq!(cut.value.len(), TRUNCATED_HEAD);
+        assert!(cut.headers.iter().any(|h| h.name == "sluice.truncated" && h.value == (TRUNCATED_HEAD * 2).to_string().as_bytes()));
+    }
 }

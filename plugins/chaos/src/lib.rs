@@ -1,6 +1,8 @@
 //! A deliberately hostile plugin for Sluice's own tests. Config `mode` picks the
-//! misbehaviour; it only misbehaves on records whose value is `boom`, so a test
-//! can mix good and poison records in one batch. Other records are echoed.
+//! misbehaviour; it only misbehaves on records whose value is `trigger`
+//! (default `boom`), so a test can mix good and poison records in one batch,
+//! and chain several chaos stages each with its own trigger. Other records
+//! are echoed.
 //!
 //! | mode          | on `boom`                                 |
 //! |---------------|-------------------------------------------|
@@ -12,6 +14,9 @@
 //! | `init-trap`   | (any record) panics already in `init`     |
 //! | `init-reject` | (any record) rejects its config in `init` |
 //! | `fs`          | tries to read `/etc/hostname`             |
+//! | `net`         | tries to connect to `addr` (TCP)          |
+//! | `big`         | returns one output of `big_mib` MiB       |
+//! | `many`        | returns `many` empty outputs              |
 //!
 //! Config `marker` (optional) is prepended to every echoed value, so hot-reload
 //! tests can tell versions apart.
@@ -21,24 +26,33 @@ use sluice_plugin::{export_transform, Config, Output, Record, Transform};
 pub struct Chaos {
     mode: String,
     marker: String,
+    addr: String,
+    big_mib: usize,
+    many: usize,
+    trigger: Vec<u8>,
 }
 
 impl Transform for Chaos {
     fn init(config: &Config) -> Result<Self, String> {
-        config.reject_unknown(&["mode", "marker"])?;
+        config.reject_unknown(&["mode", "marker", "addr", "big_mib", "many", "trigger"])?;
         let mode = config.get("mode").unwrap_or("echo").to_string();
         match mode.as_str() {
             "init-trap" => panic!("chaos: trapping in init as asked"),
             "init-reject" => Err("chaos: config rejected as asked".to_string()),
-            "echo" | "trap" | "loop" | "alloc" | "error" | "fs" => {
-                Ok(Chaos { mode, marker: config.get("marker").unwrap_or_default().to_string() })
-            }
+            "echo" | "trap" | "loop" | "alloc" | "error" | "fs" | "net" | "big" | "many" => Ok(Chaos {
+                mode,
+                marker: config.get("marker").unwrap_or_default().to_string(),
+                addr: config.get("addr").unwrap_or("127.0.0.1:9").to_string(),
+                big_mib: config.parse("big_mib")?.unwrap_or(20),
+                many: config.parse("many")?.unwrap_or(200_000),
+                trigger: config.get("trigger").unwrap_or("boom").as_bytes().to_vec(),
+            }),
             other => Err(format!("unknown mode {other:?}")),
         }
     }
 
     fn process(&mut self, record: Record) -> Result<Vec<Output>, String> {
-        if record.value == b"boom" {
+        if record.value == self.trigger {
             match self.mode.as_str() {
                 "trap" => panic!("chaos: trapping as asked"),
                 "loop" => {
@@ -60,6 +74,13 @@ impl Transform for Chaos {
                         .map(|s| vec![Output::new(s)])
                         .map_err(|e| format!("chaos: cannot read /etc/hostname: {e}"))
                 }
+                "net" => {
+                    return std::net::TcpStream::connect(&self.addr)
+                        .map(|_| vec![Output::new(format!("connected to {}", self.addr))])
+                        .map_err(|e| format!("chaos: cannot connect to {}: {e}", self.addr))
+                }
+                "big" => return Ok(vec![Output::new(vec![b'x'; self.big_mib << 20])]),
+                "many" => return Ok((0..self.many).map(|_| Output::new(Vec::new())).collect()),
                 _ => {}
             }
         }

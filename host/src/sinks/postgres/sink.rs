@@ -1,12 +1,23 @@
-//! Connection handling, table creation and the binary COPY.
+//! Connection handling, table creation, the binary COPY and the offsets
+//! that make it exactly-once.
+//!
+//! With `exactly_once` (the default) every batch is one transaction that
+//! (1) locks the rows of `sluice_offsets` for the batch's partitions,
+//! (2) drops the outputs whose source offset is below the stored one (they
+//! were committed before: the source read them again after a crash, restart
+//! or rebalance), (3) COPYs the rest and (4) moves the stored offsets past the
+//! batch. A retry after an ambiguous COMMIT (connection lost while
+//! committing) therefore writes nothing twice, and two instances briefly
+//! owning one partition during a rebalance are serialised by the row locks.
 
 use super::rows::{pg_type, to_row, Cell};
 use crate::config::PostgresSinkConfig;
-use crate::record::Output;
+use crate::record::{Origin, Output};
 use crate::sinks::{Rejected, Sink};
 use anyhow::Context;
 use async_trait::async_trait;
 use futures::pin_mut;
+use std::collections::{BTreeMap, HashMap};
 use tokio::sync::Mutex;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
@@ -16,6 +27,10 @@ use tracing::{info, warn};
 pub struct PostgresSink {
     config: PostgresSinkConfig,
     pipeline: String,
+    /// The sink's name in the pipeline: with the pipeline, the key of its offsets.
+    name: String,
+    /// The quoted offsets table, when exactly-once.
+    offsets: Option<String>,
     /// The connection, opened on first use and reopened after a failure.
     client: Mutex<Option<Client>>,
     types: Vec<Type>,
@@ -29,11 +44,21 @@ pub fn quote_ident(name: &str) -> String {
 }
 
 impl PostgresSink {
-    pub fn new(config: PostgresSinkConfig, pipeline: &str) -> Self {
+    pub fn new(config: PostgresSinkConfig, name: &str, pipeline: &str) -> Self {
         let types = config.columns.iter().map(|c| pg_type(c.kind)).collect();
         let table = quote_ident(&config.table);
         let column_list = config.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
-        PostgresSink { config, pipeline: pipeline.to_string(), client: Mutex::new(None), types, table, column_list }
+        let offsets = config.exactly_once.then(|| quote_ident(&offsets_table(&config)));
+        PostgresSink {
+            config,
+            pipeline: pipeline.to_string(),
+            name: name.to_string(),
+            offsets,
+            client: Mutex::new(None),
+            types,
+            table,
+            column_list,
+        }
     }
 
     async fn connect(&self) -> anyhow::Result<Client> {
@@ -46,8 +71,26 @@ impl PostgresSink {
                 warn!(%pipeline, %error, "postgres connection closed");
             }
         });
+        // `IF NOT EXISTS` notices would fill the log on every reconnect.
+        client.batch_execute("SET client_min_messages TO warning").await?;
         if self.config.create_table {
             client.batch_execute(&self.create_table_sql()).await.with_context(|| format!("cannot create table {}", self.config.table))?;
+        }
+        if let Some(offsets) = &self.offsets {
+            let name = offsets_table(&self.config);
+            let exists: bool = client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&offsets]).await?.get(0);
+            if !exists {
+                let mut sql = String::new();
+                if let Some((schema, _)) = name.rsplit_once('.') {
+                    sql.push_str(&format!("CREATE SCHEMA IF NOT EXISTS {};\n", quote_ident(schema)));
+                }
+                sql.push_str(&format!(
+                    "CREATE TABLE IF NOT EXISTS {offsets} (pipeline text NOT NULL, sink text NOT NULL, topic text NOT NULL, \
+                     partition integer NOT NULL, next_offset bigint NOT NULL, updated_at timestamptz NOT NULL DEFAULT now(), \
+                     PRIMARY KEY (pipeline, sink, topic, partition))"
+                ));
+                client.batch_execute(&sql).await.with_context(|| format!("cannot create the offsets table {name}"))?;
+            }
         }
         info!(pipeline = %self.pipeline, table = %self.config.table, "postgres sink connected");
         Ok(client)
@@ -70,8 +113,71 @@ impl PostgresSink {
         self.config.upsert_key.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", ")
     }
 
-    async fn copy(&self, client: &mut Client, rows: &[Vec<Cell>]) -> anyhow::Result<()> {
+    /// Writes `rows` (from the records at `origins`) in one transaction;
+    /// returns how many were skipped as written before.
+    async fn copy(&self, client: &mut Client, rows: &[Vec<Cell>], origins: &[&Origin]) -> anyhow::Result<usize> {
         let tx = client.transaction().await?;
+        let mut keep = vec![true; rows.len()];
+        let mut positions = BTreeMap::new();
+        if let Some(offsets) = &self.offsets {
+            for o in origins {
+                let next = positions.entry((o.topic.as_str(), o.partition)).or_insert(0_i64);
+                *next = (*next).max(o.offset + 1);
+            }
+            let topics: Vec<&str> = positions.keys().map(|(t, _)| *t).collect();
+            let partitions: Vec<i32> = positions.keys().map(|(_, p)| *p).collect();
+            let key: [&(dyn ToSql + Sync); 4] = [&self.pipeline, &self.name, &topics, &partitions];
+            tx.execute(
+                &format!(
+                    "INSERT INTO {offsets} (pipeline, sink, topic, partition, next_offset) \
+                     SELECT $1, $2, t, p, 0 FROM unnest($3::text[], $4::int4[]) AS u(t, p) ON CONFLICT DO NOTHING"
+                ),
+                &key,
+            )
+            .await?;
+            let stored: HashMap<(String, i32), i64> = tx
+                .query(
+                    &format!(
+                        "SELECT topic, partition, next_offset FROM {offsets} \
+                         WHERE pipeline = $1 AND sink = $2 AND topic = ANY($3) AND partition = ANY($4) FOR UPDATE"
+                    ),
+                    &key,
+                )
+                .await?
+                .iter()
+                .map(|row| ((row.get(0), row.get(1)), row.get(2)))
+                .collect();
+            let stored: HashMap<(&str, i32), i64> =
+                positions.keys().map(|&(t, p)| ((t, p), stored.get(&(t.to_string(), p)).copied().unwrap_or(0))).collect();
+            for (keep, o) in keep.iter_mut().zip(origins) {
+                *keep = o.offset >= stored.get(&(o.topic.as_str(), o.partition)).copied().unwrap_or(0);
+            }
+        }
+        let skipped = keep.iter().filter(|k| !**k).count();
+        if skipped < rows.len() {
+            self.copy_rows(&tx, rows, &keep).await?;
+        }
+        if let Some(offsets) = &self.offsets {
+            let topics: Vec<&str> = positions.keys().map(|(t, _)| *t).collect();
+            let partitions: Vec<i32> = positions.keys().map(|(_, p)| *p).collect();
+            let nexts: Vec<i64> = positions.values().copied().collect();
+            tx.execute(
+                &format!(
+                    "UPDATE {offsets} o SET next_offset = GREATEST(o.next_offset, u.n), updated_at = now() \
+                     FROM unnest($3::text[], $4::int4[], $5::int8[]) AS u(t, p, n) \
+                     WHERE o.pipeline = $1 AND o.sink = $2 AND o.topic = u.t AND o.partition = u.p"
+                ),
+                &[&self.pipeline, &self.name, &topics, &partitions, &nexts],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(skipped)
+    }
+
+    /// COPYs the rows marked in `keep` into the table (or, for upserts, a
+    /// staging table merged into it).
+    async fn copy_rows(&self, tx: &tokio_postgres::Transaction<'_>, rows: &[Vec<Cell>], keep: &[bool]) -> anyhow::Result<()> {
         let upsert = !self.config.upsert_key.is_empty();
         let target = if upsert {
             tx.batch_execute(&format!(
@@ -86,7 +192,7 @@ impl PostgresSink {
         let sink = tx.copy_in(&format!("COPY {target} ({}) FROM STDIN (FORMAT binary)", self.column_list)).await?;
         let writer = BinaryCopyInWriter::new(sink, &self.types);
         pin_mut!(writer);
-        for row in rows {
+        for (row, _) in rows.iter().zip(keep).filter(|(_, keep)| **keep) {
             let refs: Vec<&(dyn ToSql + Sync)> = row.iter().map(|c| c.as_ref() as &(dyn ToSql + Sync)).collect();
             writer.as_mut().write(&refs).await?;
         }
@@ -108,19 +214,31 @@ impl PostgresSink {
             ))
             .await?;
         }
-        tx.commit().await?;
         Ok(())
+    }
+}
+
+/// The offsets table's name: as configured, else `sluice_offsets` beside the table.
+fn offsets_table(config: &PostgresSinkConfig) -> String {
+    match (&config.offsets_table, config.table.rsplit_once('.')) {
+        (Some(name), _) => name.clone(),
+        (None, Some((schema, _))) => format!("{schema}.sluice_offsets"),
+        (None, None) => "sluice_offsets".to_string(),
     }
 }
 
 #[async_trait]
 impl Sink for PostgresSink {
-    async fn write(&self, batch: &[Output]) -> anyhow::Result<Vec<Rejected>> {
+    async fn write(&self, batch: &[Output], origins: &[&Origin]) -> anyhow::Result<Vec<Rejected>> {
         let mut rows = Vec::with_capacity(batch.len());
+        let mut row_origins = Vec::with_capacity(batch.len());
         let mut rejected = Vec::new();
         for (index, out) in batch.iter().enumerate() {
             match to_row(&out.value, &self.config.columns) {
-                Ok(row) => rows.push(row),
+                Ok(row) => {
+                    rows.push(row);
+                    row_origins.push(origins[index]);
+                }
                 Err(reason) => rejected.push(Rejected { index, reason }),
             }
         }
@@ -132,9 +250,18 @@ impl Sink for PostgresSink {
             Some(client) if !client.is_closed() => client,
             _ => guard.insert(self.connect().await?),
         };
-        if let Err(error) = self.copy(client, &rows).await {
-            *guard = None;
-            return Err(error).with_context(|| format!("cannot write {} rows to {}", rows.len(), self.config.table));
+        match self.copy(client, &rows, &row_origins).await {
+            Ok(0) => {}
+            Ok(skipped) => info!(
+                pipeline = %self.pipeline,
+                sink = %self.name,
+                rows = skipped,
+                "skipped rows already in the table (their records were read again after a restart or rebalance)"
+            ),
+            Err(error) => {
+                *guard = None;
+                return Err(error).with_context(|| format!("cannot write {} rows to {}", rows.len(), self.config.table));
+            }
         }
         Ok(rejected)
     }
