@@ -1,7 +1,12 @@
-//! The admin HTTP listener (loopback by default): `GET /status` (JSON: the
-//! running pipelines, their live plugin versions, reload counts) and
-//! `POST /reload` (re-read the pipeline files and apply them, as a file change
-//! or SIGHUP does; answers with the outcome).
+//! The admin HTTP listener (loopback by default):
+//! - `GET /metrics`: Prometheus text format (see [`crate::telemetry`]);
+//! - `GET /health`: 200 when every pipeline is consuming and none of its sinks
+//!   is failing, else 503; JSON with the reasons;
+//! - `GET /status`: JSON: the running pipelines with their live plugin
+//!   versions, assignment, lag, counters, failing sinks and last error, and
+//!   the reload counts;
+//! - `POST /reload`: re-read the pipeline files and apply them, as a file
+//!   change or SIGHUP does; answers with the outcome.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -9,6 +14,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 use std::net::SocketAddr;
+use crate::telemetry::{telemetry, PipelineState};
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
@@ -28,6 +35,17 @@ pub struct PipelineStatus {
     pub name: String,
     pub file: String,
     pub plugins: Vec<PluginStatus>,
+    /// Live state and counters, filled in when `/status` is asked.
+    #[serde(flatten)]
+    pub state: PipelineState,
+}
+
+/// One pipeline in `GET /health`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PipelineHealth {
+    pub ready: bool,
+    /// Why not, when not.
+    pub reasons: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -56,6 +74,8 @@ pub async fn serve(
     let bound = listener.local_addr()?;
     let app = Router::new()
         .route("/status", get(status_handler))
+        .route("/metrics", get(metrics_handler))
+        .route("/health", get(health_handler))
         .route("/reload", post(reload_handler))
         .with_state(AppState { status, reloads });
     tokio::spawn(async move {
@@ -63,12 +83,44 @@ pub async fn serve(
             warn!(%error, "admin listener stopped");
         }
     });
-    info!(addr = %bound, "admin listener ready (GET /status, POST /reload)");
+    info!(addr = %bound, "admin listener ready (GET /status, /metrics, /health; POST /reload)");
     Ok(bound)
 }
 
+fn live_status(state: &AppState) -> Status {
+    let mut status = state.status.read().map(|s| s.clone()).unwrap_or_default();
+    for p in &mut status.pipelines {
+        p.state = telemetry().state(&p.name);
+    }
+    status
+}
+
 async fn status_handler(State(state): State<AppState>) -> Json<Status> {
-    Json(state.status.read().map(|s| s.clone()).unwrap_or_default())
+    Json(live_status(&state))
+}
+
+async fn metrics_handler() -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], telemetry().encode())
+}
+
+async fn health_handler(State(state): State<AppState>) -> (StatusCode, Json<BTreeMap<String, PipelineHealth>>) {
+    let status = live_status(&state);
+    let health: BTreeMap<String, PipelineHealth> = status
+        .pipelines
+        .iter()
+        .map(|p| {
+            let mut reasons = Vec::new();
+            if !p.state.consuming {
+                reasons.push("not consuming yet (no partition assignment from the group)".to_string());
+            }
+            for (sink, error) in &p.state.failing_sinks {
+                reasons.push(format!("sink {sink} failing: {error}"));
+            }
+            (p.name.clone(), PipelineHealth { ready: reasons.is_empty(), reasons })
+        })
+        .collect();
+    let ready = !health.is_empty() && health.values().all(|h| h.ready);
+    (if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(health))
 }
 
 async fn reload_handler(State(state): State<AppState>) -> (StatusCode, String) {

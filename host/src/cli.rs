@@ -52,6 +52,19 @@ pub enum Command {
     /// plugin changes swap between two batches; other changes restart only the
     /// pipeline concerned. An invalid change is logged and not applied.
     Run(RunArgs),
+    /// A terminal dashboard of a running instance (its admin listener): one
+    /// row per pipeline with throughput, lag, errors and plugin versions. q quits.
+    Top(TopArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// The admin listener of the instance to watch.
+    #[arg(long, default_value = "127.0.0.1:8686")]
+    pub addr: String,
+    /// Refresh interval in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub interval_ms: u64,
 }
 
 #[derive(Debug, Args)]
@@ -69,6 +82,10 @@ pub struct RunArgs {
     /// picks a free one (logged); `off` disables it.
     #[arg(long, default_value = "127.0.0.1:8686", value_parser = parse_admin_addr)]
     pub admin_addr: AdminAddr,
+    /// Seconds between the one-line progress summaries per pipeline (rate,
+    /// lag, dead letters, failing sinks); 0 disables them.
+    #[arg(long, env = "SLUICE_PROGRESS_SECS", default_value_t = 10)]
+    pub progress_secs: u64,
 }
 
 /// Where the admin listener listens, if anywhere.
@@ -179,6 +196,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Feed(args) => feed(args),
         Command::Check(args) => check(&runtime()?, &args),
         Command::Run(args) => run_pipelines(runtime()?, &args),
+        Command::Top(args) => {
+            crate::top::run(&args.addr, std::time::Duration::from_millis(args.interval_ms.max(100)))?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -245,6 +266,7 @@ fn run_pipelines(runtime: Runtime, run: &RunArgs) -> anyhow::Result<ExitCode> {
         let mut terminate = signal(SignalKind::terminate())?;
         let mut hangup = signal(SignalKind::hangup())?;
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        let mut progress = Progress::new(run.progress_secs);
         let mut failed = 0;
         loop {
             let mut reply = None;
@@ -265,6 +287,7 @@ fn run_pipelines(runtime: Runtime, run: &RunArgs) -> anyhow::Result<ExitCode> {
                     changed.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
                 }
                 _ = tick.tick() => {
+                    progress.maybe_log(&topology);
                     failed += topology.reap();
                     if topology.is_empty() {
                         return Ok(ExitCode::FAILURE);
@@ -332,6 +355,44 @@ async fn reload(
     }
 }
 
+/// The periodic one-line summary per pipeline, so a long run is never silent.
+struct Progress {
+    every: std::time::Duration,
+    last: std::time::Instant,
+    /// Records read per pipeline at the last summary.
+    seen: std::collections::BTreeMap<String, u64>,
+}
+
+impl Progress {
+    fn new(secs: u64) -> Self {
+        Progress { every: std::time::Duration::from_secs(secs), last: std::time::Instant::now(), seen: Default::default() }
+    }
+
+    fn maybe_log(&mut self, topology: &crate::topology::Topology) {
+        let elapsed = self.last.elapsed();
+        if self.every.is_zero() || elapsed < self.every {
+            return;
+        }
+        self.last = std::time::Instant::now();
+        for p in topology.pipelines() {
+            let s = crate::telemetry::telemetry().state(&p.name);
+            let before = self.seen.insert(p.name.clone(), s.records_in).unwrap_or(0);
+            let rate = s.records_in.saturating_sub(before) as f64 / elapsed.as_secs_f64();
+            tracing::info!(
+                pipeline = %p.name,
+                records_per_s = format!("{rate:.0}"),
+                records_in = s.records_in,
+                records_out = s.records_out,
+                dead_lettered = s.dead_lettered,
+                lag = s.lag.values().sum::<i64>(),
+                partitions = s.assignment.len(),
+                failing_sinks = s.failing_sinks.len(),
+                "progress"
+            );
+        }
+    }
+}
+
 fn update_status(
     status: &std::sync::RwLock<crate::admin::Status>,
     topology: &crate::topology::Topology,
@@ -345,14 +406,17 @@ fn update_status(
             name: p.name.clone(),
             file: p.file.display().to_string(),
             plugins: p.transforms.iter().map(|t| PluginStatus { path: t.path.display().to_string(), version: t.hash.clone() }).collect(),
+            state: Default::default(),
         })
         .collect();
     match outcome {
         Some(Ok(summary)) => {
+            crate::telemetry::telemetry().reload(true);
             status.reloads_ok += 1;
             status.last_reload = Some(summary.clone());
         }
         Some(Err(error)) => {
+            crate::telemetry::telemetry().reload(false);
             status.reloads_failed += 1;
             status.last_reload = Some(format!("rejected: {error}"));
         }

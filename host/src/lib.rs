@@ -15,7 +15,9 @@
 //! - [`transforms`]: the chain of plugin instances a batch runs through;
 //! - [`sinks`]: where outputs go ([`sinks::Sink`]; Kafka, PostgreSQL, stdout);
 //! - [`topology`]: the running set of pipelines, started and changed by applying a diff;
-//! - [`admin`]: the admin HTTP listener (`/status`, `/reload`);
+//! - [`telemetry`]: Prometheus metrics and the live per-pipeline state (lag, failing sinks, errors);
+//! - [`admin`]: the admin HTTP listener (`/metrics`, `/health`, `/status`, `/reload`);
+//! - [`top`]: `sluice top`, the terminal dashboard over an instance's `/status`;
 //! - [`cli`]: the `sluice` command line (argument parsing and sub-commands);
 //!   `main.rs` only calls [`cli::main`].
 
@@ -33,5 +35,7 @@ pub mod record;
 pub mod runtime;
 pub mod sinks;
 pub mod sources;
+pub mod telemetry;
+pub mod top;
 pub mod topology;
 pub mod transforms;

@@ -21,6 +21,8 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use crate::telemetry::telemetry;
+use rdkafka::statistics::Statistics;
 use std::time::Duration;
 use tracing::{info, warn};
 
@@ -42,7 +44,18 @@ fn describe(list: &[(String, i32)]) -> String {
     list.iter().map(|(t, p)| format!("{t}/{p}")).collect::<Vec<_>>().join(",")
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    /// librdkafka's statistics (every `statistics.interval.ms`): consumer lag per partition.
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    telemetry().set_lag(&self.pipeline, topic, *partition, p.consumer_lag);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -61,6 +74,7 @@ impl ConsumerContext for GroupContext {
             Rebalance::Assign(list) => {
                 let now = partitions(list);
                 info!(pipeline = %self.pipeline, partitions = %describe(&now), "partitions assigned");
+                telemetry().assigned(&self.pipeline, &now);
                 if let Ok(mut a) = self.assignment.lock() {
                     *a = now;
                 }
@@ -69,6 +83,7 @@ impl ConsumerContext for GroupContext {
                 if let Ok(mut a) = self.assignment.lock() {
                     a.clear();
                 }
+                telemetry().assigned(&self.pipeline, &[]);
             }
             Rebalance::Error(error) => warn!(pipeline = %self.pipeline, %error, "consumer group rebalance failed"),
         }
@@ -78,6 +93,7 @@ impl ConsumerContext for GroupContext {
         if let Err(error) = result {
             // The batches are in the sinks; they will be read again (at-least-once).
             warn!(pipeline = %self.pipeline, %error, partitions = %describe(&partitions(offsets)), "offset commit refused");
+            telemetry().error(&self.pipeline, &format!("offset commit refused: {error}"));
         }
     }
 }
@@ -97,6 +113,8 @@ pub struct KafkaSource {
 impl KafkaSource {
     pub fn new(config: &KafkaSourceConfig, group: &str, pipeline: &str) -> anyhow::Result<Self> {
         let mut client = ClientConfig::new();
+        // Lag per partition for the metrics, once a second (overridable).
+        client.set("statistics.interval.ms", "1000");
         for (k, v) in &config.properties {
             client.set(k, v);
         }
@@ -168,6 +186,7 @@ impl Source for KafkaSource {
                 Ok(m) => batch.push(to_record(&m)),
                 Err(error) => {
                     warn!(pipeline = %self.pipeline, %error, "kafka consumer error; retrying");
+                    telemetry().error(&self.pipeline, &format!("kafka consumer error: {error}"));
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }

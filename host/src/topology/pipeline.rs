@@ -6,11 +6,12 @@ use crate::record::{Header, Output, Record};
 use crate::runtime::Runtime;
 use crate::sinks::{self, Sink};
 use crate::sources::{kafka::KafkaSource, Source};
+use crate::telemetry::telemetry;
 use crate::transforms::{Chain, ChainFailure};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -33,6 +34,13 @@ pub struct PipelineTask {
 struct Transformed {
     batch: Vec<Record>,
     results: Vec<Result<Vec<Output>, ChainFailure>>,
+    /// When the batch was read.
+    read_at: Instant,
+}
+
+/// `(plugin, short version)` of each stage of `chain`.
+fn versions(chain: &Chain) -> Vec<(String, String)> {
+    chain.stages().iter().map(|s| (s.plugin().name.clone(), s.plugin().short_hash().to_string())).collect()
 }
 
 impl PipelineTask {
@@ -62,22 +70,30 @@ impl PipelineTask {
     /// batches: every record is transformed by exactly one version.
     pub async fn run(self, cancel: CancellationToken, swaps: mpsc::UnboundedReceiver<Chain>) -> anyhow::Result<()> {
         let PipelineTask { spec, source, chain, sinks, dead_letter } = self;
+        telemetry().pipeline_started(&spec.name, &sinks.keys().cloned().collect::<Vec<_>>(), &versions(&chain));
         let (transformed_tx, mut transformed) = mpsc::channel::<Transformed>(1);
         let stage = tokio::spawn(transform_stage(spec.name.clone(), source.clone(), chain, swaps, cancel.clone(), transformed_tx));
         let delivery = Delivery { spec, sinks, dead_letter };
-        while let Some(Transformed { batch, results }) = transformed.recv().await {
-            if let Err(Stopped) = delivery.deliver(&batch, results, &cancel).await {
-                break;
-            }
+        let name = delivery.spec.name.clone();
+        while let Some(Transformed { batch, results, read_at }) = transformed.recv().await {
+            let dead = match delivery.deliver(&batch, results, &cancel).await {
+                Ok(dead) => dead,
+                Err(Stopped) => break,
+            };
             if let Err(error) = source.commit(&batch).await {
                 // The records are in the sinks; a lost commit only means they
                 // may be read again (at-least-once).
-                warn!(pipeline = %delivery.spec.name, error = %format!("{error:#}"), "offset commit failed");
+                let error = format!("{error:#}");
+                warn!(pipeline = %name, %error, "offset commit failed");
+                telemetry().error(&name, &format!("offset commit failed: {error}"));
             }
+            telemetry().batch_done(&name, batch.len(), dead, read_at.elapsed().as_secs_f64());
         }
         drop(transformed); // unblocks a transform stage waiting to hand over a batch
         let stage = stage.await;
-        source.flush_commits().await?;
+        let flushed = source.flush_commits().await;
+        telemetry().pipeline_stopped(&name);
+        flushed?;
         stage.map_err(|e| anyhow::anyhow!("transform stage panicked: {e}"))?
     }
 }
@@ -97,6 +113,7 @@ async fn transform_stage(
             _ = cancel.cancelled() => return Ok(()),
             batch = source.next_batch() => batch?,
         };
+        let read_at = Instant::now();
         while let Ok(new) = swaps.try_recv() {
             // The new chain is compiled, instantiated and initialised
             // already: the pause is dropping the old one.
@@ -106,9 +123,10 @@ async fn transform_stage(
             let versions: Vec<String> =
                 chain.stages().iter().map(|s| format!("{}@{}", s.plugin().name, s.plugin().short_hash())).collect();
             info!(%pipeline, plugins = %versions.join(" -> "), pause_us, "new plugin versions live");
+            telemetry().set_plugins(&pipeline, &self::versions(&chain));
         }
         let results = tokio::task::block_in_place(|| chain.process(&batch));
-        if out.send(Transformed { batch, results }).await.is_err() {
+        if out.send(Transformed { batch, results, read_at }).await.is_err() {
             return Ok(());
         }
     }
@@ -127,7 +145,8 @@ impl Delivery {
         batch: &[Record],
         results: Vec<Result<Vec<Output>, ChainFailure>>,
         cancel: &CancellationToken,
-    ) -> Result<(), Stopped> {
+    ) -> Result<usize, Stopped> {
+        // Returns how many records were dead-lettered.
         let pipeline = self.spec.name.clone();
         let mut routed: BTreeMap<&str, (Vec<usize>, Vec<Output>)> = BTreeMap::new();
         // Dead letters, with the index of their source record.
@@ -160,7 +179,7 @@ impl Delivery {
             let pipeline = &pipeline;
             let origins: Vec<_> = owners.iter().map(|&i| &batch[i].origin).collect();
             async move {
-                let rejected = retry(pipeline, name, cancel, || sink.write(outputs, &origins)).await?;
+                let rejected = retry(pipeline, name, outputs.len(), cancel, || sink.write(outputs, &origins)).await?;
                 Ok::<_, Stopped>(rejected.into_iter().map(|r| (owners[r.index], format!("sink {name}: {}", r.reason))).collect::<Vec<_>>())
             }
         });
@@ -170,8 +189,8 @@ impl Delivery {
             }
         }
 
+        let written = dead.len();
         if !dead.is_empty() {
-            let written = dead.len();
             let dlq = &self.dead_letter;
             let origins: Vec<_> = dead.iter().map(|(i, _)| &batch[*i].origin).collect();
             let dead: Vec<Output> = dead.into_iter().map(|(_, out)| out).collect();
@@ -192,25 +211,32 @@ impl Delivery {
                 anyhow::ensure!(refused.is_empty(), "the dead-letter destination refused truncated records: {:?}", refused);
                 Ok(())
             };
-            retry(&pipeline, "dead_letter", cancel, write_all).await?;
+            retry(&pipeline, "dead_letter", written, cancel, write_all).await?;
             debug!(%pipeline, records = written, "dead-lettered");
         }
-        Ok(())
+        Ok(written)
     }
 }
 
-/// Runs `write` until it succeeds, backing off from 100 ms to 10 s, or until `cancel`.
-async fn retry<T, F, Fut>(pipeline: &str, sink: &str, cancel: &CancellationToken, mut write: F) -> Result<T, Stopped>
+/// Runs `write` (of `records` records to `sink`) until it succeeds, backing
+/// off from 100 ms to 10 s, or until `cancel`.
+async fn retry<T, F, Fut>(pipeline: &str, sink: &str, records: usize, cancel: &CancellationToken, mut write: F) -> Result<T, Stopped>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<T>>,
 {
     let mut delay = Duration::from_millis(100);
     loop {
+        let started = Instant::now();
         match write().await {
-            Ok(value) => return Ok(value),
+            Ok(value) => {
+                telemetry().sink_ok(pipeline, sink, records, started.elapsed().as_secs_f64());
+                return Ok(value);
+            }
             Err(error) => {
-                warn!(%pipeline, %sink, error = %format!("{error:#}"), retry_in = ?delay, "sink write failed; retrying");
+                let error = format!("{error:#}");
+                warn!(%pipeline, %sink, %error, retry_in = ?delay, "sink write failed; retrying");
+                telemetry().sink_failed(pipeline, sink, &error);
                 tokio::select! {
                     _ = cancel.cancelled() => return Err(Stopped),
                     _ = tokio::time::sleep(delay) => {}

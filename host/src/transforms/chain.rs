@@ -3,6 +3,7 @@
 use crate::config::TransformSpec;
 use crate::record::{Output, Record};
 use crate::runtime::{Plugin, PluginError, PluginInstance, Runtime};
+use crate::telemetry::telemetry;
 
 /// Why a source record produced nothing: which plugin failed it, and how.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,6 +14,7 @@ pub struct ChainFailure {
 
 pub struct Chain {
     stages: Vec<PluginInstance>,
+    pipeline: String,
 }
 
 impl Chain {
@@ -25,7 +27,7 @@ impl Chain {
                 PluginInstance::new(plugin, s.config.clone(), s.limits.clone(), s.grants.clone(), pipeline)
             })
             .collect::<Result<_, _>>()?;
-        Ok(Chain { stages })
+        Ok(Chain { stages, pipeline: pipeline.to_string() })
     }
 
     pub fn stages(&self) -> &[PluginInstance] {
@@ -40,7 +42,14 @@ impl Chain {
             return batch.iter().map(|r| Ok(vec![Output::from(r.clone())])).collect();
         };
         let failure = |stage: &PluginInstance, error| ChainFailure { plugin: stage.plugin().name.clone(), error };
-        let mut results: Vec<_> = first.process(batch).into_iter().map(|r| r.map_err(|e| failure(first, e))).collect();
+        let pipeline = &self.pipeline;
+        let timed = |stage: &mut PluginInstance, inputs: &[Record]| {
+            let started = std::time::Instant::now();
+            let results = stage.process(inputs);
+            telemetry().plugin_call(pipeline, &stage.plugin().name, started.elapsed().as_secs_f64());
+            results
+        };
+        let mut results: Vec<_> = timed(first, batch).into_iter().map(|r| r.map_err(|e| failure(first, e))).collect();
         for stage in rest {
             // Inputs of this stage: the outputs so far, each remembering its source record.
             let mut owners = Vec::new();
@@ -54,7 +63,7 @@ impl Chain {
                     }
                 }
             }
-            for ((owner, route), result) in owners.into_iter().zip(stage.process(&inputs)) {
+            for ((owner, route), result) in owners.into_iter().zip(timed(stage, &inputs)) {
                 let Ok(outputs) = &mut results[owner] else { continue };
                 match result {
                     Ok(new) => outputs.extend(new.into_iter().map(|mut o| {

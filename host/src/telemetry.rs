@@ -1,0 +1,329 @@
+//! What the running pipelines report: Prometheus metrics (`GET /metrics`),
+//! and the live state behind `GET /status` and `GET /health` (assignment,
+//! lag, failing sinks, last error). One process-wide instance, [`telemetry`],
+//! fed by the sources, the chain and the delivery stage.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::{Mutex, OnceLock};
+use std::time::SystemTime;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PipelineLabels {
+    pub pipeline: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabels {
+    pub pipeline: String,
+    pub sink: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabels {
+    pub pipeline: String,
+    pub plugin: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub pipeline: String,
+    pub plugin: String,
+    pub version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabels {
+    pub pipeline: String,
+    pub topic: String,
+    pub partition: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn seconds_histogram() -> Histogram {
+    // 100 µs to ~52 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 20))
+}
+
+/// Live state of one pipeline, for `/status` and `/health`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PipelineState {
+    /// The source has joined its group and been given its partitions (maybe none).
+    pub consuming: bool,
+    /// Partitions this instance owns, as `topic/partition`.
+    pub assignment: Vec<String>,
+    /// Consumer lag per owned partition (records behind the high watermark).
+    pub lag: BTreeMap<String, i64>,
+    /// Sinks whose last write failed, with the error.
+    pub failing_sinks: BTreeMap<String, String>,
+    /// The last error seen (sink, source or commit), with its time (RFC 3339).
+    pub last_error: Option<String>,
+    pub records_in: u64,
+    pub records_out: u64,
+    pub dead_lettered: u64,
+    pub batches: u64,
+}
+
+/// All metrics families and the per-pipeline state.
+pub struct Telemetry {
+    registry: Registry,
+    pub records_in: Family<PipelineLabels, Counter>,
+    pub records_out: Family<SinkLabels, Counter>,
+    pub dead_lettered: Family<PipelineLabels, Counter>,
+    pub batches: Family<PipelineLabels, Counter>,
+    pub batch_seconds: Histograms<PipelineLabels>,
+    pub plugin_seconds: Histograms<PluginLabels>,
+    pub sink_seconds: Histograms<SinkLabels>,
+    pub sink_errors: Family<SinkLabels, Counter>,
+    pub lag: Family<PartitionLabels, Gauge>,
+    pub reloads: Family<ResultLabels, Counter>,
+    pub plugin_version: Family<VersionLabels, Gauge>,
+    state: Mutex<BTreeMap<String, PipelineState>>,
+    /// Sink names per pipeline.
+    sinks: Mutex<BTreeMap<String, Vec<String>>>,
+    /// Live (plugin, version) per pipeline.
+    plugins: Mutex<BTreeMap<String, Vec<(String, String)>>>,
+}
+
+/// The process-wide telemetry.
+pub fn telemetry() -> &'static Telemetry {
+    static TELEMETRY: OnceLock<Telemetry> = OnceLock::new();
+    TELEMETRY.get_or_init(Telemetry::new)
+}
+
+fn now() -> String {
+    humantime_rfc3339(SystemTime::now())
+}
+
+/// `SystemTime` as RFC 3339 UTC with seconds (no extra dependency).
+fn humantime_rfc3339(t: SystemTime) -> String {
+    let secs = t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+impl Telemetry {
+    fn new() -> Self {
+        let mut t = Telemetry {
+            registry: Registry::with_prefix("sluice"),
+            records_in: Family::default(),
+            records_out: Family::default(),
+            dead_lettered: Family::default(),
+            batches: Family::default(),
+            batch_seconds: Family::new_with_constructor(seconds_histogram),
+            plugin_seconds: Family::new_with_constructor(seconds_histogram),
+            sink_seconds: Family::new_with_constructor(seconds_histogram),
+            sink_errors: Family::default(),
+            lag: Family::default(),
+            reloads: Family::default(),
+            plugin_version: Family::default(),
+            state: Mutex::new(BTreeMap::new()),
+            sinks: Mutex::new(BTreeMap::new()),
+            plugins: Mutex::new(BTreeMap::new()),
+        };
+        let r = &mut t.registry;
+        r.register("records_in", "Records read from the source", t.records_in.clone());
+        r.register("records_out", "Records written to a sink", t.records_out.clone());
+        r.register("records_dead_lettered", "Records written to the dead-letter destination", t.dead_lettered.clone());
+        r.register("batches", "Batches delivered and committed", t.batches.clone());
+        r.register("batch_seconds", "Time from a batch's read to its commit", t.batch_seconds.clone());
+        r.register("plugin_call_seconds", "Time one plugin takes for one batch", t.plugin_seconds.clone());
+        r.register("sink_write_seconds", "Time one successful sink write takes", t.sink_seconds.clone());
+        r.register("sink_errors", "Failed sink writes (each is retried)", t.sink_errors.clone());
+        r.register("consumer_lag", "Records behind the partition's high watermark", t.lag.clone());
+        r.register("reloads", "Reload attempts by result (ok, failed)", t.reloads.clone());
+        r.register("plugin_info", "The live plugin version (1) per pipeline and plugin", t.plugin_version.clone());
+        t
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    fn with_state(&self, pipeline: &str, f: impl FnOnce(&mut PipelineState)) {
+        if let Ok(mut state) = self.state.lock() {
+            f(state.entry(pipeline.to_string()).or_default());
+        }
+    }
+
+    /// A snapshot of `pipeline`'s state, with its counters.
+    pub fn state(&self, pipeline: &str) -> PipelineState {
+        let mut s = self.state.lock().ok().and_then(|s| s.get(pipeline).cloned()).unwrap_or_default();
+        let p = PipelineLabels { pipeline: pipeline.to_string() };
+        s.records_in = self.records_in.get_or_create(&p).get();
+        s.dead_lettered = self.dead_lettered.get_or_create(&p).get();
+        s.batches = self.batches.get_or_create(&p).get();
+        s.records_out = self.state_sinks(pipeline).iter().map(|sink| self.records_out.get_or_create(&sink_labels(pipeline, sink)).get()).sum();
+        s
+    }
+
+    fn state_sinks(&self, pipeline: &str) -> Vec<String> {
+        self.sinks.lock().ok().and_then(|s| s.get(pipeline).cloned()).unwrap_or_default()
+    }
+
+    /// A pipeline starts: its sinks and plugin versions are known.
+    pub fn pipeline_started(&self, pipeline: &str, sinks: &[String], plugins: &[(String, String)]) {
+        if let Ok(mut s) = self.sinks.lock() {
+            s.insert(pipeline.to_string(), sinks.to_vec());
+        }
+        self.set_plugins(pipeline, plugins);
+    }
+
+    /// The live plugin versions of `pipeline` (after a start or a swap).
+    pub fn set_plugins(&self, pipeline: &str, plugins: &[(String, String)]) {
+        if let Ok(mut live) = self.plugins.lock() {
+            for (plugin, version) in live.remove(pipeline).unwrap_or_default() {
+                self.plugin_version.remove(&VersionLabels { pipeline: pipeline.to_string(), plugin, version });
+            }
+            for (plugin, version) in plugins {
+                let labels = VersionLabels { pipeline: pipeline.to_string(), plugin: plugin.clone(), version: version.clone() };
+                self.plugin_version.get_or_create(&labels).set(1);
+            }
+            live.insert(pipeline.to_string(), plugins.to_vec());
+        }
+    }
+
+    /// A pipeline stopped: its live state and gauges go.
+    pub fn pipeline_stopped(&self, pipeline: &str) {
+        self.set_plugins(pipeline, &[]);
+        if let Ok(mut state) = self.state.lock() {
+            if let Some(old) = state.remove(pipeline) {
+                for key in old.lag.keys() {
+                    if let Some((topic, partition)) = key.rsplit_once('/') {
+                        self.lag.remove(&partition_labels(pipeline, topic, partition));
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn assigned(&self, pipeline: &str, partitions: &[(String, i32)]) {
+        self.with_state(pipeline, |s| {
+            s.consuming = true;
+            s.assignment = partitions.iter().map(|(t, p)| format!("{t}/{p}")).collect();
+            s.lag.retain(|k, _| s.assignment.contains(k));
+        });
+    }
+
+    pub fn set_lag(&self, pipeline: &str, topic: &str, partition: i32, lag: i64) {
+        self.lag.get_or_create(&partition_labels(pipeline, topic, &partition.to_string())).set(lag);
+        self.with_state(pipeline, |s| {
+            let key = format!("{topic}/{partition}");
+            if s.assignment.contains(&key) {
+                s.lag.insert(key, lag);
+            }
+        });
+    }
+
+    pub fn sink_ok(&self, pipeline: &str, sink: &str, records: usize, seconds: f64) {
+        let labels = sink_labels(pipeline, sink);
+        self.records_out.get_or_create(&labels).inc_by(records as u64);
+        self.sink_seconds.get_or_create(&labels).observe(seconds);
+        self.with_state(pipeline, |s| {
+            s.failing_sinks.remove(sink);
+        });
+    }
+
+    pub fn sink_failed(&self, pipeline: &str, sink: &str, error: &str) {
+        self.sink_errors.get_or_create(&sink_labels(pipeline, sink)).inc();
+        self.with_state(pipeline, |s| {
+            s.failing_sinks.insert(sink.to_string(), error.to_string());
+            s.last_error = Some(format!("{} sink {sink}: {error}", now()));
+        });
+    }
+
+    pub fn error(&self, pipeline: &str, error: &str) {
+        self.with_state(pipeline, |s| s.last_error = Some(format!("{} {error}", now())));
+    }
+
+    pub fn batch_done(&self, pipeline: &str, records: usize, dead: usize, seconds: f64) {
+        let p = PipelineLabels { pipeline: pipeline.to_string() };
+        self.records_in.get_or_create(&p).inc_by(records as u64);
+        self.dead_lettered.get_or_create(&p).inc_by(dead as u64);
+        self.batches.get_or_create(&p).inc();
+        self.batch_seconds.get_or_create(&p).observe(seconds);
+    }
+
+    pub fn plugin_call(&self, pipeline: &str, plugin: &str, seconds: f64) {
+        self.plugin_seconds.get_or_create(&PluginLabels { pipeline: pipeline.to_string(), plugin: plugin.to_string() }).observe(seconds);
+    }
+
+    pub fn reload(&self, ok: bool) {
+        self.reloads.get_or_create(&ResultLabels { result: if ok { "ok" } else { "failed" }.to_string() }).inc();
+    }
+}
+
+fn sink_labels(pipeline: &str, sink: &str) -> SinkLabels {
+    SinkLabels { pipeline: pipeline.to_string(), sink: sink.to_string() }
+}
+
+fn partition_labels(pipeline: &str, topic: &str, partition: &str) -> PartitionLabels {
+    PartitionLabels { pipeline: pipeline.to_string(), topic: topic.to_string(), partition: partition.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(humantime_rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_764_067_215);
+        assert_eq!(humantime_rfc3339(t), "2025-11-25T10:40:15Z");
+    }
+
+    #[test]
+    fn counters_reach_the_text_format_and_the_state() {
+        let t = Telemetry::new();
+        t.pipeline_started("p", &["pg".into()], &[("flat".into(), "abc".into())]);
+        t.batch_done("p", 10, 2, 0.01);
+        t.sink_ok("p", "pg", 24, 0.002);
+        t.assigned("p", &[("raw".into(), 0)]);
+        t.set_lag("p", "raw", 0, 7);
+        let text = t.encode();
+        for line in [
+            "sluice_records_in_total{pipeline=\"p\"} 10",
+            "sluice_records_dead_lettered_total{pipeline=\"p\"} 2",
+            "sluice_records_out_total{pipeline=\"p\",sink=\"pg\"} 24",
+            "sluice_consumer_lag{pipeline=\"p\",topic=\"raw\",partition=\"0\"} 7",
+            "sluice_plugin_info{pipeline=\"p\",plugin=\"flat\",version=\"abc\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+        let s = t.state("p");
+        assert_eq!((s.records_in, s.records_out, s.dead_lettered, s.batches), (10, 24, 2, 1));
+        assert_eq!(s.lag.get("raw/0"), Some(&7));
+        t.sink_failed("p", "pg", "down");
+        assert!(t.state("p").failing_sinks.contains_key("pg"));
+        t.sink_ok("p", "pg", 1, 0.001);
+        assert!(t.state("p").failing_sinks.is_empty());
+        t.pipeline_stopped("p");
+        assert!(!t.encode().contains("version=\"abc\""));
+    }
+}
