@@ -241,13 +241,17 @@ impl Telemetry {
         });
     }
 
-    pub fn sink_ok(&self, pipeline: &str, sink: &str, records: usize, seconds: f64) {
-        let labels = sink_labels(pipeline, sink);
-        self.records_out.get_or_create(&labels).inc_by(records as u64);
-        self.sink_seconds.get_or_create(&labels).observe(seconds);
+    /// A write to `sink` succeeded in `seconds`: the sink is healthy again.
+    pub fn sink_ok(&self, pipeline: &str, sink: &str, seconds: f64) {
+        self.sink_seconds.get_or_create(&sink_labels(pipeline, sink)).observe(seconds);
         self.with_state(pipeline, |s| {
             s.failing_sinks.remove(sink);
         });
+    }
+
+    /// `records` records are in `sink` (those it rejected went to the dead letters).
+    pub fn written(&self, pipeline: &str, sink: &str, records: usize) {
+        self.records_out.get_or_create(&sink_labels(pipeline, sink)).inc_by(records as u64);
     }
 
     pub fn sink_failed(&self, pipeline: &str, sink: &str, error: &str) {
@@ -303,7 +307,8 @@ mod tests {
         let t = Telemetry::new();
         t.pipeline_started("p", &["pg".into()], &[("flat".into(), "abc".into())]);
         t.batch_done("p", 10, 2, 0.01);
-        t.sink_ok("p", "pg", 24, 0.002);
+        t.sink_ok("p", "pg", 0.002);
+        t.written("p", "pg", 24);
         t.assigned("p", &[("raw".into(), 0)]);
         t.set_lag("p", "raw", 0, 7);
         let text = t.encode();
@@ -321,7 +326,7 @@ mod tests {
         assert_eq!(s.lag.get("raw/0"), Some(&7));
         t.sink_failed("p", "pg", "down");
         assert!(t.state("p").failing_sinks.contains_key("pg"));
-        t.sink_ok("p", "pg", 1, 0.001);
+        t.sink_ok("p", "pg", 0.001);
         assert!(t.state("p").failing_sinks.is_empty());
         t.pipeline_stopped("p");
         assert!(!t.encode().contains("version=\"abc\""));

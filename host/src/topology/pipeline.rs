@@ -179,7 +179,8 @@ impl Delivery {
             let pipeline = &pipeline;
             let origins: Vec<_> = owners.iter().map(|&i| &batch[i].origin).collect();
             async move {
-                let rejected = retry(pipeline, name, outputs.len(), cancel, || sink.write(outputs, &origins)).await?;
+                let rejected = retry(pipeline, name, cancel, || sink.write(outputs, &origins)).await?;
+                telemetry().written(pipeline, name, outputs.len() - rejected.len());
                 Ok::<_, Stopped>(rejected.into_iter().map(|r| (owners[r.index], format!("sink {name}: {}", r.reason))).collect::<Vec<_>>())
             }
         });
@@ -211,16 +212,17 @@ impl Delivery {
                 anyhow::ensure!(refused.is_empty(), "the dead-letter destination refused truncated records: {:?}", refused);
                 Ok(())
             };
-            retry(&pipeline, "dead_letter", written, cancel, write_all).await?;
+            retry(&pipeline, "dead_letter", cancel, write_all).await?;
+            telemetry().written(&pipeline, "dead_letter", written);
             debug!(%pipeline, records = written, "dead-lettered");
         }
         Ok(written)
     }
 }
 
-/// Runs `write` (of `records` records to `sink`) until it succeeds, backing
-/// off from 100 ms to 10 s, or until `cancel`.
-async fn retry<T, F, Fut>(pipeline: &str, sink: &str, records: usize, cancel: &CancellationToken, mut write: F) -> Result<T, Stopped>
+/// Runs `write` (to `sink`) until it succeeds, backing off from 100 ms to
+/// 10 s, or until `cancel`.
+async fn retry<T, F, Fut>(pipeline: &str, sink: &str, cancel: &CancellationToken, mut write: F) -> Result<T, Stopped>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<T>>,
@@ -230,7 +232,7 @@ where
         let started = Instant::now();
         match write().await {
             Ok(value) => {
-                telemetry().sink_ok(pipeline, sink, records, started.elapsed().as_secs_f64());
+                telemetry().sink_ok(pipeline, sink, started.elapsed().as_secs_f64());
                 return Ok(value);
             }
             Err(error) => {
