@@ -118,14 +118,15 @@ impl PostgresSink {
     async fn copy(&self, client: &mut Client, rows: &[Vec<Cell>], origins: &[&Origin]) -> anyhow::Result<usize> {
         let tx = client.transaction().await?;
         let mut keep = vec![true; rows.len()];
+        // Next offset per (topic, partition) once this batch is in.
         let mut positions = BTreeMap::new();
+        for o in origins {
+            let next = positions.entry((o.topic.as_str(), o.partition)).or_insert(0_i64);
+            *next = (*next).max(o.offset + 1);
+        }
+        let topics: Vec<&str> = positions.keys().map(|(t, _)| *t).collect();
+        let partitions: Vec<i32> = positions.keys().map(|(_, p)| *p).collect();
         if let Some(offsets) = &self.offsets {
-            for o in origins {
-                let next = positions.entry((o.topic.as_str(), o.partition)).or_insert(0_i64);
-                *next = (*next).max(o.offset + 1);
-            }
-            let topics: Vec<&str> = positions.keys().map(|(t, _)| *t).collect();
-            let partitions: Vec<i32> = positions.keys().map(|(_, p)| *p).collect();
             let key: [&(dyn ToSql + Sync); 4] = [&self.pipeline, &self.name, &topics, &partitions];
             tx.execute(
                 &format!(
@@ -158,8 +159,6 @@ impl PostgresSink {
             self.copy_rows(&tx, rows, &keep).await?;
         }
         if let Some(offsets) = &self.offsets {
-            let topics: Vec<&str> = positions.keys().map(|(t, _)| *t).collect();
-            let partitions: Vec<i32> = positions.keys().map(|(_, p)| *p).collect();
             let nexts: Vec<i64> = positions.values().copied().collect();
             tx.execute(
                 &format!(
