@@ -1,6 +1,6 @@
-# Sluice with its plugins, for compose.yaml. Build: docker build -t sluice .
+# Sluice with its plugins (Rust, Python, JavaScript), for compose.yaml. Build: docker build -t sluice .
 FROM rust:1.95-bookworm AS build
-RUN rustup target add wasm32-wasip2 && apt-get update && apt-get install -y --no-install-recommends cmake && rm -rf /var/lib/apt/lists/*
+RUN rustup target add wasm32-wasip2 && apt-get update && apt-get install -y --no-install-recommends cmake python3-venv nodejs npm && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN scripts/build-plugins.sh && cargo build --release --locked -p sluice

@@ -1,11 +1,54 @@
 #!/usr/bin/env bash
-# Builds every plugin under plugins/ as a WebAssembly component (wasm32-wasip2).
-# Output: target/wasm32-wasip2/release/<crate>.wasm
+# Builds every plugin under plugins/ as a WebAssembly component, in its own
+# language, installing the toolchains a fresh machine lacks:
+#   Rust       (trade-flattener, symbol-router, chaos): the wasm32-wasip2 target, by rustup
+#   Python     (py-enrich): componentize-py, from PyPI, in the venv .tools/python
+#   JavaScript (js-router): jco + componentize-js + esbuild, from npm (package-lock.json)
+# Output: target/wasm32-wasip2/release/<name>.wasm for every plugin.
+# Each Python/JavaScript plugin's native unit tests run before it is built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+out=target/wasm32-wasip2/release
+componentize_py_version=0.25.1
+# Runs a command, showing its output only when it fails.
+quietly() {
+  local what=$1 log
+  shift
+  if ! log=$("$@" 2>&1); then
+    printf '%s\n' "$log" >&2
+    echo "build-plugins: $what failed" >&2
+    return 1
+  fi
+}
+
 if ! rustup target list --installed | grep -qx wasm32-wasip2; then
   rustup target add wasm32-wasip2
 fi
 # Plugins get fat LTO and one codegen unit (the host keeps the faster-building defaults).
 CARGO_PROFILE_RELEASE_LTO=true CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 \
   cargo build --release --target wasm32-wasip2 -p trade-flattener -p symbol-router -p chaos "$@"
+
+# Python: componentize-py embeds CPython and the app module into a component.
+py=.tools/python
+if ! "$py/bin/componentize-py" --version 2>/dev/null | grep -qx "componentize-py $componentize_py_version"; then
+  echo "installing componentize-py $componentize_py_version from PyPI into $py" >&2
+  python3 -m venv "$py"
+  "$py/bin/pip" install --quiet --disable-pip-version-check "componentize-py==$componentize_py_version"
+fi
+for plugin in py-enrich; do
+  quietly "$plugin: unit tests" env -C "plugins/$plugin" PYTHONPATH=../sluice-plugin-py python3 -m unittest
+  quietly "$plugin: componentize-py" "$py/bin/componentize-py" -d wit -w transformer componentize \
+    -p "plugins/$plugin" -p plugins/sluice-plugin-py app -o "$out/${plugin//-/_}.wasm"
+done
+
+# JavaScript: esbuild bundles the plugin with its npm dependencies (the SDK
+# among them), jco componentize embeds it with the StarlingMonkey engine.
+for plugin in js-router; do
+  dir=plugins/$plugin
+  if [ ! -d "$dir/node_modules" ] || [ "$dir/package-lock.json" -nt "$dir/node_modules/.package-lock.json" ]; then
+    npm ci --prefix "$dir" --no-audit --no-fund --loglevel=error
+  fi
+  quietly "$plugin: unit tests" npm run --prefix "$dir" test
+  quietly "$plugin: build" npm run --prefix "$dir" build
+  cp "$dir/dist/${plugin//-/_}.wasm" "$out/"
+done

@@ -83,4 +83,8 @@ fn the_shipped_pipelines_are_valid() {
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("ok: pipeline trades [trade_flattener] -> sinks [pg] (default pg)"), "{stdout}");
     assert!(stdout.contains("ok: pipeline btc-router [trade_flattener -> symbol_router] -> sinks [btc, other] (default other)"), "{stdout}");
+    assert!(
+        stdout.contains("ok: pipeline three-languages [trade_flattener -> py_enrich -> js_router] -> sinks [binance, other] (default other)"),
+        "{stdout}"
+    );
 }

@@ -132,6 +132,24 @@ pub enum PluginCommand {
     /// input is reported on stderr as `line N: <error>`. Exit status: 0 when
     /// no input failed, 1 when some did, 2 when the plugin could not run.
     Test(PluginTestArgs),
+    /// Write a ready-to-build plugin skeleton in Rust, Python or JavaScript.
+    ///
+    /// The folder gets the WIT contract, the language's SDK, a sample
+    /// transform with unit tests, sample input, a README and `build.sh`, which
+    /// installs the toolchain, runs the unit tests and writes NAME.wasm.
+    New(PluginNewArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PluginNewArgs {
+    /// The plugin's name (lower case, digits, '-' or '_'); also its folder.
+    pub name: String,
+    /// The language to write it in.
+    #[arg(long, value_enum, default_value_t = crate::scaffold::Lang::Rust)]
+    pub lang: crate::scaffold::Lang,
+    /// Where to create it (default: ./NAME). Must not exist or be empty.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -144,6 +162,10 @@ pub struct PluginTestArgs {
     /// Read input values from this file instead of stdin.
     #[arg(long, short = 'i')]
     pub input: Option<PathBuf>,
+    /// Print each output as a JSON object with its key, route, timestamp and
+    /// headers (value: embedded when it is JSON, else a string).
+    #[arg(long)]
+    pub json: bool,
     /// Records per call into the plugin.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch_size: u32,
@@ -193,6 +215,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let runtime = || Runtime::new(cache_dir.clone());
     match cli.command {
         Command::Plugin(PluginCommand::Test(args)) => plugin_test(&runtime()?, args),
+        Command::Plugin(PluginCommand::New(args)) => plugin_new(args),
         Command::Feed(args) => feed(args),
         Command::Check(args) => check(&runtime()?, &args),
         Command::Run(args) => run_pipelines(runtime()?, &args),
@@ -516,7 +539,11 @@ fn plugin_test(runtime: &Runtime, args: PluginTestArgs) -> anyhow::Result<ExitCo
                 match result {
                     Ok(outputs) => {
                         for output in outputs {
-                            stdout.write_all(&output.value)?;
+                            if args.json {
+                                serde_json::to_writer(&mut stdout, &OutputJson::new(record.origin.offset, &output))?;
+                            } else {
+                                stdout.write_all(&output.value)?;
+                            }
                             stdout.write_all(b"\n")?;
                         }
                     }
@@ -535,4 +562,50 @@ fn plugin_test(runtime: &Runtime, args: PluginTestArgs) -> anyhow::Result<ExitCo
     }
     stdout.flush()?;
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// One output of `sluice plugin test --json`.
+#[derive(serde::Serialize)]
+struct OutputJson<'a> {
+    line: i64,
+    route: Option<&'a str>,
+    key: Option<std::borrow::Cow<'a, str>>,
+    timestamp: Option<i64>,
+    headers: Vec<(&'a str, std::borrow::Cow<'a, str>)>,
+    value: JsonOrText<'a>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum JsonOrText<'a> {
+    Json(&'a serde_json::value::RawValue),
+    Text(std::borrow::Cow<'a, str>),
+}
+
+impl<'a> OutputJson<'a> {
+    fn new(line: i64, output: &'a crate::record::Output) -> Self {
+        let value = match serde_json::from_slice::<&serde_json::value::RawValue>(&output.value) {
+            Ok(raw) => JsonOrText::Json(raw),
+            Err(_) => JsonOrText::Text(String::from_utf8_lossy(&output.value)),
+        };
+        OutputJson {
+            line,
+            route: output.route.as_deref(),
+            key: output.key.as_deref().map(String::from_utf8_lossy),
+            timestamp: output.timestamp,
+            headers: output.headers.iter().map(|h| (h.name.as_str(), String::from_utf8_lossy(&h.value))).collect(),
+            value,
+        }
+    }
+}
+
+fn plugin_new(args: PluginNewArgs) -> anyhow::Result<ExitCode> {
+    let dir = args.dir.unwrap_or_else(|| PathBuf::from(&args.name));
+    let written = crate::scaffold::new_plugin(&dir, &args.name, args.lang)?;
+    for path in &written {
+        println!("created {}", path.display());
+    }
+    let shown = dir.display();
+    println!("\nnext:\n  cd {shown} && ./build.sh\n  sluice plugin test {shown}/{name}.wasm -i {shown}/sample.jsonl", name = args.name);
+    Ok(ExitCode::SUCCESS)
 }

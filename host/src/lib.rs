@@ -17,6 +17,7 @@
 //! - [`topology`]: the running set of pipelines, started and changed by applying a diff;
 //! - [`telemetry`]: Prometheus metrics and the live per-pipeline state (lag, failing sinks, errors);
 //! - [`admin`]: the admin HTTP listener (`/metrics`, `/health`, `/status`, `/reload`);
+//! - [`scaffold`]: `sluice plugin new`, the plugin skeletons in Rust, Python and JavaScript;
 //! - [`top`]: `sluice top`, the terminal dashboard over an instance's `/status`;
 //! - [`cli`]: the `sluice` command line (argument parsing and sub-commands);
 //!   `main.rs` only calls [`cli::main`].
@@ -33,6 +34,7 @@ pub mod config;
 pub mod feed;
 pub mod record;
 pub mod runtime;
+pub mod scaffold;
 pub mod sinks;
 pub mod sources;
 pub mod telemetry;

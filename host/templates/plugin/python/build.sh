@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Tests {{name}} natively, then builds it as a WebAssembly component: {{name}}.wasm.
+# Installs componentize-py from PyPI into .venv when it is missing.
+set -euo pipefail
+cd "$(dirname "$0")"
+version={{componentize_py_version}}
+if ! .venv/bin/componentize-py --version 2>/dev/null | grep -qx "componentize-py $version"; then
+  python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check "componentize-py==$version"
+fi
+PYTHONPATH=sdk python3 -m unittest --quiet
+.venv/bin/componentize-py -d wit -w transformer componentize -p . -p sdk app -o {{name}}.wasm >/dev/null
+echo "built {{name}}.wasm ($(wc -c < {{name}}.wasm) bytes)"

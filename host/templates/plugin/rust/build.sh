@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Tests {{name}} natively, then builds it as a WebAssembly component: {{name}}.wasm.
+# Installs the wasm32-wasip2 Rust target (rustup) when it is missing.
+set -euo pipefail
+cd "$(dirname "$0")"
+if ! rustup target list --installed | grep -qx wasm32-wasip2; then
+  rustup target add wasm32-wasip2
+fi
+cargo test --quiet
+cargo build --quiet --release --target wasm32-wasip2
+cp "${CARGO_TARGET_DIR:-target}/wasm32-wasip2/release/{{crate}}.wasm" {{name}}.wasm
+echo "built {{name}}.wasm ($(wc -c < {{name}}.wasm) bytes)"
