@@ -199,6 +199,12 @@ topic = "dlq"
     got.sort_by(|a, b| a.partial_cmp(b).unwrap());
     assert_same(&got, &others, "every other trade worth at least {MIN_NOTIONAL}, once, to the default sink");
 
+    // Both plugins log through the WIT `log` import, tagged with their names.
+    let logged = |plugin: &str, message: &str| {
+        std::fs::read_to_string(&sluice.log).unwrap().lines().any(|l| l.contains(&format!("langs/{plugin}")) && l.contains(message))
+    };
+    assert!(logged("py_enrich", "adding `notional`, dropping trades under 1000.0"), "py-enrich's init log line");
+    assert!(logged("js_router", "routing BINANCE: to binance; others to the default sink"), "js-router's init log line");
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].payload(), Some(&b"not a frame"[..]));
     assert_eq!(header(&dead[0], "sluice.plugin").as_deref(), Some("trade_flattener"));

@@ -605,7 +605,10 @@ fn plugin_new(args: PluginNewArgs) -> anyhow::Result<ExitCode> {
     for path in &written {
         println!("created {}", path.display());
     }
-    let shown = dir.display();
-    println!("\nnext:\n  cd {shown} && ./build.sh\n  sluice plugin test {shown}/{name}.wasm -i {shown}/sample.jsonl", name = args.name);
+    println!(
+        "\nnext: build it (installs the toolchain, runs the unit tests) and try it on the sample input:\n  cd {} && ./build.sh && sluice plugin test {}.wasm -i sample.jsonl",
+        dir.display(),
+        args.name
+    );
     Ok(ExitCode::SUCCESS)
 }

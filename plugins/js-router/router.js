@@ -13,6 +13,8 @@
 //   `routes`, or that have no exchange prefix. Without it they go to the
 //   pipeline's default sink.
 
+import { log } from "sluice-plugin";
+
 export default class Router {
   constructor(config) {
     config.rejectUnknown("routes", "fallback");
@@ -28,6 +30,9 @@ export default class Router {
       }
     }
     this.fallback = config.get("fallback") || undefined;
+    log.info(this.routes
+      ? `routing ${[...this.routes].map(([e, s]) => `${e}: to ${s}`).join(", ")}; others to ${this.fallback ?? "the default sink"}`
+      : `routing each exchange to the sink of its name; others to ${this.fallback ?? "the default sink"}`);
   }
 
   process(record) {

@@ -15,7 +15,7 @@ import json
 import math
 
 import sluice_plugin
-from sluice_plugin import Config, Output, Record
+from sluice_plugin import Config, Output, Record, log
 
 
 class Enrich:
@@ -27,6 +27,7 @@ class Enrich:
         self.field = config.get("field", "notional")
         if not self.field:
             raise ValueError("config `field` must not be empty")
+        log.info(f"adding `{self.field}`, dropping trades under {self.min_notional}")
 
     def process(self, record: Record):
         trade = json.loads(record.value)
