@@ -9,5 +9,7 @@ if ! .venv/bin/componentize-py --version 2>/dev/null | grep -qx "componentize-py
   .venv/bin/pip install --quiet --disable-pip-version-check "componentize-py==$version"
 fi
 PYTHONPATH=sdk python3 -m unittest --quiet
-.venv/bin/componentize-py -d wit -w transformer componentize -p . -p sdk app -o {{name}}.wasm >/dev/null
+# Write aside, then rename: a running Sluice watching the file never sees half of it.
+.venv/bin/componentize-py -d wit -w transformer componentize -p . -p sdk app -o .{{name}}.wasm.tmp >/dev/null
+mv .{{name}}.wasm.tmp {{name}}.wasm
 echo "built {{name}}.wasm ($(wc -c < {{name}}.wasm) bytes)"

@@ -8,5 +8,7 @@ if ! rustup target list --installed | grep -qx wasm32-wasip2; then
 fi
 cargo test --quiet
 cargo build --quiet --release --target wasm32-wasip2
-cp "${CARGO_TARGET_DIR:-target}/wasm32-wasip2/release/{{crate}}.wasm" {{name}}.wasm
+# Write aside, then rename: a running Sluice watching the file never sees half of it.
+cp "${CARGO_TARGET_DIR:-target}/wasm32-wasip2/release/{{crate}}.wasm" .{{name}}.wasm.tmp
+mv .{{name}}.wasm.tmp {{name}}.wasm
 echo "built {{name}}.wasm ($(wc -c < {{name}}.wasm) bytes)"
