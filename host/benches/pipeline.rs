@@ -4,7 +4,7 @@
 //! into PostgreSQL, over the same pre-produced feed.
 //!
 //! Run: `scripts/build-plugins.sh && cargo bench -p sluice --bench pipeline`
-//! (`BENCH_FRAMES=N`, default 100,000 frames). Needs `tansu` on PATH
+//! (`BENCH_FRAMES=N`, default 400,000 frames: shorter runs last under a second and vary by 2x). Needs `tansu` on PATH
 //! (`scripts/install-tansu.sh`) and PostgreSQL at 127.0.0.1:5432.
 //!
 //! Throughput is measured between the pipeline's first and last offset commit,
@@ -104,7 +104,7 @@ fn write(dir: &Path, name: &str, text: String) -> PathBuf {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let frames: usize = std::env::var("BENCH_FRAMES").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    let frames: usize = std::env::var("BENCH_FRAMES").ok().and_then(|v| v.parse().ok()).unwrap_or(400_000);
     let broker = start_broker()?;
     let brokers = broker.1.clone();
     std::env::set_var("SLUICE_BROKERS", &brokers);
