@@ -304,4 +304,15 @@ async fn a_topic_read_again_from_the_start_writes_no_row_twice() {
     assert!(replayed, "every row of the re-read topic is skipped: {} of {}", skipped(), expected.len());
     assert_eq!(second.stop(), Some(0));
     assert!(stored_trades_in(&pg.client, &table).await == expected, "no row written twice");
+
+    // The table dropped (its offsets table kept): the sink creates it again
+    // and forgets the stored offsets, so a re-read fills it, once.
+    pg.client.batch_execute(&format!("DROP TABLE {table}")).await.unwrap();
+    let file = write_pipeline(dir.path(), "trades", &trades_pipeline_to(&table, "g-replay-3", 100, "${SLUICE_PG_URL}", ""));
+    let mut third = SluiceProcess::run(&[&file], &broker.addr);
+    assert!(third.wait_log("forgot the source offsets stored with the rows of the old one", 0).await);
+    assert!(wait_rows(&pg.client, &table, expected.len()).await, "rows: {}", count_rows(&pg.client, &table).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(third.stop(), Some(0));
+    assert!(stored_trades_in(&pg.client, &table).await == expected, "every trade once in the new table");
 }

@@ -62,7 +62,7 @@ impl PostgresSink {
     }
 
     async fn connect(&self) -> anyhow::Result<Client> {
-        let (client, connection) = tokio_postgres::connect(&self.config.url, NoTls)
+        let (mut client, connection) = tokio_postgres::connect(&self.config.url, NoTls)
             .await
             .with_context(|| format!("cannot connect to PostgreSQL for table {}", self.config.table))?;
         let pipeline = self.pipeline.clone();
@@ -73,12 +73,27 @@ impl PostgresSink {
         });
         // `IF NOT EXISTS` notices would fill the log on every reconnect.
         client.batch_execute("SET client_min_messages TO warning").await?;
+        self.prepare_tables(&mut client).await?;
+        info!(pipeline = %self.pipeline, table = %self.config.table, "postgres sink connected");
+        Ok(client)
+    }
+
+    /// Creates the table (with `create_table`) and the offsets table (with
+    /// `exactly_once`) in one transaction, under an advisory lock so that
+    /// instances starting together agree on who created the table. Offsets
+    /// stored for this pipeline and sink belong to the rows of an older table
+    /// of that name when this call creates the table: they are forgotten, or
+    /// every replayed row would be skipped as already written.
+    async fn prepare_tables(&self, client: &mut Client) -> anyhow::Result<()> {
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock(hashtext('sluice table ' || $1))", &[&self.table]).await?;
+        let existed: bool = tx.query_one("SELECT to_regclass($1) IS NOT NULL", &[&self.table]).await?.get(0);
         if self.config.create_table {
-            client.batch_execute(&self.create_table_sql()).await.with_context(|| format!("cannot create table {}", self.config.table))?;
+            tx.batch_execute(&self.create_table_sql()).await.with_context(|| format!("cannot create table {}", self.config.table))?;
         }
         if let Some(offsets) = &self.offsets {
             let name = offsets_table(&self.config);
-            let exists: bool = client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&offsets]).await?.get(0);
+            let exists: bool = tx.query_one("SELECT to_regclass($1) IS NOT NULL", &[offsets]).await?.get(0);
             if !exists {
                 let mut sql = String::new();
                 if let Some((schema, _)) = name.rsplit_once('.') {
@@ -89,11 +104,22 @@ impl PostgresSink {
                      partition integer NOT NULL, next_offset bigint NOT NULL, updated_at timestamptz NOT NULL DEFAULT now(), \
                      PRIMARY KEY (pipeline, sink, topic, partition))"
                 ));
-                client.batch_execute(&sql).await.with_context(|| format!("cannot create the offsets table {name}"))?;
+                tx.batch_execute(&sql).await.with_context(|| format!("cannot create the offsets table {name}"))?;
+            }
+            if self.config.create_table && !existed {
+                let forgotten = tx
+                    .execute(&format!("DELETE FROM {offsets} WHERE pipeline = $1 AND sink = $2"), &[&self.pipeline, &self.name])
+                    .await?;
+                if forgotten > 0 {
+                    info!(
+                        pipeline = %self.pipeline, sink = %self.name, table = %self.config.table, partitions = forgotten,
+                        "created the table: forgot the source offsets stored with the rows of the old one"
+                    );
+                }
             }
         }
-        info!(pipeline = %self.pipeline, table = %self.config.table, "postgres sink connected");
-        Ok(client)
+        tx.commit().await.with_context(|| format!("cannot prepare table {}", self.config.table))?;
+        Ok(())
     }
 
     fn create_table_sql(&self) -> String {
