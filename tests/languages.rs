@@ -93,6 +93,30 @@ fn javascript_plugin_routes_by_exchange_under_the_runtime() {
     assert!(error.contains("\"BINANCE\" is not EXCHANGE=SINK"), "{error}");
 }
 
+/// Long runs at the default limits: the interpreters' heaps settle below the
+/// memory limit (SpiderMonkey's passed 64 MiB over 60 batches of 1,000).
+#[test]
+fn python_and_javascript_plugins_run_long_at_the_default_limits() {
+    let (runtime, ()) = runtime();
+    let trades: Vec<Record> = generated(25_000, 77)
+        .iter()
+        .filter_map(|frame| trade_flattener::flatten(frame).ok())
+        .flatten()
+        .take(60_000)
+        .map(|o| record(std::str::from_utf8(&o.value).unwrap()))
+        .collect();
+    assert_eq!(trades.len(), 60_000);
+    for (name, config) in [("js_router", vec![]), ("py_enrich", vec![("min_notional", "0")])] {
+        let mut plugin = instance(&runtime, name, &config);
+        for batch in trades.chunks(1000) {
+            for result in plugin.process(batch) {
+                assert!(result.is_ok(), "{name}: {result:?}");
+            }
+        }
+        assert_eq!(plugin.replacements, 0, "{name}: no instance was replaced after a fault");
+    }
+}
+
 /// Kafka → flattener (Rust) → enrich (Python) → router (JavaScript) → Binance
 /// trades to PostgreSQL, the others to a Kafka topic; frames the flattener
 /// rejects to the dead-letter topic.

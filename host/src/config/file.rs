@@ -130,7 +130,7 @@ pub struct TransformConfig {
 pub struct LimitsConfig {
     /// CPU time one call (`init` or one batch) may take, in milliseconds (default 1000).
     pub cpu_ms: Option<u64>,
-    /// Linear memory the instance may grow to, in MiB (default 64).
+    /// Linear memory the instance may grow to, in MiB (default 128).
     pub memory_mib: Option<usize>,
     /// Output one input record may produce, in MiB of keys, values and
     /// headers (default 16); a record over it is dead-lettered.
