@@ -10,7 +10,7 @@ use common::services::*;
 use common::trades::*;
 use common::{instance, plugin_path, runtime};
 use rdkafka::Message;
-use sluice::record::{Origin, Output, Record};
+use sluice::record::{Header, Origin, Output, Record};
 use sluice::runtime::{Grants, Limits, Plugin, PluginInstance};
 use std::path::Path;
 use std::process::Command;
@@ -22,6 +22,7 @@ fn record(value: &str) -> Record {
     Record {
         key: Some(b"k".to_vec()),
         value: value.as_bytes().to_vec(),
+        headers: vec![Header { name: "trace".into(), value: b"abc".to_vec() }],
         timestamp: Some(1_700_000_000_000),
         origin: Origin { topic: "t".into(), partition: 0, offset: 1 },
         ..Record::default()
@@ -57,6 +58,7 @@ fn python_plugin_enriches_filters_and_dead_letters_under_the_runtime() {
     assert_eq!(kept.len(), 1);
     assert_eq!(json(&kept[0])["notional"], 67000.5 * 0.25);
     assert_eq!((kept[0].key.as_deref(), kept[0].timestamp), (Some(&b"k"[..]), Some(1_700_000_000_000)));
+    assert_eq!(kept[0].headers, [Header { name: "trace".into(), value: b"abc".to_vec() }], "headers kept");
     assert!(results[1].as_ref().unwrap().is_empty(), "notional 95 < 100 is dropped");
     let bad_json = results[2].as_ref().unwrap_err();
     assert!(bad_json.contains("JSONDecodeError"), "{bad_json}");
@@ -82,6 +84,7 @@ fn javascript_plugin_routes_by_exchange_under_the_runtime() {
     let first = &results[0].as_ref().unwrap()[0];
     assert_eq!(first.value, br#"{"symbol":"BINANCE:BTCUSDT","price":1}"#, "value passed through untouched");
     assert_eq!((first.key.as_deref(), first.timestamp), (Some(&b"k"[..]), Some(1_700_000_000_000)));
+    assert_eq!(first.headers, [Header { name: "trace".into(), value: b"abc".to_vec() }], "headers kept");
     assert!(results[2].as_ref().unwrap_err().contains("not a flattened trade"), "{:?}", results[2]);
 
     let mut by_prefix = instance(&runtime, "js_router", &[]);

@@ -124,47 +124,57 @@ export function exportTransform(Plugin, logImport = undefined) {
       if (instance === undefined) {
         return batch.map(() => ({ tag: "err", val: "plugin used before init" }));
       }
-      return batch.map((input) => {
-        const record = new Record({
-          value: input.value,
-          key: input.key,
-          headers: input.headers,
-          timestamp: input.timestamp,
-          topic: input.origin.topic,
-          partition: input.origin.partition,
-          offset: input.origin.offset,
-        });
+      // A plain loop and direct field copies: the engine interprets this
+      // code, and every construct per record shows in the throughput.
+      const results = new Array(batch.length);
+      for (let i = 0; i < batch.length; i++) {
+        const input = batch[i];
+        const record = Object.create(Record.prototype);
+        record.value = input.value;
+        record.key = input.key;
+        record.headers = input.headers;
+        record.timestamp = input.timestamp;
+        record.topic = input.origin.topic;
+        record.partition = input.origin.partition;
+        record.offset = input.origin.offset;
         try {
-          return { tag: "ok", val: outputs(instance.process(record)).map(toWit) };
+          results[i] = { tag: "ok", val: outputs(instance.process(record)) };
         } catch (error) {
-          return { tag: "err", val: message(error) };
+          results[i] = { tag: "err", val: message(error) };
         }
-      });
+      }
+      return results;
     },
   };
 }
 
 function outputs(result) {
   if (result === null || result === undefined) return [];
-  return Array.isArray(result) ? result : [result];
+  if (!Array.isArray(result)) return [toWit(result)];
+  const out = new Array(result.length);
+  for (let i = 0; i < result.length; i++) out[i] = toWit(result[i]);
+  return out;
 }
 
 function toWit(output) {
   if (output === null || typeof output !== "object" || output.value === undefined) {
     throw new Error("an output must be an object with a `value`");
   }
+  const headers = output.headers;
   return {
     key: output.key === undefined || output.key === null ? undefined : bytes(output.key),
     value: bytes(output.value),
-    headers: (output.headers ?? []).map((h) => ({ name: h.name, value: bytes(h.value) })),
+    headers: headers === undefined || headers === null || headers.length === 0
+      ? []
+      : headers.map((h) => ({ name: h.name, value: bytes(h.value) })),
     timestamp: output.timestamp === undefined || output.timestamp === null ? undefined : BigInt(output.timestamp),
     route: output.route ?? undefined,
   };
 }
 
 function bytes(value) {
-  if (value instanceof Uint8Array) return value;
   if (typeof value === "string") return encoder.encode(value);
+  if (value instanceof Uint8Array) return value;
   if (ArrayBuffer.isView(value)) return new Uint8Array(value.buffer, value.byteOffset, value.byteLength);
   throw new Error(`expected a string or Uint8Array, got ${typeof value}`);
 }
