@@ -23,11 +23,7 @@ async fn wait_rows(client: &tokio_postgres::Client, table: &str, rows: usize) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_five_times_during_a_feed_stores_every_trade_exactly_once() {
-    let broker = Broker::start();
-    broker.create_topic("trades_raw", 2).await;
-    broker.create_topic("trades_dlq", 1).await;
-    let pg = PgSchema::create("kill9").await;
-    let table = format!("{}.trades", pg.name);
+    let (broker, pg, table) = trades_setup("kill9", 2).await;
     let frames = generated(36_000, 99);
     let expected = expected_trades(&frames);
     assert!(expected.len() >= 100_000, "{} trades", expected.len());
@@ -68,8 +64,7 @@ async fn postgresql_restart_mid_stream_pauses_then_resumes_exactly_once() {
     let pg = PrivatePostgres::start();
     let client = pg.client().await;
     let broker = Broker::start();
-    broker.create_topic("trades_raw", 2).await;
-    broker.create_topic("trades_dlq", 1).await;
+    create_trades_topics(&broker, 2).await;
     let frames = generated(8_000, 41);
     let expected = expected_trades(&frames);
 
@@ -95,8 +90,7 @@ async fn postgresql_restart_mid_stream_pauses_then_resumes_exactly_once() {
 async fn broker_restart_mid_stream_pauses_then_resumes_exactly_once() {
     let data = tempfile::tempdir().unwrap();
     let mut broker = Broker::start_durable(data.path());
-    broker.create_topic("trades_raw", 2).await;
-    broker.create_topic("trades_dlq", 1).await;
+    create_trades_topics(&broker, 2).await;
     let pg = PgSchema::create("brokerrestart").await;
     let table = format!("{}.trades", pg.name);
     let first = generated(3_000, 51);
@@ -121,11 +115,7 @@ async fn broker_restart_mid_stream_pauses_then_resumes_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_share_a_group_and_the_survivor_takes_over_when_one_stops() {
-    let broker = Broker::start();
-    broker.create_topic("trades_raw", 4).await;
-    broker.create_topic("trades_dlq", 1).await;
-    let pg = PgSchema::create("failover").await;
-    let table = format!("{}.trades", pg.name);
+    let (broker, pg, table) = trades_setup("failover", 4).await;
     let frames = generated(8_000, 61);
     let expected = expected_trades(&frames);
 
@@ -227,11 +217,7 @@ async fn hostile_plugins_are_contained_and_dead_lettered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_input_is_dead_lettered_with_reasons_and_the_stream_goes_on() {
-    let broker = Broker::start();
-    broker.create_topic("trades_raw", 1).await;
-    broker.create_topic("trades_dlq", 1).await;
-    let pg = PgSchema::create("hostileinput").await;
-    let table = format!("{}.trades", pg.name);
+    let (broker, pg, table) = trades_setup("hostileinput", 1).await;
     let ten_mb = format!(r#"{{"type":"trade","data":"{}"}}"#, "x".repeat(10 << 20)).into_bytes();
     let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)).into_bytes();
     let hostile: Vec<(Vec<u8>, &str)> = vec![
@@ -276,11 +262,7 @@ async fn hostile_input_is_dead_lettered_with_reasons_and_the_stream_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topic_read_again_from_the_start_writes_no_row_twice() {
-    let broker = Broker::start();
-    broker.create_topic("trades_raw", 2).await;
-    broker.create_topic("trades_dlq", 1).await;
-    let pg = PgSchema::create("replay").await;
-    let table = format!("{}.trades", pg.name);
+    let (broker, pg, table) = trades_setup("replay", 2).await;
     let frames = generated(800, 111);
     let expected = expected_trades(&frames);
     broker.produce("trades_raw", &frames).await;

@@ -17,11 +17,7 @@ fn sample(metrics: &str, name: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_status_match_the_records_fed_and_dead_lettered() {
-    let broker = Broker::start();
-    broker.create_topic("trades_raw", 2).await;
-    broker.create_topic("trades_dlq", 1).await;
-    let pg = PgSchema::create("ops").await;
-    let table = format!("{}.trades", pg.name);
+    let (broker, pg, table) = trades_setup("ops", 2).await;
     let malformed: Vec<Vec<u8>> = vec![b"garbage".to_vec(), Vec::new(), br#"{"type":"trade"}"#.to_vec()];
     let mut frames = generated(600, 81);
     frames.extend(malformed.iter().cloned());
@@ -84,8 +80,7 @@ async fn metrics_and_status_match_the_records_fed_and_dead_lettered() {
 async fn health_flips_when_postgresql_stops_and_back_when_it_returns() {
     let pg = PrivatePostgres::start();
     let broker = Broker::start();
-    broker.create_topic("trades_raw", 1).await;
-    broker.create_topic("trades_dlq", 1).await;
+    create_trades_topics(&broker, 1).await;
     let dir = tempfile::tempdir().unwrap();
     let file = write_pipeline(dir.path(), "trades", &trades_pipeline_to("public.trades", "g-health", 50, &pg.url(), ""));
     broker.produce("trades_raw", &generated(100, 91)).await;
@@ -116,11 +111,7 @@ fn tmux(args: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sluice_top_under_tmux_shows_the_pipeline_with_a_rate() {
-    let broker = Broker::start();
-    broker.create_topic("trades_raw", 1).await;
-    broker.create_topic("trades_dlq", 1).await;
-    let pg = PgSchema::create("top").await;
-    let table = format!("{}.trades", pg.name);
+    let (broker, _pg, table) = trades_setup("top", 1).await; // the schema lives until the end
     let dir = tempfile::tempdir().unwrap();
     let file = write_pipeline(dir.path(), "trades", &trades_pipeline_to(&table, "g-top", 50, "${SLUICE_PG_URL}", ""));
     let mut sluice = SluiceProcess::run(&[&file], &broker.addr);

@@ -23,8 +23,7 @@ async fn stored_trades(pg: &PgSchema) -> Vec<Trade> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trades_reach_postgres_and_bad_frames_the_dead_letter_topic() {
     let broker = Broker::start();
-    broker.create_topic("trades_raw", 3).await;
-    broker.create_topic("trades_dlq", 1).await;
+    create_trades_topics(&broker, 3).await;
     let pg = PgSchema::create("e2e").await;
 
     let malformed: Vec<Vec<u8>> = vec![
@@ -153,8 +152,7 @@ topic = "dlq"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_mid_stream_then_restart_loses_nothing() {
     let broker = std::sync::Arc::new(Broker::start());
-    broker.create_topic("trades_raw", 2).await;
-    broker.create_topic("trades_dlq", 1).await;
+    create_trades_topics(&broker, 2).await;
     let pg = PgSchema::create("restart").await;
     let dir = tempfile::tempdir().unwrap();
     let file = write_pipeline(dir.path(), "trades", &trades_pipeline(&pg.name, "g-restart", 20));

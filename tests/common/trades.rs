@@ -2,7 +2,24 @@
 //! it, and what landed in PostgreSQL.
 
 use super::plugin_path;
+use super::services::{Broker, PgSchema};
 use sluice::feed::FeedGenerator;
+
+/// Topics `trades_raw` (`partitions`) and `trades_dlq` (one partition) on `broker`.
+pub async fn create_trades_topics(broker: &Broker, partitions: i32) {
+    broker.create_topic("trades_raw", partitions).await;
+    broker.create_topic("trades_dlq", 1).await;
+}
+
+/// What most trades tests start from: a broker with the trades topics, a
+/// fresh PostgreSQL schema named after `prefix`, and its `trades` table's name.
+pub async fn trades_setup(prefix: &str, partitions: i32) -> (Broker, PgSchema, String) {
+    let broker = Broker::start();
+    create_trades_topics(&broker, partitions).await;
+    let pg = PgSchema::create(prefix).await;
+    let table = format!("{}.trades", pg.name);
+    (broker, pg, table)
+}
 
 /// `(symbol, price, volume, ts)` of one trade.
 pub type Trade = (String, f64, f64, i64);
