@@ -21,6 +21,23 @@ async fn wait_rows(client: &tokio_postgres::Client, table: &str, rows: usize) ->
     wait_until(WAIT, || async { count_rows(client, table).await >= rows }).await
 }
 
+/// The end of most fault tests: wait until `table` holds as many rows as
+/// `expected`, give a duplicate `settle` to land, stop `sluice` gracefully,
+/// and check every trade is stored exactly once.
+async fn stop_once_all_stored(
+    sluice: &mut SluiceProcess,
+    client: &tokio_postgres::Client,
+    table: &str,
+    expected: &[Trade],
+    settle: Duration,
+    what: &str,
+) {
+    assert!(wait_rows(client, table, expected.len()).await, "rows: {} of {}", count_rows(client, table).await, expected.len());
+    tokio::time::sleep(settle).await;
+    assert_eq!(sluice.stop(), Some(0));
+    assert!(stored_trades_in(client, table).await == expected, "{what}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_five_times_during_a_feed_stores_every_trade_exactly_once() {
     let (broker, pg, table) = trades_setup("kill9", 2).await;
@@ -80,10 +97,7 @@ async fn postgresql_restart_mid_stream_pauses_then_resumes_exactly_once() {
     pg.start_server();
     let client = pg.client().await;
     feed.await.unwrap();
-    assert!(wait_rows(&client, "public.trades", expected.len()).await, "rows: {} of {}", count_rows(&client, "public.trades").await, expected.len());
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(sluice.stop(), Some(0));
-    assert!(stored_trades_in(&client, "public.trades").await == expected, "every trade exactly once across the outage");
+    stop_once_all_stored(&mut sluice, &client, "public.trades", &expected, Duration::from_secs(1), "every trade exactly once across the outage").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,10 +121,7 @@ async fn broker_restart_mid_stream_pauses_then_resumes_exactly_once() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     broker.restart();
     broker.produce("trades_raw", &second).await;
-    assert!(wait_rows(&pg.client, &table, expected.len()).await, "rows: {} of {}", count_rows(&pg.client, &table).await, expected.len());
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(sluice.stop(), Some(0));
-    assert!(stored_trades_in(&pg.client, &table).await == expected, "every trade exactly once across the broker restart");
+    stop_once_all_stored(&mut sluice, &pg.client, &table, &expected, Duration::from_secs(1), "every trade exactly once across the broker restart").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,10 +153,7 @@ async fn two_instances_share_a_group_and_the_survivor_takes_over_when_one_stops(
     assert_eq!(a.stop(), Some(0));
     feed.await.unwrap();
     assert!(b.wait_log("partitions assigned", assigned_before).await, "the survivor is given the partitions");
-    assert!(wait_rows(&pg.client, &table, expected.len()).await, "rows: {} of {}", count_rows(&pg.client, &table).await, expected.len());
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(b.stop(), Some(0));
-    assert!(stored_trades_in(&pg.client, &table).await == expected, "every trade exactly once after the failover");
+    stop_once_all_stored(&mut b, &pg.client, &table, &expected, Duration::from_secs(1), "every trade exactly once after the failover").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,8 +301,5 @@ async fn a_topic_read_again_from_the_start_writes_no_row_twice() {
     let file = write_pipeline(dir.path(), "trades", &trades_pipeline_to(&table, "g-replay-3", 100, "${SLUICE_PG_URL}", ""));
     let mut third = SluiceProcess::run(&[&file], &broker.addr);
     assert!(third.wait_log("forgot the source offsets stored with the rows of the old one", 0).await);
-    assert!(wait_rows(&pg.client, &table, expected.len()).await, "rows: {}", count_rows(&pg.client, &table).await);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(third.stop(), Some(0));
-    assert!(stored_trades_in(&pg.client, &table).await == expected, "every trade once in the new table");
+    stop_once_all_stored(&mut third, &pg.client, &table, &expected, Duration::from_millis(500), "every trade once in the new table").await;
 }

@@ -135,6 +135,8 @@ def _describe(error: BaseException) -> str:
 
 
 def _to_wit(output_record, o: "Output"):
+    if not isinstance(o, Output):
+        raise TypeError(f"process() must return an Output, a list of Output or None, not {type(o).__name__}")
     value, key, headers = o.value, o.key, o.headers
     if headers:
         headers = [h if isinstance(h.value, bytes) else Header(h.name, _bytes(h.value)) for h in headers]

@@ -87,8 +87,9 @@ impl PostgresSink {
     async fn prepare_tables(&self, client: &mut Client) -> anyhow::Result<()> {
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock(hashtext('sluice table ' || $1))", &[&self.table]).await?;
-        let existed: bool = tx.query_one("SELECT to_regclass($1) IS NOT NULL", &[&self.table]).await?.get(0);
+        let mut created = false;
         if self.config.create_table {
+            created = tx.query_one("SELECT to_regclass($1) IS NULL", &[&self.table]).await?.get(0);
             tx.batch_execute(&self.create_table_sql()).await.with_context(|| format!("cannot create table {}", self.config.table))?;
         }
         if let Some(offsets) = &self.offsets {
@@ -106,7 +107,7 @@ impl PostgresSink {
                 ));
                 tx.batch_execute(&sql).await.with_context(|| format!("cannot create the offsets table {name}"))?;
             }
-            if self.config.create_table && !existed {
+            if created {
                 let forgotten = tx
                     .execute(&format!("DELETE FROM {offsets} WHERE pipeline = $1 AND sink = $2"), &[&self.pipeline, &self.name])
                     .await?;
