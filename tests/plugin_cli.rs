@@ -39,7 +39,7 @@ fn flattens_stdin_and_reports_bad_lines() {
         concat!(
             r#"{"symbol":"BINANCE:BTCUSDT","price":7296.89,"volume":0.011467,"ts":1575526691134,"conditions":["1","12"]}"#,
             "\n",
-            r#"{"symbol":"AAPL","price":1.0,"volume":3.0,"ts":2,"conditions":[]}"#,
+            r#"{"symbol":"AAPL","price":1,"volume":3,"ts":2,"conditions":[]}"#,
             "\n"
         )
     );
@@ -58,7 +58,7 @@ fn exit_zero_when_every_line_succeeds_and_input_file_works() {
     let input = dir.path().join("frames.jsonl");
     std::fs::write(&input, "{\"type\":\"ping\"}\r\n{\"type\":\"trade\",\"data\":[{\"s\":\"A\",\"p\":2,\"t\":3,\"v\":4}]}").unwrap();
     let out = sluice_plugin_test(&[wasm.to_str().unwrap(), "--input", input.to_str().unwrap()], "");
-    assert_eq!(String::from_utf8(out.stdout).unwrap(), "{\"symbol\":\"A\",\"price\":2.0,\"volume\":4.0,\"ts\":3,\"conditions\":[]}\n");
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "{\"symbol\":\"A\",\"price\":2,\"volume\":4,\"ts\":3,\"conditions\":[]}\n");
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 }
 

@@ -41,7 +41,7 @@ fn flattener_explodes_frames_into_one_record_per_trade() {
         json_values(&results[0]),
         vec![
             json!({"symbol":"BINANCE:BTCUSDT","price":7296.89,"volume":0.011467,"ts":1575526691134_i64,"conditions":["1","12"]}),
-            json!({"symbol":"AAPL","price":190.0,"volume":12345678901234.5,"ts":1575526691200_i64,"conditions":[]}),
+            json!({"symbol":"AAPL","price":190,"volume":12345678901234.5,"ts":1575526691200_i64,"conditions":[]}),
         ]
     );
     assert_eq!(json_values(&results[1])[0]["symbol"], "OANDA:€UR_ÜSD 📈");
@@ -74,13 +74,13 @@ fn flattener_rejects_each_bad_frame_whole_and_keeps_the_good_ones() {
         (r#"{"type":"trade"}"#, "no `data` array"),
         (r#"{"type":"trade","data":"x"}"#, "bad trade in `data`"),
         (r#"{"type":"trade","data":[{"s":"A","p":1,"t":2,"v":3},{"p":1,"t":2,"v":3}]}"#, "missing field `s`"),
-        (r#"{"type":"trade","data":[{"s":7,"p":1,"t":2,"v":3}]}"#, "expected a string"),
+        (r#"{"type":"trade","data":[{"s":7,"p":1,"t":2,"v":3}]}"#, "`s` must be a string"),
         (r#"{"type":"trade","data":[{"s":"A","t":2,"v":3}]}"#, "missing field `p`"),
-        (r#"{"type":"trade","data":[{"s":"A","p":"1.5","t":2,"v":3}]}"#, "expected f64"),
+        (r#"{"type":"trade","data":[{"s":"A","p":"1.5","t":2,"v":3}]}"#, "`p` must be a number"),
         (r#"{"type":"trade","data":[{"s":"A","p":1,"v":3}]}"#, "missing field `t`"),
         (r#"{"type":"trade","data":[{"s":"A","p":1,"t":2.5,"v":3}]}"#, "expected i64"),
         (r#"{"type":"trade","data":[{"s":"A","p":1,"t":2}]}"#, "missing field `v`"),
-        (r#"{"type":"trade","data":[{"s":"A","p":1,"t":2,"v":null}]}"#, "expected f64"),
+        (r#"{"type":"trade","data":[{"s":"A","p":1,"t":2,"v":null}]}"#, "`v` must be a number"),
     ];
     let mut values = vec![good];
     values.extend(cases.iter().map(|(frame, _)| *frame));

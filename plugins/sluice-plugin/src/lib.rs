@@ -46,6 +46,13 @@ pub mod bindings {
 
 use bindings::sluice::transform::types as wit;
 
+/// The plugin's allocator: Talc is much faster than the dlmalloc a WebAssembly
+/// build gets by default (plugins allocate per record and per output). Off
+/// with the crate's `talc` feature, for a plugin that sets its own.
+#[cfg(all(feature = "talc", target_family = "wasm", not(target_feature = "atomics")))]
+#[global_allocator]
+static ALLOCATOR: talc::wasm::WasmDynamicTalc = talc::wasm::new_wasm_dynamic_allocator();
+
 /// A record header (Kafka headers are ordered and may repeat a name).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {

@@ -13,8 +13,12 @@
 //!   `t` (integer) or `v` (number) is an error for the whole frame: no partial output;
 //! - `c` may be absent or null (→ `[]`), otherwise it is an array of strings;
 //! - `data: []` gives nothing.
+//!
+//! Numbers and strings are copied into the output as the feed wrote them
+//! (`7296.89` stays `7296.89`: no round trip through a float), after
+//! serde_json has checked that they are valid JSON of the right kind.
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 use sluice_plugin::{export_transform, Config, Output, Record, Transform};
 use std::borrow::Cow;
@@ -36,38 +40,35 @@ struct TradeFrame<'a> {
     data: Vec<Trade<'a>>,
 }
 
+/// One trade, its fields kept as their JSON text (checked in [`encode`]),
+/// but for `t`, which becomes the output's timestamp.
 #[derive(Deserialize)]
 struct Trade<'a> {
     #[serde(borrow)]
-    s: Cow<'a, str>,
-    p: f64,
+    s: &'a RawValue,
+    #[serde(borrow)]
+    p: &'a RawValue,
     t: i64,
-    v: f64,
-    #[serde(default)]
-    c: Option<Vec<Cow<'a, str>>>,
-}
-
-/// The flattened trade, as written to the output value.
-#[derive(Serialize)]
-struct FlatTrade<'t> {
-    symbol: &'t str,
-    price: f64,
-    volume: f64,
-    ts: i64,
-    conditions: &'t [Cow<'t, str>],
+    #[serde(borrow)]
+    v: &'a RawValue,
+    #[serde(borrow, default)]
+    c: Option<Vec<&'a RawValue>>,
 }
 
 /// Flattens one frame into one output per trade, or explains why the frame is bad.
 pub fn flatten(frame: &[u8]) -> Result<Vec<Output>, String> {
+    // One UTF-8 check for the whole frame: serde_json then skips it for every
+    // string and raw value it borrows.
+    let frame = std::str::from_utf8(frame).map_err(|e| format!("not a Finnhub frame: not UTF-8: {e}"))?;
     // Fast path: one parse for a well-formed trade frame. Anything else (pings,
     // other types, bad frames) takes the strict path below, which also
     // produces the error message.
-    if let Ok(TradeFrame { kind, data }) = serde_json::from_slice::<TradeFrame>(frame) {
+    if let Ok(TradeFrame { kind, data }) = serde_json::from_str::<TradeFrame>(frame) {
         if kind == "trade" {
             return encode(&data);
         }
     }
-    let frame: Frame = serde_json::from_slice(frame).map_err(|e| format!("not a Finnhub frame: {e}"))?;
+    let frame: Frame = serde_json::from_str(frame).map_err(|e| format!("not a Finnhub frame: {e}"))?;
     if frame.kind != "trade" {
         return Ok(Vec::new());
     }
@@ -79,18 +80,57 @@ pub fn flatten(frame: &[u8]) -> Result<Vec<Output>, String> {
 
 fn encode(trades: &[Trade]) -> Result<Vec<Output>, String> {
     let mut out = Vec::with_capacity(trades.len());
-    for trade in trades {
-        let flat = FlatTrade {
-            symbol: &trade.s,
-            price: trade.p,
-            volume: trade.v,
-            ts: trade.t,
-            conditions: trade.c.as_deref().unwrap_or_default(),
-        };
-        let value = serde_json::to_vec(&flat).map_err(|e| format!("cannot encode trade: {e}"))?;
-        out.push(Output::new(value).with_key(trade.s.as_bytes()).with_timestamp(trade.t));
+    for (i, trade) in trades.iter().enumerate() {
+        let bad = |what: &str| format!("bad trade in `data` (trade {i}): {what}");
+        let symbol = trade.s.get();
+        if !symbol.starts_with('"') {
+            return Err(bad(&format!("`s` must be a string, got {symbol}")));
+        }
+        let (price, volume) = (number(trade.p).map_err(|e| bad(&format!("`p` {e}")))?, number(trade.v).map_err(|e| bad(&format!("`v` {e}")))?);
+        let conditions = trade.c.as_deref().unwrap_or_default();
+        if let Some(c) = conditions.iter().find(|c| !c.get().starts_with('"')) {
+            return Err(bad(&format!("`c` must hold strings, got {}", c.get())));
+        }
+
+        let mut ts = itoa::Buffer::new();
+        let ts = ts.format(trade.t);
+        let capacity = 64 + symbol.len() + price.len() + volume.len() + ts.len() + conditions.iter().map(|c| c.get().len() + 1).sum::<usize>();
+        let mut value = Vec::with_capacity(capacity);
+        for part in [r#"{"symbol":"#, symbol, r#","price":"#, price, r#","volume":"#, volume, r#","ts":"#, ts, r#","conditions":["#] {
+            value.extend_from_slice(part.as_bytes());
+        }
+        for (n, c) in conditions.iter().enumerate() {
+            if n > 0 {
+                value.push(b',');
+            }
+            value.extend_from_slice(c.get().as_bytes());
+        }
+        value.extend_from_slice(b"]}");
+        out.push(Output::new(value).with_key(unquote(symbol)?).with_timestamp(trade.t));
     }
     Ok(out)
+}
+
+/// The text of a JSON number that fits an f64, or why it is not one.
+fn number(raw: &RawValue) -> Result<&str, String> {
+    let text = raw.get();
+    if !text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+        return Err(format!("must be a number, got {text}"));
+    }
+    // Only an exponent or hundreds of digits can leave the f64 range.
+    if (text.len() > 300 || text.contains(['e', 'E'])) && !text.parse::<f64>().is_ok_and(f64::is_finite) {
+        return Err(format!("is out of range for a double: {text}"));
+    }
+    Ok(text)
+}
+
+/// The bytes of the JSON string literal `literal` (with its quotes).
+fn unquote(literal: &str) -> Result<Vec<u8>, String> {
+    let inner = &literal[1..literal.len() - 1];
+    if !inner.contains('\\') {
+        return Ok(inner.as_bytes().to_vec());
+    }
+    serde_json::from_str::<String>(literal).map(String::into_bytes).map_err(|e| format!("bad trade in `data`: `s`: {e}"))
 }
 
 /// The plugin: stateless, takes no configuration.
@@ -135,7 +175,20 @@ mod tests {
             serde_json::from_slice::<Value>(&out[0].value).unwrap(),
             json!({"symbol":"BINANCE:BTCUSDT","price":7296.89,"volume":0.011467,"ts":1575526691134_i64,"conditions":["1","12"]})
         );
-        assert_eq!(values(frame)[1], json!({"symbol":"AAPL","price":189.0,"volume":100.0,"ts":1575526691135_i64,"conditions":[]}));
+        assert_eq!(values(frame)[1], json!({"symbol":"AAPL","price":189,"volume":100,"ts":1575526691135_i64,"conditions":[]}));
+    }
+
+    /// Numbers and strings reach the output as the feed wrote them.
+    #[test]
+    fn values_are_copied_as_written() {
+        let frame = br#"{"type":"trade","data":[{"c":["1", "12"],"v":0.0114670, "t":1575526691134,"p":7296.89,"s":"BINANCE:BTCUSDT"},{"s":"A\"B","p":-1E+2,"t":-5,"v":0}]}"#;
+        let out = flatten(frame).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out[0].value).unwrap(),
+            r#"{"symbol":"BINANCE:BTCUSDT","price":7296.89,"volume":0.0114670,"ts":1575526691134,"conditions":["1","12"]}"#
+        );
+        assert_eq!(std::str::from_utf8(&out[1].value).unwrap(), r#"{"symbol":"A\"B","price":-1E+2,"volume":0,"ts":-5,"conditions":[]}"#);
+        assert_eq!(out[1].key.as_deref(), Some(&b"A\"B"[..]), "the key is the decoded symbol");
     }
 
     #[test]
@@ -160,7 +213,11 @@ mod tests {
             (r#"{"type":"trade"}"#, "no `data` array"),
             (r#"{"type":"trade","data":{"s":"A"}}"#, "bad trade in `data`"),
             (r#"{"type":"trade","data":[{"s":"A","p":1,"t":2,"v":3},{"p":1,"t":2,"v":3}]}"#, "missing field `s`"),
-            (r#"{"type":"trade","data":[{"s":"A","p":"1","t":2,"v":3}]}"#, "expected f64"),
+            (r#"{"type":"trade","data":[{"s":"A","p":"1","t":2,"v":3}]}"#, "`p` must be a number"),
+            (r#"{"type":"trade","data":[{"s":1,"p":1,"t":2,"v":3}]}"#, "`s` must be a string"),
+            (r#"{"type":"trade","data":[{"s":"A","p":1,"t":2,"v":null}]}"#, "(trade 0): `v` must be a number"),
+            (r#"{"type":"trade","data":[{"s":"A","p":1e400,"t":2,"v":3}]}"#, "out of range"),
+            (r#"{"type":"trade","data":[{"s":"A","p":1,"t":2,"v":3,"c":["1",2]}]}"#, "`c` must hold strings, got 2"),
             (r#"{"type":"trade","data":[{"s":"A","p":1,"t":2.5,"v":3}]}"#, "expected i64"),
             (r#"{"type":"trade","data":[{"s":"A","p":1,"t":2}]}"#, "missing field `v`"),
             (r#"{"type":"trade","data":[{"s":"A","p":1,"t":2,"v":3,"c":"1"}]}"#, "bad trade"),

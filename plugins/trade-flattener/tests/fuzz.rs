@@ -62,6 +62,10 @@ proptest! {
             let v: Value = serde_json::from_slice(&out.value).unwrap();
             prop_assert_eq!(&v["symbol"], &trade["s"]);
             prop_assert_eq!(&v["ts"], &trade["t"]);
+            prop_assert_eq!(v["price"].as_f64(), trade["p"].as_f64());
+            prop_assert_eq!(v["volume"].as_f64(), trade["v"].as_f64());
+            let no_conditions = Value::Array(vec![]);
+            prop_assert_eq!(&v["conditions"], trade.get("c").unwrap_or(&no_conditions));
             prop_assert_eq!(out.key.as_deref(), trade["s"].as_str().map(str::as_bytes));
         }
     }
