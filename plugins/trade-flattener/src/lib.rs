@@ -88,9 +88,13 @@ fn encode(trades: &[Trade]) -> Result<Vec<Output>, String> {
         }
         let (price, volume) = (number(trade.p).map_err(|e| bad(&format!("`p` {e}")))?, number(trade.v).map_err(|e| bad(&format!("`v` {e}")))?);
         let conditions = trade.c.as_deref().unwrap_or_default();
-        if let Some(c) = conditions.iter().find(|c| !c.get().starts_with('"')) {
-            return Err(bad(&format!("`c` must hold strings, got {}", c.get())));
+        for c in conditions {
+            if !c.get().starts_with('"') {
+                return Err(bad(&format!("`c` must hold strings, got {}", c.get())));
+            }
+            unescape(c.get()).map_err(|e| bad(&format!("`c`: {e}")))?;
         }
+        let key = unescape(symbol).map_err(|e| bad(&format!("`s`: {e}")))?.as_bytes().to_vec();
 
         let mut ts = itoa::Buffer::new();
         let ts = ts.format(trade.t);
@@ -106,7 +110,7 @@ fn encode(trades: &[Trade]) -> Result<Vec<Output>, String> {
             value.extend_from_slice(c.get().as_bytes());
         }
         value.extend_from_slice(b"]}");
-        out.push(Output::new(value).with_key(unquote(symbol)?).with_timestamp(trade.t));
+        out.push(Output::new(value).with_key(key).with_timestamp(trade.t));
     }
     Ok(out)
 }
@@ -124,13 +128,16 @@ fn number(raw: &RawValue) -> Result<&str, String> {
     Ok(text)
 }
 
-/// The bytes of the JSON string literal `literal` (with its quotes).
-fn unquote(literal: &str) -> Result<Vec<u8>, String> {
+/// The text of the JSON string literal `literal` (with its quotes). Strings
+/// without escapes are borrowed; the others are decoded, which also rejects
+/// what serde_json's skipping lets through (lone UTF-16 surrogates).
+fn unescape(literal: &str) -> Result<Cow<'_, str>, serde_json::Error> {
     let inner = &literal[1..literal.len() - 1];
-    if !inner.contains('\\') {
-        return Ok(inner.as_bytes().to_vec());
+    if inner.contains('\\') {
+        serde_json::from_str(literal).map(Cow::Owned)
+    } else {
+        Ok(Cow::Borrowed(inner))
     }
-    serde_json::from_str::<String>(literal).map(String::into_bytes).map_err(|e| format!("bad trade in `data`: `s`: {e}"))
 }
 
 /// The plugin: stateless, takes no configuration.
@@ -218,6 +225,8 @@ mod tests {
             (r#"{"type":"trade","data":[{"s":"A","p":1,"t":2,"v":null}]}"#, "(trade 0): `v` must be a number"),
             (r#"{"type":"trade","data":[{"s":"A","p":1e400,"t":2,"v":3}]}"#, "out of range"),
             (r#"{"type":"trade","data":[{"s":"A","p":1,"t":2,"v":3,"c":["1",2]}]}"#, "`c` must hold strings, got 2"),
+            (r#"{"type":"trade","data":[{"s":"A","p":1,"t":2,"v":3,"c":["\ud800"]}]}"#, "`c`: unexpected end of hex escape"),
+            (r#"{"type":"trade","data":[{"s":"\udc00","p":1,"t":2,"v":3}]}"#, "`s`: lone leading surrogate in hex escape"),
             (r#"{"type":"trade","data":[{"s":"A","p":1,"t":2.5,"v":3}]}"#, "expected i64"),
             (r#"{"type":"trade","data":[{"s":"A","p":1,"t":2}]}"#, "missing field `v`"),
             (r#"{"type":"trade","data":[{"s":"A","p":1,"t":2,"v":3,"c":"1"}]}"#, "bad trade"),

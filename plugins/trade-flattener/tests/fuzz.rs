@@ -41,6 +41,24 @@ proptest! {
         let _ = flatten(&bytes);
     }
 
+    /// Outputs are assembled from the frame's own JSON text: whatever got
+    /// through is valid JSON again, strings included (escapes, any Unicode).
+    #[test]
+    fn every_output_is_valid_json(s in ".{0,12}", c in prop::collection::vec(".{0,6}", 0..4), escaped in any::<bool>()) {
+        let mut frame = json!({"type": "trade", "data": [{"s": s, "p": 1.5, "t": 7, "v": 2, "c": c}]}).to_string();
+        if escaped {
+            // The same frame with every non-ASCII character written as \u escapes.
+            frame = frame.chars().map(|ch| if ch.is_ascii() { ch.to_string() } else {
+                ch.encode_utf16(&mut [0; 2]).iter().map(|u| format!("\\u{u:04x}")).collect()
+            }).collect();
+        }
+        let outputs = flatten(frame.as_bytes()).expect("a valid frame flattens");
+        let v: Value = serde_json::from_slice(&outputs[0].value).expect("output is JSON");
+        prop_assert_eq!(&v["symbol"], &Value::from(s.clone()));
+        prop_assert_eq!(&v["conditions"], &json!(c));
+        prop_assert_eq!(outputs[0].key.as_deref(), Some(s.as_bytes()));
+    }
+
     #[test]
     fn arbitrary_json_never_panics(value in any_json()) {
         let text = value.to_string();
