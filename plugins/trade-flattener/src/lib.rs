@@ -86,7 +86,8 @@ fn encode(trades: &[Trade]) -> Result<Vec<Output>, String> {
         if !symbol.starts_with('"') {
             return Err(bad(&format!("`s` must be a string, got {symbol}")));
         }
-        let (price, volume) = (number(trade.p).map_err(|e| bad(&format!("`p` {e}")))?, number(trade.v).map_err(|e| bad(&format!("`v` {e}")))?);
+        let price = number(trade.p).map_err(|e| bad(&format!("`p` {e}")))?;
+        let volume = number(trade.v).map_err(|e| bad(&format!("`v` {e}")))?;
         let conditions = trade.c.as_deref().unwrap_or_default();
         for c in conditions {
             if !c.get().starts_with('"') {
