@@ -120,10 +120,10 @@ async fn transform_stage(
             let started = std::time::Instant::now();
             drop(std::mem::replace(&mut chain, new));
             let pause_us = started.elapsed().as_micros() as u64;
-            let versions: Vec<String> =
-                chain.stages().iter().map(|s| format!("{}@{}", s.plugin().name, s.plugin().short_hash())).collect();
-            info!(%pipeline, plugins = %versions.join(" -> "), pause_us, "new plugin versions live");
-            telemetry().set_plugins(&pipeline, &self::versions(&chain));
+            let live = versions(&chain);
+            let shown: Vec<String> = live.iter().map(|(name, version)| format!("{name}@{version}")).collect();
+            info!(%pipeline, plugins = %shown.join(" -> "), pause_us, "new plugin versions live");
+            telemetry().set_plugins(&pipeline, &live);
         }
         let results = tokio::task::block_in_place(|| chain.process(&batch));
         if out.send(Transformed { batch, results, read_at }).await.is_err() {
