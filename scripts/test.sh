@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-tansu.sh
+scripts/install-test-tools.sh
 scripts/ensure-postgres.sh
 scripts/build-plugins.sh
 cargo test --locked -p sluice-plugin -p trade-flattener -p symbol-router -p sluice "$@"

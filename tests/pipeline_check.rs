@@ -51,7 +51,7 @@ fn every_error_is_reported_with_its_place() {
     assert_eq!(code, 1);
     let lines: Vec<&str> = stderr.lines().collect();
     let expected = [
-        "unknown-key.toml:1:1: unknown field `colour`, expected one of `name`, `source`, `transforms`, `sinks`, `default_sink`, `dead_letter`",
+        "unknown-key.toml:1:1: unknown field `colour`, expected one of `name`, `source`, `transforms`, `sinks`, `default_sink`, `dead_letter`, `connections`",
         "bad-sink-key.toml:5:1: unknown field `format`, there are no fields",
         "env.toml:3:12: environment variable `SLUICE_TEST_UNSET` is not set (write `${SLUICE_TEST_UNSET:-default}` for a default)",
         "semantic.toml:7:10: plugin trade_flattener rejected its config: unknown config key(s): symbols (this plugin takes no config)",
@@ -67,6 +67,95 @@ fn every_error_is_reported_with_its_place() {
     }
     assert!(stderr.contains("missing.wasm does not exist"), "{stderr}");
     assert!(stderr.ends_with(&format!("sluice: {} error(s) in pipeline files\n", lines.len() - 1)), "{stderr}");
+}
+
+#[test]
+fn connection_and_tls_errors_are_reported_at_their_place_without_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty_secret = dir.path().join("empty");
+    std::fs::write(&empty_secret, "").unwrap();
+    // Addresses nothing listens on: check must not try them.
+    let secured = format!(
+        r#"default_sink = "pg"
+[connections.prod]
+type = "kafka"
+brokers = "10.255.255.1:9093"
+tls = {{ ca = "/nonexistent/ca.pem", cert = "client.pem", key = "/nonexistent/client.key" }}
+sasl = {{ mechanism = "SCRAM-SHA-512", username = "u", password = "${{file:/nonexistent/kafka_password}}" }}
+properties = {{ "security.protocol" = "sasl_tls", "no.such.property" = "1" }}
+
+[source]
+type = "kafka"
+connection = "prod"
+topics = ["in"]
+properties = {{ "fetch.wait.max.ms" = "soon", "ssl.key.location" = "missing.key" }}
+
+[sinks.pg]
+type = "postgres"
+url = "postgres://u@10.255.255.1/db?sslmode=verify_full"
+table = "t"
+columns = [{{ name = "a", type = "text" }}]
+
+[sinks.pg2]
+type = "postgres"
+url = "postgres://u@10.255.255.1/db"
+sslmode = "verify-full"
+sslrootcert = "/nonexistent/root.crt"
+password = "${{file:{}}}"
+table = "t"
+columns = [{{ name = "a", type = "text" }}]
+
+[sinks.out]
+type = "kafka"
+connection = "nope"
+topic = "out"
+compression = "brotli"
+
+[dead_letter]
+type = "kafka"
+brokers = "10.255.255.1:9092"
+connection = "prod"
+topic = "dlq"
+"#,
+        empty_secret.display()
+    );
+    let (code, _, stderr) = check(&[("secured.toml", secured.clone())]);
+    assert_eq!(code, 1, "{stderr}");
+    let expected = [
+        "secured.toml:6:67: cannot read secret file /nonexistent/kafka_password: No such file or directory",
+        "secured.toml:26:13: secret file",
+    ];
+    for want in expected {
+        assert!(stderr.lines().any(|l| l.starts_with(want)), "missing {want:?} in:\n{stderr}");
+    }
+    // The expansion errors stop the file there; with them fixed, the rest.
+    let (code, _, stderr) = check(&[(
+        "secured.toml",
+        secured
+            .replace("${file:/nonexistent/kafka_password}", "hunter2-secret")
+            .replace(&format!("${{file:{}}}", empty_secret.display()), "pg-secret-value")
+            .replace("\"brotli\"", "\"zstd\""),
+    )]);
+    assert_eq!(code, 1, "{stderr}");
+    let expected = [
+        "secured.toml:5:14: [connections.prod]: `ssl.ca.location`: file /nonexistent/ca.pem does not exist",
+        "secured.toml:5:44: [connections.prod]: `ssl.certificate.location`: file client.pem does not exist",
+        "secured.toml:5:64: [connections.prod]: `ssl.key.location`: file /nonexistent/client.key does not exist",
+        "secured.toml:7:38: [connections.prod].properties: Invalid value \"sasl_tls\" for configuration property \"security.protocol\"",
+        "secured.toml:7:71: [connections.prod].properties: No such configuration property: \"no.such.property\"",
+        "secured.toml:13:38: [source].properties: Invalid value for configuration property \"fetch.wait.max.ms\"",
+        "secured.toml:13:67: [source].properties: `ssl.key.location`: file missing.key does not exist",
+        "secured.toml:17:7: [sinks.pg]: sslmode \"verify_full\" is not one of disable, prefer, require, verify-ca, verify-full",
+        "secured.toml:25:15: [sinks.pg2]: sslrootcert file /nonexistent/root.crt does not exist",
+        "secured.toml:32:14: [sinks.out]: no connection \"nope\" in this file (connections: prod)",
+        "secured.toml:39:14: [dead_letter]: give `brokers` or `connection`, not both (the connection has the brokers)",
+    ];
+    for want in expected {
+        assert!(stderr.lines().any(|l| l.starts_with(want)), "missing {want:?} in:\n{stderr}");
+    }
+    for secret in ["hunter2-secret", "pg-secret-value"] {
+        assert!(!stderr.contains(secret), "check shows a secret:\n{stderr}");
+    }
 }
 
 #[test]

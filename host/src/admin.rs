@@ -11,7 +11,7 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Router;
 use serde::Serialize;
 use std::net::SocketAddr;
 use crate::telemetry::{telemetry, PipelineState};
@@ -95,21 +95,31 @@ fn live_status(state: &AppState) -> Status {
     status
 }
 
-async fn status_handler(State(state): State<AppState>) -> Json<Status> {
-    Json(live_status(&state))
+/// `value` as a JSON response, with every secret Sluice knows hidden (an
+/// error quoted in a status may come from a library).
+fn redacted_json(status: StatusCode, value: &impl Serialize) -> (StatusCode, [(axum::http::HeaderName, &'static str); 1], String) {
+    let body = serde_json::to_string(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+    (status, [(axum::http::header::CONTENT_TYPE, "application/json")], crate::secrets::redact(&body))
+}
+
+async fn status_handler(State(state): State<AppState>) -> impl axum::response::IntoResponse {
+    redacted_json(StatusCode::OK, &live_status(&state))
 }
 
 async fn metrics_handler() -> ([(axum::http::HeaderName, &'static str); 1], String) {
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], telemetry().encode())
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], crate::secrets::redact(&telemetry().encode()))
 }
 
-async fn health_handler(State(state): State<AppState>) -> (StatusCode, Json<BTreeMap<String, PipelineHealth>>) {
+async fn health_handler(State(state): State<AppState>) -> impl axum::response::IntoResponse {
     let status = live_status(&state);
     let health: BTreeMap<String, PipelineHealth> = status
         .pipelines
         .iter()
         .map(|p| {
             let mut reasons = Vec::new();
+            if let Some(error) = &p.state.failing_source {
+                reasons.push(format!("source failing: {error}"));
+            }
             if !p.state.consuming {
                 reasons.push("not consuming yet (no partition assignment from the group)".to_string());
             }
@@ -120,7 +130,7 @@ async fn health_handler(State(state): State<AppState>) -> (StatusCode, Json<BTre
         })
         .collect();
     let ready = !health.is_empty() && health.values().all(|h| h.ready);
-    (if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(health))
+    redacted_json(if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &health)
 }
 
 async fn reload_handler(State(state): State<AppState>) -> (StatusCode, String) {
@@ -130,7 +140,7 @@ async fn reload_handler(State(state): State<AppState>) -> (StatusCode, String) {
     }
     match rx.await {
         Ok(Ok(summary)) => (StatusCode::OK, format!("{summary}\n")),
-        Ok(Err(reasons)) => (StatusCode::UNPROCESSABLE_ENTITY, format!("{reasons}\n")),
+        Ok(Err(reasons)) => (StatusCode::UNPROCESSABLE_ENTITY, format!("{}\n", crate::secrets::redact(&reasons))),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into()),
     }
 }

@@ -190,7 +190,7 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("sluice: error: {error:#}");
+            eprintln!("sluice: error: {}", crate::secrets::redact(&format!("{error:#}")));
             ExitCode::from(2)
         }
     }
@@ -202,7 +202,7 @@ fn init_logging(format: LogFormat) {
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(crate::secrets::redacting_stderr)
         .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
@@ -232,7 +232,7 @@ fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn print_config_errors(errors: &[crate::config::ConfigError]) {
     for error in errors {
-        eprintln!("{error}");
+        eprintln!("{}", crate::secrets::redact(&error.to_string()));
     }
     eprintln!("sluice: {} error(s) in pipeline files", errors.len());
 }

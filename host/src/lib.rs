@@ -11,6 +11,9 @@
 //!   and plugin instances with CPU and memory limits and sandbox grants;
 //! - [`config`]: pipeline files: TOML structures, `${VAR}` expansion, validation;
 //! - [`feed`]: a Finnhub-style trade feed generator (demo, tests, benchmarks);
+//! - [`clients`]: how Sluice reaches Kafka (TLS, SASL, properties checked
+//!   without connecting, connection errors classified) and PostgreSQL (libpq's sslmodes);
+//! - [`secrets`]: secret values remembered and hidden from every output;
 //! - [`sources`]: where records come from ([`sources::Source`]; Kafka);
 //! - [`transforms`]: the chain of plugin instances a batch runs through;
 //! - [`sinks`]: where outputs go ([`sinks::Sink`]; Kafka, PostgreSQL, stdout);
@@ -30,11 +33,13 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub mod admin;
 pub mod cli;
+pub mod clients;
 pub mod config;
 pub mod feed;
 pub mod record;
 pub mod runtime;
 pub mod scaffold;
+pub mod secrets;
 pub mod sinks;
 pub mod sources;
 pub mod telemetry;

@@ -68,6 +68,9 @@ pub struct PipelineState {
     pub lag: BTreeMap<String, i64>,
     /// Sinks whose last write failed, with the error.
     pub failing_sinks: BTreeMap<String, String>,
+    /// Why the source cannot read, while it cannot (e.g. "kafka source
+    /// cannot connect to host:port: SASL authentication failed").
+    pub failing_source: Option<String>,
     /// The last error seen (sink, source or commit), with its time (RFC 3339).
     pub last_error: Option<String>,
     pub records_in: u64,
@@ -248,6 +251,18 @@ impl Telemetry {
             s.failing_sinks.insert(sink.to_string(), error.to_string());
             s.last_error = Some(format!("{} sink {sink}: {error}", now()));
         });
+    }
+
+    /// The source cannot read: `/health` says why until [`Telemetry::source_ok`].
+    pub fn source_failed(&self, pipeline: &str, error: &str) {
+        self.with_state(pipeline, |s| {
+            s.failing_source = Some(error.to_string());
+            s.last_error = Some(format!("{} source: {error}", now()));
+        });
+    }
+
+    pub fn source_ok(&self, pipeline: &str) {
+        self.with_state(pipeline, |s| s.failing_source = None);
     }
 
     pub fn error(&self, pipeline: &str, error: &str) {

@@ -49,4 +49,5 @@ pub fn instance_with(runtime: &Runtime, name: &str, config: &[(&str, &str)], lim
 }
 
 pub mod services;
+pub mod tls;
 pub mod trades;

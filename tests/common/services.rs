@@ -18,9 +18,13 @@ pub struct Broker {
     pub addr: String,
     port: u16,
     storage: String,
+    /// The port clients are told to connect to (a TLS terminator's, in front of the broker).
+    advertised_port: u16,
+    /// Whether clients must authenticate (SASL/SCRAM).
+    authentication: bool,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
@@ -36,7 +40,8 @@ impl Broker {
 
     fn start_with(storage: String) -> Broker {
         let port = free_port();
-        let mut broker = Broker { child: None, addr: format!("127.0.0.1:{port}"), port, storage };
+        let mut broker =
+            Broker { child: None, addr: format!("127.0.0.1:{port}"), port, storage, advertised_port: port, authentication: false };
         broker.restart();
         broker
     }
@@ -44,10 +49,12 @@ impl Broker {
     /// Starts the broker again (same port, same storage) after [`Broker::kill`].
     pub fn restart(&mut self) {
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = format!("tcp://127.0.0.1:{}", self.advertised_port);
         let log = std::env::temp_dir().join(format!("tansu-{}.log", self.port));
         let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         let child = Command::new("tansu")
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", &self.storage])
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &advertised, "--storage-engine", &self.storage])
+            .args(self.authentication.then_some("--authentication"))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -60,6 +67,24 @@ impl Broker {
         }
     }
 
+    /// Creates a SCRAM-SHA-512 user (while authentication is off).
+    pub fn create_user(&self, name: &str, password: &str) {
+        let out = Command::new("tansu")
+            .args(["user", "create", "--broker", &format!("tcp://{}", self.addr), "--mechanism", "scram512", name, password])
+            .output()
+            .expect("tansu user create");
+        assert!(out.status.success(), "tansu user create failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Restarts the broker on the same storage, advertising `port` (a TLS
+    /// terminator in front of it), requiring SASL when `authentication`.
+    pub fn restart_behind(&mut self, port: u16, authentication: bool) {
+        self.kill();
+        self.advertised_port = port;
+        self.authentication = authentication;
+        self.restart();
+    }
+
     /// SIGKILL: the broker vanishes without a goodbye.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -69,13 +94,7 @@ impl Broker {
     }
 
     pub async fn create_topic(&self, name: &str, partitions: i32) {
-        let admin: AdminClient<DefaultClientContext> =
-            ClientConfig::new().set("bootstrap.servers", &self.addr).create().unwrap();
-        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
-        let results = admin.create_topics([&topic], &AdminOptions::new()).await.unwrap();
-        for r in results {
-            r.unwrap_or_else(|(t, e)| panic!("cannot create topic {t}: {e}"));
-        }
+        create_topic_at(&self.addr, &[], name, partitions).await
     }
 
     /// Produces `values` (no key) and waits for every delivery.
@@ -91,32 +110,12 @@ impl Broker {
 
     /// Reads `topic` from the beginning until `expected` messages arrived or `timeout` passed.
     pub fn consume(&self, topic: &str, expected: usize, timeout: Duration) -> Vec<OwnedMessage> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.addr)
-            .set("group.id", format!("test-reader-{}", free_port()))
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .create()
-            .unwrap();
-        consumer.subscribe(&[topic]).unwrap();
-        let deadline = Instant::now() + timeout;
-        let mut out = Vec::new();
-        while out.len() < expected && Instant::now() < deadline {
-            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-                out.push(m.detach());
-            }
-        }
-        // Anything beyond the expected count shows up here too.
-        while let Some(Ok(m)) = consumer.poll(Duration::from_millis(500)) {
-            out.push(m.detach());
-        }
-        out
+        consume_from(&self.addr, &[], topic, expected, timeout)
     }
 
     /// The committed offset of `group` for each partition of `topic` (-1: none).
     pub fn committed(&self, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
-        let consumer: BaseConsumer =
-            ClientConfig::new().set("bootstrap.servers", &self.addr).set("group.id", group).create().unwrap();
+        let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &self.addr).set("group.id", group).create().unwrap();
         let mut list = TopicPartitionList::new();
         for p in 0..partitions {
             list.add_partition(topic, p);
@@ -131,6 +130,48 @@ impl Broker {
             })
             .collect()
     }
+}
+
+/// Creates topic `name` on the broker at `addr`, with extra client properties (TLS, SASL).
+pub async fn create_topic_at(addr: &str, properties: &[(&str, &str)], name: &str, partitions: i32) {
+    let mut config = ClientConfig::new();
+    for (k, v) in properties {
+        config.set(*k, *v);
+    }
+    let admin: AdminClient<DefaultClientContext> = config.set("bootstrap.servers", addr).create().unwrap();
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let results = admin.create_topics([&topic], &AdminOptions::new()).await.unwrap();
+    for r in results {
+        r.unwrap_or_else(|(t, e)| panic!("cannot create topic {t}: {e}"));
+    }
+}
+
+/// [`Broker::consume`] from the broker at `addr`, with extra consumer properties (TLS, SASL).
+pub fn consume_from(addr: &str, properties: &[(&str, &str)], topic: &str, expected: usize, timeout: Duration) -> Vec<OwnedMessage> {
+    let mut config = ClientConfig::new();
+    for (k, v) in properties {
+        config.set(*k, *v);
+    }
+    let consumer: BaseConsumer = config
+        .set("bootstrap.servers", addr)
+        .set("group.id", format!("test-reader-{}", free_port()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    while out.len() < expected && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            out.push(m.detach());
+        }
+    }
+    // Anything beyond the expected count shows up here too.
+    while let Some(Ok(m)) = consumer.poll(Duration::from_millis(500)) {
+        out.push(m.detach());
+    }
+    out
 }
 
 impl Drop for Broker {
@@ -148,19 +189,17 @@ pub async fn produce_to(addr: &str, topic: &str, values: &[Vec<u8>], properties:
     }
     let producer: FutureProducer = config.create().unwrap();
     let mut pending = Vec::new();
-        for v in values {
-            pending.push(producer.send_result(FutureRecord::<(), [u8]>::to(topic).payload(v)).map_err(|(e, _)| e).unwrap());
-        }
-        for p in pending {
-            p.await.unwrap().map_err(|(e, _)| e).unwrap();
-        }
+    for v in values {
+        pending.push(producer.send_result(FutureRecord::<(), [u8]>::to(topic).payload(v)).map_err(|(e, _)| e).unwrap());
     }
+    for p in pending {
+        p.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+}
 
 /// One past the last offset of each partition among `messages` (0: none).
 pub fn end_offsets(messages: &[OwnedMessage], partitions: i32) -> Vec<i64> {
-    (0..partitions)
-        .map(|p| messages.iter().filter(|m| m.partition() == p).map(|m| m.offset() + 1).max().unwrap_or(0))
-        .collect()
+    (0..partitions).map(|p| messages.iter().filter(|m| m.partition() == p).map(|m| m.offset() + 1).max().unwrap_or(0)).collect()
 }
 
 pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
@@ -178,9 +217,8 @@ pub struct PgSchema {
 
 impl PgSchema {
     pub async fn create(prefix: &str) -> PgSchema {
-        let (client, connection) = tokio_postgres::connect(PG_URL, tokio_postgres::NoTls)
-            .await
-            .expect("PostgreSQL must run at 127.0.0.1:5432 (see README)");
+        let (client, connection) =
+            tokio_postgres::connect(PG_URL, tokio_postgres::NoTls).await.expect("PostgreSQL must run at 127.0.0.1:5432 (see README)");
         tokio::spawn(connection);
         let name = format!("{prefix}_{}_{}", std::process::id(), free_port());
         client.batch_execute(&format!("CREATE SCHEMA {name}")).await.unwrap();
@@ -219,9 +257,15 @@ impl SluiceProcess {
 
     /// `sluice run` with extra environment variables.
     pub fn run_with(pipelines: &[&Path], brokers: &str, env: &[(&str, &str)]) -> SluiceProcess {
+        SluiceProcess::run_args(&[], pipelines, brokers, env)
+    }
+
+    /// `sluice ARGS run` (e.g. `--log-format json`) with extra environment variables.
+    pub fn run_args(args: &[&str], pipelines: &[&Path], brokers: &str, env: &[(&str, &str)]) -> SluiceProcess {
         let log = std::env::temp_dir().join(format!("sluice-test-{}.log", free_port()));
         let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .envs(env.iter().copied())
+            .args(args)
             .arg("--cache-dir")
             .arg(super::test_cache_dir())
             .arg("run")
@@ -237,12 +281,15 @@ impl SluiceProcess {
         SluiceProcess { child: Some(child), log }
     }
 
-    /// The admin listener's address, from the log.
+    /// The admin listener's address, from the log (text or JSON).
     pub async fn admin_addr(&self) -> String {
         assert!(self.wait_log("admin listener ready", 0).await, "no admin listener");
         let log = std::fs::read_to_string(&self.log).unwrap();
         let line = log.lines().find(|l| l.contains("admin listener ready")).unwrap();
-        line.split("addr=").nth(1).unwrap().split_whitespace().next().unwrap().to_string()
+        match line.split_once("addr=") {
+            Some((_, rest)) => rest.split_whitespace().next().unwrap().to_string(),
+            None => line.split("\"addr\":\"").nth(1).unwrap().split('"').next().unwrap().to_string(),
+        }
     }
 
     /// How many log lines contain `needle`.
@@ -322,23 +369,40 @@ pub struct PrivatePostgres {
     dir: tempfile::TempDir,
     pub port: u16,
     bin: PathBuf,
+    /// Serves TLS with `server.crt`/`server.key` in its folder.
+    tls: bool,
 }
 
 impl PrivatePostgres {
     pub fn start() -> PrivatePostgres {
+        PrivatePostgres::init(None)
+    }
+
+    /// A server that offers TLS with this certificate and key (PEM).
+    pub fn start_with_tls(cert: &Path, key: &Path) -> PrivatePostgres {
+        PrivatePostgres::init(Some((cert, key)))
+    }
+
+    fn init(tls: Option<(&Path, &Path)>) -> PrivatePostgres {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .expect("PostgreSQL server binaries under /usr/lib/postgresql")
             .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
             .find(|b| b.join("initdb").exists())
             .expect("initdb");
         let dir = tempfile::tempdir().unwrap();
-        let pg = PrivatePostgres { dir, port: free_port(), bin };
+        let pg = PrivatePostgres { dir, port: free_port(), bin, tls: tls.is_some() };
+        if let Some((cert, key)) = tls {
+            std::fs::copy(cert, pg.dir.path().join("server.crt")).unwrap();
+            std::fs::copy(key, pg.dir.path().join("server.key")).unwrap();
+            Command::new("chmod").arg("600").arg(pg.dir.path().join("server.key")).status().unwrap();
+        }
         // initdb refuses to run as root: the cluster belongs to `postgres` then.
         if is_root() {
             Command::new("chown").args(["-R", "postgres"]).arg(pg.dir.path()).status().unwrap();
         }
         let data = pg.dir.path().join("data");
-        let out = pg.as_owner(pg.bin.join("initdb")).args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "-D"]).arg(&data).output().unwrap();
+        let out =
+            pg.as_owner(pg.bin.join("initdb")).args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "-D"]).arg(&data).output().unwrap();
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         pg.start_server();
         pg
@@ -362,7 +426,11 @@ impl PrivatePostgres {
     }
 
     pub fn start_server(&self) {
-        let options = format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", self.port, self.dir.path().display());
+        let dir = self.dir.path().display();
+        let mut options = format!("-p {} -k {dir} -c listen_addresses=127.0.0.1 -c fsync=off", self.port);
+        if self.tls {
+            options.push_str(&format!(" -c ssl=on -c ssl_cert_file={dir}/server.crt -c ssl_key_file={dir}/server.key"));
+        }
         self.pg_ctl(&["-w", "-o", &options, "start"]);
     }
 

@@ -48,8 +48,10 @@ mod tests {
         Pipeline {
             name: name.into(),
             file: format!("{name}.toml").into(),
+            secret_files: Vec::new(),
             source: SourceConfig::Kafka(KafkaSourceConfig {
-                brokers: "b".into(),
+                brokers: Some("b".into()),
+                connection: None,
                 topics: vec![topic.into()],
                 group: None,
                 instance_id: None,

@@ -23,6 +23,22 @@
 //! brokers = "${SLUICE_BROKERS:-127.0.0.1:9092}"
 //! topic = "trades_dlq"
 //! ```
+//!
+//! A secured cluster is declared once, as a named connection that the
+//! source, Kafka sinks and dead-letter section reference:
+//!
+//! ```toml
+//! [connections.prod]
+//! type = "kafka"
+//! brokers = "b1.example.com:9093"
+//! tls = { ca = "/etc/ssl/kafka-ca.pem" }
+//! sasl = { mechanism = "SCRAM-SHA-512", username = "sluice", password = "${file:/run/secrets/kafka}" }
+//!
+//! [source]
+//! type = "kafka"
+//! connection = "prod"
+//! topics = ["trades_raw"]
+//! ```
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -48,6 +64,101 @@ pub struct PipelineFile {
     /// Where records go that a transform failed on, or whose output could not
     /// be routed or converted (a Kafka topic, or stdout).
     pub dead_letter: Spanned<SinkConfig>,
+    /// Named connections (a Kafka cluster with its TLS and SASL settings),
+    /// referenced by `connection = "NAME"` from the source, the Kafka sinks
+    /// and the dead-letter section.
+    #[serde(default)]
+    pub connections: BTreeMap<String, Spanned<ConnectionConfig>>,
+}
+
+/// A named connection, chosen by `type`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ConnectionConfig {
+    Kafka(KafkaConnectionConfig),
+}
+
+/// `type = "kafka"`: a Kafka cluster and how to reach it. Sluice turns `tls`
+/// and `sasl` into librdkafka's properties (`security.protocol` follows from
+/// which of them are set); `properties` adds or overrides any other.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConnectionConfig {
+    /// Bootstrap servers, comma-separated (`host:port,host:port`).
+    pub brokers: String,
+    /// Encrypt with TLS (`security.protocol` ssl, or sasl_ssl with `sasl`).
+    pub tls: Option<KafkaTlsConfig>,
+    /// Authenticate with SASL (`security.protocol` sasl_ssl with `tls`,
+    /// else sasl_plaintext).
+    pub sasl: Option<KafkaSaslConfig>,
+    /// librdkafka properties for every client of this connection; a
+    /// source's or sink's own `properties` override them.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+/// TLS towards the brokers.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaTlsConfig {
+    /// PEM file of the CA certificates that signed the brokers' certificates
+    /// (`ssl.ca.location`). Default: the system's trusted roots.
+    pub ca: Option<String>,
+    /// PEM file of this client's certificate, for mutual TLS (`ssl.certificate.location`).
+    pub cert: Option<String>,
+    /// PEM file of this client's private key, for mutual TLS (`ssl.key.location`).
+    pub key: Option<String>,
+    /// Password of an encrypted `key` (`ssl.key.password`).
+    pub key_password: Option<String>,
+    /// Check that the broker's certificate names the host connected to
+    /// (default true; `ssl.endpoint.identification.algorithm`).
+    #[serde(default = "default_true")]
+    pub verify_hostname: bool,
+}
+
+/// SASL authentication towards the brokers.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSaslConfig {
+    /// `PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512` or `OAUTHBEARER`.
+    pub mechanism: SaslMechanism,
+    /// User name (PLAIN, SCRAM).
+    pub username: Option<String>,
+    /// Password (PLAIN, SCRAM): best from `${VAR}` or `${file:/path}`.
+    pub password: Option<String>,
+    /// OAUTHBEARER: the OIDC token endpoint that grants client-credentials
+    /// tokens (`sasl.oauthbearer.token.endpoint.url`).
+    pub token_endpoint: Option<String>,
+    /// OAUTHBEARER: the OIDC client id.
+    pub client_id: Option<String>,
+    /// OAUTHBEARER: the OIDC client secret: best from `${VAR}` or `${file:/path}`.
+    pub client_secret: Option<String>,
+    /// OAUTHBEARER: the scope requested (optional).
+    pub scope: Option<String>,
+}
+
+/// The SASL mechanisms this build of librdkafka supports.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub enum SaslMechanism {
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+    #[serde(rename = "OAUTHBEARER")]
+    OAuthBearer,
+}
+
+impl SaslMechanism {
+    pub fn name(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+            SaslMechanism::OAuthBearer => "OAUTHBEARER",
+        }
+    }
 }
 
 /// A source, chosen by `type`.
@@ -61,8 +172,11 @@ pub enum SourceConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSourceConfig {
-    /// Bootstrap servers, comma-separated (`host:port,host:port`).
-    pub brokers: String,
+    /// Bootstrap servers, comma-separated (`host:port,host:port`). Give
+    /// either `brokers` or `connection`.
+    pub brokers: Option<String>,
+    /// The named Kafka connection (`[connections.NAME]`) to read from.
+    pub connection: Option<String>,
     /// Topics to consume.
     pub topics: Vec<String>,
     /// Consumer group id. Default: `sluice-<pipeline name>`. Instances sharing
@@ -83,11 +197,18 @@ pub struct KafkaSourceConfig {
     #[serde(default = "default_batch_max_ms")]
     pub batch_max_ms: u64,
     /// librdkafka consumer properties passed through as they are
-    /// (e.g. `"session.timeout.ms" = "10000"`). Sluice owns
-    /// `enable.auto.commit` (always false): offsets are committed only after
-    /// every sink has the batch.
+    /// (e.g. `"session.timeout.ms" = "10000"`), over the connection's. Sluice
+    /// owns `enable.auto.commit` (always false): offsets are committed only
+    /// after every sink has the batch.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+}
+
+impl KafkaSourceConfig {
+    /// The bootstrap servers (after validation, also those of a connection).
+    pub fn brokers(&self) -> &str {
+        self.brokers.as_deref().unwrap_or_default()
+    }
 }
 
 fn default_batch_max_records() -> usize {
@@ -180,13 +301,50 @@ impl SinkConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSinkConfig {
-    /// Bootstrap servers, comma-separated.
-    pub brokers: String,
+    /// Bootstrap servers, comma-separated. Give either `brokers` or `connection`.
+    pub brokers: Option<String>,
+    /// The named Kafka connection (`[connections.NAME]`) to write to.
+    pub connection: Option<String>,
     /// Destination topic.
     pub topic: String,
-    /// librdkafka producer properties passed through as they are.
+    /// Compression of the batches written: `none`, `gzip`, `snappy`, `lz4`
+    /// (default) or `zstd`.
+    #[serde(default)]
+    pub compression: Compression,
+    /// librdkafka producer properties passed through as they are, over the connection's.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+}
+
+impl KafkaSinkConfig {
+    /// The bootstrap servers (after validation, also those of a connection).
+    pub fn brokers(&self) -> &str {
+        self.brokers.as_deref().unwrap_or_default()
+    }
+}
+
+/// A Kafka producer's compression codec (`compression.type`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    Gzip,
+    Snappy,
+    #[default]
+    Lz4,
+    Zstd,
+}
+
+impl Compression {
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Snappy => "snappy",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+        }
+    }
 }
 
 /// `type = "postgres"`: rows into a table, one per output record, written
@@ -195,8 +353,24 @@ pub struct KafkaSinkConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresSinkConfig {
-    /// Connection string, e.g. `postgres://user@127.0.0.1:5432/db`.
+    /// Connection string, as a URL (`postgres://user@host:5432/db?sslmode=verify-full`)
+    /// or libpq's `key=value` form. `sslmode`, `sslrootcert`, `sslcert` and
+    /// `sslkey` have libpq's meaning, in the URL or as the options below.
     pub url: String,
+    /// Password, when it is not in `url`: best from `${VAR}` or `${file:/path}`.
+    pub password: Option<String>,
+    /// TLS: `disable`, `prefer` (libpq's default: TLS if the server offers
+    /// it, unverified), `require` (TLS, unverified unless `sslrootcert` is
+    /// set), `verify-ca` (the server's certificate chains to `sslrootcert`)
+    /// or `verify-full` (and names the host). Overrides the URL's.
+    pub sslmode: Option<String>,
+    /// PEM file of the CA certificates to trust, or `system` for the
+    /// system's trusted roots (default for `verify-*` when unset).
+    pub sslrootcert: Option<String>,
+    /// PEM file of this client's certificate, for mutual TLS.
+    pub sslcert: Option<String>,
+    /// PEM file of this client's private key, for mutual TLS.
+    pub sslkey: Option<String>,
     /// Destination table (optionally `schema.table`).
     pub table: String,
     /// Create the table (and schema) if missing, from `columns`.

@@ -31,6 +31,8 @@ impl std::error::Error for ConfigError {}
 pub struct Pipeline {
     pub name: String,
     pub file: PathBuf,
+    /// Secret files the pipeline reads (`${file:/path}`): a change reloads it.
+    pub secret_files: Vec<PathBuf>,
     pub source: SourceConfig,
     pub transforms: Vec<TransformSpec>,
     pub sinks: BTreeMap<String, SinkConfig>,
@@ -63,10 +65,32 @@ impl Pipeline {
 struct Reporter<'a> {
     file: &'a Path,
     text: &'a str,
+    /// The file as a TOML document with spans, to find where a key is written.
+    doc: Option<toml::Spanned<toml::de::DeTable<'a>>>,
     errors: Vec<ConfigError>,
 }
 
 impl Reporter<'_> {
+    /// The span of the value at `path` (keys from the top of the file), if written.
+    fn span_of(&self, path: &[&str]) -> Option<Range<usize>> {
+        let mut table = self.doc.as_ref()?.get_ref();
+        let mut span = None;
+        for (i, key) in path.iter().enumerate() {
+            let value = table.get(*key)?;
+            span = Some(value.span());
+            if i + 1 < path.len() {
+                table = value.get_ref().as_table()?;
+            }
+        }
+        span
+    }
+
+    /// Reports `message` at the value of `path`, or at `fallback` when it is not written there.
+    fn at_key(&mut self, path: &[&str], fallback: Range<usize>, message: impl Into<String>) {
+        let span = self.span_of(path).unwrap_or(fallback);
+        self.at(span, message);
+    }
+
     fn at(&mut self, span: Range<usize>, message: impl Into<String>) {
         let before = &self.text[..span.start.min(self.text.len())];
         let line = before.matches('\n').count() + 1;
@@ -87,26 +111,23 @@ pub fn load_pipeline(file: &Path, runtime: Option<&Runtime>) -> Result<Pipeline,
 /// Expands and validates the text of a pipeline file read from `file`
 /// (which names the errors and anchors relative paths).
 pub fn parse_pipeline(raw: &str, file: &Path, runtime: Option<&Runtime>) -> Result<Pipeline, Vec<ConfigError>> {
-    let text = expand(raw, |name| std::env::var(name).ok()).map_err(|missing| {
-        missing
+    let expanded = expand(raw, |name| std::env::var(name).ok()).map_err(|errors| {
+        errors
             .into_iter()
-            .map(|m| ConfigError {
-                file: file.to_path_buf(),
-                line: m.line,
-                column: m.column,
-                message: format!("environment variable `{}` is not set (write `${{{}:-default}}` for a default)", m.name, m.name),
-            })
+            .map(|e| ConfigError { file: file.to_path_buf(), line: e.line, column: e.column, message: e.message })
             .collect::<Vec<_>>()
     })?;
-    let mut report = Reporter { file, text: &text, errors: Vec::new() };
+    let text = expanded.text;
+    let mut report = Reporter { file, text: &text, doc: toml::de::DeTable::parse(&text).ok(), errors: Vec::new() };
     let parsed: PipelineFile = match toml::from_str(&text) {
         Ok(parsed) => parsed,
         Err(e) => {
-            report.at(e.span().unwrap_or(0..0), e.message().trim_end().to_string());
+            report.at(e.span().unwrap_or(0..0), crate::secrets::redact(e.message().trim_end()));
             return Err(report.errors);
         }
     };
-    let pipeline = check(parsed, file, runtime, &mut report);
+    let mut pipeline = check(parsed, file, runtime, &mut report);
+    pipeline.secret_files = expanded.files;
     if report.errors.is_empty() {
         Ok(pipeline)
     } else {
@@ -124,9 +145,12 @@ fn check(parsed: PipelineFile, file: &Path, runtime: Option<&Runtime>, report: &
         report.at(0..0, format!("pipeline name {name:?} must be non-empty letters, digits, `-` or `_`"));
     }
 
+    let connections = check_connections(&parsed.connections, dir, report);
     let source_span = parsed.source.span();
-    match parsed.source.get_ref() {
+    let mut source = parsed.source.get_ref().clone();
+    match &mut source {
         SourceConfig::Kafka(k) => {
+            resolve_kafka(&["source"], source_span.clone(), (&mut k.brokers, &k.connection, &mut k.properties), &connections, dir, report);
             if k.topics.is_empty() {
                 report.at(source_span.clone(), "[source]: `topics` is empty");
             }
@@ -134,7 +158,11 @@ fn check(parsed: PipelineFile, file: &Path, runtime: Option<&Runtime>, report: &
                 report.at(source_span.clone(), "[source]: `batch_max_records` must be at least 1");
             }
             if k.properties.contains_key("enable.auto.commit") {
-                report.at(source_span, "[source.properties]: `enable.auto.commit` is Sluice's: offsets are committed after the sinks have the data");
+                report.at_key(
+                    &["source", "properties", "enable.auto.commit"],
+                    source_span,
+                    "[source.properties]: `enable.auto.commit` is Sluice's: offsets are committed after the sinks have the data",
+                );
             }
         }
     }
@@ -149,8 +177,9 @@ fn check(parsed: PipelineFile, file: &Path, runtime: Option<&Runtime>, report: &
     if parsed.sinks.is_empty() {
         report.at(0..0, "no sinks: add at least one `[sinks.NAME]` table");
     }
+    let mut sinks = BTreeMap::new();
     for (sink_name, sink) in &parsed.sinks {
-        check_sink(&format!("[sinks.{sink_name}]"), sink, report);
+        sinks.insert(sink_name.clone(), check_sink(&["sinks", sink_name], sink, &connections, dir, report));
     }
     let default_sink = match &parsed.default_sink {
         Some(d) if parsed.sinks.contains_key(d.get_ref()) => d.get_ref().clone(),
@@ -166,23 +195,149 @@ fn check(parsed: PipelineFile, file: &Path, runtime: Option<&Runtime>, report: &
             String::new()
         }
     };
-    match parsed.dead_letter.get_ref() {
-        SinkConfig::Kafka(_) | SinkConfig::Stdout(_) => check_sink("[dead_letter]", &parsed.dead_letter, report),
-        other => report.at(
-            parsed.dead_letter.span(),
-            format!("[dead_letter]: type {:?} cannot hold dead letters; use \"kafka\" or \"stdout\"", other.kind()),
-        ),
-    }
+    let dead_letter = match parsed.dead_letter.get_ref() {
+        SinkConfig::Kafka(_) | SinkConfig::Stdout(_) => check_sink(&["dead_letter"], &parsed.dead_letter, &connections, dir, report),
+        other => {
+            report.at(
+                parsed.dead_letter.span(),
+                format!("[dead_letter]: type {:?} cannot hold dead letters; use \"kafka\" or \"stdout\"", other.kind()),
+            );
+            other.clone()
+        }
+    };
 
-    Pipeline {
-        name,
-        file: file.to_path_buf(),
-        source: parsed.source.into_inner(),
-        transforms,
-        sinks: parsed.sinks.into_iter().map(|(k, v)| (k, v.into_inner())).collect(),
-        default_sink,
-        dead_letter: parsed.dead_letter.into_inner(),
+    Pipeline { name, file: file.to_path_buf(), secret_files: Vec::new(), source, transforms, sinks, default_sink, dead_letter }
+}
+
+/// The Kafka connections of a file, each with its librdkafka properties
+/// (from `tls`, `sasl` and `properties`), checked.
+fn check_connections(
+    connections: &BTreeMap<String, toml::Spanned<ConnectionConfig>>,
+    dir: &Path,
+    report: &mut Reporter,
+) -> BTreeMap<String, (String, KafkaProperties)> {
+    let mut out = BTreeMap::new();
+    for (name, connection) in connections {
+        let span = connection.span();
+        let place = format!("[connections.{name}]");
+        let ConnectionConfig::Kafka(kafka) = connection.get_ref();
+        if kafka.brokers.trim().is_empty() {
+            report.at_key(&["connections", name, "brokers"], span.clone(), format!("{place}: `brokers` is empty"));
+        }
+        let errors_before = report.errors.len();
+        let mut properties = KafkaProperties::new();
+        match crate::clients::kafka::connection_properties(kafka) {
+            Ok(derived) => {
+                for (key, value) in derived {
+                    match crate::clients::kafka::check_property(key, &value, dir) {
+                        Ok(value) => {
+                            properties.insert(key.to_string(), value);
+                        }
+                        Err(message) => {
+                            let field = typed_field(key);
+                            report.at_key(&["connections", name, field.0, field.1], span.clone(), format!("{place}: {message}"));
+                        }
+                    }
+                }
+            }
+            Err(messages) => {
+                for message in messages {
+                    report.at(span.clone(), format!("{place}: {message}"));
+                }
+            }
+        }
+        check_properties(&place, &["connections", name], &kafka.properties, &mut properties, dir, report);
+        if report.errors.len() == errors_before {
+            if let Err(message) = crate::clients::kafka::check_client(&properties) {
+                report.at(span.clone(), format!("{place}: {message}"));
+            }
+        }
+        out.insert(name.clone(), (kafka.brokers.clone(), properties));
     }
+    out
+}
+
+/// The `tls`/`sasl` field of a connection that a librdkafka property came from.
+fn typed_field(property: &str) -> (&'static str, &'static str) {
+    match property {
+        "ssl.ca.location" => ("tls", "ca"),
+        "ssl.certificate.location" => ("tls", "cert"),
+        "ssl.key.location" => ("tls", "key"),
+        "ssl.key.password" => ("tls", "key_password"),
+        "sasl.username" => ("sasl", "username"),
+        "sasl.password" => ("sasl", "password"),
+        "sasl.oauthbearer.token.endpoint.url" => ("sasl", "token_endpoint"),
+        "sasl.oauthbearer.client.id" => ("sasl", "client_id"),
+        "sasl.oauthbearer.client.secret" => ("sasl", "client_secret"),
+        "sasl.oauthbearer.scope" => ("sasl", "scope"),
+        p if p.starts_with("sasl") => ("sasl", "mechanism"),
+        _ => ("tls", "ca"),
+    }
+}
+
+/// librdkafka properties by name.
+type KafkaProperties = BTreeMap<String, String>;
+
+/// Checks each of `own` (the `properties` of the table at `table`) and adds
+/// it to `into` (over what is there).
+fn check_properties(place: &str, table: &[&str], own: &KafkaProperties, into: &mut KafkaProperties, dir: &Path, report: &mut Reporter) {
+    for (key, value) in own {
+        match crate::clients::kafka::check_property(key, value, dir) {
+            Ok(checked) => {
+                into.insert(key.clone(), checked);
+            }
+            Err(message) => {
+                let path: Vec<&str> = table.iter().copied().chain(["properties", key.as_str()]).collect();
+                let fallback = report.span_of(table).unwrap_or(0..0);
+                report.at_key(&path, fallback, format!("{place}.properties: {message}"));
+            }
+        }
+    }
+}
+
+/// A Kafka source's or sink's `brokers`, `connection` and `properties`
+/// (the table at `table`), resolved: the brokers of its connection, the
+/// connection's properties under its own, every property checked.
+fn resolve_kafka(
+    table: &[&str],
+    span: Range<usize>,
+    (brokers, connection, properties): (&mut Option<String>, &Option<String>, &mut KafkaProperties),
+    connections: &BTreeMap<String, (String, KafkaProperties)>,
+    dir: &Path,
+    report: &mut Reporter,
+) {
+    let place = format!("[{}]", table.join("."));
+    let key = |k: &'static str| -> Vec<&str> { table.iter().copied().chain([k]).collect() };
+    let mut merged = KafkaProperties::new();
+    match (brokers.as_ref(), connection) {
+        (Some(_), Some(_)) => report.at_key(
+            &key("connection"),
+            span.clone(),
+            format!("{place}: give `brokers` or `connection`, not both (the connection has the brokers)"),
+        ),
+        (None, None) => report.at(span.clone(), format!("{place}: say where Kafka is: `brokers = \"host:port\"` or `connection = \"NAME\"`")),
+        (Some(b), None) if b.trim().is_empty() => report.at_key(&key("brokers"), span.clone(), format!("{place}: `brokers` is empty")),
+        (None, Some(c)) => match connections.get(c) {
+            Some((connection_brokers, connection_properties)) => {
+                *brokers = Some(connection_brokers.clone());
+                merged = connection_properties.clone();
+            }
+            None => {
+                let known: Vec<&str> = connections.keys().map(String::as_str).collect();
+                let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
+                report.at_key(&key("connection"), span.clone(), format!("{place}: no connection {c:?} in this file (connections: {known})"));
+            }
+        },
+        (Some(_), None) => {}
+    }
+    let errors_before = report.errors.len();
+    check_properties(&place, table, properties, &mut merged, dir, report);
+    if report.errors.len() == errors_before && !properties.is_empty() {
+        if let Err(message) = crate::clients::kafka::check_client(&merged) {
+            report.at(span, format!("{place}: {message}"));
+        }
+    }
+    *properties = merged;
 }
 
 fn check_transform(
@@ -248,11 +403,37 @@ fn check_transform(
     spec
 }
 
-fn check_sink(place: &str, sink: &toml::Spanned<SinkConfig>, report: &mut Reporter) {
+/// Checks a sink (the table at `table`) and returns it resolved (a Kafka
+/// sink's connection merged in).
+fn check_sink(
+    table: &[&str],
+    sink: &toml::Spanned<SinkConfig>,
+    connections: &BTreeMap<String, (String, KafkaProperties)>,
+    dir: &Path,
+    report: &mut Reporter,
+) -> SinkConfig {
     let span = sink.span();
-    match sink.get_ref() {
-        SinkConfig::Kafka(k) if k.topic.is_empty() => report.at(span, format!("{place}: `topic` is empty")),
+    let place = format!("[{}]", table.join("."));
+    let key = |k: &'static str| -> Vec<&str> { table.iter().copied().chain([k]).collect() };
+    let mut resolved = sink.get_ref().clone();
+    match &mut resolved {
+        SinkConfig::Kafka(k) => {
+            if k.topic.is_empty() {
+                report.at_key(&key("topic"), span.clone(), format!("{place}: `topic` is empty"));
+            }
+            resolve_kafka(table, span, (&mut k.brokers, &k.connection, &mut k.properties), connections, dir, report);
+        }
         SinkConfig::Postgres(pg) => {
+            if let Err(errors) = crate::clients::postgres::target(pg, dir) {
+                for e in errors {
+                    // An option the sink does not set came from the URL.
+                    let at = match report.span_of(&key(e.option)) {
+                        Some(at) => at,
+                        None => report.span_of(&key("url")).unwrap_or(span.clone()),
+                    };
+                    report.at(at, format!("{place}: {}", e.message));
+                }
+            }
             if pg.columns.is_empty() {
                 report.at(span.clone(), format!("{place}: `columns` is empty"));
             }
@@ -262,8 +443,9 @@ fn check_sink(place: &str, sink: &toml::Spanned<SinkConfig>, report: &mut Report
                 }
             }
         }
-        _ => {}
+        SinkConfig::Stdout(_) => {}
     }
+    resolved
 }
 
 /// Expands the arguments of `sluice run`/`check`: files as they are, folders

@@ -1,5 +1,5 @@
-//! Watches the pipeline files (and folders) `sluice run` was given and the
-//! plugin files their pipelines use, and reports changes on a channel. The
+//! Watches the pipeline files (and folders) `sluice run` was given, the
+//! plugin files their pipelines use and the secret files they read, and reports changes on a channel. The
 //! parent folders are watched, not the files, so editors' atomic renames and
 //! cargo's re-linking are seen; callers debounce.
 
@@ -13,7 +13,7 @@ use tracing::warn;
 
 #[derive(Default)]
 struct Interest {
-    /// Exact files: pipeline files given by name, plugin files.
+    /// Exact files: pipeline files given by name, plugin files, secret files.
     files: BTreeSet<PathBuf>,
     /// Folders given to `sluice run`: any `*.toml` in them.
     pipeline_dirs: BTreeSet<PathBuf>,
@@ -78,6 +78,7 @@ impl Watcher {
         for p in pipelines {
             interest.files.insert(normalize(&p.file));
             interest.files.extend(p.transforms.iter().map(|t| normalize(&t.path)));
+            interest.files.extend(p.secret_files.iter().map(|f| normalize(f)));
         }
         let dirs: BTreeSet<PathBuf> = interest
             .files

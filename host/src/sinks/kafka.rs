@@ -7,30 +7,32 @@ use anyhow::Context;
 use async_trait::async_trait;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
+use crate::clients::kafka::{client_config, ClientEvents, ProducerContext, Role};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
 use std::time::Duration;
 
 pub struct KafkaSink {
-    producer: FutureProducer,
+    producer: FutureProducer<ProducerContext>,
+    /// The producer's connection errors; cleared by a delivered batch.
+    events: std::sync::Arc<ClientEvents>,
     topic: String,
 }
 
 impl KafkaSink {
-    pub fn new(config: &KafkaSinkConfig, pipeline: &str) -> anyhow::Result<Self> {
-        let mut client = ClientConfig::new();
+    /// The producer of sink `name` of `pipeline`.
+    pub fn new(config: &KafkaSinkConfig, name: &str, pipeline: &str) -> anyhow::Result<Self> {
+        let mut client = client_config(config.brokers(), &config.properties);
         // The whole batch is enqueued before its deliveries are awaited, so a
         // long linger only delays the batch's end.
-        client.set("linger.ms", "1").set("compression.type", "lz4");
-        for (k, v) in &config.properties {
-            client.set(k, v);
+        for (key, value) in [("linger.ms", "1"), ("compression.type", config.compression.name())] {
+            if !config.properties.contains_key(key) {
+                client.set(key, value);
+            }
         }
-        client
-            .set("bootstrap.servers", &config.brokers)
-            .set("client.id", format!("sluice-{pipeline}"))
-            .set("enable.idempotence", "true");
-        let producer = client.create().context("cannot create the Kafka producer")?;
-        Ok(KafkaSink { producer, topic: config.topic.clone() })
+        client.set("client.id", format!("sluice-{pipeline}")).set("enable.idempotence", "true");
+        let events = std::sync::Arc::new(ClientEvents::new(pipeline, Role::Sink(name.to_string()), config.brokers()));
+        let producer = client.create_with_context(ProducerContext(events.clone())).context("cannot create the Kafka producer")?;
+        Ok(KafkaSink { producer, events, topic: config.topic.clone() })
     }
 }
 
@@ -85,6 +87,7 @@ impl Sink for KafkaSink {
                 Err(_) => anyhow::bail!("the Kafka producer shut down before delivery to {}", self.topic),
             }
         }
+        self.events.ok();
         Ok(rejected)
     }
 }

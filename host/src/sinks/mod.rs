@@ -29,11 +29,12 @@ pub trait Sink: Send + Sync {
     async fn write(&self, batch: &[Output], origins: &[&Origin]) -> anyhow::Result<Vec<Rejected>>;
 }
 
-/// Builds the sink `name` of `pipeline`, described by `config`.
-pub async fn build(name: &str, config: &SinkConfig, pipeline: &str) -> anyhow::Result<Box<dyn Sink>> {
+/// Builds the sink `name` of `pipeline`, described by `config`; `dir` (the
+/// pipeline file's folder) anchors the relative paths of certificate files.
+pub async fn build(name: &str, config: &SinkConfig, pipeline: &str, dir: &std::path::Path) -> anyhow::Result<Box<dyn Sink>> {
     Ok(match config {
-        SinkConfig::Kafka(c) => Box::new(kafka::KafkaSink::new(c, pipeline)?),
-        SinkConfig::Postgres(c) => Box::new(postgres::PostgresSink::new(c.clone(), name, pipeline)),
+        SinkConfig::Kafka(c) => Box::new(kafka::KafkaSink::new(c, name, pipeline)?),
+        SinkConfig::Postgres(c) => Box::new(postgres::PostgresSink::new(c.clone(), name, pipeline, dir)?),
         SinkConfig::Stdout(_) => Box::new(stdout::StdoutSink),
     })
 }

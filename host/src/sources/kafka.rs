@@ -15,9 +15,11 @@ use anyhow::Context;
 use async_trait::async_trait;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::error::KafkaResult;
+use crate::clients::kafka::{client_config, is_connection_error, ClientEvents, Role};
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Headers};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,6 +32,8 @@ use tracing::{info, warn};
 /// before partitions are revoked.
 pub struct GroupContext {
     pipeline: String,
+    /// Connection errors, classified and logged once per interval.
+    events: ClientEvents,
     /// The offsets of the last commit, repeated synchronously on revocation and shutdown.
     last_commit: Mutex<Option<TopicPartitionList>>,
     /// The partitions this instance owns now, as `topic/partition`.
@@ -45,6 +49,14 @@ fn describe(list: &[(String, i32)]) -> String {
 }
 
 impl ClientContext for GroupContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        self.events.log(level, fac, message)
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.events.error(error, reason)
+    }
+
     /// librdkafka's statistics (every `statistics.interval.ms`): consumer lag per partition.
     fn stats(&self, statistics: Statistics) {
         for (topic, t) in &statistics.topics {
@@ -112,14 +124,12 @@ pub struct KafkaSource {
 
 impl KafkaSource {
     pub fn new(config: &KafkaSourceConfig, group: &str, pipeline: &str) -> anyhow::Result<Self> {
-        let mut client = ClientConfig::new();
+        let mut client = client_config(config.brokers(), &config.properties);
         // Lag per partition for the metrics, once a second (overridable).
-        client.set("statistics.interval.ms", "1000");
-        for (k, v) in &config.properties {
-            client.set(k, v);
+        if !config.properties.contains_key("statistics.interval.ms") {
+            client.set("statistics.interval.ms", "1000");
         }
         client
-            .set("bootstrap.servers", &config.brokers)
             .set("group.id", group)
             .set("client.id", format!("sluice-{pipeline}"))
             .set("enable.auto.commit", "false")
@@ -136,7 +146,12 @@ impl KafkaSource {
         if let Some(id) = config.instance_id.as_deref().filter(|id| !id.is_empty()) {
             client.set("group.instance.id", id);
         }
-        let context = GroupContext { pipeline: pipeline.to_string(), last_commit: Mutex::new(None), assignment: Arc::default() };
+        let context = GroupContext {
+            pipeline: pipeline.to_string(),
+            events: ClientEvents::new(pipeline, Role::Source, config.brokers()),
+            last_commit: Mutex::new(None),
+            assignment: Arc::default(),
+        };
         let consumer: StreamConsumer<GroupContext> =
             client.create_with_context(context).context("cannot create the Kafka consumer")?;
         Ok(KafkaSource {
@@ -181,16 +196,26 @@ impl Source for KafkaSource {
         }
         let mut batch = Vec::with_capacity(self.max_records);
         // Wait as long as needed for the first record...
+        let mut delay = Duration::from_millis(100);
+        let mut failures = 0u64;
         while batch.is_empty() {
             match self.consumer.recv().await {
                 Ok(m) => batch.push(to_record(&m)),
                 Err(error) => {
-                    warn!(pipeline = %self.pipeline, %error, "kafka consumer error; retrying");
-                    telemetry().error(&self.pipeline, &format!("kafka consumer error: {error}"));
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    // Logged on the first failure and then at each backoff
+                    // doubling, so a lasting fault does not fill the log.
+                    failures += 1;
+                    if failures.is_power_of_two() && !is_connection_error(&error) {
+                        let error = crate::secrets::redact(&error.to_string());
+                        warn!(pipeline = %self.pipeline, %error, failures, retry_in = ?delay, "kafka consumer error; retrying");
+                        telemetry().error(&self.pipeline, &format!("kafka consumer error: {error}"));
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
                 }
             }
         }
+        self.consumer.context().events.ok();
         // ...then fill the batch until it is full or its time is up.
         let deadline = tokio::time::Instant::now() + self.max_wait;
         while batch.len() < self.max_records {

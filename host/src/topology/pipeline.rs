@@ -51,11 +51,12 @@ impl PipelineTask {
             let p = stage.plugin();
             info!(pipeline = %spec.name, plugin = %p.name, version = %p.short_hash(), cache_hit = p.cache_hit, "plugin ready");
         }
+        let dir = spec.file.parent().unwrap_or(std::path::Path::new("."));
         let mut sinks = BTreeMap::new();
         for (name, config) in &spec.sinks {
-            sinks.insert(name.clone(), sinks::build(name, config, &spec.name).await?);
+            sinks.insert(name.clone(), sinks::build(name, config, &spec.name, dir).await?);
         }
-        let dead_letter = sinks::build("dead_letter", &spec.dead_letter, &spec.name).await?;
+        let dead_letter = sinks::build("dead_letter", &spec.dead_letter, &spec.name, dir).await?;
         let source: Arc<dyn Source> = match &spec.source {
             SourceConfig::Kafka(k) => Arc::new(KafkaSource::new(k, &spec.group(), &spec.name)?),
         };

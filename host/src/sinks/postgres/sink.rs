@@ -21,7 +21,8 @@ use std::collections::{BTreeMap, HashMap};
 use tokio::sync::Mutex;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, NoTls};
+use crate::clients::postgres::{connect, target, Target};
+use tokio_postgres::Client;
 use tracing::{info, warn};
 
 pub struct PostgresSink {
@@ -31,6 +32,8 @@ pub struct PostgresSink {
     name: String,
     /// The quoted offsets table, when exactly-once.
     offsets: Option<String>,
+    /// Where the server is and how to reach it (TLS).
+    target: Target,
     /// The connection, opened on first use and reopened after a failure.
     client: Mutex<Option<Client>>,
     types: Vec<Type>,
@@ -44,27 +47,30 @@ pub fn quote_ident(name: &str) -> String {
 }
 
 impl PostgresSink {
-    pub fn new(config: PostgresSinkConfig, name: &str, pipeline: &str) -> Self {
+    /// The sink `name` of `pipeline`; `dir` anchors relative certificate paths.
+    pub fn new(config: PostgresSinkConfig, name: &str, pipeline: &str, dir: &std::path::Path) -> anyhow::Result<Self> {
+        let target = target(&config, dir).map_err(|errors| {
+            anyhow::anyhow!("{}", errors.iter().map(|e| e.message.as_str()).collect::<Vec<_>>().join("; "))
+        })?;
         let types = config.columns.iter().map(|c| pg_type(c.kind)).collect();
         let table = quote_ident(&config.table);
         let column_list = config.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
         let offsets = config.exactly_once.then(|| quote_ident(&offsets_table(&config)));
-        PostgresSink {
+        Ok(PostgresSink {
             config,
             pipeline: pipeline.to_string(),
             name: name.to_string(),
             offsets,
+            target,
             client: Mutex::new(None),
             types,
             table,
             column_list,
-        }
+        })
     }
 
     async fn connect(&self) -> anyhow::Result<Client> {
-        let (mut client, connection) = tokio_postgres::connect(&self.config.url, NoTls)
-            .await
-            .with_context(|| format!("cannot connect to PostgreSQL for table {}", self.config.table))?;
+        let (mut client, connection) = connect(&self.target).await?;
         let pipeline = self.pipeline.clone();
         tokio::spawn(async move {
             if let Err(error) = connection.await {
@@ -74,7 +80,7 @@ impl PostgresSink {
         // `IF NOT EXISTS` notices would fill the log on every reconnect.
         client.batch_execute("SET client_min_messages TO warning").await?;
         self.prepare_tables(&mut client).await?;
-        info!(pipeline = %self.pipeline, table = %self.config.table, "postgres sink connected");
+        info!(pipeline = %self.pipeline, table = %self.config.table, endpoint = %self.target.endpoint, "postgres sink connected");
         Ok(client)
     }
 

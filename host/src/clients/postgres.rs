@@ -1,0 +1,374 @@
+//! Connecting to PostgreSQL, with TLS as libpq does it.
+//!
+//! tokio-postgres understands `sslmode` `disable`, `prefer` and `require`
+//! only, and leaves certificates to the TLS connector. This module reads the
+//! libpq options (`sslmode` with `verify-ca` and `verify-full`,
+//! `sslrootcert`, `sslcert`, `sslkey`) from the URL or the sink's options,
+//! hands the rest of the connection string to tokio-postgres, and builds an
+//! OpenSSL connector (postgres-openssl, over the OpenSSL build librdkafka
+//! already links) that verifies what the mode says:
+//!
+//! | sslmode | encrypted | chain checked | host name checked |
+//! |---|---|---|---|
+//! | `disable` | no | – | – |
+//! | `prefer` (default) | if the server offers TLS | no | no |
+//! | `require` | yes | only with `sslrootcert` (as libpq) | no |
+//! | `verify-ca` | yes | yes | no |
+//! | `verify-full` | yes | yes | yes |
+
+use crate::config::PostgresSinkConfig;
+use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslVerifyMode};
+use postgres_openssl::MakeTlsConnector;
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use tokio_postgres::config::{Host, SslMode as PgSslMode};
+
+/// libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl FromStr for SslMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "disable" => SslMode::Disable,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            // libpq's `allow` tries plaintext first: not worth a downgrade path.
+            other => {
+                return Err(format!(
+                    "sslmode {other:?} is not one of disable, prefer, require, verify-ca, verify-full"
+                ))
+            }
+        })
+    }
+}
+
+impl fmt::Display for SslMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        })
+    }
+}
+
+/// Where `sslrootcert` points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootCert {
+    /// The system's trusted roots (libpq 16's `sslrootcert=system`).
+    System,
+    File(PathBuf),
+}
+
+/// The TLS half of a connection: what to verify and with which files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    pub mode: SslMode,
+    pub root: Option<RootCert>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// A PostgreSQL server to connect to: tokio-postgres's config without the
+/// TLS options, the TLS settings, and a name for messages (no password).
+#[derive(Clone)]
+pub struct Target {
+    pub config: tokio_postgres::Config,
+    pub tls: Tls,
+    /// `host:port/dbname (sslmode=…)`, for logs and errors.
+    pub endpoint: String,
+}
+
+/// Which option of the connection string (or the sink) is wrong, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetError {
+    /// The sink option at fault (`url`, `sslmode`, `sslrootcert`, …).
+    pub option: &'static str,
+    pub message: String,
+}
+
+/// The libpq TLS options tokio-postgres does not take, pulled out of `url`
+/// (URL query or `key=value` form); returns the rest of the string and the
+/// options found, in order.
+fn split_tls_options(url: &str) -> (String, Vec<(String, String)>) {
+    const TLS_KEYS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
+    let mut found = Vec::new();
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let Some((base, query)) = url.split_once('?') else { return (url.to_string(), found) };
+        let mut kept = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            if TLS_KEYS.contains(&k) {
+                found.push((k.to_string(), percent_decode(v)));
+            } else {
+                kept.push(pair);
+            }
+        }
+        let rest = if kept.is_empty() { base.to_string() } else { format!("{base}?{}", kept.join("&")) };
+        return (rest, found);
+    }
+    // key=value form: spaces may surround `=`; values may be 'quoted', with \ escapes.
+    let mut kept = Vec::new();
+    let chars: Vec<char> = url.chars().collect();
+    let mut i = 0;
+    let skip_spaces = |i: &mut usize| {
+        while *i < chars.len() && chars[*i].is_whitespace() {
+            *i += 1;
+        }
+    };
+    loop {
+        skip_spaces(&mut i);
+        if i >= chars.len() {
+            break;
+        }
+        let key_start = i;
+        while i < chars.len() && chars[i] != '=' && !chars[i].is_whitespace() {
+            i += 1;
+        }
+        let key: String = chars[key_start..i].iter().collect();
+        skip_spaces(&mut i);
+        if i >= chars.len() || chars[i] != '=' {
+            kept.push(key); // not key=value: tokio-postgres will say so
+            continue;
+        }
+        i += 1;
+        skip_spaces(&mut i);
+        let value_start = i;
+        let mut value = String::new();
+        let quoted = i < chars.len() && chars[i] == '\'';
+        if quoted {
+            i += 1;
+        }
+        while i < chars.len() {
+            match chars[i] {
+                '\\' if i + 1 < chars.len() => {
+                    value.push(chars[i + 1]);
+                    i += 2;
+                    continue;
+                }
+                '\'' if quoted => {
+                    i += 1;
+                    break;
+                }
+                c if c.is_whitespace() && !quoted => break,
+                c => value.push(c),
+            }
+            i += 1;
+        }
+        if TLS_KEYS.contains(&key.as_str()) {
+            found.push((key, value));
+        } else {
+            kept.push(format!("{key}={}", chars[value_start..i].iter().collect::<String>()));
+        }
+    }
+    (kept.join(" "), found)
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Some(b) = s.get(i + 1..i + 3).and_then(|hex| u8::from_str_radix(hex, 16).ok()) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The connection target of a PostgreSQL sink: its URL and TLS options, the
+/// sink's own options taking precedence. `dir` anchors relative file paths.
+pub fn target(sink: &PostgresSinkConfig, dir: &std::path::Path) -> Result<Target, Vec<TargetError>> {
+    let mut errors = Vec::new();
+    let (rest, from_url) = split_tls_options(&sink.url);
+    let mut config = match tokio_postgres::Config::from_str(&rest) {
+        Ok(config) => config,
+        Err(e) => {
+            // tokio-postgres's message names the option, never its value.
+            errors.push(TargetError { option: "url", message: format!("invalid connection string: {e}") });
+            tokio_postgres::Config::new()
+        }
+    };
+    if let Some(password) = &sink.password {
+        crate::secrets::register(password);
+        config.password(password.as_bytes());
+    }
+    if let Some(password) = config.get_password() {
+        crate::secrets::register(&String::from_utf8_lossy(password));
+    }
+    let url_option = |key: &str| from_url.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+    let option = |own: &Option<String>, key: &'static str| -> Option<(&'static str, String)> {
+        match own {
+            Some(v) => Some((key, v.clone())),
+            None => url_option(key).map(|v| ("url", v)),
+        }
+    };
+    let mode = match option(&sink.sslmode, "sslmode") {
+        Some((place, raw)) => raw.parse().unwrap_or_else(|message| {
+            errors.push(TargetError { option: place, message });
+            SslMode::Prefer
+        }),
+        None => SslMode::Prefer,
+    };
+    let file = |place: &'static str, key: &str, raw: String, errors: &mut Vec<TargetError>| -> PathBuf {
+        let path = dir.join(&raw);
+        if !path.is_file() {
+            errors.push(TargetError { option: place, message: format!("{key} file {} does not exist", path.display()) });
+        }
+        path
+    };
+    let root = option(&sink.sslrootcert, "sslrootcert").map(|(place, raw)| match raw.as_str() {
+        "system" => RootCert::System,
+        _ => RootCert::File(file(place, "sslrootcert", raw, &mut errors)),
+    });
+    let cert = option(&sink.sslcert, "sslcert").map(|(place, raw)| file(place, "sslcert", raw, &mut errors));
+    let key = option(&sink.sslkey, "sslkey").map(|(place, raw)| file(place, "sslkey", raw, &mut errors));
+    if cert.is_some() != key.is_some() {
+        errors.push(TargetError { option: "sslcert", message: "sslcert and sslkey go together (mutual TLS needs both)".into() });
+    }
+    if mode == SslMode::Disable && (root.is_some() || cert.is_some()) {
+        errors.push(TargetError { option: "sslmode", message: "sslmode=disable with certificates set: say require, verify-ca or verify-full".into() });
+    }
+    config.ssl_mode(match mode {
+        SslMode::Disable => PgSslMode::Disable,
+        SslMode::Prefer => PgSslMode::Prefer,
+        SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => PgSslMode::Require,
+    });
+    let tls = Tls { mode, root, cert, key };
+    if errors.is_empty() {
+        if let Err(e) = connector(&tls) {
+            errors.push(TargetError { option: "sslmode", message: format!("cannot set up TLS: {e}") });
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let endpoint = endpoint(&config, mode);
+    Ok(Target { config, tls, endpoint })
+}
+
+/// `host:port/dbname (sslmode=…)` of `config`.
+fn endpoint(config: &tokio_postgres::Config, mode: SslMode) -> String {
+    let host = match config.get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        Some(Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".to_string(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let db = config.get_dbname().or(config.get_user()).unwrap_or("postgres");
+    format!("{host}:{port}/{db} (sslmode={mode})")
+}
+
+/// The OpenSSL connector for `tls`.
+pub fn connector(tls: &Tls) -> anyhow::Result<MakeTlsConnector> {
+    use anyhow::Context;
+    let mut builder = SslConnector::builder(SslMethod::tls_client())?;
+    let verify = match tls.mode {
+        SslMode::VerifyCa | SslMode::VerifyFull => true,
+        // libpq: with a root certificate, `require` verifies the chain.
+        SslMode::Require => tls.root.is_some(),
+        SslMode::Disable | SslMode::Prefer => false,
+    };
+    if verify {
+        builder.set_verify(SslVerifyMode::PEER);
+        match &tls.root {
+            Some(RootCert::File(path)) => {
+                builder.set_ca_file(path).with_context(|| format!("cannot load sslrootcert {}", path.display()))?
+            }
+            Some(RootCert::System) | None => {
+                let probe = openssl_probe::probe();
+                builder
+                    .load_verify_locations(probe.cert_file.as_deref(), probe.cert_dir.first().map(PathBuf::as_path))
+                    .context("cannot load the system's trusted certificates")?;
+            }
+        }
+    } else {
+        builder.set_verify(SslVerifyMode::NONE);
+    }
+    if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+        builder.set_certificate_chain_file(cert).with_context(|| format!("cannot load sslcert {}", cert.display()))?;
+        builder.set_private_key_file(key, SslFiletype::PEM).with_context(|| format!("cannot load sslkey {}", key.display()))?;
+        builder.check_private_key().context("sslkey does not match sslcert")?;
+    }
+    let mut connector = MakeTlsConnector::new(builder.build());
+    if tls.mode != SslMode::VerifyFull {
+        connector.set_callback(|config, _| {
+            config.set_verify_hostname(false);
+            Ok(())
+        });
+    }
+    Ok(connector)
+}
+
+/// Connects to `target`; the error names the endpoint and the cause, never the password.
+pub async fn connect(
+    target: &Target,
+) -> anyhow::Result<(tokio_postgres::Client, tokio_postgres::Connection<tokio_postgres::Socket, postgres_openssl::TlsStream<tokio_postgres::Socket>>)>
+{
+    let connector = connector(&target.tls)?;
+    target.config.connect(connector).await.map_err(|e| {
+        // tokio-postgres's error chain ends in OpenSSL's reason (e.g.
+        // "certificate verify failed"): show it whole.
+        let mut cause = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            let text = s.to_string();
+            if !cause.contains(&text) {
+                cause.push_str(": ");
+                cause.push_str(&text);
+            }
+            source = s.source();
+        }
+        anyhow::anyhow!("cannot connect to PostgreSQL at {}: {}", target.endpoint, crate::secrets::redact(&cause))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sink(url: &str) -> PostgresSinkConfig {
+        let text = format!("url = {url:?}\ntable = \"t\"\ncolumns = [{{ name = \"a\", type = \"text\" }}]\n");
+        toml::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn takes_libpq_tls_options_from_urls_and_key_value_strings() {
+        let (rest, found) = split_tls_options("postgres://u:p@h:5/db?sslmode=verify-full&application_name=x&sslrootcert=%2Ftmp%2Fca.pem");
+        assert_eq!(rest, "postgres://u:p@h:5/db?application_name=x");
+        assert_eq!(found, vec![("sslmode".into(), "verify-full".into()), ("sslrootcert".into(), "/tmp/ca.pem".into())]);
+        let (rest, found) = split_tls_options("host=h  sslmode=require user=u password='a b\\'c' sslcert = '/x y.pem'");
+        assert_eq!(rest, "host=h user=u password='a b\\'c'");
+        assert_eq!(found, vec![("sslmode".into(), "require".into()), ("sslcert".into(), "/x y.pem".into())]);
+    }
+
+    #[test]
+    fn reports_a_bad_sslmode_and_missing_files() {
+        let errors = target(&sink("postgres://u@h/db?sslmode=verify_full&sslrootcert=/nonexistent/ca.pem"), std::path::Path::new("/")).err().unwrap();
+        assert_eq!(errors[0].option, "url");
+        assert!(errors[0].message.contains("\"verify_full\" is not one of"), "{:?}", errors);
+        assert!(errors[1].message.contains("sslrootcert file /nonexistent/ca.pem does not exist"), "{:?}", errors);
+        let ok = target(&sink("postgres://u:hidden-pw@db.example.com:6543/app?sslmode=require"), std::path::Path::new("/")).unwrap();
+        assert_eq!(ok.endpoint, "db.example.com:6543/app (sslmode=require)");
+        assert_eq!(crate::secrets::redact("x hidden-pw"), "x ***");
+    }
+}

@@ -1,0 +1,156 @@
+//! Secrets never leave the process: passwords, SASL secrets and key
+//! passwords are remembered here when a pipeline file is read, and every
+//! output Sluice writes (the log in both formats, `/status`, `/health`,
+//! `sluice check`, error messages) goes through [`redact`], which replaces
+//! them with `***`. URLs are shown with [`redact_url`].
+//!
+//! This is the second line of defence: Sluice's own messages do not print
+//! secret values in the first place (a connection is named by its host, a
+//! property by its key); the registry catches what a library might quote
+//! back (an error repeating a value, a URL in a driver's message).
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::sync::{OnceLock, RwLock};
+
+/// What a secret is replaced with.
+pub const MASK: &str = "***";
+
+/// Shorter values are not scrubbed from every line of output: they would
+/// mangle ordinary words (a one-letter "password" is no secret anyway).
+const MIN_LEN: usize = 4;
+
+fn registry() -> &'static RwLock<BTreeSet<String>> {
+    static SECRETS: OnceLock<RwLock<BTreeSet<String>>> = OnceLock::new();
+    SECRETS.get_or_init(Default::default)
+}
+
+/// Remembers `value` as a secret: from now on [`redact`] hides it.
+pub fn register(value: &str) {
+    let value = value.trim();
+    if value.len() >= MIN_LEN {
+        if let Ok(mut secrets) = registry().write() {
+            if !secrets.contains(value) {
+                secrets.insert(value.to_string());
+            }
+        }
+    }
+}
+
+/// Whether a configuration key names a secret: librdkafka's password, secret
+/// and private-key properties, a sink's `password`, and the like.
+pub fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["password", "secret", "sasl.jaas.config", "ssl.key.pem", "ssl_key_pem", "private", "token", "sasl.oauthbearer.config"]
+        .iter()
+        .any(|s| key.contains(s))
+        // The token endpoint is an address, not a token.
+        && !key.contains("endpoint")
+}
+
+/// Whether an environment variable's name says that it holds a secret.
+pub fn is_secret_var(name: &str) -> bool {
+    let name = name.to_ascii_uppercase();
+    ["PASSWORD", "PASSWD", "SECRET", "TOKEN", "CREDENTIAL", "API_KEY", "PRIVATE"].iter().any(|s| name.contains(s))
+}
+
+/// `text` with every registered secret replaced by [`MASK`], and the password
+/// of every URL in it too.
+pub fn redact(text: &str) -> String {
+    let mut out = redact_urls(text);
+    if let Ok(secrets) = registry().read() {
+        // Longest first, so that a secret containing another is hidden whole.
+        let mut sorted: Vec<&String> = secrets.iter().filter(|s| out.contains(s.as_str())).collect();
+        sorted.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        for secret in sorted {
+            out = out.replace(secret.as_str(), MASK);
+        }
+    }
+    out
+}
+
+/// `scheme://user:password@host…` → `scheme://user:***@host…`, for every
+/// URL in `text`.
+fn redact_urls(text: &str) -> String {
+    if !text.contains("://") {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let authority_start = at + 3;
+        out.push_str(&rest[..authority_start]);
+        let tail = &rest[authority_start..];
+        let authority_end = tail.find(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace() || c == '"').unwrap_or(tail.len());
+        let authority = &tail[..authority_end];
+        match (authority.rfind('@'), authority.find(':')) {
+            (Some(userinfo_end), Some(colon)) if colon < userinfo_end => {
+                out.push_str(&authority[..=colon]);
+                out.push_str(MASK);
+                out.push_str(&authority[userinfo_end..]);
+            }
+            _ => out.push_str(authority),
+        }
+        rest = &tail[authority_end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A URL for display: its password (if any) replaced by [`MASK`].
+pub fn redact_url(url: &str) -> String {
+    redact_urls(url)
+}
+
+/// The log's writer: each formatted event passes through [`redact`] before
+/// it reaches stderr.
+pub struct RedactingWriter<W: Write> {
+    inner: W,
+}
+
+impl<W: Write> Write for RedactingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // The fmt layer writes one event per call, so a secret is never split.
+        let text = String::from_utf8_lossy(buf);
+        self.inner.write_all(redact(&text).as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Makes a [`RedactingWriter`] over stderr for each log event.
+pub fn redacting_stderr() -> RedactingWriter<std::io::Stderr> {
+    RedactingWriter { inner: std::io::stderr() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hides_registered_secrets_and_url_passwords() {
+        register("s3cr3t-value");
+        register("ab"); // too short to scrub
+        assert_eq!(redact("login failed for s3cr3t-value (ab)"), "login failed for *** (ab)");
+        assert_eq!(
+            redact("cannot reach postgres://app:pa%40ss@db.example.com:5432/x?sslmode=require, nor kafka://h:1"),
+            "cannot reach postgres://app:***@db.example.com:5432/x?sslmode=require, nor kafka://h:1"
+        );
+        assert_eq!(redact_url("postgres://app@h/db"), "postgres://app@h/db");
+        assert_eq!(redact_url("postgres://app:p@h/db"), "postgres://app:***@h/db");
+    }
+
+    #[test]
+    fn knows_secret_keys_and_variables() {
+        for key in ["sasl.password", "ssl.key.password", "sasl.oauthbearer.client.secret", "password", "ssl.keystore.password"] {
+            assert!(is_secret_key(key), "{key}");
+        }
+        for key in ["sasl.username", "ssl.ca.location", "sasl.oauthbearer.token.endpoint.url", "security.protocol"] {
+            assert!(!is_secret_key(key), "{key}");
+        }
+        assert!(is_secret_var("KAFKA_PASSWORD") && is_secret_var("FINNHUB_TOKEN") && !is_secret_var("SLUICE_BROKERS"));
+    }
+}
