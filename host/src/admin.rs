@@ -120,6 +120,9 @@ async fn health_handler(State(state): State<AppState>) -> impl axum::response::I
             if let Some(error) = &p.state.failing_source {
                 reasons.push(format!("source failing: {error}"));
             }
+            if let Some(reason) = &p.state.failing_plugin {
+                reasons.push(format!("paused: {reason}"));
+            }
             if !p.state.consuming {
                 reasons.push("not consuming yet (no partition assignment from the group)".to_string());
             }

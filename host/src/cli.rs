@@ -175,6 +175,9 @@ pub struct PluginTestArgs {
     /// Memory limit of the instance, in MiB.
     #[arg(long, default_value_t = Limits::default().memory_bytes >> 20)]
     pub memory_mib: usize,
+    /// Write every log line of the plugin (no rate limit): for debugging.
+    #[arg(long)]
+    pub no_log_limit: bool,
 }
 
 fn parse_key_value(raw: &str) -> Result<(String, String), String> {
@@ -506,7 +509,10 @@ async fn feed_kafka(generator: crate::feed::FeedGenerator, brokers: &str, topic:
 
 fn plugin_test(runtime: &Runtime, args: PluginTestArgs) -> anyhow::Result<ExitCode> {
     let plugin = Plugin::load(runtime, &args.plugin)?;
-    let limits = Limits { cpu_ms: args.cpu_ms, memory_bytes: args.memory_mib << 20, ..Limits::default() };
+    let mut limits = Limits { cpu_ms: args.cpu_ms, memory_bytes: args.memory_mib << 20, ..Limits::default() };
+    if args.no_log_limit {
+        limits.log_lines_per_s = 0;
+    }
     let mut instance = PluginInstance::new(plugin, args.config, limits, Grants::default(), "plugin-test")?;
 
     let (topic, mut input): (String, Box<dyn BufRead>) = match &args.input {
@@ -535,7 +541,11 @@ fn plugin_test(runtime: &Runtime, args: PluginTestArgs) -> anyhow::Result<ExitCo
             batch.push(Record { value, origin, ..Record::default() });
         }
         if batch.len() == args.batch_size as usize || (read == 0 && !batch.is_empty()) {
-            for (record, result) in batch.iter().zip(instance.process(&batch)) {
+            let results = instance.process(&batch);
+            if let Some(reason) = instance.take_failing() {
+                eprintln!("sluice: the plugin version is failing: {reason}; the batch's remaining records were not run");
+            }
+            for (record, result) in batch.iter().zip(results) {
                 match result {
                     Ok(outputs) => {
                         for output in outputs {

@@ -71,6 +71,12 @@ pub struct PipelineState {
     /// Why the source cannot read, while it cannot (e.g. "kafka source
     /// cannot connect to host:port: SASL authentication failed").
     pub failing_source: Option<String>,
+    /// The plugin version the pipeline is paused on, and why.
+    pub failing_plugin: Option<String>,
+    /// Hot swaps rolled back since the pipeline started.
+    pub rollbacks: u64,
+    /// The last rollback: when, which version, why.
+    pub last_rollback: Option<String>,
     /// The last error seen (sink, source or commit), with its time (RFC 3339).
     pub last_error: Option<String>,
     pub records_in: u64,
@@ -93,6 +99,8 @@ pub struct Telemetry {
     pub lag: Family<PartitionLabels, Gauge>,
     pub reloads: Family<ResultLabels, Counter>,
     pub plugin_version: Family<VersionLabels, Gauge>,
+    pub plugin_log_suppressed: Family<PluginLabels, Counter>,
+    pub plugin_rollbacks: Family<PluginLabels, Counter>,
     state: Mutex<BTreeMap<String, PipelineState>>,
     /// Sink names per pipeline.
     sinks: Mutex<BTreeMap<String, Vec<String>>>,
@@ -130,6 +138,8 @@ impl Telemetry {
             lag: Family::default(),
             reloads: Family::default(),
             plugin_version: Family::default(),
+            plugin_log_suppressed: Family::default(),
+            plugin_rollbacks: Family::default(),
             state: Mutex::new(BTreeMap::new()),
             sinks: Mutex::new(BTreeMap::new()),
             plugins: Mutex::new(BTreeMap::new()),
@@ -146,6 +156,8 @@ impl Telemetry {
         r.register("consumer_lag", "Records behind the partition's high watermark", t.lag.clone());
         r.register("reloads", "Reload attempts by result (ok, failed)", t.reloads.clone());
         r.register("plugin_info", "The live plugin version (1) per pipeline and plugin", t.plugin_version.clone());
+        r.register("plugin_log_lines_suppressed", "Plugin log lines dropped by the log rate limit", t.plugin_log_suppressed.clone());
+        r.register("plugin_rollbacks", "Hot swaps rolled back because the new version failed", t.plugin_rollbacks.clone());
         t
     }
 
@@ -263,6 +275,33 @@ impl Telemetry {
 
     pub fn source_ok(&self, pipeline: &str) {
         self.with_state(pipeline, |s| s.failing_source = None);
+    }
+
+    /// `lines` log lines of `plugin` were suppressed by its rate limit.
+    pub fn plugin_logs_suppressed(&self, pipeline: &str, plugin: &str, lines: u64) {
+        self.plugin_log_suppressed.get_or_create(&PluginLabels { pipeline: pipeline.to_string(), plugin: plugin.to_string() }).inc_by(lines);
+    }
+
+    /// The pipeline is paused on a failing plugin version: `/health` says why.
+    pub fn plugin_failing(&self, pipeline: &str, reason: &str) {
+        self.with_state(pipeline, |s| {
+            s.failing_plugin = Some(reason.to_string());
+            s.last_error = Some(format!("{} {reason}", now()));
+        });
+    }
+
+    pub fn plugin_ok(&self, pipeline: &str) {
+        self.with_state(pipeline, |s| s.failing_plugin = None);
+    }
+
+    /// A hot swap of `plugin` was rolled back (`what`: versions and reason).
+    pub fn rolled_back(&self, pipeline: &str, plugin: &str, what: &str) {
+        self.plugin_rollbacks.get_or_create(&PluginLabels { pipeline: pipeline.to_string(), plugin: plugin.to_string() }).inc();
+        self.with_state(pipeline, |s| {
+            s.rollbacks += 1;
+            s.last_rollback = Some(format!("{} {what}", now()));
+            s.last_error = s.last_rollback.clone();
+        });
     }
 
     pub fn error(&self, pipeline: &str, error: &str) {

@@ -85,7 +85,10 @@ impl Dashboard {
             let rates = self.rates.get(name);
             let rate = rates.and_then(|r| r.back()).copied().unwrap_or(0.0);
             let failing = p["failing_sinks"].as_object().map_or(0, |m| m.len());
+            let paused = !p["failing_plugin"].is_null();
             let (state, color) = match (p["consuming"].as_bool().unwrap_or(false), failing) {
+                _ if paused => ("paused: plugin", Color::Red),
+                _ if !p["failing_source"].is_null() => ("source failing", Color::Red),
                 (_, n) if n > 0 => ("sink failing", Color::Red),
                 (true, _) => ("running", Color::Green),
                 (false, _) => ("joining", Color::Yellow),
@@ -101,6 +104,10 @@ impl Dashboard {
                     format!("{stem}@{}", pl["version"].as_str().unwrap_or_default().get(..8).unwrap_or("-"))
                 })
                 .collect();
+            let mut plugins = plugins.join(" → ");
+            if let Some(n) = p["rollbacks"].as_u64().filter(|n| *n > 0) {
+                plugins.push_str(&format!(" (rolled back ×{n})"));
+            }
             rows.push(Row::new(vec![
                 Cell::from(name.to_string()),
                 Cell::from(state).style(Style::default().fg(color)),
@@ -111,7 +118,7 @@ impl Dashboard {
                 Cell::from(p["dead_lettered"].as_u64().unwrap_or(0).to_string()),
                 Cell::from(lag.to_string()),
                 Cell::from(failing.to_string()),
-                Cell::from(plugins.join(" → ")),
+                Cell::from(plugins),
             ]));
             if let Some(error) = p["last_error"].as_str() {
                 last_errors.push(Line::from(format!("{name}: {error}")));
@@ -202,7 +209,7 @@ mod tests {
         let status = |records: u64| {
             json!({"reloads_ok": 2, "reloads_failed": 1, "pipelines": [{
                 "name": "trades", "consuming": true, "records_in": records, "records_out": 3 * records,
-                "dead_lettered": 4, "lag": {"raw/0": 5, "raw/1": 6}, "failing_sinks": {},
+                "dead_lettered": 4, "lag": {"raw/0": 5, "raw/1": 6}, "failing_sinks": {}, "rollbacks": 1,
                 "last_error": "2026-01-01T00:00:00Z sink pg: down",
                 "plugins": [{"path": "x/trade_flattener.wasm", "version": "2a03e70b39dc0000"}]
             }]})
@@ -214,7 +221,7 @@ mod tests {
         let mut terminal = Terminal::new(TestBackend::new(150, 20)).unwrap();
         terminal.draw(|f| d.draw(f)).unwrap();
         let screen: String = terminal.backend().buffer().content().iter().map(|c| c.symbol()).collect::<Vec<_>>().join("");
-        for needle in ["reloads ok 2 / failed 1", "trades", "running", "1000/s", "3000", "9000", "11", "trade_flattener@2a03e70b", "sink pg: down"] {
+        for needle in ["reloads ok 2 / failed 1", "trades", "running", "1000/s", "3000", "9000", "11", "trade_flattener@2a03e70b", "(rolled back ×1)", "sink pg: down"] {
             assert!(screen.contains(needle), "{needle} not on screen");
         }
     }

@@ -49,6 +49,7 @@ mod tests {
             name: name.into(),
             file: format!("{name}.toml").into(),
             secret_files: Vec::new(),
+            on_plugin_failure: Default::default(),
             source: SourceConfig::Kafka(KafkaSourceConfig {
                 brokers: Some("b".into()),
                 connection: None,

@@ -64,11 +64,34 @@ pub struct PipelineFile {
     /// Where records go that a transform failed on, or whose output could not
     /// be routed or converted (a Kafka topic, or stdout).
     pub dead_letter: Spanned<SinkConfig>,
+    /// What to do when a plugin version is failing (faults on several
+    /// records in a row, or an error surge after a hot swap): `rollback`
+    /// (default: back to the previous version, after a hot swap; else
+    /// pause), `pause` (stop consuming until a new version is dropped in) or
+    /// `dead_letter` (dead-letter the records and go on).
+    #[serde(default)]
+    pub on_plugin_failure: OnPluginFailure,
     /// Named connections (a Kafka cluster with its TLS and SASL settings),
     /// referenced by `connection = "NAME"` from the source, the Kafka sinks
     /// and the dead-letter section.
     #[serde(default)]
     pub connections: BTreeMap<String, Spanned<ConnectionConfig>>,
+}
+
+/// The policy for a failing plugin version.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnPluginFailure {
+    /// Swap back to the version that ran before the last hot swap and run
+    /// the batch through it; with no earlier version, pause.
+    #[default]
+    Rollback,
+    /// Stop consuming, commit nothing past the last good batch, retry with
+    /// backoff and resume once a new version is dropped in.
+    Pause,
+    /// Dead-letter the records the version fails and go on (Kafka
+    /// Connect's `errors.tolerance = all`).
+    DeadLetter,
 }
 
 /// A named connection, chosen by `type`.
@@ -259,6 +282,11 @@ pub struct LimitsConfig {
     /// Outputs one input record may produce (default 100000); a record over
     /// it is dead-lettered.
     pub max_outputs: Option<usize>,
+    /// Log lines a second the plugin may write on average (default 100;
+    /// 0: no limit). Lines over it are counted, not written.
+    pub log_lines_per_s: Option<u32>,
+    /// Log lines the plugin may write at once above that rate (default 1000).
+    pub log_burst: Option<u32>,
 }
 
 /// Sandbox grants. Everything is denied unless listed here.

@@ -38,6 +38,7 @@ pub struct Pipeline {
     pub sinks: BTreeMap<String, SinkConfig>,
     pub default_sink: String,
     pub dead_letter: SinkConfig,
+    pub on_plugin_failure: OnPluginFailure,
 }
 
 /// One transform of a validated pipeline.
@@ -206,7 +207,17 @@ fn check(parsed: PipelineFile, file: &Path, runtime: Option<&Runtime>, report: &
         }
     };
 
-    Pipeline { name, file: file.to_path_buf(), secret_files: Vec::new(), source, transforms, sinks, default_sink, dead_letter }
+    Pipeline {
+        name,
+        file: file.to_path_buf(),
+        secret_files: Vec::new(),
+        source,
+        transforms,
+        sinks,
+        default_sink,
+        dead_letter,
+        on_plugin_failure: parsed.on_plugin_failure,
+    }
 }
 
 /// The Kafka connections of a file, each with its librdkafka properties
@@ -367,6 +378,8 @@ fn check_transform(
         memory_bytes: t.limits.memory_mib.map_or(defaults.memory_bytes, |m| m << 20),
         output_bytes: t.limits.output_mib.map_or(defaults.output_bytes, |m| m << 20),
         outputs: t.limits.max_outputs.unwrap_or(defaults.outputs),
+        log_lines_per_s: t.limits.log_lines_per_s.unwrap_or(defaults.log_lines_per_s),
+        log_burst: t.limits.log_burst.unwrap_or(defaults.log_burst),
     };
     let mut grants = Grants { network: t.grants.network, ..Grants::default() };
     for var in &t.grants.env {

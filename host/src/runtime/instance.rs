@@ -7,7 +7,8 @@ use super::stderr::PluginStderr;
 use super::{Fault, Plugin, PluginError};
 use crate::record::{Header, Output, Record};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tracing::{debug, error, info, trace, warn};
 use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, Store, Trap};
@@ -24,6 +25,11 @@ pub struct Limits {
     pub output_bytes: usize,
     /// Outputs one input record may produce.
     pub outputs: usize,
+    /// Log lines per second the plugin may write through the `log` import,
+    /// on average (a token bucket); 0: no limit.
+    pub log_lines_per_s: u32,
+    /// Log lines the plugin may write at once, above the rate.
+    pub log_burst: u32,
 }
 
 impl Default for Limits {
@@ -31,7 +37,7 @@ impl Default for Limits {
     /// (JavaScript) to 13 MiB (Python), and SpiderMonkey lets its heap grow
     /// past 64 MiB over batches of 1,000 records before it collects.
     fn default() -> Self {
-        Limits { cpu_ms: 1_000, memory_bytes: 128 << 20, output_bytes: 16 << 20, outputs: 100_000 }
+        Limits { cpu_ms: 1_000, memory_bytes: 128 << 20, output_bytes: 16 << 20, outputs: 100_000, log_lines_per_s: 100, log_burst: 1_000 }
     }
 }
 
@@ -75,6 +81,83 @@ pub struct HostState {
     stderr: PluginStderr,
     /// `pipeline/plugin`, for the plugin's log lines.
     label: Arc<str>,
+    /// The instance's log budget (it outlives the store across replacements).
+    log: Arc<Mutex<LogBucket>>,
+}
+
+/// Bytes of one plugin log line; the rest is cut.
+pub const MAX_LOG_LINE: usize = 8 << 10;
+
+/// The plugin log's token bucket: `rate` lines a second on average, `burst`
+/// at once. Checked before any formatting, so a flood costs the host one
+/// comparison per line. Suppressed lines are counted and summed up in one
+/// line at most once a second ([`LogBucket::summarize`]).
+pub struct LogBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    refilled: Instant,
+    suppressed: u64,
+    /// When the first line of the current suppression was refused.
+    since: Option<Instant>,
+    pipeline: String,
+    plugin: String,
+}
+
+impl LogBucket {
+    fn new(limits: &Limits, pipeline: &str, plugin: &str) -> Self {
+        LogBucket {
+            rate: f64::from(limits.log_lines_per_s),
+            burst: f64::from(limits.log_burst.max(1)),
+            tokens: f64::from(limits.log_burst.max(1)),
+            refilled: Instant::now(),
+            suppressed: 0,
+            since: None,
+            pipeline: pipeline.to_string(),
+            plugin: plugin.to_string(),
+        }
+    }
+
+    /// Whether one more line may be written now.
+    fn admit(&mut self) -> bool {
+        if self.rate == 0.0 {
+            return true;
+        }
+        if self.tokens < 1.0 {
+            let now = Instant::now();
+            self.tokens = (self.tokens + now.duration_since(self.refilled).as_secs_f64() * self.rate).min(self.burst);
+            self.refilled = now;
+        }
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return true;
+        }
+        self.suppressed += 1;
+        self.since.get_or_insert_with(Instant::now);
+        false
+    }
+
+    /// Logs how many lines were suppressed, once a second at most (or now, with `force`).
+    fn summarize(&mut self, force: bool) {
+        let Some(since) = self.since else { return };
+        let elapsed = since.elapsed();
+        if self.suppressed == 0 || (!force && elapsed < Duration::from_secs(1)) {
+            return;
+        }
+        warn!(
+            pipeline = %self.pipeline,
+            plugin = %self.plugin,
+            suppressed = self.suppressed,
+            "suppressed {} log lines from {}/{} in the last {:.1} s",
+            self.suppressed,
+            self.pipeline,
+            self.plugin,
+            elapsed.as_secs_f64().max(0.1)
+        );
+        crate::telemetry::telemetry().plugin_logs_suppressed(&self.pipeline, &self.plugin, self.suppressed);
+        self.suppressed = 0;
+        self.since = None;
+    }
 }
 
 impl WasiView for HostState {
@@ -86,7 +169,19 @@ impl WasiView for HostState {
 impl wit::Host for HostState {}
 
 impl wit_log::Host for HostState {
-    fn log(&mut self, level: wit_log::Level, message: String) {
+    fn log(&mut self, level: wit_log::Level, mut message: String) {
+        if !self.log.lock().is_ok_and(|mut bucket| bucket.admit()) {
+            return;
+        }
+        if message.len() > MAX_LOG_LINE {
+            let total = message.len();
+            let mut end = MAX_LOG_LINE;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push_str(&format!("… ({total} bytes in all)"));
+        }
         let plugin = &*self.label;
         match level {
             wit_log::Level::Trace => trace!(plugin, "{message}"),
@@ -124,6 +219,12 @@ struct Live {
     bindings: Transformer,
 }
 
+/// Isolation gives up after this many records in a row fail with the same kind of fault.
+pub const ISOLATION_STREAK: u32 = 3;
+
+/// Isolating a batch's faulty records may take this many times `cpu_ms`.
+pub const ISOLATION_BUDGET_CPU_MS: u64 = 10;
+
 /// A plugin instance with its configuration. After a fault the store is
 /// dropped and a fresh one is instantiated (and `init`ed) for the next call.
 pub struct PluginInstance {
@@ -133,6 +234,12 @@ pub struct PluginInstance {
     grants: Grants,
     label: Arc<str>,
     live: Option<Live>,
+    log: Arc<Mutex<LogBucket>>,
+    /// The kind of fault the last records failed with, and how many in a row.
+    streak: Option<(std::mem::Discriminant<Fault>, u32)>,
+    /// Why this version is failing (faults on [`ISOLATION_STREAK`] records in
+    /// a row, or isolation over its budget), until [`PluginInstance::take_failing`].
+    failing: Option<String>,
     /// How many times the instance was replaced after a fault.
     pub replacements: u64,
 }
@@ -148,13 +255,21 @@ impl PluginInstance {
         context: &str,
     ) -> Result<Self, PluginError> {
         let label: Arc<str> = format!("{context}/{}", plugin.name).into();
-        let mut instance = PluginInstance { plugin, config, limits, grants, label, live: None, replacements: 0 };
+        let log = Arc::new(Mutex::new(LogBucket::new(&limits, context, &plugin.name)));
+        let mut instance =
+            PluginInstance { plugin, config, limits, grants, label, live: None, log, streak: None, failing: None, replacements: 0 };
         instance.live = Some(instance.instantiate()?);
         Ok(instance)
     }
 
     pub fn plugin(&self) -> &Arc<Plugin> {
         &self.plugin
+    }
+
+    /// This instance's version as a reload sees it: the component's hash and
+    /// its configuration (a version that fails is refused by this key).
+    pub fn version_key(&self) -> String {
+        version_key(&self.plugin.hash, &self.config)
     }
 
     fn instantiate(&self) -> Result<Live, PluginError> {
@@ -177,6 +292,7 @@ impl PluginInstance {
             memory: MemoryCap { limit: self.limits.memory_bytes, hit: false },
             stderr,
             label: self.label.clone(),
+            log: self.log.clone(),
         };
         let mut store = Store::new(self.plugin.pre.engine(), state);
         store.limiter(|state| &mut state.memory);
@@ -219,22 +335,78 @@ impl PluginInstance {
     /// Transforms a batch: one result per input record, in order. A fault
     /// (trap, CPU or memory limit) fails only the records that cause it: the
     /// batch is retried record by record in fresh instances to find them.
+    ///
+    /// Isolation is bounded: after [`ISOLATION_STREAK`] records in a row
+    /// fail with the same kind of fault (counted across batches too), or once
+    /// it has taken [`ISOLATION_BUDGET_CPU_MS`] × `cpu_ms`, the version is
+    /// failing: the batch's remaining records fail without being run, and
+    /// [`PluginInstance::take_failing`] says why.
     pub fn process(&mut self, batch: &[Record]) -> Vec<RecordResult> {
         let inputs: Vec<wit::InputRecord> = batch.iter().map(to_wit).collect();
-        match self.call(&inputs) {
-            Ok(results) => results,
-            Err(fault) if inputs.len() == 1 => vec![Err(fault.to_string())],
+        let results = match self.call(&inputs) {
+            Ok(results) => {
+                if results.iter().any(Result::is_ok) {
+                    self.streak = None;
+                }
+                results
+            }
+            Err(fault) if inputs.len() == 1 => {
+                let error = fault.to_string();
+                self.count_fault(&fault);
+                vec![Err(error)]
+            }
             Err(fault) => {
                 warn!(plugin = %self.label, %fault, records = inputs.len(), "batch faulted; retrying its records one by one");
-                inputs
-                    .chunks(1)
-                    .map(|one| match self.call(one) {
-                        Ok(mut results) => results.pop().unwrap_or_else(|| Err("plugin returned no result".into())),
-                        Err(fault) => Err(fault.to_string()),
-                    })
-                    .collect()
+                let budget = Duration::from_millis(self.limits.cpu_ms.saturating_mul(ISOLATION_BUDGET_CPU_MS));
+                let started = Instant::now();
+                let mut results = Vec::with_capacity(inputs.len());
+                for one in inputs.chunks(1) {
+                    if let Some(reason) = &self.failing {
+                        results.push(Err(format!("not run: the plugin version is failing ({reason})")));
+                        continue;
+                    }
+                    results.push(match self.call(one) {
+                        Ok(mut result) => {
+                            self.streak = None;
+                            result.pop().unwrap_or_else(|| Err("plugin returned no result".into()))
+                        }
+                        Err(fault) => {
+                            self.count_fault(&fault);
+                            Err(fault.to_string())
+                        }
+                    });
+                    if self.failing.is_none() && started.elapsed() > budget && results.len() < inputs.len() {
+                        self.failing = Some(format!("isolating faulty records took over {} ms ({ISOLATION_BUDGET_CPU_MS} × cpu_ms)", budget.as_millis()));
+                    }
+                }
+                results
             }
+        };
+        if let Ok(mut log) = self.log.lock() {
+            log.summarize(false);
         }
+        results
+    }
+
+    /// One more record failed with `fault`: the version is failing after a streak.
+    fn count_fault(&mut self, fault: &Fault) {
+        let kind = std::mem::discriminant(fault);
+        let count = match self.streak {
+            Some((k, n)) if k == kind => n + 1,
+            _ => 1,
+        };
+        self.streak = Some((kind, count));
+        if count >= ISOLATION_STREAK && self.failing.is_none() {
+            self.failing = Some(format!("{fault} on {count} records in a row"));
+        }
+    }
+
+    /// Why this version is failing, if it is (once; the streak starts over).
+    pub fn take_failing(&mut self) -> Option<String> {
+        if self.failing.is_some() {
+            self.streak = None;
+        }
+        self.failing.take()
     }
 
     fn call(&mut self, inputs: &[wit::InputRecord]) -> Result<Vec<RecordResult>, Fault> {
@@ -264,6 +436,20 @@ impl PluginInstance {
             })
             .collect())
     }
+}
+
+impl Drop for PluginInstance {
+    fn drop(&mut self) {
+        if let Ok(mut log) = self.log.lock() {
+            log.summarize(true);
+        }
+    }
+}
+
+/// A plugin version with its configuration, as one key.
+pub fn version_key(hash: &str, config: &[(String, String)]) -> String {
+    let config: Vec<String> = config.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("{hash} {}", config.join("\u{1f}"))
 }
 
 /// `reason (in plugin_function)`: the innermost frame of the plugin's own

@@ -16,7 +16,7 @@ pub mod loader;
 mod stderr;
 
 pub use engine::Runtime;
-pub use instance::{Grants, Limits, PluginInstance, RecordResult};
+pub use instance::{version_key, Grants, Limits, PluginInstance, RecordResult};
 pub use loader::Plugin;
 
 /// Host bindings generated from `wit/transform.wit`.

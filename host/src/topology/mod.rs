@@ -52,6 +52,19 @@ impl Topology {
     pub async fn apply(&mut self, wanted: Vec<Pipeline>) -> anyhow::Result<Applied> {
         let specs: BTreeMap<String, Pipeline> = self.running.iter().map(|(k, r)| (k.clone(), r.spec.clone())).collect();
         let plan = diff(&specs, &wanted);
+        // A version rolled back after it failed comes back only as a different file.
+        for spec in plan.swap.iter().chain(&plan.start) {
+            for t in &spec.transforms {
+                if let Some(reason) = self.runtime.refused(&crate::runtime::version_key(&t.hash, &t.config)) {
+                    anyhow::bail!(
+                        "plugin {} of pipeline {} is version {} with this config, which was rolled back ({reason}): drop in a different file or config",
+                        t.path.display(),
+                        spec.name,
+                        t.hash.get(..12).unwrap_or(&t.hash)
+                    );
+                }
+            }
+        }
         let mut chains = Vec::with_capacity(plan.swap.len());
         for spec in plan.swap {
             let chain = tokio::task::block_in_place(|| Chain::new(&self.runtime, &spec.transforms, &spec.name))

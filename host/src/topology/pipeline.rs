@@ -1,13 +1,13 @@
 //! One pipeline's task: read a batch, run the chain, route outputs to sinks,
 //! dead-letter failures, and commit the source only once every sink has it.
 
-use crate::config::{Pipeline, SourceConfig};
+use crate::config::{OnPluginFailure, Pipeline, SourceConfig};
 use crate::record::{Header, Output, Record};
 use crate::runtime::Runtime;
 use crate::sinks::{self, Sink};
 use crate::sources::{kafka::KafkaSource, Source};
 use crate::telemetry::telemetry;
-use crate::transforms::{Chain, ChainFailure};
+use crate::transforms::{Chain, ChainFailure, VersionFailing};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -23,6 +23,7 @@ use tracing::{debug, error, info, warn};
 pub struct Stopped;
 
 pub struct PipelineTask {
+    runtime: Runtime,
     spec: Pipeline,
     source: Arc<dyn Source>,
     chain: Chain,
@@ -60,7 +61,7 @@ impl PipelineTask {
         let source: Arc<dyn Source> = match &spec.source {
             SourceConfig::Kafka(k) => Arc::new(KafkaSource::new(k, &spec.group(), &spec.name)?),
         };
-        Ok(PipelineTask { spec, source, chain, sinks, dead_letter })
+        Ok(PipelineTask { runtime: runtime.clone(), spec, source, chain, sinks, dead_letter })
     }
 
     /// Runs until `cancel`. Two stages overlap: the transform stage (its own
@@ -70,10 +71,11 @@ impl PipelineTask {
     /// A chain received on `swaps` replaces the current one between two
     /// batches: every record is transformed by exactly one version.
     pub async fn run(self, cancel: CancellationToken, swaps: mpsc::UnboundedReceiver<Chain>) -> anyhow::Result<()> {
-        let PipelineTask { spec, source, chain, sinks, dead_letter } = self;
+        let PipelineTask { runtime, spec, source, chain, sinks, dead_letter } = self;
         telemetry().pipeline_started(&spec.name, &sinks.keys().cloned().collect::<Vec<_>>(), &versions(&chain));
         let (transformed_tx, mut transformed) = mpsc::channel::<Transformed>(1);
-        let stage = tokio::spawn(transform_stage(spec.name.clone(), source.clone(), chain, swaps, cancel.clone(), transformed_tx));
+        let versions = Versions::new(spec.name.clone(), chain, spec.on_plugin_failure, runtime);
+        let stage = tokio::spawn(transform_stage(source.clone(), versions, swaps, cancel.clone(), transformed_tx));
         let delivery = Delivery { spec, sinks, dead_letter };
         let name = delivery.spec.name.clone();
         while let Some(Transformed { batch, results, read_at }) = transformed.recv().await {
@@ -99,16 +101,151 @@ impl PipelineTask {
     }
 }
 
-/// Reads batches, applies chain swaps between them, transforms them, and
-/// hands them to the delivery stage (at most one waiting).
-async fn transform_stage(
+/// Batches a new version runs on probation after a hot swap: an error surge
+/// in one of them counts as the version failing.
+const PROBATION_BATCHES: u32 = 10;
+
+/// A batch is judged for an error surge only from this many records on.
+const SURGE_MIN_RECORDS: usize = 10;
+
+/// The chain a pipeline runs, the one it ran before the last hot swap (for a
+/// rollback), and how often their records fail.
+struct Versions {
     pipeline: String,
+    current: Chain,
+    /// The chain before the last swap, kept for [`OnPluginFailure::Rollback`].
+    previous: Option<Chain>,
+    policy: OnPluginFailure,
+    runtime: Runtime,
+    /// Batches the current chain has run since it went live.
+    batches: u32,
+    /// The current chain's recent record errors and records (decaying sums).
+    recent: (f64, f64),
+    /// The previous chain's recent error rate when it was swapped out.
+    previous_rate: f64,
+}
+
+impl Versions {
+    fn new(pipeline: String, current: Chain, policy: OnPluginFailure, runtime: Runtime) -> Self {
+        Versions { pipeline, current, previous: None, policy, runtime, batches: PROBATION_BATCHES, recent: (0.0, 0.0), previous_rate: 0.0 }
+    }
+
+    fn rate(&self) -> f64 {
+        if self.recent.1 == 0.0 {
+            0.0
+        } else {
+            self.recent.0 / self.recent.1
+        }
+    }
+
+    /// A hot swap: `new` goes live, the current chain is kept for a rollback.
+    fn swap_in(&mut self, new: Chain) {
+        // The new chain is compiled, instantiated and initialised already:
+        // the pause is moving the old one aside.
+        let started = Instant::now();
+        self.previous_rate = self.rate();
+        self.previous = Some(std::mem::replace(&mut self.current, new));
+        self.went_live(started);
+    }
+
+    /// A new version while paused: the failing chain is dropped, not kept.
+    fn replace(&mut self, new: Chain) {
+        let started = Instant::now();
+        drop(std::mem::replace(&mut self.current, new));
+        self.went_live(started);
+    }
+
+    fn went_live(&mut self, started: Instant) {
+        self.batches = 0;
+        self.recent = (0.0, 0.0);
+        let pause_us = started.elapsed().as_micros() as u64;
+        let live = versions(&self.current);
+        let shown: Vec<String> = live.iter().map(|(name, version)| format!("{name}@{version}")).collect();
+        info!(pipeline = %self.pipeline, plugins = %shown.join(" -> "), pause_us, "new plugin versions live");
+        telemetry().set_plugins(&self.pipeline, &live);
+    }
+
+    /// Whether the current chain is failing, after it ran `results`: a
+    /// fault streak or isolation over budget (any time), or, on probation
+    /// after a swap, an error surge against the previous version's rate.
+    fn judge(&mut self, results: &[Result<Vec<Output>, ChainFailure>]) -> Option<VersionFailing> {
+        if let Some(failing) = self.current.take_failing() {
+            return Some(failing);
+        }
+        if self.batches >= PROBATION_BATCHES || self.previous.is_none() || results.len() < SURGE_MIN_RECORDS {
+            return None;
+        }
+        let failed: Vec<&ChainFailure> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+        let rate = failed.len() as f64 / results.len() as f64;
+        if rate <= 0.5 || self.previous_rate >= 0.05 {
+            return None;
+        }
+        // The stage that failed the most records is the one surging.
+        let mut per_plugin: BTreeMap<&str, usize> = BTreeMap::new();
+        for f in &failed {
+            *per_plugin.entry(f.plugin.as_str()).or_default() += 1;
+        }
+        let plugin = per_plugin.iter().max_by_key(|(_, n)| **n).map(|(p, _)| *p)?;
+        let example = failed.iter().find(|f| f.plugin == plugin)?;
+        let stage = self.current.stages().iter().find(|s| s.plugin().name == plugin)?;
+        Some(VersionFailing {
+            plugin: plugin.to_string(),
+            version: stage.plugin().hash.clone(),
+            key: stage.version_key(),
+            reason: format!(
+                "error surge: {} of {} records failed ({:.0}%; the previous version: {:.1}%), e.g. {}",
+                failed.len(),
+                results.len(),
+                rate * 100.0,
+                self.previous_rate * 100.0,
+                example.error
+            ),
+        })
+    }
+
+    /// `results` are on their way to the sinks: they count for the error rate.
+    fn record(&mut self, results: &[Result<Vec<Output>, ChainFailure>]) {
+        let errors = results.iter().filter(|r| r.is_err()).count() as f64;
+        self.recent = (self.recent.0 * 0.8 + errors, self.recent.1 * 0.8 + results.len() as f64);
+        self.batches = self.batches.saturating_add(1);
+    }
+
+    /// Swaps back to the previous chain after `failing`, refusing the failing version.
+    fn roll_back(&mut self, failing: &VersionFailing) {
+        let Some(previous) = self.previous.take() else { return };
+        let bad = std::mem::replace(&mut self.current, previous);
+        let old = self.current.stages().iter().find(|s| s.plugin().name == failing.plugin).map(|s| s.plugin().short_hash().to_string());
+        let old = old.unwrap_or_else(|| "-".to_string());
+        let new = failing.version.get(..12).unwrap_or(&failing.version);
+        self.runtime.refuse(&failing.key, &failing.reason);
+        error!(
+            pipeline = %self.pipeline,
+            plugin = %failing.plugin,
+            from = %new,
+            to = %old,
+            reason = %failing.reason,
+            "plugin version rolled back before any of its output was delivered; this version (file and config) is refused until either changes"
+        );
+        telemetry().rolled_back(&self.pipeline, &failing.plugin, &format!("{} {new} -> {old}: {}", failing.plugin, failing.reason));
+        telemetry().set_plugins(&self.pipeline, &versions(&self.current));
+        drop(bad);
+        self.batches = PROBATION_BATCHES;
+        self.recent = (0.0, 0.0);
+    }
+}
+
+/// Reads batches, applies chain swaps between them, transforms them, and
+/// hands them to the delivery stage (at most one waiting). A failing plugin
+/// version is handled by the pipeline's [`OnPluginFailure`] before any of
+/// the batch's results are handed on.
+async fn transform_stage(
     source: Arc<dyn Source>,
-    mut chain: Chain,
+    mut versions: Versions,
     mut swaps: mpsc::UnboundedReceiver<Chain>,
     cancel: CancellationToken,
     out: mpsc::Sender<Transformed>,
 ) -> anyhow::Result<()> {
+    let pipeline = versions.pipeline.clone();
     loop {
         let batch = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
@@ -116,17 +253,44 @@ async fn transform_stage(
         };
         let read_at = Instant::now();
         while let Ok(new) = swaps.try_recv() {
-            // The new chain is compiled, instantiated and initialised
-            // already: the pause is dropping the old one.
-            let started = std::time::Instant::now();
-            drop(std::mem::replace(&mut chain, new));
-            let pause_us = started.elapsed().as_micros() as u64;
-            let live = versions(&chain);
-            let shown: Vec<String> = live.iter().map(|(name, version)| format!("{name}@{version}")).collect();
-            info!(%pipeline, plugins = %shown.join(" -> "), pause_us, "new plugin versions live");
-            telemetry().set_plugins(&pipeline, &live);
+            versions.swap_in(new);
         }
-        let results = tokio::task::block_in_place(|| chain.process(&batch));
+        let mut paused = false;
+        let mut delay = Duration::from_secs(1);
+        let results = loop {
+            let results = tokio::task::block_in_place(|| versions.current.process(&batch));
+            let Some(failing) = versions.judge(&results) else { break results };
+            match versions.policy {
+                OnPluginFailure::DeadLetter => {
+                    warn!(%pipeline, %failing, "plugin version failing; its records go to the dead letters (on_plugin_failure = dead_letter)");
+                    break results;
+                }
+                OnPluginFailure::Rollback if versions.previous.is_some() => versions.roll_back(&failing),
+                _ => {
+                    // Pause: nothing of this batch is delivered, nothing committed.
+                    let reason = failing.to_string();
+                    error!(%pipeline, reason = %reason, retry_in = ?delay, "pipeline paused on a failing plugin version: drop in a new version to resume");
+                    telemetry().plugin_failing(&pipeline, &reason);
+                    paused = true;
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(delay) => {}
+                        Some(new) = swaps.recv() => {
+                            versions.replace(new);
+                            while let Ok(newer) = swaps.try_recv() {
+                                versions.replace(newer);
+                            }
+                        }
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+            }
+        };
+        if paused {
+            info!(%pipeline, "plugin version works: pipeline resumed");
+            telemetry().plugin_ok(&pipeline);
+        }
+        versions.record(&results);
         if out.send(Transformed { batch, results, read_at }).await.is_err() {
             return Ok(());
         }

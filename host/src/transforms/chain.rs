@@ -12,6 +12,23 @@ pub struct ChainFailure {
     pub error: String,
 }
 
+/// A plugin version of the chain found failing (see [`PluginInstance::process`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionFailing {
+    pub plugin: String,
+    /// The version's SHA-256.
+    pub version: String,
+    /// The version with its configuration ([`crate::runtime::version_key`]).
+    pub key: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for VersionFailing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "plugin {} version {} is failing: {}", self.plugin, self.version.get(..12).unwrap_or(&self.version), self.reason)
+    }
+}
+
 pub struct Chain {
     stages: Vec<PluginInstance>,
     pipeline: String,
@@ -32,6 +49,20 @@ impl Chain {
 
     pub fn stages(&self) -> &[PluginInstance] {
         &self.stages
+    }
+
+    /// The first stage whose version was found failing by the last
+    /// [`Chain::process`] (every stage's verdict is taken).
+    pub fn take_failing(&mut self) -> Option<VersionFailing> {
+        let mut first = None;
+        for stage in &mut self.stages {
+            if let Some(reason) = stage.take_failing() {
+                let plugin = stage.plugin();
+                let key = stage.version_key();
+                first.get_or_insert(VersionFailing { plugin: plugin.name.clone(), version: plugin.hash.clone(), key, reason });
+            }
+        }
+        first
     }
 
     /// Runs `batch` through every stage. One result per source record: all

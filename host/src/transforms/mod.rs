@@ -2,4 +2,4 @@
 
 pub mod chain;
 
-pub use chain::{Chain, ChainFailure};
+pub use chain::{Chain, ChainFailure, VersionFailing};

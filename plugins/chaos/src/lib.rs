@@ -17,7 +17,9 @@
 //! | `net`         | tries to connect to `addr` (TCP)          |
 //! | `big`         | returns one output of `big_mib` MiB       |
 //! | `many`        | returns `many` empty outputs              |
+//! | `log`         | logs `log_lines` lines, then echoes it    |
 //!
+//! `trigger = "*"` misbehaves on every record (a broken version).
 //! Config `marker` (optional) is prepended to every echoed value, so hot-reload
 //! tests can tell versions apart.
 
@@ -29,22 +31,24 @@ pub struct Chaos {
     addr: String,
     big_mib: usize,
     many: usize,
+    log_lines: u64,
     trigger: Vec<u8>,
 }
 
 impl Transform for Chaos {
     fn init(config: &Config) -> Result<Self, String> {
-        config.reject_unknown(&["mode", "marker", "addr", "big_mib", "many", "trigger"])?;
+        config.reject_unknown(&["mode", "marker", "addr", "big_mib", "many", "log_lines", "trigger"])?;
         let mode = config.get("mode").unwrap_or("echo").to_string();
         match mode.as_str() {
             "init-trap" => panic!("chaos: trapping in init as asked"),
             "init-reject" => Err("chaos: config rejected as asked".to_string()),
-            "echo" | "trap" | "loop" | "alloc" | "error" | "fs" | "net" | "big" | "many" => Ok(Chaos {
+            "echo" | "trap" | "loop" | "alloc" | "error" | "fs" | "net" | "big" | "many" | "log" => Ok(Chaos {
                 mode,
                 marker: config.get("marker").unwrap_or_default().to_string(),
                 addr: config.get("addr").unwrap_or("127.0.0.1:9").to_string(),
                 big_mib: config.parse("big_mib")?.unwrap_or(20),
                 many: config.parse("many")?.unwrap_or(200_000),
+                log_lines: config.parse("log_lines")?.unwrap_or(2_000_000),
                 trigger: config.get("trigger").unwrap_or("boom").as_bytes().to_vec(),
             }),
             other => Err(format!("unknown mode {other:?}")),
@@ -52,7 +56,7 @@ impl Transform for Chaos {
     }
 
     fn process(&mut self, record: Record) -> Result<Vec<Output>, String> {
-        if record.value == self.trigger {
+        if self.trigger == b"*" || record.value == self.trigger {
             match self.mode.as_str() {
                 "trap" => panic!("chaos: trapping as asked"),
                 "loop" => {
@@ -81,6 +85,11 @@ impl Transform for Chaos {
                 }
                 "big" => return Ok(vec![Output::new(vec![b'x'; self.big_mib << 20])]),
                 "many" => return Ok((0..self.many).map(|_| Output::new(Vec::new())).collect()),
+                "log" => {
+                    for i in 0..self.log_lines {
+                        sluice_plugin::log::info(&format!("chaos: log line {i} of {}, flooding as asked", self.log_lines));
+                    }
+                }
                 _ => {}
             }
         }
