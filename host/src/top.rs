@@ -87,7 +87,7 @@ impl Dashboard {
             let failing = p["failing_sinks"].as_object().map_or(0, |m| m.len());
             let paused = !p["failing_plugin"].is_null();
             let (state, color) = match (p["consuming"].as_bool().unwrap_or(false), failing) {
-                _ if paused => ("paused: plugin", Color::Red),
+                _ if paused => ("paused", Color::Red),
                 _ if !p["failing_source"].is_null() => ("source failing", Color::Red),
                 (_, n) if n > 0 => ("sink failing", Color::Red),
                 (true, _) => ("running", Color::Green),
@@ -218,7 +218,7 @@ mod tests {
         let t0 = Instant::now();
         d.update(Ok(status(1000)), t0);
         d.update(Ok(status(3000)), t0 + Duration::from_secs(2));
-        let mut terminal = Terminal::new(TestBackend::new(150, 20)).unwrap();
+        let mut terminal = Terminal::new(TestBackend::new(180, 20)).unwrap();
         terminal.draw(|f| d.draw(f)).unwrap();
         let screen: String = terminal.backend().buffer().content().iter().map(|c| c.symbol()).collect::<Vec<_>>().join("");
         for needle in ["reloads ok 2 / failed 1", "trades", "running", "1000/s", "3000", "9000", "11", "trade_flattener@2a03e70b", "(rolled back ×1)", "sink pg: down"] {
