@@ -51,7 +51,7 @@ fn every_error_is_reported_with_its_place() {
     assert_eq!(code, 1);
     let lines: Vec<&str> = stderr.lines().collect();
     let expected = [
-        "unknown-key.toml:1:1: unknown field `colour`, expected one of `name`, `source`, `transforms`, `sinks`, `default_sink`, `dead_letter`, `connections`",
+        "unknown-key.toml:1:1: unknown field `colour`, expected one of `name`, `source`, `transforms`, `sinks`, `default_sink`, `dead_letter`, `on_plugin_failure`, `connections`",
         "bad-sink-key.toml:5:1: unknown field `format`, there are no fields",
         "env.toml:3:12: environment variable `SLUICE_TEST_UNSET` is not set (write `${SLUICE_TEST_UNSET:-default}` for a default)",
         "semantic.toml:7:10: plugin trade_flattener rejected its config: unknown config key(s): symbols (this plugin takes no config)",
