@@ -13,4 +13,4 @@ COPY --from=build /src/target/wasm32-wasip2/release/*.wasm target/wasm32-wasip2/
 COPY pipelines pipelines
 ENV SLUICE_CACHE_DIR=/var/cache/sluice
 ENTRYPOINT ["sluice"]
-CMD ["run", "pipelines/trades.toml"]
+CMD ["run", "pipelines/"]

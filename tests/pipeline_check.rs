@@ -166,11 +166,15 @@ fn the_shipped_pipelines_are_valid() {
         .arg(common::test_cache_dir())
         .arg("check")
         .arg(common::root().join("pipelines"))
+        .arg(common::root().join("pipelines/examples"))
+        .env("FINNHUB_TOKEN", "test-token")
         .output()
         .unwrap();
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("ok: pipeline trades [trade_flattener] -> sinks [pg] (default pg)"), "{stdout}");
+    assert!(stdout.contains("ok: pipeline finnhub-ingest [] -> sinks [raw] (default raw)"), "{stdout}");
+    assert!(!stdout.contains("test-token"), "{stdout}");
     assert!(stdout.contains("ok: pipeline btc-router [trade_flattener -> symbol_router] -> sinks [btc, other] (default other)"), "{stdout}");
     assert!(
         stdout.contains("ok: pipeline three-languages [trade_flattener -> py_enrich -> js_router] -> sinks [binance, other] (default other)"),

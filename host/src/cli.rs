@@ -36,7 +36,8 @@ pub enum Command {
     /// Work with transform plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
-    /// Generate a Finnhub-style trade feed: to a Kafka topic, or one JSON frame per line on stdout.
+    /// Generate a Finnhub-style trade feed: to a Kafka topic, one JSON frame
+    /// per line on stdout, or served as a Finnhub-like WebSocket.
     Feed(FeedArgs),
     /// Validate pipeline files without running them (exit 1 on any error).
     ///
@@ -122,6 +123,16 @@ pub struct FeedArgs {
     /// A librdkafka producer property, KEY=VALUE (repeatable).
     #[arg(long = "property", short = 'X', value_parser = parse_key_value)]
     pub properties: Vec<(String, String)>,
+    /// Serve the feed as a local stand-in for Finnhub's WebSocket on this
+    /// address (e.g. 127.0.0.1:8765) instead: subscribe/unsubscribe
+    /// messages, trade frames of subscribed symbols at --rate per
+    /// connection, pings. Runs until SIGINT.
+    #[arg(long, value_name = "ADDR")]
+    pub serve_websocket: Option<std::net::SocketAddr>,
+    /// With --serve-websocket: the token clients must give as `?token=`
+    /// (others get Finnhub's error frame); default: any.
+    #[arg(long, env = "FINNHUB_TOKEN")]
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -451,6 +462,16 @@ fn update_status(
 }
 
 fn feed(args: FeedArgs) -> anyhow::Result<ExitCode> {
+    if let Some(addr) = args.serve_websocket {
+        let options = crate::feed::websocket::ServeOptions {
+            rate: args.rate,
+            token: args.token.clone(),
+            seed: args.seed,
+            ..Default::default()
+        };
+        tokio_runtime()?.block_on(crate::feed::websocket::serve(addr, options))?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut generator = crate::feed::FeedGenerator::new(args.seed);
     generator.ping_every = args.ping_every;
     if let Some(topic) = &args.topic {

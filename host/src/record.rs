@@ -26,6 +26,10 @@ pub struct Record {
     /// Milliseconds since the Unix epoch.
     pub timestamp: Option<i64>,
     pub origin: Origin,
+    /// Set by a source that could not take the record whole (e.g. a
+    /// WebSocket frame over `max_message_bytes`): the record skips the
+    /// transforms and goes to the dead letters with this reason.
+    pub rejected: Option<String>,
 }
 
 /// One record produced by a transform (or passed through when there is none).

@@ -101,6 +101,9 @@ pub struct Telemetry {
     pub plugin_version: Family<VersionLabels, Gauge>,
     pub plugin_log_suppressed: Family<PluginLabels, Counter>,
     pub plugin_rollbacks: Family<PluginLabels, Counter>,
+    pub source_reconnects: Family<PipelineLabels, Counter>,
+    pub source_connected: Family<PipelineLabels, Gauge>,
+    pub source_gap_seconds: Family<PipelineLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
     state: Mutex<BTreeMap<String, PipelineState>>,
     /// Sink names per pipeline.
     sinks: Mutex<BTreeMap<String, Vec<String>>>,
@@ -140,6 +143,9 @@ impl Telemetry {
             plugin_version: Family::default(),
             plugin_log_suppressed: Family::default(),
             plugin_rollbacks: Family::default(),
+            source_reconnects: Family::default(),
+            source_connected: Family::default(),
+            source_gap_seconds: Family::default(),
             state: Mutex::new(BTreeMap::new()),
             sinks: Mutex::new(BTreeMap::new()),
             plugins: Mutex::new(BTreeMap::new()),
@@ -158,6 +164,13 @@ impl Telemetry {
         r.register("plugin_info", "The live plugin version (1) per pipeline and plugin", t.plugin_version.clone());
         r.register("plugin_log_lines_suppressed", "Plugin log lines dropped by the log rate limit", t.plugin_log_suppressed.clone());
         r.register("plugin_rollbacks", "Hot swaps rolled back because the new version failed", t.plugin_rollbacks.clone());
+        r.register("source_reconnects", "Times a source (WebSocket) connected again after losing its connection", t.source_reconnects.clone());
+        r.register("source_connected", "Whether a source (WebSocket) is connected (1) or not (0)", t.source_connected.clone());
+        r.register(
+            "source_disconnected_seconds",
+            "Time a source (WebSocket) spent disconnected between connections: frames sent then are lost",
+            t.source_gap_seconds.clone(),
+        );
         t
     }
 
@@ -271,6 +284,18 @@ impl Telemetry {
             s.failing_source = Some(error.to_string());
             s.last_error = Some(format!("{} source: {error}", now()));
         });
+    }
+
+    /// A connection-based source (WebSocket) is connected, or not.
+    pub fn source_connected(&self, pipeline: &str, connected: bool) {
+        self.source_connected.get_or_create(&PipelineLabels { pipeline: pipeline.to_string() }).set(i64::from(connected));
+    }
+
+    /// A connection-based source connected again after `gap_seconds` without a connection.
+    pub fn source_reconnected(&self, pipeline: &str, gap_seconds: f64) {
+        let labels = PipelineLabels { pipeline: pipeline.to_string() };
+        self.source_reconnects.get_or_create(&labels).inc();
+        self.source_gap_seconds.get_or_create(&labels).inc_by(gap_seconds);
     }
 
     pub fn source_ok(&self, pipeline: &str) {

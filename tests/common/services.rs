@@ -292,6 +292,11 @@ impl SluiceProcess {
         }
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// How many log lines contain `needle`.
     pub fn log_count(&self, needle: &str) -> usize {
         std::fs::read_to_string(&self.log).unwrap_or_default().lines().filter(|l| l.contains(needle)).count()
@@ -348,6 +353,13 @@ pub fn write_pipeline(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// The value of the Prometheus sample `series` (name and labels, as
+/// written) at the admin listener `addr`, if present.
+pub fn metric(addr: &str, series: &str) -> Option<f64> {
+    let (_, body) = http(addr, "GET", "/metrics");
+    body.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// A minimal HTTP/1.1 request: returns (status code, body).

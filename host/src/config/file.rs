@@ -189,6 +189,62 @@ impl SaslMechanism {
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum SourceConfig {
     Kafka(KafkaSourceConfig),
+    #[serde(rename = "websocket")]
+    WebSocket(WebSocketSourceConfig),
+}
+
+/// `type = "websocket"`: a live feed (e.g. Finnhub's trades). Each text or
+/// binary frame is one record; timestamp = time received; origin = the URL's
+/// host, partition 0, a per-connection sequence as offset. A WebSocket
+/// cannot replay: frames sent while disconnected are lost (at-most-once
+/// across reconnects); within a connection nothing is dropped.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WebSocketSourceConfig {
+    /// `ws://` or `wss://` URL; a token in its query (`?token=…`) is a secret.
+    pub url: String,
+    /// HTTP headers of the handshake (e.g. `Authorization`); their values are secrets.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Messages sent after every connect and reconnect: strings as they
+    /// are, tables as JSON (e.g. `{ type = "subscribe", symbol = "BINANCE:BTCUSDT" }`).
+    #[serde(default)]
+    pub subscribe: Vec<toml::Value>,
+    /// PEM file of CA certificates to trust for `wss://` (default: the system's roots).
+    pub ca: Option<String>,
+    /// Seconds between the pings Sluice sends (default 20; 0: none).
+    #[serde(default = "default_ping_secs")]
+    pub ping_secs: u64,
+    /// Reconnect when no frame arrives for this many seconds (default 60; 0: never).
+    #[serde(default = "default_idle_timeout_secs")]
+    pub idle_timeout_secs: u64,
+    /// Frames over this many bytes are dead-lettered (cut to 64 KiB) instead
+    /// of transformed (default 1 MiB).
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Frames received but not yet transformed, at most; past it Sluice stops
+    /// reading and TCP slows the server down (default 10,000).
+    #[serde(default = "default_buffer_records")]
+    pub buffer_records: usize,
+    /// A batch closes at this many records...
+    #[serde(default = "default_batch_max_records")]
+    pub batch_max_records: usize,
+    /// ...or this many milliseconds after its first record, whichever comes first.
+    #[serde(default = "default_batch_max_ms")]
+    pub batch_max_ms: u64,
+}
+
+fn default_ping_secs() -> u64 {
+    20
+}
+fn default_idle_timeout_secs() -> u64 {
+    60
+}
+fn default_max_message_bytes() -> usize {
+    1 << 20
+}
+fn default_buffer_records() -> usize {
+    10_000
 }
 
 /// `type = "kafka"`: a consumer group over one or more topics.
@@ -413,7 +469,8 @@ pub struct PostgresSinkConfig {
     /// Exactly-once: each batch's rows and the source offsets they came from
     /// are committed in one transaction (into `offsets_table`), and rows of
     /// records read again after a crash, restart or rebalance are skipped.
-    /// `false`: at-least-once, one statement fewer per batch.
+    /// `false`: at-least-once, one statement fewer per batch. Always `false`
+    /// behind a WebSocket source, which cannot read anything again.
     #[serde(default = "default_true")]
     pub exactly_once: bool,
     /// The table holding the source offsets of the rows written, keyed by

@@ -59,6 +59,7 @@ impl Pipeline {
     pub fn group(&self) -> String {
         match &self.source {
             SourceConfig::Kafka(k) => k.group.clone().unwrap_or_else(|| format!("sluice-{}", self.name)),
+            SourceConfig::WebSocket(_) => format!("sluice-{}", self.name),
         }
     }
 }
@@ -166,6 +167,30 @@ fn check(parsed: PipelineFile, file: &Path, runtime: Option<&Runtime>, report: &
                 );
             }
         }
+        SourceConfig::WebSocket(w) => {
+            let url = w.url.trim();
+            if !(url.starts_with("ws://") || url.starts_with("wss://")) {
+                report.at_key(&["source", "url"], source_span.clone(), format!("[source]: url {:?} must start with ws:// or wss://", crate::sources::websocket::display_url(url)));
+            }
+            if let Err(e) = crate::sources::websocket::request(w) {
+                report.at_key(&["source", "url"], source_span.clone(), format!("[source]: {e}"));
+            }
+            if let Some(ca) = &w.ca {
+                let path = dir.join(ca);
+                if !path.is_file() {
+                    report.at_key(&["source", "ca"], source_span.clone(), format!("[source]: ca file {} does not exist", path.display()));
+                }
+                w.ca = Some(path.display().to_string());
+            }
+            for (i, message) in w.subscribe.iter().enumerate() {
+                if !(message.is_str() || message.is_table()) {
+                    report.at_key(&["source", "subscribe"], source_span.clone(), format!("[source]: subscribe message {} must be a string or a table", i + 1));
+                }
+            }
+            if w.batch_max_records == 0 || w.buffer_records == 0 || w.max_message_bytes == 0 {
+                report.at(source_span.clone(), "[source]: `batch_max_records`, `buffer_records` and `max_message_bytes` must be at least 1");
+            }
+        }
     }
 
     let transforms = parsed
@@ -181,6 +206,16 @@ fn check(parsed: PipelineFile, file: &Path, runtime: Option<&Runtime>, report: &
     let mut sinks = BTreeMap::new();
     for (sink_name, sink) in &parsed.sinks {
         sinks.insert(sink_name.clone(), check_sink(&["sinks", sink_name], sink, &connections, dir, report));
+    }
+    // Exactly-once into PostgreSQL stores the source offsets with the rows and
+    // skips what a source reads again; a WebSocket cannot read again, and its
+    // offsets restart with each connection: its rows are written as they come.
+    if matches!(source, SourceConfig::WebSocket(_)) {
+        for sink in sinks.values_mut() {
+            if let SinkConfig::Postgres(pg) = sink {
+                pg.exactly_once = false;
+            }
+        }
     }
     let default_sink = match &parsed.default_sink {
         Some(d) if parsed.sinks.contains_key(d.get_ref()) => d.get_ref().clone(),

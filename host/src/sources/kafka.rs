@@ -184,6 +184,7 @@ fn to_record(m: &BorrowedMessage<'_>) -> Record {
             .unwrap_or_default(),
         timestamp: m.timestamp().to_millis(),
         origin: Origin { topic: m.topic().to_string(), partition: m.partition(), offset: m.offset() },
+        rejected: None,
     }
 }
 

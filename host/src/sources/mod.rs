@@ -1,7 +1,8 @@
 //! Sources: where a pipeline's records come from. A new source is one module
-//! implementing [`Source`].
+//! implementing [`Source`]: [`kafka`] (a consumer group), [`websocket`] (a live feed).
 
 pub mod kafka;
+pub mod websocket;
 
 use crate::record::Record;
 use async_trait::async_trait;

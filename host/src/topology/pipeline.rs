@@ -5,7 +5,7 @@ use crate::config::{OnPluginFailure, Pipeline, SourceConfig};
 use crate::record::{Header, Output, Record};
 use crate::runtime::Runtime;
 use crate::sinks::{self, Sink};
-use crate::sources::{kafka::KafkaSource, Source};
+use crate::sources::{kafka::KafkaSource, websocket::WebSocketSource, Source};
 use crate::telemetry::telemetry;
 use crate::transforms::{Chain, ChainFailure, VersionFailing};
 use std::collections::BTreeMap;
@@ -60,6 +60,7 @@ impl PipelineTask {
         let dead_letter = sinks::build("dead_letter", &spec.dead_letter, &spec.name, dir).await?;
         let source: Arc<dyn Source> = match &spec.source {
             SourceConfig::Kafka(k) => Arc::new(KafkaSource::new(k, &spec.group(), &spec.name)?),
+            SourceConfig::WebSocket(w) => Arc::new(WebSocketSource::new(w, &spec.name)?),
         };
         Ok(PipelineTask { runtime: runtime.clone(), spec, source, chain, sinks, dead_letter })
     }
@@ -234,6 +235,22 @@ impl Versions {
     }
 }
 
+/// Runs `batch` through `chain`; records their source rejected skip it and fail.
+fn process(chain: &mut Chain, batch: &[Record]) -> Vec<Result<Vec<Output>, ChainFailure>> {
+    if batch.iter().all(|r| r.rejected.is_none()) {
+        return chain.process(batch);
+    }
+    let accepted: Vec<Record> = batch.iter().filter(|r| r.rejected.is_none()).cloned().collect();
+    let mut results = chain.process(&accepted).into_iter();
+    batch
+        .iter()
+        .map(|r| match &r.rejected {
+            Some(reason) => Err(ChainFailure { plugin: "source".to_string(), error: reason.clone() }),
+            None => results.next().unwrap_or_else(|| Ok(Vec::new())),
+        })
+        .collect()
+}
+
 /// Reads batches, applies chain swaps between them, transforms them, and
 /// hands them to the delivery stage (at most one waiting). A failing plugin
 /// version is handled by the pipeline's [`OnPluginFailure`] before any of
@@ -258,7 +275,7 @@ async fn transform_stage(
         let mut paused = false;
         let mut delay = Duration::from_secs(1);
         let results = loop {
-            let results = tokio::task::block_in_place(|| versions.current.process(&batch));
+            let results = tokio::task::block_in_place(|| process(&mut versions.current, &batch));
             let Some(failing) = versions.judge(&results) else { break results };
             match versions.policy {
                 OnPluginFailure::DeadLetter => {

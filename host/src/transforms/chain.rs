@@ -90,7 +90,7 @@ impl Chain {
                     for out in outputs.drain(..) {
                         owners.push((i, out.route));
                         let origin = batch[i].origin.clone();
-                        inputs.push(Record { key: out.key, value: out.value, headers: out.headers, timestamp: out.timestamp, origin });
+                        inputs.push(Record { key: out.key, value: out.value, headers: out.headers, timestamp: out.timestamp, origin, rejected: None });
                     }
                 }
             }
