@@ -18,13 +18,7 @@ const USER: &str = "sluice";
 const KAFKA_PASSWORD: &str = "kafka-Pa55word-7f3e";
 const PG_PASSWORD: &str = "pg-Pa55word-91c2";
 
-const COLUMNS: &str = r#"columns = [
-  { name = "symbol", type = "text" },
-  { name = "price", type = "double precision" },
-  { name = "volume", type = "double precision" },
-  { name = "traded_at", type = "timestamptz", field = "ts" },
-  { name = "conditions", type = "text[]" },
-]"#;
+use common::trades::TRADE_COLUMNS as COLUMNS;
 
 /// A durable broker with the trades topics, restarted behind a TLS
 /// terminator (which asks for a client certificate signed by `client_ca`,

@@ -38,13 +38,7 @@ type = "postgres"
 url = "${{SLUICE_PG_URL}}"
 table = "{table}"
 create_table = true
-columns = [
-  {{ name = "symbol", type = "text" }},
-  {{ name = "price", type = "double precision" }},
-  {{ name = "volume", type = "double precision" }},
-  {{ name = "traded_at", type = "timestamptz", field = "ts" }},
-  {{ name = "conditions", type = "text[]" }},
-]
+{columns}
 
 [dead_letter]
 type = "kafka"
@@ -53,6 +47,7 @@ topic = "trades_dlq"
 "#,
         flattener = plugin_path("trade_flattener").display(),
         chaos_wasm = plugin_path("chaos").display(),
+        columns = common::trades::TRADE_COLUMNS,
     )
 }
 

@@ -17,13 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 
-const COLUMNS: &str = r#"columns = [
-  { name = "symbol", type = "text" },
-  { name = "price", type = "double precision" },
-  { name = "volume", type = "double precision" },
-  { name = "traded_at", type = "timestamptz", field = "ts" },
-  { name = "conditions", type = "text[]" },
-]"#;
+use common::trades::TRADE_COLUMNS as COLUMNS;
 
 const SUBSCRIBED: [&str; 3] = ["BINANCE:BTCUSDT", "BINANCE:ETHUSDT", "AAPL"];
 

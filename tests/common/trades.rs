@@ -63,6 +63,15 @@ pub async fn count_rows(client: &tokio_postgres::Client, table: &str) -> usize {
     }
 }
 
+/// The columns of a `trades` table (the flattener's fields), as a PostgreSQL sink lists them.
+pub const TRADE_COLUMNS: &str = r#"columns = [
+  { name = "symbol", type = "text" },
+  { name = "price", type = "double precision" },
+  { name = "volume", type = "double precision" },
+  { name = "traded_at", type = "timestamptz", field = "ts" },
+  { name = "conditions", type = "text[]" },
+]"#;
+
 /// The trades pipeline (`trades_raw` → flattener → `table` in PostgreSQL at
 /// `pg_url`, dead letters to `trades_dlq`); `source_extra` adds lines to `[source]`.
 pub fn trades_pipeline_to(table: &str, group: &str, batch: usize, pg_url: &str, source_extra: &str) -> String {
@@ -83,13 +92,7 @@ type = "postgres"
 url = "{pg_url}"
 table = "{table}"
 create_table = true
-columns = [
-  {{ name = "symbol", type = "text" }},
-  {{ name = "price", type = "double precision" }},
-  {{ name = "volume", type = "double precision" }},
-  {{ name = "traded_at", type = "timestamptz", field = "ts" }},
-  {{ name = "conditions", type = "text[]" }},
-]
+{TRADE_COLUMNS}
 [dead_letter]
 type = "kafka"
 brokers = "${{SLUICE_BROKERS}}"

@@ -226,7 +226,8 @@ pub struct WebSocketSourceConfig {
     /// reading and TCP slows the server down (default 10,000).
     #[serde(default = "default_buffer_records")]
     pub buffer_records: usize,
-    /// A batch closes at this many records...
+    /// A batch closes at this many records, as soon as no further record
+    /// is ready (a trickle goes out at once)...
     #[serde(default = "default_batch_max_records")]
     pub batch_max_records: usize,
     /// ...or this many milliseconds after its first record, whichever comes first.
@@ -269,7 +270,8 @@ pub struct KafkaSourceConfig {
     /// Where a group without committed offsets starts: `earliest` or `latest`.
     #[serde(default)]
     pub offset_reset: OffsetReset,
-    /// A batch closes at this many records...
+    /// A batch closes at this many records, as soon as no further record
+    /// is ready (a trickle goes out at once)...
     #[serde(default = "default_batch_max_records")]
     pub batch_max_records: usize,
     /// ...or this many milliseconds after its first record, whichever comes first.

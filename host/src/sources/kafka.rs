@@ -217,16 +217,18 @@ impl Source for KafkaSource {
             }
         }
         self.consumer.context().events.ok();
-        // ...then fill the batch until it is full or its time is up.
-        let deadline = tokio::time::Instant::now() + self.max_wait;
-        while batch.len() < self.max_records {
-            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
-                Ok(Ok(m)) => batch.push(to_record(&m)),
-                Ok(Err(error)) => {
+        // ...then take what is ready, until the batch is full, nothing more
+        // is waiting (a trickle goes out at once; a backlog, which
+        // librdkafka prefetches, still fills whole batches) or its time is up.
+        let deadline = std::time::Instant::now() + self.max_wait;
+        while batch.len() < self.max_records && std::time::Instant::now() < deadline {
+            match futures::FutureExt::now_or_never(self.consumer.recv()) {
+                Some(Ok(m)) => batch.push(to_record(&m)),
+                Some(Err(error)) => {
                     warn!(pipeline = %self.pipeline, %error, "kafka consumer error");
                     break;
                 }
-                Err(_elapsed) => break,
+                None => break,
             }
         }
         Ok(batch)

@@ -155,11 +155,12 @@ impl Source for WebSocketSource {
             Some(r) => batch.push(r),
             None => anyhow::bail!("the WebSocket connection task ended"),
         }
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.batch_max_ms);
-        while batch.len() < self.config.batch_max_records {
-            match tokio::time::timeout_at(deadline, records.recv()).await {
-                Ok(Some(r)) => batch.push(r),
-                Ok(None) | Err(_) => break,
+        // Then what is ready: the batch closes when nothing more is waiting.
+        let deadline = Instant::now() + Duration::from_millis(self.config.batch_max_ms);
+        while batch.len() < self.config.batch_max_records && Instant::now() < deadline {
+            match records.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
             }
         }
         Ok(batch)

@@ -1,12 +1,19 @@
-//! Output JSON → typed column values, per the sink's column list.
+//! Output JSON → typed column values, per the sink's column list, in one
+//! pass and without a generic JSON value: the object's keys are matched
+//! against the columns' fields, each wanted value is taken as the raw JSON
+//! text it is (borrowed from the output), and converted straight into the
+//! column's type; strings without escapes stay borrowed. A batch's cells go
+//! into one flat vector ([`Rows`]).
 
 use crate::config::{ColumnConfig, ColumnType};
-use serde_json::Value;
+use bytes::BytesMut;
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use std::error::Error;
+use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio_postgres::types::{ToSql, Type};
-
-/// One typed column value; `None` is SQL NULL.
-pub type Cell = Box<dyn ToSql + Sync + Send>;
+use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 
 /// The PostgreSQL wire type of a column.
 pub fn pg_type(kind: ColumnType) -> Type {
@@ -21,39 +28,213 @@ pub fn pg_type(kind: ColumnType) -> Type {
     }
 }
 
-/// Converts one output value (a JSON object) into a row, or explains why it cannot.
-pub fn to_row(value: &[u8], columns: &[ColumnConfig]) -> Result<Vec<Cell>, String> {
-    let object: serde_json::Map<String, Value> =
-        serde_json::from_slice(value).map_err(|e| format!("postgres sink: output is not a JSON object: {e}"))?;
-    columns
-        .iter()
-        .map(|c| {
-            let field = c.field.as_deref().unwrap_or(&c.name);
-            let v = object.get(field).filter(|v| !v.is_null());
-            cell(v, c.kind).map_err(|expected| {
-                format!("postgres sink: column {:?} needs {expected} from field {field:?}, got {}", c.name, v.map_or("nothing".into(), |v| v.to_string()))
-            })
-        })
-        .collect()
+/// A string as JSON had it: borrowed when it had no escapes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Str<'a>(pub Cow<'a, str>);
+
+impl<'de> de::Deserialize<'de> for Str<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Str<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Str(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Str(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
 }
 
-fn cell(v: Option<&Value>, kind: ColumnType) -> Result<Cell, &'static str> {
+impl ToSql for Str<'_> {
+    fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn Error + Sync + Send>> {
+        self.0.as_ref().to_sql(ty, out)
+    }
+    fn accepts(ty: &Type) -> bool {
+        <&str as ToSql>::accepts(ty)
+    }
+    to_sql_checked!();
+}
+
+/// One typed column value, borrowing from the output it came from.
+#[derive(Debug, Clone)]
+pub enum Cell<'a> {
+    Null,
+    Text(Str<'a>),
+    Double(f64),
+    BigInt(i64),
+    Boolean(bool),
+    Timestamptz(SystemTime),
+    TextArray(Vec<Str<'a>>),
+    Jsonb(&'a RawValue),
+}
+
+impl ToSql for Cell<'_> {
+    fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn Error + Sync + Send>> {
+        match self {
+            Cell::Null => Ok(IsNull::Yes),
+            Cell::Text(s) => s.to_sql(ty, out),
+            Cell::Double(v) => v.to_sql(ty, out),
+            Cell::BigInt(v) => v.to_sql(ty, out),
+            Cell::Boolean(v) => v.to_sql(ty, out),
+            Cell::Timestamptz(v) => v.to_sql(ty, out),
+            Cell::TextArray(v) => v.to_sql(ty, out),
+            Cell::Jsonb(raw) => tokio_postgres::types::Json(raw).to_sql(ty, out),
+        }
+    }
+    fn accepts(_: &Type) -> bool {
+        // Each cell was made for its column's type (`pg_type`).
+        true
+    }
+    to_sql_checked!();
+}
+
+/// The rows of one batch: `width` cells per row, in one vector.
+pub struct Rows<'a> {
+    cells: Vec<Cell<'a>>,
+    width: usize,
+}
+
+impl<'a> Rows<'a> {
+    pub fn with_capacity(rows: usize, width: usize) -> Self {
+        Rows { cells: Vec::with_capacity(rows * width), width }
+    }
+
+    pub fn len(&self) -> usize {
+        self.cells.len().checked_div(self.width).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cells.is_empty()
+    }
+
+    /// Row `i`'s cells.
+    pub fn row(&self, i: usize) -> &[Cell<'a>] {
+        &self.cells[i * self.width..(i + 1) * self.width]
+    }
+
+    /// Converts `value` (a JSON object) into a row for `columns` and adds it,
+    /// or explains why it cannot.
+    pub fn push(&mut self, value: &'a [u8], columns: &[ColumnConfig]) -> Result<(), String> {
+        let start = self.cells.len();
+        self.cells.resize(start + columns.len(), Cell::Null);
+        let seed = RowSeed { columns, cells: &mut self.cells[start..] };
+        let mut de = serde_json::Deserializer::from_slice(value);
+        let parsed = seed.deserialize(&mut de).and_then(|r| de.end().map(|()| r));
+        match parsed {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(reason)) => {
+                self.cells.truncate(start);
+                Err(reason)
+            }
+            Err(e) => {
+                self.cells.truncate(start);
+                Err(format!("postgres sink: output is not a JSON object: {e}"))
+            }
+        }
+    }
+}
+
+/// Converts one output value into a row (for tests and single rows).
+pub fn to_row<'a>(value: &'a [u8], columns: &[ColumnConfig]) -> Result<Vec<Cell<'a>>, String> {
+    let mut rows = Rows::with_capacity(1, columns.len());
+    rows.push(value, columns)?;
+    Ok(rows.cells)
+}
+
+/// Fills `cells` from one JSON object; the inner `Err` is a column whose
+/// value has the wrong type.
+struct RowSeed<'c, 'a> {
+    columns: &'c [ColumnConfig],
+    cells: &'c mut [Cell<'a>],
+}
+
+impl<'de: 'a, 'a> DeserializeSeed<'de> for RowSeed<'_, 'a> {
+    type Value = Result<(), String>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de: 'a, 'a> Visitor<'de> for RowSeed<'_, 'a> {
+    type Value = Result<(), String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+        let mut failed = None;
+        while let Some(key) = map.next_key::<Str<'de>>()? {
+            let wanted: Vec<usize> = (0..self.columns.len())
+                .filter(|&i| self.columns[i].field.as_deref().unwrap_or(&self.columns[i].name) == key.0)
+                .collect();
+            if wanted.is_empty() {
+                map.next_value::<IgnoredAny>()?;
+                continue;
+            }
+            let raw: &'de RawValue = map.next_value()?;
+            for i in wanted {
+                match cell(raw, self.columns[i].kind) {
+                    Ok(c) => self.cells[i] = c,
+                    Err(expected) => {
+                        failed.get_or_insert_with(|| {
+                            let c = &self.columns[i];
+                            let field = c.field.as_deref().unwrap_or(&c.name);
+                            format!("postgres sink: column {:?} needs {expected} from field {field:?}, got {}", c.name, raw.get())
+                        });
+                    }
+                }
+            }
+        }
+        Ok(failed.map_or(Ok(()), Err))
+    }
+}
+
+/// The JSON text `raw` as a value of `kind` (`null`: NULL), or what was expected.
+fn cell(raw: &RawValue, kind: ColumnType) -> Result<Cell<'_>, &'static str> {
+    let text = raw.get();
+    if text == "null" {
+        return Ok(Cell::Null);
+    }
+    let number = text.starts_with(|c: char| c == '-' || c.is_ascii_digit());
     Ok(match kind {
-        ColumnType::Text => Box::new(v.map(|v| v.as_str().map(str::to_string).ok_or("a string")).transpose()?),
-        ColumnType::Double => Box::new(v.map(|v| v.as_f64().ok_or("a number")).transpose()?),
-        ColumnType::BigInt => Box::new(v.map(|v| v.as_i64().ok_or("an integer")).transpose()?),
-        ColumnType::Boolean => Box::new(v.map(|v| v.as_bool().ok_or("a boolean")).transpose()?),
-        ColumnType::Timestamptz => Box::new(v.map(|v| v.as_i64().and_then(millis_to_time).ok_or("integer milliseconds since 1970")).transpose()?),
-        ColumnType::TextArray => Box::new(
-            v.map(|v| {
-                v.as_array()
-                    .and_then(|items| items.iter().map(|i| i.as_str().map(str::to_string)).collect::<Option<Vec<_>>>())
-                    .ok_or("an array of strings")
-            })
-            .transpose()?,
-        ),
-        ColumnType::Jsonb => Box::new(v.cloned()),
+        ColumnType::Text => Cell::Text(string(text).ok_or("a string")?),
+        ColumnType::Double if number => Cell::Double(text.parse::<f64>().ok().filter(|v| v.is_finite()).ok_or("a number")?),
+        ColumnType::Double => return Err("a number"),
+        ColumnType::BigInt if number => Cell::BigInt(text.parse().map_err(|_| "an integer")?),
+        ColumnType::BigInt => return Err("an integer"),
+        ColumnType::Boolean => match text {
+            "true" => Cell::Boolean(true),
+            "false" => Cell::Boolean(false),
+            _ => return Err("a boolean"),
+        },
+        ColumnType::Timestamptz => {
+            let ms: Option<i64> = if number { text.parse().ok() } else { None };
+            Cell::Timestamptz(ms.and_then(millis_to_time).ok_or("integer milliseconds since 1970")?)
+        }
+        ColumnType::TextArray => {
+            Cell::TextArray(serde_json::from_str::<Vec<Str<'_>>>(text).map_err(|_| "an array of strings")?)
+        }
+        ColumnType::Jsonb => Cell::Jsonb(raw),
     })
+}
+
+/// A JSON string's text, borrowed when it has no escapes.
+fn string(text: &str) -> Option<Str<'_>> {
+    let inner = text.strip_prefix('"')?.strip_suffix('"')?;
+    if !inner.contains('\\') {
+        return Some(Str(Cow::Borrowed(inner)));
+    }
+    serde_json::from_str::<String>(text).ok().map(|s| Str(Cow::Owned(s)))
 }
 
 fn millis_to_time(ms: i64) -> Option<SystemTime> {
@@ -67,6 +248,7 @@ fn millis_to_time(ms: i64) -> Option<SystemTime> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     fn col(name: &str, kind: ColumnType, field: Option<&str>) -> ColumnConfig {
         ColumnConfig { name: name.into(), kind, field: field.map(str::to_string) }
@@ -87,5 +269,82 @@ mod tests {
         assert_eq!(err, "postgres sink: column \"price\" needs a number from field \"price\", got \"x\"");
         let err = to_row(br#"[1]"#, &cols).err().unwrap();
         assert!(err.starts_with("postgres sink: output is not a JSON object"), "{err}");
+        let err = to_row(br#"{"symbol":"A"} trailing"#, &cols).err().unwrap();
+        assert!(err.starts_with("postgres sink: output is not a JSON object"), "{err}");
+    }
+
+    /// What the sink wrote before this module: a generic JSON value per row.
+    fn via_value(value: &[u8], columns: &[ColumnConfig]) -> Result<Vec<String>, ()> {
+        let object: serde_json::Map<String, Value> = serde_json::from_slice(value).map_err(|_| ())?;
+        columns
+            .iter()
+            .map(|c| {
+                let v = object.get(c.field.as_deref().unwrap_or(&c.name)).filter(|v| !v.is_null());
+                Ok(match (c.kind, v) {
+                    (_, None) => "NULL".to_string(),
+                    (ColumnType::Text, Some(v)) => v.as_str().ok_or(())?.to_string(),
+                    (ColumnType::Double, Some(v)) => v.as_f64().ok_or(())?.to_string(),
+                    (ColumnType::BigInt, Some(v)) => v.as_i64().ok_or(())?.to_string(),
+                    (ColumnType::Boolean, Some(v)) => v.as_bool().ok_or(())?.to_string(),
+                    (ColumnType::Timestamptz, Some(v)) => format!("{:?}", v.as_i64().and_then(millis_to_time).ok_or(())?),
+                    (ColumnType::TextArray, Some(v)) => {
+                        v.as_array().ok_or(())?.iter().map(|i| i.as_str().map(str::to_string)).collect::<Option<Vec<_>>>().ok_or(())?.join("|")
+                    }
+                    (ColumnType::Jsonb, Some(v)) => v.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    fn shown(cell: &Cell) -> String {
+        match cell {
+            Cell::Null => "NULL".into(),
+            Cell::Text(s) => s.0.to_string(),
+            Cell::Double(v) => v.to_string(),
+            Cell::BigInt(v) => v.to_string(),
+            Cell::Boolean(v) => v.to_string(),
+            Cell::Timestamptz(v) => format!("{v:?}"),
+            Cell::TextArray(v) => v.iter().map(|s| s.0.as_ref()).collect::<Vec<_>>().join("|"),
+            Cell::Jsonb(raw) => serde_json::from_str::<Value>(raw.get()).unwrap().to_string(),
+        }
+    }
+
+    #[test]
+    fn gets_the_same_rows_as_a_generic_json_value() {
+        let cols = vec![
+            col("symbol", ColumnType::Text, None),
+            col("price", ColumnType::Double, None),
+            col("n", ColumnType::BigInt, None),
+            col("ok", ColumnType::Boolean, None),
+            col("ts", ColumnType::Timestamptz, None),
+            col("c", ColumnType::TextArray, None),
+            col("doc", ColumnType::Jsonb, None),
+            col("again", ColumnType::Text, Some("symbol")),
+        ];
+        for value in [
+            r#"{"symbol":"BINANCE:BTCUSDT","price":7296.89,"n":3,"ok":true,"ts":1575526691134,"c":["1","12"],"doc":{"a":[1,2]}}"#,
+            r#"{"symbol":"caf\u00e9 \"q\"","price":189,"n":-9223372036854775808,"ts":-5,"c":["\n"],"doc":null}"#,
+            r#"{"symbol":null,"price":null}"#,
+            r#"{}"#,
+            r#"{"n":18446744073709551615}"#,
+            r#"{"n":1.5}"#,
+            r#"{"price":1e400}"#,
+            r#"{"price":1e308,"extra":{"deep":[{"x":"\ud83d\ude00"}]},"symbol":"later"}"#,
+            r#"{"symbol":"a","symbol":"b"}"#,
+            r#"{"c":[1]}"#,
+            r#"{"ok":"true"}"#,
+            r#"{"ts":1.5}"#,
+        ] {
+            let new = to_row(value.as_bytes(), &cols).map(|r| r.iter().map(shown).collect::<Vec<_>>()).map_err(|_| ());
+            assert_eq!(new, via_value(value.as_bytes(), &cols), "{value}");
+        }
+    }
+
+    #[test]
+    fn strings_without_escapes_are_borrowed() {
+        let cols = vec![col("s", ColumnType::Text, None), col("c", ColumnType::TextArray, None)];
+        let row = to_row(br#"{"s":"plain","c":["1","12"]}"#, &cols).unwrap();
+        assert!(matches!(&row[0], Cell::Text(Str(Cow::Borrowed("plain")))));
+        assert!(matches!(&row[1], Cell::TextArray(v) if v.iter().all(|s| matches!(s.0, Cow::Borrowed(_)))));
     }
 }

@@ -10,7 +10,7 @@
 //! committing) therefore writes nothing twice, and two instances briefly
 //! owning one partition during a rebalance are serialised by the row locks.
 
-use super::rows::{pg_type, to_row, Cell};
+use super::rows::{pg_type, Rows};
 use crate::config::PostgresSinkConfig;
 use crate::record::{Origin, Output};
 use crate::sinks::{Rejected, Sink};
@@ -148,7 +148,7 @@ impl PostgresSink {
 
     /// Writes `rows` (from the records at `origins`) in one transaction;
     /// returns how many were skipped as written before.
-    async fn copy(&self, client: &mut Client, rows: &[Vec<Cell>], origins: &[&Origin]) -> anyhow::Result<usize> {
+    async fn copy(&self, client: &mut Client, rows: &Rows<'_>, origins: &[&Origin]) -> anyhow::Result<usize> {
         let tx = client.transaction().await?;
         let mut keep = vec![true; rows.len()];
         // Next offset per (topic, partition) once this batch is in.
@@ -209,7 +209,7 @@ impl PostgresSink {
 
     /// COPYs the rows marked in `keep` into the table (or, for upserts, a
     /// staging table merged into it).
-    async fn copy_rows(&self, tx: &tokio_postgres::Transaction<'_>, rows: &[Vec<Cell>], keep: &[bool]) -> anyhow::Result<()> {
+    async fn copy_rows(&self, tx: &tokio_postgres::Transaction<'_>, rows: &Rows<'_>, keep: &[bool]) -> anyhow::Result<()> {
         let upsert = !self.config.upsert_key.is_empty();
         let target = if upsert {
             tx.batch_execute(&format!(
@@ -224,8 +224,10 @@ impl PostgresSink {
         let sink = tx.copy_in(&format!("COPY {target} ({}) FROM STDIN (FORMAT binary)", self.column_list)).await?;
         let writer = BinaryCopyInWriter::new(sink, &self.types);
         pin_mut!(writer);
-        for (row, _) in rows.iter().zip(keep).filter(|(_, keep)| **keep) {
-            let refs: Vec<&(dyn ToSql + Sync)> = row.iter().map(|c| c.as_ref() as &(dyn ToSql + Sync)).collect();
+        let mut refs: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(self.types.len());
+        for i in (0..rows.len()).filter(|&i| keep[i]) {
+            refs.clear();
+            refs.extend(rows.row(i).iter().map(|c| c as &(dyn ToSql + Sync)));
             writer.as_mut().write(&refs).await?;
         }
         writer.finish().await?;
@@ -262,15 +264,12 @@ fn offsets_table(config: &PostgresSinkConfig) -> String {
 #[async_trait]
 impl Sink for PostgresSink {
     async fn write(&self, batch: &[Output], origins: &[&Origin]) -> anyhow::Result<Vec<Rejected>> {
-        let mut rows = Vec::with_capacity(batch.len());
+        let mut rows = Rows::with_capacity(batch.len(), self.config.columns.len());
         let mut row_origins = Vec::with_capacity(batch.len());
         let mut rejected = Vec::new();
         for (index, out) in batch.iter().enumerate() {
-            match to_row(&out.value, &self.config.columns) {
-                Ok(row) => {
-                    rows.push(row);
-                    row_origins.push(origins[index]);
-                }
+            match rows.push(&out.value, &self.config.columns) {
+                Ok(()) => row_origins.push(origins[index]),
                 Err(reason) => rejected.push(Rejected { index, reason }),
             }
         }
