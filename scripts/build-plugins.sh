@@ -24,8 +24,10 @@ quietly() {
 if ! rustup target list --installed | grep -qx wasm32-wasip2; then
   rustup target add wasm32-wasip2
 fi
-# Plugins get fat LTO and one codegen unit (the host keeps the faster-building defaults).
-CARGO_PROFILE_RELEASE_LTO=true CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 \
+# Plugins get fat LTO and one codegen unit (the host keeps the faster-building
+# defaults), and keep their function names (the name section: a fault's reason
+# says where), without debug info.
+CARGO_PROFILE_RELEASE_LTO=true CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 CARGO_PROFILE_RELEASE_STRIP=debuginfo \
   cargo build --release --target wasm32-wasip2 -p trade-flattener -p symbol-router -p chaos "$@"
 
 # Python: componentize-py embeds CPython and the app module into a component.

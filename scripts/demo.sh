@@ -62,7 +62,7 @@ sleep "$seconds"
 kill -INT "$feed_pid"; wait "$feed_pid" || true
 # The stand-in says what it sent: "sent N frames (M trades) over C connections".
 expected=$(sed -n 's/^sent [0-9]* frames (\([0-9]*\) trades).*/\1/p' "$work/feed.log")
-echo "== the stand-in sent $(grep '^sent' "$work/feed.log")" >&2
+echo "== the stand-in $(grep '^sent' "$work/feed.log")" >&2
 
 for _ in $(seq 1 120); do
   rows=$(psql "$SLUICE_PG_URL" -tAc "SELECT count(*) FROM trades" 2>/dev/null || echo 0)
@@ -74,4 +74,10 @@ kill -TERM "$sluice_pid"; wait "$sluice_pid" || true
 
 echo "== rows per symbol" >&2
 psql "$SLUICE_PG_URL" -c "SELECT symbol, count(*) AS trades, round(avg(price)::numeric, 2) AS avg_price, max(traded_at) AS last_trade FROM trades GROUP BY symbol ORDER BY symbol"
-[ "$rows" -eq "$expected" ] && echo "every trade the feed sent stored exactly once ($rows rows)" >&2
+if [ "$rows" -eq "$expected" ]; then
+  echo "every trade the feed sent stored exactly once ($rows rows)" >&2
+else
+  echo "MISMATCH: the feed sent $expected trades, the table holds $rows rows (log: $work/sluice.log)" >&2
+  trap - EXIT
+  exit 1
+fi

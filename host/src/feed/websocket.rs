@@ -53,6 +53,8 @@ pub struct Sent {
     pub connections: AtomicU64,
     pub frames: AtomicU64,
     pub trades: AtomicU64,
+    /// Set to stop sending (before the counts are read for good).
+    pub stopped: std::sync::atomic::AtomicBool,
     /// Every trade frame sent, with `record`.
     pub log: Mutex<Vec<String>>,
 }
@@ -65,10 +67,9 @@ pub fn spawn(listener: TcpListener, options: ServeOptions) -> (Arc<Sent>, tokio:
     let handle = tokio::spawn(async move {
         loop {
             let Ok((stream, peer)) = listener.accept().await else { continue };
-            let n = counters.connections.fetch_add(1, Ordering::SeqCst);
             let (options, counters) = (options.clone(), counters.clone());
             tokio::spawn(async move {
-                if let Err(error) = serve_one(stream, n, &options, &counters).await {
+                if let Err(error) = serve_one(stream, &options, &counters).await {
                     info!(%peer, %error, "feed client gone");
                 }
             });
@@ -83,6 +84,9 @@ pub async fn serve(addr: SocketAddr, options: ServeOptions) -> anyhow::Result<()
     eprintln!("serving a Finnhub-style WebSocket feed on ws://{} ({} frames/s per connection)", listener.local_addr()?, options.rate);
     let (sent, _task) = spawn(listener, options);
     tokio::signal::ctrl_c().await?;
+    // Stop sending first, so that the counts are final.
+    sent.stopped.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(200)).await;
     eprintln!("sent {} frames ({} trades) over {} connections", sent.frames.load(Ordering::SeqCst), sent.trades.load(Ordering::SeqCst), sent.connections.load(Ordering::SeqCst));
     Ok(())
 }
@@ -96,7 +100,7 @@ fn filter(frame: &str, subscribed: &BTreeSet<String>) -> Option<(String, u64)> {
     (n > 0).then(|| (v.to_string(), n))
 }
 
-async fn serve_one(stream: TcpStream, n: u64, options: &ServeOptions, sent: &Sent) -> anyhow::Result<()> {
+async fn serve_one(stream: TcpStream, options: &ServeOptions, sent: &Sent) -> anyhow::Result<()> {
     let mut token_ok = options.token.is_none();
     let check = |request: &Request, response: Response| {
         if let Some(want) = &options.token {
@@ -106,6 +110,8 @@ async fn serve_one(stream: TcpStream, n: u64, options: &ServeOptions, sent: &Sen
         Ok(response)
     };
     let mut ws = tokio_tungstenite::accept_hdr_async(stream, check).await?;
+    // Counted once the handshake is done: a port probe is no connection.
+    let n = sent.connections.fetch_add(1, Ordering::SeqCst);
     if !token_ok {
         ws.send(Message::text(r#"{"type":"error","msg":"Invalid API key"}"#)).await?;
         ws.close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
@@ -144,7 +150,7 @@ async fn serve_one(stream: TcpStream, n: u64, options: &ServeOptions, sent: &Sen
                 ws.send(Message::text(r#"{"type":"ping"}"#)).await?;
             }
             _ = ticker.tick(), if !subscribed.is_empty() => {
-                if options.max_frames > 0 && sent.frames.load(Ordering::SeqCst) >= options.max_frames {
+                if sent.stopped.load(Ordering::SeqCst) || (options.max_frames > 0 && sent.frames.load(Ordering::SeqCst) >= options.max_frames) {
                     continue;
                 }
                 let frame = generator.next_frame();
