@@ -32,6 +32,12 @@ pub fn register(value: &str) {
         if let Ok(mut secrets) = registry().write() {
             if !secrets.contains(value) {
                 secrets.insert(value.to_string());
+                // The JSON log escapes quotes and backslashes: hide that form too.
+                let escaped = serde_json::to_string(value).unwrap_or_default();
+                let escaped = escaped.trim_matches('"');
+                if escaped != value {
+                    secrets.insert(escaped.to_string());
+                }
             }
         }
     }
@@ -141,6 +147,8 @@ mod tests {
         );
         assert_eq!(redact_url("postgres://app@h/db"), "postgres://app@h/db");
         assert_eq!(redact_url("postgres://app:p@h/db"), "postgres://app:***@h/db");
+        register(r#"quo"te\d"#);
+        assert_eq!(redact(r#"{"msg":"bad password quo\"te\\d"}"#), r#"{"msg":"bad password ***"}"#);
     }
 
     #[test]

@@ -290,17 +290,11 @@ pub fn connector(tls: &Tls) -> anyhow::Result<MakeTlsConnector> {
     };
     if verify {
         builder.set_verify(SslVerifyMode::PEER);
-        match &tls.root {
-            Some(RootCert::File(path)) => {
-                builder.set_ca_file(path).with_context(|| format!("cannot load sslrootcert {}", path.display()))?
-            }
-            Some(RootCert::System) | None => {
-                let probe = openssl_probe::probe();
-                builder
-                    .load_verify_locations(probe.cert_file.as_deref(), probe.cert_dir.first().map(PathBuf::as_path))
-                    .context("cannot load the system's trusted certificates")?;
-            }
-        }
+        let ca = match &tls.root {
+            Some(RootCert::File(path)) => Some(path.as_path()),
+            Some(RootCert::System) | None => None,
+        };
+        super::trust(&mut builder, ca).context("sslrootcert")?;
     } else {
         builder.set_verify(SslVerifyMode::NONE);
     }

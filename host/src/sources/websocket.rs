@@ -18,7 +18,6 @@ use super::Source;
 use crate::config::WebSocketSourceConfig;
 use crate::record::{Origin, Record};
 use crate::telemetry::telemetry;
-use anyhow::Context;
 use async_trait::async_trait;
 use futures::{SinkExt, StreamExt};
 use openssl::ssl::{SslConnector, SslMethod};
@@ -308,15 +307,7 @@ impl Connection {
 
     fn tls_connector(&self) -> anyhow::Result<SslConnector> {
         let mut builder = SslConnector::builder(SslMethod::tls_client())?;
-        match &self.config.ca {
-            Some(ca) => builder.set_ca_file(ca).with_context(|| format!("cannot load ca {ca}"))?,
-            None => {
-                let probe = openssl_probe::probe();
-                builder
-                    .load_verify_locations(probe.cert_file.as_deref(), probe.cert_dir.first().map(std::path::PathBuf::as_path))
-                    .context("cannot load the system's trusted certificates")?;
-            }
-        }
+        crate::clients::trust(&mut builder, self.config.ca.as_deref().map(std::path::Path::new))?;
         Ok(builder.build())
     }
 
