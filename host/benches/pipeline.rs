@@ -8,7 +8,10 @@
 //! (`scripts/install-tansu.sh`) and PostgreSQL at 127.0.0.1:5432.
 //!
 //! Throughput is measured between the pipeline's first and last offset commit,
-//! so consumer-group join time is left out.
+//! so consumer-group join time is left out. The router's CPU (user + system of
+//! this process, where the pipelines run; the broker and PostgreSQL are other
+//! processes) is measured from each pipeline's start to its last commit, and
+//! given per trade (the passthrough's per trade its frames carry).
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -72,12 +75,25 @@ fn committed(consumer: &BaseConsumer, topic: &str) -> i64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds (user + system) this process has used: the router's, since
+/// the pipelines run in process (the broker and PostgreSQL are others).
+/// `/proc/self/stat` counts in clock ticks, 100 a second on Linux.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 /// Runs the pipeline in `file` until its group has committed `records`;
-/// returns records/s between its first and its last commit.
-async fn measure(runtime: &Runtime, file: &Path, brokers: &str, group: &str, records: i64) -> anyhow::Result<f64> {
+/// returns records/s between its first and its last commit, and the CPU
+/// seconds the process used from the pipeline's start to its end.
+async fn measure(runtime: &Runtime, file: &Path, brokers: &str, group: &str, records: i64) -> anyhow::Result<(f64, f64)> {
     let pipeline = load_pipeline(file, Some(runtime)).map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let probe: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).set("group.id", group).create()?;
     let mut topology = Topology::new(runtime.clone());
+    let cpu_start = cpu_seconds();
     topology.apply(vec![pipeline]).await?;
     let deadline = Instant::now() + Duration::from_secs(600);
     let (mut first, mut start) = (0, Instant::now());
@@ -88,8 +104,9 @@ async fn measure(runtime: &Runtime, file: &Path, brokers: &str, group: &str, rec
         }
         if done >= records {
             let rate = (done - first) as f64 / start.elapsed().as_secs_f64();
+            let cpu = cpu_seconds() - cpu_start;
             topology.shutdown().await;
-            return Ok(rate);
+            return Ok((rate, cpu));
         }
         anyhow::ensure!(Instant::now() < deadline, "pipeline did not finish: {done} of {records}");
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -151,12 +168,13 @@ async fn main() -> anyhow::Result<()> {
     let runtime = Runtime::new(Runtime::default_cache_dir())?;
     let records = frames as i64;
     let per_trade = trades as f64 / frames as f64;
-    let pass_rate = measure(&runtime, &pass, &brokers, "g-pass", records).await?;
-    println!("passthrough   kafka -> kafka:      {:>9.0} frames/s", pass_rate);
-    let flat_rate = measure(&runtime, &flat, &brokers, "g-flat", records).await?;
-    println!("flatten       kafka -> kafka:      {:>9.0} frames/s = {:>9.0} trades/s", flat_rate, flat_rate * per_trade);
-    let pg_rate = measure(&runtime, &to_pg, &brokers, "g-pg", records).await?;
-    println!("flatten       kafka -> postgres:   {:>9.0} frames/s = {:>9.0} rows/s", pg_rate, pg_rate * per_trade);
+    let cpu_line = |cpu: f64| format!("router CPU {cpu:.2} s = {:.2} µs per trade", cpu * 1e6 / trades as f64);
+    let (pass_rate, cpu) = measure(&runtime, &pass, &brokers, "g-pass", records).await?;
+    println!("passthrough   kafka -> kafka:      {:>9.0} frames/s                      {}", pass_rate, cpu_line(cpu));
+    let (flat_rate, cpu) = measure(&runtime, &flat, &brokers, "g-flat", records).await?;
+    println!("flatten       kafka -> kafka:      {:>9.0} frames/s = {:>9.0} trades/s  {}", flat_rate, flat_rate * per_trade, cpu_line(cpu));
+    let (pg_rate, cpu) = measure(&runtime, &to_pg, &brokers, "g-pg", records).await?;
+    println!("flatten       kafka -> postgres:   {:>9.0} frames/s = {:>9.0} rows/s    {}", pg_rate, pg_rate * per_trade, cpu_line(cpu));
     println!("ratio flatten/passthrough (frames/s): {:.2} (goal >= 0.70)", flat_rate / pass_rate);
     let rows: i64 = pg.query_one(&format!("SELECT count(*) FROM {schema}.trades"), &[]).await?.get(0);
     anyhow::ensure!(rows as usize == trades, "postgres holds {rows} rows, expected {trades}");
