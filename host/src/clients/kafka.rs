@@ -245,11 +245,19 @@ pub struct ClientEvents {
     role: Role,
     brokers: String,
     failing: Mutex<Option<Failing>>,
+    /// The last other error logged, and when.
+    other: Mutex<Option<(String, Instant)>>,
 }
 
 impl ClientEvents {
     pub fn new(pipeline: &str, role: Role, brokers: &str) -> Self {
-        ClientEvents { pipeline: pipeline.to_string(), role, brokers: brokers.to_string(), failing: Mutex::new(None) }
+        ClientEvents {
+            pipeline: pipeline.to_string(),
+            role,
+            brokers: brokers.to_string(),
+            failing: Mutex::new(None),
+            other: Mutex::new(None),
+        }
     }
 
     fn client(&self) -> String {
@@ -263,6 +271,13 @@ impl ClientEvents {
     pub fn error(&self, error: KafkaError, reason: &str) {
         let reason = crate::secrets::redact(reason);
         let Some((cause, priority)) = cause(&error, &reason) else {
+            // Not a connection failure: logged, but the same text once per interval.
+            let text = format!("{error}: {reason}");
+            let Ok(mut last) = self.other.lock() else { return };
+            if last.as_ref().is_some_and(|(t, at)| *t == text && at.elapsed() < REPEAT_EVERY) {
+                return;
+            }
+            *last = Some((text, Instant::now()));
             warn!(pipeline = %self.pipeline, client = %self.client(), %error, %reason, "kafka client error");
             return;
         };

@@ -279,10 +279,10 @@ fn check_connections(
                         Ok(value) => {
                             properties.insert(key.to_string(), value);
                         }
-                        Err(message) => {
-                            let field = typed_field(key);
-                            report.at_key(&["connections", name, field.0, field.1], span.clone(), format!("{place}: {message}"));
-                        }
+                        Err(message) => match typed_field(key) {
+                            Some((table, field)) => report.at_key(&["connections", name, table, field], span.clone(), format!("{place}: {message}")),
+                            None => report.at(span.clone(), format!("{place}: {message}")),
+                        },
                     }
                 }
             }
@@ -304,8 +304,8 @@ fn check_connections(
 }
 
 /// The `tls`/`sasl` field of a connection that a librdkafka property came from.
-fn typed_field(property: &str) -> (&'static str, &'static str) {
-    match property {
+fn typed_field(property: &str) -> Option<(&'static str, &'static str)> {
+    Some(match property {
         "ssl.ca.location" => ("tls", "ca"),
         "ssl.certificate.location" => ("tls", "cert"),
         "ssl.key.location" => ("tls", "key"),
@@ -316,9 +316,9 @@ fn typed_field(property: &str) -> (&'static str, &'static str) {
         "sasl.oauthbearer.client.id" => ("sasl", "client_id"),
         "sasl.oauthbearer.client.secret" => ("sasl", "client_secret"),
         "sasl.oauthbearer.scope" => ("sasl", "scope"),
-        p if p.starts_with("sasl") => ("sasl", "mechanism"),
-        _ => ("tls", "ca"),
-    }
+        "sasl.mechanism" | "sasl.oauthbearer.method" => ("sasl", "mechanism"),
+        _ => return None,
+    })
 }
 
 /// librdkafka properties by name.
