@@ -1,6 +1,6 @@
 //! # Sluice: a WebAssembly plugin-based stream router
 //!
-//! Sluice reads records from sources (Kafka), runs them through a chain of
+//! Sluice reads records from sources (Kafka, WebSocket), runs them through a chain of
 //! user-compiled WebAssembly transform components, and writes the results to
 //! sinks (Kafka, PostgreSQL, stdout).
 //!
@@ -10,11 +10,12 @@
 //! - [`runtime`]: the wasmtime engine, the plugin loader with its compile cache,
 //!   and plugin instances with CPU and memory limits and sandbox grants;
 //! - [`config`]: pipeline files: TOML structures, `${VAR}` expansion, validation;
-//! - [`feed`]: a Finnhub-style trade feed generator (demo, tests, benchmarks);
+//! - [`feed`]: a Finnhub-style trade feed generator (demo, tests, benchmarks)
+//!   and a stand-in for Finnhub's WebSocket;
 //! - [`clients`]: how Sluice reaches Kafka (TLS, SASL, properties checked
 //!   without connecting, connection errors classified) and PostgreSQL (libpq's sslmodes);
 //! - [`secrets`]: secret values remembered and hidden from every output;
-//! - [`sources`]: where records come from ([`sources::Source`]; Kafka);
+//! - [`sources`]: where records come from ([`sources::Source`]; Kafka, WebSocket);
 //! - [`transforms`]: the chain of plugin instances a batch runs through;
 //! - [`sinks`]: where outputs go ([`sinks::Sink`]; Kafka, PostgreSQL, stdout);
 //! - [`topology`]: the running set of pipelines, started and changed by applying a diff;
@@ -22,8 +23,9 @@
 //! - [`admin`]: the admin HTTP listener (`/metrics`, `/health`, `/status`, `/reload`);
 //! - [`scaffold`]: `sluice plugin new`, the plugin skeletons in Rust, Python and JavaScript;
 //! - [`top`]: `sluice top`, the terminal dashboard over an instance's `/status`;
-//! - [`cli`]: the `sluice` command line (argument parsing and sub-commands);
-//!   `main.rs` only calls [`cli::main`].
+//! - [`cli`]: the `sluice` command line, one module per sub-command (`run`
+//!   with its reload path, `check`, `feed`, `plugin`); `main.rs` only calls
+//!   [`cli::main`].
 
 /// glibc's malloc spends a third of the WASM path's time consolidating the
 /// per-batch buffers of the component boundary; mimalloc does not (see the

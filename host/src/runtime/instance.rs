@@ -91,7 +91,7 @@ pub const MAX_LOG_LINE: usize = 8 << 10;
 /// The plugin log's token bucket: `rate` lines a second on average, `burst`
 /// at once. Checked before any formatting, so a flood costs the host one
 /// comparison per line. Suppressed lines are counted and summed up in one
-/// line at most once a second ([`LogBucket::summarize`]).
+/// line at most once a second.
 pub struct LogBucket {
     rate: f64,
     burst: f64,

@@ -1,0 +1,175 @@
+//! `sluice run`: starts the pipelines (the diff from nothing), then loops on
+//! signals, admin requests and file changes, each a reload
+//! ([`super::reload`]), with a progress line per pipeline now and then.
+
+use super::reload::reload;
+use super::{print_config_errors, tokio_runtime, PipelineArgs};
+use crate::runtime::Runtime;
+use anyhow::Context;
+use clap::Args;
+use std::process::ExitCode;
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub pipelines: PipelineArgs,
+    /// Address of the admin HTTP listener (GET /status, POST /reload); port 0
+    /// picks a free one (logged); `off` disables it.
+    #[arg(long, default_value = "127.0.0.1:8686", value_parser = parse_admin_addr)]
+    pub admin_addr: AdminAddr,
+    /// Seconds between the one-line progress summaries per pipeline (rate,
+    /// lag, dead letters, failing sinks); 0 disables them.
+    #[arg(long, env = "SLUICE_PROGRESS_SECS", default_value_t = 10)]
+    pub progress_secs: u64,
+}
+
+/// Where the admin listener listens, if anywhere.
+#[derive(Debug, Clone, Copy)]
+pub struct AdminAddr(pub Option<std::net::SocketAddr>);
+
+fn parse_admin_addr(raw: &str) -> Result<AdminAddr, String> {
+    if raw == "off" {
+        return Ok(AdminAddr(None));
+    }
+    raw.parse().map(|a| AdminAddr(Some(a))).map_err(|e| format!("{raw:?}: {e} (e.g. 127.0.0.1:8686, or off)"))
+}
+
+
+pub fn run(runtime: Runtime, run: &RunArgs) -> anyhow::Result<ExitCode> {
+    let args = &run.pipelines;
+    let pipelines = match crate::config::load_dir_or_files(&args.paths, Some(&runtime)) {
+        Ok(p) => p,
+        Err(errors) => {
+            print_config_errors(&errors);
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    tokio_runtime()?.block_on(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (changes_tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
+        let mut watcher = crate::config::watcher::Watcher::new(&args.paths, &pipelines, changes_tx)
+            .context("cannot watch the pipeline and plugin files")?;
+        let mut topology = crate::topology::Topology::new(runtime.clone());
+        topology.apply(pipelines).await?;
+        let status = std::sync::Arc::new(std::sync::RwLock::new(crate::admin::Status::default()));
+        update_status(&status, &topology, None);
+        let (admin_tx, mut admin_requests) = tokio::sync::mpsc::unbounded_channel::<crate::admin::ReloadRequest>();
+        if let AdminAddr(Some(addr)) = run.admin_addr {
+            if let Err(error) = crate::admin::serve(addr, status.clone(), admin_tx).await {
+                tracing::warn!(%addr, %error, "cannot start the admin listener; running without it");
+            }
+        }
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut hangup = signal(SignalKind::hangup())?;
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        let mut progress = Progress::new(run.progress_secs);
+        let mut failed = 0;
+        loop {
+            let mut reply = None;
+            let reason = tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = terminate.recv() => break,
+                _ = hangup.recv() => "SIGHUP".to_string(),
+                Some(request) = admin_requests.recv() => {
+                    reply = Some(request);
+                    "POST /reload".to_string()
+                }
+                Some(path) = changes.recv() => {
+                    // Debounce: editors and compilers write in several steps.
+                    let mut changed = std::collections::BTreeSet::from([path]);
+                    while let Ok(Some(more)) = tokio::time::timeout(std::time::Duration::from_millis(250), changes.recv()).await {
+                        changed.insert(more);
+                    }
+                    changed.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                }
+                _ = tick.tick() => {
+                    progress.maybe_log(&topology);
+                    failed += topology.reap();
+                    if topology.is_empty() {
+                        return Ok(ExitCode::FAILURE);
+                    }
+                    continue;
+                }
+            };
+            let outcome = reload(&runtime, &args.paths, &mut topology, &mut watcher, &reason).await;
+            update_status(&status, &topology, Some(&outcome));
+            if let Some(reply) = reply {
+                let _ = reply.send(outcome);
+            }
+        }
+        tracing::info!("shutting down: finishing in-flight batches");
+        topology.shutdown().await;
+        Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    })
+}
+
+
+/// The periodic one-line summary per pipeline, so a long run is never silent.
+struct Progress {
+    every: std::time::Duration,
+    last: std::time::Instant,
+    /// Records read per pipeline at the last summary.
+    seen: std::collections::BTreeMap<String, u64>,
+}
+
+impl Progress {
+    fn new(secs: u64) -> Self {
+        Progress { every: std::time::Duration::from_secs(secs), last: std::time::Instant::now(), seen: Default::default() }
+    }
+
+    fn maybe_log(&mut self, topology: &crate::topology::Topology) {
+        let elapsed = self.last.elapsed();
+        if self.every.is_zero() || elapsed < self.every {
+            return;
+        }
+        self.last = std::time::Instant::now();
+        for p in topology.pipelines() {
+            let s = crate::telemetry::telemetry().state(&p.name);
+            let before = self.seen.insert(p.name.clone(), s.records_in).unwrap_or(0);
+            let rate = s.records_in.saturating_sub(before) as f64 / elapsed.as_secs_f64();
+            tracing::info!(
+                pipeline = %p.name,
+                records_per_s = format!("{rate:.0}"),
+                records_in = s.records_in,
+                records_out = s.records_out,
+                dead_lettered = s.dead_lettered,
+                lag = s.lag.values().sum::<i64>(),
+                partitions = s.assignment.len(),
+                failing_sinks = s.failing_sinks.len(),
+                "progress"
+            );
+        }
+    }
+}
+
+fn update_status(
+    status: &std::sync::RwLock<crate::admin::Status>,
+    topology: &crate::topology::Topology,
+    outcome: Option<&Result<String, String>>,
+) {
+    use crate::admin::{PipelineStatus, PluginStatus};
+    let Ok(mut status) = status.write() else { return };
+    status.pipelines = topology
+        .pipelines()
+        .map(|p| PipelineStatus {
+            name: p.name.clone(),
+            file: p.file.display().to_string(),
+            plugins: p.transforms.iter().map(|t| PluginStatus { path: t.path.display().to_string(), version: t.hash.clone() }).collect(),
+            state: Default::default(),
+        })
+        .collect();
+    match outcome {
+        Some(Ok(summary)) => {
+            crate::telemetry::telemetry().reload(true);
+            status.reloads_ok += 1;
+            status.last_reload = Some(summary.clone());
+        }
+        Some(Err(error)) => {
+            crate::telemetry::telemetry().reload(false);
+            status.reloads_failed += 1;
+            status.last_reload = Some(format!("rejected: {error}"));
+        }
+        None => {}
+    }
+}
+
