@@ -16,25 +16,17 @@
 //! rows − the n-th frame's produce time. The first 2 s of each are a warm-up
 //! (connections, first fetches) and left out.
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+mod common;
+
+use common::Broker;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message};
 use sluice::config::load_pipeline;
 use sluice::runtime::Runtime;
 use sluice::topology::Topology;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn now_ms() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0)
@@ -77,24 +69,9 @@ async fn main() -> anyhow::Result<()> {
     let fetch_wait = env("BENCH_FETCH_WAIT_MS", 10).to_string();
     let count = (rate * seconds) as usize;
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let url = format!("tcp://127.0.0.1:{port}");
-    let _broker = Kill(
-        Command::new("tansu")
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    let brokers = format!("127.0.0.1:{port}");
-    while std::net::TcpStream::connect(&brokers).is_err() {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", &brokers).create()?;
-    let topics: Vec<NewTopic> = ["bare", "raw", "dlq"].iter().map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1))).collect();
-    for r in admin.create_topics(&topics, &AdminOptions::new()).await? {
-        r.map_err(|(t, e)| anyhow::anyhow!("cannot create {t}: {e}"))?;
-    }
+    let broker = Broker::start()?;
+    let brokers = broker.addr.clone();
+    broker.create_topics(&["bare", "raw", "dlq"], 1).await?;
     println!("{rate} frames/s for {seconds} s, one trade a frame, fetch.wait.max.ms = {fetch_wait}");
 
     // 1. A bare librdkafka consumer.

@@ -13,8 +13,9 @@
 //! processes) is measured from each pipeline's start to its last commit, and
 //! given per trade (the passthrough's per trade its frames carry).
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+mod common;
+
+use common::Broker;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -23,45 +24,9 @@ use sluice::feed::FeedGenerator;
 use sluice::runtime::Runtime;
 use sluice::topology::Topology;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const PARTITIONS: i32 = 2;
-
-struct Broker(Child, String);
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_broker() -> anyhow::Result<Broker> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let url = format!("tcp://127.0.0.1:{port}");
-    let child = Command::new("tansu")
-        .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://tansu/"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let addr = format!("127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "tansu did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(Broker(child, addr))
-}
-
-async fn create_topics(brokers: &str, topics: &[&str]) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
-    let new: Vec<NewTopic> = topics.iter().map(|t| NewTopic::new(t, PARTITIONS, TopicReplication::Fixed(1))).collect();
-    for r in admin.create_topics(&new, &AdminOptions::new()).await? {
-        r.map_err(|(t, e)| anyhow::anyhow!("cannot create {t}: {e}"))?;
-    }
-    Ok(())
-}
 
 /// Sum of the committed offsets of `group` on `topic` (= records done).
 fn committed(consumer: &BaseConsumer, topic: &str) -> i64 {
@@ -122,10 +87,10 @@ fn write(dir: &Path, name: &str, text: String) -> PathBuf {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let frames: usize = std::env::var("BENCH_FRAMES").ok().and_then(|v| v.parse().ok()).unwrap_or(400_000);
-    let broker = start_broker()?;
-    let brokers = broker.1.clone();
+    let broker = Broker::start()?;
+    let brokers = broker.addr.clone();
     std::env::set_var("SLUICE_BROKERS", &brokers);
-    create_topics(&brokers, &["raw", "out_pass", "out_flat", "dlq"]).await?;
+    broker.create_topics(&["raw", "out_pass", "out_flat", "dlq"], PARTITIONS).await?;
 
     let mut generator = FeedGenerator::new(3);
     generator.ping_every = 0;

@@ -6,8 +6,9 @@
 //! Run: `scripts/build-plugins.sh && cargo bench -p sluice --bench reload`.
 //! Needs `tansu` on PATH (`scripts/install-tansu.sh`).
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+mod common;
+
+use common::Broker;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 use sluice::feed::FeedGenerator;
@@ -23,10 +24,6 @@ impl Drop for Kill {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").map(|l| l.local_addr().map(|a| a.port()).unwrap_or(0)).unwrap_or(0)
 }
 
 /// Replaces `target` atomically with `bytes`.
@@ -82,26 +79,10 @@ fn main() -> anyhow::Result<()> {
     let flattener = std::fs::read(release.join("trade_flattener.wasm"))?;
     let echo = std::fs::read(release.join("chaos.wasm"))?;
 
-    let port = free_port();
-    let url = format!("tcp://127.0.0.1:{port}");
-    let _broker = Kill(
-        Command::new("tansu")
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    let brokers = format!("127.0.0.1:{port}");
-    while std::net::TcpStream::connect(&brokers).is_err() {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let broker = Broker::start()?;
+    let brokers = broker.addr.clone();
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", &brokers).create()?;
-        let topics: Vec<NewTopic> = ["raw", "out", "dlq"].iter().map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1))).collect();
-        admin.create_topics(&topics, &AdminOptions::new()).await?;
-        anyhow::Ok(())
-    })?;
+    rt.block_on(broker.create_topics(&["raw", "out", "dlq"], 1))?;
 
     let dir = tempfile::tempdir()?;
     let plugin = dir.path().join("plugin.wasm");
