@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Builds every plugin under plugins/ as a WebAssembly component, in its own
 # language, installing the toolchains a fresh machine lacks:
-#   Rust       (trade-flattener, symbol-router, chaos): the wasm32-wasip2 target, by rustup
+#   Rust       (trade-flattener, symbol-router, chaos, raw-echo): the wasm32-wasip2 target, by rustup
 #   Python     (py-enrich): componentize-py, from PyPI, in the venv .tools/python
 #   JavaScript (js-router): jco + componentize-js + esbuild, from npm (package-lock.json)
-# Output: target/wasm32-wasip2/release/<name>.wasm for every plugin.
+# Output: target/wasm32-wasip2/release/<name>.wasm for every plugin (contract
+# 0.2), plus <name>_v01.wasm of the flattener and chaos built against contract
+# 0.1 (the host serves both; the tests and `--bench flatten` compare them).
 # Each Python/JavaScript plugin's native unit tests run before it is built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,8 +29,12 @@ fi
 # Plugins get fat LTO and one codegen unit (the host keeps the faster-building
 # defaults), and keep their function names (the name section: a fault's reason
 # says where), without debug info.
-CARGO_PROFILE_RELEASE_LTO=true CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 CARGO_PROFILE_RELEASE_STRIP=debuginfo \
-  cargo build --release --target wasm32-wasip2 -p trade-flattener -p symbol-router -p chaos "$@"
+export CARGO_PROFILE_RELEASE_LTO=true CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 CARGO_PROFILE_RELEASE_STRIP=debuginfo
+for plugin in trade-flattener chaos; do
+  cargo build --release --target wasm32-wasip2 -p "$plugin" --features sluice-plugin/contract-0-1 "$@"
+  cp "$out/${plugin//-/_}.wasm" "$out/${plugin//-/_}_v01.wasm"
+done
+cargo build --release --target wasm32-wasip2 -p trade-flattener -p symbol-router -p chaos -p raw-echo "$@"
 
 # Python: componentize-py embeds CPython and the app module into a component.
 py=.tools/python
@@ -37,6 +43,7 @@ if ! "$py/bin/componentize-py" --version 2>/dev/null | grep -qx "componentize-py
   python3 -m venv "$py"
   "$py/bin/pip" install --quiet --disable-pip-version-check "componentize-py==$componentize_py_version"
 fi
+quietly "sluice-plugin-py: unit tests" env -C plugins/sluice-plugin-py python3 -m unittest
 for plugin in py-enrich; do
   quietly "$plugin: unit tests" env -C "plugins/$plugin" PYTHONPATH=../sluice-plugin-py python3 -m unittest
   quietly "$plugin: componentize-py" "$py/bin/componentize-py" -d wit -w transformer componentize \

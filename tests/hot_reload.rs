@@ -1,5 +1,6 @@
-//! Hot reload in a running `sluice run`: plugin swaps under a continuous feed,
-//! broken versions rejected, pipeline files added, changed and removed.
+//! Hot reload in a running `sluice run`: plugin swaps under a continuous feed
+//! (between 0.1 and 0.2 builds too), broken versions rejected, pipeline files
+//! added, changed and removed.
 
 mod common;
 
@@ -91,7 +92,9 @@ async fn swap_rig(name: &str) -> SwapRig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_swaps_under_a_continuous_feed_process_every_record_exactly_once_in_order() {
     let SwapRig { broker, dir: _dir, plugin, mut sluice, .. } = swap_rig("swap").await;
+    // The swaps also cross contracts: each plugin is built against 0.2 and 0.1.
     let (flattener, echo) = (plugin_path("trade_flattener"), plugin_path("chaos"));
+    let (flattener_v01, echo_v01) = (plugin_path("trade_flattener_v01"), plugin_path("chaos_v01"));
     let frames = single_trade_frames(2400, 5);
 
     let feeder = {
@@ -105,7 +108,7 @@ async fn twenty_swaps_under_a_continuous_feed_process_every_record_exactly_once_
     };
     for swap in 0..20 {
         let before = sluice.log_count("reload applied");
-        install(if swap % 2 == 0 { &echo } else { &flattener }, &plugin);
+        install([&echo, &flattener_v01, &echo_v01, &flattener][swap % 4], &plugin);
         assert!(sluice.wait_log("reload applied", before).await, "swap {swap} was not applied");
         tokio::time::sleep(Duration::from_millis(150)).await;
     }

@@ -182,7 +182,10 @@ async fn the_dead_letter_policy_is_bounded_for_a_version_that_loops_on_everythin
 async fn a_log_flood_is_rate_limited_and_counted() {
     let (broker, pg, table) = trades_setup("log_flood", 1).await;
     let dir = tempfile::tempdir().unwrap();
-    let flood = "config = { mode = \"log\", trigger = \"*\", log_lines = \"5000\" }\nlimits = { log_lines_per_s = 100, log_burst = 200 }";
+    // About 700,000 log calls in one batch: a CPU limit well above their cost
+    // on a loaded machine, so that no batch is retried and every call is
+    // counted once (written or suppressed).
+    let flood = "config = { mode = \"log\", trigger = \"*\", log_lines = \"5000\" }\nlimits = { log_lines_per_s = 100, log_burst = 200, cpu_ms = 10000 }";
     let file = write_pipeline(dir.path(), "broken", &pipeline(&table, "g-log", flood, ""));
     let frames = generated(40, 54);
     let expected = expected_trades(&frames);

@@ -129,6 +129,10 @@ async fn main() -> anyhow::Result<()> {
     let pass = write(dir.path(), "pass", format!("{}{}{dlq}", source("g-pass"), kafka_sink("out_pass")));
     let flat = write(dir.path(), "flat", format!("{}{transform}{}{dlq}", source("g-flat"), kafka_sink("out_flat")));
     let to_pg = write(dir.path(), "pg", format!("{}{transform}{pg_sink}{dlq}", source("g-pg")));
+    // The same pipeline with the flattener built against contract 0.1, into its own table.
+    let transform_v01 = transform.replace("trade_flattener.wasm", "trade_flattener_v01.wasm");
+    let pg_sink_v01 = pg_sink.replace(".trades\"", ".trades_v01\"");
+    let to_pg_v01 = write(dir.path(), "pg01", format!("{}{transform_v01}{pg_sink_v01}{dlq}", source("g-pg01")));
 
     let runtime = Runtime::new(Runtime::default_cache_dir())?;
     let records = frames as i64;
@@ -140,9 +144,13 @@ async fn main() -> anyhow::Result<()> {
     println!("flatten       kafka -> kafka:      {:>9.0} frames/s = {:>9.0} trades/s  {}", flat_rate, flat_rate * per_trade, cpu_line(cpu));
     let (pg_rate, cpu) = measure(&runtime, &to_pg, &brokers, "g-pg", records).await?;
     println!("flatten       kafka -> postgres:   {:>9.0} frames/s = {:>9.0} rows/s    {}", pg_rate, pg_rate * per_trade, cpu_line(cpu));
+    let (pg01_rate, cpu) = measure(&runtime, &to_pg_v01, &brokers, "g-pg01", records).await?;
+    println!("  (0.1 build) kafka -> postgres:   {:>9.0} frames/s = {:>9.0} rows/s    {}", pg01_rate, pg01_rate * per_trade, cpu_line(cpu));
     println!("ratio flatten/passthrough (frames/s): {:.2} (goal >= 0.70)", flat_rate / pass_rate);
-    let rows: i64 = pg.query_one(&format!("SELECT count(*) FROM {schema}.trades"), &[]).await?.get(0);
-    anyhow::ensure!(rows as usize == trades, "postgres holds {rows} rows, expected {trades}");
+    for table in ["trades", "trades_v01"] {
+        let rows: i64 = pg.query_one(&format!("SELECT count(*) FROM {schema}.{table}"), &[]).await?.get(0);
+        anyhow::ensure!(rows as usize == trades, "postgres {table} holds {rows} rows, expected {trades}");
+    }
     pg.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await?;
     Ok(())
 }

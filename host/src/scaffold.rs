@@ -70,7 +70,10 @@ macro_rules! template {
     };
 }
 
+/// Contract 0.2, which every SDK builds.
 const WIT: &str = include_str!("../../wit/transform.wit");
+/// Contract 0.1, for the Rust SDK's `contract-0-1` feature.
+const WIT_V01: &str = include_str!("../../wit/0.1/transform.wit");
 
 fn files(lang: Lang) -> Vec<File> {
     let mut files = match lang {
@@ -79,6 +82,9 @@ fn files(lang: Lang) -> Vec<File> {
             file("Cargo.toml", template!("rust/Cargo.toml"), "the crate (a `cdylib`, its own workspace)"),
             script("build.sh", template!("rust/build.sh"), "`cargo test`, then the component"),
             file("sdk/sluice-plugin/src/lib.rs", include_str!("../../plugins/sluice-plugin/src/lib.rs"), "the Rust SDK"),
+            file("sdk/sluice-plugin/src/abi.rs", include_str!("../../plugins/sluice-plugin/src/abi.rs"), "the SDK's side of the batch layout (contract 0.2)"),
+            file("wit/transform.wit", WIT, "the contract between Sluice and the plugin (0.2)"),
+            file("wit/0.1/transform.wit", WIT_V01, "contract 0.1, for the SDK's `contract-0-1` feature"),
             file("sdk/sluice-plugin/Cargo.toml", template!("rust/sdk-Cargo.toml"), "the Rust SDK's manifest"),
             file(".gitignore", template!("rust/gitignore"), "build outputs"),
         ],
@@ -88,6 +94,7 @@ fn files(lang: Lang) -> Vec<File> {
             script("build.sh", template!("python/build.sh"), "componentize-py into `.venv`, unit tests, then the component"),
             file("sdk/sluice_plugin.py", include_str!("../../plugins/sluice-plugin-py/sluice_plugin.py"), "the Python SDK"),
             file(".gitignore", template!("python/gitignore"), "build outputs"),
+            file("wit/transform.wit", WIT, "the contract between Sluice and the plugin (0.2)"),
         ],
         Lang::Js => vec![
             file("transform.js", template!("js/transform.js"), "your transform"),
@@ -98,10 +105,10 @@ fn files(lang: Lang) -> Vec<File> {
             file("sdk/sluice-plugin.js", include_str!("../../plugins/sluice-plugin-js/sluice-plugin.js"), "the JavaScript SDK"),
             file("sdk/package.json", include_str!("../../plugins/sluice-plugin-js/package.json"), "the SDK's package manifest"),
             file(".gitignore", template!("js/gitignore"), "build outputs"),
+            file("wit/transform.wit", WIT, "the contract between Sluice and the plugin (0.2)"),
         ],
     };
     files.extend([
-        file("wit/transform.wit", WIT, "the contract between Sluice and the plugin"),
         file("sample.jsonl", template!("common/sample.jsonl"), "input for `sluice plugin test`"),
     ]);
     files

@@ -1,7 +1,8 @@
 // sluice-plugin: write a Sluice transform in JavaScript as one plain class.
 //
 // A Sluice transform is a WebAssembly component implementing
-// `wit/transform.wit`. This module hides that contract, as the Rust SDK
+// `wit/transform.wit` (contract 0.2: a batch crosses the sandbox as one
+// buffer each way). This module hides that contract, as the Rust SDK
 // (`plugins/sluice-plugin`) does: write a class with
 //
 // * `constructor(config)` -- validate the plugin's `config` table from the
@@ -15,10 +16,13 @@
 //
 // and wire it to the component in the entry module (`index.js`):
 //
-//     import { log } from "sluice:transform/log@0.1.0";
+//     import { log } from "sluice:transform/log@0.2.0";
 //     import { exportTransform } from "./sluice-plugin.js";
 //     import MyTransform from "./transform.js";
-//     export const transform = exportTransform(MyTransform, log);
+//     export const batch = exportTransform(MyTransform, log);
+//
+// (The same object also serves contract 0.1's `transform` export, for a
+// component built from `wit/0.1`: `export const transform = ...`.)
 //
 // Build with `componentize-js --wit wit -n transformer -o app.wasm index.js`
 // (`build.sh` does it). The class and this module import nothing from the
@@ -104,9 +108,9 @@ function emit(level, msg) {
   else console.error(`[${level}] ${msg}`);
 }
 
-/** Wraps `Plugin` (a class as described above) as the component's
- * `transform` export; `logImport` is the `log` function imported from
- * `sluice:transform/log@0.1.0`. Export the result as `transform`. */
+/** Wraps `Plugin` (a class as described above) as the component's `batch`
+ * export (contract 0.2; `transform` for 0.1); `logImport` is the `log`
+ * function imported from `sluice:transform/log`. */
 export function exportTransform(Plugin, logImport = undefined) {
   let instance = undefined;
   return {
@@ -120,6 +124,13 @@ export function exportTransform(Plugin, logImport = undefined) {
       }
     },
 
+    // Contract 0.2: one batch buffer in, one results buffer out.
+    process(buf) {
+      if (instance === undefined) throw new Error("plugin used before init");
+      return processBuffer(instance, buf);
+    },
+
+    // Contract 0.1: records lifted field by field.
     processBatch(batch) {
       if (instance === undefined) {
         return batch.map(() => ({ tag: "err", val: "plugin used before init" }));
@@ -146,6 +157,141 @@ export function exportTransform(Plugin, logImport = undefined) {
       return results;
     },
   };
+}
+
+// Contract 0.2's layouts (wit/transform.wit): little-endian tables of fixed
+// entries, byte ranges as (offset, length) from the start of the buffer.
+const BATCH_MAGIC = 0x32424c53;
+const RESULTS_MAGIC = 0x324f4c53;
+
+/** A growable byte buffer: the results being built. */
+class Writer {
+  constructor(capacity) {
+    this.buf = new Uint8Array(Math.max(capacity, 64));
+    this.len = 32;
+  }
+
+  reserve(n) {
+    if (this.len + n <= this.buf.length) return;
+    const grown = new Uint8Array(Math.max(this.buf.length * 2, this.len + n));
+    grown.set(this.buf.subarray(0, this.len));
+    this.buf = grown;
+  }
+
+  /** Appends `data` (bytes); returns its offset. */
+  put(data) {
+    this.reserve(data.length);
+    this.buf.set(data, this.len);
+    const at = this.len;
+    this.len += data.length;
+    return at;
+  }
+}
+
+function processBuffer(instance, buf) {
+  const view = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+  const u32 = (at) => view.getUint32(at, true);
+  if (u32(0) !== BATCH_MAGIC) throw new Error("malformed batch from the host");
+  const count = u32(4), topicCount = u32(8), recordsAt = u32(16), topicsAt = u32(20), headersAt = u32(24);
+  const span = (off, len) => buf.subarray(off, off + len);
+  const topics = new Array(topicCount);
+  for (let t = 0; t < topicCount; t++) topics[t] = decoder.decode(span(u32(topicsAt + 8 * t), u32(topicsAt + 8 * t + 4)));
+  const out = new Writer(buf.length * 2);
+  const results = new Array(count);
+  const outputs = [];
+  const headers = [];
+  for (let i = 0; i < count; i++) {
+    const at = recordsAt + 56 * i;
+    const flags = u32(at), first = u32(at + 12), n = u32(at + 16);
+    const record = Object.create(Record.prototype);
+    record.value = span(u32(at + 48), u32(at + 52));
+    record.key = flags & 1 ? span(u32(at + 40), u32(at + 44)) : undefined;
+    const recordHeaders = n === 0 ? [] : new Array(n);
+    for (let h = 0; h < n; h++) {
+      const e = headersAt + 16 * (first + h);
+      recordHeaders[h] = { name: decoder.decode(span(u32(e), u32(e + 4))), value: span(u32(e + 8), u32(e + 12)) };
+    }
+    record.headers = recordHeaders;
+    record.timestamp = flags & 2 ? view.getBigInt64(at + 32, true) : undefined;
+    record.topic = topics[u32(at + 4)];
+    record.partition = view.getInt32(at + 8, true);
+    record.offset = view.getBigInt64(at + 24, true);
+    const mark = [out.len, outputs.length, headers.length];
+    try {
+      const result = instance.process(record);
+      if (result === null || result === undefined) {
+        results[i] = [0, 0, 0];
+      } else if (!Array.isArray(result)) {
+        write(out, result, outputs, headers);
+        results[i] = [0, 1, 0];
+      } else {
+        for (let o = 0; o < result.length; o++) write(out, result[o], outputs, headers);
+        results[i] = [0, outputs.length - mark[1], 0];
+      }
+    } catch (error) {
+      out.len = mark[0];
+      outputs.length = mark[1];
+      headers.length = mark[2];
+      const text = encoder.encode(message(error));
+      results[i] = [1, out.put(text), text.length];
+    }
+  }
+  const resultsAt = out.len, outputsAt = resultsAt + 12 * count, tablesAt = outputsAt + 48 * outputs.length;
+  out.reserve(tablesAt + 16 * headers.length - out.len);
+  const w = new DataView(out.buf.buffer);
+  for (let i = 0; i < count; i++) {
+    const r = results[i];
+    w.setUint32(resultsAt + 12 * i, r[0], true);
+    w.setUint32(resultsAt + 12 * i + 4, r[1], true);
+    w.setUint32(resultsAt + 12 * i + 8, r[2], true);
+  }
+  for (let o = 0; o < outputs.length; o++) {
+    const e = outputs[o], at = outputsAt + 48 * o;
+    w.setUint32(at, e[0], true);
+    w.setUint32(at + 4, e[1], true);
+    w.setUint32(at + 8, e[2], true);
+    w.setUint32(at + 12, 0, true);
+    w.setBigInt64(at + 16, e[3], true);
+    for (let f = 0; f < 6; f++) w.setUint32(at + 24 + 4 * f, e[4 + f], true);
+  }
+  for (let h = 0; h < headers.length; h++) {
+    for (let f = 0; f < 4; f++) w.setUint32(tablesAt + 16 * h + 4 * f, headers[h][f], true);
+  }
+  const header = [RESULTS_MAGIC, count, outputs.length, headers.length, resultsAt, outputsAt, tablesAt, 0];
+  for (let f = 0; f < 8; f++) w.setUint32(4 * f, header[f], true);
+  return out.buf.subarray(0, tablesAt + 16 * headers.length);
+}
+
+/** Appends one output to the results being built. */
+function write(out, output, outputs, headers) {
+  if (output === null || typeof output !== "object" || output.value === undefined) {
+    throw new Error("an output must be an object with a `value`");
+  }
+  let flags = 0, keyAt = 0, keyLen = 0, routeAt = 0, routeLen = 0, timestamp = 0n;
+  if (output.key !== undefined && output.key !== null) {
+    const key = bytes(output.key);
+    keyAt = out.put(key);
+    keyLen = key.length;
+    flags |= 1;
+  }
+  if (output.timestamp !== undefined && output.timestamp !== null) {
+    timestamp = BigInt(output.timestamp);
+    flags |= 2;
+  }
+  if (output.route !== undefined && output.route !== null) {
+    const route = encoder.encode(output.route);
+    routeAt = out.put(route);
+    routeLen = route.length;
+    flags |= 4;
+  }
+  const first = headers.length, list = output.headers;
+  const count = list === undefined || list === null ? 0 : list.length;
+  for (let h = 0; h < count; h++) {
+    const name = encoder.encode(list[h].name), value = bytes(list[h].value);
+    headers.push([out.put(name), name.length, out.put(value), value.length]);
+  }
+  const value = bytes(output.value);
+  outputs.push([flags, first, count, timestamp, keyAt, keyLen, out.put(value), value.length, routeAt, routeLen]);
 }
 
 function outputs(result) {

@@ -1,7 +1,8 @@
 """sluice_plugin: write a Sluice transform in Python as one plain class.
 
 A Sluice transform is a WebAssembly component implementing
-``wit/transform.wit``. This module hides that contract, as the Rust SDK
+``wit/transform.wit`` (contract 0.2: a batch crosses the sandbox as one
+buffer each way). This module hides that contract, as the Rust SDK
 (``plugins/sluice-plugin``) does: write a class with
 
 * ``__init__(self, config: Config)`` -- validate the plugin's ``config``
@@ -24,6 +25,7 @@ bindings until it runs inside the sandbox.
 
 from __future__ import annotations
 
+import struct
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
@@ -134,19 +136,93 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
-def _to_wit(output_record, o: "Output"):
+# Contract 0.2's layouts (wit/transform.wit): little-endian tables of fixed
+# entries, byte ranges as (offset, length) from the start of the buffer.
+_BATCH_MAGIC = int.from_bytes(b"SLB2", "little")
+_RESULTS_MAGIC = int.from_bytes(b"SLO2", "little")
+_HEADER = struct.Struct("<8I")
+_RECORD = struct.Struct("<IIiIIIqqIIII")
+_RANGE = struct.Struct("<2I")
+_HEADER_ENTRY = struct.Struct("<4I")
+_RESULT = struct.Struct("<3I")
+_OUTPUT = struct.Struct("<4Iq6I")
+
+
+def _write(o: "Output", payload: bytearray, outputs: list, headers: list) -> None:
+    """Appends output ``o`` to the results being built."""
     if not isinstance(o, Output):
         raise TypeError(f"process() must return an Output, a list of Output or None, not {type(o).__name__}")
-    value, key, headers = o.value, o.key, o.headers
-    if headers:
-        headers = [h if isinstance(h.value, bytes) else Header(h.name, _bytes(h.value)) for h in headers]
-    return output_record(
-        None if key is None else (key if isinstance(key, bytes) else _bytes(key)),
-        value if isinstance(value, bytes) else _bytes(value),
-        headers if headers else [],
-        o.timestamp,
-        o.route,
-    )
+    flags = key_at = key_len = route_at = route_len = 0
+    key, timestamp, route = o.key, o.timestamp, o.route
+    if key is not None:
+        key = key if isinstance(key, bytes) else _bytes(key)
+        key_at, key_len, flags = len(payload), len(key), 1
+        payload += key
+    if timestamp is None:
+        timestamp = 0
+    else:
+        flags |= 2
+    if route is not None:
+        route = route.encode()
+        route_at, route_len = len(payload), len(route)
+        flags |= 4
+        payload += route
+    first = len(headers)
+    for h in o.headers:
+        name, value = h.name.encode(), _bytes(h.value)
+        headers.append((len(payload), len(name), len(payload) + len(name), len(value)))
+        payload += name
+        payload += value
+    value = o.value if isinstance(o.value, bytes) else _bytes(o.value)
+    outputs.append((flags, first, len(o.headers), 0, timestamp, key_at, key_len, len(payload), len(value), route_at, route_len))
+    payload += value
+
+
+def _process(process, buf: bytes) -> bytes:
+    """One batch: decode the records, run ``process`` on each, encode the results."""
+    magic, count, topic_count, header_count, records_at, topics_at, headers_at, _ = _HEADER.unpack_from(buf, 0)
+    if magic != _BATCH_MAGIC:
+        raise RuntimeError("malformed batch from the host")
+    topics = [buf[o : o + n].decode() for o, n in _RANGE.iter_unpack(buf[topics_at : topics_at + 8 * topic_count])]
+    in_headers = list(_HEADER_ENTRY.iter_unpack(buf[headers_at : headers_at + 16 * header_count])) if header_count else ()
+    payload, results, outputs, headers = bytearray(32), [], [], []
+    for flags, topic, partition, first, n, _, offset, ts, key_at, key_len, value_at, value_len in _RECORD.iter_unpack(
+        buf[records_at : records_at + 56 * count]
+    ):
+        record = Record(
+            buf[value_at : value_at + value_len],
+            buf[key_at : key_at + key_len] if flags & 1 else None,
+            [Header(buf[a : a + b].decode(), buf[c : c + d]) for a, b, c, d in in_headers[first : first + n]] if n else [],
+            ts if flags & 2 else None,
+            topics[topic],
+            partition,
+            offset,
+        )
+        mark = (len(payload), len(outputs), len(headers))
+        try:
+            result = process(record)
+            if result is None:
+                results.append((0, 0, 0))
+            elif isinstance(result, Output):
+                _write(result, payload, outputs, headers)
+                results.append((0, 1, 0))
+            else:
+                for o in result:
+                    _write(o, payload, outputs, headers)
+                results.append((0, len(outputs) - mark[1], 0))
+        except Exception as error:  # this record goes to the dead letters
+            del payload[mark[0] :], outputs[mark[1] :], headers[mark[2] :]
+            message = _describe(error).encode()
+            results.append((1, len(payload), len(message)))
+            payload += message
+    results_at = len(payload)
+    payload += b"".join([_RESULT.pack(*r) for r in results])
+    outputs_at = len(payload)
+    payload += b"".join([_OUTPUT.pack(*o) for o in outputs])
+    headers_at = len(payload)
+    payload += b"".join([_HEADER_ENTRY.pack(*h) for h in headers])
+    _HEADER.pack_into(payload, 0, _RESULTS_MAGIC, len(results), len(outputs), len(headers), results_at, outputs_at, headers_at, 0)
+    return bytes(payload)
 
 
 def _bytes(value: Union[bytes, str]) -> bytes:
@@ -155,47 +231,29 @@ def _bytes(value: Union[bytes, str]) -> bytes:
 
 def export(plugin: type) -> type:
     """Wraps ``plugin`` (a class as described in the module docs) as the
-    component's ``transform`` export. Assign the result to ``Transform`` in
-    the app module: that is the name componentize-py looks for."""
+    component's ``batch`` export. Assign the result to ``Transform`` in the
+    app module; the export is also bound to the name componentize-py looks
+    for (``Batch``, after the WIT interface) in that module."""
 
-    class Transform:
+    class Batch:
         instance = None
 
         def init(self, config):
             from componentize_py_types import Err
 
             try:
-                Transform.instance = plugin(Config(config))
+                Batch.instance = plugin(Config(config))
             except Exception as error:  # the plugin rejects its config
                 raise Err(_describe(error))
 
-        def process_batch(self, batch):
-            from componentize_py_types import Err, Ok
-            from wit_world.imports import types as wit
-
-            instance = Transform.instance
+        def process(self, batch: bytes) -> bytes:
+            instance = Batch.instance
             if instance is None:
-                return [Err("plugin used before init") for _ in batch]
-            # CPython is interpreted here: every construct per record shows in
-            # the throughput, hence positional arguments and no copies of
-            # headers (the bindings' header has the same `name` and `value`).
-            output_record, process = wit.OutputRecord, instance.process
-            results = []
-            for r in batch:
-                origin = r.origin
-                record = Record(r.value, r.key, r.headers, r.timestamp, origin.topic, origin.partition, origin.offset)
-                try:
-                    result = process(record)
-                    if result is None:
-                        outputs = []
-                    elif isinstance(result, Output):
-                        outputs = [_to_wit(output_record, result)]
-                    else:
-                        outputs = [_to_wit(output_record, o) for o in result]
-                    results.append(Ok(outputs))
-                except Exception as error:  # this record goes to the dead letters
-                    results.append(Err(_describe(error)))
-            return results
+                raise RuntimeError("plugin used before init")
+            return _process(instance.process, batch)
 
-    Transform.__name__ = Transform.__qualname__ = f"Transform[{plugin.__name__}]"
-    return Transform
+    Batch.__name__ = Batch.__qualname__ = f"Batch[{plugin.__name__}]"
+    module = sys.modules.get(plugin.__module__)
+    if module is not None:
+        module.Batch = Batch
+    return Batch

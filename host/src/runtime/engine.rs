@@ -1,6 +1,6 @@
 //! One [`Engine`] per process, its epoch ticker and the shared component linker.
 
-use super::bindings::Transformer;
+use super::bindings::{v01, v02};
 use super::instance::HostState;
 use anyhow::Context;
 use std::path::PathBuf;
@@ -40,7 +40,8 @@ impl Runtime {
 
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(anyhow::Error::from).context("cannot link WASI")?;
-        Transformer::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
+        v01::Transformer::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
+            .and_then(|()| v02::Transformer::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state))
             .map_err(anyhow::Error::from)
             .context("cannot link the sluice host interfaces")?;
 

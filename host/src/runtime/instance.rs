@@ -1,8 +1,9 @@
 //! A live plugin instance: one `Store` with its limits and sandbox grants.
 
-use super::bindings::sluice::transform::{log as wit_log, types as wit};
-use super::bindings::Transformer;
+use super::abi;
+use super::bindings::{v01, v02};
 use super::engine::EPOCH_TICK;
+use super::loader::Pre;
 use super::stderr::PluginStderr;
 use super::{Fault, Plugin, PluginError};
 use crate::record::{Header, Output, Record};
@@ -43,7 +44,7 @@ impl Default for Limits {
 
 impl Limits {
     /// Checks one record's outputs against the output caps.
-    fn check_outputs(&self, outputs: &[Output]) -> Result<(), String> {
+    pub(super) fn check_outputs(&self, outputs: &[Output]) -> Result<(), String> {
         if outputs.len() > self.outputs {
             return Err(format!("output limit: {} outputs for one record (limit {})", outputs.len(), self.outputs));
         }
@@ -98,6 +99,9 @@ pub struct LogBucket {
     tokens: f64,
     refilled: Instant,
     suppressed: u64,
+    /// Suppressed lines not yet added to the metric (it is kept current after
+    /// every batch; the summary line comes at most once a second).
+    uncounted: u64,
     /// When the first line of the current suppression was refused.
     since: Option<Instant>,
     pipeline: String,
@@ -112,6 +116,7 @@ impl LogBucket {
             tokens: f64::from(limits.log_burst.max(1)),
             refilled: Instant::now(),
             suppressed: 0,
+            uncounted: 0,
             since: None,
             pipeline: pipeline.to_string(),
             plugin: plugin.to_string(),
@@ -133,12 +138,17 @@ impl LogBucket {
             return true;
         }
         self.suppressed += 1;
+        self.uncounted += 1;
         self.since.get_or_insert_with(Instant::now);
         false
     }
 
     /// Logs how many lines were suppressed, once a second at most (or now, with `force`).
     fn summarize(&mut self, force: bool) {
+        if self.uncounted > 0 {
+            crate::telemetry::telemetry().plugin_logs_suppressed(&self.pipeline, &self.plugin, self.uncounted);
+            self.uncounted = 0;
+        }
         let Some(since) = self.since else { return };
         let elapsed = since.elapsed();
         if self.suppressed == 0 || (!force && elapsed < Duration::from_secs(1)) {
@@ -154,7 +164,6 @@ impl LogBucket {
             self.plugin,
             elapsed.as_secs_f64().max(0.1)
         );
-        crate::telemetry::telemetry().plugin_logs_suppressed(&self.pipeline, &self.plugin, self.suppressed);
         self.suppressed = 0;
         self.since = None;
     }
@@ -166,10 +175,34 @@ impl WasiView for HostState {
     }
 }
 
-impl wit::Host for HostState {}
+impl v01::sluice::transform::types::Host for HostState {}
 
-impl wit_log::Host for HostState {
-    fn log(&mut self, level: wit_log::Level, mut message: String) {
+/// The `log` import of one contract's bindings (the two `Level` enums are
+/// distinct types with the same cases).
+macro_rules! log_import {
+    ($contract:ident) => {
+        impl $contract::sluice::transform::log::Host for HostState {
+            fn log(&mut self, level: $contract::sluice::transform::log::Level, message: String) {
+                use $contract::sluice::transform::log::Level as L;
+                let level = match level {
+                    L::Trace => tracing::Level::TRACE,
+                    L::Debug => tracing::Level::DEBUG,
+                    L::Info => tracing::Level::INFO,
+                    L::Warn => tracing::Level::WARN,
+                    L::Error => tracing::Level::ERROR,
+                };
+                self.log_line(level, message)
+            }
+        }
+    };
+}
+
+log_import!(v01);
+log_import!(v02);
+
+impl HostState {
+    /// One line from the plugin's `log` import (either contract), within its budget.
+    fn log_line(&mut self, level: tracing::Level, mut message: String) {
         if !self.log.lock().is_ok_and(|mut bucket| bucket.admit()) {
             return;
         }
@@ -184,11 +217,11 @@ impl wit_log::Host for HostState {
         }
         let plugin = &*self.label;
         match level {
-            wit_log::Level::Trace => trace!(plugin, "{message}"),
-            wit_log::Level::Debug => debug!(plugin, "{message}"),
-            wit_log::Level::Info => info!(plugin, "{message}"),
-            wit_log::Level::Warn => warn!(plugin, "{message}"),
-            wit_log::Level::Error => error!(plugin, "{message}"),
+            tracing::Level::TRACE => trace!(plugin, "{message}"),
+            tracing::Level::DEBUG => debug!(plugin, "{message}"),
+            tracing::Level::INFO => info!(plugin, "{message}"),
+            tracing::Level::WARN => warn!(plugin, "{message}"),
+            _ => error!(plugin, "{message}"),
         }
     }
 }
@@ -216,7 +249,13 @@ impl ResourceLimiter for MemoryCap {
 
 struct Live {
     store: Store<HostState>,
-    bindings: Transformer,
+    bindings: Bound,
+}
+
+/// An instance's exports, of the contract its component was built against.
+enum Bound {
+    V01(v01::Transformer),
+    V02(v02::Transformer),
 }
 
 /// Isolation gives up after this many records in a row fail with the same kind of fault.
@@ -235,6 +274,8 @@ pub struct PluginInstance {
     label: Arc<str>,
     live: Option<Live>,
     log: Arc<Mutex<LogBucket>>,
+    /// Contract 0.2's batch buffer, kept across batches.
+    encoder: abi::Encoder,
     /// The kind of fault the last records failed with, and how many in a row.
     streak: Option<(std::mem::Discriminant<Fault>, u32)>,
     /// Why this version is failing (faults on [`ISOLATION_STREAK`] records in
@@ -257,7 +298,7 @@ impl PluginInstance {
         let label: Arc<str> = format!("{context}/{}", plugin.name).into();
         let log = Arc::new(Mutex::new(LogBucket::new(&limits, context, &plugin.name)));
         let mut instance =
-            PluginInstance { plugin, config, limits, grants, label, live: None, log, streak: None, failing: None, replacements: 0 };
+            PluginInstance { plugin, config, limits, grants, label, live: None, log, encoder: abi::Encoder::default(), streak: None, failing: None, replacements: 0 };
         instance.live = Some(instance.instantiate()?);
         Ok(instance)
     }
@@ -298,12 +339,20 @@ impl PluginInstance {
         store.limiter(|state| &mut state.memory);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(self.deadline_ticks());
-        let bindings = self
-            .plugin
-            .pre
-            .instantiate(&mut store)
-            .map_err(|reason| PluginError::Instantiate { plugin: name(), reason: reason.into() })?;
-        match bindings.sluice_transform_transform().call_init(&mut store, &self.config) {
+        let instantiate_error = |reason: wasmtime::Error| PluginError::Instantiate { plugin: name(), reason: reason.into() };
+        let (bindings, init) = match &self.plugin.pre {
+            Pre::V01(pre) => {
+                let bindings = pre.instantiate(&mut store).map_err(instantiate_error)?;
+                let init = bindings.sluice_transform_transform().call_init(&mut store, &self.config);
+                (Bound::V01(bindings), init)
+            }
+            Pre::V02(pre) => {
+                let bindings = pre.instantiate(&mut store).map_err(instantiate_error)?;
+                let init = bindings.sluice_transform_batch().call_init(&mut store, &self.config);
+                (Bound::V02(bindings), init)
+            }
+        };
+        match init {
             Ok(Ok(())) => Ok(Live { store, bindings }),
             Ok(Err(message)) => Err(PluginError::ConfigRejected { plugin: name(), message }),
             Err(error) => Err(PluginError::InitFault { plugin: name(), fault: self.classify(&store, error) }),
@@ -341,9 +390,8 @@ impl PluginInstance {
     /// it has taken [`ISOLATION_BUDGET_CPU_MS`] × `cpu_ms`, the version is
     /// failing: the batch's remaining records fail without being run, and
     /// [`PluginInstance::take_failing`] says why.
-    pub fn process(&mut self, batch: &[Record]) -> Vec<RecordResult> {
-        let inputs: Vec<wit::InputRecord> = batch.iter().map(to_wit).collect();
-        let results = match self.call(&inputs) {
+    pub fn process(&mut self, inputs: &[Record]) -> Vec<RecordResult> {
+        let results = match self.call(inputs) {
             Ok(results) => {
                 if results.iter().any(Result::is_ok) {
                     self.streak = None;
@@ -409,7 +457,7 @@ impl PluginInstance {
         self.failing.take()
     }
 
-    fn call(&mut self, inputs: &[wit::InputRecord]) -> Result<Vec<RecordResult>, Fault> {
+    fn call(&mut self, inputs: &[Record]) -> Result<Vec<RecordResult>, Fault> {
         let mut live = match self.live.take() {
             Some(live) => live,
             None => {
@@ -419,22 +467,38 @@ impl PluginInstance {
         };
         live.store.set_epoch_deadline(self.deadline_ticks());
         live.store.data().stderr.clear();
-        let results = match live.bindings.sluice_transform_transform().call_process_batch(&mut live.store, inputs) {
-            Ok(results) => results,
-            Err(error) => return Err(self.classify(&live.store, error)),
+        let results = match &live.bindings {
+            Bound::V01(bindings) => {
+                let batch: Vec<v01::sluice::transform::types::InputRecord> = inputs.iter().map(to_wit).collect();
+                let results = match bindings.sluice_transform_transform().call_process_batch(&mut live.store, &batch) {
+                    Ok(results) => results,
+                    Err(error) => return Err(self.classify(&live.store, error)),
+                };
+                if results.len() != inputs.len() {
+                    return Err(Fault::Contract(format!("{} results for {} records", results.len(), inputs.len())));
+                }
+                results
+                    .into_iter()
+                    .map(|r| {
+                        let outputs: Vec<Output> = r?.into_iter().map(from_wit).collect();
+                        self.limits.check_outputs(&outputs)?;
+                        Ok(outputs)
+                    })
+                    .collect()
+            }
+            Bound::V02(bindings) => {
+                let batch = self.encoder.encode(inputs).map_err(Fault::Contract)?;
+                // The results buffer is lifted as one copy; every output is
+                // then decoded from it in one pass.
+                let results = match bindings.sluice_transform_batch().call_process(&mut live.store, batch) {
+                    Ok(results) => results,
+                    Err(error) => return Err(self.classify(&live.store, error)),
+                };
+                abi::decode(&results, inputs.len(), &self.limits).map_err(Fault::Contract)?
+            }
         };
-        if results.len() != inputs.len() {
-            return Err(Fault::Contract(format!("{} results for {} records", results.len(), inputs.len())));
-        }
         self.live = Some(live);
-        Ok(results
-            .into_iter()
-            .map(|r| {
-                let outputs: Vec<Output> = r?.into_iter().map(from_wit).collect();
-                self.limits.check_outputs(&outputs)?;
-                Ok(outputs)
-            })
-            .collect())
+        Ok(results)
     }
 }
 
@@ -467,6 +531,8 @@ fn with_location(reason: String, error: &wasmtime::Error) -> String {
         None => reason,
     }
 }
+
+use v01::sluice::transform::types as wit;
 
 fn to_wit(r: &Record) -> wit::InputRecord {
     wit::InputRecord {

@@ -10,6 +10,7 @@
 //!   itself after a trap;
 //! - `stderr`: the plugin's stderr, kept in memory for the fault's reason.
 
+mod abi;
 pub mod engine;
 pub mod instance;
 pub mod loader;
@@ -19,12 +20,40 @@ pub use engine::Runtime;
 pub use instance::{version_key, Grants, Limits, PluginInstance, RecordResult};
 pub use loader::Plugin;
 
-/// Host bindings generated from `wit/transform.wit`.
+/// Host bindings of both contracts the host serves.
 pub(crate) mod bindings {
-    wasmtime::component::bindgen!({
-        world: "transformer",
-        path: "../wit",
-    });
+    /// Contract 0.1 (`wit/0.1/transform.wit`): records lifted field by field.
+    pub mod v01 {
+        wasmtime::component::bindgen!({
+            world: "transformer",
+            path: "../wit/0.1",
+        });
+    }
+    /// Contract 0.2 (`wit/transform.wit`): a batch as one buffer each way.
+    pub mod v02 {
+        wasmtime::component::bindgen!({
+            world: "transformer",
+            path: "../wit",
+        });
+    }
+}
+
+/// Which contract a plugin component was built against, read from its exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Contract {
+    /// `sluice:transform/transform@0.1.0`: `process-batch(list<input-record>)`.
+    V01,
+    /// `sluice:transform/batch@0.2.0`: `process(list<u8>) -> list<u8>`.
+    V02,
+}
+
+impl std::fmt::Display for Contract {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Contract::V01 => "0.1",
+            Contract::V02 => "0.2",
+        })
+    }
 }
 
 /// What can go wrong with a plugin, at the seam between runtime and pipeline.

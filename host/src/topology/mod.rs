@@ -89,6 +89,7 @@ impl Topology {
                     plugin = %plugin.name,
                     old = %old.hash.get(..12).unwrap_or("-"),
                     new = %plugin.short_hash(),
+                    contract = %plugin.contract,
                     load_ms = plugin.load_time.as_secs_f64() * 1e3,
                     cache_hit = plugin.cache_hit,
                     "plugin swap ready; live from the next batch"

@@ -50,7 +50,7 @@ impl PipelineTask {
         let chain = tokio::task::block_in_place(|| Chain::new(runtime, &spec.transforms, &spec.name))?;
         for stage in chain.stages() {
             let p = stage.plugin();
-            info!(pipeline = %spec.name, plugin = %p.name, version = %p.short_hash(), cache_hit = p.cache_hit, "plugin ready");
+            info!(pipeline = %spec.name, plugin = %p.name, version = %p.short_hash(), contract = %p.contract, cache_hit = p.cache_hit, "plugin ready");
         }
         let dir = spec.file.parent().unwrap_or(std::path::Path::new("."));
         let mut sinks = BTreeMap::new();

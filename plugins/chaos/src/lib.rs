@@ -18,12 +18,16 @@
 //! | `big`         | returns one output of `big_mib` MiB       |
 //! | `many`        | returns `many` empty outputs              |
 //! | `log`         | logs `log_lines` lines, then echoes it    |
+//! | `mirror`      | (every record) echoes it whole: key, value, headers, timestamp |
 //!
 //! `trigger = "*"` misbehaves on every record (a broken version).
 //! Config `marker` (optional) is prepended to every echoed value, so hot-reload
-//! tests can tell versions apart.
+//! tests can tell versions apart. Echoed records keep only their value.
+//!
+//! Built with the SDK's `contract-0-1` feature it is also the 0.1 fixture
+//! (`chaos_v01.wasm`) of the compatibility tests.
 
-use sluice_plugin::{export_transform, Config, Output, Record, Transform};
+use sluice_plugin::{export_transform, Config, Output, OutputMeta, Outputs, Record, RecordView, Transform};
 
 pub struct Chaos {
     mode: String,
@@ -42,7 +46,7 @@ impl Transform for Chaos {
         match mode.as_str() {
             "init-trap" => panic!("chaos: trapping in init as asked"),
             "init-reject" => Err("chaos: config rejected as asked".to_string()),
-            "echo" | "trap" | "loop" | "alloc" | "error" | "fs" | "net" | "big" | "many" | "log" => Ok(Chaos {
+            "echo" | "mirror" | "trap" | "loop" | "alloc" | "error" | "fs" | "net" | "big" | "many" | "log" => Ok(Chaos {
                 mode,
                 marker: config.get("marker").unwrap_or_default().to_string(),
                 addr: config.get("addr").unwrap_or("127.0.0.1:9").to_string(),
@@ -56,6 +60,9 @@ impl Transform for Chaos {
     }
 
     fn process(&mut self, record: Record) -> Result<Vec<Output>, String> {
+        if self.mode == "mirror" {
+            return Ok(vec![Output { key: record.key, value: record.value, headers: record.headers, timestamp: record.timestamp, route: None }]);
+        }
         if self.trigger == b"*" || record.value == self.trigger {
             match self.mode.as_str() {
                 "trap" => panic!("chaos: trapping as asked"),
@@ -96,6 +103,28 @@ impl Transform for Chaos {
         let mut value = self.marker.clone().into_bytes();
         value.extend_from_slice(&record.value);
         Ok(vec![Output::new(value)])
+    }
+
+    /// The echo without a copy (the boundary benchmark's guest); the
+    /// misbehaviours take the owned path above.
+    fn process_view(&mut self, record: RecordView<'_>, out: &mut Outputs) -> Result<(), String> {
+        if self.mode == "mirror" {
+            let headers: Vec<(&str, &[u8])> =
+                record.headers.iter().map(|(name, value)| (std::str::from_utf8(name).unwrap_or("\u{fffd}"), value)).collect();
+            out.write(OutputMeta { key: record.key, timestamp: record.timestamp, route: None, headers: &headers }, record.value);
+            return Ok(());
+        }
+        if self.trigger == b"*" || record.value == self.trigger.as_slice() {
+            for output in self.process(record.to_record())? {
+                out.push(output);
+            }
+            return Ok(());
+        }
+        out.write_with(OutputMeta::default(), |value| {
+            value.extend_from_slice(self.marker.as_bytes());
+            value.extend_from_slice(record.value);
+        });
+        Ok(())
     }
 }
 

@@ -27,13 +27,26 @@
 //!
 //! Build with `cargo build --release --target wasm32-wasip2`. Because the
 //! logic is plain Rust, `cargo test` runs it natively.
+//!
+//! # Contracts
+//!
+//! The component speaks contract 0.2 (`wit/transform.wit`): a batch crosses
+//! the sandbox as one buffer each way. For a transform that should not copy
+//! at all, implement [`Transform::process_view`] as well: it reads a borrowed
+//! [`RecordView`] and writes its outputs straight into the results buffer
+//! through [`Outputs`]. With the `contract-0-1` feature the same code builds
+//! a 0.1 component (`wit/0.1/transform.wit`), for hosts that predate 0.2.
 
 use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::str::FromStr;
 
-/// Bindings generated from `wit/transform.wit`. Plugin authors do not need
-/// them; they are public for [`export_transform!`].
+pub mod abi;
+pub use abi::{collect, Headers, OriginView, OutputMeta, Outputs, RecordView};
+
+/// Bindings generated from `wit/transform.wit` (contract 0.2). Plugin
+/// authors do not need them; they are public for [`export_transform!`].
+#[cfg(not(feature = "contract-0-1"))]
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
@@ -44,7 +57,17 @@ pub mod bindings {
     });
 }
 
-use bindings::sluice::transform::types as wit;
+/// Bindings generated from `wit/0.1/transform.wit` (contract 0.1).
+#[cfg(feature = "contract-0-1")]
+#[doc(hidden)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        world: "transformer",
+        path: "../../wit/0.1",
+        pub_export_macro: true,
+        default_bindings_module: "sluice_plugin::bindings",
+    });
+}
 
 /// The plugin's allocator: Talc is much faster than the dlmalloc a WebAssembly
 /// build gets by default (plugins allocate per record and per output). Off
@@ -176,6 +199,17 @@ pub trait Transform: Sized + 'static {
     /// input record to the pipeline's dead-letter destination with this
     /// message; it does not stop the pipeline.
     fn process(&mut self, record: Record) -> Result<Vec<Output>, String>;
+
+    /// Transforms one borrowed record, writing its outputs into `out`. The
+    /// default copies the record, calls [`Transform::process`] and writes
+    /// what it returns; override it to read and write without copying. An
+    /// `Err` discards the outputs written for this record.
+    fn process_view(&mut self, record: RecordView<'_>, out: &mut Outputs) -> Result<(), String> {
+        for output in self.process(record.to_record())? {
+            out.push(output);
+        }
+        Ok(())
+    }
 }
 
 /// Log lines from inside the plugin. In a WASM build they go to the host's
@@ -222,7 +256,7 @@ pub mod log {
 #[doc(hidden)]
 pub mod __rt {
     use super::*;
-    use std::cell::RefCell;
+    use std::cell::{Cell, RefCell};
 
     pub fn init<T: Transform>(slot: &RefCell<Option<T>>, config: Vec<(String, String)>) -> Result<(), String> {
         let transform = T::init(&config.into_iter().collect())?;
@@ -230,41 +264,76 @@ pub mod __rt {
         Ok(())
     }
 
-    pub fn process_batch<T: Transform>(
-        slot: &RefCell<Option<T>>,
-        batch: Vec<wit::InputRecord>,
-    ) -> Vec<Result<Vec<wit::OutputRecord>, String>> {
-        let mut slot = slot.borrow_mut();
-        let Some(transform) = slot.as_mut() else {
-            return batch.iter().map(|_| Err("plugin used before init".to_string())).collect();
+    thread_local! {
+        /// The last results buffer's size: the next one starts with that capacity.
+        static LAST_RESULTS: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// Contract 0.2: one batch buffer in, one results buffer out.
+    pub fn process<T: Transform>(slot: &RefCell<Option<T>>, batch: &[u8]) -> Vec<u8> {
+        let batch = match abi::Batch::parse(batch) {
+            Ok(batch) => batch,
+            Err(e) => panic!("{e}"),
         };
-        batch
-            .into_iter()
-            .map(|input| {
-                transform
-                    .process(record_from_wit(input))
-                    .map(|outputs| outputs.into_iter().map(output_to_wit).collect())
-            })
-            .collect()
-    }
-
-    fn record_from_wit(r: wit::InputRecord) -> Record {
-        Record {
-            key: r.key,
-            value: r.value,
-            headers: r.headers.into_iter().map(|h| Header { name: h.name, value: h.value }).collect(),
-            timestamp: r.timestamp,
-            origin: Origin { topic: r.origin.topic, partition: r.origin.partition, offset: r.origin.offset },
+        let mut out = Outputs::with_capacity(LAST_RESULTS.get().max(batch.len() * 64));
+        let mut slot = slot.borrow_mut();
+        for i in 0..batch.len() {
+            let result = match (slot.as_mut(), batch.get(i)) {
+                (None, _) => Err("plugin used before init".to_string()),
+                (Some(_), Err(e)) => panic!("{e}"),
+                (Some(transform), Ok(record)) => transform.process_view(record, &mut out),
+            };
+            out.end_record(result);
         }
+        let buf = out.finish();
+        LAST_RESULTS.set(buf.len());
+        buf
     }
 
-    fn output_to_wit(o: Output) -> wit::OutputRecord {
-        wit::OutputRecord {
-            key: o.key,
-            value: o.value,
-            headers: o.headers.into_iter().map(|h| wit::Header { name: h.name, value: h.value }).collect(),
-            timestamp: o.timestamp,
-            route: o.route,
+    #[cfg(feature = "contract-0-1")]
+    pub use v01::*;
+
+    #[cfg(feature = "contract-0-1")]
+    mod v01 {
+        use super::*;
+        use crate::bindings::sluice::transform::types as wit;
+
+        pub fn process_batch<T: Transform>(
+            slot: &RefCell<Option<T>>,
+            batch: Vec<wit::InputRecord>,
+        ) -> Vec<Result<Vec<wit::OutputRecord>, String>> {
+            let mut slot = slot.borrow_mut();
+            let Some(transform) = slot.as_mut() else {
+                return batch.iter().map(|_| Err("plugin used before init".to_string())).collect();
+            };
+            batch
+                .into_iter()
+                .map(|input| {
+                    transform
+                        .process(record_from_wit(input))
+                        .map(|outputs| outputs.into_iter().map(output_to_wit).collect())
+                })
+                .collect()
+        }
+
+        fn record_from_wit(r: wit::InputRecord) -> Record {
+            Record {
+                key: r.key,
+                value: r.value,
+                headers: r.headers.into_iter().map(|h| Header { name: h.name, value: h.value }).collect(),
+                timestamp: r.timestamp,
+                origin: Origin { topic: r.origin.topic, partition: r.origin.partition, offset: r.origin.offset },
+            }
+        }
+
+        fn output_to_wit(o: Output) -> wit::OutputRecord {
+            wit::OutputRecord {
+                key: o.key,
+                value: o.value,
+                headers: o.headers.into_iter().map(|h| wit::Header { name: h.name, value: h.value }).collect(),
+                timestamp: o.timestamp,
+                route: o.route,
+            }
         }
     }
 }
@@ -282,6 +351,39 @@ macro_rules! export_transform {
                 const { ::std::cell::RefCell::new(::std::option::Option::None) };
         }
 
+        $crate::__export_contract!($transform);
+
+        #[cfg(target_arch = "wasm32")]
+        $crate::bindings::export!(__SluiceGuest with_types_in $crate::bindings);
+    };
+}
+
+/// Contract 0.2's entry points (see [`export_transform!`]).
+#[cfg(not(feature = "contract-0-1"))]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_contract {
+    ($transform:ty) => {
+        impl $crate::bindings::exports::sluice::transform::batch::Guest for __SluiceGuest {
+            fn init(
+                config: ::std::vec::Vec<(::std::string::String, ::std::string::String)>,
+            ) -> ::std::result::Result<(), ::std::string::String> {
+                __SLUICE_STATE.with(|state| $crate::__rt::init::<$transform>(state, config))
+            }
+
+            fn process(batch: ::std::vec::Vec<u8>) -> ::std::vec::Vec<u8> {
+                __SLUICE_STATE.with(|state| $crate::__rt::process::<$transform>(state, &batch))
+            }
+        }
+    };
+}
+
+/// Contract 0.1's entry points (see [`export_transform!`]).
+#[cfg(feature = "contract-0-1")]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_contract {
+    ($transform:ty) => {
         impl $crate::bindings::exports::sluice::transform::transform::Guest for __SluiceGuest {
             fn init(
                 config: ::std::vec::Vec<(::std::string::String, ::std::string::String)>,
@@ -295,8 +397,5 @@ macro_rules! export_transform {
                 __SLUICE_STATE.with(|state| $crate::__rt::process_batch::<$transform>(state, batch))
             }
         }
-
-        #[cfg(target_arch = "wasm32")]
-        $crate::bindings::export!(__SluiceGuest with_types_in $crate::bindings);
     };
 }

@@ -20,7 +20,7 @@
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use sluice_plugin::{export_transform, Config, Output, Record, Transform};
+use sluice_plugin::{export_transform, Config, Output, OutputMeta, Outputs, Record, RecordView, Transform};
 use std::borrow::Cow;
 
 #[derive(Deserialize)]
@@ -57,6 +57,11 @@ struct Trade<'a> {
 
 /// Flattens one frame into one output per trade, or explains why the frame is bad.
 pub fn flatten(frame: &[u8]) -> Result<Vec<Output>, String> {
+    sluice_plugin::collect(|out| flatten_into(frame, out))
+}
+
+/// [`flatten`], writing each output straight into the results buffer.
+pub fn flatten_into(frame: &[u8], out: &mut Outputs) -> Result<(), String> {
     // One UTF-8 check for the whole frame: serde_json then skips it for every
     // string and raw value it borrows.
     let frame = std::str::from_utf8(frame).map_err(|e| format!("not a Finnhub frame: not UTF-8: {e}"))?;
@@ -65,21 +70,22 @@ pub fn flatten(frame: &[u8]) -> Result<Vec<Output>, String> {
     // produces the error message.
     if let Ok(TradeFrame { kind, data }) = serde_json::from_str::<TradeFrame>(frame) {
         if kind == "trade" {
-            return encode(&data);
+            return encode(&data, out);
         }
     }
     let frame: Frame = serde_json::from_str(frame).map_err(|e| format!("not a Finnhub frame: {e}"))?;
     if frame.kind != "trade" {
-        return Ok(Vec::new());
+        return Ok(());
     }
     let data = frame.data.ok_or("trade frame has no `data` array")?;
     let trades: Vec<Trade> =
         serde_json::from_str(data.get()).map_err(|e| format!("bad trade in `data`: {e}"))?;
-    encode(&trades)
+    encode(&trades, out)
 }
 
-fn encode(trades: &[Trade]) -> Result<Vec<Output>, String> {
-    let mut out = Vec::with_capacity(trades.len());
+/// Writes one output per trade. On an error the caller's `Err` discards the
+/// outputs already written for this frame.
+fn encode(trades: &[Trade], out: &mut Outputs) -> Result<(), String> {
     for (i, trade) in trades.iter().enumerate() {
         let bad = |what: &str| format!("bad trade in `data` (trade {i}): {what}");
         let symbol = trade.s.get();
@@ -95,25 +101,24 @@ fn encode(trades: &[Trade]) -> Result<Vec<Output>, String> {
             }
             unescape(c.get()).map_err(|e| bad(&format!("`c`: {e}")))?;
         }
-        let key = unescape(symbol).map_err(|e| bad(&format!("`s`: {e}")))?.as_bytes().to_vec();
+        let key = unescape(symbol).map_err(|e| bad(&format!("`s`: {e}")))?;
 
         let mut ts = itoa::Buffer::new();
         let ts = ts.format(trade.t);
-        let capacity = 64 + symbol.len() + price.len() + volume.len() + ts.len() + conditions.iter().map(|c| c.get().len() + 1).sum::<usize>();
-        let mut value = Vec::with_capacity(capacity);
-        for part in [r#"{"symbol":"#, symbol, r#","price":"#, price, r#","volume":"#, volume, r#","ts":"#, ts, r#","conditions":["#] {
-            value.extend_from_slice(part.as_bytes());
-        }
-        for (n, c) in conditions.iter().enumerate() {
-            if n > 0 {
-                value.push(b',');
+        out.write_with(OutputMeta { key: Some(key.as_bytes()), timestamp: Some(trade.t), ..OutputMeta::default() }, |value| {
+            for part in [r#"{"symbol":"#, symbol, r#","price":"#, price, r#","volume":"#, volume, r#","ts":"#, ts, r#","conditions":["#] {
+                value.extend_from_slice(part.as_bytes());
             }
-            value.extend_from_slice(c.get().as_bytes());
-        }
-        value.extend_from_slice(b"]}");
-        out.push(Output::new(value).with_key(key).with_timestamp(trade.t));
+            for (n, c) in conditions.iter().enumerate() {
+                if n > 0 {
+                    value.push(b',');
+                }
+                value.extend_from_slice(c.get().as_bytes());
+            }
+            value.extend_from_slice(b"]}");
+        });
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The text of a JSON number that fits an f64, or why it is not one.
@@ -152,6 +157,10 @@ impl Transform for TradeFlattener {
 
     fn process(&mut self, record: Record) -> Result<Vec<Output>, String> {
         flatten(&record.value)
+    }
+
+    fn process_view(&mut self, record: RecordView<'_>, out: &mut Outputs) -> Result<(), String> {
+        flatten_into(record.value, out)
     }
 }
 

@@ -24,5 +24,5 @@ class Plugin:
         return Output(json.dumps(value), key=record.key, headers=record.headers, timestamp=record.timestamp)
 
 
-# The component's entry point: componentize-py looks for `Transform`.
+# The component's entry point (`export` also binds it where componentize-py looks).
 Transform = sluice_plugin.export(Plugin)

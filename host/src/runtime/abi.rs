@@ -1,0 +1,318 @@
+//! The host side of contract 0.2 (`wit/transform.wit`): a batch is encoded
+//! into one buffer (reused across batches), and the plugin's results buffer
+//! is decoded in one pass, every offset and length checked against it.
+//!
+//! The layouts are documented in the WIT file and the README. A results
+//! buffer the host cannot read as a whole fails the call (a contract fault:
+//! the batch is retried record by record); a bad range inside one output
+//! fails only that output's input record.
+
+use super::instance::{Limits, RecordResult};
+use crate::record::{Header, Output, Record};
+
+pub const BATCH_MAGIC: u32 = u32::from_le_bytes(*b"SLB2");
+pub const RESULTS_MAGIC: u32 = u32::from_le_bytes(*b"SLO2");
+const HEADER_BYTES: usize = 32;
+const RECORD_BYTES: usize = 56;
+const RESULT_BYTES: usize = 12;
+const OUTPUT_BYTES: usize = 48;
+const HEADER_ENTRY_BYTES: usize = 16;
+
+/// The encoder's buffers, kept across batches so that encoding allocates
+/// nothing once they have grown to the batch size.
+#[derive(Default)]
+pub struct Encoder {
+    buf: Vec<u8>,
+    topics: Vec<(u32, u32)>,
+    headers: Vec<[u32; 4]>,
+}
+
+impl Encoder {
+    /// Encodes `batch`; the result borrows the encoder's buffer.
+    ///
+    /// Layout: header, record table, topic table, header table, then the
+    /// payload (keys, values, header names and values, topic names).
+    pub fn encode(&mut self, batch: &[Record]) -> Result<&[u8], String> {
+        let Encoder { buf, topics, headers } = self;
+        buf.clear();
+        topics.clear();
+        headers.clear();
+        let header_count: usize = batch.iter().map(|r| r.headers.len()).sum();
+        // Topics repeat: a batch usually holds one or a few. Tables come first,
+        // so their size is known before the payload is laid out.
+        let mut topic_names: Vec<&str> = Vec::new();
+        for r in batch {
+            if topic_names.last() != Some(&r.origin.topic.as_str()) && !topic_names.contains(&r.origin.topic.as_str()) {
+                topic_names.push(&r.origin.topic);
+            }
+        }
+        let records_off = HEADER_BYTES;
+        let topics_off = records_off + batch.len() * RECORD_BYTES;
+        let headers_off = topics_off + topic_names.len() * 8;
+        let payload_off = headers_off + header_count * HEADER_ENTRY_BYTES;
+        let payload: usize = batch
+            .iter()
+            .map(|r| r.key.as_ref().map_or(0, Vec::len) + r.value.len() + r.headers.iter().map(|h| h.name.len() + h.value.len()).sum::<usize>())
+            .sum::<usize>()
+            + topic_names.iter().map(|t| t.len()).sum::<usize>();
+        let total = payload_off + payload;
+        let total32 = u32::try_from(total).map_err(|_| format!("batch of {total} bytes is over the contract's 4 GiB"))?;
+        buf.reserve(total);
+        buf.resize(payload_off, 0);
+        let counts = [BATCH_MAGIC, batch.len() as u32, topic_names.len() as u32, header_count as u32, records_off as u32, topics_off as u32, headers_off as u32, 0];
+        for (i, n) in counts.iter().enumerate() {
+            put_u32(buf, i * 4, *n);
+        }
+        let append = |buf: &mut Vec<u8>, bytes: &[u8]| {
+            let off = buf.len() as u32;
+            buf.extend_from_slice(bytes);
+            (off, bytes.len() as u32)
+        };
+        for t in &topic_names {
+            topics.push(append(buf, t.as_bytes()));
+        }
+        let mut last_topic = (0usize, "");
+        for (i, r) in batch.iter().enumerate() {
+            let topic = if last_topic.1 == r.origin.topic && i > 0 {
+                last_topic.0
+            } else {
+                let index = topic_names.iter().position(|t| *t == r.origin.topic).unwrap_or(0);
+                last_topic = (index, topic_names[index]);
+                index
+            };
+            let key = r.key.as_deref().map(|k| append(buf, k)).unwrap_or((0, 0));
+            let value = append(buf, &r.value);
+            let first = headers.len() as u32;
+            for h in &r.headers {
+                let (n, v) = (append(buf, h.name.as_bytes()), append(buf, &h.value));
+                headers.push([n.0, n.1, v.0, v.1]);
+            }
+            let at = records_off + i * RECORD_BYTES;
+            let flags = u32::from(r.key.is_some()) | u32::from(r.timestamp.is_some()) << 1;
+            for (j, n) in [flags, topic as u32, r.origin.partition as u32, first, r.headers.len() as u32, 0].into_iter().enumerate() {
+                put_u32(buf, at + j * 4, n);
+            }
+            buf[at + 24..at + 32].copy_from_slice(&r.origin.offset.to_le_bytes());
+            buf[at + 32..at + 40].copy_from_slice(&r.timestamp.unwrap_or(0).to_le_bytes());
+            for (j, n) in [key.0, key.1, value.0, value.1].into_iter().enumerate() {
+                put_u32(buf, at + 40 + j * 4, n);
+            }
+        }
+        for (i, (off, len)) in topics.iter().enumerate() {
+            put_u32(buf, topics_off + i * 8, *off);
+            put_u32(buf, topics_off + i * 8 + 4, *len);
+        }
+        for (i, h) in headers.iter().enumerate() {
+            for (j, n) in h.iter().enumerate() {
+                put_u32(buf, headers_off + i * HEADER_ENTRY_BYTES + j * 4, *n);
+            }
+        }
+        debug_assert_eq!(buf.len() as u32, total32);
+        Ok(buf)
+    }
+}
+
+fn put_u32(buf: &mut [u8], at: usize, n: u32) {
+    buf[at..at + 4].copy_from_slice(&n.to_le_bytes());
+}
+
+/// Reads a results buffer, checking every access.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn u32(&self, at: usize) -> Result<u32, String> {
+        at.checked_add(4)
+            .and_then(|end| self.0.get(at..end))
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .ok_or_else(|| format!("read at byte {at} is outside the {}-byte results buffer", self.0.len()))
+    }
+
+    fn i64(&self, at: usize) -> Result<i64, String> {
+        Ok(i64::from(self.u32(at)?) | i64::from(self.u32(at + 4)?) << 32)
+    }
+
+    fn bytes(&self, off: u32, len: u32, what: &dyn Fn() -> String) -> Result<&'a [u8], String> {
+        let (start, len) = (off as usize, len as usize);
+        start
+            .checked_add(len)
+            .and_then(|end| self.0.get(start..end))
+            .ok_or_else(|| format!("{} at {off}+{len} is outside the {}-byte results buffer", what(), self.0.len()))
+    }
+
+    fn text(&self, off: u32, len: u32, what: &dyn Fn() -> String) -> Result<&'a str, String> {
+        std::str::from_utf8(self.bytes(off, len, what)?).map_err(|_| format!("{} is not UTF-8", what()))
+    }
+
+    /// A table of `count` entries of `size` bytes at the offset read at `at`.
+    fn table(&self, at: usize, count: u32, size: usize, what: &str) -> Result<usize, String> {
+        let off = self.u32(at)? as usize;
+        let end = (count as usize).checked_mul(size).and_then(|n| n.checked_add(off));
+        match end {
+            Some(end) if end <= self.0.len() => Ok(off),
+            _ => Err(format!("the {what} table ({count} entries at byte {off}) is outside the {}-byte results buffer", self.0.len())),
+        }
+    }
+}
+
+/// Decodes the results of a batch of `inputs` records. `Err` is a contract
+/// violation of the whole buffer; a bad output fails only its record.
+pub fn decode(buf: &[u8], inputs: usize, limits: &Limits) -> Result<Vec<RecordResult>, String> {
+    let r = Reader(buf);
+    if buf.len() < HEADER_BYTES {
+        return Err(format!("results buffer of {} bytes is shorter than its {HEADER_BYTES}-byte header", buf.len()));
+    }
+    let magic = r.u32(0)?;
+    if magic != RESULTS_MAGIC {
+        return Err(format!("results buffer starts with {magic:#010x}, not the magic {RESULTS_MAGIC:#010x} (\"SLO2\")"));
+    }
+    let (results, outputs, headers) = (r.u32(4)?, r.u32(8)?, r.u32(12)?);
+    if results as usize != inputs {
+        return Err(format!("{results} results for {inputs} records"));
+    }
+    let results_at = r.table(16, results, RESULT_BYTES, "results")?;
+    let outputs_at = r.table(20, outputs, OUTPUT_BYTES, "outputs")?;
+    let headers_at = r.table(24, headers, HEADER_ENTRY_BYTES, "headers")?;
+    // The ok counts must add up to the outputs table, so that every record's
+    // outputs are where the sum of the previous counts says.
+    let mut total = 0u64;
+    for i in 0..inputs {
+        let at = results_at + i * RESULT_BYTES;
+        if r.u32(at)? == 0 {
+            total += u64::from(r.u32(at + 4)?);
+        }
+    }
+    if total != u64::from(outputs) {
+        return Err(format!("the results' output counts add up to {total}, the outputs table holds {outputs}"));
+    }
+    let mut decoded = Vec::with_capacity(inputs);
+    let mut next = 0usize;
+    for i in 0..inputs {
+        let at = results_at + i * RESULT_BYTES;
+        let (status, a, b) = (r.u32(at)?, r.u32(at + 4)?, r.u32(at + 8)?);
+        decoded.push(match status {
+            0 => {
+                let first = next;
+                next += a as usize;
+                if a as usize > limits.outputs {
+                    Err(format!("output limit: {a} outputs for one record (limit {})", limits.outputs))
+                } else {
+                    (first..next)
+                        .map(|o| output(&r, outputs_at + o * OUTPUT_BYTES, o, (headers_at, headers)))
+                        .collect::<Result<Vec<Output>, String>>()
+                        .map_err(|e| format!("plugin broke the contract: {e}"))
+                        .and_then(|outputs| limits.check_outputs(&outputs).map(|()| outputs))
+                }
+            }
+            1 => Err(match r.bytes(a, b, &|| format!("the error message of result {i}")) {
+                Ok(message) => String::from_utf8_lossy(message).into_owned(),
+                Err(e) => format!("plugin broke the contract: {e}"),
+            }),
+            other => Err(format!("plugin broke the contract: result {i} has status {other} (0 ok, 1 error)")),
+        });
+    }
+    Ok(decoded)
+}
+
+fn output(r: &Reader<'_>, at: usize, index: usize, (headers_at, headers): (usize, u32)) -> Result<Output, String> {
+    let flags = r.u32(at)?;
+    let (first, count) = (r.u32(at + 4)?, r.u32(at + 8)?);
+    if first.checked_add(count).is_none_or(|end| end > headers) {
+        return Err(format!("output {index}'s headers {first}+{count} are outside the {headers}-entry headers table"));
+    }
+    let what = |field: &'static str| move || format!("output {index}'s {field}");
+    let key = if flags & 1 != 0 { Some(r.bytes(r.u32(at + 24)?, r.u32(at + 28)?, &what("key"))?.to_vec()) } else { None };
+    let value = r.bytes(r.u32(at + 32)?, r.u32(at + 36)?, &what("value"))?.to_vec();
+    let route = if flags & 4 != 0 { Some(r.text(r.u32(at + 40)?, r.u32(at + 44)?, &what("route"))?.to_string()) } else { None };
+    let headers = (first..first + count)
+        .map(|h| {
+            let e = headers_at + h as usize * HEADER_ENTRY_BYTES;
+            Ok(Header {
+                name: r.text(r.u32(e)?, r.u32(e + 4)?, &what("header name"))?.to_string(),
+                value: r.bytes(r.u32(e + 8)?, r.u32(e + 12)?, &what("header value"))?.to_vec(),
+            })
+        })
+        .collect::<Result<_, String>>()?;
+    Ok(Output { key, value, headers, timestamp: if flags & 2 != 0 { Some(r.i64(at + 16)?) } else { None }, route })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Origin;
+
+    fn results(entries: &[[u32; 3]], outputs: &[[u32; 12]], tail: &[u8]) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let results_off = 32;
+        let outputs_off = results_off + entries.len() * 12;
+        let payload = outputs_off + outputs.len() * 48;
+        for n in [RESULTS_MAGIC, entries.len() as u32, outputs.len() as u32, 0, results_off as u32, outputs_off as u32, payload as u32, 0] {
+            buf.extend_from_slice(&n.to_le_bytes());
+        }
+        for n in entries.iter().flatten().chain(outputs.iter().flatten()) {
+            buf.extend_from_slice(&n.to_le_bytes());
+        }
+        buf.extend_from_slice(tail);
+        buf
+    }
+
+    #[test]
+    fn encodes_what_the_guest_sdk_decodes() {
+        let records: Vec<Record> = (0..20)
+            .map(|i| Record {
+                key: (i % 2 == 0).then(|| vec![i as u8; i]),
+                value: format!("value {i}").into_bytes(),
+                headers: (0..i % 4).map(|h| Header { name: format!("h{h}"), value: vec![7; h] }).collect(),
+                timestamp: (i % 3 == 0).then_some(i as i64),
+                origin: Origin { topic: ["a", "b", "ü"][i % 3].to_string(), partition: i as i32, offset: 1 << 40 },
+                rejected: None,
+            })
+            .collect();
+        let refs = &records;
+        let mut encoder = Encoder::default();
+        let ours = encoder.encode(refs).unwrap().to_vec();
+        let batch = sluice_plugin::abi::Batch::parse(&ours).unwrap();
+        for (i, r) in records.iter().enumerate() {
+            let view = batch.get(i).unwrap().to_record();
+            assert_eq!((view.key.as_ref(), &view.value, view.timestamp, &view.origin.topic, view.origin.offset), (r.key.as_ref(), &r.value, r.timestamp, &r.origin.topic, r.origin.offset));
+            assert_eq!(view.headers.len(), r.headers.len());
+        }
+        let capacity = encoder.buf.capacity();
+        encoder.encode(refs).unwrap();
+        assert_eq!(encoder.buf.capacity(), capacity, "the buffer is reused");
+    }
+
+    #[test]
+    fn hostile_results_are_reported_not_read() {
+        let limits = Limits::default();
+        // A value range past the end fails its record only.
+        let bad_value = results(&[[0, 1, 0], [1, 0, 0]], &[[0, 0, 0, 0, 0, 0, 0, 0, 1000, 5, 0, 0]], b"");
+        let decoded = decode(&bad_value, 2, &limits).unwrap();
+        assert!(decoded[0].as_ref().unwrap_err().contains("output 0's value at 1000+5 is outside"), "{decoded:?}");
+        // An offset + length that overflows 32 bits.
+        let overflow = results(&[[0, 1, 0]], &[[0, 0, 0, 0, 0, 0, 0, 0, u32::MAX, u32::MAX, 0, 0]], b"");
+        assert!(decode(&overflow, 1, &limits).unwrap()[0].as_ref().unwrap_err().contains("outside"));
+        // Whole-buffer violations.
+        let two = results(&[[0, 0, 0], [0, 0, 0]], &[], b"");
+        assert_eq!(decode(&two, 3, &limits).unwrap_err(), "2 results for 3 records");
+        assert!(decode(&two[..20], 2, &limits).unwrap_err().contains("shorter than its 32-byte header"));
+        assert!(decode(&two[..40], 2, &limits).unwrap_err().contains("results table"));
+        let miscount = results(&[[0, 3, 0]], &[], b"");
+        assert!(decode(&miscount, 1, &limits).unwrap_err().contains("add up to 3"));
+        let mut magic = two.clone();
+        magic[0] = b'X';
+        assert!(decode(&magic, 2, &limits).unwrap_err().contains("magic"));
+        let huge = {
+            let mut b = results(&[[0, 0, 0]], &[], b"");
+            b[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+            b
+        };
+        assert!(decode(&huge, 1, &limits).unwrap_err().contains("outputs table"));
+        // A route that is not UTF-8; an unknown status; an error message read back.
+        let route = results(&[[0, 1, 0]], &[[4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32 + 12 + 48, 2]], &[0xff, 0xfe]);
+        assert!(decode(&route, 1, &limits).unwrap()[0].as_ref().unwrap_err().contains("route is not UTF-8"));
+        let status = results(&[[7, 0, 0]], &[], b"");
+        assert!(decode(&status, 1, &limits).unwrap()[0].as_ref().unwrap_err().contains("status 7"));
+        let message = results(&[[1, 44, 3]], &[], b"bad");
+        assert_eq!(decode(&message, 1, &limits).unwrap()[0], Err("bad".to_string()));
+    }
+}

@@ -1,0 +1,94 @@
+"""The SDK's side of contract 0.2, natively: a batch encoded as the host
+encodes it goes through ``_process`` and its results decode as the host
+decodes them (``python3 -m unittest`` in this directory)."""
+
+import struct
+import unittest
+
+import sluice_plugin as sdk
+from sluice_plugin import Header, Output
+
+
+def encode(records):
+    """A batch in the layout of wit/transform.wit: (value, key, headers, timestamp, topic)."""
+    topics = sorted({r[4] for r in records})
+    header_count = sum(len(r[2]) for r in records)
+    records_at = 32
+    topics_at = records_at + 56 * len(records)
+    headers_at = topics_at + 8 * len(topics)
+    payload_at = headers_at + 16 * header_count
+    payload, table, header_table = bytearray(), b"", b""
+
+    def put(data):
+        payload.extend(data)
+        return payload_at + len(payload) - len(data), len(data)
+
+    first = 0
+    for value, key, headers, ts, topic in records:
+        v, k = put(value), put(key) if key is not None else (0, 0)
+        for name, hv in headers:
+            n, hvr = put(name.encode()), put(hv)
+            header_table += struct.pack("<4I", *n, *hvr)
+        flags = (key is not None) | (ts is not None) << 1
+        table += struct.pack("<IIiIIIqqIIII", flags, topics.index(topic), 3, first, len(headers), 0, 9, ts or 0, *k, *v)
+        first += len(headers)
+    topic_table = b"".join(struct.pack("<2I", *put(t.encode())) for t in topics)
+    head = struct.pack("<8I", sdk._BATCH_MAGIC, len(records), len(topics), header_count, records_at, topics_at, headers_at, 0)
+    return head + table + topic_table + header_table + bytes(payload)
+
+
+def decode(buf):
+    """[(ok, outputs or message)] with outputs as (key, value, headers, timestamp, route)."""
+    magic, n, m, h, results_at, outputs_at, headers_at, _ = struct.unpack_from("<8I", buf)
+    assert magic == sdk._RESULTS_MAGIC
+    span = lambda off, ln: bytes(buf[off : off + ln])
+    outputs = []
+    for flags, first, count, _, ts, ko, kl, vo, vl, ro, rl in struct.iter_unpack("<4Iq6I", buf[outputs_at : outputs_at + 48 * m]):
+        hs = [struct.unpack_from("<4I", buf, headers_at + 16 * i) for i in range(first, first + count)]
+        outputs.append((span(ko, kl) if flags & 1 else None, span(vo, vl), [(span(a, b).decode(), span(c, d)) for a, b, c, d in hs], ts if flags & 2 else None, span(ro, rl).decode() if flags & 4 else None))
+    results, next_output = [], 0
+    for status, a, b in struct.iter_unpack("<3I", buf[results_at : results_at + 12 * n]):
+        if status == 0:
+            results.append((True, outputs[next_output : next_output + a]))
+            next_output += a
+        else:
+            results.append((False, span(a, b).decode()))
+    return results
+
+
+class Mirror:
+    def process(self, record):
+        if record.value == b"fail":
+            raise ValueError("asked to fail")
+        if record.value == b"none":
+            return None
+        if record.value == b"half":
+            return [Output("written, then discarded"), "not an Output"]
+        return [Output(record.value, record.key, record.headers, record.timestamp, record.topic), Output("second", route="r")]
+
+
+class ContractTest(unittest.TestCase):
+    def test_records_survive_the_round_trip(self):
+        records = [
+            (b"v0", b"k", [("dup", b"1"), ("dup", b"")], 5, "tópic"),
+            (b"", None, [], None, "t"),
+            (b"none", b"", [], -1, "t"),
+            (b"fail", None, [], None, "t"),
+            (b"half", None, [], None, "t"),
+            (b"x" * 100_000, None, [("h", b"v")], 2**62, "t"),
+        ]
+        results = decode(sdk._process(Mirror().process, encode(records)))
+        self.assertEqual(len(results), 6)
+        self.assertEqual(results[0], (True, [(b"k", b"v0", [("dup", b"1"), ("dup", b"")], 5, "tópic"), (None, b"second", [], None, "r")]))
+        self.assertEqual(results[1][1][0], (None, b"", [], None, "t"))
+        self.assertEqual(results[2], (True, []))
+        self.assertEqual(results[3], (False, "asked to fail"))
+        self.assertEqual(results[4], (False, "TypeError: process() must return an Output, a list of Output or None, not str"))
+        self.assertEqual(results[5][1][0][1], b"x" * 100_000)
+
+    def test_an_empty_batch(self):
+        self.assertEqual(decode(sdk._process(Mirror().process, encode([]))), [])
+
+
+if __name__ == "__main__":
+    unittest.main()
