@@ -21,6 +21,9 @@ export SLUICE_PG_URL=${SLUICE_PG_URL:-postgres://postgres@127.0.0.1:5432/postgre
 # The stand-in plays Finnhub; with a real token, leave FINNHUB_URL unset.
 export FINNHUB_URL=ws://127.0.0.1:$feed_port
 export FINNHUB_TOKEN=demo-token
+# Tansu holds every fetch for librdkafka's whole fetch.wait.max.ms (500 ms by
+# default): pipelines/trades.toml reads this for low latency against it.
+export SLUICE_FETCH_WAIT_MS=${SLUICE_FETCH_WAIT_MS:-10}
 
 scripts/install-tansu.sh
 scripts/ensure-postgres.sh

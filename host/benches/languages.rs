@@ -12,7 +12,8 @@
 //!    compute or route, write it), and the Rust trade flattener on frames.
 //!
 //! Run: `scripts/build-plugins.sh && cargo bench -p sluice --bench languages`
-//! (`BENCH_TRADES=N`, default 50,000; `BENCH_REBUILD=1` rebuilds the skeletons).
+//! (`BENCH_TRADES=N`, default 50,000; `BENCH_REBUILD=1` rebuilds the skeletons;
+//! `BENCH_COMPARE=a.wasm,b.wasm` measures more components on the same trades).
 
 use sluice::feed::FeedGenerator;
 use sluice::record::{Origin, Record};
@@ -64,6 +65,20 @@ fn main() -> anyhow::Result<()> {
     rows.push(("JavaScript js-router (trades)".to_string(), measure(&plugins.join("js_router.wasm"), &[], &trades)?));
     rows.push(("Rust trade-flattener (frames)".to_string(), measure(&plugins.join("trade_flattener.wasm"), &[], &frames)?));
     print_table("inputs/s", &rows);
+
+    // Any other components, on the same trades: `BENCH_COMPARE=a.wasm,b.wasm`
+    // (e.g. echo plugins built against contract 0.1 and 0.2, side by side).
+    if let Some(list) = std::env::var_os("BENCH_COMPARE") {
+        println!("\n3. BENCH_COMPARE");
+        let mut rows = Vec::new();
+        for path in list.to_string_lossy().split(',').filter(|p| !p.is_empty()) {
+            let path = PathBuf::from(path);
+            let plugin = Plugin::load(&Runtime::new(None)?, &path)?;
+            let label = format!("{} (contract {})", path.file_name().unwrap_or_default().to_string_lossy(), plugin.contract);
+            rows.push((label, measure(&path, &[], &trades)?));
+        }
+        print_table("records/s", &rows);
+    }
     Ok(())
 }
 

@@ -188,78 +188,92 @@ class Writer {
   }
 }
 
+/** A growable table of u32 words (the results, outputs and headers tables). */
+class Words {
+  constructor(capacity) {
+    this.words = new Uint32Array(Math.max(capacity, 16));
+    this.len = 0;
+  }
+
+  reserve(n) {
+    if (this.len + n <= this.words.length) return;
+    const grown = new Uint32Array(Math.max(this.words.length * 2, this.len + n));
+    grown.set(this.words.subarray(0, this.len));
+    this.words = grown;
+  }
+
+  /** The table's bytes (WebAssembly and typed arrays are little-endian). */
+  bytes() {
+    return new Uint8Array(this.words.buffer, 0, this.len * 4);
+  }
+}
+
+// The tables are read and written as Uint32Arrays (copied once, so aligned):
+// in an interpreter, an element access costs much less than a DataView call.
 function processBuffer(instance, buf) {
   const view = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
   const u32 = (at) => view.getUint32(at, true);
   if (u32(0) !== BATCH_MAGIC) throw new Error("malformed batch from the host");
-  const count = u32(4), topicCount = u32(8), recordsAt = u32(16), topicsAt = u32(20), headersAt = u32(24);
-  const span = (off, len) => buf.subarray(off, off + len);
+  const count = u32(4), topicCount = u32(8), headerCount = u32(12), recordsAt = u32(16), topicsAt = u32(20), headersAt = u32(24);
+  const table = (at, words) => new Uint32Array(buf.slice(at, at + 4 * words).buffer);
+  const records = table(recordsAt, 14 * count);
+  const inHeaders = headerCount === 0 ? null : table(headersAt, 4 * headerCount);
+  const topicTable = table(topicsAt, 2 * topicCount);
   const topics = new Array(topicCount);
-  for (let t = 0; t < topicCount; t++) topics[t] = decoder.decode(span(u32(topicsAt + 8 * t), u32(topicsAt + 8 * t + 4)));
+  for (let t = 0; t < topicCount; t++) topics[t] = decoder.decode(buf.subarray(topicTable[2 * t], topicTable[2 * t] + topicTable[2 * t + 1]));
   const out = new Writer(buf.length * 2);
-  const results = new Array(count);
-  const outputs = [];
-  const headers = [];
+  const results = new Uint32Array(3 * count);
+  const outputs = new Words(12 * count);
+  const headers = new Words(0);
   for (let i = 0; i < count; i++) {
-    const at = recordsAt + 56 * i;
-    const flags = u32(at), first = u32(at + 12), n = u32(at + 16);
+    const r = 14 * i;
+    const flags = records[r], first = records[r + 3], n = records[r + 4];
     const record = Object.create(Record.prototype);
-    record.value = span(u32(at + 48), u32(at + 52));
-    record.key = flags & 1 ? span(u32(at + 40), u32(at + 44)) : undefined;
+    const valueAt = records[r + 12];
+    record.value = buf.subarray(valueAt, valueAt + records[r + 13]);
+    record.key = flags & 1 ? buf.subarray(records[r + 10], records[r + 10] + records[r + 11]) : undefined;
     const recordHeaders = n === 0 ? [] : new Array(n);
     for (let h = 0; h < n; h++) {
-      const e = headersAt + 16 * (first + h);
-      recordHeaders[h] = { name: decoder.decode(span(u32(e), u32(e + 4))), value: span(u32(e + 8), u32(e + 12)) };
+      const e = 4 * (first + h);
+      recordHeaders[h] = {
+        name: decoder.decode(buf.subarray(inHeaders[e], inHeaders[e] + inHeaders[e + 1])),
+        value: buf.subarray(inHeaders[e + 2], inHeaders[e + 2] + inHeaders[e + 3]),
+      };
     }
     record.headers = recordHeaders;
-    record.timestamp = flags & 2 ? view.getBigInt64(at + 32, true) : undefined;
-    record.topic = topics[u32(at + 4)];
-    record.partition = view.getInt32(at + 8, true);
-    record.offset = view.getBigInt64(at + 24, true);
-    const mark = [out.len, outputs.length, headers.length];
+    record.timestamp = flags & 2 ? view.getBigInt64(recordsAt + 56 * i + 32, true) : undefined;
+    record.topic = topics[records[r + 1]];
+    record.partition = records[r + 2] | 0;
+    record.offset = view.getBigInt64(recordsAt + 56 * i + 24, true);
+    const mark = out.len, outputsMark = outputs.len, headersMark = headers.len;
     try {
       const result = instance.process(record);
       if (result === null || result === undefined) {
-        results[i] = [0, 0, 0];
+        // no outputs: results[3 * i .. 3 * i + 2] stay 0
       } else if (!Array.isArray(result)) {
         write(out, result, outputs, headers);
-        results[i] = [0, 1, 0];
+        results[3 * i + 1] = 1;
       } else {
         for (let o = 0; o < result.length; o++) write(out, result[o], outputs, headers);
-        results[i] = [0, outputs.length - mark[1], 0];
+        results[3 * i + 1] = (outputs.len - outputsMark) / 12;
       }
     } catch (error) {
-      out.len = mark[0];
-      outputs.length = mark[1];
-      headers.length = mark[2];
+      out.len = mark;
+      outputs.len = outputsMark;
+      headers.len = headersMark;
       const text = encoder.encode(message(error));
-      results[i] = [1, out.put(text), text.length];
+      results[3 * i] = 1;
+      results[3 * i + 1] = out.put(text);
+      results[3 * i + 2] = text.length;
     }
   }
-  const resultsAt = out.len, outputsAt = resultsAt + 12 * count, tablesAt = outputsAt + 48 * outputs.length;
-  out.reserve(tablesAt + 16 * headers.length - out.len);
-  const w = new DataView(out.buf.buffer);
-  for (let i = 0; i < count; i++) {
-    const r = results[i];
-    w.setUint32(resultsAt + 12 * i, r[0], true);
-    w.setUint32(resultsAt + 12 * i + 4, r[1], true);
-    w.setUint32(resultsAt + 12 * i + 8, r[2], true);
-  }
-  for (let o = 0; o < outputs.length; o++) {
-    const e = outputs[o], at = outputsAt + 48 * o;
-    w.setUint32(at, e[0], true);
-    w.setUint32(at + 4, e[1], true);
-    w.setUint32(at + 8, e[2], true);
-    w.setUint32(at + 12, 0, true);
-    w.setBigInt64(at + 16, e[3], true);
-    for (let f = 0; f < 6; f++) w.setUint32(at + 24 + 4 * f, e[4 + f], true);
-  }
-  for (let h = 0; h < headers.length; h++) {
-    for (let f = 0; f < 4; f++) w.setUint32(tablesAt + 16 * h + 4 * f, headers[h][f], true);
-  }
-  const header = [RESULTS_MAGIC, count, outputs.length, headers.length, resultsAt, outputsAt, tablesAt, 0];
-  for (let f = 0; f < 8; f++) w.setUint32(4 * f, header[f], true);
-  return out.buf.subarray(0, tablesAt + 16 * headers.length);
+  const resultsAt = out.put(new Uint8Array(results.buffer));
+  const outputsAt = out.put(outputs.bytes());
+  const tablesAt = out.put(headers.bytes());
+  const header = new DataView(out.buf.buffer);
+  const fields = [RESULTS_MAGIC, count, outputs.len / 12, headers.len / 4, resultsAt, outputsAt, tablesAt, 0];
+  for (let f = 0; f < 8; f++) header.setUint32(4 * f, fields[f], true);
+  return out.buf.subarray(0, out.len);
 }
 
 /** Appends one output to the results being built. */
@@ -267,31 +281,47 @@ function write(out, output, outputs, headers) {
   if (output === null || typeof output !== "object" || output.value === undefined) {
     throw new Error("an output must be an object with a `value`");
   }
-  let flags = 0, keyAt = 0, keyLen = 0, routeAt = 0, routeLen = 0, timestamp = 0n;
+  outputs.reserve(12);
+  const e = outputs.len, w = outputs.words;
+  w.fill(0, e, e + 12);
+  let flags = 0;
   if (output.key !== undefined && output.key !== null) {
     const key = bytes(output.key);
-    keyAt = out.put(key);
-    keyLen = key.length;
+    w[e + 6] = out.put(key);
+    w[e + 7] = key.length;
     flags |= 1;
   }
   if (output.timestamp !== undefined && output.timestamp !== null) {
-    timestamp = BigInt(output.timestamp);
+    const timestamp = BigInt.asUintN(64, BigInt(output.timestamp));
+    w[e + 4] = Number(timestamp & 0xffffffffn);
+    w[e + 5] = Number(timestamp >> 32n);
     flags |= 2;
   }
   if (output.route !== undefined && output.route !== null) {
     const route = encoder.encode(output.route);
-    routeAt = out.put(route);
-    routeLen = route.length;
+    w[e + 10] = out.put(route);
+    w[e + 11] = route.length;
     flags |= 4;
   }
-  const first = headers.length, list = output.headers;
+  const list = output.headers;
   const count = list === undefined || list === null ? 0 : list.length;
+  w[e + 1] = headers.len / 4;
+  w[e + 2] = count;
   for (let h = 0; h < count; h++) {
     const name = encoder.encode(list[h].name), value = bytes(list[h].value);
-    headers.push([out.put(name), name.length, out.put(value), value.length]);
+    headers.reserve(4);
+    const hw = headers.words, at = headers.len;
+    hw[at] = out.put(name);
+    hw[at + 1] = name.length;
+    hw[at + 2] = out.put(value);
+    hw[at + 3] = value.length;
+    headers.len += 4;
   }
   const value = bytes(output.value);
-  outputs.push([flags, first, count, timestamp, keyAt, keyLen, out.put(value), value.length, routeAt, routeLen]);
+  w[e] = flags;
+  w[e + 8] = out.put(value);
+  w[e + 9] = value.length;
+  outputs.len += 12;
 }
 
 function outputs(result) {

@@ -49,7 +49,8 @@ pub struct Batch<'a> {
     buf: &'a [u8],
     count: u32,
     records: usize,
-    topics: (usize, u32),
+    /// The topic names, checked once per batch.
+    topics: Vec<&'a str>,
     headers: (usize, u32),
 }
 
@@ -63,8 +64,14 @@ impl<'a> Batch<'a> {
         let (topics, headers) = (u32_at(buf, 8)?, u32_at(buf, 12)?);
         let records = table(buf, u32_at(buf, 16)?, count, RECORD_BYTES)?;
         let topics_at = table(buf, u32_at(buf, 20)?, topics, 8)?;
+        let topics = (0..topics as usize)
+            .map(|t| {
+                let at = topics_at + t * 8;
+                std::str::from_utf8(range(buf, u32_at(buf, at)?, u32_at(buf, at + 4)?)?).map_err(|_| Malformed("topic is not UTF-8"))
+            })
+            .collect::<Result<_, _>>()?;
         let headers_at = table(buf, u32_at(buf, 24)?, headers, 16)?;
-        Ok(Batch { buf, count, records, topics: (topics_at, topics), headers: (headers_at, headers) })
+        Ok(Batch { buf, count, records, topics, headers: (headers_at, headers) })
     }
 
     pub fn len(&self) -> usize {
@@ -80,12 +87,7 @@ impl<'a> Batch<'a> {
         let buf = self.buf;
         let at = self.records + i * RECORD_BYTES;
         let flags = u32_at(buf, at)?;
-        let topic = u32_at(buf, at + 4)?;
-        if topic >= self.topics.1 {
-            return Err(Malformed("topic index out of range"));
-        }
-        let topic = self.topics.0 + topic as usize * 8;
-        let topic = std::str::from_utf8(range(buf, u32_at(buf, topic)?, u32_at(buf, topic + 4)?)?).map_err(|_| Malformed("topic is not UTF-8"))?;
+        let topic = *self.topics.get(u32_at(buf, at + 4)? as usize).ok_or(Malformed("topic index out of range"))?;
         let (first, count) = (u32_at(buf, at + 12)?, u32_at(buf, at + 16)?);
         if first.checked_add(count).is_none_or(|end| end > self.headers.1) {
             return Err(Malformed("header range out of the headers table"));
@@ -268,21 +270,23 @@ impl Outputs {
         let results_off = self.buf.len();
         self.buf.reserve(self.results.len() * 12 + self.outputs.len() * OUTPUT_BYTES + self.headers.len() * 16);
         for r in &self.results {
-            r.iter().for_each(|n| self.buf.extend_from_slice(&n.to_le_bytes()));
+            let mut entry = [0u8; 12];
+            put_words(&mut entry, r);
+            self.buf.extend_from_slice(&entry);
         }
         let outputs_off = self.buf.len();
         for o in &self.outputs {
-            for n in [o.flags, o.first_header, o.headers, 0] {
-                self.buf.extend_from_slice(&n.to_le_bytes());
-            }
-            self.buf.extend_from_slice(&o.timestamp.to_le_bytes());
-            for n in [o.key.0, o.key.1, o.value.0, o.value.1, o.route.0, o.route.1] {
-                self.buf.extend_from_slice(&n.to_le_bytes());
-            }
+            let mut entry = [0u8; OUTPUT_BYTES];
+            put_words(&mut entry, &[o.flags, o.first_header, o.headers, 0]);
+            entry[16..24].copy_from_slice(&o.timestamp.to_le_bytes());
+            put_words(&mut entry[24..], &[o.key.0, o.key.1, o.value.0, o.value.1, o.route.0, o.route.1]);
+            self.buf.extend_from_slice(&entry);
         }
         let headers_off = self.buf.len();
         for h in &self.headers {
-            h.iter().for_each(|n| self.buf.extend_from_slice(&n.to_le_bytes()));
+            let mut entry = [0u8; 16];
+            put_words(&mut entry, h);
+            self.buf.extend_from_slice(&entry);
         }
         let header = [RESULTS_MAGIC, self.results.len() as u32, self.outputs.len() as u32, self.headers.len() as u32, results_off as u32, outputs_off as u32, headers_off as u32, 0];
         for (i, n) in header.iter().enumerate() {
@@ -312,6 +316,13 @@ impl Outputs {
         self.outputs.truncate(self.mark.1);
         self.headers.truncate(self.mark.2);
         outputs
+    }
+}
+
+/// Writes `words` little-endian at the start of `dst`.
+fn put_words(dst: &mut [u8], words: &[u32]) {
+    for (chunk, n) in dst.chunks_exact_mut(4).zip(words) {
+        chunk.copy_from_slice(&n.to_le_bytes());
     }
 }
 
