@@ -8,7 +8,8 @@
 //!
 //! - [`record`]: the host's record types, shared by sources, transforms and sinks;
 //! - [`runtime`]: the wasmtime engine, the plugin loader with its compile cache,
-//!   and plugin instances with CPU and memory limits and sandbox grants;
+//!   plugin instances with CPU and memory limits and sandbox grants, and both
+//!   plugin contracts (0.1 typed records, 0.2 one buffer per batch);
 //! - [`config`]: pipeline files: TOML structures, `${VAR}` expansion, validation;
 //! - [`feed`]: a Finnhub-style trade feed generator (demo, tests, benchmarks)
 //!   and a stand-in for Finnhub's WebSocket;

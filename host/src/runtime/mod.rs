@@ -8,7 +8,12 @@
 //! - [`instance`]: a live plugin instance, one `Store` with its limits and
 //!   sandbox grants ([`PluginInstance`]), that runs batches and replaces
 //!   itself after a trap;
+//! - `abi`: contract 0.2's buffers: the batch encoder (its buffer kept across
+//!   batches) and the checked, one-pass decoder of the plugin's results;
 //! - `stderr`: the plugin's stderr, kept in memory for the fault's reason.
+//!
+//! Both plugin contracts are served ([`Contract`]): which one a component
+//! implements is read from its exports when it is loaded.
 
 mod abi;
 pub mod engine;
