@@ -164,47 +164,33 @@ export function exportTransform(Plugin, logImport = undefined) {
 const BATCH_MAGIC = 0x32424c53;
 const RESULTS_MAGIC = 0x324f4c53;
 
-/** A growable byte buffer: the results being built. */
-class Writer {
-  constructor(capacity) {
-    this.buf = new Uint8Array(Math.max(capacity, 64));
-    this.len = 32;
+/** A typed array filled from the front that doubles when full: the results
+ * buffer (bytes, after its 32-byte header) and its tables (u32 words). */
+class Growable {
+  constructor(Type, capacity, len = 0) {
+    this.array = new Type(Math.max(capacity, len, 16));
+    this.len = len;
   }
 
   reserve(n) {
-    if (this.len + n <= this.buf.length) return;
-    const grown = new Uint8Array(Math.max(this.buf.length * 2, this.len + n));
-    grown.set(this.buf.subarray(0, this.len));
-    this.buf = grown;
+    if (this.len + n <= this.array.length) return;
+    const grown = new this.array.constructor(Math.max(this.array.length * 2, this.len + n));
+    grown.set(this.array.subarray(0, this.len));
+    this.array = grown;
   }
 
-  /** Appends `data` (bytes); returns its offset. */
+  /** Appends `data`; returns where it starts. */
   put(data) {
     this.reserve(data.length);
-    this.buf.set(data, this.len);
+    this.array.set(data, this.len);
     const at = this.len;
     this.len += data.length;
     return at;
   }
-}
 
-/** A growable table of u32 words (the results, outputs and headers tables). */
-class Words {
-  constructor(capacity) {
-    this.words = new Uint32Array(Math.max(capacity, 16));
-    this.len = 0;
-  }
-
-  reserve(n) {
-    if (this.len + n <= this.words.length) return;
-    const grown = new Uint32Array(Math.max(this.words.length * 2, this.len + n));
-    grown.set(this.words.subarray(0, this.len));
-    this.words = grown;
-  }
-
-  /** The table's bytes (WebAssembly and typed arrays are little-endian). */
+  /** The filled part as bytes (WebAssembly and typed arrays are little-endian). */
   bytes() {
-    return new Uint8Array(this.words.buffer, 0, this.len * 4);
+    return new Uint8Array(this.array.buffer, 0, this.len * this.array.BYTES_PER_ELEMENT);
   }
 }
 
@@ -221,10 +207,10 @@ function processBuffer(instance, buf) {
   const topicTable = table(topicsAt, 2 * topicCount);
   const topics = new Array(topicCount);
   for (let t = 0; t < topicCount; t++) topics[t] = decoder.decode(buf.subarray(topicTable[2 * t], topicTable[2 * t] + topicTable[2 * t + 1]));
-  const out = new Writer(buf.length * 2);
+  const out = new Growable(Uint8Array, buf.length * 2, 32);
   const results = new Uint32Array(3 * count);
-  const outputs = new Words(12 * count);
-  const headers = new Words(0);
+  const outputs = new Growable(Uint32Array, 12 * count);
+  const headers = new Growable(Uint32Array, 0);
   for (let i = 0; i < count; i++) {
     const r = 14 * i;
     const flags = records[r], first = records[r + 3], n = records[r + 4];
@@ -270,10 +256,10 @@ function processBuffer(instance, buf) {
   const resultsAt = out.put(new Uint8Array(results.buffer));
   const outputsAt = out.put(outputs.bytes());
   const tablesAt = out.put(headers.bytes());
-  const header = new DataView(out.buf.buffer);
+  const header = new DataView(out.array.buffer);
   const fields = [RESULTS_MAGIC, count, outputs.len / 12, headers.len / 4, resultsAt, outputsAt, tablesAt, 0];
   for (let f = 0; f < 8; f++) header.setUint32(4 * f, fields[f], true);
-  return out.buf.subarray(0, out.len);
+  return out.bytes();
 }
 
 /** Appends one output to the results being built. */
@@ -282,7 +268,7 @@ function write(out, output, outputs, headers) {
     throw new Error("an output must be an object with a `value`");
   }
   outputs.reserve(12);
-  const e = outputs.len, w = outputs.words;
+  const e = outputs.len, w = outputs.array;
   w.fill(0, e, e + 12);
   let flags = 0;
   if (output.key !== undefined && output.key !== null) {
@@ -310,7 +296,7 @@ function write(out, output, outputs, headers) {
   for (let h = 0; h < count; h++) {
     const name = encoder.encode(list[h].name), value = bytes(list[h].value);
     headers.reserve(4);
-    const hw = headers.words, at = headers.len;
+    const hw = headers.array, at = headers.len;
     hw[at] = out.put(name);
     hw[at + 1] = name.length;
     hw[at + 2] = out.put(value);

@@ -23,97 +23,85 @@ const HEADER_ENTRY_BYTES: usize = 16;
 #[derive(Default)]
 pub struct Encoder {
     buf: Vec<u8>,
-    topics: Vec<(u32, u32)>,
-    headers: Vec<[u32; 4]>,
+    /// Each record's index into the batch's topics table.
+    topic_of: Vec<u32>,
 }
 
 impl Encoder {
     /// Encodes `batch`; the result borrows the encoder's buffer.
     ///
     /// Layout: header, record table, topic table, header table, then the
-    /// payload (keys, values, header names and values, topic names).
+    /// payload (topic names, then each record's key, value and headers).
+    /// The tables' sizes are known first, so every entry is written in place.
     pub fn encode(&mut self, batch: &[Record]) -> Result<&[u8], String> {
-        let Encoder { buf, topics, headers } = self;
-        buf.clear();
-        topics.clear();
-        headers.clear();
-        let header_count: usize = batch.iter().map(|r| r.headers.len()).sum();
-        // Topics repeat: a batch usually holds one or a few. Tables come first,
-        // so their size is known before the payload is laid out.
-        let mut topic_names: Vec<&str> = Vec::new();
+        let Encoder { buf, topic_of } = self;
+        // Topics repeat: a batch usually holds one or a few.
+        let mut topics: Vec<&str> = Vec::new();
+        topic_of.clear();
         for r in batch {
-            if topic_names.last() != Some(&r.origin.topic.as_str()) && !topic_names.contains(&r.origin.topic.as_str()) {
-                topic_names.push(&r.origin.topic);
-            }
+            let topic = r.origin.topic.as_str();
+            let index = match topics.iter().rposition(|t| *t == topic) {
+                Some(index) => index,
+                None => {
+                    topics.push(topic);
+                    topics.len() - 1
+                }
+            };
+            topic_of.push(index as u32);
         }
+        let header_count: usize = batch.iter().map(|r| r.headers.len()).sum();
         let records_off = HEADER_BYTES;
         let topics_off = records_off + batch.len() * RECORD_BYTES;
-        let headers_off = topics_off + topic_names.len() * 8;
+        let headers_off = topics_off + topics.len() * 8;
         let payload_off = headers_off + header_count * HEADER_ENTRY_BYTES;
         let payload: usize = batch
             .iter()
             .map(|r| r.key.as_ref().map_or(0, Vec::len) + r.value.len() + r.headers.iter().map(|h| h.name.len() + h.value.len()).sum::<usize>())
             .sum::<usize>()
-            + topic_names.iter().map(|t| t.len()).sum::<usize>();
+            + topics.iter().map(|t| t.len()).sum::<usize>();
         let total = payload_off + payload;
-        let total32 = u32::try_from(total).map_err(|_| format!("batch of {total} bytes is over the contract's 4 GiB"))?;
+        u32::try_from(total).map_err(|_| format!("batch of {total} bytes is over the contract's 4 GiB"))?;
+        buf.clear();
         buf.reserve(total);
         buf.resize(payload_off, 0);
-        let counts = [BATCH_MAGIC, batch.len() as u32, topic_names.len() as u32, header_count as u32, records_off as u32, topics_off as u32, headers_off as u32, 0];
-        for (i, n) in counts.iter().enumerate() {
-            put_u32(buf, i * 4, *n);
-        }
+        let counts = [BATCH_MAGIC, batch.len() as u32, topics.len() as u32, header_count as u32, records_off as u32, topics_off as u32, headers_off as u32, 0];
+        put_u32s(buf, 0, &counts);
         let append = |buf: &mut Vec<u8>, bytes: &[u8]| {
             let off = buf.len() as u32;
             buf.extend_from_slice(bytes);
-            (off, bytes.len() as u32)
+            [off, bytes.len() as u32]
         };
-        for t in &topic_names {
-            topics.push(append(buf, t.as_bytes()));
+        for (i, t) in topics.iter().enumerate() {
+            let range = append(buf, t.as_bytes());
+            put_u32s(buf, topics_off + i * 8, &range);
         }
-        let mut last_topic = (0usize, "");
+        let mut header = 0;
         for (i, r) in batch.iter().enumerate() {
-            let topic = if last_topic.1 == r.origin.topic && i > 0 {
-                last_topic.0
-            } else {
-                let index = topic_names.iter().position(|t| *t == r.origin.topic).unwrap_or(0);
-                last_topic = (index, topic_names[index]);
-                index
-            };
-            let key = r.key.as_deref().map(|k| append(buf, k)).unwrap_or((0, 0));
+            let key = r.key.as_deref().map_or([0, 0], |k| append(buf, k));
             let value = append(buf, &r.value);
-            let first = headers.len() as u32;
+            let first = header as u32;
             for h in &r.headers {
                 let (n, v) = (append(buf, h.name.as_bytes()), append(buf, &h.value));
-                headers.push([n.0, n.1, v.0, v.1]);
+                put_u32s(buf, headers_off + header * HEADER_ENTRY_BYTES, &[n[0], n[1], v[0], v[1]]);
+                header += 1;
             }
             let at = records_off + i * RECORD_BYTES;
             let flags = u32::from(r.key.is_some()) | u32::from(r.timestamp.is_some()) << 1;
-            for (j, n) in [flags, topic as u32, r.origin.partition as u32, first, r.headers.len() as u32, 0].into_iter().enumerate() {
-                put_u32(buf, at + j * 4, n);
-            }
+            put_u32s(buf, at, &[flags, topic_of[i], r.origin.partition as u32, first, r.headers.len() as u32, 0]);
             buf[at + 24..at + 32].copy_from_slice(&r.origin.offset.to_le_bytes());
             buf[at + 32..at + 40].copy_from_slice(&r.timestamp.unwrap_or(0).to_le_bytes());
-            for (j, n) in [key.0, key.1, value.0, value.1].into_iter().enumerate() {
-                put_u32(buf, at + 40 + j * 4, n);
-            }
+            put_u32s(buf, at + 40, &[key[0], key[1], value[0], value[1]]);
         }
-        for (i, (off, len)) in topics.iter().enumerate() {
-            put_u32(buf, topics_off + i * 8, *off);
-            put_u32(buf, topics_off + i * 8 + 4, *len);
-        }
-        for (i, h) in headers.iter().enumerate() {
-            for (j, n) in h.iter().enumerate() {
-                put_u32(buf, headers_off + i * HEADER_ENTRY_BYTES + j * 4, *n);
-            }
-        }
-        debug_assert_eq!(buf.len() as u32, total32);
+        debug_assert_eq!(buf.len(), total);
         Ok(buf)
     }
 }
 
-fn put_u32(buf: &mut [u8], at: usize, n: u32) {
-    buf[at..at + 4].copy_from_slice(&n.to_le_bytes());
+/// Writes `words` little-endian from byte `at`.
+fn put_u32s(buf: &mut [u8], at: usize, words: &[u32]) {
+    for (j, n) in words.iter().enumerate() {
+        buf[at + j * 4..at + j * 4 + 4].copy_from_slice(&n.to_le_bytes());
+    }
 }
 
 /// Reads a results buffer, checking every access.
@@ -193,15 +181,12 @@ pub fn decode(buf: &[u8], inputs: usize, limits: &Limits) -> Result<Vec<RecordRe
             0 => {
                 let first = next;
                 next += a as usize;
-                if a as usize > limits.outputs {
-                    Err(format!("output limit: {a} outputs for one record (limit {})", limits.outputs))
-                } else {
-                    (first..next)
-                        .map(|o| output(&r, outputs_at + o * OUTPUT_BYTES, o, (headers_at, headers)))
-                        .collect::<Result<Vec<Output>, String>>()
-                        .map_err(|e| format!("plugin broke the contract: {e}"))
-                        .and_then(|outputs| limits.check_outputs(&outputs).map(|()| outputs))
-                }
+                // The table holds them (checked above): the limits apply after.
+                (first..next)
+                    .map(|o| output(&r, outputs_at + o * OUTPUT_BYTES, o, (headers_at, headers)))
+                    .collect::<Result<Vec<Output>, String>>()
+                    .map_err(|e| format!("plugin broke the contract: {e}"))
+                    .and_then(|outputs| limits.check_outputs(&outputs).map(|()| outputs))
             }
             1 => Err(match r.bytes(a, b, &|| format!("the error message of result {i}")) {
                 Ok(message) => String::from_utf8_lossy(message).into_owned(),

@@ -39,6 +39,13 @@ pub struct Chaos {
     trigger: Vec<u8>,
 }
 
+impl Chaos {
+    /// Whether this record is one to misbehave on.
+    fn triggered(&self, value: &[u8]) -> bool {
+        self.trigger == b"*" || value == self.trigger.as_slice()
+    }
+}
+
 impl Transform for Chaos {
     fn init(config: &Config) -> Result<Self, String> {
         config.reject_unknown(&["mode", "marker", "addr", "big_mib", "many", "log_lines", "trigger"])?;
@@ -63,7 +70,7 @@ impl Transform for Chaos {
         if self.mode == "mirror" {
             return Ok(vec![Output { key: record.key, value: record.value, headers: record.headers, timestamp: record.timestamp, route: None }]);
         }
-        if self.trigger == b"*" || record.value == self.trigger {
+        if self.triggered(&record.value) {
             match self.mode.as_str() {
                 "trap" => panic!("chaos: trapping as asked"),
                 "loop" => {
@@ -114,7 +121,7 @@ impl Transform for Chaos {
             out.write(OutputMeta { key: record.key, timestamp: record.timestamp, route: None, headers: &headers }, record.value);
             return Ok(());
         }
-        if self.trigger == b"*" || record.value == self.trigger.as_slice() {
+        if self.triggered(record.value) {
             for output in self.process(record.to_record())? {
                 out.push(output);
             }
