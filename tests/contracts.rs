@@ -14,7 +14,7 @@ use sluice::runtime::{Contract, Grants, Limits, Plugin, PluginInstance, Runtime}
 use sluice::transforms::Chain;
 
 fn record(value: &str, offset: i64) -> Record {
-    Record { value: value.as_bytes().to_vec(), origin: Origin { topic: "trades".into(), partition: 0, offset }, ..Record::default() }
+    Record { value: value.to_string().into(), origin: Origin { topic: "trades".into(), partition: 0, offset }, ..Record::default() }
 }
 
 fn instance(runtime: &Runtime, name: &str, config: &[(&str, &str)]) -> PluginInstance {
@@ -87,9 +87,9 @@ fn chains_mix_0_1_and_0_2_stages() {
 
     let mut trapping = Chain::new(&runtime, &[spec("chaos_v01", &[("mode", "trap")]), spec("chaos", &[])], "mixed").unwrap();
     let results = trapping.process(&[record("a", 0), record("boom", 1), record("c", 2)]);
-    assert_eq!(results[0].as_ref().unwrap()[0].value, b"a");
+    assert_eq!(results[0].as_ref().unwrap()[0].value, "a");
     assert!(results[1].as_ref().unwrap_err().error.contains("chaos: trapping as asked"), "{:?}", results[1]);
-    assert_eq!(results[2].as_ref().unwrap()[0].value, b"c");
+    assert_eq!(results[2].as_ref().unwrap()[0].value, "c");
 }
 
 /// 0.2 guests that break the results layout: the host reports what is
@@ -163,8 +163,8 @@ fn any_record() -> impl Strategy<Value = Record> {
         any::<i64>(),
     )
         .prop_map(|(key, value, headers, timestamp, topic, partition, offset)| Record {
-            key,
-            value,
+            key: key.map(Into::into),
+            value: value.into(),
             headers: headers.into_iter().map(|(name, value)| Header { name, value }).collect(),
             timestamp,
             origin: Origin { topic, partition, offset },
@@ -213,8 +213,8 @@ proptest! {
 fn ten_thousand_records_and_an_empty_batch_round_trip() {
     let batch: Vec<Record> = (0..10_000)
         .map(|i| Record {
-            key: (i % 3 != 0).then(|| format!("key-{i}").into_bytes()),
-            value: format!("value {i} ✓").into_bytes(),
+            key: (i % 3 != 0).then(|| format!("key-{i}").into()),
+            value: format!("value {i} ✓").into(),
             headers: (0..i % 4).map(|h| Header { name: "dup".into(), value: vec![h as u8] }).collect(),
             timestamp: (i % 2 == 0).then_some(i),
             origin: Origin { topic: ["a", "ü"][i as usize % 2].into(), partition: 3, offset: i },

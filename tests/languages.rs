@@ -20,8 +20,8 @@ const WAIT: Duration = Duration::from_secs(90);
 
 fn record(value: &str) -> Record {
     Record {
-        key: Some(b"k".to_vec()),
-        value: value.as_bytes().to_vec(),
+        key: Some("k".into()),
+        value: value.to_string().into(),
         headers: vec![Header { name: "trace".into(), value: b"abc".to_vec() }],
         timestamp: Some(1_700_000_000_000),
         origin: Origin { topic: "t".into(), partition: 0, offset: 1 },
@@ -82,7 +82,7 @@ fn javascript_plugin_routes_by_exchange_under_the_runtime() {
     let routes: Vec<_> = results[..2].iter().map(|r| r.as_ref().unwrap()[0].route.clone()).collect();
     assert_eq!(routes, [Some("bn".to_string()), Some("rest".to_string())]);
     let first = &results[0].as_ref().unwrap()[0];
-    assert_eq!(first.value, br#"{"symbol":"BINANCE:BTCUSDT","price":1}"#, "value passed through untouched");
+    assert_eq!(first.value, r#"{"symbol":"BINANCE:BTCUSDT","price":1}"#, "value passed through untouched");
     assert_eq!((first.key.as_deref(), first.timestamp), (Some(&b"k"[..]), Some(1_700_000_000_000)));
     assert_eq!(first.headers, [Header { name: "trace".into(), value: b"abc".to_vec() }], "headers kept");
     assert!(results[2].as_ref().unwrap_err().contains("not a flattened trade"), "{:?}", results[2]);

@@ -10,7 +10,7 @@ use sluice::runtime::{Grants, Limits, Plugin, PluginError, PluginInstance};
 use std::time::Instant;
 
 fn record(value: &str) -> Record {
-    Record { value: value.as_bytes().to_vec(), origin: Origin { topic: "t".into(), partition: 0, offset: 0 }, ..Record::default() }
+    Record { value: value.to_string().into(), origin: Origin { topic: "t".into(), partition: 0, offset: 0 }, ..Record::default() }
 }
 
 fn batch(values: &[&str]) -> Vec<Record> {
@@ -113,13 +113,13 @@ fn a_trap_fails_only_the_poison_record_and_the_host_serves_the_next_batch() {
     let (rt, _cache) = runtime();
     let mut chaos = instance(&rt, "chaos", &[("mode", "trap")]);
     let results = chaos.process(&batch(&["a", "boom", "b"]));
-    assert_eq!(results[0].as_ref().unwrap()[0].value, b"a");
+    assert_eq!(results[0].as_ref().unwrap()[0].value, "a");
     let error = results[1].as_ref().unwrap_err();
     assert!(error.starts_with("plugin trapped"), "{error}");
-    assert_eq!(results[2].as_ref().unwrap()[0].value, b"b");
+    assert_eq!(results[2].as_ref().unwrap()[0].value, "b");
     assert!(chaos.replacements >= 1, "the faulted instance is replaced");
     let next = chaos.process(&batch(&["c"]));
-    assert_eq!(next[0].as_ref().unwrap()[0].value, b"c");
+    assert_eq!(next[0].as_ref().unwrap()[0].value, "c");
 }
 
 #[test]
@@ -130,10 +130,10 @@ fn an_endless_loop_is_stopped_by_the_cpu_limit() {
     let started = Instant::now();
     let results = chaos.process(&batch(&["boom", "ok"]));
     assert_eq!(results[0].as_ref().unwrap_err(), "CPU limit exceeded (100 ms per call)");
-    assert_eq!(results[1].as_ref().unwrap()[0].value, b"ok");
+    assert_eq!(results[1].as_ref().unwrap()[0].value, "ok");
     // Loose bound: the deadline fired rather than the loop ending by itself.
     assert!(started.elapsed().as_secs() < 30);
-    assert_eq!(chaos.process(&batch(&["next"]))[0].as_ref().unwrap()[0].value, b"next");
+    assert_eq!(chaos.process(&batch(&["next"]))[0].as_ref().unwrap()[0].value, "next");
 }
 
 #[test]
@@ -143,7 +143,7 @@ fn unbounded_allocation_is_stopped_by_the_memory_limit() {
     let mut chaos = instance_with(&rt, "chaos", &[("mode", "alloc")], limits, Grants::default());
     let results = chaos.process(&batch(&["boom"]));
     assert_eq!(results[0].as_ref().unwrap_err(), &format!("memory limit exceeded ({} bytes)", 16 << 20));
-    assert_eq!(chaos.process(&batch(&["after"]))[0].as_ref().unwrap()[0].value, b"after");
+    assert_eq!(chaos.process(&batch(&["after"]))[0].as_ref().unwrap()[0].value, "after");
 }
 
 #[test]
@@ -182,7 +182,7 @@ fn files_are_denied_unless_granted() {
     std::fs::write(dir.path().join("hostname"), "granted-host").unwrap();
     let grants = Grants { read_dirs: vec![(dir.path().to_path_buf(), "/etc".into())], ..Grants::default() };
     let mut granted = instance_with(&rt, "chaos", &[("mode", "fs")], Limits::default(), grants);
-    assert_eq!(granted.process(&batch(&["boom"]))[0].as_ref().unwrap()[0].value, b"granted-host");
+    assert_eq!(granted.process(&batch(&["boom"]))[0].as_ref().unwrap()[0].value, "granted-host");
 }
 
 #[test]

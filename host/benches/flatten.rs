@@ -3,7 +3,8 @@
 //! boundary's own cost per record (an echo plugin) for both contracts.
 //!
 //! Run: `scripts/build-plugins.sh && cargo bench -p sluice --bench flatten`
-//! (`BENCH_FRAMES=N` to change the workload; default 200,000 frames).
+//! (`BENCH_FRAMES=N` to change the workload; default 200,000 frames;
+//! `BENCH_COMPARE=a.wasm,b.wasm` measures other builds of the flattener too).
 
 use sluice::feed::FeedGenerator;
 use sluice::record::{Origin, Record};
@@ -23,7 +24,7 @@ fn main() -> anyhow::Result<()> {
             let frame = feed.next_frame();
             trades += frame.trades;
             Record {
-                value: frame.json.into_bytes(),
+                value: frame.json.into(),
                 origin: Origin { topic: "bench".into(), partition: 0, offset: i as i64 },
                 ..Record::default()
             }
@@ -67,7 +68,7 @@ fn main() -> anyhow::Result<()> {
     let mut v02 = PluginInstance::new(plugin, vec![], Limits::default(), Grants::default(), "bench")?;
     let instantiate = inst_start.elapsed();
     let mut v01 = PluginInstance::new(Plugin::load(&runtime, &dir.join("trade_flattener_v01.wasm"))?, vec![], Limits::default(), Grants::default(), "bench")?;
-    let run = |instance: &mut PluginInstance, expected: usize| {
+    let run_on = |instance: &mut PluginInstance, records: &[Record], expected: usize| {
         best_of(3, || {
             let mut out = 0;
             for chunk in records.chunks(BATCH) {
@@ -79,14 +80,28 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         })
     };
+    let run = |instance: &mut PluginInstance, expected: usize| run_on(instance, &records, expected);
     let wasm_v01 = run(&mut v01, trades)?;
     let wasm_v02 = run(&mut v02, trades)?;
+    // Other builds of the flattener on the same frames: `BENCH_COMPARE=a.wasm,b.wasm`
+    // (`scripts/bench-wasm-opt.sh` passes it the builds wasm-opt made).
+    let mut compared = Vec::new();
+    for path in std::env::var("BENCH_COMPARE").unwrap_or_default().split(',').filter(|p| !p.is_empty()) {
+        let mut instance = PluginInstance::new(Plugin::load(&runtime, &PathBuf::from(path))?, vec![], Limits::default(), Grants::default(), "bench")?;
+        compared.push((path.to_string(), run(&mut instance, trades)?));
+    }
 
     // The boundary alone: the same records through a plugin that echoes them.
     let mut echo_v01 = PluginInstance::new(Plugin::load(&runtime, &dir.join("chaos_v01.wasm"))?, vec![], Limits::default(), Grants::default(), "bench")?;
     let mut echo_v02 = PluginInstance::new(Plugin::load(&runtime, &dir.join("chaos.wasm"))?, vec![], Limits::default(), Grants::default(), "bench")?;
     let boundary_v01 = run(&mut echo_v01, frames)?;
     let boundary_v02 = run(&mut echo_v02, frames)?;
+    // Its cost per record apart from copying bytes: as many 64-byte records.
+    let small: Vec<Record> = (0..frames)
+        .map(|i| Record { value: vec![b'x'; 64].into(), origin: Origin { topic: "bench".into(), partition: 0, offset: i as i64 }, ..Record::default() })
+        .collect();
+    let small_v01 = run_on(&mut echo_v01, &small, frames)?;
+    let small_v02 = run_on(&mut echo_v02, &small, frames)?;
 
     let rate = |d: Duration| trades as f64 / d.as_secs_f64();
     let per_record = |d: Duration| d.as_secs_f64() * 1e6 / frames as f64;
@@ -94,7 +109,12 @@ fn main() -> anyhow::Result<()> {
     println!("native:    {:>12.0} trades/s  {:.2} us/frame", rate(native), per_record(native));
     println!("wasm 0.1:  {:>12.0} trades/s  {:.2} us/frame  ratio to native {:.2}", rate(wasm_v01), per_record(wasm_v01), rate(wasm_v01) / rate(native));
     println!("wasm 0.2:  {:>12.0} trades/s  {:.2} us/frame  ratio to native {:.2} (goal >= 0.6)", rate(wasm_v02), per_record(wasm_v02), rate(wasm_v02) / rate(native));
-    println!("boundary (echo plugin), per record: 0.1 {:.3} us, 0.2 {:.3} us (goal <= 0.05)", per_record(boundary_v01), per_record(boundary_v02));
+    for (path, time) in &compared {
+        println!("{path}:\n           {:>12.0} trades/s  {:.2} us/frame  ratio to native {:.2}", rate(*time), per_record(*time), rate(*time) / rate(native));
+    }
+    println!("boundary (echo plugin), per record:");
+    println!("  trade frames ({} bytes on average): 0.1 {:.3} us, 0.2 {:.3} us", bytes / frames, per_record(boundary_v01), per_record(boundary_v02));
+    println!("  64-byte values:                    0.1 {:.3} us, 0.2 {:.3} us (goal <= 0.05)", per_record(small_v01), per_record(small_v02));
     Ok(())
 }
 

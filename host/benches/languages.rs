@@ -83,7 +83,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn record(value: Vec<u8>, offset: usize) -> Record {
-    Record { value, origin: Origin { topic: "bench".into(), partition: 0, offset: offset as i64 }, ..Record::default() }
+    Record { value: value.into(), origin: Origin { topic: "bench".into(), partition: 0, offset: offset as i64 }, ..Record::default() }
 }
 
 /// Writes and builds the skeleton for `lang` (once; `BENCH_REBUILD=1` again).

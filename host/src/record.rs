@@ -1,6 +1,12 @@
 //! The host's record types: what sources produce, transforms consume and sinks write.
 //! They mirror `wit/transform.wit` but belong to the host, so connectors never
 //! depend on a WIT version.
+//!
+//! Keys and values are [`Bytes`]: the outputs of a batch are slices of the
+//! one results buffer the plugin returned, and a chain hands them on to the
+//! next stage and to the sinks without copying.
+
+pub use bytes::Bytes;
 
 /// A record header (ordered; a name may repeat).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,8 +26,8 @@ pub struct Origin {
 /// One record read from a source.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Record {
-    pub key: Option<Vec<u8>>,
-    pub value: Vec<u8>,
+    pub key: Option<Bytes>,
+    pub value: Bytes,
     pub headers: Vec<Header>,
     /// Milliseconds since the Unix epoch.
     pub timestamp: Option<i64>,
@@ -35,8 +41,8 @@ pub struct Record {
 /// One record produced by a transform (or passed through when there is none).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Output {
-    pub key: Option<Vec<u8>>,
-    pub value: Vec<u8>,
+    pub key: Option<Bytes>,
+    pub value: Bytes,
     pub headers: Vec<Header>,
     /// Milliseconds since the Unix epoch.
     pub timestamp: Option<i64>,

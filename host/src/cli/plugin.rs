@@ -98,7 +98,7 @@ pub fn test(runtime: &Runtime, args: PluginTestArgs) -> anyhow::Result<ExitCode>
             }
             line_no += 1;
             let origin = Origin { topic: topic.clone(), partition: 0, offset: line_no };
-            batch.push(Record { value, origin, ..Record::default() });
+            batch.push(Record { value: value.into(), origin, ..Record::default() });
         }
         if batch.len() == args.batch_size as usize || (read == 0 && !batch.is_empty()) {
             let results = instance.process(&batch);

@@ -8,7 +8,7 @@
 //! fails only that output's input record.
 
 use super::instance::{Limits, RecordResult};
-use crate::record::{Header, Output, Record};
+use crate::record::{Bytes, Header, Output, Record};
 
 pub const BATCH_MAGIC: u32 = u32::from_le_bytes(*b"SLB2");
 pub const RESULTS_MAGIC: u32 = u32::from_le_bytes(*b"SLO2");
@@ -35,30 +35,33 @@ impl Encoder {
     /// The tables' sizes are known first, so every entry is written in place.
     pub fn encode(&mut self, batch: &[Record]) -> Result<&[u8], String> {
         let Encoder { buf, topic_of } = self;
-        // Topics repeat: a batch usually holds one or a few.
+        // One pass sizes the tables and the payload. Topics repeat: a batch
+        // usually holds one or a few, mostly the same string as the record before.
         let mut topics: Vec<&str> = Vec::new();
         topic_of.clear();
+        let (mut header_count, mut payload) = (0usize, 0usize);
         for r in batch {
             let topic = r.origin.topic.as_str();
-            let index = match topics.iter().rposition(|t| *t == topic) {
-                Some(index) => index,
-                None => {
-                    topics.push(topic);
-                    topics.len() - 1
-                }
+            let same = |t: &&str| (std::ptr::eq(t.as_ptr(), topic.as_ptr()) && t.len() == topic.len()) || *t == topic;
+            let index = match topic_of.last().filter(|&&last| same(&topics[last as usize])) {
+                Some(&last) => last as usize,
+                None => match topics.iter().rposition(same) {
+                    Some(index) => index,
+                    None => {
+                        topics.push(topic);
+                        payload += topic.len();
+                        topics.len() - 1
+                    }
+                },
             };
             topic_of.push(index as u32);
+            header_count += r.headers.len();
+            payload += r.key.as_ref().map_or(0, |k| k.len()) + r.value.len() + r.headers.iter().map(|h| h.name.len() + h.value.len()).sum::<usize>();
         }
-        let header_count: usize = batch.iter().map(|r| r.headers.len()).sum();
         let records_off = HEADER_BYTES;
         let topics_off = records_off + batch.len() * RECORD_BYTES;
         let headers_off = topics_off + topics.len() * 8;
         let payload_off = headers_off + header_count * HEADER_ENTRY_BYTES;
-        let payload: usize = batch
-            .iter()
-            .map(|r| r.key.as_ref().map_or(0, Vec::len) + r.value.len() + r.headers.iter().map(|h| h.name.len() + h.value.len()).sum::<usize>())
-            .sum::<usize>()
-            + topics.iter().map(|t| t.len()).sum::<usize>();
         let total = payload_off + payload;
         u32::try_from(total).map_err(|_| format!("batch of {total} bytes is over the contract's 4 GiB"))?;
         buf.clear();
@@ -115,20 +118,12 @@ impl<'a> Reader<'a> {
             .ok_or_else(|| format!("read at byte {at} is outside the {}-byte results buffer", self.0.len()))
     }
 
-    fn i64(&self, at: usize) -> Result<i64, String> {
-        Ok(i64::from(self.u32(at)?) | i64::from(self.u32(at + 4)?) << 32)
-    }
-
     fn bytes(&self, off: u32, len: u32, what: &dyn Fn() -> String) -> Result<&'a [u8], String> {
         let (start, len) = (off as usize, len as usize);
         start
             .checked_add(len)
             .and_then(|end| self.0.get(start..end))
             .ok_or_else(|| format!("{} at {off}+{len} is outside the {}-byte results buffer", what(), self.0.len()))
-    }
-
-    fn text(&self, off: u32, len: u32, what: &dyn Fn() -> String) -> Result<&'a str, String> {
-        std::str::from_utf8(self.bytes(off, len, what)?).map_err(|_| format!("{} is not UTF-8", what()))
     }
 
     /// A table of `count` entries of `size` bytes at the offset read at `at`.
@@ -144,7 +139,10 @@ impl<'a> Reader<'a> {
 
 /// Decodes the results of a batch of `inputs` records. `Err` is a contract
 /// violation of the whole buffer; a bad output fails only its record.
-pub fn decode(buf: &[u8], inputs: usize, limits: &Limits) -> Result<Vec<RecordResult>, String> {
+///
+/// Keys and values are not copied: they are slices of `buf`, which lives
+/// as long as the last of them.
+pub fn decode(buf: &Bytes, inputs: usize, limits: &Limits) -> Result<Vec<RecordResult>, String> {
     let r = Reader(buf);
     if buf.len() < HEADER_BYTES {
         return Err(format!("results buffer of {} bytes is shorter than its {HEADER_BYTES}-byte header", buf.len()));
@@ -182,11 +180,21 @@ pub fn decode(buf: &[u8], inputs: usize, limits: &Limits) -> Result<Vec<RecordRe
                 let first = next;
                 next += a as usize;
                 // The table holds them (checked above): the limits apply after.
-                (first..next)
-                    .map(|o| output(&r, outputs_at + o * OUTPUT_BYTES, o, (headers_at, headers)))
-                    .collect::<Result<Vec<Output>, String>>()
-                    .map_err(|e| format!("plugin broke the contract: {e}"))
-                    .and_then(|outputs| limits.check_outputs(&outputs).map(|()| outputs))
+                let mut outputs = Vec::with_capacity(a as usize);
+                let mut broken = None;
+                for o in first..next {
+                    match output(buf, &r, outputs_at + o * OUTPUT_BYTES, o, (headers_at, headers)) {
+                        Ok(out) => outputs.push(out),
+                        Err(e) => {
+                            broken = Some(format!("plugin broke the contract: {e}"));
+                            break;
+                        }
+                    }
+                }
+                match broken {
+                    Some(e) => Err(e),
+                    None => limits.check_outputs(&outputs).map(|()| outputs),
+                }
             }
             1 => Err(match r.bytes(a, b, &|| format!("the error message of result {i}")) {
                 Ok(message) => String::from_utf8_lossy(message).into_owned(),
@@ -198,26 +206,44 @@ pub fn decode(buf: &[u8], inputs: usize, limits: &Limits) -> Result<Vec<RecordRe
     Ok(decoded)
 }
 
-fn output(r: &Reader<'_>, at: usize, index: usize, (headers_at, headers): (usize, u32)) -> Result<Output, String> {
-    let flags = r.u32(at)?;
-    let (first, count) = (r.u32(at + 4)?, r.u32(at + 8)?);
+/// One output entry: its 48 bytes are read once (the table is known to hold
+/// them), and its key and value become slices of `buf`, not copies.
+fn output(buf: &Bytes, r: &Reader<'_>, at: usize, index: usize, (headers_at, headers): (usize, u32)) -> Result<Output, String> {
+    let entry: &[u8; OUTPUT_BYTES] = r
+        .0
+        .get(at..at + OUTPUT_BYTES)
+        .and_then(|e| e.try_into().ok())
+        .ok_or_else(|| format!("output {index} is outside the {}-byte results buffer", buf.len()))?;
+    let word = |j: usize| u32::from_le_bytes([entry[j * 4], entry[j * 4 + 1], entry[j * 4 + 2], entry[j * 4 + 3]]);
+    let (flags, first, count) = (word(0), word(1), word(2));
     if first.checked_add(count).is_none_or(|end| end > headers) {
         return Err(format!("output {index}'s headers {first}+{count} are outside the {headers}-entry headers table"));
     }
-    let what = |field: &'static str| move || format!("output {index}'s {field}");
-    let key = if flags & 1 != 0 { Some(r.bytes(r.u32(at + 24)?, r.u32(at + 28)?, &what("key"))?.to_vec()) } else { None };
-    let value = r.bytes(r.u32(at + 32)?, r.u32(at + 36)?, &what("value"))?.to_vec();
-    let route = if flags & 4 != 0 { Some(r.text(r.u32(at + 40)?, r.u32(at + 44)?, &what("route"))?.to_string()) } else { None };
-    let headers = (first..first + count)
+    let range = |(off, len): (u32, u32), field: &str| {
+        match (off as usize).checked_add(len as usize) {
+            Some(end) if end <= buf.len() => Ok(off as usize..end),
+            _ => Err(format!("output {index}'s {field} at {off}+{len} is outside the {}-byte results buffer", buf.len())),
+        }
+    };
+    let text = |at: (u32, u32), field: &str| {
+        let bytes = &buf[range(at, field)?];
+        std::str::from_utf8(bytes).map(str::to_string).map_err(|_| format!("output {index}'s {field} is not UTF-8"))
+    };
+    let key = if flags & 1 != 0 { Some(buf.slice(range((word(6), word(7)), "key")?)) } else { None };
+    let value = buf.slice(range((word(8), word(9)), "value")?);
+    let route = if flags & 4 != 0 { Some(text((word(10), word(11)), "route")?) } else { None };
+    let timestamp = (flags & 2 != 0).then(|| i64::from_le_bytes([entry[16], entry[17], entry[18], entry[19], entry[20], entry[21], entry[22], entry[23]]));
+    let headers = if count == 0 {
+        Vec::new()
+    } else {
+        (first..first + count)
         .map(|h| {
             let e = headers_at + h as usize * HEADER_ENTRY_BYTES;
-            Ok(Header {
-                name: r.text(r.u32(e)?, r.u32(e + 4)?, &what("header name"))?.to_string(),
-                value: r.bytes(r.u32(e + 8)?, r.u32(e + 12)?, &what("header value"))?.to_vec(),
-            })
+            Ok(Header { name: text((r.u32(e)?, r.u32(e + 4)?), "header name")?, value: buf[range((r.u32(e + 8)?, r.u32(e + 12)?), "header value")?].to_vec() })
         })
-        .collect::<Result<_, String>>()?;
-    Ok(Output { key, value, headers, timestamp: if flags & 2 != 0 { Some(r.i64(at + 16)?) } else { None }, route })
+        .collect::<Result<_, String>>()?
+    };
+    Ok(Output { key, value, headers, timestamp, route })
 }
 
 #[cfg(test)]
@@ -225,7 +251,7 @@ mod tests {
     use super::*;
     use crate::record::Origin;
 
-    fn results(entries: &[[u32; 3]], outputs: &[[u32; 12]], tail: &[u8]) -> Vec<u8> {
+    fn results(entries: &[[u32; 3]], outputs: &[[u32; 12]], tail: &[u8]) -> Bytes {
         let mut buf = Vec::new();
         let results_off = 32;
         let outputs_off = results_off + entries.len() * 12;
@@ -237,15 +263,15 @@ mod tests {
             buf.extend_from_slice(&n.to_le_bytes());
         }
         buf.extend_from_slice(tail);
-        buf
+        buf.into()
     }
 
     #[test]
     fn encodes_what_the_guest_sdk_decodes() {
         let records: Vec<Record> = (0..20)
             .map(|i| Record {
-                key: (i % 2 == 0).then(|| vec![i as u8; i]),
-                value: format!("value {i}").into_bytes(),
+                key: (i % 2 == 0).then(|| vec![i as u8; i].into()),
+                value: format!("value {i}").into(),
                 headers: (0..i % 4).map(|h| Header { name: format!("h{h}"), value: vec![7; h] }).collect(),
                 timestamp: (i % 3 == 0).then_some(i as i64),
                 origin: Origin { topic: ["a", "b", "ü"][i % 3].to_string(), partition: i as i32, offset: 1 << 40 },
@@ -258,7 +284,7 @@ mod tests {
         let batch = sluice_plugin::abi::Batch::parse(&ours).unwrap();
         for (i, r) in records.iter().enumerate() {
             let view = batch.get(i).unwrap().to_record();
-            assert_eq!((view.key.as_ref(), &view.value, view.timestamp, &view.origin.topic, view.origin.offset), (r.key.as_ref(), &r.value, r.timestamp, &r.origin.topic, r.origin.offset));
+            assert_eq!((view.key.as_deref(), &view.value[..], view.timestamp, &view.origin.topic, view.origin.offset), (r.key.as_deref(), &r.value[..], r.timestamp, &r.origin.topic, r.origin.offset));
             assert_eq!(view.headers.len(), r.headers.len());
         }
         let capacity = encoder.buf.capacity();
@@ -279,17 +305,17 @@ mod tests {
         // Whole-buffer violations.
         let two = results(&[[0, 0, 0], [0, 0, 0]], &[], b"");
         assert_eq!(decode(&two, 3, &limits).unwrap_err(), "2 results for 3 records");
-        assert!(decode(&two[..20], 2, &limits).unwrap_err().contains("shorter than its 32-byte header"));
-        assert!(decode(&two[..40], 2, &limits).unwrap_err().contains("results table"));
+        assert!(decode(&two.slice(..20), 2, &limits).unwrap_err().contains("shorter than its 32-byte header"));
+        assert!(decode(&two.slice(..40), 2, &limits).unwrap_err().contains("results table"));
         let miscount = results(&[[0, 3, 0]], &[], b"");
         assert!(decode(&miscount, 1, &limits).unwrap_err().contains("add up to 3"));
-        let mut magic = two.clone();
+        let mut magic = two.to_vec();
         magic[0] = b'X';
-        assert!(decode(&magic, 2, &limits).unwrap_err().contains("magic"));
+        assert!(decode(&magic.into(), 2, &limits).unwrap_err().contains("magic"));
         let huge = {
-            let mut b = results(&[[0, 0, 0]], &[], b"");
+            let mut b = results(&[[0, 0, 0]], &[], b"").to_vec();
             b[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-            b
+            Bytes::from(b)
         };
         assert!(decode(&huge, 1, &limits).unwrap_err().contains("outputs table"));
         // A route that is not UTF-8; an unknown status; an error message read back.

@@ -6,7 +6,7 @@ use super::engine::EPOCH_TICK;
 use super::loader::Pre;
 use super::stderr::PluginStderr;
 use super::{Fault, Plugin, PluginError};
-use crate::record::{Header, Output, Record};
+use crate::record::{Bytes, Header, Output, Record};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -50,7 +50,7 @@ impl Limits {
         }
         let bytes: usize = outputs
             .iter()
-            .map(|o| o.value.len() + o.key.as_ref().map_or(0, Vec::len) + o.headers.iter().map(|h| h.name.len() + h.value.len()).sum::<usize>())
+            .map(|o| o.value.len() + o.key.as_ref().map_or(0, |k| k.len()) + o.headers.iter().map(|h| h.name.len() + h.value.len()).sum::<usize>())
             .sum();
         if bytes > self.output_bytes {
             return Err(format!("output limit: {bytes} bytes of output for one record (limit {})", self.output_bytes));
@@ -494,7 +494,7 @@ impl PluginInstance {
                     Ok(results) => results,
                     Err(error) => return Err(self.classify(&live.store, error)),
                 };
-                abi::decode(&results, inputs.len(), &self.limits).map_err(Fault::Contract)?
+                abi::decode(&results.into(), inputs.len(), &self.limits).map_err(Fault::Contract)?
             }
         };
         self.live = Some(live);
@@ -536,8 +536,8 @@ use v01::sluice::transform::types as wit;
 
 fn to_wit(r: &Record) -> wit::InputRecord {
     wit::InputRecord {
-        key: r.key.clone(),
-        value: r.value.clone(),
+        key: r.key.as_deref().map(<[u8]>::to_vec),
+        value: r.value.to_vec(),
         headers: r.headers.iter().map(|h| wit::Header { name: h.name.clone(), value: h.value.clone() }).collect(),
         timestamp: r.timestamp,
         origin: wit::Origin { topic: r.origin.topic.clone(), partition: r.origin.partition, offset: r.origin.offset },
@@ -546,8 +546,8 @@ fn to_wit(r: &Record) -> wit::InputRecord {
 
 fn from_wit(o: wit::OutputRecord) -> Output {
     Output {
-        key: o.key,
-        value: o.value,
+        key: o.key.map(Bytes::from),
+        value: o.value.into(),
         headers: o.headers.into_iter().map(|h| Header { name: h.name, value: h.value }).collect(),
         timestamp: o.timestamp,
         route: o.route,

@@ -10,7 +10,7 @@
 
 use super::Source;
 use crate::config::{KafkaSourceConfig, OffsetReset};
-use crate::record::{Header, Origin, Record};
+use crate::record::{Bytes, Header, Origin, Record};
 use anyhow::Context;
 use async_trait::async_trait;
 use rdkafka::client::ClientContext;
@@ -172,8 +172,8 @@ impl KafkaSource {
 
 fn to_record(m: &BorrowedMessage<'_>) -> Record {
     Record {
-        key: m.key().map(<[u8]>::to_vec),
-        value: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        key: m.key().map(Bytes::copy_from_slice),
+        value: m.payload().map(Bytes::copy_from_slice).unwrap_or_default(),
         headers: m
             .headers()
             .map(|hs| {

@@ -16,7 +16,7 @@
 
 use super::Source;
 use crate::config::WebSocketSourceConfig;
-use crate::record::{Origin, Record};
+use crate::record::{Bytes, Origin, Record};
 use crate::telemetry::telemetry;
 use async_trait::async_trait;
 use futures::{SinkExt, StreamExt};
@@ -376,9 +376,9 @@ impl Connection {
                     self.config.max_message_bytes,
                     REJECTED_HEAD
                 ));
-                record.value = value[..REJECTED_HEAD.min(value.len())].to_vec();
+                record.value = Bytes::copy_from_slice(&value[..REJECTED_HEAD.min(value.len())]);
             } else {
-                record.value = value;
+                record.value = value.into();
             }
             // Full channel: wait (and stop reading the socket) until the pipeline catches up.
             if self.tx.send(record).await.is_err() {

@@ -484,17 +484,17 @@ mod tests {
 
     #[test]
     fn dead_letters_keep_the_record_and_a_bounded_error() {
-        let record = Record { value: b"v".to_vec(), origin: crate::record::Origin { topic: "t".into(), partition: 2, offset: 9 }, ..Record::default() };
+        let record = Record { value: "v".into(), origin: crate::record::Origin { topic: "t".into(), partition: 2, offset: 9 }, ..Record::default() };
         let huge = "é".repeat(10_000);
         let dead = dead_letter("p", &record, "plug", &huge);
         let header = |name: &str| dead.headers.iter().find(|h| h.name == name).map(|h| String::from_utf8(h.value.clone()).unwrap());
-        assert_eq!(dead.value, b"v");
+        assert_eq!(dead.value, "v");
         assert_eq!(header("sluice.offset").as_deref(), Some("9"));
         let error = header("sluice.error").unwrap();
         assert!(error.len() < MAX_ERROR_BYTES + 40 && error.ends_with("(20000 bytes in all)"), "{}", error.len());
         assert_eq!(clip("short", 10), "short");
 
-        let cut = truncated(&Output { value: vec![1; TRUNCATED_HEAD * 2], ..dead.clone() }, "too large");
+        let cut = truncated(&Output { value: vec![1; TRUNCATED_HEAD * 2].into(), ..dead.clone() }, "too large");
         assert_eq!(cut.value.len(), TRUNCATED_HEAD);
         assert!(cut.headers.iter().any(|h| h.name == "sluice.truncated" && h.value == (TRUNCATED_HEAD * 2).to_string().as_bytes()));
     }
