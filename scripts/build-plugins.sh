@@ -63,7 +63,7 @@ for plugin in js-router; do
   cp "$dir/dist/${plugin//-/_}.wasm" "$out/"
 done
 
-# Binaryen's wasm-opt -O3 on the trade flattener: 11% less time per frame
+# Binaryen's wasm-opt -O3 on the trade flattener: 8-11% less time per frame
 # (scripts/bench-wasm-opt.sh measures it against the plain build, which stays
 # in $out/deps). Binaryen reads core modules, not components: `jco opt` (from
 # js-router's npm dependencies) optimises the component's core modules and
