@@ -79,14 +79,14 @@ fn chains_mix_0_1_and_0_2_stages() {
         record(r#"{"type":"trade","data":[{"s":"BINANCE:BTCUSDT","p":1,"t":5,"v":2},{"s":"X:ETH","p":1,"t":6,"v":2}]}"#, 0),
         record("bad", 1),
     ];
-    let results = chain.process(&batch);
+    let results = chain.process(&batch).into_records();
     let outputs = results[0].as_ref().unwrap();
     assert_eq!(outputs.iter().map(|o| o.route.as_deref()).collect::<Vec<_>>(), [Some("btc"), None]);
     assert_eq!(outputs[0].key.as_deref(), Some(&b"BINANCE:BTCUSDT"[..]), "the router's key crossed the 0.1 stage");
     assert!(results[1].as_ref().unwrap_err().error.contains("not a Finnhub frame"));
 
     let mut trapping = Chain::new(&runtime, &[spec("chaos_v01", &[("mode", "trap")]), spec("chaos", &[])], "mixed").unwrap();
-    let results = trapping.process(&[record("a", 0), record("boom", 1), record("c", 2)]);
+    let results = trapping.process(&[record("a", 0), record("boom", 1), record("c", 2)]).into_records();
     assert_eq!(results[0].as_ref().unwrap()[0].value, "a");
     assert!(results[1].as_ref().unwrap_err().error.contains("chaos: trapping as asked"), "{:?}", results[1]);
     assert_eq!(results[2].as_ref().unwrap()[0].value, "c");

@@ -124,8 +124,8 @@ fn measure(wasm: &Path, config: &[(&str, &str)], inputs: &[Record]) -> anyhow::R
     for _ in 0..3 {
         let start = Instant::now();
         for chunk in inputs.chunks(BATCH) {
-            for result in instance.process(chunk) {
-                result.map_err(anyhow::Error::msg)?;
+            if let Some(error) = instance.transform(chunk).errors().next() {
+                anyhow::bail!("{error}");
             }
         }
         best = best.min(start.elapsed());

@@ -6,7 +6,7 @@ use super::engine::EPOCH_TICK;
 use super::loader::Pre;
 use super::stderr::PluginStderr;
 use super::{Fault, Plugin, PluginError};
-use crate::record::{Bytes, Header, Output, Record};
+use crate::record::{Bytes, Header, Output, Record, Results};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -390,39 +390,40 @@ impl PluginInstance {
     /// it has taken [`ISOLATION_BUDGET_CPU_MS`] × `cpu_ms`, the version is
     /// failing: the batch's remaining records fail without being run, and
     /// [`PluginInstance::take_failing`] says why.
-    pub fn process(&mut self, inputs: &[Record]) -> Vec<RecordResult> {
+    pub fn transform(&mut self, inputs: &[Record]) -> Results<String> {
         let results = match self.call(inputs) {
             Ok(results) => {
-                if results.iter().any(Result::is_ok) {
+                if results.errors().count() < results.len() {
                     self.streak = None;
                 }
                 results
             }
             Err(fault) if inputs.len() == 1 => {
-                let error = fault.to_string();
+                let mut results = Results::default();
+                results.push_err(fault.to_string());
                 self.count_fault(&fault);
-                vec![Err(error)]
+                results
             }
             Err(fault) => {
                 warn!(plugin = %self.label, %fault, records = inputs.len(), "batch faulted; retrying its records one by one");
                 let budget = Duration::from_millis(self.limits.cpu_ms.saturating_mul(ISOLATION_BUDGET_CPU_MS));
                 let started = Instant::now();
-                let mut results = Vec::with_capacity(inputs.len());
+                let mut results = Results::with_capacity(inputs.len(), inputs.len());
                 for one in inputs.chunks(1) {
                     if let Some(reason) = &self.failing {
-                        results.push(Err(format!("not run: the plugin version is failing ({reason})")));
+                        results.push_err(format!("not run: the plugin version is failing ({reason})"));
                         continue;
                     }
-                    results.push(match self.call(one) {
-                        Ok(mut result) => {
+                    match self.call(one) {
+                        Ok(result) => {
                             self.streak = None;
-                            result.pop().unwrap_or_else(|| Err("plugin returned no result".into()))
+                            results.append(result);
                         }
                         Err(fault) => {
                             self.count_fault(&fault);
-                            Err(fault.to_string())
+                            results.push_err(fault.to_string());
                         }
-                    });
+                    }
                     if self.failing.is_none() && started.elapsed() > budget && results.len() < inputs.len() {
                         self.failing = Some(format!("isolating faulty records took over {} ms ({ISOLATION_BUDGET_CPU_MS} × cpu_ms)", budget.as_millis()));
                     }
@@ -434,6 +435,12 @@ impl PluginInstance {
             log.summarize(false);
         }
         results
+    }
+
+    /// [`PluginInstance::transform`], with a vector of outputs per record
+    /// (for tests and `sluice plugin test`).
+    pub fn process(&mut self, inputs: &[Record]) -> Vec<RecordResult> {
+        self.transform(inputs).into_records()
     }
 
     /// One more record failed with `fault`: the version is failing after a streak.
@@ -457,7 +464,8 @@ impl PluginInstance {
         self.failing.take()
     }
 
-    fn call(&mut self, inputs: &[Record]) -> Result<Vec<RecordResult>, Fault> {
+    /// One call of the plugin on `inputs`: exactly one result per input.
+    fn call(&mut self, inputs: &[Record]) -> Result<Results<String>, Fault> {
         let mut live = match self.live.take() {
             Some(live) => live,
             None => {
@@ -477,14 +485,15 @@ impl PluginInstance {
                 if results.len() != inputs.len() {
                     return Err(Fault::Contract(format!("{} results for {} records", results.len(), inputs.len())));
                 }
-                results
-                    .into_iter()
-                    .map(|r| {
-                        let outputs: Vec<Output> = r?.into_iter().map(from_wit).collect();
-                        self.limits.check_outputs(&outputs)?;
-                        Ok(outputs)
-                    })
-                    .collect()
+                let mut decoded = Results::with_capacity(results.len(), results.len());
+                for result in results {
+                    decoded.push_with(|all| {
+                        let mine = all.len();
+                        all.extend(result?.into_iter().map(from_wit));
+                        self.limits.check_outputs(&all[mine..])
+                    });
+                }
+                decoded
             }
             Bound::V02(bindings) => {
                 let batch = self.encoder.encode(inputs).map_err(Fault::Contract)?;

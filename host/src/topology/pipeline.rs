@@ -2,7 +2,7 @@
 //! dead-letter failures, and commit the source only once every sink has it.
 
 use crate::config::{OnPluginFailure, Pipeline, SourceConfig};
-use crate::record::{Header, Output, Record};
+use crate::record::{Header, Output, Record, Results};
 use crate::runtime::Runtime;
 use crate::sinks::{self, Sink};
 use crate::sources::{kafka::KafkaSource, websocket::WebSocketSource, Source};
@@ -34,7 +34,7 @@ pub struct PipelineTask {
 /// A batch and what the chain made of it, on its way to the sinks.
 struct Transformed {
     batch: Vec<Record>,
-    results: Vec<Result<Vec<Output>, ChainFailure>>,
+    results: Results<ChainFailure>,
     /// When the batch was read.
     read_at: Instant,
 }
@@ -109,6 +109,12 @@ const PROBATION_BATCHES: u32 = 10;
 /// A batch is judged for an error surge only from this many records on.
 const SURGE_MIN_RECORDS: usize = 10;
 
+/// On probation, a batch too small to be judged waits this long at most for
+/// more records to join it, so that a broken version cannot slip its
+/// failures of a few small batches to the dead letters before a batch is
+/// large enough to show the surge.
+const PROBATION_TOP_UP: Duration = Duration::from_millis(250);
+
 /// The chain a pipeline runs, the one it ran before the last hot swap (for a
 /// rollback), and how often their records fail.
 struct Versions {
@@ -166,17 +172,22 @@ impl Versions {
         telemetry().set_plugins(&self.pipeline, &live);
     }
 
+    /// Whether the current chain is a new version still on probation.
+    fn on_probation(&self) -> bool {
+        self.batches < PROBATION_BATCHES && self.previous.is_some()
+    }
+
     /// Whether the current chain is failing, after it ran `results`: a
     /// fault streak or isolation over budget (any time), or, on probation
     /// after a swap, an error surge against the previous version's rate.
-    fn judge(&mut self, results: &[Result<Vec<Output>, ChainFailure>]) -> Option<VersionFailing> {
+    fn judge(&mut self, results: &Results<ChainFailure>) -> Option<VersionFailing> {
         if let Some(failing) = self.current.take_failing() {
             return Some(failing);
         }
         if self.batches >= PROBATION_BATCHES || self.previous.is_none() || results.len() < SURGE_MIN_RECORDS {
             return None;
         }
-        let failed: Vec<&ChainFailure> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+        let failed: Vec<&ChainFailure> = results.errors().collect();
         let rate = failed.len() as f64 / results.len() as f64;
         if rate <= 0.5 || self.previous_rate >= 0.05 {
             return None;
@@ -205,8 +216,8 @@ impl Versions {
     }
 
     /// `results` are on their way to the sinks: they count for the error rate.
-    fn record(&mut self, results: &[Result<Vec<Output>, ChainFailure>]) {
-        let errors = results.iter().filter(|r| r.is_err()).count() as f64;
+    fn record(&mut self, results: &Results<ChainFailure>) {
+        let errors = results.errors().count() as f64;
         self.recent = (self.recent.0 * 0.8 + errors, self.recent.1 * 0.8 + results.len() as f64);
         self.batches = self.batches.saturating_add(1);
     }
@@ -236,19 +247,26 @@ impl Versions {
 }
 
 /// Runs `batch` through `chain`; records their source rejected skip it and fail.
-fn process(chain: &mut Chain, batch: &[Record]) -> Vec<Result<Vec<Output>, ChainFailure>> {
+fn process(chain: &mut Chain, batch: &[Record]) -> Results<ChainFailure> {
     if batch.iter().all(|r| r.rejected.is_none()) {
         return chain.process(batch);
     }
     let accepted: Vec<Record> = batch.iter().filter(|r| r.rejected.is_none()).cloned().collect();
-    let mut results = chain.process(&accepted).into_iter();
-    batch
-        .iter()
-        .map(|r| match &r.rejected {
-            Some(reason) => Err(ChainFailure { plugin: "source".to_string(), error: reason.clone() }),
-            None => results.next().unwrap_or_else(|| Ok(Vec::new())),
-        })
-        .collect()
+    let (outputs, per_record) = chain.process(&accepted).into_parts();
+    let (mut outputs, mut per_record) = (outputs.into_iter(), per_record.into_iter());
+    let mut results = Results::with_capacity(batch.len(), outputs.len());
+    for r in batch {
+        if let Some(reason) = &r.rejected {
+            results.push_err(ChainFailure { plugin: "source".to_string(), error: reason.clone() });
+            continue;
+        }
+        match per_record.next() {
+            Some(Ok(n)) => results.push_ok(outputs.by_ref().take(n)),
+            Some(Err(failure)) => results.push_err(failure),
+            None => results.push_ok([]),
+        }
+    }
+    results
 }
 
 /// Reads batches, applies chain swaps between them, transforms them, and
@@ -264,13 +282,25 @@ async fn transform_stage(
 ) -> anyhow::Result<()> {
     let pipeline = versions.pipeline.clone();
     loop {
-        let batch = tokio::select! {
+        let mut batch = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
             batch = source.next_batch() => batch?,
         };
         let read_at = Instant::now();
         while let Ok(new) = swaps.try_recv() {
             versions.swap_in(new);
+        }
+        // A new version on probation is judged on batches of at least
+        // SURGE_MIN_RECORDS: a smaller batch waits a little for more. (The
+        // sources only wait before their first record: a timed-out read has
+        // taken nothing.)
+        let top_up = read_at + PROBATION_TOP_UP;
+        while versions.on_probation() && batch.len() < SURGE_MIN_RECORDS {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep_until(top_up.into()) => break,
+                more = source.next_batch() => batch.extend(more?),
+            }
         }
         let mut paused = false;
         let mut delay = Duration::from_secs(1);
@@ -325,7 +355,7 @@ impl Delivery {
     async fn deliver(
         &self,
         batch: &[Record],
-        results: Vec<Result<Vec<Output>, ChainFailure>>,
+        results: Results<ChainFailure>,
         cancel: &CancellationToken,
     ) -> Result<usize, Stopped> {
         // Returns how many records were dead-lettered.
@@ -333,21 +363,25 @@ impl Delivery {
         let mut routed: BTreeMap<&str, (Vec<usize>, Vec<Output>)> = BTreeMap::new();
         // Dead letters, with the index of their source record.
         let mut dead: Vec<(usize, Output)> = Vec::new();
-        for (i, result) in results.into_iter().enumerate() {
-            let outputs = match result {
-                Ok(outputs) => outputs,
+        let (outputs, per_record) = results.into_parts();
+        let mut outputs = outputs.into_iter();
+        for (i, result) in per_record.into_iter().enumerate() {
+            let n = match result {
+                Ok(n) => n,
                 Err(failure) => {
                     dead.push((i, dead_letter(&pipeline, &batch[i], &failure.plugin, &failure.error)));
                     continue;
                 }
             };
-            if let Some(route) = outputs.iter().filter_map(|o| o.route.as_deref()).find(|r| !self.sinks.contains_key(*r)) {
+            let mine = outputs.as_slice().get(..n).unwrap_or_default();
+            if let Some(route) = mine.iter().filter_map(|o| o.route.as_deref()).find(|r| !self.sinks.contains_key(*r)) {
                 let known: Vec<&str> = self.sinks.keys().map(String::as_str).collect();
                 let error = format!("unknown route {route:?} (sinks: {})", known.join(", "));
                 dead.push((i, dead_letter(&pipeline, &batch[i], "router", &error)));
+                outputs.by_ref().take(n).for_each(drop);
                 continue;
             }
-            for out in outputs {
+            for out in outputs.by_ref().take(n) {
                 let sink = out.route.clone().unwrap_or_else(|| self.spec.default_sink.clone());
                 let name = self.sinks.get_key_value(&sink).map(|(k, _)| k.as_str()).unwrap_or_default();
                 let entry = routed.entry(name).or_default();

@@ -1,7 +1,7 @@
 //! A chain of plugin instances: the outputs of one are the inputs of the next.
 
 use crate::config::TransformSpec;
-use crate::record::{Output, Record};
+use crate::record::{Output, Record, Results};
 use crate::runtime::{Plugin, PluginError, PluginInstance, Runtime};
 use crate::telemetry::telemetry;
 
@@ -68,41 +68,71 @@ impl Chain {
     /// Runs `batch` through every stage. One result per source record: all
     /// its final outputs, or the first failure on its way. A later stage's
     /// output without a route keeps the route its input had.
-    pub fn process(&mut self, batch: &[Record]) -> Vec<Result<Vec<Output>, ChainFailure>> {
+    pub fn process(&mut self, batch: &[Record]) -> Results<ChainFailure> {
         let Some((first, rest)) = self.stages.split_first_mut() else {
-            return batch.iter().map(|r| Ok(vec![Output::from(r.clone())])).collect();
+            let mut results = Results::with_capacity(batch.len(), batch.len());
+            for r in batch {
+                results.push_ok([Output::from(r.clone())]);
+            }
+            return results;
         };
         let failure = |stage: &PluginInstance, error| ChainFailure { plugin: stage.plugin().name.clone(), error };
         let pipeline = &self.pipeline;
         let timed = |stage: &mut PluginInstance, inputs: &[Record]| {
             let started = std::time::Instant::now();
-            let results = stage.process(inputs);
+            let results = stage.transform(inputs);
             telemetry().plugin_call(pipeline, &stage.plugin().name, started.elapsed().as_secs_f64());
             results
         };
-        let mut results: Vec<_> = timed(first, batch).into_iter().map(|r| r.map_err(|e| failure(first, e))).collect();
+        let mut results = timed(first, batch).map_err(|e| failure(first, e));
         for stage in rest {
-            // Inputs of this stage: the outputs so far, each remembering its source record.
-            let mut owners = Vec::new();
-            let mut inputs = Vec::new();
-            for (i, result) in results.iter_mut().enumerate() {
-                if let Ok(outputs) = result {
-                    for out in outputs.drain(..) {
-                        owners.push((i, out.route));
+            // Inputs of this stage: the outputs so far, each remembering its
+            // source record (their routes are kept aside).
+            let (outputs, records) = results.into_parts();
+            let mut routes = Vec::with_capacity(outputs.len());
+            let mut inputs = Vec::with_capacity(outputs.len());
+            let mut outputs = outputs.into_iter();
+            for (i, record) in records.iter().enumerate() {
+                if let Ok(n) = record {
+                    for out in outputs.by_ref().take(*n) {
+                        routes.push(out.route);
                         let origin = batch[i].origin.clone();
                         inputs.push(Record { key: out.key, value: out.value, headers: out.headers, timestamp: out.timestamp, origin, rejected: None });
                     }
                 }
             }
-            for ((owner, route), result) in owners.into_iter().zip(timed(stage, &inputs)) {
-                let Ok(outputs) = &mut results[owner] else { continue };
-                match result {
-                    Ok(new) => outputs.extend(new.into_iter().map(|mut o| {
-                        o.route = o.route.or_else(|| route.clone());
-                        o
-                    })),
-                    Err(error) => results[owner] = Err(failure(stage, error)),
-                }
+            // A source record's outputs are those of its outputs here, in
+            // order, unless one of them failed.
+            let (new, per_input) = timed(stage, &inputs).into_parts();
+            let (mut new, mut per_input, mut routes) = (new.into_iter(), per_input.into_iter(), routes.into_iter());
+            results = Results::with_capacity(records.len(), new.len());
+            for record in records {
+                let n = match record {
+                    Ok(n) => n,
+                    Err(e) => {
+                        results.push_err(e);
+                        continue;
+                    }
+                };
+                results.push_with(|all| {
+                    let mut failed = None;
+                    for _ in 0..n {
+                        let route = routes.next().flatten();
+                        match per_input.next() {
+                            Some(Ok(count)) => all.extend(new.by_ref().take(count).map(|mut o| {
+                                o.route = o.route.or_else(|| route.clone());
+                                o
+                            })),
+                            Some(Err(error)) => {
+                                failed.get_or_insert(error);
+                            }
+                            None => {
+                                failed.get_or_insert_with(|| "plugin returned no result".to_string());
+                            }
+                        }
+                    }
+                    failed.map_or(Ok(()), |error| Err(failure(stage, error)))
+                });
             }
         }
         results

@@ -211,6 +211,15 @@ impl Outputs {
         Outputs { buf, results: Vec::new(), outputs: Vec::new(), headers: Vec::new(), mark: (HEADER_BYTES, 0, 0) }
     }
 
+    /// An empty results buffer for a batch of `records` records (its tables
+    /// sized for one output each), with room for about `capacity` bytes.
+    pub fn for_batch(records: usize, capacity: usize) -> Self {
+        let mut outputs = Self::with_capacity(capacity);
+        outputs.results.reserve(records);
+        outputs.outputs.reserve(records);
+        outputs
+    }
+
     fn bytes(&mut self, bytes: &[u8]) -> (u32, u32) {
         let off = self.buf.len() as u32;
         self.buf.extend_from_slice(bytes);

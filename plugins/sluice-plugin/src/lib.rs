@@ -275,7 +275,7 @@ pub mod __rt {
             Ok(batch) => batch,
             Err(e) => panic!("{e}"),
         };
-        let mut out = Outputs::with_capacity(LAST_RESULTS.get().max(batch.len() * 64));
+        let mut out = Outputs::for_batch(batch.len(), LAST_RESULTS.get().max(batch.len() * 64));
         let mut slot = slot.borrow_mut();
         for i in 0..batch.len() {
             let result = match (slot.as_mut(), batch.get(i)) {
