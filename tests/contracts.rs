@@ -167,7 +167,7 @@ fn any_record() -> impl Strategy<Value = Record> {
             value: value.into(),
             headers: headers.into_iter().map(|(name, value)| Header { name, value }).collect(),
             timestamp,
-            origin: Origin { topic, partition, offset },
+            origin: Origin { topic: topic.into(), partition, offset },
             rejected: None,
         })
 }

@@ -19,13 +19,15 @@ fn main() -> anyhow::Result<()> {
     let mut feed = FeedGenerator::new(42);
     feed.ping_every = 0;
     let mut trades = 0usize;
+    // One topic name for all the records, shared as the Kafka source shares it.
+    let topic: std::sync::Arc<str> = "bench".into();
     let records: Vec<Record> = (0..frames)
         .map(|i| {
             let frame = feed.next_frame();
             trades += frame.trades;
             Record {
                 value: frame.json.into(),
-                origin: Origin { topic: "bench".into(), partition: 0, offset: i as i64 },
+                origin: Origin { topic: topic.clone(), partition: 0, offset: i as i64 },
                 ..Record::default()
             }
         })
@@ -65,7 +67,7 @@ fn main() -> anyhow::Result<()> {
     // over the workload, for `perf record`; prints nothing else.
     if let Some(passes) = std::env::var("BENCH_PROFILE_BOUNDARY").ok().and_then(|v| v.parse::<usize>().ok()) {
         let mut echo = PluginInstance::new(Plugin::load(&runtime, &dir.join("chaos.wasm"))?, vec![], Limits::default(), Grants::default(), "bench")?;
-        let batch: Vec<Record> = (0..BATCH).map(|i| Record { value: vec![b'x'; 64].into(), origin: Origin { topic: "bench".into(), partition: 0, offset: i as i64 }, ..Record::default() }).collect();
+        let batch: Vec<Record> = (0..BATCH).map(|i| Record { value: vec![b'x'; 64].into(), origin: Origin { topic: topic.clone(), partition: 0, offset: i as i64 }, ..Record::default() }).collect();
         let start = Instant::now();
         for _ in 0..passes * frames / BATCH {
             outputs_of(echo.transform(&batch))?;
@@ -126,7 +128,7 @@ fn main() -> anyhow::Result<()> {
     let boundary_v02 = run(&mut echo_v02, frames)?;
     // Its cost per record apart from copying bytes: as many 64-byte records.
     let small: Vec<Record> = (0..frames)
-        .map(|i| Record { value: vec![b'x'; 64].into(), origin: Origin { topic: "bench".into(), partition: 0, offset: i as i64 }, ..Record::default() })
+        .map(|i| Record { value: vec![b'x'; 64].into(), origin: Origin { topic: topic.clone(), partition: 0, offset: i as i64 }, ..Record::default() })
         .collect();
     let small_v01 = run_on(&mut echo_v01, &small, frames)?;
     let small_v02 = run_on(&mut echo_v02, &small, frames)?;

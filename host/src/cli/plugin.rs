@@ -75,12 +75,12 @@ pub fn test(runtime: &Runtime, args: PluginTestArgs) -> anyhow::Result<ExitCode>
     }
     let mut instance = PluginInstance::new(plugin, args.config, limits, Grants::default(), "plugin-test")?;
 
-    let (topic, mut input): (String, Box<dyn BufRead>) = match &args.input {
+    let (topic, mut input): (std::sync::Arc<str>, Box<dyn BufRead>) = match &args.input {
         Some(path) => {
             let file = std::fs::File::open(path).with_context(|| format!("cannot open input {}", path.display()))?;
-            (path.display().to_string(), Box::new(std::io::BufReader::new(file)))
+            (path.display().to_string().into(), Box::new(std::io::BufReader::new(file)))
         }
-        None => ("stdin".to_string(), Box::new(std::io::stdin().lock())),
+        None => ("stdin".into(), Box::new(std::io::stdin().lock())),
     };
     let mut stdout = BufWriter::new(std::io::stdout().lock());
     let mut failed = 0u64;

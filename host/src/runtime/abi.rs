@@ -41,7 +41,7 @@ impl Encoder {
         topic_of.clear();
         let (mut header_count, mut payload) = (0usize, 0usize);
         for r in batch {
-            let topic = r.origin.topic.as_str();
+            let topic: &str = &r.origin.topic;
             let same = |t: &&str| (std::ptr::eq(t.as_ptr(), topic.as_ptr()) && t.len() == topic.len()) || *t == topic;
             let index = match topic_of.last().filter(|&&last| same(&topics[last as usize])) {
                 Some(&last) => last as usize,
@@ -277,7 +277,7 @@ mod tests {
                 value: format!("value {i}").into(),
                 headers: (0..i % 4).map(|h| Header { name: format!("h{h}"), value: vec![7; h] }).collect(),
                 timestamp: (i % 3 == 0).then_some(i as i64),
-                origin: Origin { topic: ["a", "b", "ü"][i % 3].to_string(), partition: i as i32, offset: 1 << 40 },
+                origin: Origin { topic: ["a", "b", "ü"][i % 3].into(), partition: i as i32, offset: 1 << 40 },
                 rejected: None,
             })
             .collect();
@@ -287,7 +287,7 @@ mod tests {
         let batch = sluice_plugin::abi::Batch::parse(&ours).unwrap();
         for (i, r) in records.iter().enumerate() {
             let view = batch.get(i).unwrap().to_record();
-            assert_eq!((view.key.as_deref(), &view.value[..], view.timestamp, &view.origin.topic, view.origin.offset), (r.key.as_deref(), &r.value[..], r.timestamp, &r.origin.topic, r.origin.offset));
+            assert_eq!((view.key.as_deref(), &view.value[..], view.timestamp, &view.origin.topic, view.origin.offset), (r.key.as_deref(), &r.value[..], r.timestamp, &r.origin.topic.to_string(), r.origin.offset));
             assert_eq!(view.headers.len(), r.headers.len());
         }
         let capacity = encoder.buf.capacity();

@@ -549,7 +549,7 @@ fn to_wit(r: &Record) -> wit::InputRecord {
         value: r.value.to_vec(),
         headers: r.headers.iter().map(|h| wit::Header { name: h.name.clone(), value: h.value.clone() }).collect(),
         timestamp: r.timestamp,
-        origin: wit::Origin { topic: r.origin.topic.clone(), partition: r.origin.partition, offset: r.origin.offset },
+        origin: wit::Origin { topic: r.origin.topic.to_string(), partition: r.origin.partition, offset: r.origin.offset },
     }
 }
 

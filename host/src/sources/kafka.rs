@@ -170,7 +170,13 @@ impl KafkaSource {
     }
 }
 
-fn to_record(m: &BorrowedMessage<'_>) -> Record {
+/// `topic` is the topic of the record before: its name is shared, not
+/// allocated per record.
+fn to_record(m: &BorrowedMessage<'_>, topic: &mut Option<Arc<str>>) -> Record {
+    let topic = match topic {
+        Some(t) if **t == *m.topic() => t.clone(),
+        _ => topic.insert(Arc::from(m.topic())).clone(),
+    };
     Record {
         key: m.key().map(Bytes::copy_from_slice),
         value: m.payload().map(Bytes::copy_from_slice).unwrap_or_default(),
@@ -183,7 +189,7 @@ fn to_record(m: &BorrowedMessage<'_>) -> Record {
             })
             .unwrap_or_default(),
         timestamp: m.timestamp().to_millis(),
-        origin: Origin { topic: m.topic().to_string(), partition: m.partition(), offset: m.offset() },
+        origin: Origin { topic, partition: m.partition(), offset: m.offset() },
         rejected: None,
     }
 }
@@ -196,12 +202,13 @@ impl Source for KafkaSource {
             self.consumer.subscribe(&topics).with_context(|| format!("cannot subscribe to {topics:?}"))?;
         }
         let mut batch = Vec::with_capacity(self.max_records);
+        let mut topic = None;
         // Wait as long as needed for the first record...
         let mut delay = Duration::from_millis(100);
         let mut failures = 0u64;
         while batch.is_empty() {
             match self.consumer.recv().await {
-                Ok(m) => batch.push(to_record(&m)),
+                Ok(m) => batch.push(to_record(&m, &mut topic)),
                 Err(error) => {
                     // Logged on the first failure and then at each backoff
                     // doubling, so a lasting fault does not fill the log.
@@ -223,7 +230,7 @@ impl Source for KafkaSource {
         let deadline = std::time::Instant::now() + self.max_wait;
         while batch.len() < self.max_records && std::time::Instant::now() < deadline {
             match futures::FutureExt::now_or_never(self.consumer.recv()) {
-                Some(Ok(m)) => batch.push(to_record(&m)),
+                Some(Ok(m)) => batch.push(to_record(&m, &mut topic)),
                 Some(Err(error)) => {
                     warn!(pipeline = %self.pipeline, %error, "kafka consumer error");
                     break;
@@ -237,7 +244,7 @@ impl Source for KafkaSource {
     async fn commit(&self, batch: &[Record]) -> anyhow::Result<()> {
         let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
         for r in batch {
-            let entry = next.entry((r.origin.topic.as_str(), r.origin.partition)).or_insert(0);
+            let entry = next.entry((&*r.origin.topic, r.origin.partition)).or_insert(0);
             *entry = (*entry).max(r.origin.offset + 1);
         }
         let mut list = TopicPartitionList::new();

@@ -329,7 +329,7 @@ impl Connection {
                 return Err(failed("cannot send a subscribe message", &format!("{e}{said}")));
             }
         }
-        let topic = host_of(&self.config.url);
+        let topic: std::sync::Arc<str> = host_of(&self.config.url).into();
         let mut offset = 0i64;
         let idle = (self.config.idle_timeout_secs > 0).then(|| Duration::from_secs(self.config.idle_timeout_secs));
         let mut ping = (self.config.ping_secs > 0).then(|| tokio::time::interval(Duration::from_secs(self.config.ping_secs)));

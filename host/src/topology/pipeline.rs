@@ -506,7 +506,7 @@ pub fn dead_letter(pipeline: &str, record: &Record, stage: &str, error: &str) ->
     add("sluice.pipeline", pipeline.to_string());
     add("sluice.plugin", stage.to_string());
     add("sluice.error", clip(error, MAX_ERROR_BYTES));
-    add("sluice.topic", record.origin.topic.clone());
+    add("sluice.topic", record.origin.topic.to_string());
     add("sluice.partition", record.origin.partition.to_string());
     add("sluice.offset", record.origin.offset.to_string());
     Output { key: record.key.clone(), value: record.value.clone(), headers, timestamp: record.timestamp, route: None }

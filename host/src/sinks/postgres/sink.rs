@@ -154,7 +154,7 @@ impl PostgresSink {
         // Next offset per (topic, partition) once this batch is in.
         let mut positions = BTreeMap::new();
         for o in origins {
-            let next = positions.entry((o.topic.as_str(), o.partition)).or_insert(0_i64);
+            let next = positions.entry((&*o.topic, o.partition)).or_insert(0_i64);
             *next = (*next).max(o.offset + 1);
         }
         let topics: Vec<&str> = positions.keys().map(|(t, _)| *t).collect();
@@ -184,7 +184,7 @@ impl PostgresSink {
             let stored: HashMap<(&str, i32), i64> =
                 positions.keys().map(|&(t, p)| ((t, p), stored.get(&(t.to_string(), p)).copied().unwrap_or(0))).collect();
             for (keep, o) in keep.iter_mut().zip(origins) {
-                *keep = o.offset >= stored.get(&(o.topic.as_str(), o.partition)).copied().unwrap_or(0);
+                *keep = o.offset >= stored.get(&(&*o.topic, o.partition)).copied().unwrap_or(0);
             }
         }
         let skipped = keep.iter().filter(|k| !**k).count();
