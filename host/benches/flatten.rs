@@ -4,7 +4,8 @@
 //!
 //! Run: `scripts/build-plugins.sh && cargo bench -p sluice --bench flatten`
 //! (`BENCH_FRAMES=N` to change the workload; default 200,000 frames;
-//! `BENCH_COMPARE=a.wasm,b.wasm` measures other builds of the flattener too).
+//! `BENCH_COMPARE=a.wasm,b.wasm` measures other builds of the flattener too;
+//! `BENCH_PROFILE_BOUNDARY=N` only loops the 0.2 echo N times over, for `perf`).
 
 use sluice::feed::FeedGenerator;
 use sluice::record::{Bytes, Origin, Record, Results};
