@@ -22,6 +22,8 @@ fn main() -> anyhow::Result<()> {
     let mut trades = 0usize;
     // One topic name for all the records, shared as the Kafka source shares it.
     let topic: std::sync::Arc<str> = "bench".into();
+    // The boundary's cost per record apart from copying bytes: 64-byte values.
+    let small_record = |i: usize| Record { value: vec![b'x'; 64].into(), origin: Origin { topic: topic.clone(), partition: 0, offset: i as i64 }, ..Record::default() };
     let records: Vec<Record> = (0..frames)
         .map(|i| {
             let frame = feed.next_frame();
@@ -68,7 +70,7 @@ fn main() -> anyhow::Result<()> {
     // over the workload, for `perf record`; prints nothing else.
     if let Some(passes) = std::env::var("BENCH_PROFILE_BOUNDARY").ok().and_then(|v| v.parse::<usize>().ok()) {
         let mut echo = PluginInstance::new(Plugin::load(&runtime, &dir.join("chaos.wasm"))?, vec![], Limits::default(), Grants::default(), "bench")?;
-        let batch: Vec<Record> = (0..BATCH).map(|i| Record { value: vec![b'x'; 64].into(), origin: Origin { topic: topic.clone(), partition: 0, offset: i as i64 }, ..Record::default() }).collect();
+        let batch: Vec<Record> = (0..BATCH).map(small_record).collect();
         let start = Instant::now();
         for _ in 0..passes * frames / BATCH {
             outputs_of(echo.transform(&batch))?;
@@ -128,9 +130,7 @@ fn main() -> anyhow::Result<()> {
     let boundary_v01 = run(&mut echo_v01, frames)?;
     let boundary_v02 = run(&mut echo_v02, frames)?;
     // Its cost per record apart from copying bytes: as many 64-byte records.
-    let small: Vec<Record> = (0..frames)
-        .map(|i| Record { value: vec![b'x'; 64].into(), origin: Origin { topic: topic.clone(), partition: 0, offset: i as i64 }, ..Record::default() })
-        .collect();
+    let small: Vec<Record> = (0..frames).map(small_record).collect();
     let small_v01 = run_on(&mut echo_v01, &small, frames)?;
     let small_v02 = run_on(&mut echo_v02, &small, frames)?;
     let fresh_v01 = fresh_on(&mut echo_v01, &records, frames)?;

@@ -159,8 +159,7 @@ impl<E> Results<E> {
         self.records.into_iter().map(|r| r.map(|n| outputs.by_ref().take(n).collect())).collect()
     }
 
-    pub fn map_err<F>(self, f: impl FnMut(E) -> F) -> Results<F> {
-        let mut f = f;
+    pub fn map_err<F>(self, mut f: impl FnMut(E) -> F) -> Results<F> {
         Results { outputs: self.outputs, records: self.records.into_iter().map(|r| r.map_err(&mut f)).collect() }
     }
 }

@@ -184,7 +184,7 @@ impl Versions {
         if let Some(failing) = self.current.take_failing() {
             return Some(failing);
         }
-        if self.batches >= PROBATION_BATCHES || self.previous.is_none() || results.len() < SURGE_MIN_RECORDS {
+        if !self.on_probation() || results.len() < SURGE_MIN_RECORDS {
             return None;
         }
         let failed: Vec<&ChainFailure> = results.errors().collect();
