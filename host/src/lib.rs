@@ -7,8 +7,9 @@
 //! # Layout
 //!
 //! - [`record`]: the host's record types, shared by sources, transforms and sinks
-//!   (keys and values are `Bytes`: a batch's outputs share one buffer; a
-//!   transform's results are one `Results` per batch, not a vector per record);
+//!   (keys and values are `Bytes`; a transform's results are one `Results` per
+//!   batch: its outputs are ranges of the plugin's results buffer, which the
+//!   sinks read as borrowed `OutputRef` views);
 //! - [`runtime`]: the wasmtime engine, the plugin loader with its compile cache,
 //!   plugin instances with CPU and memory limits and sandbox grants, and both
 //!   plugin contracts (0.1 typed records, 0.2 one buffer per batch);

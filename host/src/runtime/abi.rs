@@ -8,7 +8,7 @@
 //! fails only that output's input record.
 
 use super::instance::Limits;
-use crate::record::{Bytes, Header, Output, Record, Results};
+use crate::record::{Bytes, Header, Outputs, Record, Results};
 
 pub const BATCH_MAGIC: u32 = u32::from_le_bytes(*b"SLB2");
 pub const RESULTS_MAGIC: u32 = u32::from_le_bytes(*b"SLO2");
@@ -143,8 +143,8 @@ impl<'a> Reader<'a> {
 /// Decodes the results of a batch of `inputs` records. `Err` is a contract
 /// violation of the whole buffer; a bad output fails only its record.
 ///
-/// Keys and values are not copied: they are slices of `buf`, which lives
-/// as long as the last of them.
+/// Keys and values are not copied: the outputs are checked ranges of
+/// `buf`, which the results keep.
 pub fn decode(buf: &Bytes, inputs: usize, limits: &Limits) -> Result<Results<String>, String> {
     let r = Reader(buf);
     if buf.len() < HEADER_BYTES {
@@ -161,35 +161,34 @@ pub fn decode(buf: &Bytes, inputs: usize, limits: &Limits) -> Result<Results<Str
     let results_at = r.table(16, results, RESULT_BYTES, "results")?;
     let outputs_at = r.table(20, outputs, OUTPUT_BYTES, "outputs")?;
     let headers_at = r.table(24, headers, HEADER_ENTRY_BYTES, "headers")?;
+    // The tables, known to lie inside the buffer: their entries are read
+    // without a check each.
+    let result_table = buf.get(results_at..results_at + inputs * RESULT_BYTES).unwrap_or_default();
+    let output_table = buf.get(outputs_at..outputs_at + outputs as usize * OUTPUT_BYTES).unwrap_or_default();
     // The ok counts must add up to the outputs table, so that every record's
     // outputs are where the sum of the previous counts says.
-    let mut total = 0u64;
-    for i in 0..inputs {
-        let at = results_at + i * RESULT_BYTES;
-        if r.u32(at)? == 0 {
-            total += u64::from(r.u32(at + 4)?);
-        }
-    }
+    let total: u64 = result_table.chunks_exact(RESULT_BYTES).filter(|e| le32(e, 0) == 0).map(|e| u64::from(le32(e, 4))).sum();
     if total != u64::from(outputs) {
         return Err(format!("the results' output counts add up to {total}, the outputs table holds {outputs}"));
     }
-    // One vector for the whole batch's outputs: the table says how many.
+    // One store for the whole batch's outputs: the table says how many.
     let mut decoded = Results::with_capacity(inputs, outputs as usize);
+    let shared = decoded.add_buffer(buf.clone());
     let mut next = 0usize;
-    for i in 0..inputs {
-        let at = results_at + i * RESULT_BYTES;
-        let (status, a, b) = (r.u32(at)?, r.u32(at + 4)?, r.u32(at + 8)?);
+    for (i, entry) in result_table.chunks_exact(RESULT_BYTES).enumerate() {
+        let (status, a, b) = (le32(entry, 0), le32(entry, 4), le32(entry, 8));
         match status {
             0 => {
-                let first = next;
-                next += a as usize;
-                // The table holds them (checked above): the limits apply after.
+                let (first, count) = (next, a as usize);
+                next += count;
+                let mine = output_table.get(first * OUTPUT_BYTES..next * OUTPUT_BYTES).unwrap_or_default();
+                // Every range is checked as it is read; the limits apply after.
                 decoded.push_with(|all| {
-                    let mine = all.len();
-                    for o in first..next {
-                        push_output(all, buf, &r, outputs_at + o * OUTPUT_BYTES, o, (headers_at, headers)).map_err(|e| format!("plugin broke the contract: {e}"))?;
+                    let mut bytes = 0;
+                    for (j, entry) in mine.chunks_exact(OUTPUT_BYTES).enumerate() {
+                        bytes += push_output(all, shared, buf, entry, first + j, (headers_at, headers)).map_err(|e| format!("plugin broke the contract: {e}"))?;
                     }
-                    limits.check_outputs(&all[mine..])
+                    limits.check_totals(count, bytes)
                 });
             }
             1 => decoded.push_err(match r.bytes(a, b, &|| format!("the error message of result {i}")) {
@@ -202,51 +201,54 @@ pub fn decode(buf: &Bytes, inputs: usize, limits: &Limits) -> Result<Results<Str
     Ok(decoded)
 }
 
-/// One output entry, pushed onto `all`: its 48 bytes are read once (the
-/// table is known to hold them), and its key and value become slices of
-/// `buf`, not copies.
-///
-/// The `Output` is built in the push itself, after everything that can
-/// fail: returned through a `Result`, it was built on the stack and copied
-/// twice, and those copies (16-byte loads of 8-byte stores, which the CPU
-/// cannot forward) were the decoder's main cost.
-fn push_output(all: &mut Vec<Output>, buf: &Bytes, r: &Reader<'_>, at: usize, index: usize, (headers_at, headers): (usize, u32)) -> Result<(), String> {
-    let entry: &[u8; OUTPUT_BYTES] = r
-        .0
-        .get(at..at + OUTPUT_BYTES)
-        .and_then(|e| e.try_into().ok())
-        .ok_or_else(|| format!("output {index} is outside the {}-byte results buffer", buf.len()))?;
-    let word = |j: usize| u32::from_le_bytes([entry[j * 4], entry[j * 4 + 1], entry[j * 4 + 2], entry[j * 4 + 3]]);
+/// The little-endian word at byte `at` of a table entry (zero past its end).
+#[inline]
+fn le32(entry: &[u8], at: usize) -> u32 {
+    entry.get(at..at + 4).map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// Why a range of output `index` cannot be read (out of the hot path).
+#[cold]
+fn outside(index: usize, field: &str, off: u32, len: u32, buf: usize) -> String {
+    format!("output {index}'s {field} at {off}+{len} is outside the {buf}-byte results buffer")
+}
+
+/// One 48-byte output entry, pushed onto `all` as ranges of the results
+/// buffer (`shared` in `all`), every range checked; nothing is copied or
+/// reference-counted. Returns the output's bytes, for the limits.
+#[inline]
+fn push_output(all: &mut Outputs, shared: u32, buf: &[u8], entry: &[u8], index: usize, (headers_at, headers): (usize, u32)) -> Result<usize, String> {
+    let word = |j: usize| le32(entry, j * 4);
     let (flags, first, count) = (word(0), word(1), word(2));
-    if first.checked_add(count).is_none_or(|end| end > headers) {
-        return Err(format!("output {index}'s headers {first}+{count} are outside the {headers}-entry headers table"));
-    }
-    let range = |(off, len): (u32, u32), field: &str| {
-        match (off as usize).checked_add(len as usize) {
-            Some(end) if end <= buf.len() => Ok(off as usize..end),
-            _ => Err(format!("output {index}'s {field} at {off}+{len} is outside the {}-byte results buffer", buf.len())),
-        }
+    let size = buf.len() as u64;
+    let range = |off: u32, len: u32, field: &str| {
+        let end = u64::from(off) + u64::from(len);
+        if end <= size { Ok(off as usize..end as usize) } else { Err(outside(index, field, off, len, buf.len())) }
     };
-    let text = |at: (u32, u32), field: &str| {
-        let bytes = &buf[range(at, field)?];
-        std::str::from_utf8(bytes).map(str::to_string).map_err(|_| format!("output {index}'s {field} is not UTF-8"))
-    };
-    let key = if flags & 1 != 0 { Some(range((word(6), word(7)), "key")?) } else { None };
-    let value = range((word(8), word(9)), "value")?;
-    let route = if flags & 4 != 0 { Some(text((word(10), word(11)), "route")?) } else { None };
-    let timestamp = (flags & 2 != 0).then(|| i64::from_le_bytes([entry[16], entry[17], entry[18], entry[19], entry[20], entry[21], entry[22], entry[23]]));
+    let text = |off: u32, len: u32, field: &str| std::str::from_utf8(&buf[range(off, len, field)?]).map_err(|_| format!("output {index}'s {field} is not UTF-8"));
+    let key = if flags & 1 != 0 { Some(range(word(6), word(7), "key")?) } else { None };
+    let value = range(word(8), word(9), "value")?;
+    let mut bytes = value.len() + key.as_ref().map_or(0, |k| k.len());
+    let route = if flags & 4 != 0 { Some(text(word(10), word(11), "route")?) } else { None };
+    let timestamp = (flags & 2 != 0).then(|| (u64::from(word(4)) | u64::from(word(5)) << 32) as i64);
     let headers = if count == 0 {
         Vec::new()
     } else {
-        (first..first + count)
-        .map(|h| {
-            let e = headers_at + h as usize * HEADER_ENTRY_BYTES;
-            Ok(Header { name: text((r.u32(e)?, r.u32(e + 4)?), "header name")?, value: buf[range((r.u32(e + 8)?, r.u32(e + 12)?), "header value")?].to_vec() })
-        })
-        .collect::<Result<_, String>>()?
+        if first.checked_add(count).is_none_or(|end| end > headers) {
+            return Err(format!("output {index}'s headers {first}+{count} are outside the {headers}-entry headers table"));
+        }
+        let table = buf.get(headers_at + first as usize * HEADER_ENTRY_BYTES..headers_at + (first + count) as usize * HEADER_ENTRY_BYTES).unwrap_or_default();
+        table
+            .chunks_exact(HEADER_ENTRY_BYTES)
+            .map(|e| {
+                let (name, value) = (text(le32(e, 0), le32(e, 4), "header name")?, &buf[range(le32(e, 8), le32(e, 12), "header value")?]);
+                bytes += name.len() + value.len();
+                Ok(Header { name: name.to_string(), value: value.to_vec() })
+            })
+            .collect::<Result<_, String>>()?
     };
-    all.push(Output { key: key.map(|k| buf.slice(k)), value: buf.slice(value), headers, timestamp, route });
-    Ok(())
+    all.push_slices(shared, key, value, timestamp, headers, route);
+    Ok(bytes)
 }
 
 #[cfg(test)]

@@ -44,14 +44,15 @@ impl Default for Limits {
 
 impl Limits {
     /// Checks one record's outputs against the output caps.
-    pub(super) fn check_outputs(&self, outputs: &[Output]) -> Result<(), String> {
-        if outputs.len() > self.outputs {
-            return Err(format!("output limit: {} outputs for one record (limit {})", outputs.len(), self.outputs));
+    pub(super) fn check_outputs(&self, outputs: crate::record::Iter<'_>) -> Result<(), String> {
+        self.check_totals(outputs.len(), outputs.map(|o| o.bytes()).sum())
+    }
+
+    /// Checks one record's `count` outputs of `bytes` in all against the output caps.
+    pub(super) fn check_totals(&self, count: usize, bytes: usize) -> Result<(), String> {
+        if count > self.outputs {
+            return Err(format!("output limit: {count} outputs for one record (limit {})", self.outputs));
         }
-        let bytes: usize = outputs
-            .iter()
-            .map(|o| o.value.len() + o.key.as_ref().map_or(0, |k| k.len()) + o.headers.iter().map(|h| h.name.len() + h.value.len()).sum::<usize>())
-            .sum();
         if bytes > self.output_bytes {
             return Err(format!("output limit: {bytes} bytes of output for one record (limit {})", self.output_bytes));
         }
@@ -489,8 +490,10 @@ impl PluginInstance {
                 for result in results {
                     decoded.push_with(|all| {
                         let mine = all.len();
-                        all.extend(result?.into_iter().map(from_wit));
-                        self.limits.check_outputs(&all[mine..])
+                        for out in result? {
+                            all.push(from_wit(out));
+                        }
+                        self.limits.check_outputs(all.range(mine..all.len()))
                     });
                 }
                 decoded

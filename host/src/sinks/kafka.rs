@@ -2,7 +2,7 @@
 
 use super::{Rejected, Sink};
 use crate::config::KafkaSinkConfig;
-use crate::record::{Origin, Output};
+use crate::record::{Origin, OutputRef};
 use anyhow::Context;
 use async_trait::async_trait;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -46,16 +46,16 @@ fn is_permanent(error: &KafkaError) -> bool {
 
 #[async_trait]
 impl Sink for KafkaSink {
-    async fn write(&self, batch: &[Output], _origins: &[&Origin]) -> anyhow::Result<Vec<Rejected>> {
+    async fn write(&self, batch: &[OutputRef<'_>], _origins: &[&Origin]) -> anyhow::Result<Vec<Rejected>> {
         let mut pending = Vec::with_capacity(batch.len());
         let mut rejected = Vec::new();
         for (index, out) in batch.iter().enumerate() {
             let headers = out.headers.iter().fold(OwnedHeaders::new_with_capacity(out.headers.len()), |hs, h| {
-                hs.insert(Header { key: &h.name, value: Some(&h.value) })
+                hs.insert(Header { key: &h.name, value: Some(&h.value[..]) })
             });
             loop {
-                let mut record = FutureRecord::<[u8], [u8]>::to(&self.topic).payload(&out.value).headers(headers.clone());
-                if let Some(key) = &out.key {
+                let mut record = FutureRecord::<[u8], [u8]>::to(&self.topic).payload(out.value).headers(headers.clone());
+                if let Some(key) = out.key {
                     record = record.key(key);
                 }
                 if let Some(ts) = out.timestamp {

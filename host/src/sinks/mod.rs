@@ -6,7 +6,7 @@ pub mod postgres;
 pub mod stdout;
 
 use crate::config::SinkConfig;
-use crate::record::{Origin, Output};
+use crate::record::{Origin, OutputRef};
 use async_trait::async_trait;
 
 /// A record the sink can never write (e.g. a value that does not fit the
@@ -25,8 +25,10 @@ pub trait Sink: Send + Sync {
     /// written: the caller retries the whole batch (a sink that may have
     /// written part of it must not write that part twice, or says it is
     /// at-least-once). `origins[i]` is where the source record of `batch[i]`
-    /// was read: an exactly-once sink stores it with the data.
-    async fn write(&self, batch: &[Output], origins: &[&Origin]) -> anyhow::Result<Vec<Rejected>>;
+    /// was read: an exactly-once sink stores it with the data. The outputs
+    /// are views (of the plugin's results buffer, mostly): a sink that keeps
+    /// bytes past the call copies them.
+    async fn write(&self, batch: &[OutputRef<'_>], origins: &[&Origin]) -> anyhow::Result<Vec<Rejected>>;
 }
 
 /// Builds the sink `name` of `pipeline`, described by `config`; `dir` (the

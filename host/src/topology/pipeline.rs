@@ -2,7 +2,7 @@
 //! dead-letter failures, and commit the source only once every sink has it.
 
 use crate::config::{OnPluginFailure, Pipeline, SourceConfig};
-use crate::record::{Header, Output, Record, Results};
+use crate::record::{Header, Output, OutputRef, Record, Results};
 use crate::runtime::Runtime;
 use crate::sinks::{self, Sink};
 use crate::sources::{kafka::KafkaSource, websocket::WebSocketSource, Source};
@@ -253,20 +253,15 @@ fn process(chain: &mut Chain, batch: &[Record]) -> Results<ChainFailure> {
     }
     let accepted: Vec<Record> = batch.iter().filter(|r| r.rejected.is_none()).cloned().collect();
     let (outputs, per_record) = chain.process(&accepted).into_parts();
-    let (mut outputs, mut per_record) = (outputs.into_iter(), per_record.into_iter());
-    let mut results = Results::with_capacity(batch.len(), outputs.len());
+    let mut per_record = per_record.into_iter();
+    let mut records = Vec::with_capacity(batch.len());
     for r in batch {
-        if let Some(reason) = &r.rejected {
-            results.push_err(ChainFailure { plugin: "source".to_string(), error: reason.clone() });
-            continue;
-        }
-        match per_record.next() {
-            Some(Ok(n)) => results.push_ok(outputs.by_ref().take(n)),
-            Some(Err(failure)) => results.push_err(failure),
-            None => results.push_ok([]),
-        }
+        records.push(match &r.rejected {
+            Some(reason) => Err(ChainFailure { plugin: "source".to_string(), error: reason.clone() }),
+            None => per_record.next().unwrap_or(Ok(0)),
+        });
     }
-    results
+    Results::from_parts(outputs, records)
 }
 
 /// Reads batches, applies chain swaps between them, transforms them, and
@@ -360,30 +355,30 @@ impl Delivery {
     ) -> Result<usize, Stopped> {
         // Returns how many records were dead-lettered.
         let pipeline = self.spec.name.clone();
-        let mut routed: BTreeMap<&str, (Vec<usize>, Vec<Output>)> = BTreeMap::new();
+        let mut routed: BTreeMap<&str, (Vec<usize>, Vec<OutputRef>)> = BTreeMap::new();
         // Dead letters, with the index of their source record.
         let mut dead: Vec<(usize, Output)> = Vec::new();
-        let (outputs, per_record) = results.into_parts();
-        let mut outputs = outputs.into_iter();
-        for (i, result) in per_record.into_iter().enumerate() {
+        let (outputs, per_record) = (results.outputs(), results.records());
+        let mut next = 0;
+        for (i, result) in per_record.iter().enumerate() {
             let n = match result {
-                Ok(n) => n,
+                Ok(n) => *n,
                 Err(failure) => {
                     dead.push((i, dead_letter(&pipeline, &batch[i], &failure.plugin, &failure.error)));
                     continue;
                 }
             };
-            let mine = outputs.as_slice().get(..n).unwrap_or_default();
-            if let Some(route) = mine.iter().filter_map(|o| o.route.as_deref()).find(|r| !self.sinks.contains_key(*r)) {
+            let mine = outputs.range(next..next + n);
+            next += n;
+            if let Some(route) = mine.clone().filter_map(|o| o.route).find(|r| !self.sinks.contains_key(*r)) {
                 let known: Vec<&str> = self.sinks.keys().map(String::as_str).collect();
                 let error = format!("unknown route {route:?} (sinks: {})", known.join(", "));
                 dead.push((i, dead_letter(&pipeline, &batch[i], "router", &error)));
-                outputs.by_ref().take(n).for_each(drop);
                 continue;
             }
-            for out in outputs.by_ref().take(n) {
-                let sink = out.route.clone().unwrap_or_else(|| self.spec.default_sink.clone());
-                let name = self.sinks.get_key_value(&sink).map(|(k, _)| k.as_str()).unwrap_or_default();
+            for out in mine {
+                let sink = out.route.unwrap_or(&self.spec.default_sink);
+                let name = self.sinks.get_key_value(sink).map(|(k, _)| k.as_str()).unwrap_or_default();
                 let entry = routed.entry(name).or_default();
                 entry.0.push(i);
                 entry.1.push(out);
@@ -411,8 +406,9 @@ impl Delivery {
             let dlq = &self.dead_letter;
             let origins: Vec<_> = dead.iter().map(|(i, _)| &batch[*i].origin).collect();
             let dead: Vec<Output> = dead.into_iter().map(|(_, out)| out).collect();
+            let views: Vec<OutputRef> = dead.iter().map(Output::view).collect();
             let write_all = || async {
-                let rejected = dlq.write(&dead, &origins).await?;
+                let rejected = dlq.write(&views, &origins).await?;
                 if rejected.is_empty() {
                     return Ok(());
                 }
@@ -424,6 +420,7 @@ impl Delivery {
                 for r in &rejected {
                     error!(%pipeline, reason = %r.reason, bytes = dead[r.index].value.len(), "dead letter refused; writing it truncated");
                 }
+                let cut: Vec<OutputRef> = cut.iter().map(Output::view).collect();
                 let refused = dlq.write(&cut, &cut_origins).await?;
                 anyhow::ensure!(refused.is_empty(), "the dead-letter destination refused truncated records: {:?}", refused);
                 Ok(())

@@ -91,49 +91,60 @@ impl Chain {
             let (outputs, records) = results.into_parts();
             let mut routes = Vec::with_capacity(outputs.len());
             let mut inputs = Vec::with_capacity(outputs.len());
-            let mut outputs = outputs.into_iter();
+            let mut next = 0;
             for (i, record) in records.iter().enumerate() {
                 if let Ok(n) = record {
-                    for out in outputs.by_ref().take(*n) {
+                    for out in (next..next + n).filter_map(|o| outputs.to_output(o)) {
                         routes.push(out.route);
                         let origin = batch[i].origin.clone();
                         inputs.push(Record { key: out.key, value: out.value, headers: out.headers, timestamp: out.timestamp, origin, rejected: None });
                     }
+                    next += n;
                 }
             }
             // A source record's outputs are those of its outputs here, in
-            // order, unless one of them failed.
-            let (new, per_input) = timed(stage, &inputs).into_parts();
-            let (mut new, mut per_input, mut routes) = (new.into_iter(), per_input.into_iter(), routes.into_iter());
-            results = Results::with_capacity(records.len(), new.len());
+            // order, unless one of them failed (then they are dropped).
+            let (mut new, per_input) = timed(stage, &inputs).into_parts();
+            let (mut per_input, mut routes) = (per_input.into_iter(), routes.into_iter());
+            let mut keep = Vec::with_capacity(new.len());
+            let mut per_record = Vec::with_capacity(records.len());
             for record in records {
                 let n = match record {
                     Ok(n) => n,
                     Err(e) => {
-                        results.push_err(e);
+                        per_record.push(Err(e));
                         continue;
                     }
                 };
-                results.push_with(|all| {
-                    let mut failed = None;
-                    for _ in 0..n {
-                        let route = routes.next().flatten();
-                        match per_input.next() {
-                            Some(Ok(count)) => all.extend(new.by_ref().take(count).map(|mut o| {
-                                o.route = o.route.or_else(|| route.clone());
-                                o
-                            })),
-                            Some(Err(error)) => {
-                                failed.get_or_insert(error);
+                let mut failed = None;
+                let mine = keep.len();
+                for _ in 0..n {
+                    let route = routes.next().flatten();
+                    match per_input.next() {
+                        Some(Ok(count)) => {
+                            for o in keep.len()..keep.len() + count {
+                                new.inherit_route(o, route.as_deref());
                             }
-                            None => {
-                                failed.get_or_insert_with(|| "plugin returned no result".to_string());
-                            }
+                            keep.resize(keep.len() + count, true);
+                        }
+                        Some(Err(error)) => {
+                            failed.get_or_insert(error);
+                        }
+                        None => {
+                            failed.get_or_insert_with(|| "plugin returned no result".to_string());
                         }
                     }
-                    failed.map_or(Ok(()), |error| Err(failure(stage, error)))
+                }
+                per_record.push(match failed {
+                    None => Ok(keep.len() - mine),
+                    Some(error) => {
+                        keep[mine..].fill(false);
+                        Err(failure(stage, error))
+                    }
                 });
             }
+            new.retain(&keep);
+            results = Results::from_parts(new, per_record);
         }
         results
     }

@@ -128,7 +128,9 @@ impl Transform for Chaos {
             return Ok(());
         }
         out.write_with(OutputMeta::default(), |value| {
-            value.extend_from_slice(self.marker.as_bytes());
+            if !self.marker.is_empty() {
+                value.extend_from_slice(self.marker.as_bytes());
+            }
             value.extend_from_slice(record.value);
         });
         Ok(())

@@ -29,10 +29,6 @@ fn u32_at(buf: &[u8], at: usize) -> Result<u32, Malformed> {
     buf.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).ok_or(Malformed("table outside the buffer"))
 }
 
-fn i64_at(buf: &[u8], at: usize) -> Result<i64, Malformed> {
-    buf.get(at..at + 8).map(|b| i64::from_le_bytes(b.try_into().unwrap_or_default())).ok_or(Malformed("table outside the buffer"))
-}
-
 fn range(buf: &[u8], off: u32, len: u32) -> Result<&[u8], Malformed> {
     let start = off as usize;
     start.checked_add(len as usize).and_then(|end| buf.get(start..end)).ok_or(Malformed("byte range outside the buffer"))
@@ -86,19 +82,22 @@ impl<'a> Batch<'a> {
     pub fn get(&self, i: usize) -> Result<RecordView<'a>, Malformed> {
         let buf = self.buf;
         let at = self.records + i * RECORD_BYTES;
-        let flags = u32_at(buf, at)?;
-        let topic = *self.topics.get(u32_at(buf, at + 4)? as usize).ok_or(Malformed("topic index out of range"))?;
-        let (first, count) = (u32_at(buf, at + 12)?, u32_at(buf, at + 16)?);
+        // The 56-byte entry is checked once, then read without a check per field.
+        let entry: &[u8; RECORD_BYTES] = buf.get(at..at + RECORD_BYTES).and_then(|e| e.try_into().ok()).ok_or(Malformed("record outside the records table"))?;
+        let word = |j: usize| u32::from_le_bytes([entry[j], entry[j + 1], entry[j + 2], entry[j + 3]]);
+        let dword = |j: usize| (u64::from(word(j)) | u64::from(word(j + 4)) << 32) as i64;
+        let flags = word(0);
+        let topic = *self.topics.get(word(4) as usize).ok_or(Malformed("topic index out of range"))?;
+        let (first, count) = (word(12), word(16));
         if first.checked_add(count).is_none_or(|end| end > self.headers.1) {
             return Err(Malformed("header range out of the headers table"));
         }
-        let key = range(buf, u32_at(buf, at + 40)?, u32_at(buf, at + 44)?)?;
         Ok(RecordView {
-            key: (flags & 1 != 0).then_some(key),
-            value: range(buf, u32_at(buf, at + 48)?, u32_at(buf, at + 52)?)?,
+            key: if flags & 1 != 0 { Some(range(buf, word(40), word(44))?) } else { None },
+            value: range(buf, word(48), word(52))?,
             headers: Headers { buf, at: self.headers.0 + first as usize * 16, count: count as usize },
-            timestamp: (flags & 2 != 0).then_some(i64_at(buf, at + 32)?),
-            origin: OriginView { topic, partition: u32_at(buf, at + 8)? as i32, offset: i64_at(buf, at + 24)? },
+            timestamp: (flags & 2 != 0).then(|| dword(32)),
+            origin: OriginView { topic, partition: word(8) as i32, offset: dword(24) },
         })
     }
 }
@@ -181,24 +180,15 @@ pub struct OutputMeta<'a> {
     pub headers: &'a [(&'a str, &'a [u8])],
 }
 
-#[derive(Debug, Clone, Copy, Default)]
-struct OutEntry {
-    flags: u32,
-    first_header: u32,
-    headers: u32,
-    timestamp: i64,
-    key: (u32, u32),
-    value: (u32, u32),
-    route: (u32, u32),
-}
-
 /// Where one input record's outputs go. Bytes are written straight into the
 /// results buffer the host reads.
 pub struct Outputs {
     buf: Vec<u8>,
-    results: Vec<[u32; 3]>,
-    outputs: Vec<OutEntry>,
-    headers: Vec<[u32; 4]>,
+    /// The tables, each entry already in its little-endian layout: `finish`
+    /// appends each table with one copy.
+    results: Vec<[u8; 12]>,
+    outputs: Vec<[u8; OUTPUT_BYTES]>,
+    headers: Vec<[u8; 16]>,
     /// (buf, outputs, headers) lengths when the current record began.
     mark: (usize, usize, usize),
 }
@@ -241,34 +231,34 @@ impl Outputs {
     /// Adds an output whose value `value` appends to the buffer it is given
     /// (the results buffer itself: the value is never copied again).
     pub fn write_with(&mut self, meta: OutputMeta<'_>, value: impl FnOnce(&mut Vec<u8>)) {
-        let mut entry = OutEntry { timestamp: meta.timestamp.unwrap_or(0), first_header: self.headers.len() as u32, headers: meta.headers.len() as u32, ..OutEntry::default() };
-        entry.flags = u32::from(meta.key.is_some()) | u32::from(meta.timestamp.is_some()) << 1 | u32::from(meta.route.is_some()) << 2;
-        if let Some(key) = meta.key {
-            entry.key = self.bytes(key);
-        }
-        if let Some(route) = meta.route {
-            entry.route = self.bytes(route.as_bytes());
-        }
+        let flags = u32::from(meta.key.is_some()) | u32::from(meta.timestamp.is_some()) << 1 | u32::from(meta.route.is_some()) << 2;
+        let first_header = self.headers.len() as u32;
+        let key = meta.key.map_or((0, 0), |key| self.bytes(key));
+        let route = meta.route.map_or((0, 0), |route| self.bytes(route.as_bytes()));
         for (name, value) in meta.headers {
             let (n, v) = (self.bytes(name.as_bytes()), self.bytes(value));
-            self.headers.push([n.0, n.1, v.0, v.1]);
+            self.headers.push(le_words([n.0, n.1, v.0, v.1]));
         }
         let start = self.buf.len();
         value(&mut self.buf);
-        entry.value = (start as u32, (self.buf.len() - start) as u32);
+        let value = (start as u32, (self.buf.len() - start) as u32);
+        let mut entry = [0u8; OUTPUT_BYTES];
+        put_words(&mut entry, &[flags, first_header, meta.headers.len() as u32, 0]);
+        entry[16..24].copy_from_slice(&meta.timestamp.unwrap_or(0).to_le_bytes());
+        put_words(&mut entry[24..], &[key.0, key.1, value.0, value.1, route.0, route.1]);
         self.outputs.push(entry);
     }
 
     /// Ends the current record: its outputs, or `error` (which discards them).
     pub fn end_record(&mut self, result: Result<(), String>) {
         match result {
-            Ok(()) => self.results.push([0, (self.outputs.len() - self.mark.1) as u32, 0]),
+            Ok(()) => self.results.push(le_words([0, (self.outputs.len() - self.mark.1) as u32, 0])),
             Err(message) => {
                 self.buf.truncate(self.mark.0);
                 self.outputs.truncate(self.mark.1);
                 self.headers.truncate(self.mark.2);
                 let (off, len) = self.bytes(message.as_bytes());
-                self.results.push([1, off, len]);
+                self.results.push(le_words([1, off, len]));
             }
         }
         self.mark = (self.buf.len(), self.outputs.len(), self.headers.len());
@@ -277,26 +267,11 @@ impl Outputs {
     /// The results buffer, for the host.
     pub fn finish(mut self) -> Vec<u8> {
         let results_off = self.buf.len();
-        self.buf.reserve(self.results.len() * 12 + self.outputs.len() * OUTPUT_BYTES + self.headers.len() * 16);
-        for r in &self.results {
-            let mut entry = [0u8; 12];
-            put_words(&mut entry, r);
-            self.buf.extend_from_slice(&entry);
-        }
+        self.buf.extend_from_slice(self.results.as_flattened());
         let outputs_off = self.buf.len();
-        for o in &self.outputs {
-            let mut entry = [0u8; OUTPUT_BYTES];
-            put_words(&mut entry, &[o.flags, o.first_header, o.headers, 0]);
-            entry[16..24].copy_from_slice(&o.timestamp.to_le_bytes());
-            put_words(&mut entry[24..], &[o.key.0, o.key.1, o.value.0, o.value.1, o.route.0, o.route.1]);
-            self.buf.extend_from_slice(&entry);
-        }
+        self.buf.extend_from_slice(self.outputs.as_flattened());
         let headers_off = self.buf.len();
-        for h in &self.headers {
-            let mut entry = [0u8; 16];
-            put_words(&mut entry, h);
-            self.buf.extend_from_slice(&entry);
-        }
+        self.buf.extend_from_slice(self.headers.as_flattened());
         let header = [RESULTS_MAGIC, self.results.len() as u32, self.outputs.len() as u32, self.headers.len() as u32, results_off as u32, outputs_off as u32, headers_off as u32, 0];
         for (i, n) in header.iter().enumerate() {
             self.buf[i * 4..i * 4 + 4].copy_from_slice(&n.to_le_bytes());
@@ -308,17 +283,21 @@ impl Outputs {
     pub fn take_owned(&mut self) -> Vec<Output> {
         let buf = &self.buf;
         let slice = |(off, len): (u32, u32)| buf[off as usize..(off + len) as usize].to_vec();
+        let word = |e: &[u8], at: usize| u32::from_le_bytes([e[at], e[at + 1], e[at + 2], e[at + 3]]);
         let outputs = self.outputs[self.mark.1..]
             .iter()
-            .map(|o| Output {
-                key: (o.flags & 1 != 0).then(|| slice(o.key)),
-                value: slice(o.value),
-                headers: self.headers[o.first_header as usize..(o.first_header + o.headers) as usize]
-                    .iter()
-                    .map(|h| Header { name: String::from_utf8_lossy(&slice((h[0], h[1]))).into_owned(), value: slice((h[2], h[3])) })
-                    .collect(),
-                timestamp: (o.flags & 2 != 0).then_some(o.timestamp),
-                route: (o.flags & 4 != 0).then(|| String::from_utf8_lossy(&slice(o.route)).into_owned()),
+            .map(|o| {
+                let (flags, first, count) = (word(o, 0), word(o, 4) as usize, word(o, 8) as usize);
+                Output {
+                    key: (flags & 1 != 0).then(|| slice((word(o, 24), word(o, 28)))),
+                    value: slice((word(o, 32), word(o, 36))),
+                    headers: self.headers[first..first + count]
+                        .iter()
+                        .map(|h| Header { name: String::from_utf8_lossy(&slice((word(h, 0), word(h, 4)))).into_owned(), value: slice((word(h, 8), word(h, 12))) })
+                        .collect(),
+                    timestamp: (flags & 2 != 0).then(|| i64::from_le_bytes([o[16], o[17], o[18], o[19], o[20], o[21], o[22], o[23]])),
+                    route: (flags & 4 != 0).then(|| String::from_utf8_lossy(&slice((word(o, 40), word(o, 44)))).into_owned()),
+                }
             })
             .collect();
         self.buf.truncate(self.mark.0);
@@ -326,6 +305,13 @@ impl Outputs {
         self.headers.truncate(self.mark.2);
         outputs
     }
+}
+
+/// `words`, little-endian, as one table entry.
+fn le_words<const W: usize, const B: usize>(words: [u32; W]) -> [u8; B] {
+    let mut entry = [0u8; B];
+    put_words(&mut entry, &words);
+    entry
 }
 
 /// Writes `words` little-endian at the start of `dst`.

@@ -12,7 +12,7 @@
 
 use super::rows::{pg_type, Rows};
 use crate::config::PostgresSinkConfig;
-use crate::record::{Origin, Output};
+use crate::record::{Origin, OutputRef};
 use crate::sinks::{Rejected, Sink};
 use anyhow::Context;
 use async_trait::async_trait;
@@ -263,12 +263,12 @@ fn offsets_table(config: &PostgresSinkConfig) -> String {
 
 #[async_trait]
 impl Sink for PostgresSink {
-    async fn write(&self, batch: &[Output], origins: &[&Origin]) -> anyhow::Result<Vec<Rejected>> {
+    async fn write(&self, batch: &[OutputRef<'_>], origins: &[&Origin]) -> anyhow::Result<Vec<Rejected>> {
         let mut rows = Rows::with_capacity(batch.len(), self.config.columns.len());
         let mut row_origins = Vec::with_capacity(batch.len());
         let mut rejected = Vec::new();
         for (index, out) in batch.iter().enumerate() {
-            match rows.push(&out.value, &self.config.columns) {
+            match rows.push(out.value, &self.config.columns) {
                 Ok(()) => row_origins.push(origins[index]),
                 Err(reason) => rejected.push(Rejected { index, reason }),
             }
