@@ -331,6 +331,19 @@ impl<E> Results<E> {
         Results { outputs: Outputs::with_capacity(outputs), records: Vec::with_capacity(records) }
     }
 
+    /// Keeps `buf` for the outputs [`Results::push_with`] adds as its ranges.
+    pub fn add_buffer(&mut self, buf: Bytes) -> u32 {
+        self.outputs.add_buffer(buf)
+    }
+
+    /// Room for `outputs` owned outputs ([`Results::push_ok`]): each brings
+    /// its key and value as buffers of their own.
+    pub fn with_owned_capacity(records: usize, outputs: usize) -> Self {
+        let mut results = Self::with_capacity(records, outputs);
+        results.outputs.buffers.reserve(2 * outputs);
+        results
+    }
+
     /// Outputs, and per record how many of them are its own (they must add
     /// up to the outputs; those past the sum are never read) or its error.
     pub fn from_parts(outputs: Outputs, records: Vec<Result<usize, E>>) -> Self {
@@ -362,11 +375,6 @@ impl<E> Results<E> {
                 self.records.push(Err(error));
             }
         }
-    }
-
-    /// Keeps `buf` for the outputs [`Results::push_with`] adds as its ranges.
-    pub fn add_buffer(&mut self, buf: Bytes) -> u32 {
-        self.outputs.add_buffer(buf)
     }
 
     /// Appends the records of `other`.

@@ -486,7 +486,8 @@ impl PluginInstance {
                 if results.len() != inputs.len() {
                     return Err(Fault::Contract(format!("{} results for {} records", results.len(), inputs.len())));
                 }
-                let mut decoded = Results::with_capacity(results.len(), results.len());
+                let outputs = results.iter().map(|r| r.as_ref().map_or(0, Vec::len)).sum();
+                let mut decoded = Results::with_owned_capacity(results.len(), outputs);
                 for result in results {
                     decoded.push_with(|all| {
                         let mine = all.len();

@@ -70,7 +70,7 @@ impl Chain {
     /// output without a route keeps the route its input had.
     pub fn process(&mut self, batch: &[Record]) -> Results<ChainFailure> {
         let Some((first, rest)) = self.stages.split_first_mut() else {
-            let mut results = Results::with_capacity(batch.len(), batch.len());
+            let mut results = Results::with_owned_capacity(batch.len(), batch.len());
             for r in batch {
                 results.push_ok([Output::from(r.clone())]);
             }
