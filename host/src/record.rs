@@ -158,7 +158,7 @@ impl Outputs {
     /// Output `i`, owned (its bytes still shared, not copied).
     pub fn to_output(&self, i: usize) -> Option<Output> {
         let e = self.entries.get(i)?;
-        let bytes = |buf: u32, s: Slice| self.buffers.get(buf as usize).and_then(|b| (s.start.checked_add(s.len)? <= b.len()).then(|| b.slice(s.start..s.start + s.len))).unwrap_or_default();
+        let bytes = |buf: u32, s: Slice| self.locate(buf, s).map(|(b, range)| b.slice(range)).unwrap_or_default();
         let view = self.view(e);
         Some(Output {
             key: (e.key_buf != NO_KEY).then(|| bytes(e.key_buf, e.key)),
@@ -170,7 +170,7 @@ impl Outputs {
     }
 
     fn view(&self, e: &Entry) -> OutputRef<'_> {
-        let bytes = |buf: u32, s: Slice| -> &[u8] { self.buffers.get(buf as usize).and_then(|b| b.get(s.start..s.start.checked_add(s.len)?)).unwrap_or_default() };
+        let bytes = |buf: u32, s: Slice| self.locate(buf, s).map_or(&[][..], |(b, range)| &b[range]);
         let first = e.first_header as usize;
         OutputRef {
             key: (e.key_buf != NO_KEY).then(|| bytes(e.key_buf, e.key)),
@@ -179,6 +179,13 @@ impl Outputs {
             timestamp: e.has_timestamp.then_some(e.timestamp),
             route: e.route.checked_sub(1).and_then(|r| self.routes.get(r as usize)).map(|r| &**r),
         }
+    }
+
+    /// The buffer of slice `s` and its range there; `None` if it lies outside.
+    fn locate(&self, buf: u32, s: Slice) -> Option<(&Bytes, Range<usize>)> {
+        let b = self.buffers.get(buf as usize)?;
+        let end = s.start.checked_add(s.len).filter(|&end| end <= b.len())?;
+        Some((b, s.start..end))
     }
 
     /// Keeps `buf` for the outputs pushed with [`Outputs::push_slices`]; returns its index.
@@ -193,37 +200,30 @@ impl Outputs {
     #[inline]
     pub fn push_slices(&mut self, buf: u32, key: Option<Range<usize>>, value: Range<usize>, timestamp: Option<i64>, headers: Vec<Header>, route: Option<&str>) {
         let slice = |r: Range<usize>| Slice { start: r.start, len: r.end.saturating_sub(r.start) };
+        self.push_entry(key.map(|k| (buf, slice(k))), (buf, slice(value)), timestamp, headers, route);
+    }
+
+    /// Adds an owned output (its key and value become buffers of their own).
+    pub fn push(&mut self, out: Output) {
+        let mut own = |b: Bytes| {
+            let whole = Slice { start: 0, len: b.len() };
+            (self.add_buffer(b), whole)
+        };
+        let key = out.key.map(&mut own);
+        let value = own(out.value);
+        self.push_entry(key, value, out.timestamp, out.headers, out.route.as_deref());
+    }
+
+    /// Adds an output: key and value as (buffer, slice) pairs.
+    #[inline(always)]
+    fn push_entry(&mut self, key: Option<(u32, Slice)>, (value_buf, value): (u32, Slice), timestamp: Option<i64>, headers: Vec<Header>, route: Option<&str>) {
         let (first_header, count) = (self.headers.len() as u32, headers.len() as u32);
         if count > 0 {
             self.headers.extend(headers);
         }
         let route = route.map_or(0, |r| self.intern(r));
-        self.entries.push(Entry {
-            key_buf: if key.is_some() { buf } else { NO_KEY },
-            key: key.map(slice).unwrap_or_default(),
-            value_buf: buf,
-            value: slice(value),
-            timestamp: timestamp.unwrap_or(0),
-            has_timestamp: timestamp.is_some(),
-            first_header,
-            headers: count,
-            route,
-        });
-    }
-
-    /// Adds an owned output (its key and value become buffers of their own).
-    pub fn push(&mut self, out: Output) {
-        let whole = |b: &Bytes| Slice { start: 0, len: b.len() };
-        let (key, key_buf) = match out.key {
-            Some(k) => (whole(&k), self.add_buffer(k)),
-            None => (Slice::default(), NO_KEY),
-        };
-        let value = whole(&out.value);
-        let value_buf = self.add_buffer(out.value);
-        let (first_header, headers) = (self.headers.len() as u32, out.headers.len() as u32);
-        self.headers.extend(out.headers);
-        let route = out.route.as_deref().map_or(0, |r| self.intern(r));
-        self.entries.push(Entry { key, key_buf, value, value_buf, timestamp: out.timestamp.unwrap_or(0), has_timestamp: out.timestamp.is_some(), first_header, headers, route });
+        let (key_buf, key) = key.unwrap_or((NO_KEY, Slice::default()));
+        self.entries.push(Entry { key, key_buf, value, value_buf, timestamp: timestamp.unwrap_or(0), has_timestamp: timestamp.is_some(), first_header, headers: count, route });
     }
 
     /// Output `i` without a route gets `route` (a chain's later stage keeps

@@ -129,13 +129,13 @@ impl<'a> Reader<'a> {
             .ok_or_else(|| format!("{} at {off}+{len} is outside the {}-byte results buffer", what(), self.0.len()))
     }
 
-    /// A table of `count` entries of `size` bytes at the offset read at `at`.
-    fn table(&self, at: usize, count: u32, size: usize, what: &str) -> Result<usize, String> {
+    /// The table of `count` entries of `size` bytes at the offset read at `at`.
+    fn table(&self, at: usize, count: u32, size: usize, what: &str) -> Result<&'a [u8], String> {
         let off = self.u32(at)? as usize;
         let end = (count as usize).checked_mul(size).and_then(|n| n.checked_add(off));
-        match end {
-            Some(end) if end <= self.0.len() => Ok(off),
-            _ => Err(format!("the {what} table ({count} entries at byte {off}) is outside the {}-byte results buffer", self.0.len())),
+        match end.and_then(|end| self.0.get(off..end)) {
+            Some(table) => Ok(table),
+            None => Err(format!("the {what} table ({count} entries at byte {off}) is outside the {}-byte results buffer", self.0.len())),
         }
     }
 }
@@ -158,13 +158,10 @@ pub fn decode(buf: &Bytes, inputs: usize, limits: &Limits) -> Result<Results<Str
     if results as usize != inputs {
         return Err(format!("{results} results for {inputs} records"));
     }
-    let results_at = r.table(16, results, RESULT_BYTES, "results")?;
-    let outputs_at = r.table(20, outputs, OUTPUT_BYTES, "outputs")?;
-    let headers_at = r.table(24, headers, HEADER_ENTRY_BYTES, "headers")?;
-    // The tables, known to lie inside the buffer: their entries are read
-    // without a check each.
-    let result_table = buf.get(results_at..results_at + inputs * RESULT_BYTES).unwrap_or_default();
-    let output_table = buf.get(outputs_at..outputs_at + outputs as usize * OUTPUT_BYTES).unwrap_or_default();
+    // The tables, checked whole: their entries are read without a check each.
+    let result_table = r.table(16, results, RESULT_BYTES, "results")?;
+    let output_table = r.table(20, outputs, OUTPUT_BYTES, "outputs")?;
+    let header_table = r.table(24, headers, HEADER_ENTRY_BYTES, "headers")?;
     // The ok counts must add up to the outputs table, so that every record's
     // outputs are where the sum of the previous counts says.
     let total: u64 = result_table.chunks_exact(RESULT_BYTES).filter(|e| le32(e, 0) == 0).map(|e| u64::from(le32(e, 4))).sum();
@@ -186,7 +183,7 @@ pub fn decode(buf: &Bytes, inputs: usize, limits: &Limits) -> Result<Results<Str
                 decoded.push_with(|all| {
                     let mut bytes = 0;
                     for (j, entry) in mine.chunks_exact(OUTPUT_BYTES).enumerate() {
-                        bytes += push_output(all, shared, buf, entry, first + j, (headers_at, headers)).map_err(|e| format!("plugin broke the contract: {e}"))?;
+                        bytes += push_output(all, shared, buf, entry, first + j, header_table).map_err(|e| format!("plugin broke the contract: {e}"))?;
                     }
                     limits.check_totals(count, bytes)
                 });
@@ -217,7 +214,7 @@ fn outside(index: usize, field: &str, off: u32, len: u32, buf: usize) -> String 
 /// buffer (`shared` in `all`), every range checked; nothing is copied or
 /// reference-counted. Returns the output's bytes, for the limits.
 #[inline]
-fn push_output(all: &mut Outputs, shared: u32, buf: &[u8], entry: &[u8], index: usize, (headers_at, headers): (usize, u32)) -> Result<usize, String> {
+fn push_output(all: &mut Outputs, shared: u32, buf: &[u8], entry: &[u8], index: usize, header_table: &[u8]) -> Result<usize, String> {
     let word = |j: usize| le32(entry, j * 4);
     let (flags, first, count) = (word(0), word(1), word(2));
     let size = buf.len() as u64;
@@ -234,11 +231,11 @@ fn push_output(all: &mut Outputs, shared: u32, buf: &[u8], entry: &[u8], index: 
     let headers = if count == 0 {
         Vec::new()
     } else {
-        if first.checked_add(count).is_none_or(|end| end > headers) {
-            return Err(format!("output {index}'s headers {first}+{count} are outside the {headers}-entry headers table"));
-        }
-        let table = buf.get(headers_at + first as usize * HEADER_ENTRY_BYTES..headers_at + (first + count) as usize * HEADER_ENTRY_BYTES).unwrap_or_default();
-        table
+        let mine = (first as usize).checked_add(count as usize).and_then(|end| header_table.get(first as usize * HEADER_ENTRY_BYTES..end * HEADER_ENTRY_BYTES));
+        let Some(mine) = mine else {
+            return Err(format!("output {index}'s headers {first}+{count} are outside the {}-entry headers table", header_table.len() / HEADER_ENTRY_BYTES));
+        };
+        mine
             .chunks_exact(HEADER_ENTRY_BYTES)
             .map(|e| {
                 let (name, value) = (text(le32(e, 0), le32(e, 4), "header name")?, &buf[range(le32(e, 8), le32(e, 12), "header value")?]);
