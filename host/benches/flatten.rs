@@ -5,7 +5,8 @@
 //! Run: `scripts/build-plugins.sh && cargo bench -p sluice --bench flatten`
 //! (`BENCH_FRAMES=N` to change the workload; default 200,000 frames;
 //! `BENCH_COMPARE=a.wasm,b.wasm` measures other builds of the flattener too;
-//! `BENCH_PROFILE_BOUNDARY=N` only loops the 0.2 echo N times over, for `perf`).
+//! `BENCH_PROFILE_BOUNDARY=N` only loops the 0.2 echo N times over, and
+//! `BENCH_PROFILE_FLATTEN=N` the 0.2 flattener, for `perf`).
 
 use sluice::feed::FeedGenerator;
 use sluice::record::{Bytes, Origin, Record, Results};
@@ -76,6 +77,18 @@ fn main() -> anyhow::Result<()> {
             outputs_of(echo.transform(&batch))?;
         }
         println!("{:.3} us per record", start.elapsed().as_secs_f64() * 1e6 / (passes * frames) as f64);
+        return Ok(());
+    }
+    // `BENCH_PROFILE_FLATTEN=N`: only N passes of the 0.2 flattener.
+    if let Some(passes) = std::env::var("BENCH_PROFILE_FLATTEN").ok().and_then(|v| v.parse::<usize>().ok()) {
+        let mut flattener = PluginInstance::new(Plugin::load(&runtime, &dir.join("trade_flattener.wasm"))?, vec![], Limits::default(), Grants::default(), "bench")?;
+        let start = Instant::now();
+        for _ in 0..passes {
+            for chunk in records.chunks(BATCH) {
+                outputs_of(flattener.transform(chunk))?;
+            }
+        }
+        println!("{:.3} us per frame", start.elapsed().as_secs_f64() * 1e6 / (passes * frames) as f64);
         return Ok(());
     }
     let compile_start = Instant::now();

@@ -203,6 +203,19 @@ impl Outputs {
         self.push_entry(key.map(|k| (buf, slice(k))), (buf, slice(value)), timestamp, headers, route);
     }
 
+    /// Adds outputs without headers or route: (key, value, timestamp), the
+    /// key and value as (start, length) in buffer `buf`, checked by the
+    /// caller as for [`Outputs::push_slices`]. One reservation for all of
+    /// them when `outputs` knows its length.
+    #[inline(always)]
+    pub fn extend_slices(&mut self, buf: u32, outputs: impl Iterator<Item = (Option<(usize, usize)>, (usize, usize), Option<i64>)>) {
+        let first_header = self.headers.len() as u32;
+        self.entries.extend(outputs.map(|(key, (start, len), timestamp)| {
+            let (key_buf, key) = key.map_or((NO_KEY, Slice::default()), |(start, len)| (buf, Slice { start, len }));
+            Entry { key, key_buf, value: Slice { start, len }, value_buf: buf, timestamp: timestamp.unwrap_or(0), has_timestamp: timestamp.is_some(), first_header, headers: 0, route: 0 }
+        }));
+    }
+
     /// Adds an owned output (its key and value become buffers of their own).
     pub fn push(&mut self, out: Output) {
         let mut own = |b: Bytes| {

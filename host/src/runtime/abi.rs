@@ -23,84 +23,85 @@ const HEADER_ENTRY_BYTES: usize = 16;
 #[derive(Default)]
 pub struct Encoder {
     buf: Vec<u8>,
-    /// Each record's index into the batch's topics table.
-    topic_of: Vec<u32>,
+    /// The topics and headers tables, in their little-endian layout: built
+    /// while the records are read, appended after them.
+    topics: Vec<[u8; 8]>,
+    headers: Vec<[u8; HEADER_ENTRY_BYTES]>,
 }
 
 impl Encoder {
     /// Encodes `batch`; the result borrows the encoder's buffer.
     ///
-    /// Layout: header, record table, topic table, header table, then the
-    /// payload (topic names, then each record's key, value and headers).
-    /// The tables' sizes are known first, so every entry is written in place.
+    /// Layout: header, record table, then each record's key, value and
+    /// headers (and each topic's name where it first appears), then the
+    /// topic and header tables. One pass over the records: each is read once.
     pub fn encode(&mut self, batch: &[Record]) -> Result<&[u8], String> {
-        let Encoder { buf, topic_of } = self;
-        // One pass sizes the tables and the payload. Topics repeat: a batch
-        // usually holds one or a few, mostly the same string as the record before.
-        let mut topics: Vec<&str> = Vec::new();
-        topic_of.clear();
-        let (mut header_count, mut payload) = (0usize, 0usize);
-        for r in batch {
-            let topic: &str = &r.origin.topic;
-            let same = |t: &&str| (std::ptr::eq(t.as_ptr(), topic.as_ptr()) && t.len() == topic.len()) || *t == topic;
-            let index = match topic_of.last().filter(|&&last| same(&topics[last as usize])) {
-                Some(&last) => last as usize,
-                None => match topics.iter().rposition(same) {
-                    Some(index) => index,
-                    None => {
-                        topics.push(topic);
-                        payload += topic.len();
-                        topics.len() - 1
-                    }
-                },
-            };
-            topic_of.push(index as u32);
-            header_count += r.headers.len();
-            payload += r.key.as_ref().map_or(0, |k| k.len()) + r.value.len() + r.headers.iter().map(|h| h.name.len() + h.value.len()).sum::<usize>();
-        }
+        let Encoder { buf, topics, headers } = self;
+        topics.clear();
+        headers.clear();
+        // Topics repeat: a batch usually holds one or a few, mostly the same
+        // string as the record before.
+        let mut names: Vec<&str> = Vec::new();
+        let mut last = None;
         let records_off = HEADER_BYTES;
-        let topics_off = records_off + batch.len() * RECORD_BYTES;
-        let headers_off = topics_off + topics.len() * 8;
-        let payload_off = headers_off + header_count * HEADER_ENTRY_BYTES;
-        let total = payload_off + payload;
-        u32::try_from(total).map_err(|_| format!("batch of {total} bytes is over the contract's 4 GiB"))?;
         buf.clear();
-        buf.reserve(total);
-        buf.resize(payload_off, 0);
-        let counts = [BATCH_MAGIC, batch.len() as u32, topics.len() as u32, header_count as u32, records_off as u32, topics_off as u32, headers_off as u32, 0];
-        put_u32s(buf, 0, &counts);
+        buf.resize(records_off + batch.len() * RECORD_BYTES, 0);
+        // Offsets past 4 GiB wrap here; such a batch is refused below.
         let append = |buf: &mut Vec<u8>, bytes: &[u8]| {
             let off = buf.len() as u32;
             buf.extend_from_slice(bytes);
             [off, bytes.len() as u32]
         };
-        for (i, t) in topics.iter().enumerate() {
-            let range = append(buf, t.as_bytes());
-            put_u32s(buf, topics_off + i * 8, &range);
-        }
-        let mut header = 0;
         for (i, r) in batch.iter().enumerate() {
+            let topic: &str = &r.origin.topic;
+            let same = |t: &&str| (std::ptr::eq(t.as_ptr(), topic.as_ptr()) && t.len() == topic.len()) || *t == topic;
+            let index = match last.filter(|&last: &usize| names.get(last).is_some_and(same)) {
+                Some(last) => last,
+                None => match names.iter().rposition(same) {
+                    Some(index) => index,
+                    None => {
+                        let range = append(buf, topic.as_bytes());
+                        topics.push(le_words(range));
+                        names.push(topic);
+                        names.len() - 1
+                    }
+                },
+            };
+            last = Some(index);
             let key = r.key.as_deref().map_or([0, 0], |k| append(buf, k));
             let value = append(buf, &r.value);
-            let first = header as u32;
+            let first = headers.len() as u32;
             for h in &r.headers {
                 let (n, v) = (append(buf, h.name.as_bytes()), append(buf, &h.value));
-                put_u32s(buf, headers_off + header * HEADER_ENTRY_BYTES, &[n[0], n[1], v[0], v[1]]);
-                header += 1;
+                headers.push(le_words([n[0], n[1], v[0], v[1]]));
             }
             // The entry is put together whole, then written with one copy.
             let flags = u32::from(r.key.is_some()) | u32::from(r.timestamp.is_some()) << 1;
             let mut entry = [0u8; RECORD_BYTES];
-            put_u32s(&mut entry, 0, &[flags, topic_of[i], r.origin.partition as u32, first, r.headers.len() as u32, 0]);
+            put_u32s(&mut entry, 0, &[flags, index as u32, r.origin.partition as u32, first, r.headers.len() as u32, 0]);
             entry[24..32].copy_from_slice(&r.origin.offset.to_le_bytes());
             entry[32..40].copy_from_slice(&r.timestamp.unwrap_or(0).to_le_bytes());
             put_u32s(&mut entry, 40, &[key[0], key[1], value[0], value[1]]);
             let at = records_off + i * RECORD_BYTES;
             buf[at..at + RECORD_BYTES].copy_from_slice(&entry);
         }
-        debug_assert_eq!(buf.len(), total);
+        let topics_off = buf.len();
+        buf.extend_from_slice(topics.as_flattened());
+        let headers_off = buf.len();
+        buf.extend_from_slice(headers.as_flattened());
+        let total = buf.len();
+        u32::try_from(total).map_err(|_| format!("batch of {total} bytes is over the contract's 4 GiB"))?;
+        let counts = [BATCH_MAGIC, batch.len() as u32, names.len() as u32, headers.len() as u32, records_off as u32, topics_off as u32, headers_off as u32, 0];
+        put_u32s(buf, 0, &counts);
         Ok(buf)
     }
+}
+
+/// `words`, little-endian, as one table entry.
+fn le_words<const W: usize, const B: usize>(words: [u32; W]) -> [u8; B] {
+    let mut entry = [0u8; B];
+    put_u32s(&mut entry, 0, &words);
+    entry
 }
 
 /// Writes `words` little-endian from byte `at`.
@@ -181,8 +182,10 @@ pub fn decode(buf: &Bytes, inputs: usize, limits: &Limits) -> Result<Results<Str
                 let mine = output_table.get(first * OUTPUT_BYTES..next * OUTPUT_BYTES).unwrap_or_default();
                 // Every range is checked as it is read; the limits apply after.
                 decoded.push_with(|all| {
-                    let mut bytes = 0;
-                    for (j, entry) in mine.chunks_exact(OUTPUT_BYTES).enumerate() {
+                    // Most outputs have no headers and no route: those come
+                    // first, then the general path takes the rest.
+                    let (plain, mut bytes) = push_plain(all, shared, buf.len(), mine);
+                    for (j, entry) in mine.chunks_exact(OUTPUT_BYTES).enumerate().skip(plain) {
                         bytes += push_output(all, shared, buf, entry, first + j, header_table).map_err(|e| format!("plugin broke the contract: {e}"))?;
                     }
                     limits.check_totals(count, bytes)
@@ -208,6 +211,47 @@ fn le32(entry: &[u8], at: usize) -> u32 {
 #[cold]
 fn outside(index: usize, field: &str, off: u32, len: u32, buf: usize) -> String {
     format!("output {index}'s {field} at {off}+{len} is outside the {buf}-byte results buffer")
+}
+
+/// Pushes the leading entries of `table` that have neither headers nor a
+/// route (nor a flag this host does not know) and whose ranges lie within
+/// the `size`-byte results buffer, as [`push_output`] would; returns how
+/// many, and their bytes. The first other entry stops it, for
+/// [`push_output`] to decode or to explain.
+///
+/// Two tight loops: one checks the entries, the other writes the checked
+/// ones with a single reservation (a loop that may also grow a vector keeps
+/// its variables on the stack).
+#[inline(always)]
+fn push_plain(all: &mut Outputs, shared: u32, size: usize, table: &[u8]) -> (usize, usize) {
+    let (entries, _) = table.as_chunks::<OUTPUT_BYTES>();
+    let word = |e: &[u8; OUTPUT_BYTES], j: usize| u32::from_le_bytes([e[j * 4], e[j * 4 + 1], e[j * 4 + 2], e[j * 4 + 3]]);
+    let key = |e: &[u8; OUTPUT_BYTES]| if word(e, 0) & 1 != 0 { (word(e, 6), word(e, 7)) } else { (0, 0) };
+    let mut bytes = 0u64;
+    let plain = entries
+        .iter()
+        .position(|e| {
+            let (key, value) = (key(e), (word(e, 8), word(e, 9)));
+            let end = |(off, len): (u32, u32)| u64::from(off) + u64::from(len);
+            bytes += u64::from(key.1) + u64::from(value.1);
+            word(e, 0) & !3 != 0 || word(e, 2) != 0 || end(key) > size as u64 || end(value) > size as u64
+        })
+        .unwrap_or(entries.len());
+    let plain_entries = entries.get(..plain).unwrap_or_default();
+    all.extend_slices(
+        shared,
+        plain_entries.iter().map(|e| {
+            let ((key_off, key_len), (value_off, value_len)) = (key(e), (word(e, 8), word(e, 9)));
+            let flags = word(e, 0);
+            let timestamp = (flags & 2 != 0).then(|| (u64::from(word(e, 4)) | u64::from(word(e, 5)) << 32) as i64);
+            ((flags & 1 != 0).then_some((key_off as usize, key_len as usize)), (value_off as usize, value_len as usize), timestamp)
+        }),
+    );
+    // The entry that stopped the loop counted too: take it back.
+    if let Some(stop) = entries.get(plain) {
+        bytes -= u64::from(key(stop).1) + u64::from(word(stop, 9));
+    }
+    (plain, bytes as usize)
 }
 
 /// One 48-byte output entry, pushed onto `all` as ranges of the results
@@ -293,6 +337,44 @@ mod tests {
         let capacity = encoder.buf.capacity();
         encoder.encode(refs).unwrap();
         assert_eq!(encoder.buf.capacity(), capacity, "the buffer is reused");
+    }
+
+    /// A record's plain outputs (no headers, no route) take the fast path
+    /// until one that is not; the rest are decoded in full, and the limits
+    /// count the bytes of all of them, no more and no fewer.
+    #[test]
+    fn plain_outputs_then_the_rest_keep_their_fields_and_byte_counts() {
+        let payload_at = 32 + 2 * 12 + 4 * 48;
+        let tail = b"k1v1routev3k4v4";
+        let at = |i: usize| (payload_at + i) as u32;
+        let outputs = [
+            // key "k1", value "v1", timestamp 7
+            [3, 0, 0, 0, 7, 0, at(0), 2, at(2), 2, 0, 0],
+            // value "v1" again, route "route": leaves the fast path
+            [4, 0, 0, 0, 0, 0, 0, 0, at(2), 2, at(4), 5],
+            // after it, plain again: decoded by the general path
+            [0, 0, 0, 0, 0, 0, 99, 99, at(9), 2, 0, 0],
+            // the second record's output, key "k4", value "v4"
+            [1, 0, 0, 0, 0, 0, at(11), 2, at(13), 2, 0, 0],
+        ];
+        let buf = results(&[[0, 3, 0], [0, 1, 0]], &outputs, tail);
+        // Bytes per record: 2+2 + 2 + 2 = 8 (the route is not counted), then 4.
+        let exact = Limits { output_bytes: 8, ..Limits::default() };
+        let decoded = decode(&buf, 2, &exact).unwrap();
+        let records = decoded.clone().into_records();
+        let first = records[0].as_ref().unwrap();
+        assert_eq!(first.iter().map(|o| (o.key.as_deref(), &o.value[..], o.timestamp, o.route.as_deref())).collect::<Vec<_>>(), [
+            (Some(&b"k1"[..]), &b"v1"[..], Some(7), None),
+            (None, &b"v1"[..], None, Some("route")),
+            (None, &b"v3"[..], None, None),
+        ]);
+        assert_eq!(records[1].as_ref().unwrap()[0].key.as_deref(), Some(&b"k4"[..]));
+        let tight = Limits { output_bytes: 7, ..Limits::default() };
+        let records = decode(&buf, 2, &tight).unwrap().into_records();
+        assert!(records[0].as_ref().unwrap_err().contains("8 bytes of output"), "{records:?}");
+        assert!(records[1].is_ok(), "only the record over the limit fails");
+        let two = Limits { outputs: 2, ..Limits::default() };
+        assert!(decode(&buf, 2, &two).unwrap().into_records()[0].as_ref().unwrap_err().contains("3 outputs"));
     }
 
     #[test]
