@@ -165,7 +165,8 @@ pub fn decode(buf: &Bytes, inputs: usize, limits: &Limits) -> Result<Results<Str
     let header_table = r.table(24, headers, HEADER_ENTRY_BYTES, "headers")?;
     // The ok counts must add up to the outputs table, so that every record's
     // outputs are where the sum of the previous counts says.
-    let total: u64 = result_table.chunks_exact(RESULT_BYTES).filter(|e| le32(e, 0) == 0).map(|e| u64::from(le32(e, 4))).sum();
+    let (result_table, output_table) = (result_table.as_chunks::<RESULT_BYTES>().0, output_table.as_chunks::<OUTPUT_BYTES>().0);
+    let total: u64 = result_table.iter().filter(|e| le32(*e, 0) == 0).map(|e| u64::from(le32(e, 4))).sum();
     if total != u64::from(outputs) {
         return Err(format!("the results' output counts add up to {total}, the outputs table holds {outputs}"));
     }
@@ -173,19 +174,19 @@ pub fn decode(buf: &Bytes, inputs: usize, limits: &Limits) -> Result<Results<Str
     let mut decoded = Results::with_capacity(inputs, outputs as usize);
     let shared = decoded.add_buffer(buf.clone());
     let mut next = 0usize;
-    for (i, entry) in result_table.chunks_exact(RESULT_BYTES).enumerate() {
+    for (i, entry) in result_table.iter().enumerate() {
         let (status, a, b) = (le32(entry, 0), le32(entry, 4), le32(entry, 8));
         match status {
             0 => {
                 let (first, count) = (next, a as usize);
                 next += count;
-                let mine = output_table.get(first * OUTPUT_BYTES..next * OUTPUT_BYTES).unwrap_or_default();
+                let mine = output_table.get(first..next).unwrap_or_default();
                 // Every range is checked as it is read; the limits apply after.
                 decoded.push_with(|all| {
                     // Most outputs have no headers and no route: those come
                     // first, then the general path takes the rest.
                     let (plain, mut bytes) = push_plain(all, shared, buf.len(), mine);
-                    for (j, entry) in mine.chunks_exact(OUTPUT_BYTES).enumerate().skip(plain) {
+                    for (j, entry) in mine.iter().enumerate().skip(plain) {
                         bytes += push_output(all, shared, buf, entry, first + j, header_table).map_err(|e| format!("plugin broke the contract: {e}"))?;
                     }
                     limits.check_totals(count, bytes)
@@ -213,7 +214,7 @@ fn outside(index: usize, field: &str, off: u32, len: u32, buf: usize) -> String 
     format!("output {index}'s {field} at {off}+{len} is outside the {buf}-byte results buffer")
 }
 
-/// Pushes the leading entries of `table` that have neither headers nor a
+/// Pushes the leading `entries` that have neither headers nor a
 /// route (nor a flag this host does not know) and whose ranges lie within
 /// the `size`-byte results buffer, as [`push_output`] would; returns how
 /// many, and their bytes. The first other entry stops it, for
@@ -223,8 +224,7 @@ fn outside(index: usize, field: &str, off: u32, len: u32, buf: usize) -> String 
 /// ones with a single reservation (a loop that may also grow a vector keeps
 /// its variables on the stack).
 #[inline(always)]
-fn push_plain(all: &mut Outputs, shared: u32, size: usize, table: &[u8]) -> (usize, usize) {
-    let (entries, _) = table.as_chunks::<OUTPUT_BYTES>();
+fn push_plain(all: &mut Outputs, shared: u32, size: usize, entries: &[[u8; OUTPUT_BYTES]]) -> (usize, usize) {
     let word = |e: &[u8; OUTPUT_BYTES], j: usize| u32::from_le_bytes([e[j * 4], e[j * 4 + 1], e[j * 4 + 2], e[j * 4 + 3]]);
     let key = |e: &[u8; OUTPUT_BYTES]| if word(e, 0) & 1 != 0 { (word(e, 6), word(e, 7)) } else { (0, 0) };
     let mut bytes = 0u64;
