@@ -127,7 +127,16 @@ impl<'a> Rows<'a> {
         let start = self.cells.len();
         self.cells.resize(start + columns.len(), Cell::Null);
         let seed = RowSeed { columns, cells: &mut self.cells[start..] };
-        let mut de = serde_json::Deserializer::from_slice(value);
+        // One UTF-8 check for the whole value (JSON is UTF-8): serde_json
+        // then skips it for every key and string.
+        let text = match std::str::from_utf8(value) {
+            Ok(text) => text,
+            Err(e) => {
+                self.cells.truncate(start);
+                return Err(format!("postgres sink: output is not a JSON object: {e}"));
+            }
+        };
+        let mut de = serde_json::Deserializer::from_str(text);
         let parsed = seed.deserialize(&mut de).and_then(|r| de.end().map(|()| r));
         match parsed {
             Ok(Ok(())) => Ok(()),
@@ -174,15 +183,15 @@ impl<'de: 'a, 'a> Visitor<'de> for RowSeed<'_, 'a> {
     fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
         let mut failed = None;
         while let Some(key) = map.next_key::<Str<'de>>()? {
-            let wanted: Vec<usize> = (0..self.columns.len())
-                .filter(|&i| self.columns[i].field.as_deref().unwrap_or(&self.columns[i].name) == key.0)
-                .collect();
-            if wanted.is_empty() {
+            // The columns this field fills (no vector per field: one row has few columns).
+            let columns = self.columns;
+            let wanted = |i: &usize| columns[*i].field.as_deref().unwrap_or(&columns[*i].name) == key.0;
+            let Some(first) = (0..columns.len()).position(|i| wanted(&i)) else {
                 map.next_value::<IgnoredAny>()?;
                 continue;
-            }
+            };
             let raw: &'de RawValue = map.next_value()?;
-            for i in wanted {
+            for i in (first..columns.len()).filter(wanted) {
                 match cell(raw, self.columns[i].kind) {
                     Ok(c) => self.cells[i] = c,
                     Err(expected) => {
@@ -271,6 +280,12 @@ mod tests {
         assert!(err.starts_with("postgres sink: output is not a JSON object"), "{err}");
         let err = to_row(br#"{"symbol":"A"} trailing"#, &cols).err().unwrap();
         assert!(err.starts_with("postgres sink: output is not a JSON object"), "{err}");
+        // Not UTF-8 (in a field no column takes, too): not JSON; the rows after it are unaffected.
+        let mut rows = Rows::with_capacity(2, cols.len());
+        let err = rows.push(b"{\"other\":\"\xff\"}", &cols).err().unwrap();
+        assert!(err.starts_with("postgres sink: output is not a JSON object: invalid utf-8"), "{err}");
+        rows.push(br#"{"symbol":"B","n":2}"#, &cols).unwrap();
+        assert_eq!((rows.len(), format!("{:?}", rows.row(0)[4])), (1, "BigInt(2)".to_string()));
     }
 
     /// What the sink wrote before this module: a generic JSON value per row.
