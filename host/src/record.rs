@@ -115,6 +115,15 @@ struct Entry {
     has_timestamp: bool,
 }
 
+impl Entry {
+    /// Key and value as (buffer, slice); headers as (first, count); route as in [`Entry::route`].
+    #[inline(always)]
+    fn new(key: Option<(u32, Slice)>, (value_buf, value): (u32, Slice), timestamp: Option<i64>, (first_header, headers): (u32, u32), route: u32) -> Self {
+        let (key_buf, key) = key.unwrap_or((NO_KEY, Slice::default()));
+        Entry { key, key_buf, value, value_buf, timestamp: timestamp.unwrap_or(0), has_timestamp: timestamp.is_some(), first_header, headers, route }
+    }
+}
+
 /// Every output of a batch, in order. Their keys and values are ranges of
 /// a few shared buffers (for contract 0.2: the plugin's one results
 /// buffer), so that an output costs a 64-byte entry: no `Bytes` with its
@@ -211,8 +220,7 @@ impl Outputs {
     pub fn extend_slices(&mut self, buf: u32, outputs: impl Iterator<Item = (Option<(usize, usize)>, (usize, usize), Option<i64>)>) {
         let first_header = self.headers.len() as u32;
         self.entries.extend(outputs.map(|(key, (start, len), timestamp)| {
-            let (key_buf, key) = key.map_or((NO_KEY, Slice::default()), |(start, len)| (buf, Slice { start, len }));
-            Entry { key, key_buf, value: Slice { start, len }, value_buf: buf, timestamp: timestamp.unwrap_or(0), has_timestamp: timestamp.is_some(), first_header, headers: 0, route: 0 }
+            Entry::new(key.map(|(start, len)| (buf, Slice { start, len })), (buf, Slice { start, len }), timestamp, (first_header, 0), 0)
         }));
     }
 
@@ -235,8 +243,7 @@ impl Outputs {
             self.headers.extend(headers);
         }
         let route = route.map_or(0, |r| self.intern(r));
-        let (key_buf, key) = key.unwrap_or((NO_KEY, Slice::default()));
-        self.entries.push(Entry { key, key_buf, value, value_buf, timestamp: timestamp.unwrap_or(0), has_timestamp: timestamp.is_some(), first_header, headers: count, route });
+        self.entries.push(Entry::new(key, (value_buf, value), timestamp, (first_header, count), route));
     }
 
     /// Output `i` without a route gets `route` (a chain's later stage keeps

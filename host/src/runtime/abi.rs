@@ -225,6 +225,7 @@ fn outside(index: usize, field: &str, off: u32, len: u32, buf: usize) -> String 
 /// its variables on the stack).
 #[inline(always)]
 fn push_plain(all: &mut Outputs, shared: u32, size: usize, entries: &[[u8; OUTPUT_BYTES]]) -> (usize, usize) {
+    // Words of a fixed-size entry: read without a bounds check each.
     let word = |e: &[u8; OUTPUT_BYTES], j: usize| u32::from_le_bytes([e[j * 4], e[j * 4 + 1], e[j * 4 + 2], e[j * 4 + 3]]);
     let key = |e: &[u8; OUTPUT_BYTES]| if word(e, 0) & 1 != 0 { (word(e, 6), word(e, 7)) } else { (0, 0) };
     let mut bytes = 0u64;
@@ -233,24 +234,22 @@ fn push_plain(all: &mut Outputs, shared: u32, size: usize, entries: &[[u8; OUTPU
         .position(|e| {
             let (key, value) = (key(e), (word(e, 8), word(e, 9)));
             let end = |(off, len): (u32, u32)| u64::from(off) + u64::from(len);
-            bytes += u64::from(key.1) + u64::from(value.1);
-            word(e, 0) & !3 != 0 || word(e, 2) != 0 || end(key) > size as u64 || end(value) > size as u64
+            let stop = word(e, 0) & !3 != 0 || word(e, 2) != 0 || end(key) > size as u64 || end(value) > size as u64;
+            if !stop {
+                bytes += u64::from(key.1) + u64::from(value.1);
+            }
+            stop
         })
         .unwrap_or(entries.len());
-    let plain_entries = entries.get(..plain).unwrap_or_default();
     all.extend_slices(
         shared,
-        plain_entries.iter().map(|e| {
+        entries.get(..plain).unwrap_or_default().iter().map(|e| {
             let ((key_off, key_len), (value_off, value_len)) = (key(e), (word(e, 8), word(e, 9)));
             let flags = word(e, 0);
             let timestamp = (flags & 2 != 0).then(|| (u64::from(word(e, 4)) | u64::from(word(e, 5)) << 32) as i64);
             ((flags & 1 != 0).then_some((key_off as usize, key_len as usize)), (value_off as usize, value_len as usize), timestamp)
         }),
     );
-    // The entry that stopped the loop counted too: take it back.
-    if let Some(stop) = entries.get(plain) {
-        bytes -= u64::from(key(stop).1) + u64::from(word(stop, 9));
-    }
     (plain, bytes as usize)
 }
 

@@ -129,15 +129,10 @@ impl<'a> Rows<'a> {
         let seed = RowSeed { columns, cells: &mut self.cells[start..] };
         // One UTF-8 check for the whole value (JSON is UTF-8): serde_json
         // then skips it for every key and string.
-        let text = match std::str::from_utf8(value) {
-            Ok(text) => text,
-            Err(e) => {
-                self.cells.truncate(start);
-                return Err(format!("postgres sink: output is not a JSON object: {e}"));
-            }
-        };
-        let mut de = serde_json::Deserializer::from_str(text);
-        let parsed = seed.deserialize(&mut de).and_then(|r| de.end().map(|()| r));
+        let parsed = std::str::from_utf8(value).map_err(|e| e.to_string()).and_then(|text| {
+            let mut de = serde_json::Deserializer::from_str(text);
+            seed.deserialize(&mut de).and_then(|r| de.end().map(|()| r)).map_err(|e| e.to_string())
+        });
         match parsed {
             Ok(Ok(())) => Ok(()),
             Ok(Err(reason)) => {
