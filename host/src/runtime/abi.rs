@@ -166,9 +166,29 @@ pub fn decode(buf: &Bytes, inputs: usize, limits: &Limits) -> Result<Results<Str
     // The ok counts must add up to the outputs table, so that every record's
     // outputs are where the sum of the previous counts says.
     let (result_table, output_table) = (result_table.as_chunks::<RESULT_BYTES>().0, output_table.as_chunks::<OUTPUT_BYTES>().0);
-    let total: u64 = result_table.iter().filter(|e| le32(*e, 0) == 0).map(|e| u64::from(le32(e, 4))).sum();
+    let (mut total, mut all_ok, mut most) = (0u64, true, 0u32);
+    for e in result_table {
+        let (status, count) = (le32(e, 0), le32(e, 4));
+        if status == 0 {
+            total += u64::from(count);
+            most = most.max(count);
+        }
+        all_ok &= status == 0;
+    }
     if total != u64::from(outputs) {
         return Err(format!("the results' output counts add up to {total}, the outputs table holds {outputs}"));
+    }
+    // The common batch: every record ok, every output plain, and all of them
+    // together within one record's limits. Then no record needs a check of
+    // its own: its outputs are written in one go, and its count kept.
+    if all_ok && most as usize <= limits.outputs {
+        let (plain, bytes) = plain_prefix(buf.len(), output_table);
+        if plain == output_table.len() && bytes <= limits.output_bytes as u64 {
+            let mut all = Outputs::with_capacity(output_table.len());
+            let shared = all.add_buffer(buf.clone());
+            extend_plain(&mut all, shared, output_table);
+            return Ok(Results::from_parts(all, result_table.iter().map(|e| Ok(le32(e, 4) as usize)).collect()));
+        }
     }
     // One store for the whole batch's outputs: the table says how many.
     let mut decoded = Results::with_capacity(inputs, outputs as usize);
@@ -185,7 +205,9 @@ pub fn decode(buf: &Bytes, inputs: usize, limits: &Limits) -> Result<Results<Str
                 decoded.push_with(|all| {
                     // Most outputs have no headers and no route: those come
                     // first, then the general path takes the rest.
-                    let (plain, mut bytes) = push_plain(all, shared, buf.len(), mine);
+                    let (plain, bytes) = plain_prefix(buf.len(), mine);
+                    extend_plain(all, shared, mine.get(..plain).unwrap_or_default());
+                    let mut bytes = bytes as usize;
                     for (j, entry) in mine.iter().enumerate().skip(plain) {
                         bytes += push_output(all, shared, buf, entry, first + j, header_table).map_err(|e| format!("plugin broke the contract: {e}"))?;
                     }
@@ -214,25 +236,32 @@ fn outside(index: usize, field: &str, off: u32, len: u32, buf: usize) -> String 
     format!("output {index}'s {field} at {off}+{len} is outside the {buf}-byte results buffer")
 }
 
-/// Pushes the leading `entries` that have neither headers nor a
-/// route (nor a flag this host does not know) and whose ranges lie within
-/// the `size`-byte results buffer, as [`push_output`] would; returns how
-/// many, and their bytes. The first other entry stops it, for
-/// [`push_output`] to decode or to explain.
-///
-/// Two tight loops: one checks the entries, the other writes the checked
-/// ones with a single reservation (a loop that may also grow a vector keeps
-/// its variables on the stack).
+/// A word of a fixed-size output entry: read without a bounds check.
 #[inline(always)]
-fn push_plain(all: &mut Outputs, shared: u32, size: usize, entries: &[[u8; OUTPUT_BYTES]]) -> (usize, usize) {
-    // Words of a fixed-size entry: read without a bounds check each.
-    let word = |e: &[u8; OUTPUT_BYTES], j: usize| u32::from_le_bytes([e[j * 4], e[j * 4 + 1], e[j * 4 + 2], e[j * 4 + 3]]);
-    let key = |e: &[u8; OUTPUT_BYTES]| if word(e, 0) & 1 != 0 { (word(e, 6), word(e, 7)) } else { (0, 0) };
+fn word(e: &[u8; OUTPUT_BYTES], j: usize) -> u32 {
+    u32::from_le_bytes([e[j * 4], e[j * 4 + 1], e[j * 4 + 2], e[j * 4 + 3]])
+}
+
+/// An output entry's key as (offset, length); (0, 0) when it has none.
+#[inline(always)]
+fn key_of(e: &[u8; OUTPUT_BYTES]) -> (u32, u32) {
+    if word(e, 0) & 1 != 0 { (word(e, 6), word(e, 7)) } else { (0, 0) }
+}
+
+/// How many of the leading `entries` have neither headers nor a route (nor
+/// a flag this host does not know) and ranges within the `size`-byte results
+/// buffer, and the bytes of their keys and values. The first other entry
+/// stops it, for [`push_output`] to decode or to explain.
+///
+/// A tight loop apart from the writing ([`extend_plain`]): a loop that may
+/// also grow a vector keeps its variables on the stack.
+#[inline(always)]
+fn plain_prefix(size: usize, entries: &[[u8; OUTPUT_BYTES]]) -> (usize, u64) {
     let mut bytes = 0u64;
     let plain = entries
         .iter()
         .position(|e| {
-            let (key, value) = (key(e), (word(e, 8), word(e, 9)));
+            let (key, value) = (key_of(e), (word(e, 8), word(e, 9)));
             let end = |(off, len): (u32, u32)| u64::from(off) + u64::from(len);
             let stop = word(e, 0) & !3 != 0 || word(e, 2) != 0 || end(key) > size as u64 || end(value) > size as u64;
             if !stop {
@@ -241,16 +270,22 @@ fn push_plain(all: &mut Outputs, shared: u32, size: usize, entries: &[[u8; OUTPU
             stop
         })
         .unwrap_or(entries.len());
+    (plain, bytes)
+}
+
+/// Pushes `entries`, checked by [`plain_prefix`], as ranges of the results
+/// buffer (`shared` in `all`), with one reservation.
+#[inline(always)]
+fn extend_plain(all: &mut Outputs, shared: u32, entries: &[[u8; OUTPUT_BYTES]]) {
     all.extend_slices(
         shared,
-        entries.get(..plain).unwrap_or_default().iter().map(|e| {
-            let ((key_off, key_len), (value_off, value_len)) = (key(e), (word(e, 8), word(e, 9)));
+        entries.iter().map(|e| {
+            let ((key_off, key_len), (value_off, value_len)) = (key_of(e), (word(e, 8), word(e, 9)));
             let flags = word(e, 0);
             let timestamp = (flags & 2 != 0).then(|| (u64::from(word(e, 4)) | u64::from(word(e, 5)) << 32) as i64);
             ((flags & 1 != 0).then_some((key_off as usize, key_len as usize)), (value_off as usize, value_len as usize), timestamp)
         }),
     );
-    (plain, bytes as usize)
 }
 
 /// One 48-byte output entry, pushed onto `all` as ranges of the results
@@ -311,6 +346,11 @@ mod tests {
         buf.into()
     }
 
+    /// Byte `i` of the payload of a [`results`] buffer with that many results and outputs.
+    fn payload_at(results: usize, outputs: usize) -> impl Fn(usize) -> u32 {
+        move |i| (32 + results * 12 + outputs * 48 + i) as u32
+    }
+
     #[test]
     fn encodes_what_the_guest_sdk_decodes() {
         let records: Vec<Record> = (0..20)
@@ -343,9 +383,8 @@ mod tests {
     /// count the bytes of all of them, no more and no fewer.
     #[test]
     fn plain_outputs_then_the_rest_keep_their_fields_and_byte_counts() {
-        let payload_at = 32 + 2 * 12 + 4 * 48;
         let tail = b"k1v1routev3k4v4";
-        let at = |i: usize| (payload_at + i) as u32;
+        let at = payload_at(2, 4);
         let outputs = [
             // key "k1", value "v1", timestamp 7
             [3, 0, 0, 0, 7, 0, at(0), 2, at(2), 2, 0, 0],
@@ -374,6 +413,40 @@ mod tests {
         assert!(records[1].is_ok(), "only the record over the limit fails");
         let two = Limits { outputs: 2, ..Limits::default() };
         assert!(decode(&buf, 2, &two).unwrap().into_records()[0].as_ref().unwrap_err().contains("3 outputs"));
+    }
+
+    /// A batch of plain outputs only is written in one go when all of it fits
+    /// one record's limits; past them, each record is checked on its own, so
+    /// only the records over a limit fail.
+    #[test]
+    fn an_all_plain_batch_keeps_each_records_limits() {
+        let tail = b"k0aaaabbbbccccc";
+        let at = payload_at(3, 4);
+        let outputs = [
+            // record 0: key "k0" + value "aaaa" (6 bytes), timestamp 5
+            [3, 0, 0, 0, 5, 0, at(0), 2, at(2), 4, 0, 0],
+            // record 1 (no outputs), record 2: "bbbb", "ccccc" (9 bytes)
+            [0, 0, 0, 0, 0, 0, 0, 0, at(6), 4, 0, 0],
+            [2, 0, 0, 0, u32::MAX, u32::MAX, 0, 0, at(10), 5, 0, 0],
+            // record 2's third output, empty
+            [0, 0, 0, 0, 0, 0, 0, 0, at(15), 0, 0, 0],
+        ];
+        let buf = results(&[[0, 1, 0], [0, 0, 0], [0, 3, 0]], &outputs, tail);
+        let shapes = |limits: &Limits| {
+            decode(&buf, 3, limits).unwrap().into_records().into_iter().map(|r| r.map(|outs| outs.iter().map(|o| (o.key.clone(), o.value.clone(), o.timestamp)).collect::<Vec<_>>())).collect::<Vec<_>>()
+        };
+        let whole = shapes(&Limits::default());
+        assert_eq!(whole[0], Ok(vec![(Some(Bytes::from_static(b"k0")), Bytes::from_static(b"aaaa"), Some(5))]));
+        assert_eq!(whole[1], Ok(vec![]));
+        assert_eq!(whole[2], Ok(vec![(None, Bytes::from_static(b"bbbb"), None), (None, Bytes::from_static(b"ccccc"), Some(-1)), (None, Bytes::new(), None)]));
+        // 15 bytes in all, 9 for the biggest record: the batch is over, no record is.
+        assert_eq!(shapes(&Limits { output_bytes: 9, ..Limits::default() }), whole);
+        let eight = shapes(&Limits { output_bytes: 8, ..Limits::default() });
+        assert_eq!(eight[..2], whole[..2]);
+        assert!(eight[2].as_ref().is_err_and(|e| e.contains("9 bytes of output")), "{eight:?}");
+        let two = shapes(&Limits { outputs: 2, ..Limits::default() });
+        assert_eq!(two[..2], whole[..2]);
+        assert!(two[2].as_ref().is_err_and(|e| e.contains("3 outputs")), "{two:?}");
     }
 
     #[test]
