@@ -1,7 +1,8 @@
 //! Latency from produce to row visible in PostgreSQL, at a steady rate,
-//! beside a bare librdkafka consumer on the same broker with the same rate
-//! and settings in the same run: what Sluice adds (the transform, the
-//! PostgreSQL commit, the offsets) is the difference.
+//! beside a bare librdkafka consumer reading the same frames from the same
+//! broker at the same time, with the same settings: what Sluice adds (the
+//! transform, the PostgreSQL commit, the offsets) is the difference, frame
+//! by frame.
 //!
 //! Run: `scripts/build-plugins.sh && cargo bench -p sluice --bench latency`
 //! (`BENCH_RATE` frames/s, default 2,000; `BENCH_SECONDS`, default 15;
@@ -9,12 +10,26 @@
 //! consumers, default 10: Tansu holds every fetch for the whole wait, 500 ms
 //! by default). Needs `tansu` on PATH and PostgreSQL at 127.0.0.1:5432.
 //!
-//! Each frame carries one trade whose timestamp is the time it was produced;
-//! the bare consumer measures receive time − that timestamp; for Sluice a
-//! poller counts the table's rows every 2 ms (one partition, so rows appear
-//! in produce order) and the row n's latency is the first poll that saw n
-//! rows − the n-th frame's produce time. The first 2 s of each are a warm-up
-//! (connections, first fetches) and left out.
+//! One partition, so frame n is at offset n and its row is the table's n-th.
+//! The bare consumer stamps each frame as it receives it. For Sluice, a
+//! statement trigger on the table notifies (`pg_notify`) how many rows each
+//! insert added, which PostgreSQL delivers when the transaction commits; row
+//! n is visible at the arrival of the notification that brought the count to
+//! n. Both are reported from produce, and Sluice's added latency is the
+//! difference of their percentiles: both ran over the same frames at the
+//! same time, so the broker's stalls that hit both cancel out.
+//!
+//! The frame-by-frame difference (row visible − received by the bare
+//! consumer) is printed too, but it moves from run to run: each consumer
+//! fetches on its own cycle (`fetch.wait.max.ms`), and how the two cycles
+//! happen to line up shifts every frame's difference alike, while each
+//! consumer's own distribution does not depend on it. The first 2 s are a
+//! warm-up (connections, first fetches) and left out.
+//!
+//! Until 2026-11-26 the two ran one after the other, and a poller ran
+//! `count(*)` every 2 ms: 1 ms of rounding on average, a scan of the growing
+//! table each time on the same two cores, and two runs' different stalls in
+//! the difference.
 
 mod common;
 
@@ -71,46 +86,41 @@ async fn main() -> anyhow::Result<()> {
 
     let broker = Broker::start()?;
     let brokers = broker.addr.clone();
-    broker.create_topics(&["bare", "raw", "dlq"], 1).await?;
+    broker.create_topics(&["raw", "dlq"], 1).await?;
     println!("{rate} frames/s for {seconds} s, one trade a frame, fetch.wait.max.ms = {fetch_wait}");
 
-    // 1. A bare librdkafka consumer.
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", "bare")
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", &fetch_wait)
-        .create()?;
-    consumer.subscribe(&["bare"])?;
-    let received = Arc::new(Mutex::new(Vec::with_capacity(count)));
-    let got = received.clone();
-    let reader = tokio::spawn(async move {
-        while got.lock().map(|g| g.len()).unwrap_or(count) < count {
-            if let Ok(m) = consumer.recv().await {
-                let sent: f64 = m
-                    .payload()
-                    .and_then(|p| std::str::from_utf8(p).ok())
-                    .and_then(|s| s.split("\"t\":").nth(1)?.split(',').next()?.parse().ok())
-                    .unwrap_or(f64::NAN);
-                if let Ok(mut g) = got.lock() {
-                    g.push(now_ms() - sent);
+    // PostgreSQL: the table, as the sink would create it at its first batch,
+    // with the trigger that reports each insert's rows when it commits; the
+    // connection's notifications, each stamped on arrival.
+    let schema = format!("latency_{}", std::process::id());
+    let table = format!("{schema}.trades");
+    let (pg, mut connection) = tokio_postgres::connect("postgres://postgres@127.0.0.1:5432/postgres", tokio_postgres::NoTls).await?;
+    let visible = Arc::new(Mutex::new(Vec::<(usize, f64)>::new()));
+    let notes = visible.clone();
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        let mut rows = 0;
+        while let Some(Ok(message)) = futures::StreamExt::next(&mut messages).await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                let at = now_ms();
+                rows += n.payload().parse::<usize>().unwrap_or(0);
+                if let Ok(mut notes) = notes.lock() {
+                    notes.push((rows, at));
                 }
             }
         }
     });
-    tokio::time::sleep(Duration::from_secs(3)).await; // the group joins
-    produce(&brokers, "bare", count, rate).await?;
-    reader.await?;
-    // The first 2 s are a warm-up (connections, the first fetches): left out of both.
-    let warmup = (rate * 2) as usize;
-    let mut bare: Vec<f64> = received.lock().map(|g| g.iter().skip(warmup).copied().collect()).unwrap_or_default();
-    bare.sort_by(f64::total_cmp);
+    pg.batch_execute(&format!(
+        "CREATE SCHEMA {schema};\n\
+         CREATE TABLE {table} (symbol text, traded_at timestamptz);\n\
+         CREATE FUNCTION {schema}.notify_rows() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_notify('{schema}', (SELECT count(*) FROM added)::text); RETURN NULL; END $$;\n\
+         CREATE TRIGGER notify_rows AFTER INSERT ON {table} REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION {schema}.notify_rows();\n\
+         LISTEN {schema};"
+    ))
+    .await?;
 
-    // 2. Sluice: Kafka → trade flattener → PostgreSQL (exactly-once).
+    // Sluice: Kafka → trade flattener → PostgreSQL (exactly-once).
     std::env::set_var("SLUICE_BROKERS", &brokers);
-    let schema = format!("latency_{}", std::process::id());
-    let (pg, connection) = tokio_postgres::connect("postgres://postgres@127.0.0.1:5432/postgres", tokio_postgres::NoTls).await?;
-    tokio::spawn(connection);
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("latency.toml");
     let flattener = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release/trade_flattener.wasm");
@@ -119,7 +129,7 @@ async fn main() -> anyhow::Result<()> {
         format!(
             "[source]\ntype = \"kafka\"\nbrokers = \"${{SLUICE_BROKERS}}\"\ntopics = [\"raw\"]\ngroup = \"latency\"\nproperties = {{ \"fetch.wait.max.ms\" = \"{fetch_wait}\" }}\n\
              [[transforms]]\nplugin = \"{}\"\n\
-             [sinks.pg]\ntype = \"postgres\"\nurl = \"postgres://postgres@127.0.0.1:5432/postgres\"\ntable = \"{schema}.trades\"\ncreate_table = true\n\
+             [sinks.pg]\ntype = \"postgres\"\nurl = \"postgres://postgres@127.0.0.1:5432/postgres\"\ntable = \"{table}\"\n\
              columns = [{{ name = \"symbol\", type = \"text\" }}, {{ name = \"traded_at\", type = \"timestamptz\", field = \"ts\" }}]\n\
              [dead_letter]\ntype = \"kafka\"\nbrokers = \"${{SLUICE_BROKERS}}\"\ntopic = \"dlq\"\n",
             flattener.display()
@@ -129,47 +139,69 @@ async fn main() -> anyhow::Result<()> {
     let pipeline = load_pipeline(&file, Some(&runtime)).map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let mut topology = Topology::new(runtime.clone());
     topology.apply(vec![pipeline]).await?;
-    tokio::time::sleep(Duration::from_secs(3)).await; // the group joins, the table is created
-    let seen = Arc::new(Mutex::new(Vec::<(i64, f64)>::new()));
-    let polls = seen.clone();
-    let table = format!("{schema}.trades");
-    let poller = tokio::spawn(async move {
-        let query = format!("SELECT count(*) FROM {table}");
-        loop {
-            let rows: i64 = pg.query_one(&query, &[]).await.map(|r| r.get(0)).unwrap_or(0);
-            let at = now_ms();
-            if let Ok(mut p) = polls.lock() {
-                if p.last().is_none_or(|(n, _)| *n < rows) {
-                    p.push((rows, at));
+
+    // The bare consumer, on the same topic in a group of its own.
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "bare")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", &fetch_wait)
+        .create()?;
+    consumer.subscribe(&["raw"])?;
+    let received = Arc::new(Mutex::new(vec![f64::NAN; count]));
+    let got = received.clone();
+    let reader = tokio::spawn(async move {
+        let mut left = count;
+        while left > 0 {
+            if let Ok(m) = consumer.recv().await {
+                let at = now_ms();
+                if let (Ok(mut got), Ok(n)) = (got.lock(), usize::try_from(m.offset())) {
+                    if got.get(n).is_some_and(|t| t.is_nan()) {
+                        got[n] = at;
+                        left -= 1;
+                    }
                 }
             }
-            if rows as usize >= count {
-                let _ = pg.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await;
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await; // both groups join
+    let rows = visible.clone();
+    let sluice_done = tokio::spawn(async move {
+        while rows.lock().ok().and_then(|r| r.last().map(|(n, _)| *n)).unwrap_or(0) < count {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     });
     let produced = produce(&brokers, "raw", count, rate).await?;
-    tokio::time::timeout(Duration::from_secs(120), poller).await??;
+    tokio::time::timeout(Duration::from_secs(120), reader).await??;
+    tokio::time::timeout(Duration::from_secs(120), sluice_done).await??;
     topology.shutdown().await;
-    let polls = seen.lock().map(|p| p.clone()).unwrap_or_default();
-    let mut sluice = Vec::with_capacity(count);
+    pg.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await?;
+
+    // Frame n: produced, received by the bare consumer, its row visible.
+    let received = received.lock().map(|r| r.clone()).unwrap_or_default();
+    let notes = visible.lock().map(|v| v.clone()).unwrap_or_default();
     let mut next = 0;
-    for (i, sent) in produced.iter().enumerate() {
-        while next < polls.len() && (polls[next].0 as usize) < i + 1 {
+    let warmup = (rate * 2) as usize;
+    let (mut bare, mut sluice, mut added) = (Vec::new(), Vec::new(), Vec::new());
+    for (n, (sent, got)) in produced.iter().zip(&received).enumerate() {
+        while next < notes.len() && notes[next].0 < n + 1 {
             next += 1;
         }
-        if let Some((_, at)) = polls.get(next) {
-            sluice.push(at - sent);
+        let Some(&(_, seen)) = notes.get(next) else { break };
+        if n >= warmup {
+            bare.push(got - sent);
+            sluice.push(seen - sent);
+            added.push(seen - got);
         }
     }
-    let mut sluice: Vec<f64> = sluice.into_iter().skip(warmup).collect();
-    sluice.sort_by(f64::total_cmp);
-
-    let (b50, b99, s50, s99) = (percentile(&bare, 0.5), percentile(&bare, 0.99), percentile(&sluice, 0.5), percentile(&sluice, 0.99));
+    for v in [&mut bare, &mut sluice, &mut added] {
+        v.sort_by(f64::total_cmp);
+    }
+    let p = |v: &[f64]| (percentile(v, 0.5), percentile(v, 0.99));
+    let ((b50, b99), (s50, s99), (a50, a99)) = (p(&bare), p(&sluice), p(&added));
     println!("bare librdkafka consumer, produce -> received: p50 {b50:6.1} ms   p99 {b99:6.1} ms  ({} frames)", bare.len());
     println!("sluice, produce -> row visible in PostgreSQL:  p50 {s50:6.1} ms   p99 {s99:6.1} ms  ({} rows)", sluice.len());
     println!("added by sluice:                               p50 {:+6.1} ms   p99 {:+6.1} ms", s50 - b50, s99 - b99);
+    println!("frame by frame (row visible - received):       p50 {a50:+6.1} ms   p99 {a99:+6.1} ms");
     Ok(())
 }
