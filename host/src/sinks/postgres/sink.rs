@@ -89,7 +89,8 @@ impl PostgresSink {
         // `IF NOT EXISTS` notices would fill the log on every reconnect.
         client.batch_execute("SET client_min_messages TO warning").await?;
         self.prepare_tables(&mut client).await?;
-        let prepared = self.prepare_statements(&client).await?;
+        // A column the table lacks shows here, once per connection.
+        let prepared = self.prepare_statements(&client).await.with_context(|| format!("cannot prepare the statements that write {}", self.config.table))?;
         info!(pipeline = %self.pipeline, table = %self.config.table, endpoint = %self.target.endpoint, "postgres sink connected");
         Ok((client, prepared))
     }
@@ -255,7 +256,7 @@ impl PostgresSink {
                     begun?;
                     let (locked, moved, sink) = (locked?, moved?, sink?);
                     if moved < positions.len() as u64 {
-                        anyhow::ensure!(!added, "the offsets table holds {moved} of this batch's {} partitions after adding them", positions.len());
+                        anyhow::ensure!(!added, "the offsets table {} holds {moved} of this batch's {} partitions right after adding them: is something deleting its rows?", self.offsets.as_deref().unwrap_or_default(), positions.len());
                         // A partition new to the offsets table: end the empty
                         // COPY and the transaction, add the partition's row,
                         // and start over (once per partition).
@@ -267,9 +268,7 @@ impl PostgresSink {
                         added = true;
                         continue;
                     }
-                    let stored: HashMap<(String, i32), i64> = locked.iter().map(|row| ((row.get(0), row.get(1)), row.get(2))).collect();
-                    let stored: HashMap<(&str, i32), i64> =
-                        positions.keys().map(|&(t, p)| ((t, p), stored.get(&(t.to_string(), p)).copied().unwrap_or(0))).collect();
+                    let stored: HashMap<(&str, i32), i64> = locked.iter().map(|row| ((row.get(0), row.get(1)), row.get(2))).collect();
                     for (keep, o) in keep.iter_mut().zip(origins) {
                         *keep = o.offset >= stored.get(&(&*o.topic, o.partition)).copied().unwrap_or(0);
                     }
@@ -344,8 +343,7 @@ impl Sink for PostgresSink {
             Some(connection) if !connection.0.is_closed() => connection,
             _ => self.connect().await?,
         };
-        let skipped = self.copy(&client, &prepared, &rows, &row_origins).await;
-        let skipped = skipped.with_context(|| format!("cannot write {} rows to {}", rows.len(), self.config.table))?;
+        let skipped = self.copy(&client, &prepared, &rows, &row_origins).await.with_context(|| format!("cannot write {} rows to {}", rows.len(), self.config.table))?;
         *guard = Some((client, prepared));
         if skipped > 0 {
             info!(
