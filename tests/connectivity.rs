@@ -371,3 +371,99 @@ async fn sslmode_require_against_a_postgres_without_tls_is_a_clear_error() {
     // Nothing was skipped: the offsets did not move.
     assert_eq!(broker.committed("g-require", "trades_raw", 1), vec![-1]);
 }
+
+/// What a connection attempt with one `sslmode` × `sslrootcert` gives.
+#[derive(Debug)]
+enum Outcome {
+    /// `target` refuses the options (so `sluice check` does), saying this.
+    Refused(&'static str),
+    /// Connected; over TLS or not.
+    Connects { tls: bool },
+    /// The TLS handshake fails, saying this.
+    Fails(&'static str),
+}
+
+/// Every `sslmode` × `sslrootcert` (unset, the server's CA, another CA,
+/// `system`, libpq's default file), against a PostgreSQL serving TLS with a
+/// certificate for 127.0.0.1 and localhost. Sluice's outcome beside libpq's
+/// (libpq 16): the same in every row, but `prefer` with a root file, where
+/// libpq checks the chain and falls back to plaintext when that fails, and
+/// Sluice leaves the chain unchecked (no downgrade path).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sslmode_and_sslrootcert_are_as_strict_as_libpq() {
+    use sluice::clients::postgres::{connect, target_with_home};
+    use Outcome::*;
+    let certs = Certs::generate();
+    let pg = postgres_with_tls(&certs);
+    let no_home = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    std::fs::create_dir(home.path().join(".postgresql")).unwrap();
+    std::fs::copy(certs.path("ca.pem"), home.path().join(".postgresql/root.crt")).unwrap();
+    let (ca, other) = (certs.path("ca.pem").display().to_string(), certs.path("other-ca.pem").display().to_string());
+    let wrong_name = format!("host=wrong.example hostaddr=127.0.0.1 port={} user=postgres dbname=postgres", pg.port);
+    let by_ip = pg.url();
+    let by_name = format!("postgres://postgres@localhost:{}/postgres", pg.port);
+    let need_root = "needs the root certificate";
+    let system_weak = "sslrootcert=system goes with sslmode=verify-full only";
+    let verify_failed = "certificate verify failed";
+    // (url, sslmode, sslrootcert, $HOME has ~/.postgresql/root.crt, outcome)
+    let table: Vec<(&str, Option<&str>, Option<&str>, bool, Outcome)> = vec![
+        (&by_ip, Some("disable"), None, false, Connects { tls: false }),
+        (&by_ip, Some("disable"), Some(&ca), false, Refused("sslmode=disable with certificates set")),
+        (&by_ip, Some("disable"), Some("system"), false, Refused(system_weak)),
+        (&by_ip, None, None, false, Connects { tls: true }),
+        (&by_ip, Some("prefer"), None, false, Connects { tls: true }),
+        (&by_ip, Some("prefer"), Some("system"), false, Refused(system_weak)),
+        (&by_ip, Some("require"), None, false, Connects { tls: true }),
+        (&by_ip, Some("require"), None, true, Connects { tls: true }),
+        (&by_ip, Some("require"), Some(&ca), false, Connects { tls: true }),
+        (&by_ip, Some("require"), Some(&other), false, Fails(verify_failed)),
+        (&by_ip, Some("require"), Some("system"), false, Refused(system_weak)),
+        (&by_ip, Some("verify-ca"), None, false, Refused(need_root)),
+        (&by_ip, Some("verify-ca"), None, true, Connects { tls: true }),
+        (&by_ip, Some("verify-ca"), Some(&ca), false, Connects { tls: true }),
+        (&by_ip, Some("verify-ca"), Some(&other), false, Fails(verify_failed)),
+        (&by_ip, Some("verify-ca"), Some("system"), false, Refused(system_weak)),
+        (&wrong_name, Some("verify-ca"), Some(&ca), false, Connects { tls: true }),
+        (&by_ip, Some("verify-full"), None, false, Refused(need_root)),
+        (&by_ip, Some("verify-full"), None, true, Connects { tls: true }),
+        (&by_ip, Some("verify-full"), Some(&ca), false, Connects { tls: true }),
+        (&by_name, Some("verify-full"), Some(&ca), false, Connects { tls: true }),
+        (&wrong_name, Some("verify-full"), Some(&ca), false, Fails(verify_failed)),
+        (&by_ip, Some("verify-full"), Some(&other), false, Fails(verify_failed)),
+        (&by_ip, Some("verify-full"), Some("system"), false, Fails(verify_failed)),
+        (&by_ip, None, Some("system"), false, Fails(verify_failed)),
+    ];
+    for (url, mode, root, with_home, want) in &table {
+        let mut text = format!("url = {url:?}\ntable = \"t\"\ncolumns = [{{ name = \"a\", type = \"text\" }}]\n");
+        if let Some(mode) = mode {
+            text.push_str(&format!("sslmode = {mode:?}\n"));
+        }
+        if let Some(root) = root {
+            text.push_str(&format!("sslrootcert = {root:?}\n"));
+        }
+        let config: sluice::config::PostgresSinkConfig = toml::from_str(&text).unwrap();
+        let row = format!("sslmode={mode:?} sslrootcert={root:?} home root.crt={with_home} url={url}");
+        let home = if *with_home { home.path() } else { no_home.path() };
+        let target = target_with_home(&config, Path::new("/"), Some(home));
+        match (want, target) {
+            (Refused(why), Err(errors)) => assert!(errors.iter().any(|e| e.message.contains(why)), "{row}: {errors:?}"),
+            (Refused(why), Ok(_)) => panic!("{row}: accepted, should be refused ({why})"),
+            (_, Err(errors)) => panic!("{row}: refused: {errors:?}"),
+            (Connects { tls }, Ok(target)) => {
+                let (client, connection) = connect(&target).await.unwrap_or_else(|e| panic!("{row}: {e:#}"));
+                tokio::spawn(connection);
+                let ssl: bool = client.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).await.unwrap().get(0);
+                assert_eq!(ssl, *tls, "{row}");
+            }
+            (Fails(why), Ok(target)) => match connect(&target).await {
+                Ok(_) => panic!("{row}: connected, should fail ({why})"),
+                Err(e) => assert!(format!("{e:#}").contains(why), "{row}: {e:#}"),
+            },
+        }
+    }
+    // Unset with system: verify-full, as libpq 16 makes it.
+    let config: sluice::config::PostgresSinkConfig =
+        toml::from_str(&format!("url = {by_ip:?}\ntable = \"t\"\nsslrootcert = \"system\"\ncolumns = [{{ name = \"a\", type = \"text\" }}]\n")).unwrap();
+    assert!(target_with_home(&config, Path::new("/"), None).unwrap().endpoint.ends_with("(sslmode=verify-full)"));
+}

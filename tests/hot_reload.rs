@@ -242,3 +242,42 @@ async fn the_admin_endpoint_reports_versions_and_reloads_on_request() {
     assert!(body.contains("p.toml:1:1: unknown field `bogus`"), "{body}");
     assert_eq!(sluice.stop(), Some(0));
 }
+
+/// Kubernetes mounts a secret as `token -> ..data/token`, `..data -> ..<time>`,
+/// and rotates it by pointing `..data` at a new folder: no event names the
+/// token, yet the watcher reports it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubernetes_style_secret_rotation_is_seen_within_seconds() {
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    std::fs::create_dir_all(secrets.join("..2026_12_01_a")).unwrap();
+    std::fs::write(secrets.join("..2026_12_01_a/token"), "first-token-1111").unwrap();
+    symlink("..2026_12_01_a", secrets.join("..data")).unwrap();
+    symlink("..data/token", secrets.join("token")).unwrap();
+    let file = write_pipeline(
+        dir.path(),
+        "live",
+        &format!(
+            "[source]\ntype = \"websocket\"\nurl = \"ws://127.0.0.1:9/\"\nheaders = {{ Authorization = \"${{file:{}}}\" }}\n[sinks.out]\ntype = \"stdout\"\n[dead_letter]\ntype = \"stdout\"\n",
+            secrets.join("token").display()
+        ),
+    );
+    let pipelines = sluice::config::load_dir_or_files(&[file.clone()], None).unwrap();
+    let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
+    let _watcher = sluice::config::watcher::Watcher::new(&[file], &pipelines, tx).unwrap();
+
+    // The rotation, as the kubelet does it: a new folder, a new link, renamed over `..data`.
+    std::fs::create_dir_all(secrets.join("..2026_12_02_b")).unwrap();
+    std::fs::write(secrets.join("..2026_12_02_b/token"), "second-token-2222").unwrap();
+    symlink("..2026_12_02_b", secrets.join("..data_tmp")).unwrap();
+    std::fs::rename(secrets.join("..data_tmp"), secrets.join("..data")).unwrap();
+    std::fs::remove_dir_all(secrets.join("..2026_12_01_a")).unwrap();
+
+    let seen = tokio::time::timeout(Duration::from_secs(5), changes.recv()).await;
+    let changed = seen.expect("no change reported within 5 s").unwrap();
+    assert_eq!(changed.file_name().unwrap(), "token", "{changed:?}");
+    let reread = sluice::config::load_dir_or_files(&[dir.path().join("live.toml")], None).unwrap();
+    assert_eq!(reread[0].secret_files.len(), 1);
+    assert_eq!(std::fs::read_to_string(secrets.join("token")).unwrap(), "second-token-2222");
+}

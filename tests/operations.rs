@@ -150,3 +150,111 @@ async fn sluice_top_under_tmux_shows_the_pipeline_with_a_rate() {
     assert!(quit, "q quits sluice top");
     assert_eq!(sluice.stop(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_refuses_other_sites_and_coalesces_reloads() {
+    use std::io::{Read, Write};
+    let (broker, _pg, table) = trades_setup("admin", 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_pipeline(dir.path(), "trades", &trades_pipeline_to(&table, "g-admin", 100, "${SLUICE_PG_URL}", ""));
+    let sluice = SluiceProcess::run(&[&file], &broker.addr);
+    let admin = sluice.admin_addr().await;
+
+    // A page on another site: its POST carries its Origin (or Sec-Fetch-Site).
+    let (code, body) = http_with(&admin, "POST", "/reload", &[("Origin", "http://evil.example")]);
+    assert_eq!(code, 403, "{body}");
+    let (code, _) = http_with(&admin, "POST", "/reload", &[("Sec-Fetch-Site", "cross-site")]);
+    assert_eq!(code, 403);
+    // DNS rebinding: the browser sends the attacker's name as Host.
+    let (code, body) = http_with(&admin, "GET", "/status", &[("Host", "evil.example:8686")]);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("--admin-host"), "{body}");
+    assert!(!body.contains("trades"), "nothing of the status leaks: {body}");
+    assert_eq!(http_with(&admin, "GET", "/status", &[("Host", "localhost")]).0, 200);
+    let reloads = || serde_json::from_str::<serde_json::Value>(&http(&admin, "GET", "/status").1).unwrap()["reloads_ok"].as_u64().unwrap();
+    assert_eq!(reloads(), 0, "the refused requests reloaded nothing");
+
+    // 20 reload requests at once: all answered, by at most two reloads (one
+    // running, the rest sharing the one pending).
+    let mut streams: Vec<std::net::TcpStream> = (0..20).map(|_| std::net::TcpStream::connect(&admin).unwrap()).collect();
+    let text = request(&admin, "POST", "/reload", &[]);
+    for s in &mut streams {
+        s.write_all(text.as_bytes()).unwrap();
+    }
+    for s in &mut streams {
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut response = String::new();
+        s.read_to_string(&mut response).unwrap();
+        let (code, body) = parse_response(&response);
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains("reload applied"), "{body}");
+    }
+    let done = reloads();
+    assert!((1..=2).contains(&done), "20 concurrent requests took {done} reloads");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_token_guards_all_but_health_and_metrics_and_a_public_listener_needs_one() {
+    let (broker, _pg, table) = trades_setup("admintoken", 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_pipeline(dir.path(), "trades", &trades_pipeline_to(&table, "g-admintoken", 100, "${SLUICE_PG_URL}", ""));
+
+    // Every interface, no token: refused at start, saying what to do.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--admin-addr", "0.0.0.0:0"])
+        .arg(&file)
+        .env("SLUICE_BROKERS", &broker.addr)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--admin-addr") && stderr.contains("--admin-token-file") && stderr.contains("--metrics-addr"), "{stderr}");
+
+    let token = "admin-tok-0123456789abcdef";
+    std::fs::write(dir.path().join("token"), format!("{token}\n")).unwrap();
+    let token_file = dir.path().join("token").display().to_string();
+    let sluice = SluiceProcess::run_with(&[&file], &broker.addr, &[("SLUICE_ADMIN_TOKEN_FILE", &token_file)]);
+    let admin = sluice.admin_addr().await;
+    assert_eq!(http(&admin, "POST", "/reload").0, 401);
+    assert_eq!(http(&admin, "GET", "/status").0, 401);
+    assert_eq!(http_with(&admin, "POST", "/reload", &[("Authorization", "Bearer wrong-token-0123456789")]).0, 401);
+    let bearer = format!("Bearer {token}");
+    let (code, body) = http_with(&admin, "POST", "/reload", &[("Authorization", &bearer)]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(http_with(&admin, "GET", "/status", &[("Authorization", &bearer)]).0, 200);
+    assert_eq!(http(&admin, "GET", "/metrics").0, 200, "Prometheus needs no token");
+    assert!(!std::fs::read_to_string(&sluice.log).unwrap().contains(token), "the token is never logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_topic_is_named_and_read_within_seconds_of_its_creation() {
+    let broker = Broker::start();
+    broker.create_topic("trades_dlq", 1).await;
+    let pg = PgSchema::create("latetopic").await;
+    let table = format!("{}.trades", pg.name);
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_pipeline(dir.path(), "trades", &trades_pipeline_to(&table, "g-latetopic", 100, "${SLUICE_PG_URL}", ""));
+    let sluice = SluiceProcess::run(&[&file], &broker.addr);
+    let admin = sluice.admin_addr().await;
+
+    let named = wait_until(WAIT, || async {
+        let (code, body) = http(&admin, "GET", "/health");
+        code == 503 && body.contains("subscribed topic \\\"trades_raw\\\" does not exist")
+    })
+    .await;
+    assert!(named, "/health: {:?}", http(&admin, "GET", "/health"));
+    let log = std::fs::read_to_string(&sluice.log).unwrap();
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR") && l.contains("does not exist")).collect();
+    assert_eq!(errors.len(), 1, "one ERROR line: {errors:#?}");
+    assert!(errors[0].contains("trades_raw") && errors[0].contains("--create --topic trades_raw"), "{}", errors[0]);
+
+    broker.create_topic("trades_raw", 1).await;
+    let created = std::time::Instant::now();
+    let frames = generated(50, 87);
+    broker.produce("trades_raw", &frames).await;
+    let expected = expected_trades(&frames);
+    let read = wait_until(Duration::from_secs(10), || async { count_rows(&pg.client, &table).await >= expected.len() }).await;
+    assert!(read, "{} of {} rows {:?} after the topic was created; log {}", count_rows(&pg.client, &table).await, expected.len(), created.elapsed(), sluice.log.display());
+    let healthy = wait_until(WAIT, || async { http(&admin, "GET", "/health").0 == 200 }).await;
+    assert!(healthy, "{:?}", http(&admin, "GET", "/health"));
+}

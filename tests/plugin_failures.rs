@@ -253,3 +253,30 @@ fn plugin_test_rate_limits_plugin_logs_unless_asked_not_to() {
     let unlimited = run(&["--no-log-limit"]);
     assert_eq!(unlimited.lines().filter(|l| l.contains("flooding as asked")).count(), 10_000);
 }
+
+/// A version that sleeps 60 s on every record (in WASI's clock, a host call
+/// the CPU limit's epochs cannot reach): each call ends at `cpu_ms`, the
+/// pipeline pauses as for any failing version, and a reload and a shutdown
+/// do not wait for the sleep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_sleeping_in_a_host_call_keeps_reload_and_shutdown_prompt() {
+    let (broker, _pg, table) = trades_setup("sleeper", 1).await;
+    broker.produce("trades_raw", &generated(50, 93)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let chaos = "config = { mode = \"sleep\", sleep_s = \"60\", trigger = \"*\" }\nlimits = { cpu_ms = 300 }";
+    let file = write_pipeline(dir.path(), "broken", &pipeline(&table, "g-sleeper", chaos, "on_plugin_failure = \"pause\""));
+    let mut sluice = SluiceProcess::run(&[&file], &broker.addr);
+    let admin = sluice.admin_addr().await;
+    assert!(sluice.wait_log("pipeline paused on a failing plugin version", 0).await, "log {}", sluice.log.display());
+    let log = std::fs::read_to_string(&sluice.log).unwrap();
+    assert!(log.contains("CPU limit exceeded (300 ms per call)"), "the time limit stopped the sleep: log {}", sluice.log.display());
+
+    let started = Instant::now();
+    let (code, body) = http(&admin, "POST", "/reload");
+    assert_eq!(code, 200, "{body}");
+    assert!(started.elapsed() < Duration::from_secs(20), "reload waited {:?} for the sleeping plugin", started.elapsed());
+
+    let started = Instant::now();
+    assert_eq!(sluice.stop(), Some(0), "graceful exit");
+    assert!(started.elapsed() < Duration::from_secs(20), "shutdown waited {:?} for the sleeping plugin", started.elapsed());
+}

@@ -137,6 +137,35 @@ fn an_endless_loop_is_stopped_by_the_cpu_limit() {
 }
 
 #[test]
+fn a_plugin_sleeping_in_a_host_call_is_stopped_by_the_time_limit() {
+    let (rt, _cache) = runtime();
+    let limits = Limits { cpu_ms: 200, ..Limits::default() };
+    let mut chaos = instance_with(&rt, "chaos", &[("mode", "sleep"), ("sleep_s", "60")], limits, Grants::default());
+    let started = Instant::now();
+    let results = chaos.process(&batch(&["boom"]));
+    let took = started.elapsed();
+    assert_eq!(results[0].as_ref().unwrap_err(), "CPU limit exceeded (200 ms per call)");
+    // Loose bound: the limit fired, not the 60 s sleep's end.
+    assert!(took.as_secs() < 30, "{took:?}");
+    assert_eq!(chaos.process(&batch(&["next"]))[0].as_ref().unwrap()[0].value, "next");
+}
+
+#[test]
+fn a_plugin_blocked_on_a_granted_socket_is_stopped_by_the_time_limit() {
+    let (rt, _cache) = runtime();
+    // A server that accepts and never answers: the plugin's read waits forever.
+    let addr = common::services::silent_server();
+    let limits = Limits { cpu_ms: 200, ..Limits::default() };
+    let grants = Grants { network: true, ..Grants::default() };
+    let mut chaos = instance_with(&rt, "chaos", &[("mode", "read"), ("addr", addr.as_str())], limits, grants);
+    let started = Instant::now();
+    let results = chaos.process(&batch(&["boom", "ok"]));
+    assert!(started.elapsed().as_secs() < 30, "{:?}", started.elapsed());
+    assert_eq!(results[0].as_ref().unwrap_err(), "CPU limit exceeded (200 ms per call)");
+    assert_eq!(results[1].as_ref().unwrap()[0].value, "ok", "the rest of the batch goes on");
+}
+
+#[test]
 fn unbounded_allocation_is_stopped_by_the_memory_limit() {
     let (rt, _cache) = runtime();
     let limits = Limits { memory_bytes: 16 << 20, ..Limits::default() };

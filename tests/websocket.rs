@@ -281,3 +281,68 @@ async fn wss_with_a_ca_file_and_an_untrusted_server() {
     wait_for_rows(&pg.client, &table, expected.len(), &sluice).await;
     assert_eq!(stored_trades_in(&pg.client, &table).await, expected);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_large_frames_stays_within_buffer_bytes() {
+    let broker = broker_with_out().await;
+    let pg = PrivatePostgres::start();
+    pg.stop_server();
+    // 400 frames of 1 MB, sent as fast as the socket takes them, to a pipeline whose sink is down.
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = sent.clone();
+    let server = scripted_server(move |mut ws| {
+        let counter = counter.clone();
+        async move {
+            let _ = ws.next().await; // the subscription
+            let frame = format!("{{\"v\":\"{}\"}}", "x".repeat(1_000_000));
+            for _ in 0..400 {
+                if ws.send(Message::text(frame.clone())).await.is_err() {
+                    return;
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+            while let Some(Ok(_)) = ws.next().await {}
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_pipeline(
+        dir.path(),
+        "live",
+        &format!(
+            "name = \"live\"\n{}\n[sinks.pg]\ntype = \"postgres\"\nurl = \"{}\"\ntable = \"public.big\"\ncreate_table = true\ncolumns = [{{ name = \"v\", type = \"text\" }}]\n[dead_letter]\ntype = \"kafka\"\nbrokers = \"${{SLUICE_BROKERS}}\"\ntopic = \"trades_dlq\"\n",
+            ws_source(&format!("ws://{server}/"), "buffer_bytes = 8388608"),
+            pg.url()
+        ),
+    );
+    let sluice = SluiceProcess::run(&[&file], &broker.addr);
+    let pid = sluice.pid().unwrap();
+    assert!(wait_until(Duration::from_secs(60), || async { sent.load(Ordering::SeqCst) >= 5 }).await, "nothing sent; log {}", sluice.log.display());
+    let started = Instant::now();
+    let mut peak = 0.0_f64;
+    while started.elapsed() < Duration::from_secs(8) {
+        peak = peak.max(rss_mib(pid));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let frames = sent.load(Ordering::SeqCst);
+    eprintln!("peak RSS with 8 MiB of buffer_bytes and 1 MB frames: {peak:.0} MiB; frames the server got out: {frames}");
+    // 8 MiB buffered, a few batches in flight and the sockets' buffers: tens of frames, not 400.
+    assert!(frames < 100, "the server was not held back: {frames} frames of 1 MB sent");
+    assert!(peak < 250.0, "RSS reached {peak:.0} MiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_server_that_never_answers_the_handshake_times_out_and_is_retried() {
+    let broker = broker_with_out().await;
+    // Accepts TCP and says nothing: the TLS handshake would wait forever.
+    let addr = silent_server();
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_pipeline(dir.path(), "live", &ws_to_kafka(&ws_source(&format!("wss://{addr}/"), "")));
+    let sluice = SluiceProcess::run(&[&file], &broker.addr);
+    let admin = sluice.admin_addr().await;
+    let needle = format!("the TLS handshake with {addr} timed out");
+    assert!(sluice.wait_log(&needle, 0).await, "log {}", sluice.log.display());
+    let (code, health) = http(&admin, "GET", "/health");
+    assert_eq!(code, 503);
+    assert!(health.contains(&needle), "{health}");
+}

@@ -6,10 +6,26 @@
 //!   versions, assignment, lag, counters, failing sinks and last error, and
 //!   the reload counts;
 //! - `POST /reload`: re-read the pipeline files and apply them, as a file
-//!   change or SIGHUP does; answers with the outcome.
+//!   change or SIGHUP does; answers with the outcome. Requests that arrive
+//!   while a reload runs share the next one: at most one is ever pending.
+//!
+//! # Protection
+//! - The `Host` header must name a loopback address (`localhost`,
+//!   `127.0.0.1`, `[::1]`, any port) or a name given with `--admin-host`:
+//!   a page on another site cannot read `/status` through DNS rebinding.
+//! - `POST` refuses a cross-origin request (an `Origin` that is not an
+//!   allowed host, or `Sec-Fetch-Site: cross-site`): a page the operator
+//!   opens cannot trigger a reload.
+//! - With `--admin-token-file`, every endpoint but `/health` and `/metrics`
+//!   needs `Authorization: Bearer <token>`. A listener on a non-loopback
+//!   address without a token is refused at start; `--metrics-addr` serves
+//!   `/metrics` and `/health` alone (read-only, for Prometheus) on another
+//!   address.
 
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use serde::Serialize;
@@ -58,32 +74,125 @@ pub struct PluginStatus {
 /// A reload request from the listener, answered with `Ok(summary)` or `Err(reasons)`.
 pub type ReloadRequest = oneshot::Sender<Result<String, String>>;
 
+/// How many reload requests may wait for the run loop at once (they are
+/// answered together, by one reload); more get 503.
+pub const RELOAD_QUEUE: usize = 64;
+
 #[derive(Clone)]
 struct AppState {
     status: Arc<RwLock<Status>>,
-    reloads: mpsc::UnboundedSender<ReloadRequest>,
+    reloads: mpsc::Sender<ReloadRequest>,
+}
+
+/// Who may use the admin listener.
+#[derive(Clone, Default)]
+pub struct Guard {
+    /// Host names, beyond the loopback ones, that the `Host` and `Origin`
+    /// headers may name.
+    pub hosts: Vec<String>,
+    /// The bearer token every endpoint but `/health` and `/metrics` needs.
+    pub token: Option<crate::secrets::Secret>,
+}
+
+impl Guard {
+    /// Refuses to serve everything on a non-loopback address without a token.
+    pub fn check_bind(&self, addr: SocketAddr) -> Result<(), String> {
+        if addr.ip().is_loopback() || self.token.is_some() {
+            return Ok(());
+        }
+        Err(format!(
+            "the admin listener would serve POST /reload and /status to anyone who reaches {addr}: bind it to a loopback address, \
+             give it --admin-token-file, or serve only /metrics and /health there with --metrics-addr {addr}"
+        ))
+    }
+
+    /// Whether `host` (a `Host` header, or an origin's authority) names this listener.
+    fn allows_host(&self, host: &str) -> bool {
+        let name = match host.strip_prefix('[') {
+            Some(v6) => v6.split_once(']').map_or(v6, |(ip, _)| ip),
+            None => host.rsplit_once(':').filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit())).map_or(host, |(name, _)| name),
+        };
+        let name = name.to_ascii_lowercase();
+        matches!(name.as_str(), "localhost" | "::1") || name.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback()) || self.hosts.iter().any(|h| h.eq_ignore_ascii_case(&name))
+    }
+
+    /// Why the request is refused, if it is.
+    fn refuse(&self, method: &Method, path: &str, headers: &HeaderMap) -> Option<(StatusCode, String)> {
+        let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+        match text(header::HOST) {
+            Some(host) if self.allows_host(host) => {}
+            host => {
+                return Some((
+                    StatusCode::FORBIDDEN,
+                    format!("Host {:?} is not this listener's: use a loopback address, or allow the name with --admin-host\n", host.unwrap_or_default()),
+                ))
+            }
+        }
+        if method != Method::GET && method != Method::HEAD {
+            let cross_site = text(header::HeaderName::from_static("sec-fetch-site")).is_some_and(|s| s == "cross-site" || s == "same-site");
+            let foreign_origin = text(header::ORIGIN).is_some_and(|origin| {
+                let authority = origin.split_once("://").map_or(origin, |(_, rest)| rest);
+                !self.allows_host(authority.split('/').next().unwrap_or_default())
+            });
+            if cross_site || foreign_origin {
+                return Some((StatusCode::FORBIDDEN, "cross-origin requests may not change this instance\n".into()));
+            }
+        }
+        if let Some(token) = &self.token {
+            let open = method == Method::GET && (path == "/health" || path == "/metrics");
+            let given = text(header::AUTHORIZATION).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or_default();
+            if !open && !token.matches(given) {
+                return Some((StatusCode::UNAUTHORIZED, "this endpoint needs Authorization: Bearer <the --admin-token-file token>\n".into()));
+            }
+        }
+        None
+    }
+}
+
+async fn guarded(State(guard): State<Arc<Guard>>, request: Request, next: Next) -> Response {
+    match guard.refuse(request.method(), request.uri().path(), request.headers()) {
+        Some((code, reason)) => {
+            warn!(method = %request.method(), path = %request.uri().path(), %reason, "admin request refused");
+            (code, reason).into_response()
+        }
+        None => next.run(request).await,
+    }
 }
 
 /// Serves the admin API on `addr` in the background; returns the bound address.
-pub async fn serve(
-    addr: SocketAddr,
-    status: Arc<RwLock<Status>>,
-    reloads: mpsc::UnboundedSender<ReloadRequest>,
-) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
+pub async fn serve(addr: SocketAddr, guard: Guard, status: Arc<RwLock<Status>>, reloads: mpsc::Sender<ReloadRequest>) -> anyhow::Result<SocketAddr> {
+    guard.check_bind(addr).map_err(anyhow::Error::msg)?;
     let app = Router::new()
         .route("/status", get(status_handler))
         .route("/metrics", get(metrics_handler))
         .route("/health", get(health_handler))
         .route("/reload", post(reload_handler))
-        .with_state(AppState { status, reloads });
+        .with_state(AppState { status, reloads })
+        .layer(axum::middleware::from_fn_with_state(Arc::new(guard), guarded));
+    let bound = spawn(addr, app).await?;
+    info!(addr = %bound, "admin listener ready (GET /status, /metrics, /health; POST /reload)");
+    Ok(bound)
+}
+
+/// Serves `GET /metrics` and `GET /health` alone on `addr` (for a
+/// Prometheus scraper on another host); returns the bound address.
+pub async fn serve_metrics(addr: SocketAddr, status: Arc<RwLock<Status>>) -> anyhow::Result<SocketAddr> {
+    let (reloads, _) = mpsc::channel(1);
+    let app = Router::new().route("/metrics", get(metrics_handler)).route("/health", get(health_handler)).with_state(AppState { status, reloads });
+    let bound = spawn(addr, app).await?;
+    info!(addr = %bound, "metrics listener ready (GET /metrics, /health)");
+    Ok(bound)
+}
+
+async fn spawn(addr: SocketAddr, app: Router) -> anyhow::Result<SocketAddr> {
+    use anyhow::Context;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+    let bound = listener.local_addr()?;
     tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app).await {
             warn!(%error, "admin listener stopped");
         }
     });
-    info!(addr = %bound, "admin listener ready (GET /status, /metrics, /health; POST /reload)");
     Ok(bound)
 }
 
@@ -102,7 +211,7 @@ fn redacted_json(status: StatusCode, value: &impl Serialize) -> (StatusCode, [(a
     (status, [(axum::http::header::CONTENT_TYPE, "application/json")], crate::secrets::redact(&body))
 }
 
-async fn status_handler(State(state): State<AppState>) -> impl axum::response::IntoResponse {
+async fn status_handler(State(state): State<AppState>) -> impl IntoResponse {
     redacted_json(StatusCode::OK, &live_status(&state))
 }
 
@@ -110,7 +219,7 @@ async fn metrics_handler() -> ([(axum::http::HeaderName, &'static str); 1], Stri
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], crate::secrets::redact(&telemetry().encode()))
 }
 
-async fn health_handler(State(state): State<AppState>) -> impl axum::response::IntoResponse {
+async fn health_handler(State(state): State<AppState>) -> impl IntoResponse {
     let status = live_status(&state);
     let health: BTreeMap<String, PipelineHealth> = status
         .pipelines
@@ -138,12 +247,64 @@ async fn health_handler(State(state): State<AppState>) -> impl axum::response::I
 
 async fn reload_handler(State(state): State<AppState>) -> (StatusCode, String) {
     let (tx, rx) = oneshot::channel();
-    if state.reloads.send(tx).is_err() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into());
+    match state.reloads.try_send(tx) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            return (StatusCode::SERVICE_UNAVAILABLE, format!("{RELOAD_QUEUE} reload requests are already waiting: try again\n"))
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into()),
     }
     match rx.await {
         Ok(Ok(summary)) => (StatusCode::OK, format!("{summary}\n")),
         Ok(Err(reasons)) => (StatusCode::UNPROCESSABLE_ENTITY, format!("{}\n", crate::secrets::redact(&reasons))),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        pairs.iter().map(|(k, v)| (header::HeaderName::from_static(k), v.parse().unwrap())).collect()
+    }
+
+    #[test]
+    fn host_origin_and_token_rules() {
+        let open = Guard { hosts: vec!["sluice.internal".into()], token: None };
+        let get = |g: &Guard, h: &[(&'static str, &str)]| g.refuse(&Method::GET, "/status", &headers(h)).map(|r| r.0);
+        let post = |g: &Guard, h: &[(&'static str, &str)]| g.refuse(&Method::POST, "/reload", &headers(h)).map(|r| r.0);
+        for host in ["127.0.0.1:8686", "localhost", "LOCALHOST:1", "[::1]:8686", "127.9.9.9", "sluice.internal:80"] {
+            assert_eq!(get(&open, &[("host", host)]), None, "{host}");
+        }
+        for host in ["evil.example", "evil.example:8686", "127.0.0.1.evil.example", "localhost.evil.example:1", "10.0.0.1:8686"] {
+            assert_eq!(get(&open, &[("host", host)]), Some(StatusCode::FORBIDDEN), "{host}");
+        }
+        assert_eq!(get(&open, &[]), Some(StatusCode::FORBIDDEN), "no Host");
+        assert_eq!(post(&open, &[("host", "127.0.0.1:1"), ("origin", "http://evil.example")]), Some(StatusCode::FORBIDDEN));
+        assert_eq!(post(&open, &[("host", "127.0.0.1:1"), ("sec-fetch-site", "cross-site")]), Some(StatusCode::FORBIDDEN));
+        assert_eq!(post(&open, &[("host", "127.0.0.1:1"), ("origin", "http://127.0.0.1:1")]), None);
+        assert_eq!(post(&open, &[("host", "127.0.0.1:1")]), None, "curl sends no Origin");
+        // A GET with a foreign Origin only reads (the browser keeps the answer from the page).
+        assert_eq!(get(&open, &[("host", "127.0.0.1:1"), ("origin", "http://evil.example")]), None);
+
+        let locked = Guard { hosts: vec![], token: Some(crate::secrets::Secret::new("tok-123456".into())) };
+        assert_eq!(post(&locked, &[("host", "localhost")]), Some(StatusCode::UNAUTHORIZED));
+        assert_eq!(post(&locked, &[("host", "localhost"), ("authorization", "Bearer nope")]), Some(StatusCode::UNAUTHORIZED));
+        assert_eq!(post(&locked, &[("host", "localhost"), ("authorization", "Bearer tok-123456")]), None);
+        assert_eq!(get(&locked, &[("host", "localhost")]), Some(StatusCode::UNAUTHORIZED), "/status needs the token");
+        assert_eq!(locked.refuse(&Method::GET, "/metrics", &headers(&[("host", "localhost")])), None);
+        assert_eq!(locked.refuse(&Method::GET, "/health", &headers(&[("host", "localhost")])), None);
+    }
+
+    #[test]
+    fn a_non_loopback_listener_needs_a_token() {
+        let open = Guard::default();
+        assert!(open.check_bind("127.0.0.1:8686".parse().unwrap()).is_ok());
+        assert!(open.check_bind("[::1]:8686".parse().unwrap()).is_ok());
+        let refused = open.check_bind("0.0.0.0:8686".parse().unwrap()).unwrap_err();
+        assert!(refused.contains("--admin-token-file") && refused.contains("--metrics-addr"), "{refused}");
+        let locked = Guard { hosts: vec![], token: Some(crate::secrets::Secret::new("tok-123456".into())) };
+        assert!(locked.check_bind("0.0.0.0:8686".parse().unwrap()).is_ok());
     }
 }

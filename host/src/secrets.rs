@@ -25,6 +25,50 @@ fn registry() -> &'static RwLock<BTreeSet<String>> {
     SECRETS.get_or_init(Default::default)
 }
 
+/// A secret value: registered for [`redact`] when made, and shown as `***`
+/// by `Debug` and `Display`, so neither a log line nor a `{:?}` of the
+/// struct holding it prints it. [`Secret::expose`] gives the value to the
+/// one place that sends it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Secret {
+        register(&value);
+        Secret(value)
+    }
+
+    /// The value, for the client that authenticates with it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `given` is the secret, in time that does not depend on where
+    /// they differ.
+    pub fn matches(&self, given: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), given.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(MASK)
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(MASK)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret::new)
+    }
+}
+
 /// Remembers `value` as a secret: from now on [`redact`] hides it.
 pub fn register(value: &str) {
     let value = value.trim();

@@ -159,19 +159,23 @@ pub fn sparkline(rates: &[f64]) -> String {
         .collect()
 }
 
-fn fetch(addr: &str) -> anyhow::Result<Value> {
-    let mut response = ureq::get(&format!("http://{addr}/status")).call().context("GET /status")?;
+fn fetch(addr: &str, token: Option<&str>) -> anyhow::Result<Value> {
+    let mut request = ureq::get(&format!("http://{addr}/status"));
+    if let Some(token) = token {
+        request = request.header("Authorization", &format!("Bearer {token}"));
+    }
+    let mut response = request.call().context("GET /status")?;
     let body = response.body_mut().read_to_string().context("reading /status")?;
     serde_json::from_str(&body).context("/status is not JSON")
 }
 
 /// Runs the dashboard until `q`, Esc or Ctrl-C.
-pub fn run(addr: &str, interval: Duration) -> anyhow::Result<()> {
+pub fn run(addr: &str, token: Option<&str>, interval: Duration) -> anyhow::Result<()> {
     let mut dashboard = Dashboard::new(addr);
     let mut terminal = ratatui::init();
     let result = (|| -> anyhow::Result<()> {
         loop {
-            dashboard.update(fetch(addr), Instant::now());
+            dashboard.update(fetch(addr, token), Instant::now());
             terminal.draw(|f| dashboard.draw(f))?;
             let deadline = Instant::now() + interval;
             while let Some(left) = deadline.checked_duration_since(Instant::now()) {

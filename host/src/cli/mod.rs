@@ -82,6 +82,9 @@ pub struct TopArgs {
     /// Refresh interval in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub interval_ms: u64,
+    /// The file holding the instance's admin token (its `--admin-token-file`).
+    #[arg(long, env = "SLUICE_ADMIN_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -102,6 +105,7 @@ pub(crate) fn parse_key_value(raw: &str) -> Result<(String, String), String> {
 /// Parses the arguments, runs the command, prints the error chain on failure.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    redact_panics();
     init_logging(cli.log_format);
     match run(cli) {
         Ok(code) => code,
@@ -110,6 +114,16 @@ pub fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Panic messages go through the redaction like every other line: a value
+/// quoted in one may be a secret.
+fn redact_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let message = format!("thread '{}' {info}", thread.name().unwrap_or("<unnamed>"));
+        eprintln!("{}", crate::secrets::redact(&message));
+    }));
 }
 
 fn init_logging(format: LogFormat) {
@@ -136,7 +150,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check(args) => check::check(&runtime()?, &args),
         Command::Run(args) => run::run(runtime()?, &args),
         Command::Top(args) => {
-            crate::top::run(&args.addr, std::time::Duration::from_millis(args.interval_ms.max(100)))?;
+            let token = match &args.token_file {
+                Some(path) => Some(std::fs::read_to_string(path).with_context(|| format!("cannot read --token-file {}", path.display()))?.trim().to_string()),
+                None => None,
+            };
+            crate::top::run(&args.addr, token.as_deref(), std::time::Duration::from_millis(args.interval_ms.max(100)))?;
             Ok(ExitCode::SUCCESS)
         }
     }

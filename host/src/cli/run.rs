@@ -17,6 +17,20 @@ pub struct RunArgs {
     /// picks a free one (logged); `off` disables it.
     #[arg(long, default_value = "127.0.0.1:8686", value_parser = parse_admin_addr)]
     pub admin_addr: AdminAddr,
+    /// A file holding the admin listener's bearer token: every endpoint but
+    /// `/health` and `/metrics` then needs `Authorization: Bearer <token>`.
+    /// Needed to bind the listener to a non-loopback address.
+    #[arg(long, env = "SLUICE_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<std::path::PathBuf>,
+    /// A host name (beyond the loopback ones) that requests to the admin
+    /// listener may give in `Host` and `Origin`, e.g. the name it is reached
+    /// by through a proxy. Repeatable.
+    #[arg(long = "admin-host")]
+    pub admin_hosts: Vec<String>,
+    /// Also serve `GET /metrics` and `GET /health` alone (read-only) on this
+    /// address, e.g. `0.0.0.0:9598` for a Prometheus on another host.
+    #[arg(long)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Seconds between the one-line progress summaries per pipeline (rate,
     /// lag, dead letters, failing sinks); 0 disables them.
     #[arg(long, env = "SLUICE_PROGRESS_SECS", default_value_t = 10)]
@@ -35,8 +49,27 @@ fn parse_admin_addr(raw: &str) -> Result<AdminAddr, String> {
 }
 
 
+/// The admin listener's guard from the flags.
+fn admin_guard(run: &RunArgs) -> anyhow::Result<crate::admin::Guard> {
+    let token = match &run.admin_token_file {
+        None => None,
+        Some(path) => {
+            let token = std::fs::read_to_string(path).with_context(|| format!("cannot read --admin-token-file {}", path.display()))?;
+            let token = token.trim();
+            anyhow::ensure!(token.len() >= 16, "--admin-token-file {}: the token must be at least 16 characters", path.display());
+            Some(crate::secrets::Secret::new(token.to_string()))
+        }
+    };
+    let guard = crate::admin::Guard { hosts: run.admin_hosts.clone(), token };
+    if let AdminAddr(Some(addr)) = run.admin_addr {
+        guard.check_bind(addr).map_err(anyhow::Error::msg).context("--admin-addr")?;
+    }
+    Ok(guard)
+}
+
 pub fn run(runtime: Runtime, run: &RunArgs) -> anyhow::Result<ExitCode> {
     let args = &run.pipelines;
+    let guard = admin_guard(run)?;
     let pipelines = match crate::config::load_dir_or_files(&args.paths, Some(&runtime)) {
         Ok(p) => p,
         Err(errors) => {
@@ -53,11 +86,14 @@ pub fn run(runtime: Runtime, run: &RunArgs) -> anyhow::Result<ExitCode> {
         topology.apply(pipelines).await?;
         let status = std::sync::Arc::new(std::sync::RwLock::new(crate::admin::Status::default()));
         update_status(&status, &topology, None);
-        let (admin_tx, mut admin_requests) = tokio::sync::mpsc::unbounded_channel::<crate::admin::ReloadRequest>();
+        let (admin_tx, mut admin_requests) = tokio::sync::mpsc::channel::<crate::admin::ReloadRequest>(crate::admin::RELOAD_QUEUE);
         if let AdminAddr(Some(addr)) = run.admin_addr {
-            if let Err(error) = crate::admin::serve(addr, status.clone(), admin_tx).await {
-                tracing::warn!(%addr, %error, "cannot start the admin listener; running without it");
+            if let Err(error) = crate::admin::serve(addr, guard, status.clone(), admin_tx).await {
+                tracing::warn!(%addr, error = format!("{error:#}"), "cannot start the admin listener; running without it");
             }
+        }
+        if let Some(addr) = run.metrics_addr {
+            crate::admin::serve_metrics(addr, status.clone()).await?;
         }
         let mut terminate = signal(SignalKind::terminate())?;
         let mut hangup = signal(SignalKind::hangup())?;
@@ -65,13 +101,17 @@ pub fn run(runtime: Runtime, run: &RunArgs) -> anyhow::Result<ExitCode> {
         let mut progress = Progress::new(run.progress_secs);
         let mut failed = 0;
         loop {
-            let mut reply = None;
+            let mut replies = Vec::new();
             let reason = tokio::select! {
                 _ = tokio::signal::ctrl_c() => break,
                 _ = terminate.recv() => break,
                 _ = hangup.recv() => "SIGHUP".to_string(),
                 Some(request) = admin_requests.recv() => {
-                    reply = Some(request);
+                    // Every request waiting now shares this reload.
+                    replies.push(request);
+                    while let Ok(more) = admin_requests.try_recv() {
+                        replies.push(more);
+                    }
                     "POST /reload".to_string()
                 }
                 Some(path) = changes.recv() => {
@@ -93,8 +133,8 @@ pub fn run(runtime: Runtime, run: &RunArgs) -> anyhow::Result<ExitCode> {
             };
             let outcome = reload(&runtime, &args.paths, &mut topology, &mut watcher, &reason).await;
             update_status(&status, &topology, Some(&outcome));
-            if let Some(reply) = reply {
-                let _ = reply.send(outcome);
+            for reply in replies {
+                let _ = reply.send(outcome.clone());
             }
         }
         tracing::info!("shutting down: finishing in-flight batches");

@@ -12,9 +12,15 @@
 //! |---|---|---|---|
 //! | `disable` | no | – | – |
 //! | `prefer` (default) | if the server offers TLS | no | no |
-//! | `require` | yes | only with `sslrootcert` (as libpq) | no |
+//! | `require` | yes | only with a root file (as libpq) | no |
 //! | `verify-ca` | yes | yes | no |
 //! | `verify-full` | yes | yes | yes |
+//!
+//! The roots are libpq's: `sslrootcert`, else `~/.postgresql/root.crt`
+//! when it exists. `verify-ca` and `verify-full` with neither are refused
+//! (libpq refuses them too), and `sslrootcert=system` (the system's trusted
+//! roots, which trust any public CA for any name) goes with `verify-full`
+//! only, which it makes the default (as libpq 16).
 
 use crate::config::PostgresSinkConfig;
 use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslVerifyMode};
@@ -196,8 +202,15 @@ fn percent_decode(s: &str) -> String {
 }
 
 /// The connection target of a PostgreSQL sink: its URL and TLS options, the
-/// sink's own options taking precedence. `dir` anchors relative file paths.
+/// sink's own options taking precedence. `dir` anchors relative file paths;
+/// libpq's default root file is looked for under `$HOME`.
 pub fn target(sink: &PostgresSinkConfig, dir: &std::path::Path) -> Result<Target, Vec<TargetError>> {
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    target_with_home(sink, dir, home.as_deref())
+}
+
+/// [`target`], with `home` for `$HOME`.
+pub fn target_with_home(sink: &PostgresSinkConfig, dir: &std::path::Path, home: Option<&std::path::Path>) -> Result<Target, Vec<TargetError>> {
     let mut errors = Vec::new();
     let (rest, from_url) = split_tls_options(&sink.url);
     let mut config = match tokio_postgres::Config::from_str(&rest) {
@@ -222,13 +235,13 @@ pub fn target(sink: &PostgresSinkConfig, dir: &std::path::Path) -> Result<Target
             None => url_option(key).map(|v| ("url", v)),
         }
     };
-    let mode = match option(&sink.sslmode, "sslmode") {
-        Some((place, raw)) => raw.parse().unwrap_or_else(|message| {
+    let explicit_mode = option(&sink.sslmode, "sslmode").and_then(|(place, raw)| match raw.parse::<SslMode>() {
+        Ok(mode) => Some(mode),
+        Err(message) => {
             errors.push(TargetError { option: place, message });
-            SslMode::Prefer
-        }),
-        None => SslMode::Prefer,
-    };
+            None
+        }
+    });
     let file = |place: &'static str, key: &str, raw: String, errors: &mut Vec<TargetError>| -> PathBuf {
         let path = dir.join(&raw);
         if !path.is_file() {
@@ -236,10 +249,33 @@ pub fn target(sink: &PostgresSinkConfig, dir: &std::path::Path) -> Result<Target
         }
         path
     };
-    let root = option(&sink.sslrootcert, "sslrootcert").map(|(place, raw)| match raw.as_str() {
+    let mut root = option(&sink.sslrootcert, "sslrootcert").map(|(place, raw)| match raw.as_str() {
         "system" => RootCert::System,
         _ => RootCert::File(file(place, "sslrootcert", raw, &mut errors)),
     });
+    let mode = explicit_mode.unwrap_or(if root == Some(RootCert::System) { SslMode::VerifyFull } else { SslMode::Prefer });
+    if root == Some(RootCert::System) && mode != SslMode::VerifyFull {
+        errors.push(TargetError {
+            option: "sslrootcert",
+            message: format!(
+                "sslrootcert=system goes with sslmode=verify-full only, not {mode}: the system's roots trust any public CA for any name, so only the host-name check makes them safe (libpq 16 refuses this too)"
+            ),
+        });
+    }
+    if root.is_none() && matches!(mode, SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull) {
+        // libpq's default root file.
+        let default = home.map(|h| h.join(".postgresql").join("root.crt")).filter(|p| p.is_file());
+        root = default.map(RootCert::File);
+        if root.is_none() && mode != SslMode::Require {
+            errors.push(TargetError {
+                option: "sslmode",
+                message: format!(
+                    "sslmode={mode} needs the root certificate to verify the server with: set sslrootcert to the CA's file (libpq's default, ~/.postgresql/root.crt, does not exist){}",
+                    if mode == SslMode::VerifyFull { ", or sslrootcert=system for the system's trusted roots" } else { "; or say verify-full with sslrootcert=system for the system's trusted roots" }
+                ),
+            });
+        }
+    }
     let cert = option(&sink.sslcert, "sslcert").map(|(place, raw)| file(place, "sslcert", raw, &mut errors));
     let key = option(&sink.sslkey, "sslkey").map(|(place, raw)| file(place, "sslkey", raw, &mut errors));
     if cert.is_some() != key.is_some() {

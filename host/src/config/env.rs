@@ -1,6 +1,8 @@
 //! `${VAR}`, `${VAR:-default}` and `${file:/path}` expansion in pipeline
 //! files, so that secrets and addresses come from the environment or from
-//! mounted secret files (Docker, Kubernetes). `$` not followed by `{` is kept.
+//! mounted secret files (Docker, Kubernetes). `$` not followed by `{` is kept,
+//! and so is a `${…}` in a comment: only values are expanded, so a
+//! commented-out line reads no file and needs no variable.
 //!
 //! A value is written into the TOML text as the place it stands in needs: in
 //! a `"…"` string its quotes and backslashes are escaped, so a password with
@@ -33,6 +35,8 @@ enum Place {
     Basic { multiline: bool },
     /// `'…'` or `'''…'''`.
     Literal { multiline: bool },
+    /// After a `#` outside a string, to the end of the line.
+    Comment,
 }
 
 /// Moves `place` over `text` (which contains no `${`).
@@ -41,7 +45,7 @@ fn advance(mut place: Place, text: &str) -> Place {
     while let Some((i, c)) = chars.next() {
         let triple = |quote: &str| text[i..].starts_with(quote);
         match (place, c) {
-            (Place::Bare, '#') => return Place::Bare, // a comment: the rest of the line
+            (Place::Bare, '#') => place = Place::Comment,
             (Place::Bare, '"') if triple("\"\"\"") => {
                 place = Place::Basic { multiline: true };
                 chars.nth(1);
@@ -69,8 +73,9 @@ fn advance(mut place: Place, text: &str) -> Place {
         }
     }
     if text.ends_with('\n') {
-        // Single-line strings end with their line (an unclosed one is TOML's error to report).
-        if let Place::Basic { multiline: false } | Place::Literal { multiline: false } = place {
+        // Comments and single-line strings end with their line (an unclosed
+        // string is TOML's error to report).
+        if let Place::Comment | Place::Basic { multiline: false } | Place::Literal { multiline: false } = place {
             place = Place::Bare;
         }
     }
@@ -80,7 +85,7 @@ fn advance(mut place: Place, text: &str) -> Place {
 /// `value` written for `place`, or why it cannot be.
 fn encode(value: &str, place: Place) -> Result<String, String> {
     match place {
-        Place::Bare => Ok(value.to_string()),
+        Place::Bare | Place::Comment => Ok(value.to_string()),
         Place::Basic { .. } => {
             let mut out = String::with_capacity(value.len());
             for c in value.chars() {
@@ -131,6 +136,11 @@ pub fn expand(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<Exp
             let Some(len) = rest[start..].find('}') else { break };
             out.push_str(&rest[..start]);
             place = advance(place, &rest[..start]);
+            if place == Place::Comment {
+                out.push_str(&rest[start..start + len + 1]);
+                rest = &rest[start + len + 1..];
+                continue;
+            }
             let inner = &rest[start + 2..start + len];
             let column = line.len() - rest.len() + start + 1;
             let mut fail = |message: String| errors.push(ExpandError { line: index + 1, column, message });
@@ -199,9 +209,19 @@ mod tests {
 
     #[test]
     fn reports_every_missing_variable_with_its_place() {
-        let err = expand("x = 1\ny = \"${A}\" # ${B}\n", env).unwrap_err();
-        assert_eq!(err.iter().map(|e| (e.line, e.column)).collect::<Vec<_>>(), vec![(2, 6), (2, 14)]);
+        let err = expand("x = 1\ny = \"${A}\"\nz = [\"${SET}\", \"${B}\"]\n", env).unwrap_err();
+        assert_eq!(err.iter().map(|e| (e.line, e.column)).collect::<Vec<_>>(), vec![(2, 6), (3, 17)]);
         assert!(err[0].message.contains("`A` is not set"), "{}", err[0].message);
+    }
+
+    #[test]
+    fn leaves_comments_as_they_are() {
+        let raw = "# headers = { Authorization = \"${file:/run/secrets/old}\" }\ny = \"${SET}\" # was ${UNSET} # \"${A}\"\nz = \"#${SET}\" #${B}\n  # ${C}\nw = '''\n# ${SET}\n'''\n";
+        assert_eq!(
+            text(raw),
+            "# headers = { Authorization = \"${file:/run/secrets/old}\" }\ny = \"value\" # was ${UNSET} # \"${A}\"\nz = \"#value\" #${B}\n  # ${C}\nw = '''\n# value\n'''\n"
+        );
+        assert!(expand(raw, env).unwrap().files.is_empty(), "a commented-out secret file is not read");
     }
 
     #[test]

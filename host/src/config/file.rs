@@ -226,6 +226,12 @@ pub struct WebSocketSourceConfig {
     /// reading and TCP slows the server down (default 10,000).
     #[serde(default = "default_buffer_records")]
     pub buffer_records: usize,
+    /// Bytes of frames received but not yet transformed, at most (default
+    /// 64 MiB); past it Sluice stops reading, as for `buffer_records`. A
+    /// source holds at most this plus one frame being read (up to twice
+    /// `max_message_bytes`).
+    #[serde(default = "default_buffer_bytes")]
+    pub buffer_bytes: usize,
     /// A batch closes at this many records, as soon as no further record
     /// is ready (a trickle goes out at once)...
     #[serde(default = "default_batch_max_records")]
@@ -246,6 +252,9 @@ fn default_max_message_bytes() -> usize {
 }
 fn default_buffer_records() -> usize {
     10_000
+}
+fn default_buffer_bytes() -> usize {
+    64 << 20
 }
 
 /// `type = "kafka"`: a consumer group over one or more topics.
@@ -330,7 +339,8 @@ pub struct TransformConfig {
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
-    /// CPU time one call (`init` or one batch) may take, in milliseconds (default 1000).
+    /// Time one call (`init` or one batch) may take, in milliseconds,
+    /// running or waiting in a host call (a sleep, a socket) (default 1000).
     pub cpu_ms: Option<u64>,
     /// Linear memory the instance may grow to, in MiB (default 128).
     pub memory_mib: Option<usize>,
@@ -340,6 +350,10 @@ pub struct LimitsConfig {
     /// Outputs one input record may produce (default 100000); a record over
     /// it is dead-lettered.
     pub max_outputs: Option<usize>,
+    /// Output one batch may produce, in MiB of keys, values and headers,
+    /// a range given twice counted twice (what the host copies on) (default
+    /// 256); the records past it are dead-lettered.
+    pub batch_output_mib: Option<usize>,
     /// Log lines a second the plugin may write on average (default 100;
     /// 0: no limit). Lines over it are counted, not written.
     pub log_lines_per_s: Option<u32>,
@@ -446,12 +460,14 @@ pub struct PostgresSinkConfig {
     /// Password, when it is not in `url`: best from `${VAR}` or `${file:/path}`.
     pub password: Option<String>,
     /// TLS: `disable`, `prefer` (libpq's default: TLS if the server offers
-    /// it, unverified), `require` (TLS, unverified unless `sslrootcert` is
-    /// set), `verify-ca` (the server's certificate chains to `sslrootcert`)
-    /// or `verify-full` (and names the host). Overrides the URL's.
+    /// it, unverified), `require` (TLS, unverified unless a root file is
+    /// set or `~/.postgresql/root.crt` exists), `verify-ca` (the server's
+    /// certificate chains to the root) or `verify-full` (and names the
+    /// host). `verify-*` need a root, as in libpq. Overrides the URL's.
     pub sslmode: Option<String>,
-    /// PEM file of the CA certificates to trust, or `system` for the
-    /// system's trusted roots (default for `verify-*` when unset).
+    /// PEM file of the CA certificates to trust (libpq's default:
+    /// `~/.postgresql/root.crt`), or `system` for the system's trusted roots,
+    /// which only `sslmode=verify-full` may use (and is then the default).
     pub sslrootcert: Option<String>,
     /// PEM file of this client's certificate, for mutual TLS.
     pub sslcert: Option<String>,

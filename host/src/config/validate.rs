@@ -187,8 +187,8 @@ fn check(parsed: PipelineFile, file: &Path, runtime: Option<&Runtime>, report: &
                     report.at_key(&["source", "subscribe"], source_span.clone(), format!("[source]: subscribe message {} must be a string or a table", i + 1));
                 }
             }
-            if w.batch_max_records == 0 || w.buffer_records == 0 || w.max_message_bytes == 0 {
-                report.at(source_span.clone(), "[source]: `batch_max_records`, `buffer_records` and `max_message_bytes` must be at least 1");
+            if w.batch_max_records == 0 || w.buffer_records == 0 || w.buffer_bytes == 0 || w.max_message_bytes == 0 {
+                report.at(source_span.clone(), "[source]: `batch_max_records`, `buffer_records`, `buffer_bytes` and `max_message_bytes` must be at least 1");
             }
         }
     }
@@ -413,13 +413,18 @@ fn check_transform(
         memory_bytes: t.limits.memory_mib.map_or(defaults.memory_bytes, |m| m << 20),
         output_bytes: t.limits.output_mib.map_or(defaults.output_bytes, |m| m << 20),
         outputs: t.limits.max_outputs.unwrap_or(defaults.outputs),
+        batch_output_bytes: t.limits.batch_output_mib.map_or(defaults.batch_output_bytes, |m| m << 20),
         log_lines_per_s: t.limits.log_lines_per_s.unwrap_or(defaults.log_lines_per_s),
         log_burst: t.limits.log_burst.unwrap_or(defaults.log_burst),
     };
     let mut grants = Grants { network: t.grants.network, ..Grants::default() };
     for var in &t.grants.env {
         match std::env::var(var) {
-            Ok(value) => grants.env.push((var.clone(), value)),
+            Ok(value) => {
+                // What a plugin is handed may be a token: never shown.
+                crate::secrets::register(&value);
+                grants.env.push((var.clone(), value))
+            }
             Err(_) => report.at(t.plugin.span(), format!("transform {}: granted environment variable `{var}` is not set", index + 1)),
         }
     }

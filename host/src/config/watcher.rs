@@ -2,10 +2,15 @@
 //! plugin files their pipelines use and the secret files they read, and reports changes on a channel. The
 //! parent folders are watched, not the files, so editors' atomic renames and
 //! cargo's re-linking are seen; callers debounce.
+//!
+//! A secret file may be a symbolic link that is swapped rather than written:
+//! Kubernetes mounts `token -> ..data/token` and rotates by pointing `..data`
+//! at a new folder. So any change in a secret's folder makes the watcher
+//! resolve the secret again, and a new target is the secret's change.
 
 use super::Pipeline;
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc::UnboundedSender;
@@ -17,12 +22,29 @@ struct Interest {
     files: BTreeSet<PathBuf>,
     /// Folders given to `sluice run`: any `*.toml` in them.
     pipeline_dirs: BTreeSet<PathBuf>,
+    /// Secret files, with the file each resolves to (through symbolic links).
+    secrets: BTreeMap<PathBuf, Option<PathBuf>>,
 }
 
 impl Interest {
-    fn matches(&self, path: &Path) -> bool {
-        self.files.contains(path)
+    /// The watched files that a change of `path` changes.
+    fn changed(&mut self, path: &Path) -> Vec<PathBuf> {
+        let mut changed = Vec::new();
+        if self.files.contains(path)
             || (path.extension().is_some_and(|e| e == "toml") && path.parent().is_some_and(|d| self.pipeline_dirs.contains(d)))
+        {
+            changed.push(path.to_path_buf());
+        }
+        for (secret, target) in &mut self.secrets {
+            if secret.parent() == path.parent() && secret != path {
+                let now = secret.canonicalize().ok();
+                if now != *target {
+                    *target = now;
+                    changed.push(secret.clone());
+                }
+            }
+        }
+        changed
     }
 }
 
@@ -50,9 +72,9 @@ impl Watcher {
         let seen = interest.clone();
         let inner = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
             Ok(event) if !matches!(event.kind, EventKind::Access(_)) => {
-                let Ok(interest) = seen.lock() else { return };
-                for path in event.paths.iter().filter(|p| interest.matches(p)) {
-                    let _ = changes.send(path.clone());
+                let Ok(mut interest) = seen.lock() else { return };
+                for path in event.paths.iter().flat_map(|p| interest.changed(p)) {
+                    let _ = changes.send(path);
                 }
             }
             Ok(_) => {}
@@ -78,7 +100,11 @@ impl Watcher {
         for p in pipelines {
             interest.files.insert(normalize(&p.file));
             interest.files.extend(p.transforms.iter().map(|t| normalize(&t.path)));
-            interest.files.extend(p.secret_files.iter().map(|f| normalize(f)));
+            for secret in p.secret_files.iter().map(|f| normalize(f)) {
+                let target = secret.canonicalize().ok();
+                interest.secrets.insert(secret.clone(), target);
+                interest.files.insert(secret);
+            }
         }
         let dirs: BTreeSet<PathBuf> = interest
             .files

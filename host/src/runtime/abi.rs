@@ -183,7 +183,7 @@ pub fn decode(buf: &Bytes, inputs: usize, limits: &Limits) -> Result<Results<Str
     // its own: its outputs are written in one go, and its count kept.
     if all_ok && most as usize <= limits.outputs {
         let (plain, bytes) = plain_prefix(buf.len(), output_table);
-        if plain == output_table.len() && bytes <= limits.output_bytes as u64 {
+        if plain == output_table.len() && bytes <= limits.output_bytes.min(limits.batch_output_bytes) as u64 {
             let mut all = Outputs::with_capacity(output_table.len());
             let shared = all.add_buffer(buf.clone());
             extend_plain(&mut all, shared, output_table);
@@ -194,6 +194,7 @@ pub fn decode(buf: &Bytes, inputs: usize, limits: &Limits) -> Result<Results<Str
     let mut decoded = Results::with_capacity(inputs, outputs as usize);
     let shared = decoded.add_buffer(buf.clone());
     let mut next = 0usize;
+    let mut batch_bytes = 0usize;
     for (i, entry) in result_table.iter().enumerate() {
         let (status, a, b) = (le32(entry, 0), le32(entry, 4), le32(entry, 8));
         match status {
@@ -211,7 +212,8 @@ pub fn decode(buf: &Bytes, inputs: usize, limits: &Limits) -> Result<Results<Str
                     for (j, entry) in mine.iter().enumerate().skip(plain) {
                         bytes += push_output(all, shared, buf, entry, first + j, header_table).map_err(|e| format!("plugin broke the contract: {e}"))?;
                     }
-                    limits.check_totals(count, bytes)
+                    limits.check_totals(count, bytes)?;
+                    limits.add_to_batch(&mut batch_bytes, bytes)
                 });
             }
             1 => decoded.push_err(match r.bytes(a, b, &|| format!("the error message of result {i}")) {
@@ -413,6 +415,24 @@ mod tests {
         assert!(records[1].is_ok(), "only the record over the limit fails");
         let two = Limits { outputs: 2, ..Limits::default() };
         assert!(decode(&buf, 2, &two).unwrap().into_records()[0].as_ref().unwrap_err().contains("3 outputs"));
+    }
+
+    /// Overlapping ranges are counted each time (the host copies each one
+    /// on): a batch whose outputs add up past `batch_output_bytes` fails its
+    /// records from the one that crosses it, however few bytes the buffer has.
+    #[test]
+    fn a_batch_over_its_output_cap_fails_the_records_past_it() {
+        let tail = b"vvvvvvvvvv";
+        let at = payload_at(3, 3);
+        // Three records, each one output: the same 10 bytes three times.
+        let outputs = [[0, 0, 0, 0, 0, 0, 0, 0, at(0), 10, 0, 0]; 3];
+        let buf = results(&[[0, 1, 0], [0, 1, 0], [0, 1, 0]], &outputs, tail);
+        let cap = Limits { batch_output_bytes: 25, ..Limits::default() };
+        let records = decode(&buf, 3, &cap).unwrap().into_records();
+        assert!(records[0].is_ok() && records[1].is_ok(), "{records:?}");
+        let error = records[2].as_ref().unwrap_err();
+        assert!(error.contains("would reach 30 bytes") && error.contains("limit 25 per batch"), "{error}");
+        assert!(decode(&buf, 3, &Limits { batch_output_bytes: 30, ..Limits::default() }).unwrap().into_records().iter().all(Result::is_ok));
     }
 
     /// A batch of plain outputs only is written in one go when all of it fits

@@ -8,7 +8,8 @@ use std::time::Duration;
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Config, Engine, OptLevel};
 
-/// How often the epoch advances: the granularity of the CPU limit.
+/// How often the epoch advances: how often a running plugin yields, so that
+/// its call's deadline is checked.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 
 /// The plugin runtime: engine, linker and compile cache, shared by every
@@ -39,7 +40,9 @@ impl Runtime {
         let engine = Engine::new(&config).map_err(anyhow::Error::from).context("cannot configure the WebAssembly engine")?;
 
         let mut linker = Linker::<HostState>::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(anyhow::Error::from).context("cannot link WASI")?;
+        // Async WASI: a plugin waiting in a host call (a sleep, a poll, a
+        // socket) is a future the call's deadline can cancel.
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(anyhow::Error::from).context("cannot link WASI")?;
         v01::Transformer::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
             .and_then(|()| v02::Transformer::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state))
             .map_err(anyhow::Error::from)

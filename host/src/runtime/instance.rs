@@ -2,7 +2,6 @@
 
 use super::abi;
 use super::bindings::{v01, v02};
-use super::engine::EPOCH_TICK;
 use super::loader::Pre;
 use super::stderr::PluginStderr;
 use super::{Fault, Plugin, PluginError};
@@ -18,7 +17,9 @@ use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 /// Resource limits of one plugin instance. The defaults are safe for any plugin.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
-    /// Wall-clock CPU budget of one call (`init` or one batch), in milliseconds.
+    /// Wall-clock budget of one call (`init` or one batch), in milliseconds,
+    /// whatever the plugin spends it on: running, or waiting in a host call
+    /// (a sleep, a poll, a socket).
     pub cpu_ms: u64,
     /// Linear memory the instance may grow to, in bytes.
     pub memory_bytes: usize,
@@ -26,6 +27,9 @@ pub struct Limits {
     pub output_bytes: usize,
     /// Outputs one input record may produce.
     pub outputs: usize,
+    /// Bytes the outputs of one batch may total, ranges counted as often as
+    /// they are given (the host copies each): past it, records fail.
+    pub batch_output_bytes: usize,
     /// Log lines per second the plugin may write through the `log` import,
     /// on average (a token bucket); 0: no limit.
     pub log_lines_per_s: u32,
@@ -38,14 +42,39 @@ impl Default for Limits {
     /// (JavaScript) to 13 MiB (Python), and SpiderMonkey lets its heap grow
     /// past 64 MiB over batches of 1,000 records before it collects.
     fn default() -> Self {
-        Limits { cpu_ms: 1_000, memory_bytes: 128 << 20, output_bytes: 16 << 20, outputs: 100_000, log_lines_per_s: 100, log_burst: 1_000 }
+        Limits {
+            cpu_ms: 1_000,
+            memory_bytes: 128 << 20,
+            output_bytes: 16 << 20,
+            outputs: 100_000,
+            batch_output_bytes: 256 << 20,
+            log_lines_per_s: 100,
+            log_burst: 1_000,
+        }
     }
 }
 
 impl Limits {
-    /// Checks one record's outputs against the output caps.
-    pub(super) fn check_outputs(&self, outputs: crate::record::Iter<'_>) -> Result<(), String> {
-        self.check_totals(outputs.len(), outputs.map(|o| o.bytes()).sum())
+    /// Checks one record's outputs against the output caps, and adds their
+    /// bytes to the batch's `so_far`.
+    pub(super) fn check_outputs(&self, outputs: crate::record::Iter<'_>, so_far: &mut usize) -> Result<(), String> {
+        let bytes = outputs.clone().map(|o| o.bytes()).sum();
+        self.check_totals(outputs.len(), bytes)?;
+        self.add_to_batch(so_far, bytes)
+    }
+
+    /// Adds one record's `bytes` of output to the batch's `so_far`, unless
+    /// that takes the batch over its cap.
+    pub(super) fn add_to_batch(&self, so_far: &mut usize, bytes: usize) -> Result<(), String> {
+        let total = so_far.saturating_add(bytes);
+        if total > self.batch_output_bytes {
+            return Err(format!(
+                "output limit: the batch's outputs would reach {total} bytes with this record's (limit {} per batch)",
+                self.batch_output_bytes
+            ));
+        }
+        *so_far = total;
+        Ok(())
     }
 
     /// Checks one record's `count` outputs of `bytes` in all against the output caps.
@@ -183,7 +212,7 @@ impl v01::sluice::transform::types::Host for HostState {}
 macro_rules! log_import {
     ($contract:ident) => {
         impl $contract::sluice::transform::log::Host for HostState {
-            fn log(&mut self, level: $contract::sluice::transform::log::Level, message: String) {
+            async fn log(&mut self, level: $contract::sluice::transform::log::Level, message: String) {
                 use $contract::sluice::transform::log::Level as L;
                 let level = match level {
                     L::Trace => tracing::Level::TRACE,
@@ -229,17 +258,30 @@ impl HostState {
 
 /// Refuses memory growth past the limit and remembers that it did, so a
 /// resulting trap is reported as the memory limit rather than a plain trap.
+/// The limit is on the total of the instance's linear memories: a
+/// component made of several core modules has one memory each.
+#[derive(Default)]
 struct MemoryCap {
     limit: usize,
+    /// Bytes of all the instance's memories.
+    total: usize,
     hit: bool,
 }
 
+impl MemoryCap {
+    fn new(limit: usize) -> Self {
+        MemoryCap { limit, ..MemoryCap::default() }
+    }
+}
+
 impl ResourceLimiter for MemoryCap {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
-        if desired > self.limit {
+    fn memory_growing(&mut self, current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        let total = self.total.saturating_sub(current).saturating_add(desired);
+        if total > self.limit {
             self.hit = true;
             return Ok(false);
         }
+        self.total = total;
         Ok(true)
     }
 
@@ -257,6 +299,57 @@ struct Live {
 enum Bound {
     V01(v01::Transformer),
     V02(v02::Transformer),
+}
+
+impl Bound {
+    async fn init(&self, store: &mut Store<HostState>, config: &[(String, String)]) -> wasmtime::Result<Result<(), String>> {
+        match self {
+            Bound::V01(bindings) => bindings.sluice_transform_transform().call_init(store, config).await,
+            Bound::V02(bindings) => bindings.sluice_transform_batch().call_init(store, config).await,
+        }
+    }
+}
+
+/// `call`, cut off after `limit`: the plugin yields at every epoch tick and
+/// its host calls (WASI's clocks, polls and sockets) are futures, so the
+/// limit holds whatever the plugin is doing. Running over is
+/// [`Trap::Interrupt`], the CPU limit's trap.
+async fn within_limit<T>(limit: Duration, call: impl std::future::Future<Output = wasmtime::Result<T>>) -> wasmtime::Result<T> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(result) => result,
+        Err(_) => Err(wasmtime::Error::from(Trap::Interrupt)),
+    }
+}
+
+/// Runs a plugin call to its end on this thread, inside the Tokio runtime
+/// when there is one (WASI's timers and sockets need its drivers): the
+/// pipelines call plugins from a worker thread given over to blocking;
+/// tests and `sluice plugin test` without a runtime get one of their own.
+fn block_on<F: std::future::Future + Send>(call: F) -> F::Output
+where
+    F::Output: Send,
+{
+    use tokio::runtime::{Builder, Handle, Runtime, RuntimeFlavor};
+    thread_local! {
+        static OWN: Option<Runtime> = Builder::new_current_thread().enable_all().build().ok();
+    }
+    let own = |call: F| {
+        OWN.with(|runtime| match runtime {
+            Some(runtime) => runtime.block_on(call),
+            // No runtime can be built (no threads or file descriptors left):
+            // run without one; a plugin that sleeps or uses a socket fails.
+            None => futures::executor::block_on(call),
+        })
+    };
+    match Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(|| handle.block_on(call)),
+        // A single-threaded runtime cannot block: the call gets a thread of its own.
+        Ok(_) => std::thread::scope(|scope| match scope.spawn(|| own(call)).join() {
+            Ok(output) => output,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }),
+        Err(_) => own(call),
+    }
 }
 
 /// Isolation gives up after this many records in a row fail with the same kind of fault.
@@ -331,28 +424,31 @@ impl PluginInstance {
         let state = HostState {
             wasi: wasi.build(),
             table: ResourceTable::new(),
-            memory: MemoryCap { limit: self.limits.memory_bytes, hit: false },
+            memory: MemoryCap::new(self.limits.memory_bytes),
             stderr,
             label: self.label.clone(),
             log: self.log.clone(),
         };
         let mut store = Store::new(self.plugin.pre.engine(), state);
         store.limiter(|state| &mut state.memory);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(self.deadline_ticks());
-        let instantiate_error = |reason: wasmtime::Error| PluginError::Instantiate { plugin: name(), reason: reason.into() };
-        let (bindings, init) = match &self.plugin.pre {
-            Pre::V01(pre) => {
-                let bindings = pre.instantiate(&mut store).map_err(instantiate_error)?;
-                let init = bindings.sluice_transform_transform().call_init(&mut store, &self.config);
-                (Bound::V01(bindings), init)
-            }
-            Pre::V02(pre) => {
-                let bindings = pre.instantiate(&mut store).map_err(instantiate_error)?;
-                let init = bindings.sluice_transform_batch().call_init(&mut store, &self.config);
-                (Bound::V02(bindings), init)
-            }
-        };
+        // Every epoch tick the plugin yields, so that the call's deadline
+        // ([`within_limit`]) is checked however the plugin spends its time.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_async_yield_and_update(1);
+        let limit = self.time_limit();
+        let pre = &self.plugin.pre;
+        let instantiated = block_on(within_limit(limit, async {
+            Ok(match pre {
+                Pre::V01(pre) => Bound::V01(pre.instantiate_async(&mut store).await?),
+                Pre::V02(pre) => Bound::V02(pre.instantiate_async(&mut store).await?),
+            })
+        }));
+        let bindings = instantiated.map_err(|error| match self.classify(&store, error) {
+            // A start function that traps or runs over is the instance's own failure.
+            fault @ (Fault::CpuLimit { .. } | Fault::MemoryLimit { .. }) => PluginError::InitFault { plugin: name(), fault },
+            fault => PluginError::Instantiate { plugin: name(), reason: anyhow::anyhow!("{fault}") },
+        })?;
+        let init = block_on(within_limit(limit, bindings.init(&mut store, &self.config)));
         match init {
             Ok(Ok(())) => Ok(Live { store, bindings }),
             Ok(Err(message)) => Err(PluginError::ConfigRejected { plugin: name(), message }),
@@ -360,8 +456,9 @@ impl PluginInstance {
         }
     }
 
-    fn deadline_ticks(&self) -> u64 {
-        self.limits.cpu_ms.div_ceil(EPOCH_TICK.as_millis() as u64).max(1) + 1
+    /// How long one call (`init` or one batch) may take, host calls included.
+    fn time_limit(&self) -> Duration {
+        Duration::from_millis(self.limits.cpu_ms)
     }
 
     fn classify(&self, store: &Store<HostState>, error: wasmtime::Error) -> Fault {
@@ -474,12 +571,13 @@ impl PluginInstance {
                 self.instantiate().map_err(|e| Fault::Trap(format!("cannot replace the faulted instance: {e}")))?
             }
         };
-        live.store.set_epoch_deadline(self.deadline_ticks());
         live.store.data().stderr.clear();
+        let limit = self.time_limit();
         let results = match &live.bindings {
             Bound::V01(bindings) => {
                 let batch: Vec<v01::sluice::transform::types::InputRecord> = inputs.iter().map(to_wit).collect();
-                let results = match bindings.sluice_transform_transform().call_process_batch(&mut live.store, &batch) {
+                let call = bindings.sluice_transform_transform().call_process_batch(&mut live.store, &batch);
+                let results = match block_on(within_limit(limit, call)) {
                     Ok(results) => results,
                     Err(error) => return Err(self.classify(&live.store, error)),
                 };
@@ -488,13 +586,14 @@ impl PluginInstance {
                 }
                 let outputs = results.iter().map(|r| r.as_ref().map_or(0, Vec::len)).sum();
                 let mut decoded = Results::with_owned_capacity(results.len(), outputs);
+                let mut batch_bytes = 0;
                 for result in results {
                     decoded.push_with(|all| {
                         let mine = all.len();
                         for out in result? {
                             all.push(from_wit(out));
                         }
-                        self.limits.check_outputs(all.range(mine..all.len()))
+                        self.limits.check_outputs(all.range(mine..all.len()), &mut batch_bytes)
                     });
                 }
                 decoded
@@ -503,7 +602,8 @@ impl PluginInstance {
                 let batch = self.encoder.encode(inputs).map_err(Fault::Contract)?;
                 // The results buffer is lifted as one copy; every output is
                 // then decoded from it in one pass.
-                let results = match bindings.sluice_transform_batch().call_process(&mut live.store, batch) {
+                let call = bindings.sluice_transform_batch().call_process(&mut live.store, batch);
+                let results = match block_on(within_limit(limit, call)) {
                     Ok(results) => results,
                     Err(error) => return Err(self.classify(&live.store, error)),
                 };
@@ -564,5 +664,24 @@ fn from_wit(o: wit::OutputRecord) -> Output {
         headers: o.headers.into_iter().map(|h| Header { name: h.name, value: h.value }).collect(),
         timestamp: o.timestamp,
         route: o.route,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_memory_limit_is_on_the_total_of_all_memories() {
+        let mib = 1 << 20;
+        let mut cap = MemoryCap::new(64 * mib);
+        // Two memories created at 16 MiB each, then grown.
+        assert!(cap.memory_growing(0, 16 * mib, None).unwrap());
+        assert!(cap.memory_growing(0, 16 * mib, None).unwrap());
+        assert!(cap.memory_growing(16 * mib, 40 * mib, None).unwrap(), "56 MiB in all");
+        assert!(!cap.hit);
+        assert!(!cap.memory_growing(16 * mib, 32 * mib, None).unwrap(), "72 MiB in all: refused, though each is under 64");
+        assert!(cap.hit);
+        assert!(cap.memory_growing(16 * mib, 24 * mib, None).unwrap(), "64 MiB in all");
     }
 }

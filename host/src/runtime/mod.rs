@@ -32,6 +32,8 @@ pub(crate) mod bindings {
         wasmtime::component::bindgen!({
             world: "transformer",
             path: "../wit/0.1",
+            imports: { default: async },
+            exports: { default: async },
         });
     }
     /// Contract 0.2 (`wit/transform.wit`): a batch as one buffer each way.
@@ -39,6 +41,8 @@ pub(crate) mod bindings {
         wasmtime::component::bindgen!({
             world: "transformer",
             path: "../wit",
+            imports: { default: async },
+            exports: { default: async },
         });
     }
 }

@@ -7,6 +7,13 @@
 //! after the last delivered batch; batches still in flight are delivered but
 //! their commits are refused by the group, so the next owner reads them again
 //! (at-least-once; the PostgreSQL sink skips rows it already has).
+//!
+//! A subscribed topic that does not exist is named: while some subscribed
+//! topic has no partition here and nothing arrives, the broker's topics are
+//! looked up every [`TOPIC_CHECK`]; a missing one is one ERROR line and the
+//! pipeline's `/health` reason, and once it exists the source subscribes
+//! again, so it is read within seconds rather than at librdkafka's next
+//! metadata refresh (5 minutes by default).
 
 use super::Source;
 use crate::config::{KafkaSourceConfig, OffsetReset};
@@ -26,7 +33,11 @@ use std::sync::{Arc, Mutex};
 use crate::telemetry::telemetry;
 use rdkafka::statistics::Statistics;
 use std::time::Duration;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
+
+/// How often, while waiting for records, the subscribed topics are checked
+/// for existence (only while one of them has no partition here).
+pub const TOPIC_CHECK: Duration = Duration::from_secs(2);
 
 /// Group events: logs assignments and failed commits, and flushes commits
 /// before partitions are revoked.
@@ -120,6 +131,9 @@ pub struct KafkaSource {
     /// a pipeline restarting on reload builds its new source while the old
     /// one still runs, and two members of one group would split the partitions.
     subscribed: AtomicBool,
+    brokers: String,
+    /// Subscribed topics the broker did not have at the last check.
+    missing: Mutex<Vec<String>>,
 }
 
 impl KafkaSource {
@@ -158,6 +172,8 @@ impl KafkaSource {
             consumer,
             topics: config.topics.clone(),
             subscribed: AtomicBool::new(false),
+            brokers: config.brokers().to_string(),
+            missing: Mutex::default(),
             max_records: config.batch_max_records,
             max_wait: Duration::from_millis(config.batch_max_ms),
             pipeline: pipeline.to_string(),
@@ -167,6 +183,54 @@ impl KafkaSource {
     /// The partitions this instance owns now.
     pub fn assignment(&self) -> Vec<(String, i32)> {
         self.consumer.context().assignment.lock().map(|a| a.clone()).unwrap_or_default()
+    }
+
+    fn subscribe(&self) -> anyhow::Result<()> {
+        let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        self.consumer.subscribe(&topics).with_context(|| format!("cannot subscribe to {topics:?}"))
+    }
+
+    /// While a subscribed topic has no partition here, asks the broker which
+    /// of them exist: names the missing ones, and subscribes again once they
+    /// all exist.
+    fn check_topics(&self) -> anyhow::Result<()> {
+        let assigned = self.assignment();
+        let was_missing = self.missing.lock().map(|m| !m.is_empty()).unwrap_or(false);
+        if !was_missing && self.topics.iter().all(|t| assigned.iter().any(|(a, _)| a == t)) {
+            return Ok(());
+        }
+        let metadata = match tokio::task::block_in_place(|| self.consumer.fetch_metadata(None, Duration::from_secs(5))) {
+            Ok(metadata) => metadata,
+            // The broker is down or slow: the client's own errors say so.
+            Err(_) => return Ok(()),
+        };
+        let exists = |t: &str| metadata.topics().iter().any(|m| m.name() == t && m.error().is_none());
+        let missing: Vec<String> = self.topics.iter().filter(|t| !exists(t)).cloned().collect();
+        let Ok(mut known) = self.missing.lock() else { return Ok(()) };
+        if missing == *known {
+            return Ok(());
+        }
+        if missing.is_empty() {
+            info!(pipeline = %self.pipeline, topics = ?known, "the missing topics exist now: subscribing again");
+            known.clear();
+            drop(known);
+            telemetry().source_ok(&self.pipeline);
+            return self.subscribe();
+        }
+        let reason = format!(
+            "subscribed topic{} {} do{} not exist on {}: create {} (e.g. `kafka-topics.sh --bootstrap-server {} --create --topic {}`), or fix `topics` in the pipeline file",
+            if missing.len() > 1 { "s" } else { "" },
+            missing.iter().map(|t| format!("{t:?}")).collect::<Vec<_>>().join(", "),
+            if missing.len() > 1 { "" } else { "es" },
+            self.brokers,
+            if missing.len() > 1 { "them" } else { "it" },
+            self.brokers,
+            missing[0],
+        );
+        error!(pipeline = %self.pipeline, topics = ?missing, "{reason}");
+        telemetry().source_failed(&self.pipeline, &reason);
+        *known = missing;
+        Ok(())
     }
 }
 
@@ -198,8 +262,7 @@ fn to_record(m: &BorrowedMessage<'_>, topic: &mut Option<Arc<str>>) -> Record {
 impl Source for KafkaSource {
     async fn next_batch(&self) -> anyhow::Result<Vec<Record>> {
         if !self.subscribed.swap(true, Ordering::SeqCst) {
-            let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
-            self.consumer.subscribe(&topics).with_context(|| format!("cannot subscribe to {topics:?}"))?;
+            self.subscribe()?;
         }
         let mut batch = Vec::with_capacity(self.max_records);
         let mut topic = None;
@@ -207,7 +270,14 @@ impl Source for KafkaSource {
         let mut delay = Duration::from_millis(100);
         let mut failures = 0u64;
         while batch.is_empty() {
-            match self.consumer.recv().await {
+            let received = tokio::select! {
+                received = self.consumer.recv() => received,
+                _ = tokio::time::sleep(TOPIC_CHECK) => {
+                    self.check_topics()?;
+                    continue;
+                }
+            };
+            match received {
                 Ok(m) => batch.push(to_record(&m, &mut topic)),
                 Err(error) => {
                     // Logged on the first failure and then at each backoff

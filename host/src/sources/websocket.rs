@@ -3,9 +3,12 @@
 //! A connection task (started on the first read, so that a pipeline being
 //! replaced on reload does not hold two connections) connects, sends the
 //! `subscribe` messages, and hands every text or binary frame to a bounded
-//! channel. When the channel is full the task stops reading, so the kernel's
-//! TCP window slows the server down: memory stays bounded by
-//! `buffer_records` frames. The task reconnects after any failure with
+//! channel. When the channel is full (`buffer_records` frames, or
+//! `buffer_bytes` of them) the task stops reading, so the kernel's TCP
+//! window slows the server down: memory stays bounded by `buffer_bytes` and
+//! the one frame being read, which tungstenite refuses unread past twice
+//! `max_message_bytes`. Each phase of a connection (TCP, TLS, the
+//! WebSocket handshake) has a timeout. The task reconnects after any failure with
 //! exponential backoff and jitter (100 ms doubling to 30 s), and counts
 //! reconnects and the time spent disconnected.
 //!
@@ -23,10 +26,11 @@ use futures::{SinkExt, StreamExt};
 use openssl::ssl::{SslConnector, SslMethod};
 use rand::Rng;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -36,6 +40,13 @@ use tracing::{info, warn};
 
 /// Bytes of an oversized frame kept in its dead letter.
 const REJECTED_HEAD: usize = 64 << 10;
+
+/// How long each phase of a connection (TCP, TLS, the handshake) may take.
+const PHASE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A received frame, holding its bytes' share of `buffer_bytes` until it
+/// is taken into a batch.
+type Buffered = (Record, OwnedSemaphorePermit);
 
 /// A stream that is plain TCP or TLS over TCP.
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -101,9 +112,11 @@ fn subscribe_messages(config: &WebSocketSourceConfig) -> Vec<String> {
 pub struct WebSocketSource {
     config: WebSocketSourceConfig,
     pipeline: String,
-    records: Mutex<mpsc::Receiver<Record>>,
+    records: Mutex<mpsc::Receiver<Buffered>>,
     /// Taken by the connection task when the first batch is asked for.
-    sender: std::sync::Mutex<Option<mpsc::Sender<Record>>>,
+    sender: std::sync::Mutex<Option<mpsc::Sender<Buffered>>>,
+    /// `buffer_bytes`, as permits of one byte.
+    bytes: Arc<Semaphore>,
     started: AtomicBool,
     task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -117,6 +130,7 @@ impl WebSocketSource {
             pipeline: pipeline.to_string(),
             records: Mutex::new(rx),
             sender: std::sync::Mutex::new(Some(tx)),
+            bytes: Arc::new(Semaphore::new(config.buffer_bytes.clamp(1, Semaphore::MAX_PERMITS))),
             started: AtomicBool::new(false),
             task: std::sync::Mutex::new(None),
         })
@@ -127,7 +141,7 @@ impl WebSocketSource {
             return;
         }
         let Some(tx) = self.sender.lock().ok().and_then(|mut s| s.take()) else { return };
-        let connection = Connection { config: self.config.clone(), pipeline: self.pipeline.clone(), tx };
+        let connection = Connection { config: self.config.clone(), pipeline: self.pipeline.clone(), tx, bytes: self.bytes.clone() };
         let handle = tokio::spawn(connection.run());
         if let Ok(mut task) = self.task.lock() {
             *task = Some(handle);
@@ -150,15 +164,16 @@ impl Source for WebSocketSource {
         self.start();
         let mut records = self.records.lock().await;
         let mut batch = Vec::with_capacity(self.config.batch_max_records.min(1024));
+        // Each frame's bytes go back to `buffer_bytes` as it is taken.
         match records.recv().await {
-            Some(r) => batch.push(r),
+            Some((r, _bytes)) => batch.push(r),
             None => anyhow::bail!("the WebSocket connection task ended"),
         }
         // Then what is ready: the batch closes when nothing more is waiting.
         let deadline = Instant::now() + Duration::from_millis(self.config.batch_max_ms);
         while batch.len() < self.config.batch_max_records && Instant::now() < deadline {
             match records.try_recv() {
-                Ok(r) => batch.push(r),
+                Ok((r, _bytes)) => batch.push(r),
                 Err(_) => break,
             }
         }
@@ -179,7 +194,8 @@ impl Source for WebSocketSource {
 struct Connection {
     config: WebSocketSourceConfig,
     pipeline: String,
-    tx: mpsc::Sender<Record>,
+    tx: mpsc::Sender<Buffered>,
+    bytes: Arc<Semaphore>,
 }
 
 /// Why a connection ended or could not start.
@@ -259,7 +275,7 @@ impl Connection {
         let tls = uri.scheme_str() == Some("wss");
         let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
         let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-        let tcp = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect((host.as_str(), port)))
+        let tcp = tokio::time::timeout(PHASE_TIMEOUT, tokio::net::TcpStream::connect((host.as_str(), port)))
             .await
             .map_err(|_| Ended::Failed(format!("connecting to {host}:{port} timed out")))?
             .map_err(|e| {
@@ -274,10 +290,13 @@ impl Connection {
             let ssl = self.tls_connector().map_err(|e| fail("TLS setup failed", &format!("{e:#}")))?;
             let ssl = ssl.configure().and_then(|c| c.into_ssl(&host)).map_err(|e| fail("TLS setup failed", &e))?;
             let mut stream = tokio_openssl::SslStream::new(ssl, tcp).map_err(|e| fail("TLS setup failed", &e))?;
-            Pin::new(&mut stream).connect().await.map_err(|e| {
-                let detail = e.ssl_error().map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
-                Ended::Failed(format!("TLS handshake with {host}:{port} failed: {detail}"))
-            })?;
+            tokio::time::timeout(PHASE_TIMEOUT, Pin::new(&mut stream).connect())
+                .await
+                .map_err(|_| Ended::Failed(format!("the TLS handshake with {host}:{port} timed out (no answer in {} s)", PHASE_TIMEOUT.as_secs())))?
+                .map_err(|e| {
+                    let detail = e.ssl_error().map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
+                    Ended::Failed(format!("TLS handshake with {host}:{port} failed: {detail}"))
+                })?;
             Box::pin(stream)
         } else {
             Box::pin(tcp)
@@ -286,7 +305,7 @@ impl Connection {
         let limit = self.config.max_message_bytes.saturating_mul(2).saturating_add(64 << 10);
         let ws_config = WebSocketConfig::default().max_message_size(Some(limit)).max_frame_size(Some(limit));
         let (socket, _) = tokio::time::timeout(
-            Duration::from_secs(10),
+            PHASE_TIMEOUT,
             tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config)),
         )
         .await
@@ -353,7 +372,19 @@ impl Connection {
             last_frame = tokio::time::Instant::now();
             let value = match message {
                 None => return Err(Ended::Failed("the server closed the connection without a close frame".into())),
-                Some(Err(WsError::Capacity(e))) => return Err(failed("a frame over twice max_message_bytes", &e)),
+                Some(Err(WsError::Capacity(e))) => {
+                    // Refused unread: the stream cannot skip it, so the
+                    // connection ends; the dead letter says what was lost.
+                    let reason = format!("websocket frame over twice max_message_bytes ({}), refused unread: {e}", self.config.max_message_bytes);
+                    let record = Record {
+                        timestamp: Some(now_ms()),
+                        origin: Origin { topic: topic.clone(), partition: 0, offset },
+                        rejected: Some(reason.clone()),
+                        ..Record::default()
+                    };
+                    self.buffer(record).await?;
+                    return Err(Ended::Failed(reason));
+                }
                 Some(Err(e)) => return Err(failed("connection lost", &e)),
                 Some(Ok(Message::Text(text))) => text.as_bytes().to_vec(),
                 Some(Ok(Message::Binary(bytes))) => bytes.to_vec(),
@@ -380,11 +411,19 @@ impl Connection {
             } else {
                 record.value = value.into();
             }
-            // Full channel: wait (and stop reading the socket) until the pipeline catches up.
-            if self.tx.send(record).await.is_err() {
-                return Err(Ended::Stopped);
-            }
+            self.buffer(record).await?;
         }
+    }
+
+    /// Hands `record` to the pipeline. A full buffer (records or bytes):
+    /// waits, and stops reading the socket, until the pipeline catches up.
+    async fn buffer(&self, record: Record) -> Result<(), Ended> {
+        let cost = record.value.len().clamp(1, self.config.buffer_bytes.clamp(1, Semaphore::MAX_PERMITS));
+        let bytes = tokio::select! {
+            _ = self.tx.closed() => return Err(Ended::Stopped),
+            permit = self.bytes.clone().acquire_many_owned(u32::try_from(cost).unwrap_or(u32::MAX)) => permit.map_err(|_| Ended::Stopped)?,
+        };
+        self.tx.send((record, bytes)).await.map_err(|_| Ended::Stopped)
     }
 }
 

@@ -15,6 +15,8 @@
 //! | `init-reject` | (any record) rejects its config in `init` |
 //! | `fs`          | tries to read `/etc/hostname`             |
 //! | `net`         | tries to connect to `addr` (TCP)          |
+//! | `read`        | connects to `addr` and reads until it closes |
+//! | `sleep`       | sleeps `sleep_s` seconds (WASI's clocks)  |
 //! | `big`         | returns one output of `big_mib` MiB       |
 //! | `many`        | returns `many` empty outputs              |
 //! | `log`         | logs `log_lines` lines, then echoes it    |
@@ -36,6 +38,7 @@ pub struct Chaos {
     big_mib: usize,
     many: usize,
     log_lines: u64,
+    sleep_s: u64,
     trigger: Vec<u8>,
 }
 
@@ -48,18 +51,19 @@ impl Chaos {
 
 impl Transform for Chaos {
     fn init(config: &Config) -> Result<Self, String> {
-        config.reject_unknown(&["mode", "marker", "addr", "big_mib", "many", "log_lines", "trigger"])?;
+        config.reject_unknown(&["mode", "marker", "addr", "big_mib", "many", "log_lines", "sleep_s", "trigger"])?;
         let mode = config.get("mode").unwrap_or("echo").to_string();
         match mode.as_str() {
             "init-trap" => panic!("chaos: trapping in init as asked"),
             "init-reject" => Err("chaos: config rejected as asked".to_string()),
-            "echo" | "mirror" | "trap" | "loop" | "alloc" | "error" | "fs" | "net" | "big" | "many" | "log" => Ok(Chaos {
+            "echo" | "mirror" | "trap" | "loop" | "alloc" | "error" | "fs" | "net" | "read" | "sleep" | "big" | "many" | "log" => Ok(Chaos {
                 mode,
                 marker: config.get("marker").unwrap_or_default().to_string(),
                 addr: config.get("addr").unwrap_or("127.0.0.1:9").to_string(),
                 big_mib: config.parse("big_mib")?.unwrap_or(20),
                 many: config.parse("many")?.unwrap_or(200_000),
                 log_lines: config.parse("log_lines")?.unwrap_or(2_000_000),
+                sleep_s: config.parse("sleep_s")?.unwrap_or(60),
                 trigger: config.get("trigger").unwrap_or("boom").as_bytes().to_vec(),
             }),
             other => Err(format!("unknown mode {other:?}")),
@@ -97,6 +101,14 @@ impl Transform for Chaos {
                         .map(|_| vec![Output::new(format!("connected to {}", self.addr))])
                         .map_err(|e| format!("chaos: cannot connect to {}: {e}", self.addr))
                 }
+                "read" => {
+                    use std::io::Read;
+                    let mut stream = std::net::TcpStream::connect(&self.addr).map_err(|e| format!("chaos: cannot connect to {}: {e}", self.addr))?;
+                    let mut got = Vec::new();
+                    stream.read_to_end(&mut got).map_err(|e| format!("chaos: cannot read from {}: {e}", self.addr))?;
+                    return Ok(vec![Output::new(got)]);
+                }
+                "sleep" => std::thread::sleep(std::time::Duration::from_secs(self.sleep_s)),
                 "big" => return Ok(vec![Output::new(vec![b'x'; self.big_mib << 20])]),
                 "many" => return Ok((0..self.many).map(|_| Output::new(Vec::new())).collect()),
                 "log" => {

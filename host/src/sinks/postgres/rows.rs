@@ -4,15 +4,22 @@
 //! text it is (borrowed from the output), and converted straight into the
 //! column's type; strings without escapes stay borrowed. A batch's cells go
 //! into one flat vector ([`Rows`]).
+//!
+//! A value is converted only if PostgreSQL will store it as it is: text,
+//! `text[]` and `jsonb` without NUL (`\u0000`, which PostgreSQL refuses) or
+//! lone UTF-16 surrogates, integers within `bigint`, timestamps within
+//! PostgreSQL's range (4713 BC to 294276 AD) with no wrap anywhere in the
+//! conversion. Anything else is that output's rejection, naming the column,
+//! the field and an excerpt of the value, so one bad value never fails the
+//! batch it is in.
 
 use crate::config::{ColumnConfig, ColumnType};
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use std::borrow::Cow;
 use std::error::Error;
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 
 /// The PostgreSQL wire type of a column.
@@ -72,7 +79,9 @@ pub enum Cell<'a> {
     Double(f64),
     BigInt(i64),
     Boolean(bool),
-    Timestamptz(SystemTime),
+    /// Microseconds since 2000-01-01 00:00 UTC (PostgreSQL's own epoch and
+    /// binary form), within PostgreSQL's range.
+    Timestamptz(i64),
     TextArray(Vec<Str<'a>>),
     Jsonb(&'a RawValue),
 }
@@ -85,7 +94,10 @@ impl ToSql for Cell<'_> {
             Cell::Double(v) => v.to_sql(ty, out),
             Cell::BigInt(v) => v.to_sql(ty, out),
             Cell::Boolean(v) => v.to_sql(ty, out),
-            Cell::Timestamptz(v) => v.to_sql(ty, out),
+            Cell::Timestamptz(micros) => {
+                out.put_i64(*micros);
+                Ok(IsNull::No)
+            }
             Cell::TextArray(v) => v.to_sql(ty, out),
             Cell::Jsonb(raw) => tokio_postgres::types::Json(raw).to_sql(ty, out),
         }
@@ -193,7 +205,7 @@ impl<'de: 'a, 'a> Visitor<'de> for RowSeed<'_, 'a> {
                         failed.get_or_insert_with(|| {
                             let c = &self.columns[i];
                             let field = c.field.as_deref().unwrap_or(&c.name);
-                            format!("postgres sink: column {:?} needs {expected} from field {field:?}, got {}", c.name, raw.get())
+                            format!("postgres sink: column {:?} needs {expected} from field {field:?}, got {}", c.name, excerpt(raw.get(), 120))
                         });
                     }
                 }
@@ -211,10 +223,10 @@ fn cell(raw: &RawValue, kind: ColumnType) -> Result<Cell<'_>, &'static str> {
     }
     let number = text.starts_with(|c: char| c == '-' || c.is_ascii_digit());
     Ok(match kind {
-        ColumnType::Text => Cell::Text(string(text).ok_or("a string")?),
-        ColumnType::Double if number => Cell::Double(text.parse::<f64>().ok().filter(|v| v.is_finite()).ok_or("a number")?),
+        ColumnType::Text => Cell::Text(string(text)?),
+        ColumnType::Double if number => Cell::Double(text.parse::<f64>().ok().filter(|v| v.is_finite()).ok_or("a number within double precision")?),
         ColumnType::Double => return Err("a number"),
-        ColumnType::BigInt if number => Cell::BigInt(text.parse().map_err(|_| "an integer")?),
+        ColumnType::BigInt if number => Cell::BigInt(text.parse().map_err(|_| "an integer within bigint (-9223372036854775808 to 9223372036854775807)")?),
         ColumnType::BigInt => return Err("an integer"),
         ColumnType::Boolean => match text {
             "true" => Cell::Boolean(true),
@@ -222,31 +234,80 @@ fn cell(raw: &RawValue, kind: ColumnType) -> Result<Cell<'_>, &'static str> {
             _ => return Err("a boolean"),
         },
         ColumnType::Timestamptz => {
-            let ms: Option<i64> = if number { text.parse().ok() } else { None };
-            Cell::Timestamptz(ms.and_then(millis_to_time).ok_or("integer milliseconds since 1970")?)
+            let ms: i64 = if number { text.parse().map_err(|_| "integer milliseconds since 1970")? } else { return Err("integer milliseconds since 1970") };
+            Cell::Timestamptz(millis_to_pg_micros(ms).ok_or("milliseconds since 1970 within PostgreSQL's timestamp range (4713 BC to 294276 AD)")?)
         }
         ColumnType::TextArray => {
-            Cell::TextArray(serde_json::from_str::<Vec<Str<'_>>>(text).map_err(|_| "an array of strings")?)
+            let items = serde_json::from_str::<Vec<Str<'_>>>(text).map_err(|_| "an array of strings (without lone UTF-16 surrogates)")?;
+            if items.iter().any(|s| s.0.contains('\0')) {
+                return Err("strings without NUL (\\u0000, which PostgreSQL refuses in text)");
+            }
+            Cell::TextArray(items)
         }
-        ColumnType::Jsonb => Cell::Jsonb(raw),
+        ColumnType::Jsonb => {
+            // Escapes are rare: only a value with one is decoded and looked through.
+            if text.contains("\\u") {
+                let value: serde_json::Value = serde_json::from_str(text).map_err(|_| "JSON without lone UTF-16 surrogates (PostgreSQL refuses them in jsonb)")?;
+                if has_nul(&value) {
+                    return Err("JSON without NUL (\\u0000, which PostgreSQL refuses in jsonb)");
+                }
+            }
+            Cell::Jsonb(raw)
+        }
     })
 }
 
-/// A JSON string's text, borrowed when it has no escapes.
-fn string(text: &str) -> Option<Str<'_>> {
-    let inner = text.strip_prefix('"')?.strip_suffix('"')?;
-    if !inner.contains('\\') {
-        return Some(Str(Cow::Borrowed(inner)));
+/// Whether a NUL character stands in any string or key of `value`.
+fn has_nul(value: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(has_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
     }
-    serde_json::from_str::<String>(text).ok().map(|s| Str(Cow::Owned(s)))
 }
 
-fn millis_to_time(ms: i64) -> Option<SystemTime> {
-    if ms >= 0 {
-        UNIX_EPOCH.checked_add(Duration::from_millis(ms as u64))
-    } else {
-        UNIX_EPOCH.checked_sub(Duration::from_millis(ms.unsigned_abs()))
+/// A JSON string's text, borrowed when it has no escapes, if PostgreSQL can
+/// store it as text.
+fn string(text: &str) -> Result<Str<'_>, &'static str> {
+    let inner = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')).ok_or("a string")?;
+    if !inner.contains('\\') {
+        // JSON has no raw control characters in strings: no NUL here.
+        return Ok(Str(Cow::Borrowed(inner)));
     }
+    let decoded = serde_json::from_str::<String>(text).map_err(|_| "a string without lone UTF-16 surrogates")?;
+    if decoded.contains('\0') {
+        return Err("a string without NUL (\\u0000, which PostgreSQL refuses in text)");
+    }
+    Ok(Str(Cow::Owned(decoded)))
+}
+
+/// Milliseconds from 1970-01-01 to 2000-01-01, PostgreSQL's epoch.
+const PG_EPOCH_MS: i64 = 946_684_800_000;
+/// PostgreSQL's first timestamp, 4714-11-24 00:00 UTC BC (Julian day 0), in
+/// milliseconds since 1970.
+pub const PG_MIN_MS: i64 = -210_866_803_200_000;
+/// The first timestamp past PostgreSQL's range, 294277-01-01 00:00 UTC, in
+/// milliseconds since 1970.
+pub const PG_END_MS: i64 = 9_224_318_016_000_000;
+
+/// Milliseconds since 1970 as PostgreSQL's microseconds since 2000, when
+/// PostgreSQL's timestamps reach that far (none of the arithmetic can wrap).
+pub fn millis_to_pg_micros(ms: i64) -> Option<i64> {
+    (PG_MIN_MS..PG_END_MS).contains(&ms).then(|| (ms - PG_EPOCH_MS) * 1000)
+}
+
+/// At most `max` bytes of `text`, cut at a character, with `…` when cut.
+pub fn excerpt(text: &str, max: usize) -> Cow<'_, str> {
+    if text.len() <= max {
+        return Cow::Borrowed(text);
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}…", &text[..end]))
 }
 
 #[cfg(test)]
@@ -296,7 +357,7 @@ mod tests {
                     (ColumnType::Double, Some(v)) => v.as_f64().ok_or(())?.to_string(),
                     (ColumnType::BigInt, Some(v)) => v.as_i64().ok_or(())?.to_string(),
                     (ColumnType::Boolean, Some(v)) => v.as_bool().ok_or(())?.to_string(),
-                    (ColumnType::Timestamptz, Some(v)) => format!("{:?}", v.as_i64().and_then(millis_to_time).ok_or(())?),
+                    (ColumnType::Timestamptz, Some(v)) => format!("{:?}", v.as_i64().and_then(millis_to_pg_micros).ok_or(())?),
                     (ColumnType::TextArray, Some(v)) => {
                         v.as_array().ok_or(())?.iter().map(|i| i.as_str().map(str::to_string)).collect::<Option<Vec<_>>>().ok_or(())?.join("|")
                     }
