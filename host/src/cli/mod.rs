@@ -5,7 +5,8 @@
 //!   changes, progress lines); [`reload`]: the one reload path it takes;
 //! - [`check`]: `sluice check`;
 //! - [`feed`]: `sluice feed` (stdout, Kafka, or the WebSocket stand-in);
-//! - [`plugin`]: `sluice plugin test` and `sluice plugin new`.
+//! - [`plugin`]: `sluice plugin test` and `sluice plugin new`;
+//! - [`schema`](mod@schema): `sluice schema`, the pipeline file's JSON Schema.
 //!
 //! `sluice top` lives in [`crate::top`].
 
@@ -14,6 +15,7 @@ pub mod feed;
 pub mod plugin;
 pub mod reload;
 pub mod run;
+pub mod schema;
 
 use crate::runtime::Runtime;
 use anyhow::Context;
@@ -69,6 +71,9 @@ pub enum Command {
     /// plugin changes swap between two batches; other changes restart only the
     /// pipeline concerned. An invalid change is logged and not applied.
     Run(RunArgs),
+    /// Print the pipeline file's JSON Schema (for editors: taplo, Even Better
+    /// TOML), or with --markdown the reference chapter rendered from it.
+    Schema(schema::SchemaArgs),
     /// A terminal dashboard of a running instance (its admin listener): one
     /// row per pipeline with throughput, lag, errors and plugin versions. q quits.
     Top(TopArgs),
@@ -149,6 +154,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Feed(args) => feed::feed(args),
         Command::Check(args) => check::check(&runtime()?, &args),
         Command::Run(args) => run::run(runtime()?, &args),
+        Command::Schema(args) => schema::schema(&args),
         Command::Top(args) => {
             let token = match &args.token_file {
                 Some(path) => Some(std::fs::read_to_string(path).with_context(|| format!("cannot read --token-file {}", path.display()))?.trim().to_string()),

@@ -40,29 +40,34 @@
 //! topics = ["trades_raw"]
 //! ```
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use toml::Spanned;
 
 /// One pipeline: a source, a chain of transforms, named sinks, a dead-letter destination.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineFile {
     /// The pipeline's name (logs, metrics, dead-letter headers, default consumer
     /// group `sluice-<name>`). Defaults to the file name without `.toml`.
     pub name: Option<String>,
     /// Where records come from.
+    #[schemars(with = "SourceConfig")]
     pub source: Spanned<SourceConfig>,
     /// Plugins applied in order; the outputs of one are the inputs of the next.
     /// Empty: records pass through unchanged.
     #[serde(default)]
     pub transforms: Vec<TransformConfig>,
     /// Named sinks. A plugin output's `route` names one of them.
+    #[schemars(with = "BTreeMap<String, SinkConfig>")]
     pub sinks: BTreeMap<String, Spanned<SinkConfig>>,
     /// The sink for outputs without a route. Required when there are several sinks.
+    #[schemars(with = "Option<String>")]
     pub default_sink: Option<Spanned<String>>,
     /// Where records go that a transform failed on, or whose output could not
     /// be routed or converted (a Kafka topic, or stdout).
+    #[schemars(with = "SinkConfig")]
     pub dead_letter: Spanned<SinkConfig>,
     /// What to do when a plugin version is failing (faults on several
     /// records in a row, or an error surge after a hot swap): `rollback`
@@ -75,11 +80,12 @@ pub struct PipelineFile {
     /// referenced by `connection = "NAME"` from the source, the Kafka sinks
     /// and the dead-letter section.
     #[serde(default)]
+    #[schemars(with = "BTreeMap<String, ConnectionConfig>")]
     pub connections: BTreeMap<String, Spanned<ConnectionConfig>>,
 }
 
 /// The policy for a failing plugin version.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OnPluginFailure {
     /// Swap back to the version that ran before the last hot swap and run
@@ -95,7 +101,7 @@ pub enum OnPluginFailure {
 }
 
 /// A named connection, chosen by `type`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum ConnectionConfig {
     Kafka(KafkaConnectionConfig),
@@ -104,7 +110,7 @@ pub enum ConnectionConfig {
 /// `type = "kafka"`: a Kafka cluster and how to reach it. Sluice turns `tls`
 /// and `sasl` into librdkafka's properties (`security.protocol` follows from
 /// which of them are set); `properties` adds or overrides any other.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConnectionConfig {
     /// Bootstrap servers, comma-separated (`host:port,host:port`).
@@ -121,7 +127,7 @@ pub struct KafkaConnectionConfig {
 }
 
 /// TLS towards the brokers.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaTlsConfig {
     /// PEM file of the CA certificates that signed the brokers' certificates
@@ -140,7 +146,7 @@ pub struct KafkaTlsConfig {
 }
 
 /// SASL authentication towards the brokers.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSaslConfig {
     /// `PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512` or `OAUTHBEARER`.
@@ -161,7 +167,7 @@ pub struct KafkaSaslConfig {
 }
 
 /// The SASL mechanisms this build of librdkafka supports.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, JsonSchema)]
 pub enum SaslMechanism {
     #[serde(rename = "PLAIN")]
     Plain,
@@ -185,7 +191,7 @@ impl SaslMechanism {
 }
 
 /// A source, chosen by `type`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum SourceConfig {
     Kafka(KafkaSourceConfig),
@@ -198,7 +204,7 @@ pub enum SourceConfig {
 /// host, partition 0, a per-connection sequence as offset. A WebSocket
 /// cannot replay: frames sent while disconnected are lost (at-most-once
 /// across reconnects); within a connection nothing is dropped.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WebSocketSourceConfig {
     /// `ws://` or `wss://` URL; a token in its query (`?token=…`) is a secret.
@@ -209,6 +215,7 @@ pub struct WebSocketSourceConfig {
     /// Messages sent after every connect and reconnect: strings as they
     /// are, tables as JSON (e.g. `{ type = "subscribe", symbol = "BINANCE:BTCUSDT" }`).
     #[serde(default)]
+    #[schemars(with = "Vec<serde_json::Value>")]
     pub subscribe: Vec<toml::Value>,
     /// PEM file of CA certificates to trust for `wss://` (default: the system's roots).
     pub ca: Option<String>,
@@ -258,7 +265,7 @@ fn default_buffer_bytes() -> usize {
 }
 
 /// `type = "kafka"`: a consumer group over one or more topics.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSourceConfig {
     /// Bootstrap servers, comma-separated (`host:port,host:port`). Give
@@ -309,7 +316,7 @@ fn default_batch_max_ms() -> u64 {
 }
 
 /// Where a consumer group without committed offsets starts.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OffsetReset {
     #[default]
@@ -318,14 +325,16 @@ pub enum OffsetReset {
 }
 
 /// One plugin of the transform chain.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TransformConfig {
     /// Path to the plugin component (`.wasm`), relative to the pipeline file.
+    #[schemars(with = "String")]
     pub plugin: Spanned<String>,
     /// The plugin's configuration, handed to its `init`. Strings are passed
     /// as they are; numbers and booleans written out; arrays and tables as JSON.
     #[serde(default)]
+    #[schemars(with = "BTreeMap<String, serde_json::Value>")]
     pub config: toml::Table,
     /// Resource limits of the plugin instance.
     #[serde(default)]
@@ -336,7 +345,7 @@ pub struct TransformConfig {
 }
 
 /// Resource limits; unset values take the runtime's safe defaults.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Time one call (`init` or one batch) may take, in milliseconds,
@@ -362,7 +371,7 @@ pub struct LimitsConfig {
 }
 
 /// Sandbox grants. Everything is denied unless listed here.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GrantsConfig {
     /// Names of host environment variables the plugin may read.
@@ -378,7 +387,7 @@ pub struct GrantsConfig {
 }
 
 /// A sink, chosen by `type`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum SinkConfig {
     Kafka(KafkaSinkConfig),
@@ -398,7 +407,7 @@ impl SinkConfig {
 
 /// `type = "kafka"`: an idempotent producer writing to one topic; keys,
 /// headers and timestamps are kept.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSinkConfig {
     /// Bootstrap servers, comma-separated. Give either `brokers` or `connection`.
@@ -424,7 +433,7 @@ impl KafkaSinkConfig {
 }
 
 /// A Kafka producer's compression codec (`compression.type`).
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Compression {
     None,
@@ -450,7 +459,7 @@ impl Compression {
 /// `type = "postgres"`: rows into a table, one per output record, written
 /// with binary COPY in one transaction per batch. Output values must be JSON
 /// objects; each column takes the field of its `field` (default: its name).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresSinkConfig {
     /// Connection string, as a URL (`postgres://user@host:5432/db?sslmode=verify-full`)
@@ -502,7 +511,7 @@ fn default_true() -> bool {
 }
 
 /// One column of a PostgreSQL sink.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ColumnConfig {
     /// Column name.
@@ -516,7 +525,7 @@ pub struct ColumnConfig {
 }
 
 /// The column types the PostgreSQL sink converts JSON into.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, JsonSchema)]
 pub enum ColumnType {
     /// From a JSON string.
     #[serde(rename = "text")]
@@ -556,6 +565,6 @@ impl ColumnType {
 }
 
 /// `type = "stdout"`: one output value per line on standard output.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StdoutSinkConfig {}

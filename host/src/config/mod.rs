@@ -1,11 +1,13 @@
 //! Pipeline files: the TOML structures ([`file`]), `${VAR}` expansion
 //! ([`env`]), validation into runnable [`Pipeline`]s ([`validate`]), what
-//! changes between two sets of pipelines ([`diff`]) and the file watcher that
-//! triggers reloads ([`watcher`]).
+//! changes between two sets of pipelines ([`diff`]), the file watcher that
+//! triggers reloads ([`watcher`]), and the file format's JSON Schema and
+//! reference chapter, generated from the structures ([`schema`]).
 
 pub mod diff;
 pub mod env;
 pub mod file;
+pub mod schema;
 pub mod validate;
 pub mod watcher;
 

@@ -3,7 +3,7 @@
 //! from the start pauses the pipeline, the `dead_letter` policy is bounded,
 //! and a plugin's log flood is rate-limited.
 
-mod common;
+use crate::common;
 
 use common::plugin_path;
 use common::services::*;

@@ -1,6 +1,6 @@
 //! `sluice plugin test` as a process: stdout, stderr, exit status.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};

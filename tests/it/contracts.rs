@@ -4,7 +4,7 @@
 //! guest echo → decode byte for byte in both; and 0.2 guests that break the
 //! results layout are dead-lettered with a reason, never read out of bounds.
 
-mod common;
+use crate::common;
 
 use common::*;
 use proptest::prelude::*;

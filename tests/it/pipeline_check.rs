@@ -1,6 +1,6 @@
 //! `sluice check` on broken pipeline files: every error, with file:line:column.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 
@@ -180,4 +180,93 @@ fn the_shipped_pipelines_are_valid() {
         stdout.contains("ok: pipeline three-languages [trade_flattener -> py_enrich -> js_router] -> sinks [binance, other] (default other)"),
         "{stdout}"
     );
+}
+
+/// GitHub's and mdBook's anchor for a heading.
+fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || *c == '-' || *c == '_' || *c == ' ')
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+/// Every relative link of the README and the book names a file of the
+/// repository, and every `#anchor` a heading of its page: a moved chapter
+/// or a renamed heading fails the build.
+#[test]
+fn the_readme_and_the_book_have_no_broken_link() {
+    let root = common::root();
+    let mut pages = vec![root.join("README.md")];
+    let mut chapters: Vec<_> = std::fs::read_dir(root.join("docs/src")).unwrap().map(|e| e.unwrap().path()).collect();
+    chapters.sort();
+    pages.extend(chapters.into_iter().filter(|p| p.extension().is_some_and(|e| e == "md")));
+    let headings = |page: &std::path::Path| -> Vec<String> {
+        let text = std::fs::read_to_string(page).unwrap();
+        let mut fenced = false;
+        let mut found = Vec::new();
+        for line in text.lines() {
+            if line.starts_with("```") {
+                fenced = !fenced;
+            } else if !fenced && line.starts_with('#') {
+                found.push(anchor(line.trim_start_matches('#')));
+            }
+        }
+        found
+    };
+    let mut broken = Vec::new();
+    for page in &pages {
+        let text = std::fs::read_to_string(page).unwrap();
+        for (n, line) in text.lines().enumerate() {
+            for part in line.split("](").skip(1) {
+                let Some(target) = part.split(')').next() else { continue };
+                if target.contains("://") || target.starts_with("mailto:") {
+                    continue;
+                }
+                let (file, fragment) = target.split_once('#').unwrap_or((target, ""));
+                let linked = if file.is_empty() { page.clone() } else { page.parent().unwrap().join(file) };
+                if !linked.exists() {
+                    broken.push(format!("{}:{}: {target}: no such file", page.display(), n + 1));
+                } else if !fragment.is_empty() && linked.extension().is_some_and(|e| e == "md") && !headings(&linked).iter().any(|h| h == fragment) {
+                    broken.push(format!("{}:{}: {target}: no such heading", page.display(), n + 1));
+                }
+            }
+        }
+    }
+    assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
+    assert!(pages.len() > 5, "the book's chapters are there");
+}
+
+/// The JSON Schema the repository ships for editors, and the book's
+/// reference chapter, are what the code generates: neither can drift.
+#[test]
+fn the_shipped_schema_and_reference_are_generated_from_the_code() {
+    let sluice = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice")).args(args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let root = common::root();
+    let schema = sluice(&["schema"]);
+    let shipped = std::fs::read_to_string(root.join("pipelines/sluice.schema.json")).unwrap_or_default();
+    assert!(shipped == schema, "pipelines/sluice.schema.json is stale: run `sluice schema > pipelines/sluice.schema.json`");
+    let reference = sluice(&["schema", "--markdown"]);
+    let chapter = std::fs::read_to_string(root.join("docs/src/reference.md")).unwrap_or_default();
+    assert!(chapter == reference, "docs/src/reference.md is stale: run `sluice schema --markdown > docs/src/reference.md`");
+
+    let schema: serde_json::Value = serde_json::from_str(&schema).unwrap();
+    assert_eq!(schema["additionalProperties"], false, "unknown keys are errors, in the schema too");
+    let keys: Vec<&str> = schema["properties"].as_object().unwrap().keys().map(String::as_str).collect();
+    for key in ["name", "source", "transforms", "sinks", "default_sink", "dead_letter", "on_plugin_failure", "connections"] {
+        assert!(keys.contains(&key), "{key} missing from {keys:?}");
+    }
+    for table in ["SourceConfig", "SinkConfig", "TransformConfig", "LimitsConfig", "GrantsConfig", "ColumnConfig", "KafkaTlsConfig"] {
+        assert!(reference.contains(&format!("## {table}\n")), "{table} missing from the reference");
+    }
+    for kind in ["kafka", "websocket", "postgres", "stdout"] {
+        assert!(reference.contains(&format!("- `type = \"{kind}\"`: ")), "{kind} missing from the reference");
+    }
+    assert!(reference.contains("`batch_output_mib`") && reference.contains("`buffer_bytes`"), "every key, with its doc comment");
 }

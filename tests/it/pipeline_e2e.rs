@@ -1,7 +1,7 @@
 //! Pipelines end to end against a real Kafka-protocol broker (Tansu) and the
 //! local PostgreSQL, with `sluice run` as a process.
 
-mod common;
+use crate::common;
 
 use common::services::*;
 use common::trades::*;

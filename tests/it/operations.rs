@@ -1,7 +1,7 @@
 //! Operating Sluice: `/metrics`, `/health`, `/status`, the progress line and
 //! `sluice top`, against a running instance with a real broker and PostgreSQL.
 
-mod common;
+use crate::common;
 
 use common::services::*;
 use common::trades::*;

@@ -4,7 +4,7 @@
 //! skeletons `sluice plugin new` writes, built with their own `build.sh` and
 //! run by `sluice plugin test`.
 
-mod common;
+use crate::common;
 
 use common::services::*;
 use common::trades::*;

@@ -4,7 +4,7 @@
 //! PostgreSQL holds every trade exactly once, and that records keep flowing.
 //! The README's fault table lists these tests.
 
-mod common;
+use crate::common;
 
 use common::plugin_path;
 use common::services::*;

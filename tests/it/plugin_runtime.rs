@@ -1,7 +1,7 @@
 //! The plugin runtime against the real compiled components: the trade
 //! flattener's rules through WASM, sandbox limits, grants, and the compile cache.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::{json, Value};

@@ -2,7 +2,7 @@
 //! (`sluice::feed::websocket`) in process, small hostile servers, the real
 //! broker and PostgreSQL, and TLS through a `socat` terminator.
 
-mod common;
+use crate::common;
 
 use common::plugin_path;
 use common::services::*;

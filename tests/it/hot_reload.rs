@@ -2,7 +2,7 @@
 //! (between 0.1 and 0.2 builds too), broken versions rejected, pipeline files
 //! added, changed and removed.
 
-mod common;
+use crate::common;
 
 use common::plugin_path;
 use common::services::*;

@@ -2,7 +2,7 @@
 //! its SQLite engine, behind a `socat` TLS terminator), a real PostgreSQL
 //! serving TLS with the test's certificates, and real compressed topics.
 
-mod common;
+use crate::common;
 
 use common::plugin_path;
 use common::services::{
