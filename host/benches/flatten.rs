@@ -24,7 +24,11 @@ fn main() -> anyhow::Result<()> {
     // One topic name for all the records, shared as the Kafka source shares it.
     let topic: std::sync::Arc<str> = "bench".into();
     // The boundary's cost per record apart from copying bytes: 64-byte values.
-    let small_record = |i: usize| Record { value: vec![b'x'; 64].into(), origin: Origin { topic: topic.clone(), partition: 0, offset: i as i64 }, ..Record::default() };
+    let small_record = |i: usize| Record {
+        value: vec![b'x'; 64].into(),
+        origin: Origin { topic: topic.clone(), partition: 0, offset: i as i64 },
+        ..Record::default()
+    };
     let records: Vec<Record> = (0..frames)
         .map(|i| {
             let frame = feed.next_frame();
@@ -42,10 +46,14 @@ fn main() -> anyhow::Result<()> {
     // Native: the plugin's own logic linked into this binary, on the same
     // path its component runs (views of a batch buffer in, one results buffer
     // out), minus the sandbox.
-    let batches: Vec<Vec<u8>> = records.chunks(BATCH).map(|chunk| {
-        let owned: Vec<sluice_plugin::Record> = chunk.iter().map(|r| sluice_plugin::Record::from_value(r.value.clone())).collect();
-        sluice_plugin::abi::encode_batch(&owned)
-    }).collect();
+    let batches: Vec<Vec<u8>> = records
+        .chunks(BATCH)
+        .map(|chunk| {
+            let owned: Vec<sluice_plugin::Record> =
+                chunk.iter().map(|r| sluice_plugin::Record::from_value(r.value.clone())).collect();
+            sluice_plugin::abi::encode_batch(&owned)
+        })
+        .collect();
     let native = best_of(3, || {
         let mut out = 0;
         for buf in &batches {
@@ -70,7 +78,13 @@ fn main() -> anyhow::Result<()> {
     // `BENCH_PROFILE_BOUNDARY=N`: only N passes of the 64-byte echo (0.2)
     // over the workload, for `perf record`; prints nothing else.
     if let Some(passes) = std::env::var("BENCH_PROFILE_BOUNDARY").ok().and_then(|v| v.parse::<usize>().ok()) {
-        let mut echo = PluginInstance::new(Plugin::load(&runtime, &dir.join("chaos.wasm"))?, vec![], Limits::default(), Grants::default(), "bench")?;
+        let mut echo = PluginInstance::new(
+            Plugin::load(&runtime, &dir.join("chaos.wasm"))?,
+            vec![],
+            Limits::default(),
+            Grants::default(),
+            "bench",
+        )?;
         let batch: Vec<Record> = (0..BATCH).map(small_record).collect();
         let start = Instant::now();
         for _ in 0..passes * frames / BATCH {
@@ -81,7 +95,13 @@ fn main() -> anyhow::Result<()> {
     }
     // `BENCH_PROFILE_FLATTEN=N`: only N passes of the 0.2 flattener.
     if let Some(passes) = std::env::var("BENCH_PROFILE_FLATTEN").ok().and_then(|v| v.parse::<usize>().ok()) {
-        let mut flattener = PluginInstance::new(Plugin::load(&runtime, &dir.join("trade_flattener.wasm"))?, vec![], Limits::default(), Grants::default(), "bench")?;
+        let mut flattener = PluginInstance::new(
+            Plugin::load(&runtime, &dir.join("trade_flattener.wasm"))?,
+            vec![],
+            Limits::default(),
+            Grants::default(),
+            "bench",
+        )?;
         let start = Instant::now();
         for _ in 0..passes {
             for chunk in records.chunks(BATCH) {
@@ -97,7 +117,13 @@ fn main() -> anyhow::Result<()> {
     let inst_start = Instant::now();
     let mut v02 = PluginInstance::new(plugin, vec![], Limits::default(), Grants::default(), "bench")?;
     let instantiate = inst_start.elapsed();
-    let mut v01 = PluginInstance::new(Plugin::load(&runtime, &dir.join("trade_flattener_v01.wasm"))?, vec![], Limits::default(), Grants::default(), "bench")?;
+    let mut v01 = PluginInstance::new(
+        Plugin::load(&runtime, &dir.join("trade_flattener_v01.wasm"))?,
+        vec![],
+        Limits::default(),
+        Grants::default(),
+        "bench",
+    )?;
     let run_on = |instance: &mut PluginInstance, records: &[Record], expected: usize| {
         best_of(3, || {
             let mut out = 0;
@@ -116,7 +142,14 @@ fn main() -> anyhow::Result<()> {
         for _ in 0..3 {
             let (mut took, mut out) = (Duration::ZERO, 0);
             for chunk in records.chunks(BATCH) {
-                let batch: Vec<Record> = chunk.iter().map(|r| Record { value: Bytes::copy_from_slice(&r.value), origin: r.origin.clone(), ..Record::default() }).collect();
+                let batch: Vec<Record> = chunk
+                    .iter()
+                    .map(|r| Record {
+                        value: Bytes::copy_from_slice(&r.value),
+                        origin: r.origin.clone(),
+                        ..Record::default()
+                    })
+                    .collect();
                 let start = Instant::now();
                 out += outputs_of(instance.transform(&batch))?;
                 took += start.elapsed();
@@ -133,13 +166,31 @@ fn main() -> anyhow::Result<()> {
     // (`scripts/bench-wasm-opt.sh` passes it the builds wasm-opt made).
     let mut compared = Vec::new();
     for path in std::env::var("BENCH_COMPARE").unwrap_or_default().split(',').filter(|p| !p.is_empty()) {
-        let mut instance = PluginInstance::new(Plugin::load(&runtime, &PathBuf::from(path))?, vec![], Limits::default(), Grants::default(), "bench")?;
+        let mut instance = PluginInstance::new(
+            Plugin::load(&runtime, &PathBuf::from(path))?,
+            vec![],
+            Limits::default(),
+            Grants::default(),
+            "bench",
+        )?;
         compared.push((path.to_string(), run(&mut instance, trades)?));
     }
 
     // The boundary alone: the same records through a plugin that echoes them.
-    let mut echo_v01 = PluginInstance::new(Plugin::load(&runtime, &dir.join("chaos_v01.wasm"))?, vec![], Limits::default(), Grants::default(), "bench")?;
-    let mut echo_v02 = PluginInstance::new(Plugin::load(&runtime, &dir.join("chaos.wasm"))?, vec![], Limits::default(), Grants::default(), "bench")?;
+    let mut echo_v01 = PluginInstance::new(
+        Plugin::load(&runtime, &dir.join("chaos_v01.wasm"))?,
+        vec![],
+        Limits::default(),
+        Grants::default(),
+        "bench",
+    )?;
+    let mut echo_v02 = PluginInstance::new(
+        Plugin::load(&runtime, &dir.join("chaos.wasm"))?,
+        vec![],
+        Limits::default(),
+        Grants::default(),
+        "bench",
+    )?;
     let boundary_v01 = run(&mut echo_v01, frames)?;
     let boundary_v02 = run(&mut echo_v02, frames)?;
     // Its cost per record apart from copying bytes: as many 64-byte records.
@@ -153,19 +204,55 @@ fn main() -> anyhow::Result<()> {
 
     let rate = |d: Duration| trades as f64 / d.as_secs_f64();
     let per_record = |d: Duration| d.as_secs_f64() * 1e6 / frames as f64;
-    println!("compile (cache miss): {:.0} ms, instantiate + init: {:.2} ms", compile.as_secs_f64() * 1e3, instantiate.as_secs_f64() * 1e3);
+    println!(
+        "compile (cache miss): {:.0} ms, instantiate + init: {:.2} ms",
+        compile.as_secs_f64() * 1e3,
+        instantiate.as_secs_f64() * 1e3
+    );
     println!("native:    {:>12.0} trades/s  {:.2} us/frame", rate(native), per_record(native));
-    println!("wasm 0.1:  {:>12.0} trades/s  {:.2} us/frame  ratio to native {:.2}", rate(wasm_v01), per_record(wasm_v01), rate(wasm_v01) / rate(native));
-    println!("wasm 0.2:  {:>12.0} trades/s  {:.2} us/frame  ratio to native {:.2} (goal >= 0.6)", rate(wasm_v02), per_record(wasm_v02), rate(wasm_v02) / rate(native));
+    println!(
+        "wasm 0.1:  {:>12.0} trades/s  {:.2} us/frame  ratio to native {:.2}",
+        rate(wasm_v01),
+        per_record(wasm_v01),
+        rate(wasm_v01) / rate(native)
+    );
+    println!(
+        "wasm 0.2:  {:>12.0} trades/s  {:.2} us/frame  ratio to native {:.2} (goal >= 0.6)",
+        rate(wasm_v02),
+        per_record(wasm_v02),
+        rate(wasm_v02) / rate(native)
+    );
     for (path, time) in &compared {
-        println!("{path}:\n           {:>12.0} trades/s  {:.2} us/frame  ratio to native {:.2}", rate(*time), per_record(*time), rate(*time) / rate(native));
+        println!(
+            "{path}:\n           {:>12.0} trades/s  {:.2} us/frame  ratio to native {:.2}",
+            rate(*time),
+            per_record(*time),
+            rate(*time) / rate(native)
+        );
     }
     println!("boundary (echo plugin), per record, batches freshly read (as in a pipeline):");
-    println!("  trade frames ({} bytes on average): 0.1 {:.3} us, 0.2 {:.3} us", bytes / frames, per_record(fresh_v01), per_record(fresh_v02));
-    println!("  64-byte values:                    0.1 {:.3} us, 0.2 {:.3} us (goal <= 0.05)", per_record(fresh_small_v01), per_record(fresh_small_v02));
+    println!(
+        "  trade frames ({} bytes on average): 0.1 {:.3} us, 0.2 {:.3} us",
+        bytes / frames,
+        per_record(fresh_v01),
+        per_record(fresh_v02)
+    );
+    println!(
+        "  64-byte values:                    0.1 {:.3} us, 0.2 {:.3} us (goal <= 0.05)",
+        per_record(fresh_small_v01),
+        per_record(fresh_small_v02)
+    );
     println!("boundary (echo plugin), per record, the {frames} records built beforehand (cold in memory):");
-    println!("  trade frames:                      0.1 {:.3} us, 0.2 {:.3} us", per_record(boundary_v01), per_record(boundary_v02));
-    println!("  64-byte values:                    0.1 {:.3} us, 0.2 {:.3} us", per_record(small_v01), per_record(small_v02));
+    println!(
+        "  trade frames:                      0.1 {:.3} us, 0.2 {:.3} us",
+        per_record(boundary_v01),
+        per_record(boundary_v02)
+    );
+    println!(
+        "  64-byte values:                    0.1 {:.3} us, 0.2 {:.3} us",
+        per_record(small_v01),
+        per_record(small_v02)
+    );
     Ok(())
 }
 

@@ -52,18 +52,27 @@ fn main() -> anyhow::Result<()> {
     println!("1. The same transform (the `sluice plugin new` skeleton: JSON object + one field) in each language");
     let skeletons = root.join("target/bench-skeletons");
     let mut rows = Vec::new();
-    for (lang, label) in [(Lang::Rust, "Rust"), (Lang::Python, "Python (componentize-py)"), (Lang::Js, "JavaScript (componentize-js)")] {
+    for (lang, label) in
+        [(Lang::Rust, "Rust"), (Lang::Python, "Python (componentize-py)"), (Lang::Js, "JavaScript (componentize-js)")]
+    {
         let wasm = build_skeleton(&skeletons, lang)?;
         rows.push((label.to_string(), measure(&wasm, &[("label", "bench")], &trades)?));
     }
     print_table("records/s", &rows);
 
     println!("\n2. The repository's plugins");
-    let mut rows = Vec::new();
-    rows.push(("Rust symbol-router (trades)".to_string(), measure(&plugins.join("symbol_router.wasm"), &[("routes", "BTC=btc")], &trades)?));
-    rows.push(("Python py-enrich (trades)".to_string(), measure(&plugins.join("py_enrich.wasm"), &[("min_notional", "0")], &trades)?));
-    rows.push(("JavaScript js-router (trades)".to_string(), measure(&plugins.join("js_router.wasm"), &[], &trades)?));
-    rows.push(("Rust trade-flattener (frames)".to_string(), measure(&plugins.join("trade_flattener.wasm"), &[], &frames)?));
+    let rows = vec![
+        (
+            "Rust symbol-router (trades)".to_string(),
+            measure(&plugins.join("symbol_router.wasm"), &[("routes", "BTC=btc")], &trades)?,
+        ),
+        (
+            "Python py-enrich (trades)".to_string(),
+            measure(&plugins.join("py_enrich.wasm"), &[("min_notional", "0")], &trades)?,
+        ),
+        ("JavaScript js-router (trades)".to_string(), measure(&plugins.join("js_router.wasm"), &[], &trades)?),
+        ("Rust trade-flattener (frames)".to_string(), measure(&plugins.join("trade_flattener.wasm"), &[], &frames)?),
+    ];
     print_table("inputs/s", &rows);
 
     // Any other components, on the same trades: `BENCH_COMPARE=a.wasm,b.wasm`
@@ -74,7 +83,8 @@ fn main() -> anyhow::Result<()> {
         for path in list.to_string_lossy().split(',').filter(|p| !p.is_empty()) {
             let path = PathBuf::from(path);
             let plugin = Plugin::load(&Runtime::new(None)?, &path)?;
-            let label = format!("{} (contract {})", path.file_name().unwrap_or_default().to_string_lossy(), plugin.contract);
+            let label =
+                format!("{} (contract {})", path.file_name().unwrap_or_default().to_string_lossy(), plugin.contract);
             rows.push((label, measure(&path, &[], &trades)?));
         }
         print_table("records/s", &rows);
@@ -83,7 +93,11 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn record(value: Vec<u8>, offset: usize) -> Record {
-    Record { value: value.into(), origin: Origin { topic: "bench".into(), partition: 0, offset: offset as i64 }, ..Record::default() }
+    Record {
+        value: value.into(),
+        origin: Origin { topic: "bench".into(), partition: 0, offset: offset as i64 },
+        ..Record::default()
+    }
 }
 
 /// Writes and builds the skeleton for `lang` (once; `BENCH_REBUILD=1` again).
@@ -115,7 +129,8 @@ fn measure(wasm: &Path, config: &[(&str, &str)], inputs: &[Record]) -> anyhow::R
     let mut samples: Vec<Duration> = (0..5)
         .map(|_| {
             let start = Instant::now();
-            PluginInstance::new(plugin.clone(), config.clone(), Limits::default(), Grants::default(), "bench").map(|_| start.elapsed())
+            PluginInstance::new(plugin.clone(), config.clone(), Limits::default(), Grants::default(), "bench")
+                .map(|_| start.elapsed())
         })
         .collect::<Result<_, _>>()?;
     samples.sort();
@@ -130,7 +145,12 @@ fn measure(wasm: &Path, config: &[(&str, &str)], inputs: &[Record]) -> anyhow::R
         }
         best = best.min(start.elapsed());
     }
-    Ok(Figures { size, compile, instantiate: samples[samples.len() / 2], per_sec: inputs.len() as f64 / best.as_secs_f64() })
+    Ok(Figures {
+        size,
+        compile,
+        instantiate: samples[samples.len() / 2],
+        per_sec: inputs.len() as f64 / best.as_secs_f64(),
+    })
 }
 
 fn print_table(unit: &str, rows: &[(String, Figures)]) {

@@ -60,14 +60,19 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// Produces `count` one-trade frames to `topic` at `rate`/s; returns each frame's produce time (ms).
 async fn produce(brokers: &str, topic: &str, count: usize, rate: u64) -> anyhow::Result<Vec<f64>> {
-    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", brokers).set("linger.ms", "0").create()?;
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", brokers).set("linger.ms", "0").create()?;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
     let mut sent = Vec::with_capacity(count);
     let mut pending = Vec::with_capacity(count);
     for i in 0..count {
         tick.tick().await;
         let t = now_ms();
-        let frame = format!(r#"{{"type":"trade","data":[{{"s":"BINANCE:BTCUSDT","p":{}.5,"t":{},"v":0.01,"c":["1"]}}]}}"#, 60_000 + i, t as i64);
+        let frame = format!(
+            r#"{{"type":"trade","data":[{{"s":"BINANCE:BTCUSDT","p":{}.5,"t":{},"v":0.01,"c":["1"]}}]}}"#,
+            60_000 + i,
+            t as i64
+        );
         pending.push(producer.send_result(FutureRecord::<(), _>::to(topic).payload(&frame)).map_err(|(e, _)| e)?);
         sent.push(t);
     }
@@ -94,7 +99,8 @@ async fn main() -> anyhow::Result<()> {
     // connection's notifications, each stamped on arrival.
     let schema = format!("latency_{}", std::process::id());
     let table = format!("{schema}.trades");
-    let (pg, mut connection) = tokio_postgres::connect("postgres://postgres@127.0.0.1:5432/postgres", tokio_postgres::NoTls).await?;
+    let (pg, mut connection) =
+        tokio_postgres::connect("postgres://postgres@127.0.0.1:5432/postgres", tokio_postgres::NoTls).await?;
     let visible = Arc::new(Mutex::new(Vec::<(usize, f64)>::new()));
     let notes = visible.clone();
     tokio::spawn(async move {
@@ -123,7 +129,8 @@ async fn main() -> anyhow::Result<()> {
     std::env::set_var("SLUICE_BROKERS", &brokers);
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("latency.toml");
-    let flattener = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release/trade_flattener.wasm");
+    let flattener = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/wasm32-wasip2/release/trade_flattener.wasm");
     std::fs::write(
         &file,
         format!(
@@ -199,8 +206,14 @@ async fn main() -> anyhow::Result<()> {
     }
     let p = |v: &[f64]| (percentile(v, 0.5), percentile(v, 0.99));
     let ((b50, b99), (s50, s99), (a50, a99)) = (p(&bare), p(&sluice), p(&added));
-    println!("bare librdkafka consumer, produce -> received: p50 {b50:6.1} ms   p99 {b99:6.1} ms  ({} frames)", bare.len());
-    println!("sluice, produce -> row visible in PostgreSQL:  p50 {s50:6.1} ms   p99 {s99:6.1} ms  ({} rows)", sluice.len());
+    println!(
+        "bare librdkafka consumer, produce -> received: p50 {b50:6.1} ms   p99 {b99:6.1} ms  ({} frames)",
+        bare.len()
+    );
+    println!(
+        "sluice, produce -> row visible in PostgreSQL:  p50 {s50:6.1} ms   p99 {s99:6.1} ms  ({} rows)",
+        sluice.len()
+    );
     println!("added by sluice:                               p50 {:+6.1} ms   p99 {:+6.1} ms", s50 - b50, s99 - b99);
     println!("frame by frame (row visible - received):       p50 {a50:+6.1} ms   p99 {a99:+6.1} ms");
     Ok(())

@@ -11,7 +11,11 @@ use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
     let frames: usize = std::env::var("BENCH_FRAMES").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
-    let column = |name: &str, kind, field: Option<&str>| ColumnConfig { name: name.into(), kind, field: field.map(str::to_string) };
+    let column = |name: &str, kind, field: Option<&str>| ColumnConfig {
+        name: name.into(),
+        kind,
+        field: field.map(str::to_string),
+    };
     let columns = [
         column("symbol", ColumnType::Text, None),
         column("price", ColumnType::Double, None),

@@ -46,7 +46,8 @@ fn committed(consumer: &BaseConsumer, topic: &str) -> i64 {
 fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
     let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     (ticks(11) + ticks(12)) / 100.0
 }
@@ -54,7 +55,13 @@ fn cpu_seconds() -> f64 {
 /// Runs the pipeline in `file` until its group has committed `records`;
 /// returns records/s between its first and its last commit, and the CPU
 /// seconds the process used from the pipeline's start to its end.
-async fn measure(runtime: &Runtime, file: &Path, brokers: &str, group: &str, records: i64) -> anyhow::Result<(f64, f64)> {
+async fn measure(
+    runtime: &Runtime,
+    file: &Path,
+    brokers: &str,
+    group: &str,
+    records: i64,
+) -> anyhow::Result<(f64, f64)> {
     let pipeline = load_pipeline(file, Some(runtime)).map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let probe: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).set("group.id", group).create()?;
     let mut topology = Topology::new(runtime.clone());
@@ -96,7 +103,8 @@ async fn main() -> anyhow::Result<()> {
     generator.ping_every = 0;
     let feed: Vec<_> = generator.take(frames).collect();
     let trades: usize = feed.iter().map(|f| f.trades).sum();
-    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &brokers).set("linger.ms", "10").create()?;
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", &brokers).set("linger.ms", "10").create()?;
     let produce_start = Instant::now();
     let mut pending = std::collections::VecDeque::new();
     for f in &feed {
@@ -113,14 +121,20 @@ async fn main() -> anyhow::Result<()> {
     println!("workload: {frames} frames, {trades} trades; produced in {:.1} s", produce_start.elapsed().as_secs_f64());
 
     let dir = tempfile::tempdir()?;
-    let flattener = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release/trade_flattener.wasm");
+    let flattener =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release/trade_flattener.wasm");
     let source = |group: &str| {
-        format!("[source]\ntype = \"kafka\"\nbrokers = \"${{SLUICE_BROKERS}}\"\ntopics = [\"raw\"]\ngroup = \"{group}\"\n")
+        format!(
+            "[source]\ntype = \"kafka\"\nbrokers = \"${{SLUICE_BROKERS}}\"\ntopics = [\"raw\"]\ngroup = \"{group}\"\n"
+        )
     };
-    let kafka_sink = |topic: &str| format!("[sinks.out]\ntype = \"kafka\"\nbrokers = \"${{SLUICE_BROKERS}}\"\ntopic = \"{topic}\"\n");
+    let kafka_sink = |topic: &str| {
+        format!("[sinks.out]\ntype = \"kafka\"\nbrokers = \"${{SLUICE_BROKERS}}\"\ntopic = \"{topic}\"\n")
+    };
     let dlq = "[dead_letter]\ntype = \"kafka\"\nbrokers = \"${SLUICE_BROKERS}\"\ntopic = \"dlq\"\n";
     let transform = format!("[[transforms]]\nplugin = \"{}\"\n", flattener.display());
-    let (pg, connection) = tokio_postgres::connect("postgres://postgres@127.0.0.1:5432/postgres", tokio_postgres::NoTls).await?;
+    let (pg, connection) =
+        tokio_postgres::connect("postgres://postgres@127.0.0.1:5432/postgres", tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
     let schema = format!("bench_{}", std::process::id());
     let pg_sink = format!(
@@ -141,11 +155,26 @@ async fn main() -> anyhow::Result<()> {
     let (pass_rate, cpu) = measure(&runtime, &pass, &brokers, "g-pass", records).await?;
     println!("passthrough   kafka -> kafka:      {:>9.0} frames/s                      {}", pass_rate, cpu_line(cpu));
     let (flat_rate, cpu) = measure(&runtime, &flat, &brokers, "g-flat", records).await?;
-    println!("flatten       kafka -> kafka:      {:>9.0} frames/s = {:>9.0} trades/s  {}", flat_rate, flat_rate * per_trade, cpu_line(cpu));
+    println!(
+        "flatten       kafka -> kafka:      {:>9.0} frames/s = {:>9.0} trades/s  {}",
+        flat_rate,
+        flat_rate * per_trade,
+        cpu_line(cpu)
+    );
     let (pg_rate, cpu) = measure(&runtime, &to_pg, &brokers, "g-pg", records).await?;
-    println!("flatten       kafka -> postgres:   {:>9.0} frames/s = {:>9.0} rows/s    {}", pg_rate, pg_rate * per_trade, cpu_line(cpu));
+    println!(
+        "flatten       kafka -> postgres:   {:>9.0} frames/s = {:>9.0} rows/s    {}",
+        pg_rate,
+        pg_rate * per_trade,
+        cpu_line(cpu)
+    );
     let (pg01_rate, cpu) = measure(&runtime, &to_pg_v01, &brokers, "g-pg01", records).await?;
-    println!("  (0.1 build) kafka -> postgres:   {:>9.0} frames/s = {:>9.0} rows/s    {}", pg01_rate, pg01_rate * per_trade, cpu_line(cpu));
+    println!(
+        "  (0.1 build) kafka -> postgres:   {:>9.0} frames/s = {:>9.0} rows/s    {}",
+        pg01_rate,
+        pg01_rate * per_trade,
+        cpu_line(cpu)
+    );
     println!("ratio flatten/passthrough (frames/s): {:.2} (goal >= 0.70)", flat_rate / pass_rate);
     for table in ["trades", "trades_v01"] {
         let rows: i64 = pg.query_one(&format!("SELECT count(*) FROM {schema}.{table}"), &[]).await?.get(0);

@@ -49,7 +49,12 @@ fn new_version(wasm: &[u8], n: u32) -> Vec<u8> {
 }
 
 fn lines_with(log: &Path, needle: &str) -> Vec<String> {
-    std::fs::read_to_string(log).unwrap_or_default().lines().filter(|l| l.contains(needle)).map(str::to_string).collect()
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_string)
+        .collect()
 }
 
 fn field(line: &str, name: &str) -> Option<f64> {
@@ -152,15 +157,29 @@ fn main() -> anyhow::Result<()> {
     stop.store(true, Ordering::Relaxed);
     let _ = feeder.join();
 
-    let mut pauses: Vec<f64> =
-        lines_with(&log, "new plugin versions live").iter().filter_map(|l| field(l, "pause_us")).map(|us| us / 1e3).collect();
+    let mut pauses: Vec<f64> = lines_with(&log, "new plugin versions live")
+        .iter()
+        .filter_map(|l| field(l, "pause_us"))
+        .map(|us| us / 1e3)
+        .collect();
     let reload_ms: Vec<f64> = lines_with(&log, "reload applied").iter().filter_map(|l| field(l, "ms")).collect();
     let miss_reload = &reload_ms[reload_ms.len().saturating_sub(5)..];
     println!("swaps: {} ({} with a cached version, 5 never seen before)", pauses.len(), hit_ms.len());
     println!("pause per swap (old chain out, new chain in, between two batches): p50 {:.3} ms, p99 {:.3} ms (goal p99 < 50 ms)", percentile(&mut pauses.clone(), 0.5), percentile(&mut pauses, 0.99));
-    println!("file write -> new version live, cached:   p50 {:.0} ms, p99 {:.0} ms", percentile(&mut hit_ms.clone(), 0.5), percentile(&mut hit_ms, 0.99));
-    println!("file write -> new version live, compiled: p50 {:.0} ms, max {:.0} ms", percentile(&mut miss_ms.clone(), 0.5), percentile(&mut miss_ms, 1.0));
-    println!("reload (validate + compile + build) for a new version: {:?} ms", miss_reload.iter().map(|m| m.round()).collect::<Vec<_>>());
+    println!(
+        "file write -> new version live, cached:   p50 {:.0} ms, p99 {:.0} ms",
+        percentile(&mut hit_ms.clone(), 0.5),
+        percentile(&mut hit_ms, 0.99)
+    );
+    println!(
+        "file write -> new version live, compiled: p50 {:.0} ms, max {:.0} ms",
+        percentile(&mut miss_ms.clone(), 0.5),
+        percentile(&mut miss_ms, 1.0)
+    );
+    println!(
+        "reload (validate + compile + build) for a new version: {:?} ms",
+        miss_reload.iter().map(|m| m.round()).collect::<Vec<_>>()
+    );
     println!("(file write -> live includes the 250 ms debounce of the file watcher)");
     Ok(())
 }

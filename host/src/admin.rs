@@ -22,6 +22,7 @@
 //!   `/metrics` and `/health` alone (read-only, for Prometheus) on another
 //!   address.
 
+use crate::telemetry::{telemetry, PipelineState};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
@@ -29,9 +30,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use serde::Serialize;
-use std::net::SocketAddr;
-use crate::telemetry::{telemetry, PipelineState};
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
@@ -110,10 +110,15 @@ impl Guard {
     fn allows_host(&self, host: &str) -> bool {
         let name = match host.strip_prefix('[') {
             Some(v6) => v6.split_once(']').map_or(v6, |(ip, _)| ip),
-            None => host.rsplit_once(':').filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit())).map_or(host, |(name, _)| name),
+            None => host
+                .rsplit_once(':')
+                .filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit()))
+                .map_or(host, |(name, _)| name),
         };
         let name = name.to_ascii_lowercase();
-        matches!(name.as_str(), "localhost" | "::1") || name.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback()) || self.hosts.iter().any(|h| h.eq_ignore_ascii_case(&name))
+        matches!(name.as_str(), "localhost" | "::1")
+            || name.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
+            || self.hosts.iter().any(|h| h.eq_ignore_ascii_case(&name))
     }
 
     /// Why the request is refused, if it is.
@@ -124,12 +129,16 @@ impl Guard {
             host => {
                 return Some((
                     StatusCode::FORBIDDEN,
-                    format!("Host {:?} is not this listener's: use a loopback address, or allow the name with --admin-host\n", host.unwrap_or_default()),
+                    format!(
+                    "Host {:?} is not this listener's: use a loopback address, or allow the name with --admin-host\n",
+                    host.unwrap_or_default()
+                ),
                 ))
             }
         }
         if method != Method::GET && method != Method::HEAD {
-            let cross_site = text(header::HeaderName::from_static("sec-fetch-site")).is_some_and(|s| s == "cross-site" || s == "same-site");
+            let cross_site = text(header::HeaderName::from_static("sec-fetch-site"))
+                .is_some_and(|s| s == "cross-site" || s == "same-site");
             let foreign_origin = text(header::ORIGIN).is_some_and(|origin| {
                 let authority = origin.split_once("://").map_or(origin, |(_, rest)| rest);
                 !self.allows_host(authority.split('/').next().unwrap_or_default())
@@ -142,7 +151,10 @@ impl Guard {
             let open = method == Method::GET && (path == "/health" || path == "/metrics");
             let given = text(header::AUTHORIZATION).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or_default();
             if !open && !token.matches(given) {
-                return Some((StatusCode::UNAUTHORIZED, "this endpoint needs Authorization: Bearer <the --admin-token-file token>\n".into()));
+                return Some((
+                    StatusCode::UNAUTHORIZED,
+                    "this endpoint needs Authorization: Bearer <the --admin-token-file token>\n".into(),
+                ));
             }
         }
         None
@@ -160,7 +172,12 @@ async fn guarded(State(guard): State<Arc<Guard>>, request: Request, next: Next) 
 }
 
 /// Serves the admin API on `addr` in the background; returns the bound address.
-pub async fn serve(addr: SocketAddr, guard: Guard, status: Arc<RwLock<Status>>, reloads: mpsc::Sender<ReloadRequest>) -> anyhow::Result<SocketAddr> {
+pub async fn serve(
+    addr: SocketAddr,
+    guard: Guard,
+    status: Arc<RwLock<Status>>,
+    reloads: mpsc::Sender<ReloadRequest>,
+) -> anyhow::Result<SocketAddr> {
     guard.check_bind(addr).map_err(anyhow::Error::msg)?;
     let app = Router::new()
         .route("/status", get(status_handler))
@@ -178,7 +195,10 @@ pub async fn serve(addr: SocketAddr, guard: Guard, status: Arc<RwLock<Status>>, 
 /// Prometheus scraper on another host); returns the bound address.
 pub async fn serve_metrics(addr: SocketAddr, status: Arc<RwLock<Status>>) -> anyhow::Result<SocketAddr> {
     let (reloads, _) = mpsc::channel(1);
-    let app = Router::new().route("/metrics", get(metrics_handler)).route("/health", get(health_handler)).with_state(AppState { status, reloads });
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/health", get(health_handler))
+        .with_state(AppState { status, reloads });
     let bound = spawn(addr, app).await?;
     info!(addr = %bound, "metrics listener ready (GET /metrics, /health)");
     Ok(bound)
@@ -206,7 +226,10 @@ fn live_status(state: &AppState) -> Status {
 
 /// `value` as a JSON response, with every secret Sluice knows hidden (an
 /// error quoted in a status may come from a library).
-fn redacted_json(status: StatusCode, value: &impl Serialize) -> (StatusCode, [(axum::http::HeaderName, &'static str); 1], String) {
+fn redacted_json(
+    status: StatusCode,
+    value: &impl Serialize,
+) -> (StatusCode, [(axum::http::HeaderName, &'static str); 1], String) {
     let body = serde_json::to_string(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
     (status, [(axum::http::header::CONTENT_TYPE, "application/json")], crate::secrets::redact(&body))
 }
@@ -216,7 +239,10 @@ async fn status_handler(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 async fn metrics_handler() -> ([(axum::http::HeaderName, &'static str); 1], String) {
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], crate::secrets::redact(&telemetry().encode()))
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        crate::secrets::redact(&telemetry().encode()),
+    )
 }
 
 async fn health_handler(State(state): State<AppState>) -> impl IntoResponse {
@@ -250,9 +276,14 @@ async fn reload_handler(State(state): State<AppState>) -> (StatusCode, String) {
     match state.reloads.try_send(tx) {
         Ok(()) => {}
         Err(mpsc::error::TrySendError::Full(_)) => {
-            return (StatusCode::SERVICE_UNAVAILABLE, format!("{RELOAD_QUEUE} reload requests are already waiting: try again\n"))
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{RELOAD_QUEUE} reload requests are already waiting: try again\n"),
+            )
         }
-        Err(mpsc::error::TrySendError::Closed(_)) => return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into()),
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into())
+        }
     }
     match rx.await {
         Ok(Ok(summary)) => (StatusCode::OK, format!("{summary}\n")),
@@ -277,12 +308,20 @@ mod tests {
         for host in ["127.0.0.1:8686", "localhost", "LOCALHOST:1", "[::1]:8686", "127.9.9.9", "sluice.internal:80"] {
             assert_eq!(get(&open, &[("host", host)]), None, "{host}");
         }
-        for host in ["evil.example", "evil.example:8686", "127.0.0.1.evil.example", "localhost.evil.example:1", "10.0.0.1:8686"] {
+        for host in
+            ["evil.example", "evil.example:8686", "127.0.0.1.evil.example", "localhost.evil.example:1", "10.0.0.1:8686"]
+        {
             assert_eq!(get(&open, &[("host", host)]), Some(StatusCode::FORBIDDEN), "{host}");
         }
         assert_eq!(get(&open, &[]), Some(StatusCode::FORBIDDEN), "no Host");
-        assert_eq!(post(&open, &[("host", "127.0.0.1:1"), ("origin", "http://evil.example")]), Some(StatusCode::FORBIDDEN));
-        assert_eq!(post(&open, &[("host", "127.0.0.1:1"), ("sec-fetch-site", "cross-site")]), Some(StatusCode::FORBIDDEN));
+        assert_eq!(
+            post(&open, &[("host", "127.0.0.1:1"), ("origin", "http://evil.example")]),
+            Some(StatusCode::FORBIDDEN)
+        );
+        assert_eq!(
+            post(&open, &[("host", "127.0.0.1:1"), ("sec-fetch-site", "cross-site")]),
+            Some(StatusCode::FORBIDDEN)
+        );
         assert_eq!(post(&open, &[("host", "127.0.0.1:1"), ("origin", "http://127.0.0.1:1")]), None);
         assert_eq!(post(&open, &[("host", "127.0.0.1:1")]), None, "curl sends no Origin");
         // A GET with a foreign Origin only reads (the browser keeps the answer from the page).
@@ -290,7 +329,10 @@ mod tests {
 
         let locked = Guard { hosts: vec![], token: Some(crate::secrets::Secret::new("tok-123456".into())) };
         assert_eq!(post(&locked, &[("host", "localhost")]), Some(StatusCode::UNAUTHORIZED));
-        assert_eq!(post(&locked, &[("host", "localhost"), ("authorization", "Bearer nope")]), Some(StatusCode::UNAUTHORIZED));
+        assert_eq!(
+            post(&locked, &[("host", "localhost"), ("authorization", "Bearer nope")]),
+            Some(StatusCode::UNAUTHORIZED)
+        );
         assert_eq!(post(&locked, &[("host", "localhost"), ("authorization", "Bearer tok-123456")]), None);
         assert_eq!(get(&locked, &[("host", "localhost")]), Some(StatusCode::UNAUTHORIZED), "/status needs the token");
         assert_eq!(locked.refuse(&Method::GET, "/metrics", &headers(&[("host", "localhost")])), None);

@@ -11,9 +11,11 @@
 //!   batch: its outputs are ranges of the plugin's results buffer, which the
 //!   sinks read as borrowed `OutputRef` views);
 //! - [`runtime`]: the wasmtime engine, the plugin loader with its compile cache,
-//!   plugin instances with CPU and memory limits and sandbox grants, and both
+//!   plugin instances with time and memory limits (async calls, so that the
+//!   time limit holds inside host calls) and sandbox grants, and both
 //!   plugin contracts (0.1 typed records, 0.2 one buffer per batch);
-//! - [`config`]: pipeline files: TOML structures, `${VAR}` expansion, validation;
+//! - [`config`]: pipeline files: TOML structures, `${VAR}` expansion, validation,
+//!   and the JSON Schema and reference chapter generated from the structures;
 //! - [`feed`]: a Finnhub-style trade feed generator (demo, tests, benchmarks)
 //!   and a stand-in for Finnhub's WebSocket;
 //! - [`clients`]: how Sluice reaches Kafka (TLS, SASL, properties checked
@@ -24,7 +26,8 @@
 //! - [`sinks`]: where outputs go ([`sinks::Sink`]; Kafka, PostgreSQL, stdout);
 //! - [`topology`]: the running set of pipelines, started and changed by applying a diff;
 //! - [`telemetry`]: Prometheus metrics and the live per-pipeline state (lag, failing sinks, errors);
-//! - [`admin`]: the admin HTTP listener (`/metrics`, `/health`, `/status`, `/reload`);
+//! - [`admin`]: the admin HTTP listener (`/metrics`, `/health`, `/status`, `/reload`)
+//!   and who may use it (`Host`, `Origin`, a bearer token);
 //! - [`scaffold`]: `sluice plugin new`, the plugin skeletons in Rust, Python and JavaScript;
 //! - [`top`]: `sluice top`, the terminal dashboard over an instance's `/status`;
 //! - [`cli`]: the `sluice` command line, one module per sub-command (`run`

@@ -66,7 +66,13 @@ impl From<Record> for Output {
 impl Output {
     /// The output as the sinks take it.
     pub fn view(&self) -> OutputRef<'_> {
-        OutputRef { key: self.key.as_deref(), value: &self.value, headers: &self.headers, timestamp: self.timestamp, route: self.route.as_deref() }
+        OutputRef {
+            key: self.key.as_deref(),
+            value: &self.value,
+            headers: &self.headers,
+            timestamp: self.timestamp,
+            route: self.route.as_deref(),
+        }
     }
 }
 
@@ -86,7 +92,9 @@ pub struct OutputRef<'a> {
 impl OutputRef<'_> {
     /// Bytes of key, value and headers (what the output limits count).
     pub fn bytes(&self) -> usize {
-        self.value.len() + self.key.map_or(0, <[u8]>::len) + self.headers.iter().map(|h| h.name.len() + h.value.len()).sum::<usize>()
+        self.value.len()
+            + self.key.map_or(0, <[u8]>::len)
+            + self.headers.iter().map(|h| h.name.len() + h.value.len()).sum::<usize>()
     }
 }
 
@@ -118,9 +126,25 @@ struct Entry {
 impl Entry {
     /// Key and value as (buffer, slice); headers as (first, count); route as in [`Entry::route`].
     #[inline(always)]
-    fn new(key: Option<(u32, Slice)>, (value_buf, value): (u32, Slice), timestamp: Option<i64>, (first_header, headers): (u32, u32), route: u32) -> Self {
+    fn new(
+        key: Option<(u32, Slice)>,
+        (value_buf, value): (u32, Slice),
+        timestamp: Option<i64>,
+        (first_header, headers): (u32, u32),
+        route: u32,
+    ) -> Self {
         let (key_buf, key) = key.unwrap_or((NO_KEY, Slice::default()));
-        Entry { key, key_buf, value, value_buf, timestamp: timestamp.unwrap_or(0), has_timestamp: timestamp.is_some(), first_header, headers, route }
+        Entry {
+            key,
+            key_buf,
+            value,
+            value_buf,
+            timestamp: timestamp.unwrap_or(0),
+            has_timestamp: timestamp.is_some(),
+            first_header,
+            headers,
+            route,
+        }
     }
 }
 
@@ -207,7 +231,15 @@ impl Outputs {
     /// ([`Outputs::add_buffer`]); the caller has checked them against it
     /// (one that is not reads as empty).
     #[inline]
-    pub fn push_slices(&mut self, buf: u32, key: Option<Range<usize>>, value: Range<usize>, timestamp: Option<i64>, headers: Vec<Header>, route: Option<&str>) {
+    pub fn push_slices(
+        &mut self,
+        buf: u32,
+        key: Option<Range<usize>>,
+        value: Range<usize>,
+        timestamp: Option<i64>,
+        headers: Vec<Header>,
+        route: Option<&str>,
+    ) {
         let slice = |r: Range<usize>| Slice { start: r.start, len: r.end.saturating_sub(r.start) };
         self.push_entry(key.map(|k| (buf, slice(k))), (buf, slice(value)), timestamp, headers, route);
     }
@@ -217,10 +249,20 @@ impl Outputs {
     /// caller as for [`Outputs::push_slices`]. One reservation for all of
     /// them when `outputs` knows its length.
     #[inline(always)]
-    pub fn extend_slices(&mut self, buf: u32, outputs: impl Iterator<Item = (Option<(usize, usize)>, (usize, usize), Option<i64>)>) {
+    pub fn extend_slices(
+        &mut self,
+        buf: u32,
+        outputs: impl Iterator<Item = (Option<(usize, usize)>, (usize, usize), Option<i64>)>,
+    ) {
         let first_header = self.headers.len() as u32;
         self.entries.extend(outputs.map(|(key, (start, len), timestamp)| {
-            Entry::new(key.map(|(start, len)| (buf, Slice { start, len })), (buf, Slice { start, len }), timestamp, (first_header, 0), 0)
+            Entry::new(
+                key.map(|(start, len)| (buf, Slice { start, len })),
+                (buf, Slice { start, len }),
+                timestamp,
+                (first_header, 0),
+                0,
+            )
         }));
     }
 
@@ -237,7 +279,14 @@ impl Outputs {
 
     /// Adds an output: key and value as (buffer, slice) pairs.
     #[inline(always)]
-    fn push_entry(&mut self, key: Option<(u32, Slice)>, (value_buf, value): (u32, Slice), timestamp: Option<i64>, headers: Vec<Header>, route: Option<&str>) {
+    fn push_entry(
+        &mut self,
+        key: Option<(u32, Slice)>,
+        (value_buf, value): (u32, Slice),
+        timestamp: Option<i64>,
+        headers: Vec<Header>,
+        route: Option<&str>,
+    ) {
         let (first_header, count) = (self.headers.len() as u32, headers.len() as u32);
         if count > 0 {
             self.headers.extend(headers);
@@ -495,18 +544,42 @@ mod tests {
             Ok(())
         });
         let mut more = Results::default();
-        more.push_ok([Output { route: Some("r".into()), key: Some(Bytes::from_static(b"k")), timestamp: Some(7), ..out("d") }]);
+        more.push_ok([Output {
+            route: Some("r".into()),
+            key: Some(Bytes::from_static(b"k")),
+            timestamp: Some(7),
+            ..out("d")
+        }]);
         results.append(more);
         assert_eq!((results.len(), results.output_count()), (6, 4));
         assert_eq!(results.errors().collect::<Vec<_>>(), ["bad", "failed after one output"]);
-        let values: Vec<Result<Vec<&[u8]>, &String>> = results.iter().map(|r| r.map(|o| o.map(|o| o.value).collect())).collect();
-        assert_eq!(values, [Ok(vec![&b"a"[..], b"b"]), Err(&"bad".to_string()), Err(&"failed after one output".to_string()), Ok(vec![]), Ok(vec![&b"c"[..]]), Ok(vec![&b"d"[..]])]);
+        let values: Vec<Result<Vec<&[u8]>, &String>> =
+            results.iter().map(|r| r.map(|o| o.map(|o| o.value).collect())).collect();
+        assert_eq!(
+            values,
+            [
+                Ok(vec![&b"a"[..], b"b"]),
+                Err(&"bad".to_string()),
+                Err(&"failed after one output".to_string()),
+                Ok(vec![]),
+                Ok(vec![&b"c"[..]]),
+                Ok(vec![&b"d"[..]])
+            ]
+        );
         assert!(results.outputs().iter().all(|o| o.headers.is_empty()), "the failed record's header went with it");
         let d = results.outputs().get(3).unwrap();
         assert_eq!((d.key, d.timestamp, d.route), (Some(&b"k"[..]), Some(7), Some("r")));
         let records = results.clone().into_records();
         assert_eq!(records[0], Ok(vec![out("a"), out("b")]));
-        assert_eq!(records[5], Ok(vec![Output { route: Some("r".into()), key: Some(Bytes::from_static(b"k")), timestamp: Some(7), ..out("d") }]));
+        assert_eq!(
+            records[5],
+            Ok(vec![Output {
+                route: Some("r".into()),
+                key: Some(Bytes::from_static(b"k")),
+                timestamp: Some(7),
+                ..out("d")
+            }])
+        );
         let mapped = results.map_err(|e| e.len());
         assert_eq!(mapped.errors().copied().collect::<Vec<_>>(), [3, 23]);
     }
@@ -521,7 +594,10 @@ mod tests {
         outputs.push_slices(buf, None, 10..99, None, vec![], None);
         let views: Vec<OutputRef> = outputs.iter().collect();
         assert_eq!((views[0].key, views[0].value, views[0].route), (Some(&b"key"[..]), &b"value"[..], Some("route")));
-        assert_eq!((views[1].key, views[1].value, views[1].timestamp, views[1].headers.len()), (None, &b"route"[..], Some(1), 1));
+        assert_eq!(
+            (views[1].key, views[1].value, views[1].timestamp, views[1].headers.len()),
+            (None, &b"route"[..], Some(1), 1)
+        );
         assert_eq!(views[2].value, b"");
         // Routes are inherited only where there is none; dropped outputs go.
         outputs.inherit_route(0, Some("other"));

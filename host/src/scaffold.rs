@@ -81,8 +81,16 @@ fn files(lang: Lang) -> Vec<File> {
             file("src/lib.rs", template!("rust/src/lib.rs"), "your transform and its unit tests"),
             file("Cargo.toml", template!("rust/Cargo.toml"), "the crate (a `cdylib`, its own workspace)"),
             script("build.sh", template!("rust/build.sh"), "`cargo test`, then the component"),
-            file("sdk/sluice-plugin/src/lib.rs", include_str!("../../plugins/sluice-plugin/src/lib.rs"), "the Rust SDK"),
-            file("sdk/sluice-plugin/src/abi.rs", include_str!("../../plugins/sluice-plugin/src/abi.rs"), "the SDK's side of the batch layout (contract 0.2)"),
+            file(
+                "sdk/sluice-plugin/src/lib.rs",
+                include_str!("../../plugins/sluice-plugin/src/lib.rs"),
+                "the Rust SDK",
+            ),
+            file(
+                "sdk/sluice-plugin/src/abi.rs",
+                include_str!("../../plugins/sluice-plugin/src/abi.rs"),
+                "the SDK's side of the batch layout (contract 0.2)",
+            ),
             file("wit/transform.wit", WIT, "the contract between Sluice and the plugin (0.2)"),
             file("wit/0.1/transform.wit", WIT_V01, "contract 0.1, for the SDK's `contract-0-1` feature"),
             file("sdk/sluice-plugin/Cargo.toml", template!("rust/sdk-Cargo.toml"), "the Rust SDK's manifest"),
@@ -91,8 +99,16 @@ fn files(lang: Lang) -> Vec<File> {
         Lang::Python => vec![
             file("app.py", template!("python/app.py"), "your transform (`Transform = sluice_plugin.export(...)`)"),
             file("test_app.py", template!("python/test_app.py"), "its unit tests (`python3 -m unittest`)"),
-            script("build.sh", template!("python/build.sh"), "componentize-py into `.venv`, unit tests, then the component"),
-            file("sdk/sluice_plugin.py", include_str!("../../plugins/sluice-plugin-py/sluice_plugin.py"), "the Python SDK"),
+            script(
+                "build.sh",
+                template!("python/build.sh"),
+                "componentize-py into `.venv`, unit tests, then the component",
+            ),
+            file(
+                "sdk/sluice_plugin.py",
+                include_str!("../../plugins/sluice-plugin-py/sluice_plugin.py"),
+                "the Python SDK",
+            ),
             file(".gitignore", template!("python/gitignore"), "build outputs"),
             file("wit/transform.wit", WIT, "the contract between Sluice and the plugin (0.2)"),
         ],
@@ -100,17 +116,27 @@ fn files(lang: Lang) -> Vec<File> {
             file("transform.js", template!("js/transform.js"), "your transform"),
             file("transform.test.js", template!("js/transform.test.js"), "its unit tests (`npm test`)"),
             file("index.js", template!("js/index.js"), "the component's entry point (wires your class to the WIT)"),
-            file("package.json", template!("js/package.json"), "`npm run build` / `npm test`; jco, componentize-js, esbuild"),
+            file(
+                "package.json",
+                template!("js/package.json"),
+                "`npm run build` / `npm test`; jco, componentize-js, esbuild",
+            ),
             script("build.sh", template!("js/build.sh"), "`npm install`, unit tests, then the component"),
-            file("sdk/sluice-plugin.js", include_str!("../../plugins/sluice-plugin-js/sluice-plugin.js"), "the JavaScript SDK"),
-            file("sdk/package.json", include_str!("../../plugins/sluice-plugin-js/package.json"), "the SDK's package manifest"),
+            file(
+                "sdk/sluice-plugin.js",
+                include_str!("../../plugins/sluice-plugin-js/sluice-plugin.js"),
+                "the JavaScript SDK",
+            ),
+            file(
+                "sdk/package.json",
+                include_str!("../../plugins/sluice-plugin-js/package.json"),
+                "the SDK's package manifest",
+            ),
             file(".gitignore", template!("js/gitignore"), "build outputs"),
             file("wit/transform.wit", WIT, "the contract between Sluice and the plugin (0.2)"),
         ],
     };
-    files.extend([
-        file("sample.jsonl", template!("common/sample.jsonl"), "input for `sluice plugin test`"),
-    ]);
+    files.extend([file("sample.jsonl", template!("common/sample.jsonl"), "input for `sluice plugin test`")]);
     files
 }
 
@@ -127,8 +153,11 @@ pub fn new_plugin(dir: &Path, name: &str, lang: Lang) -> Result<Vec<PathBuf>, Sc
     }
 
     let files = files(lang);
-    let table: Vec<String> =
-        files.iter().map(|f| format!("`{}` | {}", f.path, f.role)).chain(["`README.md` | this file".to_string()]).collect();
+    let table: Vec<String> = files
+        .iter()
+        .map(|f| format!("`{}` | {}", f.path, f.role))
+        .chain(["`README.md` | this file".to_string()])
+        .collect();
     let fill = |text: &str| {
         text.replace("{{name}}", name)
             .replace("{{crate}}", &name.replace('-', "_"))
@@ -147,7 +176,11 @@ pub fn new_plugin(dir: &Path, name: &str, lang: Lang) -> Result<Vec<PathBuf>, Sc
                 std::fs::create_dir_all(parent)?;
             }
             // The SDKs and the WIT are copied verbatim; only templates are filled in.
-            let text = if f.path.starts_with("sdk/") || f.path.starts_with("wit/") { f.text.to_string() } else { fill(f.text) };
+            let text = if f.path.starts_with("sdk/") || f.path.starts_with("wit/") {
+                f.text.to_string()
+            } else {
+                fill(f.text)
+            };
             std::fs::write(&path, text)?;
             if f.executable {
                 use std::os::unix::fs::PermissionsExt;
@@ -198,7 +231,8 @@ mod tests {
         let script = include_str!("../../scripts/build-plugins.sh");
         assert!(script.contains(&format!("componentize_py_version={COMPONENTIZE_PY_VERSION}")));
         let template: serde_json::Value = serde_json::from_str(template!("js/package.json")).unwrap();
-        let repo: serde_json::Value = serde_json::from_str(include_str!("../../plugins/js-router/package.json")).unwrap();
+        let repo: serde_json::Value =
+            serde_json::from_str(include_str!("../../plugins/js-router/package.json")).unwrap();
         assert_eq!(template["devDependencies"], repo["devDependencies"]);
         let sdk: &str = template!("rust/sdk-Cargo.toml");
         let workspace = include_str!("../../Cargo.toml");

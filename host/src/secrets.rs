@@ -131,7 +131,9 @@ fn redact_urls(text: &str) -> String {
         let authority_start = at + 3;
         out.push_str(&rest[..authority_start]);
         let tail = &rest[authority_start..];
-        let authority_end = tail.find(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace() || c == '"').unwrap_or(tail.len());
+        let authority_end = tail
+            .find(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace() || c == '"')
+            .unwrap_or(tail.len());
         let authority = &tail[..authority_end];
         match (authority.rfind('@'), authority.find(':')) {
             (Some(userinfo_end), Some(colon)) if colon < userinfo_end => {
@@ -178,6 +180,21 @@ pub fn redacting_stderr() -> RedactingWriter<std::io::Stderr> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_secret_shows_as_a_mask_in_debug_and_display_and_so_do_the_configs_holding_it() {
+        let secret = Secret::new("debug-hidden-pw-1".into());
+        assert_eq!((format!("{secret:?}"), format!("{secret}")), ("***".to_string(), "***".to_string()));
+        assert!(secret.matches("debug-hidden-pw-1") && !secret.matches("debug-hidden-pw-2") && !secret.matches(""));
+        let sink: crate::config::PostgresSinkConfig = toml::from_str(
+            "url = \"postgres://u@h/db\"\npassword = \"debug-hidden-pw-3\"\ntable = \"t\"\ncolumns = [{ name = \"a\", type = \"text\" }]\n",
+        )
+        .unwrap();
+        let shown = format!("{sink:?}");
+        assert!(!shown.contains("debug-hidden-pw-3") && shown.contains("password: Some(***)"), "{shown}");
+        assert_eq!(redact("x debug-hidden-pw-3 y"), "x *** y", "registered when read");
+    }
+
     use super::*;
 
     #[test]
@@ -197,7 +214,9 @@ mod tests {
 
     #[test]
     fn knows_secret_keys_and_variables() {
-        for key in ["sasl.password", "ssl.key.password", "sasl.oauthbearer.client.secret", "password", "ssl.keystore.password"] {
+        for key in
+            ["sasl.password", "ssl.key.password", "sasl.oauthbearer.client.secret", "password", "ssl.keystore.password"]
+        {
             assert!(is_secret_key(key), "{key}");
         }
         for key in ["sasl.username", "ssl.ca.location", "sasl.oauthbearer.token.endpoint.url", "security.protocol"] {

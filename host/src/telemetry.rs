@@ -162,10 +162,26 @@ impl Telemetry {
         r.register("consumer_lag", "Records behind the partition's high watermark", t.lag.clone());
         r.register("reloads", "Reload attempts by result (ok, failed)", t.reloads.clone());
         r.register("plugin_info", "The live plugin version (1) per pipeline and plugin", t.plugin_version.clone());
-        r.register("plugin_log_lines_suppressed", "Plugin log lines dropped by the log rate limit", t.plugin_log_suppressed.clone());
-        r.register("plugin_rollbacks", "Hot swaps rolled back because the new version failed", t.plugin_rollbacks.clone());
-        r.register("source_reconnects", "Times a source (WebSocket) connected again after losing its connection", t.source_reconnects.clone());
-        r.register("source_connected", "Whether a source (WebSocket) is connected (1) or not (0)", t.source_connected.clone());
+        r.register(
+            "plugin_log_lines_suppressed",
+            "Plugin log lines dropped by the log rate limit",
+            t.plugin_log_suppressed.clone(),
+        );
+        r.register(
+            "plugin_rollbacks",
+            "Hot swaps rolled back because the new version failed",
+            t.plugin_rollbacks.clone(),
+        );
+        r.register(
+            "source_reconnects",
+            "Times a source (WebSocket) connected again after losing its connection",
+            t.source_reconnects.clone(),
+        );
+        r.register(
+            "source_connected",
+            "Whether a source (WebSocket) is connected (1) or not (0)",
+            t.source_connected.clone(),
+        );
         r.register(
             "source_disconnected_seconds",
             "Time a source (WebSocket) spent disconnected between connections: frames sent then are lost",
@@ -195,7 +211,11 @@ impl Telemetry {
         s.records_in = self.records_in.get_or_create(&p).get();
         s.dead_lettered = self.dead_lettered.get_or_create(&p).get();
         s.batches = self.batches.get_or_create(&p).get();
-        s.records_out = self.state_sinks(pipeline).iter().map(|sink| self.records_out.get_or_create(&sink_labels(pipeline, sink)).get()).sum();
+        s.records_out = self
+            .state_sinks(pipeline)
+            .iter()
+            .map(|sink| self.records_out.get_or_create(&sink_labels(pipeline, sink)).get())
+            .sum();
         s
     }
 
@@ -218,7 +238,8 @@ impl Telemetry {
                 self.plugin_version.remove(&VersionLabels { pipeline: pipeline.to_string(), plugin, version });
             }
             for (plugin, version) in plugins {
-                let labels = VersionLabels { pipeline: pipeline.to_string(), plugin: plugin.clone(), version: version.clone() };
+                let labels =
+                    VersionLabels { pipeline: pipeline.to_string(), plugin: plugin.clone(), version: version.clone() };
                 self.plugin_version.get_or_create(&labels).set(1);
             }
             live.insert(pipeline.to_string(), plugins.to_vec());
@@ -288,7 +309,9 @@ impl Telemetry {
 
     /// A connection-based source (WebSocket) is connected, or not.
     pub fn source_connected(&self, pipeline: &str, connected: bool) {
-        self.source_connected.get_or_create(&PipelineLabels { pipeline: pipeline.to_string() }).set(i64::from(connected));
+        self.source_connected
+            .get_or_create(&PipelineLabels { pipeline: pipeline.to_string() })
+            .set(i64::from(connected));
     }
 
     /// A connection-based source connected again after `gap_seconds` without a connection.
@@ -304,7 +327,9 @@ impl Telemetry {
 
     /// `lines` log lines of `plugin` were suppressed by its rate limit.
     pub fn plugin_logs_suppressed(&self, pipeline: &str, plugin: &str, lines: u64) {
-        self.plugin_log_suppressed.get_or_create(&PluginLabels { pipeline: pipeline.to_string(), plugin: plugin.to_string() }).inc_by(lines);
+        self.plugin_log_suppressed
+            .get_or_create(&PluginLabels { pipeline: pipeline.to_string(), plugin: plugin.to_string() })
+            .inc_by(lines);
     }
 
     /// The pipeline is paused on a failing plugin version: `/health` says why.
@@ -321,7 +346,9 @@ impl Telemetry {
 
     /// A hot swap of `plugin` was rolled back (`what`: versions and reason).
     pub fn rolled_back(&self, pipeline: &str, plugin: &str, what: &str) {
-        self.plugin_rollbacks.get_or_create(&PluginLabels { pipeline: pipeline.to_string(), plugin: plugin.to_string() }).inc();
+        self.plugin_rollbacks
+            .get_or_create(&PluginLabels { pipeline: pipeline.to_string(), plugin: plugin.to_string() })
+            .inc();
         self.with_state(pipeline, |s| {
             s.rollbacks += 1;
             s.last_rollback = Some(format!("{} {what}", now()));
@@ -342,7 +369,9 @@ impl Telemetry {
     }
 
     pub fn plugin_call(&self, pipeline: &str, plugin: &str, seconds: f64) {
-        self.plugin_seconds.get_or_create(&PluginLabels { pipeline: pipeline.to_string(), plugin: plugin.to_string() }).observe(seconds);
+        self.plugin_seconds
+            .get_or_create(&PluginLabels { pipeline: pipeline.to_string(), plugin: plugin.to_string() })
+            .observe(seconds);
     }
 
     pub fn reload(&self, ok: bool) {

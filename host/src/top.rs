@@ -74,7 +74,10 @@ impl Dashboard {
             ),
             (None, None) => format!("connecting to {}…", self.addr),
         };
-        frame.render_widget(Paragraph::new(summary).block(Block::default().borders(Borders::ALL).title(" sluice top ")), header);
+        frame.render_widget(
+            Paragraph::new(summary).block(Block::default().borders(Borders::ALL).title(" sluice top ")),
+            header,
+        );
 
         let head = ["Pipeline", "State", "In/s", "Trend", "In", "Out", "Dead", "Lag", "Errors", "Plugins"]
             .map(|h| Cell::from(h).style(Style::default().add_modifier(Modifier::BOLD)));
@@ -100,7 +103,10 @@ impl Dashboard {
                 .flatten()
                 .map(|pl| {
                     let path = pl["path"].as_str().unwrap_or_default();
-                    let stem = std::path::Path::new(path).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                    let stem = std::path::Path::new(path)
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_default();
                     format!("{stem}@{}", pl["version"].as_str().unwrap_or_default().get(..8).unwrap_or("-"))
                 })
                 .collect();
@@ -136,10 +142,14 @@ impl Dashboard {
             Constraint::Length(6),
             Constraint::Min(20),
         ];
-        let table_widget = Table::new(rows, widths).header(Row::new(head)).block(Block::default().borders(Borders::ALL).title(" pipelines "));
+        let table_widget = Table::new(rows, widths)
+            .header(Row::new(head))
+            .block(Block::default().borders(Borders::ALL).title(" pipelines "));
         frame.render_widget(table_widget, table);
         frame.render_widget(
-            Paragraph::new(last_errors).wrap(Wrap { trim: true }).block(Block::default().borders(Borders::ALL).title(" last errors ")),
+            Paragraph::new(last_errors)
+                .wrap(Wrap { trim: true })
+                .block(Block::default().borders(Borders::ALL).title(" last errors ")),
             errors,
         );
     }
@@ -224,8 +234,20 @@ mod tests {
         d.update(Ok(status(3000)), t0 + Duration::from_secs(2));
         let mut terminal = Terminal::new(TestBackend::new(180, 20)).unwrap();
         terminal.draw(|f| d.draw(f)).unwrap();
-        let screen: String = terminal.backend().buffer().content().iter().map(|c| c.symbol()).collect::<Vec<_>>().join("");
-        for needle in ["reloads ok 2 / failed 1", "trades", "running", "1000/s", "3000", "9000", "11", "trade_flattener@2a03e70b", "(rolled back ×1)", "sink pg: down"] {
+        let screen: String =
+            terminal.backend().buffer().content().iter().map(|c| c.symbol()).collect::<Vec<_>>().join("");
+        for needle in [
+            "reloads ok 2 / failed 1",
+            "trades",
+            "running",
+            "1000/s",
+            "3000",
+            "9000",
+            "11",
+            "trade_flattener@2a03e70b",
+            "(rolled back ×1)",
+            "sink pg: down",
+        ] {
             assert!(screen.contains(needle), "{needle} not on screen");
         }
     }

@@ -23,7 +23,13 @@ use common::trades::TRADE_COLUMNS as COLUMNS;
 /// A durable broker with the trades topics, restarted behind a TLS
 /// terminator (which asks for a client certificate signed by `client_ca`,
 /// if given), with SCRAM-SHA-512 user [`USER`] required when `sasl`.
-async fn secured_broker(dir: &Path, certs: &Certs, client_ca: Option<&Path>, sasl: bool, frames: &[Vec<u8>]) -> (Broker, TlsTerminator) {
+async fn secured_broker(
+    dir: &Path,
+    certs: &Certs,
+    client_ca: Option<&Path>,
+    sasl: bool,
+    frames: &[Vec<u8>],
+) -> (Broker, TlsTerminator) {
     let mut broker = Broker::start_durable(dir);
     create_trades_topics(&broker, 2).await;
     broker.produce("trades_raw", frames).await;
@@ -89,7 +95,11 @@ compression = "zstd"
 /// Every file and answer a run produced must be free of both passwords.
 fn assert_no_secret(what: &str, text: &str) {
     for secret in [KAFKA_PASSWORD, PG_PASSWORD] {
-        assert!(!text.contains(secret), "{what} shows a password:\n{}", text.lines().filter(|l| l.contains(secret)).collect::<Vec<_>>().join("\n"));
+        assert!(
+            !text.contains(secret),
+            "{what} shows a password:\n{}",
+            text.lines().filter(|l| l.contains(secret)).collect::<Vec<_>>().join("\n")
+        );
     }
 }
 
@@ -102,7 +112,10 @@ fn check(file: &Path) -> (i32, String) {
         .arg(file)
         .output()
         .unwrap();
-    (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    (
+        out.status.code().unwrap_or(-1),
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,9 +137,14 @@ sasl = {{ mechanism = "SCRAM-SHA-512", username = "{USER}", password = "${{KAFKA
         tls.addr(),
         certs.path("ca.pem").display()
     );
-    let pg_url = format!("postgres://postgres@127.0.0.1:{}/postgres?sslmode=verify-full&sslrootcert={}", pg.port, certs.path("ca.pem").display());
+    let pg_url = format!(
+        "postgres://postgres@127.0.0.1:{}/postgres?sslmode=verify-full&sslrootcert={}",
+        pg.port,
+        certs.path("ca.pem").display()
+    );
     let pg_extra = format!("password = \"${{file:{}}}\"", secrets.path().join("pg_password").display());
-    let file = write_pipeline(dir.path(), "secure", &secured_pipeline(&connection, "public.trades", &pg_url, &pg_extra));
+    let file =
+        write_pipeline(dir.path(), "secure", &secured_pipeline(&connection, "public.trades", &pg_url, &pg_extra));
 
     // Frames fed over the secured connection, zstd-compressed, with malformed ones among them.
     let mut frames = generated(400, 31);
@@ -141,8 +159,16 @@ sasl = {{ mechanism = "SCRAM-SHA-512", username = "{USER}", password = "${{KAFKA
     let env = [("KAFKA_PASSWORD", KAFKA_PASSWORD), ("RUST_LOG", "debug")];
     let mut sluice = SluiceProcess::run_args(&["--log-format", "json"], &[&file], "unused", &env);
     let admin = sluice.admin_addr().await;
-    let stored = wait_until(Duration::from_secs(90), || async { count_rows(&client, "public.trades").await >= expected.len() }).await;
-    assert!(stored, "only {} of {} trades stored; log {}", count_rows(&client, "public.trades").await, expected.len(), sluice.log.display());
+    let stored =
+        wait_until(Duration::from_secs(90), || async { count_rows(&client, "public.trades").await >= expected.len() })
+            .await;
+    assert!(
+        stored,
+        "only {} of {} trades stored; log {}",
+        count_rows(&client, "public.trades").await,
+        expected.len(),
+        sluice.log.display()
+    );
     assert_eq!(stored_trades_in(&client, "public.trades").await, expected, "every trade exactly once");
 
     // Sluice's connection to PostgreSQL is encrypted (the test's own is not).
@@ -172,7 +198,9 @@ sasl = {{ mechanism = "SCRAM-SHA-512", username = "{USER}", password = "${{KAFKA
     assert_eq!(sluice.stop(), Some(0));
     let log = std::fs::read_to_string(&sluice.log).unwrap();
     assert!(log.contains("\"level\":\"DEBUG\""), "the log was not at debug level");
-    for (what, text) in [("log", &log), ("/health", &health), ("/status", &status), ("/metrics", &metrics), ("check", &checked)] {
+    for (what, text) in
+        [("log", &log), ("/health", &health), ("/status", &status), ("/metrics", &metrics), ("check", &checked)]
+    {
         assert_no_secret(what, text);
     }
     drop(broker);
@@ -201,14 +229,19 @@ sasl = {{ mechanism = "SCRAM-SHA-512", username = "{USER}", password = "${{file:
         certs.path("ca.pem").display(),
         password_file.display()
     );
-    let file = write_pipeline(dir.path(), "secure", &secured_pipeline(&connection, &table, common::services::PG_URL, ""));
+    let file =
+        write_pipeline(dir.path(), "secure", &secured_pipeline(&connection, &table, common::services::PG_URL, ""));
     let sluice = SluiceProcess::run_with(&[&file], "unused", &[("RUST_LOG", "debug")]);
     let admin = sluice.admin_addr().await;
 
     assert!(sluice.wait_log("SASL authentication failed", 0).await, "no SASL error in {}", sluice.log.display());
     let log = std::fs::read_to_string(&sluice.log).unwrap();
-    let first = log.lines().find(|l| l.contains("ERROR") && l.contains("SASL authentication failed")).expect("an ERROR line");
-    assert!(first.contains("pipeline=secure") && first.contains(&tls.addr()), "the error names the pipeline and the broker: {first}");
+    let first =
+        log.lines().find(|l| l.contains("ERROR") && l.contains("SASL authentication failed")).expect("an ERROR line");
+    assert!(
+        first.contains("pipeline=secure") && first.contains(&tls.addr()),
+        "the error names the pipeline and the broker: {first}"
+    );
     let (code, health) = http(&admin, "GET", "/health");
     assert_eq!(code, 503, "{health}");
     assert!(health.contains("SASL authentication failed"), "{health}");
@@ -226,8 +259,15 @@ sasl = {{ mechanism = "SCRAM-SHA-512", username = "{USER}", password = "${{file:
     // The secret file is fixed: the pipeline reloads and reads everything.
     std::fs::write(&password_file, format!("{KAFKA_PASSWORD}\n")).unwrap();
     let expected = expected_trades(&frames);
-    let stored = wait_until(Duration::from_secs(90), || async { count_rows(&pg.client, &table).await >= expected.len() }).await;
-    assert!(stored, "{} of {} trades after the fix; log {}", count_rows(&pg.client, &table).await, expected.len(), sluice.log.display());
+    let stored =
+        wait_until(Duration::from_secs(90), || async { count_rows(&pg.client, &table).await >= expected.len() }).await;
+    assert!(
+        stored,
+        "{} of {} trades after the fix; log {}",
+        count_rows(&pg.client, &table).await,
+        expected.len(),
+        sluice.log.display()
+    );
     assert_eq!(stored_trades_in(&pg.client, &table).await, expected, "every trade exactly once");
     let healthy = wait_until(Duration::from_secs(30), || async { http(&admin, "GET", "/health").0 == 200 }).await;
     assert!(healthy, "{}", http(&admin, "GET", "/health").1);
@@ -249,7 +289,8 @@ async fn untrusted_certificates_and_mutual_tls() {
     let pg = PgSchema::create("conn_mtls").await;
     let table = format!("{}.trades", pg.name);
     let pipeline = |tls_table: &str| {
-        let connection = format!("[connections.cluster]\ntype = \"kafka\"\nbrokers = \"{}\"\ntls = {tls_table}", tls.addr());
+        let connection =
+            format!("[connections.cluster]\ntype = \"kafka\"\nbrokers = \"{}\"\ntls = {tls_table}", tls.addr());
         secured_pipeline(&connection, &table, common::services::PG_URL, "")
     };
     let ca = certs.path("ca.pem").display().to_string();
@@ -270,7 +311,9 @@ async fn untrusted_certificates_and_mutual_tls() {
     assert!(sluice.wait_log("reload applied", before).await);
     let refused = wait_until(Duration::from_secs(30), || async {
         let log = std::fs::read_to_string(&sluice.log).unwrap_or_default();
-        log.lines().skip_while(|l| !l.contains("reload applied")).any(|l| l.contains("ERROR") && l.contains("cannot connect to"))
+        log.lines()
+            .skip_while(|l| !l.contains("reload applied"))
+            .any(|l| l.contains("ERROR") && l.contains("cannot connect to"))
     })
     .await;
     assert!(refused, "no connection error without a client certificate; log {}", sluice.log.display());
@@ -279,12 +322,23 @@ async fn untrusted_certificates_and_mutual_tls() {
 
     // 3. With the client certificate, every record arrives.
     let before = sluice.log_count("reload applied");
-    let with_cert = format!("{{ ca = \"{ca}\", cert = \"{}\", key = \"{}\" }}", certs.path("client.pem").display(), certs.path("client.key").display());
+    let with_cert = format!(
+        "{{ ca = \"{ca}\", cert = \"{}\", key = \"{}\" }}",
+        certs.path("client.pem").display(),
+        certs.path("client.key").display()
+    );
     write_pipeline(dir.path(), "secure", &pipeline(&with_cert));
     assert!(sluice.wait_log("reload applied", before).await);
     let expected = expected_trades(&frames);
-    let stored = wait_until(Duration::from_secs(90), || async { count_rows(&pg.client, &table).await >= expected.len() }).await;
-    assert!(stored, "{} of {} trades with mutual TLS; log {}", count_rows(&pg.client, &table).await, expected.len(), sluice.log.display());
+    let stored =
+        wait_until(Duration::from_secs(90), || async { count_rows(&pg.client, &table).await >= expected.len() }).await;
+    assert!(
+        stored,
+        "{} of {} trades with mutual TLS; log {}",
+        count_rows(&pg.client, &table).await,
+        expected.len(),
+        sluice.log.display()
+    );
     assert_eq!(stored_trades_in(&pg.client, &table).await, expected);
 }
 
@@ -337,11 +391,20 @@ type = "stdout"
     let sluice = SluiceProcess::run(&[dir.path()], &broker.addr);
     for (codec, table, frames) in &inputs {
         let expected = expected_trades(frames);
-        let stored = wait_until(Duration::from_secs(60), || async { count_rows(&pg.client, table).await >= expected.len() }).await;
-        assert!(stored, "{codec}: {} of {} trades; log {}", count_rows(&pg.client, table).await, expected.len(), sluice.log.display());
+        let stored =
+            wait_until(Duration::from_secs(60), || async { count_rows(&pg.client, table).await >= expected.len() })
+                .await;
+        assert!(
+            stored,
+            "{codec}: {} of {} trades; log {}",
+            count_rows(&pg.client, table).await,
+            expected.len(),
+            sluice.log.display()
+        );
         assert_eq!(stored_trades_in(&pg.client, table).await, expected, "{codec}: every trade exactly once");
         let copied = broker.consume(&format!("out_{codec}"), frames.len(), Duration::from_secs(30));
-        let mut values: Vec<Vec<u8>> = copied.iter().filter_map(|m| rdkafka::Message::payload(m).map(<[u8]>::to_vec)).collect();
+        let mut values: Vec<Vec<u8>> =
+            copied.iter().filter_map(|m| rdkafka::Message::payload(m).map(<[u8]>::to_vec)).collect();
         let mut sent = frames.clone();
         values.sort();
         sent.sort();
@@ -358,13 +421,20 @@ async fn sslmode_require_against_a_postgres_without_tls_is_a_clear_error() {
     let pg = PrivatePostgres::start();
     let dir = tempfile::tempdir().unwrap();
     let url = format!("{}?sslmode=require", pg.url());
-    let file = write_pipeline(dir.path(), "trades", &common::trades::trades_pipeline_to("public.trades", "g-require", 50, &url, ""));
+    let file = write_pipeline(
+        dir.path(),
+        "trades",
+        &common::trades::trades_pipeline_to("public.trades", "g-require", 50, &url, ""),
+    );
     let sluice = SluiceProcess::run(&[&file], &broker.addr);
     let admin = sluice.admin_addr().await;
     assert!(sluice.wait_log("server does not support TLS", 0).await, "log {}", sluice.log.display());
     let log = std::fs::read_to_string(&sluice.log).unwrap();
     let line = log.lines().find(|l| l.contains("server does not support TLS")).unwrap();
-    assert!(line.contains(&format!("127.0.0.1:{}/postgres (sslmode=require)", pg.port)), "the error names the server: {line}");
+    assert!(
+        line.contains(&format!("127.0.0.1:{}/postgres (sslmode=require)", pg.port)),
+        "the error names the server: {line}"
+    );
     let (code, health) = http(&admin, "GET", "/health");
     assert_eq!(code, 503);
     assert!(health.contains("sink pg failing") && health.contains("server does not support TLS"), "{health}");
@@ -407,7 +477,8 @@ async fn sslmode_and_sslrootcert_are_as_strict_as_libpq() {
     let system_weak = "sslrootcert=system goes with sslmode=verify-full only";
     let verify_failed = "certificate verify failed";
     // (url, sslmode, sslrootcert, $HOME has ~/.postgresql/root.crt, outcome)
-    let table: Vec<(&str, Option<&str>, Option<&str>, bool, Outcome)> = vec![
+    type Row<'a> = (&'a str, Option<&'a str>, Option<&'a str>, bool, Outcome);
+    let table: Vec<Row> = vec![
         (&by_ip, Some("disable"), None, false, Connects { tls: false }),
         (&by_ip, Some("disable"), Some(&ca), false, Refused("sslmode=disable with certificates set")),
         (&by_ip, Some("disable"), Some("system"), false, Refused(system_weak)),
@@ -453,7 +524,11 @@ async fn sslmode_and_sslrootcert_are_as_strict_as_libpq() {
             (Connects { tls }, Ok(target)) => {
                 let (client, connection) = connect(&target).await.unwrap_or_else(|e| panic!("{row}: {e:#}"));
                 tokio::spawn(connection);
-                let ssl: bool = client.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).await.unwrap().get(0);
+                let ssl: bool = client
+                    .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+                    .await
+                    .unwrap()
+                    .get(0);
                 assert_eq!(ssl, *tls, "{row}");
             }
             (Fails(why), Ok(target)) => match connect(&target).await {
@@ -463,7 +538,9 @@ async fn sslmode_and_sslrootcert_are_as_strict_as_libpq() {
         }
     }
     // Unset with system: verify-full, as libpq 16 makes it.
-    let config: sluice::config::PostgresSinkConfig =
-        toml::from_str(&format!("url = {by_ip:?}\ntable = \"t\"\nsslrootcert = \"system\"\ncolumns = [{{ name = \"a\", type = \"text\" }}]\n")).unwrap();
+    let config: sluice::config::PostgresSinkConfig = toml::from_str(&format!(
+        "url = {by_ip:?}\ntable = \"t\"\nsslrootcert = \"system\"\ncolumns = [{{ name = \"a\", type = \"text\" }}]\n"
+    ))
+    .unwrap();
     assert!(target_with_home(&config, Path::new("/"), None).unwrap().endpoint.ends_with("(sslmode=verify-full)"));
 }

@@ -14,7 +14,11 @@ use sluice::runtime::{Contract, Grants, Limits, Plugin, PluginInstance, Runtime}
 use sluice::transforms::Chain;
 
 fn record(value: &str, offset: i64) -> Record {
-    Record { value: value.to_string().into(), origin: Origin { topic: "trades".into(), partition: 0, offset }, ..Record::default() }
+    Record {
+        value: value.to_string().into(),
+        origin: Origin { topic: "trades".into(), partition: 0, offset },
+        ..Record::default()
+    }
 }
 
 fn instance(runtime: &Runtime, name: &str, config: &[(&str, &str)]) -> PluginInstance {
@@ -36,7 +40,12 @@ fn spec(name: &str, config: &[(&str, &str)]) -> TransformSpec {
 #[test]
 fn the_contract_is_read_from_the_components_exports() {
     let (runtime, _) = runtime();
-    for (name, contract) in [("trade_flattener", Contract::V02), ("trade_flattener_v01", Contract::V01), ("chaos_v01", Contract::V01), ("raw_echo", Contract::V02)] {
+    for (name, contract) in [
+        ("trade_flattener", Contract::V02),
+        ("trade_flattener_v01", Contract::V01),
+        ("chaos_v01", Contract::V01),
+        ("raw_echo", Contract::V02),
+    ] {
         assert_eq!(Plugin::load(&runtime, &plugin_path(name)).unwrap().contract, contract, "{name}");
     }
 }
@@ -60,7 +69,11 @@ fn a_0_1_build_and_a_0_2_build_give_the_same_results() {
     assert_eq!(v02[0].as_ref().unwrap().len(), 2);
     assert_eq!(v02[0].as_ref().unwrap()[1].key.as_deref(), Some(&b"A\"B"[..]));
     assert!(v02[2].as_ref().unwrap_err().contains("not a Finnhub frame"));
-    assert!(v02[4].as_ref().unwrap_err().contains("missing field `s`"), "a bad trade fails its frame whole: {:?}", v02[4]);
+    assert!(
+        v02[4].as_ref().unwrap_err().contains("missing field `s`"),
+        "a bad trade fails its frame whole: {:?}",
+        v02[4]
+    );
 }
 
 /// A chain mixing contracts: 0.2 flattener → 0.1 echo → 0.2 router, and the
@@ -76,7 +89,10 @@ fn chains_mix_0_1_and_0_2_stages() {
     ];
     let mut chain = Chain::new(&runtime, &specs, "mixed").unwrap();
     let batch = vec![
-        record(r#"{"type":"trade","data":[{"s":"BINANCE:BTCUSDT","p":1,"t":5,"v":2},{"s":"X:ETH","p":1,"t":6,"v":2}]}"#, 0),
+        record(
+            r#"{"type":"trade","data":[{"s":"BINANCE:BTCUSDT","p":1,"t":5,"v":2},{"s":"X:ETH","p":1,"t":6,"v":2}]}"#,
+            0,
+        ),
         record("bad", 1),
     ];
     let results = chain.process(&batch).into_records();
@@ -85,7 +101,8 @@ fn chains_mix_0_1_and_0_2_stages() {
     assert_eq!(outputs[0].key.as_deref(), Some(&b"BINANCE:BTCUSDT"[..]), "the router's key crossed the 0.1 stage");
     assert!(results[1].as_ref().unwrap_err().error.contains("not a Finnhub frame"));
 
-    let mut trapping = Chain::new(&runtime, &[spec("chaos_v01", &[("mode", "trap")]), spec("chaos", &[])], "mixed").unwrap();
+    let mut trapping =
+        Chain::new(&runtime, &[spec("chaos_v01", &[("mode", "trap")]), spec("chaos", &[])], "mixed").unwrap();
     let results = trapping.process(&[record("a", 0), record("boom", 1), record("c", 2)]).into_records();
     assert_eq!(results[0].as_ref().unwrap()[0].value, "a");
     assert!(results[1].as_ref().unwrap_err().error.contains("chaos: trapping as asked"), "{:?}", results[1]);
@@ -100,7 +117,11 @@ fn hostile_0_2_guests_are_dead_lettered_with_a_reason() {
     let batch: Vec<Record> = (0..5).map(|i| record(&format!("record {i}"), i)).collect();
 
     // A bad range inside one output fails only its record.
-    for (corrupt, reason) in [("offset", "output 0's value at"), ("overflow", "output 0's value at 4294967294+4294967295"), ("headers", "output 0's headers 0+1000")] {
+    for (corrupt, reason) in [
+        ("offset", "output 0's value at"),
+        ("overflow", "output 0's value at 4294967294+4294967295"),
+        ("headers", "output 0's headers 0+1000"),
+    ] {
         let results = instance(&runtime, "raw_echo", &[("corrupt", corrupt)]).process(&batch);
         let error = results[0].as_ref().unwrap_err();
         assert!(error.contains("plugin broke the contract") && error.contains(reason), "{corrupt}: {error}");
@@ -111,14 +132,19 @@ fn hostile_0_2_guests_are_dead_lettered_with_a_reason() {
 
     // A buffer the host cannot read at all fails the call; isolation then
     // finds every record failing the same way and gives up after a streak.
-    for (corrupt, reason) in [("count", "0 results for 1 records"), ("truncated", "table"), ("magic", "not the magic")] {
+    for (corrupt, reason) in [("count", "0 results for 1 records"), ("truncated", "table"), ("magic", "not the magic")]
+    {
         let mut plugin = instance(&runtime, "raw_echo", &[("corrupt", corrupt)]);
         let results = plugin.process(&batch);
         for result in &results[..3] {
             let error = result.as_ref().unwrap_err();
             assert!(error.contains("plugin broke the contract") && error.contains(reason), "{corrupt}: {error}");
         }
-        assert!(results[4].as_ref().unwrap_err().contains("not run: the plugin version is failing"), "{corrupt}: {:?}", results[4]);
+        assert!(
+            results[4].as_ref().unwrap_err().contains("not run: the plugin version is failing"),
+            "{corrupt}: {:?}",
+            results[4]
+        );
         assert!(plugin.take_failing().is_some(), "{corrupt}: the version is failing");
     }
 
@@ -140,7 +166,14 @@ fn limits_and_reasons_are_the_same_in_both_contracts() {
         }
         let load = |name: &str| {
             let plugin = Plugin::load(&runtime, &plugin_path(name)).unwrap();
-            PluginInstance::new(plugin, config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(), limits.clone(), Grants::default(), "c").unwrap()
+            PluginInstance::new(
+                plugin,
+                config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                limits.clone(),
+                Grants::default(),
+                "c",
+            )
+            .unwrap()
         };
         let (v01, v02) = (load("chaos_v01").process(&batch), load("chaos").process(&batch));
         assert_eq!(v01[0], v02[0], "{mode}");
@@ -174,7 +207,13 @@ fn any_record() -> impl Strategy<Value = Record> {
 
 /// What an echo of `r` must give back.
 fn echoed(r: &Record) -> Output {
-    Output { key: r.key.clone(), value: r.value.clone(), headers: r.headers.clone(), timestamp: r.timestamp, route: None }
+    Output {
+        key: r.key.clone(),
+        value: r.value.clone(),
+        headers: r.headers.clone(),
+        timestamp: r.timestamp,
+        route: None,
+    }
 }
 
 fn mirrors() -> Vec<PluginInstance> {

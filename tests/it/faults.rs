@@ -32,7 +32,12 @@ async fn stop_once_all_stored(
     settle: Duration,
     what: &str,
 ) {
-    assert!(wait_rows(client, table, expected.len()).await, "rows: {} of {}", count_rows(client, table).await, expected.len());
+    assert!(
+        wait_rows(client, table, expected.len()).await,
+        "rows: {} of {}",
+        count_rows(client, table).await,
+        expected.len()
+    );
     tokio::time::sleep(settle).await;
     assert_eq!(sluice.stop(), Some(0));
     assert!(stored_trades_in(client, table).await == expected, "{what}");
@@ -61,14 +66,22 @@ async fn kill_9_five_times_during_a_feed_stores_every_trade_exactly_once() {
     let mut rng = StdRng::seed_from_u64(5);
     for kill in 1..=5 {
         let before = count_rows(&pg.client, &table).await;
-        assert!(wait_rows(&pg.client, &table, (before + 1).min(expected.len())).await, "no progress before kill {kill}");
+        assert!(
+            wait_rows(&pg.client, &table, (before + 1).min(expected.len())).await,
+            "no progress before kill {kill}"
+        );
         tokio::time::sleep(Duration::from_millis(rng.random_range(300..2000))).await;
         sluice.kill9();
         eprintln!("kill -9 #{kill} at {} rows", count_rows(&pg.client, &table).await);
         sluice = SluiceProcess::run(&[&file], &broker.addr);
     }
     feed.await.unwrap();
-    assert!(wait_rows(&pg.client, &table, expected.len()).await, "rows: {} of {}", count_rows(&pg.client, &table).await, expected.len());
+    assert!(
+        wait_rows(&pg.client, &table, expected.len()).await,
+        "rows: {} of {}",
+        count_rows(&pg.client, &table).await,
+        expected.len()
+    );
     tokio::time::sleep(Duration::from_secs(2)).await; // a duplicate would land now
     assert_eq!(sluice.stop(), Some(0));
     let stored = stored_trades_in(&pg.client, &table).await;
@@ -97,7 +110,15 @@ async fn postgresql_restart_mid_stream_pauses_then_resumes_exactly_once() {
     pg.start_server();
     let client = pg.client().await;
     feed.await.unwrap();
-    stop_once_all_stored(&mut sluice, &client, "public.trades", &expected, Duration::from_secs(1), "every trade exactly once across the outage").await;
+    stop_once_all_stored(
+        &mut sluice,
+        &client,
+        "public.trades",
+        &expected,
+        Duration::from_secs(1),
+        "every trade exactly once across the outage",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,7 +133,8 @@ async fn broker_restart_mid_stream_pauses_then_resumes_exactly_once() {
     let expected = expected_trades(&[first.clone(), second.clone()].concat());
 
     let dir = tempfile::tempdir().unwrap();
-    let file = write_pipeline(dir.path(), "trades", &trades_pipeline_to(&table, "g-broker", 200, "${SLUICE_PG_URL}", ""));
+    let file =
+        write_pipeline(dir.path(), "trades", &trades_pipeline_to(&table, "g-broker", 200, "${SLUICE_PG_URL}", ""));
     broker.produce("trades_raw", &first).await;
     let mut sluice = SluiceProcess::run(&[&file], &broker.addr);
     assert!(wait_rows(&pg.client, &table, 1).await, "no rows before the broker restart");
@@ -121,7 +143,15 @@ async fn broker_restart_mid_stream_pauses_then_resumes_exactly_once() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     broker.restart();
     broker.produce("trades_raw", &second).await;
-    stop_once_all_stored(&mut sluice, &pg.client, &table, &expected, Duration::from_secs(1), "every trade exactly once across the broker restart").await;
+    stop_once_all_stored(
+        &mut sluice,
+        &pg.client,
+        &table,
+        &expected,
+        Duration::from_secs(1),
+        "every trade exactly once across the broker restart",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,13 +162,21 @@ async fn two_instances_share_a_group_and_the_survivor_takes_over_when_one_stops(
 
     let dir = tempfile::tempdir().unwrap();
     let extra = r#"properties = { "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "500" }"#;
-    let file = write_pipeline(dir.path(), "trades", &trades_pipeline_to(&table, "g-failover", 100, "${SLUICE_PG_URL}", extra));
+    let file =
+        write_pipeline(dir.path(), "trades", &trades_pipeline_to(&table, "g-failover", 100, "${SLUICE_PG_URL}", extra));
     let mut a = SluiceProcess::run(&[&file], &broker.addr);
     let mut b = SluiceProcess::run(&[&file], &broker.addr);
     let addr = broker.addr.clone();
     let feed = tokio::spawn(async move { produce_to(&addr, "trades_raw", &frames, &[]).await });
     let shared = wait_until(WAIT, || async {
-        let owned = |p: &SluiceProcess| std::fs::read_to_string(&p.log).unwrap_or_default().lines().rev().find(|l| l.contains("partitions assigned")).map(|l| l.matches("trades_raw/").count());
+        let owned = |p: &SluiceProcess| {
+            std::fs::read_to_string(&p.log)
+                .unwrap_or_default()
+                .lines()
+                .rev()
+                .find(|l| l.contains("partitions assigned"))
+                .map(|l| l.matches("trades_raw/").count())
+        };
         matches!((owned(&a), owned(&b)), (Some(x), Some(y)) if x > 0 && y > 0 && x + y == 4)
     })
     .await;
@@ -153,7 +191,15 @@ async fn two_instances_share_a_group_and_the_survivor_takes_over_when_one_stops(
     assert_eq!(a.stop(), Some(0));
     feed.await.unwrap();
     assert!(b.wait_log("partitions assigned", assigned_before).await, "the survivor is given the partitions");
-    stop_once_all_stored(&mut b, &pg.client, &table, &expected, Duration::from_secs(1), "every trade exactly once after the failover").await;
+    stop_once_all_stored(
+        &mut b,
+        &pg.client,
+        &table,
+        &expected,
+        Duration::from_secs(1),
+        "every trade exactly once after the failover",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,10 +213,14 @@ async fn hostile_plugins_are_contained_and_dead_lettered() {
     let port = listener.local_addr().unwrap().port();
     let chaos = plugin_path("chaos");
     let stage = |mode: &str, extra: &str| {
-        format!("[[transforms]]\nplugin = \"{}\"\nconfig = {{ mode = \"{mode}\", trigger = \"{mode}\"{extra} }}\n", chaos.display())
+        format!(
+            "[[transforms]]\nplugin = \"{}\"\nconfig = {{ mode = \"{mode}\", trigger = \"{mode}\"{extra} }}\n",
+            chaos.display()
+        )
     };
     let text = [
-        "[source]\ntype = \"kafka\"\nbrokers = \"${SLUICE_BROKERS}\"\ntopics = [\"in\"]\nbatch_max_records = 20\n".to_string(),
+        "[source]\ntype = \"kafka\"\nbrokers = \"${SLUICE_BROKERS}\"\ntopics = [\"in\"]\nbatch_max_records = 20\n"
+            .to_string(),
         stage("trap", ""),
         stage("loop", "") + "limits = { cpu_ms = 200 }\n",
         stage("alloc", "") + "limits = { memory_mib = 16 }\n",
@@ -209,13 +259,17 @@ async fn hostile_plugins_are_contained_and_dead_lettered() {
     assert_eq!(sluice.stop(), Some(0));
 
     let mut got: Vec<Vec<u8>> = out.iter().map(|m| m.payload().unwrap_or_default().to_vec()).collect();
-    let mut want: Vec<Vec<u8>> = values.iter().filter(|v| !hostile.iter().any(|(m, _)| m.as_bytes() == v.as_slice())).cloned().collect();
+    let mut want: Vec<Vec<u8>> =
+        values.iter().filter(|v| !hostile.iter().any(|(m, _)| m.as_bytes() == v.as_slice())).cloned().collect();
     got.sort();
     want.sort();
     assert_eq!(got, want, "every good record passes, including the 200 after the hostile ones");
     assert_eq!(dead.len(), hostile.len(), "one dead letter per hostile record");
     for (mode, reason) in hostile {
-        let letter = dead.iter().find(|m| m.payload() == Some(mode.as_bytes())).unwrap_or_else(|| panic!("no dead letter for {mode}"));
+        let letter = dead
+            .iter()
+            .find(|m| m.payload() == Some(mode.as_bytes()))
+            .unwrap_or_else(|| panic!("no dead letter for {mode}"));
         assert_eq!(header(letter, "sluice.plugin").as_deref(), Some("chaos"), "{mode}");
         let error = header(letter, "sluice.error").unwrap();
         assert!(error.contains(reason), "{mode}: {error}");
@@ -246,10 +300,18 @@ async fn hostile_input_is_dead_lettered_with_reasons_and_the_stream_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let file = write_pipeline(dir.path(), "trades", &trades_pipeline_to(&table, "g-input", 50, "${SLUICE_PG_URL}", ""));
     let mut sluice = SluiceProcess::run(&[&file], &broker.addr);
-    assert!(wait_rows(&pg.client, &table, expected.len()).await, "rows: {} of {}", count_rows(&pg.client, &table).await, expected.len());
+    assert!(
+        wait_rows(&pg.client, &table, expected.len()).await,
+        "rows: {} of {}",
+        count_rows(&pg.client, &table).await,
+        expected.len()
+    );
     let dead = broker.consume("trades_dlq", hostile.len(), WAIT);
     assert_eq!(sluice.stop(), Some(0), "no panic, a clean exit");
-    assert!(stored_trades_in(&pg.client, &table).await == expected, "the good frames around the hostile ones, each once");
+    assert!(
+        stored_trades_in(&pg.client, &table).await == expected,
+        "the good frames around the hostile ones, each once"
+    );
 
     assert_eq!(dead.len(), hostile.len(), "one dead letter per hostile frame");
     for (value, reason) in &hostile {
@@ -260,7 +322,9 @@ async fn hostile_input_is_dead_lettered_with_reasons_and_the_stream_goes_on() {
             assert_eq!(m.payload().unwrap(), &value[..64 << 10]);
             m
         } else {
-            dead.iter().find(|m| m.payload().unwrap_or_default() == value.as_slice()).expect("each hostile frame as it was")
+            dead.iter()
+                .find(|m| m.payload().unwrap_or_default() == value.as_slice())
+                .expect("each hostile frame as it was")
         };
         let error = header(letter, "sluice.error").unwrap();
         assert!(error.starts_with(reason), "{error}");
@@ -276,19 +340,24 @@ async fn a_topic_read_again_from_the_start_writes_no_row_twice() {
     broker.produce("trades_raw", &frames).await;
 
     let dir = tempfile::tempdir().unwrap();
-    let file = write_pipeline(dir.path(), "trades", &trades_pipeline_to(&table, "g-replay-1", 100, "${SLUICE_PG_URL}", ""));
+    let file =
+        write_pipeline(dir.path(), "trades", &trades_pipeline_to(&table, "g-replay-1", 100, "${SLUICE_PG_URL}", ""));
     let mut first = SluiceProcess::run(&[&file], &broker.addr);
     assert!(wait_rows(&pg.client, &table, expected.len()).await);
     assert_eq!(first.stop(), Some(0));
 
     // A new consumer group (as after a lost or reset group) reads everything
     // again; the offsets stored with the rows say it is all there already.
-    let file = write_pipeline(dir.path(), "trades", &trades_pipeline_to(&table, "g-replay-2", 100, "${SLUICE_PG_URL}", ""));
+    let file =
+        write_pipeline(dir.path(), "trades", &trades_pipeline_to(&table, "g-replay-2", 100, "${SLUICE_PG_URL}", ""));
     let mut second = SluiceProcess::run(&[&file], &broker.addr);
     assert!(second.wait_log("skipped rows already in the table", 0).await, "the replayed rows are recognised");
     let skipped = || {
         let log = std::fs::read_to_string(&second.log).unwrap_or_default();
-        log.lines().filter(|l| l.contains("skipped rows")).filter_map(|l| l.split("rows=").nth(1)?.split_whitespace().next()?.parse::<usize>().ok()).sum::<usize>()
+        log.lines()
+            .filter(|l| l.contains("skipped rows"))
+            .filter_map(|l| l.split("rows=").nth(1)?.split_whitespace().next()?.parse::<usize>().ok())
+            .sum::<usize>()
     };
     let replayed = wait_until(WAIT, || async { skipped() >= expected.len() }).await;
     assert!(replayed, "every row of the re-read topic is skipped: {} of {}", skipped(), expected.len());
@@ -298,8 +367,17 @@ async fn a_topic_read_again_from_the_start_writes_no_row_twice() {
     // The table dropped (its offsets table kept): the sink creates it again
     // and forgets the stored offsets, so a re-read fills it, once.
     pg.client.batch_execute(&format!("DROP TABLE {table}")).await.unwrap();
-    let file = write_pipeline(dir.path(), "trades", &trades_pipeline_to(&table, "g-replay-3", 100, "${SLUICE_PG_URL}", ""));
+    let file =
+        write_pipeline(dir.path(), "trades", &trades_pipeline_to(&table, "g-replay-3", 100, "${SLUICE_PG_URL}", ""));
     let mut third = SluiceProcess::run(&[&file], &broker.addr);
     assert!(third.wait_log("forgot the source offsets stored with the rows of the old one", 0).await);
-    stop_once_all_stored(&mut third, &pg.client, &table, &expected, Duration::from_millis(500), "every trade once in the new table").await;
+    stop_once_all_stored(
+        &mut third,
+        &pg.client,
+        &table,
+        &expected,
+        Duration::from_millis(500),
+        "every trade once in the new table",
+    )
+    .await;
 }

@@ -46,7 +46,11 @@ fn check(text: &str) -> Result<(), TestCaseError> {
         prop_assert!(!errors.is_empty(), "rejected without an error");
         let lines = text.lines().count().max(1);
         for e in &errors {
-            prop_assert!(e.line >= 1 && e.line <= lines + 1, "error line {} outside the file ({lines} lines): {e}", e.line);
+            prop_assert!(
+                e.line >= 1 && e.line <= lines + 1,
+                "error line {} outside the file ({lines} lines): {e}",
+                e.line
+            );
             prop_assert!(!e.message.is_empty());
             prop_assert!(e.to_string().starts_with("/nonexistent/fuzz.toml:"), "{e}");
         }
@@ -65,7 +69,19 @@ enum Edit {
 fn edit() -> impl Strategy<Value = Edit> {
     prop_oneof![
         (any::<usize>(), 1usize..20).prop_map(|(at, n)| Edit::Delete(at, n)),
-        (any::<usize>(), prop_oneof![Just("[".to_string()), Just("\"".to_string()), Just("=".to_string()), Just("\n".to_string()), Just("${".to_string()), Just("[[transforms]]\n".to_string()), Just("type = \"nope\"\n".to_string()), ".{0,8}".prop_map(String::from)])
+        (
+            any::<usize>(),
+            prop_oneof![
+                Just("[".to_string()),
+                Just("\"".to_string()),
+                Just("=".to_string()),
+                Just("\n".to_string()),
+                Just("${".to_string()),
+                Just("[[transforms]]\n".to_string()),
+                Just("type = \"nope\"\n".to_string()),
+                ".{0,8}".prop_map(String::from)
+            ]
+        )
             .prop_map(|(at, s)| Edit::Insert(at, s)),
         any::<usize>().prop_map(Edit::DropLine),
         any::<usize>().prop_map(Edit::DupLine),

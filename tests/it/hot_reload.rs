@@ -263,7 +263,7 @@ async fn a_kubernetes_style_secret_rotation_is_seen_within_seconds() {
             secrets.join("token").display()
         ),
     );
-    let pipelines = sluice::config::load_dir_or_files(&[file.clone()], None).unwrap();
+    let pipelines = sluice::config::load_dir_or_files(std::slice::from_ref(&file), None).unwrap();
     let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
     let _watcher = sluice::config::watcher::Watcher::new(&[file], &pipelines, tx).unwrap();
 

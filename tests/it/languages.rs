@@ -210,7 +210,8 @@ topic = "dlq"
         )
         .await
         .unwrap();
-    let mut got: Vec<(Trade, f64)> = rows.iter().map(|r| ((r.get(0), r.get(1), r.get(2), r.get(3)), r.get(4))).collect();
+    let mut got: Vec<(Trade, f64)> =
+        rows.iter().map(|r| ((r.get(0), r.get(1), r.get(2), r.get(3)), r.get(4))).collect();
     got.sort_by(|a, b| a.partial_cmp(b).unwrap());
     assert_same(&got, &binance, "every Binance trade worth at least {MIN_NOTIONAL}, once, with its notional");
 
@@ -220,7 +221,10 @@ topic = "dlq"
             let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
             let symbol = v["symbol"].as_str().unwrap().to_string();
             assert_eq!(m.key(), Some(symbol.as_bytes()), "the flattener's key survives the chain");
-            ((symbol, v["price"].as_f64().unwrap(), v["volume"].as_f64().unwrap(), v["ts"].as_i64().unwrap()), v["notional"].as_f64().unwrap())
+            (
+                (symbol, v["price"].as_f64().unwrap(), v["volume"].as_f64().unwrap(), v["ts"].as_i64().unwrap()),
+                v["notional"].as_f64().unwrap(),
+            )
         })
         .collect();
     got.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -228,10 +232,16 @@ topic = "dlq"
 
     // Both plugins log through the WIT `log` import, tagged with their names.
     let logged = |plugin: &str, message: &str| {
-        std::fs::read_to_string(&sluice.log).unwrap().lines().any(|l| l.contains(&format!("langs/{plugin}")) && l.contains(message))
+        std::fs::read_to_string(&sluice.log)
+            .unwrap()
+            .lines()
+            .any(|l| l.contains(&format!("langs/{plugin}")) && l.contains(message))
     };
     assert!(logged("py_enrich", "adding `notional`, dropping trades under 1000.0"), "py-enrich's init log line");
-    assert!(logged("js_router", "routing BINANCE: to binance; others to the default sink"), "js-router's init log line");
+    assert!(
+        logged("js_router", "routing BINANCE: to binance; others to the default sink"),
+        "js-router's init log line"
+    );
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].payload(), Some(&b"not a frame"[..]));
     assert_eq!(header(&dead[0], "sluice.plugin").as_deref(), Some("trade_flattener"));
@@ -242,7 +252,12 @@ fn assert_same(got: &[(Trade, f64)], want: &[(Trade, f64)], what: &str) {
     if got != want {
         let first = got.iter().zip(want).position(|(g, w)| g != w);
         let at = first.map(|i| format!("first difference at {i}: got {:?}, want {:?}", got[i], want[i]));
-        panic!("{what}: got {} rows, want {}; {}", got.len(), want.len(), at.unwrap_or_else(|| "one list is a prefix of the other".into()));
+        panic!(
+            "{what}: got {} rows, want {}; {}",
+            got.len(),
+            want.len(),
+            at.unwrap_or_else(|| "one list is a prefix of the other".into())
+        );
     }
 }
 
@@ -253,7 +268,8 @@ fn new_plugin_builds_and_passes_plugin_test(lang: &str) {
     let work = tempfile::tempdir().unwrap();
     let name = format!("hello-{lang}");
     let sluice = env!("CARGO_BIN_EXE_sluice");
-    let created = Command::new(sluice).args(["plugin", "new", &name, "--lang", lang]).current_dir(work.path()).output().unwrap();
+    let created =
+        Command::new(sluice).args(["plugin", "new", &name, "--lang", lang]).current_dir(work.path()).output().unwrap();
     assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
     let dir = work.path().join(&name);
 
@@ -262,7 +278,9 @@ fn new_plugin_builds_and_passes_plugin_test(lang: &str) {
         .env("CARGO_TARGET_DIR", common::root().join("target/skeletons"))
         .output()
         .unwrap();
-    let log = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let log = |o: &std::process::Output| {
+        format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    };
     assert!(built.status.success(), "build.sh failed:\n{}", log(&built));
     assert!(log(&built).contains(&format!("built {name}.wasm")), "{}", log(&built));
 

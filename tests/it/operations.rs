@@ -12,7 +12,9 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// The value of the sample `name` (with its labels, as written) in a scrape.
 fn sample(metrics: &str, name: &str) -> Option<f64> {
-    metrics.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -31,11 +33,15 @@ async fn metrics_and_status_match_the_records_fed_and_dead_lettered() {
     assert!(wait_until(WAIT, || async { count_rows(&pg.client, &table).await >= expected.len() }).await);
     // Counters are updated right after each commit: wait for the last one.
     let settled = wait_until(WAIT, || async {
-        sample(&http(&admin, "GET", "/metrics").1, "sluice_records_in_total{pipeline=\"trades\"}") == Some(frames.len() as f64)
+        sample(&http(&admin, "GET", "/metrics").1, "sluice_records_in_total{pipeline=\"trades\"}")
+            == Some(frames.len() as f64)
     })
     .await;
     // Lag comes from librdkafka's statistics, once a second.
-    let lag_seen = wait_until(WAIT, || async { http(&admin, "GET", "/metrics").1.contains("sluice_consumer_lag{pipeline=\"trades\",topic=\"trades_raw\"") }).await;
+    let lag_seen = wait_until(WAIT, || async {
+        http(&admin, "GET", "/metrics").1.contains("sluice_consumer_lag{pipeline=\"trades\",topic=\"trades_raw\"")
+    })
+    .await;
     let (code, metrics) = http(&admin, "GET", "/metrics");
     assert_eq!(code, 200);
     assert!(lag_seen, "consumer lag per partition:\n{metrics}");
@@ -48,7 +54,10 @@ async fn metrics_and_status_match_the_records_fed_and_dead_lettered() {
     assert!(get("sluice_batch_seconds_count{pipeline=\"trades\"}") >= 1.0);
     assert!(get("sluice_plugin_call_seconds_count{pipeline=\"trades\",plugin=\"trade_flattener\"}") >= 1.0);
     assert!(get("sluice_sink_write_seconds_count{pipeline=\"trades\",sink=\"pg\"}") >= 1.0);
-    assert!(metrics.contains("sluice_plugin_info{pipeline=\"trades\",plugin=\"trade_flattener\",version=\""), "{metrics}");
+    assert!(
+        metrics.contains("sluice_plugin_info{pipeline=\"trades\",plugin=\"trade_flattener\",version=\""),
+        "{metrics}"
+    );
 
     let (code, status) = http(&admin, "GET", "/status");
     assert_eq!(code, 200);
@@ -82,19 +91,30 @@ async fn health_flips_when_postgresql_stops_and_back_when_it_returns() {
     let broker = Broker::start();
     create_trades_topics(&broker, 1).await;
     let dir = tempfile::tempdir().unwrap();
-    let file = write_pipeline(dir.path(), "trades", &trades_pipeline_to("public.trades", "g-health", 50, &pg.url(), ""));
+    let file =
+        write_pipeline(dir.path(), "trades", &trades_pipeline_to("public.trades", "g-health", 50, &pg.url(), ""));
     broker.produce("trades_raw", &generated(100, 91)).await;
     let mut sluice = SluiceProcess::run(&[&file], &broker.addr);
     let admin = sluice.admin_addr().await;
-    assert!(wait_until(WAIT, || async { http(&admin, "GET", "/health").0 == 200 }).await, "{:?}", http(&admin, "GET", "/health"));
+    assert!(
+        wait_until(WAIT, || async { http(&admin, "GET", "/health").0 == 200 }).await,
+        "{:?}",
+        http(&admin, "GET", "/health")
+    );
 
     pg.stop_server();
     broker.produce("trades_raw", &generated(100, 92)).await;
-    assert!(wait_until(WAIT, || async { http(&admin, "GET", "/health").0 == 503 }).await, "unhealthy while PostgreSQL is down");
+    assert!(
+        wait_until(WAIT, || async { http(&admin, "GET", "/health").0 == 503 }).await,
+        "unhealthy while PostgreSQL is down"
+    );
     let (_, body) = http(&admin, "GET", "/health");
     let health: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(health["trades"]["ready"], false);
-    assert!(health["trades"]["reasons"][0].as_str().unwrap().starts_with("sink pg failing: cannot connect to PostgreSQL"), "{body}");
+    assert!(
+        health["trades"]["reasons"][0].as_str().unwrap().starts_with("sink pg failing: cannot connect to PostgreSQL"),
+        "{body}"
+    );
 
     pg.start_server();
     assert!(wait_until(WAIT, || async { http(&admin, "GET", "/health").0 == 200 }).await, "healthy again");
@@ -127,20 +147,25 @@ async fn sluice_top_under_tmux_shows_the_pipeline_with_a_rate() {
 
     let session = format!("sluice-top-{}", std::process::id());
     let command = format!("{} top --addr {admin} --interval-ms 500", env!("CARGO_BIN_EXE_sluice"));
-    let started = Command::new("tmux").args(["new-session", "-d", "-s", &session, "-x", "160", "-y", "30", &command]).status().unwrap();
+    let started = Command::new("tmux")
+        .args(["new-session", "-d", "-s", &session, "-x", "160", "-y", "30", &command])
+        .status()
+        .unwrap();
     assert!(started.success());
     let mut screen = String::new();
     let rate_seen = wait_until(WAIT, || {
         screen = tmux(&["capture-pane", "-p", "-t", &session]);
-        let rate = screen
-            .lines()
-            .find(|l| l.contains("trades") && l.contains("running"))
-            .and_then(|row| row.split_whitespace().find_map(|w| w.strip_suffix("/s").and_then(|n| n.parse::<f64>().ok())));
+        let rate = screen.lines().find(|l| l.contains("trades") && l.contains("running")).and_then(|row| {
+            row.split_whitespace().find_map(|w| w.strip_suffix("/s").and_then(|n| n.parse::<f64>().ok()))
+        });
         async move { rate.is_some_and(|r| r > 0.0) }
     })
     .await;
     tmux(&["send-keys", "-t", &session, "q"]);
-    let quit = wait_until(Duration::from_secs(10), || async { !Command::new("tmux").args(["has-session", "-t", &session]).status().unwrap().success() }).await;
+    let quit = wait_until(Duration::from_secs(10), || async {
+        !Command::new("tmux").args(["has-session", "-t", &session]).status().unwrap().success()
+    })
+    .await;
     if !quit {
         tmux(&["kill-session", "-t", &session]);
     }
@@ -156,7 +181,8 @@ async fn the_admin_listener_refuses_other_sites_and_coalesces_reloads() {
     use std::io::{Read, Write};
     let (broker, _pg, table) = trades_setup("admin", 1).await;
     let dir = tempfile::tempdir().unwrap();
-    let file = write_pipeline(dir.path(), "trades", &trades_pipeline_to(&table, "g-admin", 100, "${SLUICE_PG_URL}", ""));
+    let file =
+        write_pipeline(dir.path(), "trades", &trades_pipeline_to(&table, "g-admin", 100, "${SLUICE_PG_URL}", ""));
     let sluice = SluiceProcess::run(&[&file], &broker.addr);
     let admin = sluice.admin_addr().await;
 
@@ -171,12 +197,17 @@ async fn the_admin_listener_refuses_other_sites_and_coalesces_reloads() {
     assert!(body.contains("--admin-host"), "{body}");
     assert!(!body.contains("trades"), "nothing of the status leaks: {body}");
     assert_eq!(http_with(&admin, "GET", "/status", &[("Host", "localhost")]).0, 200);
-    let reloads = || serde_json::from_str::<serde_json::Value>(&http(&admin, "GET", "/status").1).unwrap()["reloads_ok"].as_u64().unwrap();
+    let reloads = || {
+        serde_json::from_str::<serde_json::Value>(&http(&admin, "GET", "/status").1).unwrap()["reloads_ok"]
+            .as_u64()
+            .unwrap()
+    };
     assert_eq!(reloads(), 0, "the refused requests reloaded nothing");
 
     // 20 reload requests at once: all answered, by at most two reloads (one
     // running, the rest sharing the one pending).
-    let mut streams: Vec<std::net::TcpStream> = (0..20).map(|_| std::net::TcpStream::connect(&admin).unwrap()).collect();
+    let mut streams: Vec<std::net::TcpStream> =
+        (0..20).map(|_| std::net::TcpStream::connect(&admin).unwrap()).collect();
     let text = request(&admin, "POST", "/reload", &[]);
     for s in &mut streams {
         s.write_all(text.as_bytes()).unwrap();
@@ -197,7 +228,8 @@ async fn the_admin_listener_refuses_other_sites_and_coalesces_reloads() {
 async fn an_admin_token_guards_all_but_health_and_metrics_and_a_public_listener_needs_one() {
     let (broker, _pg, table) = trades_setup("admintoken", 1).await;
     let dir = tempfile::tempdir().unwrap();
-    let file = write_pipeline(dir.path(), "trades", &trades_pipeline_to(&table, "g-admintoken", 100, "${SLUICE_PG_URL}", ""));
+    let file =
+        write_pipeline(dir.path(), "trades", &trades_pipeline_to(&table, "g-admintoken", 100, "${SLUICE_PG_URL}", ""));
 
     // Every interface, no token: refused at start, saying what to do.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
@@ -208,7 +240,10 @@ async fn an_admin_token_guards_all_but_health_and_metrics_and_a_public_listener_
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("--admin-addr") && stderr.contains("--admin-token-file") && stderr.contains("--metrics-addr"), "{stderr}");
+    assert!(
+        stderr.contains("--admin-addr") && stderr.contains("--admin-token-file") && stderr.contains("--metrics-addr"),
+        "{stderr}"
+    );
 
     let token = "admin-tok-0123456789abcdef";
     std::fs::write(dir.path().join("token"), format!("{token}\n")).unwrap();
@@ -233,7 +268,8 @@ async fn a_missing_topic_is_named_and_read_within_seconds_of_its_creation() {
     let pg = PgSchema::create("latetopic").await;
     let table = format!("{}.trades", pg.name);
     let dir = tempfile::tempdir().unwrap();
-    let file = write_pipeline(dir.path(), "trades", &trades_pipeline_to(&table, "g-latetopic", 100, "${SLUICE_PG_URL}", ""));
+    let file =
+        write_pipeline(dir.path(), "trades", &trades_pipeline_to(&table, "g-latetopic", 100, "${SLUICE_PG_URL}", ""));
     let sluice = SluiceProcess::run(&[&file], &broker.addr);
     let admin = sluice.admin_addr().await;
 
@@ -253,8 +289,16 @@ async fn a_missing_topic_is_named_and_read_within_seconds_of_its_creation() {
     let frames = generated(50, 87);
     broker.produce("trades_raw", &frames).await;
     let expected = expected_trades(&frames);
-    let read = wait_until(Duration::from_secs(10), || async { count_rows(&pg.client, &table).await >= expected.len() }).await;
-    assert!(read, "{} of {} rows {:?} after the topic was created; log {}", count_rows(&pg.client, &table).await, expected.len(), created.elapsed(), sluice.log.display());
+    let read =
+        wait_until(Duration::from_secs(10), || async { count_rows(&pg.client, &table).await >= expected.len() }).await;
+    assert!(
+        read,
+        "{} of {} rows {:?} after the topic was created; log {}",
+        count_rows(&pg.client, &table).await,
+        expected.len(),
+        created.elapsed(),
+        sluice.log.display()
+    );
     let healthy = wait_until(WAIT, || async { http(&admin, "GET", "/health").0 == 200 }).await;
     assert!(healthy, "{:?}", http(&admin, "GET", "/health"));
 }

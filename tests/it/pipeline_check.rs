@@ -175,7 +175,12 @@ fn the_shipped_pipelines_are_valid() {
     assert!(stdout.contains("ok: pipeline trades [trade_flattener] -> sinks [pg] (default pg)"), "{stdout}");
     assert!(stdout.contains("ok: pipeline finnhub-ingest [] -> sinks [raw] (default raw)"), "{stdout}");
     assert!(!stdout.contains("test-token"), "{stdout}");
-    assert!(stdout.contains("ok: pipeline btc-router [trade_flattener -> symbol_router] -> sinks [btc, other] (default other)"), "{stdout}");
+    assert!(
+        stdout.contains(
+            "ok: pipeline btc-router [trade_flattener -> symbol_router] -> sinks [btc, other] (default other)"
+        ),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("ok: pipeline three-languages [trade_flattener -> py_enrich -> js_router] -> sinks [binance, other] (default other)"),
         "{stdout}"
@@ -229,7 +234,10 @@ fn the_readme_and_the_book_have_no_broken_link() {
                 let linked = if file.is_empty() { page.clone() } else { page.parent().unwrap().join(file) };
                 if !linked.exists() {
                     broken.push(format!("{}:{}: {target}: no such file", page.display(), n + 1));
-                } else if !fragment.is_empty() && linked.extension().is_some_and(|e| e == "md") && !headings(&linked).iter().any(|h| h == fragment) {
+                } else if !fragment.is_empty()
+                    && linked.extension().is_some_and(|e| e == "md")
+                    && !headings(&linked).iter().any(|h| h == fragment)
+                {
                     broken.push(format!("{}:{}: {target}: no such heading", page.display(), n + 1));
                 }
             }
@@ -251,22 +259,41 @@ fn the_shipped_schema_and_reference_are_generated_from_the_code() {
     let root = common::root();
     let schema = sluice(&["schema"]);
     let shipped = std::fs::read_to_string(root.join("pipelines/sluice.schema.json")).unwrap_or_default();
-    assert!(shipped == schema, "pipelines/sluice.schema.json is stale: run `sluice schema > pipelines/sluice.schema.json`");
+    assert!(
+        shipped == schema,
+        "pipelines/sluice.schema.json is stale: run `sluice schema > pipelines/sluice.schema.json`"
+    );
     let reference = sluice(&["schema", "--markdown"]);
     let chapter = std::fs::read_to_string(root.join("docs/src/reference.md")).unwrap_or_default();
-    assert!(chapter == reference, "docs/src/reference.md is stale: run `sluice schema --markdown > docs/src/reference.md`");
+    assert!(
+        chapter == reference,
+        "docs/src/reference.md is stale: run `sluice schema --markdown > docs/src/reference.md`"
+    );
 
     let schema: serde_json::Value = serde_json::from_str(&schema).unwrap();
     assert_eq!(schema["additionalProperties"], false, "unknown keys are errors, in the schema too");
     let keys: Vec<&str> = schema["properties"].as_object().unwrap().keys().map(String::as_str).collect();
-    for key in ["name", "source", "transforms", "sinks", "default_sink", "dead_letter", "on_plugin_failure", "connections"] {
+    for key in
+        ["name", "source", "transforms", "sinks", "default_sink", "dead_letter", "on_plugin_failure", "connections"]
+    {
         assert!(keys.contains(&key), "{key} missing from {keys:?}");
     }
-    for table in ["SourceConfig", "SinkConfig", "TransformConfig", "LimitsConfig", "GrantsConfig", "ColumnConfig", "KafkaTlsConfig"] {
+    for table in [
+        "SourceConfig",
+        "SinkConfig",
+        "TransformConfig",
+        "LimitsConfig",
+        "GrantsConfig",
+        "ColumnConfig",
+        "KafkaTlsConfig",
+    ] {
         assert!(reference.contains(&format!("## {table}\n")), "{table} missing from the reference");
     }
     for kind in ["kafka", "websocket", "postgres", "stdout"] {
         assert!(reference.contains(&format!("- `type = \"{kind}\"`: ")), "{kind} missing from the reference");
     }
-    assert!(reference.contains("`batch_output_mib`") && reference.contains("`buffer_bytes`"), "every key, with its doc comment");
+    assert!(
+        reference.contains("`batch_output_mib`") && reference.contains("`buffer_bytes`"),
+        "every key, with its doc comment"
+    );
 }

@@ -56,9 +56,16 @@ fn exit_zero_when_every_line_succeeds_and_input_file_works() {
     let wasm = common::plugin_path("trade_flattener");
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("frames.jsonl");
-    std::fs::write(&input, "{\"type\":\"ping\"}\r\n{\"type\":\"trade\",\"data\":[{\"s\":\"A\",\"p\":2,\"t\":3,\"v\":4}]}").unwrap();
+    std::fs::write(
+        &input,
+        "{\"type\":\"ping\"}\r\n{\"type\":\"trade\",\"data\":[{\"s\":\"A\",\"p\":2,\"t\":3,\"v\":4}]}",
+    )
+    .unwrap();
     let out = sluice_plugin_test(&[wasm.to_str().unwrap(), "--input", input.to_str().unwrap()], "");
-    assert_eq!(String::from_utf8(out.stdout).unwrap(), "{\"symbol\":\"A\",\"price\":2,\"volume\":4,\"ts\":3,\"conditions\":[]}\n");
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "{\"symbol\":\"A\",\"price\":2,\"volume\":4,\"ts\":3,\"conditions\":[]}\n"
+    );
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 }
 

@@ -95,8 +95,15 @@ async fn bad_swap_is_rolled_back(bad_config: &str, prefix: &str) {
     assert!(sluice.wait_log("plugin version rolled back", 0).await, "no rollback; log {}", sluice.log.display());
     feeding.await.unwrap();
 
-    let stored = wait_until(Duration::from_secs(90), || async { count_rows(&pg.client, &table).await >= expected.len() }).await;
-    assert!(stored, "{} of {} trades; log {}", count_rows(&pg.client, &table).await, expected.len(), sluice.log.display());
+    let stored =
+        wait_until(Duration::from_secs(90), || async { count_rows(&pg.client, &table).await >= expected.len() }).await;
+    assert!(
+        stored,
+        "{} of {} trades; log {}",
+        count_rows(&pg.client, &table).await,
+        expected.len(),
+        sluice.log.display()
+    );
     assert_eq!(stored_trades_in(&pg.client, &table).await, expected, "every trade exactly once, by the good version");
     let dead = broker.consume("trades_dlq", 2, Duration::from_secs(10));
     let mut dead: Vec<Vec<u8>> = dead.iter().map(|m| m.payload().unwrap_or_default().to_vec()).collect();
@@ -116,7 +123,8 @@ async fn bad_swap_is_rolled_back(bad_config: &str, prefix: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hot_swap_to_a_version_that_loops_is_rolled_back_before_its_output_is_delivered() {
-    bad_swap_is_rolled_back("config = { mode = \"loop\", trigger = \"*\" }\nlimits = { cpu_ms = 300 }", "rb_loop").await;
+    bad_swap_is_rolled_back("config = { mode = \"loop\", trigger = \"*\" }\nlimits = { cpu_ms = 300 }", "rb_loop")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,12 +150,22 @@ async fn a_version_failing_from_the_start_pauses_until_a_good_one_is_dropped_in(
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(broker.committed("g-pause", "trades_raw", 1), vec![-1], "offsets moved while paused");
     assert_eq!(count_rows(&pg.client, &table).await, 0);
-    assert!(broker.consume("trades_dlq", 1, Duration::from_secs(2)).is_empty(), "the failing version's records reached the dead letters");
+    assert!(
+        broker.consume("trades_dlq", 1, Duration::from_secs(2)).is_empty(),
+        "the failing version's records reached the dead letters"
+    );
 
     write_pipeline(dir.path(), "broken", &pipeline(&table, "g-pause", "config = { mode = \"echo\" }", ""));
     let expected = expected_trades(&frames);
-    let stored = wait_until(Duration::from_secs(90), || async { count_rows(&pg.client, &table).await >= expected.len() }).await;
-    assert!(stored, "{} of {} trades after the fix; log {}", count_rows(&pg.client, &table).await, expected.len(), sluice.log.display());
+    let stored =
+        wait_until(Duration::from_secs(90), || async { count_rows(&pg.client, &table).await >= expected.len() }).await;
+    assert!(
+        stored,
+        "{} of {} trades after the fix; log {}",
+        count_rows(&pg.client, &table).await,
+        expected.len(),
+        sluice.log.display()
+    );
     assert_eq!(stored_trades_in(&pg.client, &table).await, expected);
     assert!(sluice.wait_log("pipeline resumed", 0).await);
     assert!(wait_until(Duration::from_secs(30), || async { http(&admin, "GET", "/health").0 == 200 }).await);
@@ -159,7 +177,8 @@ async fn the_dead_letter_policy_is_bounded_for_a_version_that_loops_on_everythin
     let dir = tempfile::tempdir().unwrap();
     // One batch of 1,000 records; each record would take the whole CPU limit.
     let bad = "config = { mode = \"loop\", trigger = \"*\" }\nlimits = { cpu_ms = 200 }";
-    let text = pipeline(&table, "g-dl", bad, "on_plugin_failure = \"dead_letter\"").replace("batch_max_records = 100", "batch_max_records = 1000\nbatch_max_ms = 2000");
+    let text = pipeline(&table, "g-dl", bad, "on_plugin_failure = \"dead_letter\"")
+        .replace("batch_max_records = 100", "batch_max_records = 1000\nbatch_max_ms = 2000");
     let file = write_pipeline(dir.path(), "broken", &text);
     let frames = generated(1_000, 53);
     broker.produce("trades_raw", &frames).await;
@@ -193,7 +212,8 @@ async fn a_log_flood_is_rate_limited_and_counted() {
     let started = Instant::now();
     let sluice = SluiceProcess::run(&[&file], &broker.addr);
     let admin = sluice.admin_addr().await;
-    let stored = wait_until(Duration::from_secs(60), || async { count_rows(&pg.client, &table).await >= expected.len() }).await;
+    let stored =
+        wait_until(Duration::from_secs(60), || async { count_rows(&pg.client, &table).await >= expected.len() }).await;
     assert!(stored, "the records stopped flowing; log {}", sluice.log.display());
     assert_eq!(stored_trades_in(&pg.client, &table).await, expected);
 
@@ -245,10 +265,8 @@ fn plugin_test_rate_limits_plugin_logs_unless_asked_not_to() {
     let limited = run(&[]);
     let written = limited.lines().filter(|l| l.contains("flooding as asked")).count();
     assert!((1_000..1_200).contains(&written), "{written} lines: the burst is 1,000, then 100 a second");
-    let suppressed: usize = limited
-        .lines()
-        .filter_map(|l| l.split("suppressed ").nth(1)?.split(' ').next()?.parse::<usize>().ok())
-        .sum();
+    let suppressed: usize =
+        limited.lines().filter_map(|l| l.split("suppressed ").nth(1)?.split(' ').next()?.parse::<usize>().ok()).sum();
     assert_eq!(written + suppressed, 10_000, "every line is written or counted");
     let unlimited = run(&["--no-log-limit"]);
     assert_eq!(unlimited.lines().filter(|l| l.contains("flooding as asked")).count(), 10_000);
@@ -264,19 +282,32 @@ async fn a_plugin_sleeping_in_a_host_call_keeps_reload_and_shutdown_prompt() {
     broker.produce("trades_raw", &generated(50, 93)).await;
     let dir = tempfile::tempdir().unwrap();
     let chaos = "config = { mode = \"sleep\", sleep_s = \"60\", trigger = \"*\" }\nlimits = { cpu_ms = 300 }";
-    let file = write_pipeline(dir.path(), "broken", &pipeline(&table, "g-sleeper", chaos, "on_plugin_failure = \"pause\""));
+    let file =
+        write_pipeline(dir.path(), "broken", &pipeline(&table, "g-sleeper", chaos, "on_plugin_failure = \"pause\""));
     let mut sluice = SluiceProcess::run(&[&file], &broker.addr);
     let admin = sluice.admin_addr().await;
     assert!(sluice.wait_log("pipeline paused on a failing plugin version", 0).await, "log {}", sluice.log.display());
     let log = std::fs::read_to_string(&sluice.log).unwrap();
-    assert!(log.contains("CPU limit exceeded (300 ms per call)"), "the time limit stopped the sleep: log {}", sluice.log.display());
+    assert!(
+        log.contains("CPU limit exceeded (300 ms per call)"),
+        "the time limit stopped the sleep: log {}",
+        sluice.log.display()
+    );
 
     let started = Instant::now();
     let (code, body) = http(&admin, "POST", "/reload");
     assert_eq!(code, 200, "{body}");
-    assert!(started.elapsed() < Duration::from_secs(20), "reload waited {:?} for the sleeping plugin", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "reload waited {:?} for the sleeping plugin",
+        started.elapsed()
+    );
 
     let started = Instant::now();
     assert_eq!(sluice.stop(), Some(0), "graceful exit");
-    assert!(started.elapsed() < Duration::from_secs(20), "shutdown waited {:?} for the sleeping plugin", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "shutdown waited {:?} for the sleeping plugin",
+        started.elapsed()
+    );
 }

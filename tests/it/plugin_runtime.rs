@@ -10,7 +10,11 @@ use sluice::runtime::{Grants, Limits, Plugin, PluginError, PluginInstance};
 use std::time::Instant;
 
 fn record(value: &str) -> Record {
-    Record { value: value.to_string().into(), origin: Origin { topic: "t".into(), partition: 0, offset: 0 }, ..Record::default() }
+    Record {
+        value: value.to_string().into(),
+        origin: Origin { topic: "t".into(), partition: 0, offset: 0 },
+        ..Record::default()
+    }
 }
 
 fn batch(values: &[&str]) -> Vec<Record> {
@@ -190,10 +194,16 @@ fn init_failures_are_reported_with_the_plugin_name() {
     let (rt, _cache) = runtime();
     let plugin = load(&rt, "chaos");
     let make = |mode: &str| {
-        PluginInstance::new(plugin.clone(), vec![("mode".into(), mode.into())], Limits::default(), Grants::default(), "t")
-            .err()
-            .expect("init must fail")
-            .to_string()
+        PluginInstance::new(
+            plugin.clone(),
+            vec![("mode".into(), mode.into())],
+            Limits::default(),
+            Grants::default(),
+            "t",
+        )
+        .err()
+        .expect("init must fail")
+        .to_string()
     };
     assert_eq!(make("init-reject"), "plugin chaos rejected its config: chaos: config rejected as asked");
     assert!(make("init-trap").starts_with("plugin chaos failed in init: plugin trapped"));
@@ -239,7 +249,10 @@ fn outputs_over_the_caps_fail_only_their_record() {
     assert_eq!(results[1].clone().unwrap_err(), "output limit: 2097152 bytes of output for one record (limit 1048576)");
     assert!(results[0].is_ok() && results[2].is_ok());
     let mut many = instance_with(&rt, "chaos", &[("mode", "many"), ("many", "11")], limits, Grants::default());
-    assert_eq!(many.process(&batch(&["boom"]))[0].clone().unwrap_err(), "output limit: 11 outputs for one record (limit 10)");
+    assert_eq!(
+        many.process(&batch(&["boom"]))[0].clone().unwrap_err(),
+        "output limit: 11 outputs for one record (limit 10)"
+    );
 }
 
 #[test]

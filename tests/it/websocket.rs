@@ -31,8 +31,12 @@ async fn stand_in(options: ServeOptions) -> (String, Arc<Sent>, tokio::task::Joi
 
 /// `[source]` of a WebSocket pipeline at `url` subscribing to [`SUBSCRIBED`] (`extra`: more keys).
 fn ws_source(url: &str, extra: &str) -> String {
-    let subscribe: Vec<String> = SUBSCRIBED.iter().map(|s| format!("{{ type = \"subscribe\", symbol = \"{s}\" }}")).collect();
-    format!("[source]\ntype = \"websocket\"\nurl = \"{url}\"\nsubscribe = [{}]\nbatch_max_ms = 20\n{extra}\n", subscribe.join(", "))
+    let subscribe: Vec<String> =
+        SUBSCRIBED.iter().map(|s| format!("{{ type = \"subscribe\", symbol = \"{s}\" }}")).collect();
+    format!(
+        "[source]\ntype = \"websocket\"\nurl = \"{url}\"\nsubscribe = [{}]\nbatch_max_ms = 20\n{extra}\n",
+        subscribe.join(", ")
+    )
 }
 
 /// WebSocket → flattener → PostgreSQL `table` at `pg_url`; dead letters to Kafka `trades_dlq`.
@@ -55,7 +59,8 @@ async fn wait_for_rows(pg: &tokio_postgres::Client, table: &str, expected: usize
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_two_pipeline_stack_stores_exactly_the_subscribed_trades() {
     let (broker, pg, table) = trades_setup("ws_stack", 2).await;
-    let options = ServeOptions { rate: 300, max_frames: 400, record: true, token: Some("tok-5a1e".into()), ..Default::default() };
+    let options =
+        ServeOptions { rate: 300, max_frames: 400, record: true, token: Some("tok-5a1e".into()), ..Default::default() };
     let (addr, sent, _server) = stand_in(options).await;
     let dir = tempfile::tempdir().unwrap();
     let ingest = format!(
@@ -63,10 +68,17 @@ async fn the_two_pipeline_stack_stores_exactly_the_subscribed_trades() {
         ws_source(&format!("ws://{addr}?token=${{FINNHUB_TOKEN}}"), "")
     );
     write_pipeline(dir.path(), "ingest", &ingest);
-    write_pipeline(dir.path(), "trades", &common::trades::trades_pipeline_to(&table, "g-ws-stack", 500, "${SLUICE_PG_URL}", ""));
+    write_pipeline(
+        dir.path(),
+        "trades",
+        &common::trades::trades_pipeline_to(&table, "g-ws-stack", 500, "${SLUICE_PG_URL}", ""),
+    );
     let sluice = SluiceProcess::run_with(&[dir.path()], &broker.addr, &[("FINNHUB_TOKEN", "tok-5a1e")]);
 
-    assert!(wait_until(Duration::from_secs(60), || async { sent.frames.load(Ordering::SeqCst) >= 400 }).await, "the stand-in did not send");
+    assert!(
+        wait_until(Duration::from_secs(60), || async { sent.frames.load(Ordering::SeqCst) >= 400 }).await,
+        "the stand-in did not send"
+    );
     let frames = sent_frames(&sent);
     let expected = expected_trades(&frames);
     assert_eq!(expected.len() as u64, sent.trades.load(Ordering::SeqCst));
@@ -81,14 +93,22 @@ async fn the_two_pipeline_stack_stores_exactly_the_subscribed_trades() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_connections_are_resumed_and_every_frame_sent_while_connected_is_stored() {
     let (broker, pg, table) = trades_setup("ws_reconnect", 1).await;
-    let options = ServeOptions { rate: 200, drop_after: 60, drops: 3, max_frames: 300, record: true, ..Default::default() };
+    let options =
+        ServeOptions { rate: 200, drop_after: 60, drops: 3, max_frames: 300, record: true, ..Default::default() };
     let (addr, sent, _server) = stand_in(options).await;
     let dir = tempfile::tempdir().unwrap();
-    let file = write_pipeline(dir.path(), "live", &ws_to_postgres(&ws_source(&format!("ws://{addr}/"), ""), &table, "${SLUICE_PG_URL}"));
+    let file = write_pipeline(
+        dir.path(),
+        "live",
+        &ws_to_postgres(&ws_source(&format!("ws://{addr}/"), ""), &table, "${SLUICE_PG_URL}"),
+    );
     let sluice = SluiceProcess::run(&[&file], &broker.addr);
     let admin = sluice.admin_addr().await;
 
-    assert!(wait_until(Duration::from_secs(60), || async { sent.frames.load(Ordering::SeqCst) >= 300 }).await, "the stand-in did not send");
+    assert!(
+        wait_until(Duration::from_secs(60), || async { sent.frames.load(Ordering::SeqCst) >= 300 }).await,
+        "the stand-in did not send"
+    );
     let expected = expected_trades(&sent_frames(&sent));
     wait_for_rows(&pg.client, &table, expected.len(), &sluice).await;
     assert_eq!(stored_trades_in(&pg.client, &table).await, expected, "the rows are the frames sent while connected");
@@ -108,7 +128,8 @@ async fn unauthorized_server() -> String {
         while let Ok((mut stream, _)) = listener.accept().await {
             let mut buf = [0u8; 4096];
             let _ = stream.read(&mut buf).await;
-            let _ = stream.write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+            let _ =
+                stream.write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
         }
     });
     addr
@@ -161,18 +182,34 @@ async fn a_401_is_a_clear_error_with_the_token_never_shown_and_an_idle_server_is
         while let Some(Ok(_)) = ws.next().await {}
     })
     .await;
-    let a = write_pipeline(dir.path(), "refused", &ws_to_kafka(&ws_source(&format!("ws://{refusing}/?token={token}"), "")).replace("\"live\"", "\"refused\""));
-    let b = write_pipeline(dir.path(), "idle", &ws_to_kafka(&ws_source(&format!("ws://{idle}/"), "idle_timeout_secs = 1\nping_secs = 0")).replace("\"live\"", "\"idle\""));
+    let a = write_pipeline(
+        dir.path(),
+        "refused",
+        &ws_to_kafka(&ws_source(&format!("ws://{refusing}/?token={token}"), "")).replace("\"live\"", "\"refused\""),
+    );
+    let b = write_pipeline(
+        dir.path(),
+        "idle",
+        &ws_to_kafka(&ws_source(&format!("ws://{idle}/"), "idle_timeout_secs = 1\nping_secs = 0"))
+            .replace("\"live\"", "\"idle\""),
+    );
     let sluice = SluiceProcess::run(&[&a, &b], &broker.addr);
     let admin = sluice.admin_addr().await;
 
-    assert!(sluice.wait_log("handshake refused: HTTP 401 Unauthorized (check the token or credentials)", 0).await, "log {}", sluice.log.display());
+    assert!(
+        sluice.wait_log("handshake refused: HTTP 401 Unauthorized (check the token or credentials)", 0).await,
+        "log {}",
+        sluice.log.display()
+    );
     let (code, health) = http(&admin, "GET", "/health");
     assert_eq!(code, 503);
     assert!(health.contains("not connected: handshake refused: HTTP 401"), "{health}");
     let log = std::fs::read_to_string(&sluice.log).unwrap();
     let line = log.lines().find(|l| l.contains("HTTP 401")).unwrap();
-    assert!(line.contains("pipeline=refused") && line.contains(&format!("url=ws://{refusing}/")), "names the pipeline and URL: {line}");
+    assert!(
+        line.contains("pipeline=refused") && line.contains(&format!("url=ws://{refusing}/")),
+        "names the pipeline and URL: {line}"
+    );
 
     assert!(sluice.wait_log("no frame for 1 s (idle_timeout_secs)", 0).await, "log {}", sluice.log.display());
     assert!(sluice.wait_log("websocket reconnected", 0).await, "no reconnect after the idle timeout");
@@ -196,7 +233,11 @@ async fn an_oversized_frame_is_dead_lettered_and_the_stream_goes_on() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let file = write_pipeline(dir.path(), "live", &ws_to_kafka(&ws_source(&format!("ws://{server}/"), "max_message_bytes = 1000")));
+    let file = write_pipeline(
+        dir.path(),
+        "live",
+        &ws_to_kafka(&ws_source(&format!("ws://{server}/"), "max_message_bytes = 1000")),
+    );
     let sluice = SluiceProcess::run(&[&file], &broker.addr);
     let out = broker.consume("out", 2, Duration::from_secs(30));
     let values: Vec<&[u8]> = out.iter().filter_map(|m| m.payload()).collect();
@@ -212,7 +253,11 @@ async fn an_oversized_frame_is_dead_lettered_and_the_stream_goes_on() {
 /// The resident memory of process `pid`, in MiB.
 fn rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib: f64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0.0);
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
     kib / 1024.0
 }
 
@@ -229,7 +274,11 @@ async fn a_fast_server_and_a_stopped_postgresql_keep_memory_bounded_and_lose_not
     let file = write_pipeline(dir.path(), "live", &ws_to_postgres(&source, "public.trades", &pg.url()));
     let sluice = SluiceProcess::run(&[&file], &broker.addr);
     let pid = sluice.pid().unwrap();
-    assert!(wait_until(Duration::from_secs(60), || async { count_rows(&client, "public.trades").await > 1_000 }).await, "log {}", sluice.log.display());
+    assert!(
+        wait_until(Duration::from_secs(60), || async { count_rows(&client, "public.trades").await > 1_000 }).await,
+        "log {}",
+        sluice.log.display()
+    );
 
     pg.stop_server();
     let stopped_at = Instant::now();
@@ -244,14 +293,19 @@ async fn a_fast_server_and_a_stopped_postgresql_keep_memory_bounded_and_lose_not
     }
     let sent_late = sent.frames.load(Ordering::SeqCst) - sent_at_half;
     pg.start_server();
-    eprintln!("peak RSS while PostgreSQL was down: {peak:.0} MiB; frames the server got out in its last 5 s: {sent_late}");
+    eprintln!(
+        "peak RSS while PostgreSQL was down: {peak:.0} MiB; frames the server got out in its last 5 s: {sent_late}"
+    );
     // Bounded: Sluice buffers 2,000 frames, the kernel's socket buffers some
     // more, and then TCP holds the server back.
     assert!(peak < 400.0, "RSS reached {peak:.0} MiB");
     assert!(sent_late < 1_000, "the server was not held back: {sent_late} frames in the last 5 s of the outage");
     assert!(sent.frames.load(Ordering::SeqCst) < 100_000, "the server finished while the sink was down");
 
-    assert!(wait_until(Duration::from_secs(120), || async { sent.frames.load(Ordering::SeqCst) >= 100_000 }).await, "the stand-in did not finish");
+    assert!(
+        wait_until(Duration::from_secs(120), || async { sent.frames.load(Ordering::SeqCst) >= 100_000 }).await,
+        "the stand-in did not finish"
+    );
     let client = pg.client().await;
     let expected = expected_trades(&sent_frames(&sent));
     wait_for_rows(&client, "public.trades", expected.len(), &sluice).await;
@@ -276,7 +330,10 @@ async fn wss_with_a_ca_file_and_an_untrusted_server() {
     let with_ca = ws_source(&url, &format!("ca = \"{}\"", certs.path("ca.pem").display()));
     write_pipeline(dir.path(), "live", &ws_to_postgres(&with_ca, &table, "${SLUICE_PG_URL}"));
     assert!(sluice.wait_log("reload applied", reloads).await);
-    assert!(wait_until(Duration::from_secs(60), || async { sent.frames.load(Ordering::SeqCst) >= 100 }).await, "nothing sent over TLS");
+    assert!(
+        wait_until(Duration::from_secs(60), || async { sent.frames.load(Ordering::SeqCst) >= 100 }).await,
+        "nothing sent over TLS"
+    );
     let expected = expected_trades(&sent_frames(&sent));
     wait_for_rows(&pg.client, &table, expected.len(), &sluice).await;
     assert_eq!(stored_trades_in(&pg.client, &table).await, expected);
@@ -317,7 +374,11 @@ async fn a_flood_of_large_frames_stays_within_buffer_bytes() {
     );
     let sluice = SluiceProcess::run(&[&file], &broker.addr);
     let pid = sluice.pid().unwrap();
-    assert!(wait_until(Duration::from_secs(60), || async { sent.load(Ordering::SeqCst) >= 5 }).await, "nothing sent; log {}", sluice.log.display());
+    assert!(
+        wait_until(Duration::from_secs(60), || async { sent.load(Ordering::SeqCst) >= 5 }).await,
+        "nothing sent; log {}",
+        sluice.log.display()
+    );
     let started = Instant::now();
     let mut peak = 0.0_f64;
     while started.elapsed() < Duration::from_secs(8) {
@@ -325,7 +386,9 @@ async fn a_flood_of_large_frames_stays_within_buffer_bytes() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let frames = sent.load(Ordering::SeqCst);
-    eprintln!("peak RSS with 8 MiB of buffer_bytes and 1 MB frames: {peak:.0} MiB; frames the server got out: {frames}");
+    eprintln!(
+        "peak RSS with 8 MiB of buffer_bytes and 1 MB frames: {peak:.0} MiB; frames the server got out: {frames}"
+    );
     // 8 MiB buffered, a few batches in flight and the sockets' buffers: tens of frames, not 400.
     assert!(frames < 100, "the server was not held back: {frames} frames of 1 MB sent");
     assert!(peak < 250.0, "RSS reached {peak:.0} MiB");

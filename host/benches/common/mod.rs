@@ -21,7 +21,15 @@ impl Broker {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let url = format!("tcp://127.0.0.1:{port}");
         let child = Command::new("tansu")
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://tansu/"])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://tansu/",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
@@ -36,8 +44,10 @@ impl Broker {
 
     /// Creates `topics`, each with `partitions` partitions.
     pub async fn create_topics(&self, topics: &[&str], partitions: i32) -> anyhow::Result<()> {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", &self.addr).create()?;
-        let new: Vec<NewTopic> = topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1))).collect();
+        let admin: AdminClient<DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", &self.addr).create()?;
+        let new: Vec<NewTopic> =
+            topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1))).collect();
         for r in admin.create_topics(&new, &AdminOptions::new()).await? {
             r.map_err(|(t, e)| anyhow::anyhow!("cannot create {t}: {e}"))?;
         }

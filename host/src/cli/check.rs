@@ -8,8 +8,11 @@ pub fn check(runtime: &Runtime, args: &PipelineArgs) -> anyhow::Result<ExitCode>
     match crate::config::load_dir_or_files(&args.paths, Some(runtime)) {
         Ok(pipelines) => {
             for p in &pipelines {
-                let plugins: Vec<String> =
-                    p.transforms.iter().map(|t| t.path.file_stem().unwrap_or_default().to_string_lossy().into_owned()).collect();
+                let plugins: Vec<String> = p
+                    .transforms
+                    .iter()
+                    .map(|t| t.path.file_stem().unwrap_or_default().to_string_lossy().into_owned())
+                    .collect();
                 let sinks: Vec<&str> = p.sinks.keys().map(String::as_str).collect();
                 println!(
                     "{}: ok: pipeline {} [{}] -> sinks [{}] (default {})",
@@ -28,4 +31,3 @@ pub fn check(runtime: &Runtime, args: &PipelineArgs) -> anyhow::Result<ExitCode>
         }
     }
 }
-

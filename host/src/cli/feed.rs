@@ -42,7 +42,6 @@ pub struct FeedArgs {
     pub token: Option<String>,
 }
 
-
 pub fn feed(args: FeedArgs) -> anyhow::Result<ExitCode> {
     if let Some(addr) = args.serve_websocket {
         let options = crate::feed::websocket::ServeOptions {
@@ -69,7 +68,12 @@ pub fn feed(args: FeedArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn feed_kafka(generator: crate::feed::FeedGenerator, brokers: &str, topic: &str, args: &FeedArgs) -> anyhow::Result<ExitCode> {
+async fn feed_kafka(
+    generator: crate::feed::FeedGenerator,
+    brokers: &str,
+    topic: &str,
+    args: &FeedArgs,
+) -> anyhow::Result<ExitCode> {
     use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
     let (count, rate) = (args.count, args.rate);
     let mut config = rdkafka::ClientConfig::new();
@@ -109,4 +113,3 @@ async fn feed_kafka(generator: crate::feed::FeedGenerator, brokers: &str, topic:
     eprintln!("fed {frames} frames ({trades} trades) to {topic}");
     Ok(ExitCode::SUCCESS)
 }
-

@@ -99,13 +99,11 @@ pub struct PipelineArgs {
     pub paths: Vec<PathBuf>,
 }
 
-
 pub(crate) fn parse_key_value(raw: &str) -> Result<(String, String), String> {
     raw.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("expected KEY=VALUE, got {raw:?}"))
 }
-
 
 /// Parses the arguments, runs the command, prints the error chain on failure.
 pub fn main() -> ExitCode {
@@ -157,7 +155,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Schema(args) => schema::schema(&args),
         Command::Top(args) => {
             let token = match &args.token_file {
-                Some(path) => Some(std::fs::read_to_string(path).with_context(|| format!("cannot read --token-file {}", path.display()))?.trim().to_string()),
+                Some(path) => Some(
+                    std::fs::read_to_string(path)
+                        .with_context(|| format!("cannot read --token-file {}", path.display()))?
+                        .trim()
+                        .to_string(),
+                ),
                 None => None,
             };
             crate::top::run(&args.addr, token.as_deref(), std::time::Duration::from_millis(args.interval_ms.max(100)))?;
@@ -176,4 +179,3 @@ pub(crate) fn print_config_errors(errors: &[crate::config::ConfigError]) {
     }
     eprintln!("sluice: {} error(s) in pipeline files", errors.len());
 }
-

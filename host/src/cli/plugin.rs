@@ -66,7 +66,6 @@ pub struct PluginTestArgs {
     pub no_log_limit: bool,
 }
 
-
 pub fn test(runtime: &Runtime, args: PluginTestArgs) -> anyhow::Result<ExitCode> {
     let plugin = Plugin::load(runtime, &args.plugin)?;
     let mut limits = Limits { cpu_ms: args.cpu_ms, memory_bytes: args.memory_mib << 20, ..Limits::default() };
@@ -103,7 +102,9 @@ pub fn test(runtime: &Runtime, args: PluginTestArgs) -> anyhow::Result<ExitCode>
         if batch.len() == args.batch_size as usize || (read == 0 && !batch.is_empty()) {
             let results = instance.process(&batch);
             if let Some(reason) = instance.take_failing() {
-                eprintln!("sluice: the plugin version is failing: {reason}; the batch's remaining records were not run");
+                eprintln!(
+                    "sluice: the plugin version is failing: {reason}; the batch's remaining records were not run"
+                );
             }
             for (record, result) in batch.iter().zip(results) {
                 match result {
@@ -182,4 +183,3 @@ pub fn new(args: PluginNewArgs) -> anyhow::Result<ExitCode> {
     );
     Ok(ExitCode::SUCCESS)
 }
-

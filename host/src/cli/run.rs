@@ -48,15 +48,19 @@ fn parse_admin_addr(raw: &str) -> Result<AdminAddr, String> {
     raw.parse().map(|a| AdminAddr(Some(a))).map_err(|e| format!("{raw:?}: {e} (e.g. 127.0.0.1:8686, or off)"))
 }
 
-
 /// The admin listener's guard from the flags.
 fn admin_guard(run: &RunArgs) -> anyhow::Result<crate::admin::Guard> {
     let token = match &run.admin_token_file {
         None => None,
         Some(path) => {
-            let token = std::fs::read_to_string(path).with_context(|| format!("cannot read --admin-token-file {}", path.display()))?;
+            let token = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --admin-token-file {}", path.display()))?;
             let token = token.trim();
-            anyhow::ensure!(token.len() >= 16, "--admin-token-file {}: the token must be at least 16 characters", path.display());
+            anyhow::ensure!(
+                token.len() >= 16,
+                "--admin-token-file {}: the token must be at least 16 characters",
+                path.display()
+            );
             Some(crate::secrets::Secret::new(token.to_string()))
         }
     };
@@ -143,7 +147,6 @@ pub fn run(runtime: Runtime, run: &RunArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-
 /// The periodic one-line summary per pipeline, so a long run is never silent.
 struct Progress {
     every: std::time::Duration,
@@ -154,7 +157,11 @@ struct Progress {
 
 impl Progress {
     fn new(secs: u64) -> Self {
-        Progress { every: std::time::Duration::from_secs(secs), last: std::time::Instant::now(), seen: Default::default() }
+        Progress {
+            every: std::time::Duration::from_secs(secs),
+            last: std::time::Instant::now(),
+            seen: Default::default(),
+        }
     }
 
     fn maybe_log(&mut self, topology: &crate::topology::Topology) {
@@ -194,7 +201,11 @@ fn update_status(
         .map(|p| PipelineStatus {
             name: p.name.clone(),
             file: p.file.display().to_string(),
-            plugins: p.transforms.iter().map(|t| PluginStatus { path: t.path.display().to_string(), version: t.hash.clone() }).collect(),
+            plugins: p
+                .transforms
+                .iter()
+                .map(|t| PluginStatus { path: t.path.display().to_string(), version: t.hash.clone() })
+                .collect(),
             state: Default::default(),
         })
         .collect();
@@ -212,4 +223,3 @@ fn update_status(
         None => {}
     }
 }
-

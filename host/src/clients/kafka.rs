@@ -57,7 +57,7 @@ pub fn connection_properties(connection: &KafkaConnectionConfig) -> Result<Vec<(
             errors.push("tls: `cert` and `key` go together (mutual TLS needs both)".to_string());
         }
         if let Some(password) = &tls.key_password {
-            props.push(("ssl.key.password", password.clone()));
+            props.push(("ssl.key.password", password.expose().to_string()));
         }
         if !tls.verify_hostname {
             props.push(("ssl.endpoint.identification.algorithm", "none".to_string()));
@@ -70,12 +70,15 @@ pub fn connection_properties(connection: &KafkaConnectionConfig) -> Result<Vec<(
                 match (&sasl.username, &sasl.password) {
                     (Some(user), Some(password)) => {
                         props.push(("sasl.username", user.clone()));
-                        props.push(("sasl.password", password.clone()));
+                        props.push(("sasl.password", password.expose().to_string()));
                     }
                     _ => errors.push(format!("sasl: {} needs `username` and `password`", sasl.mechanism.name())),
                 }
                 if sasl.token_endpoint.is_some() || sasl.client_id.is_some() || sasl.client_secret.is_some() {
-                    errors.push(format!("sasl: `token_endpoint`, `client_id` and `client_secret` are for OAUTHBEARER, not {}", sasl.mechanism.name()));
+                    errors.push(format!(
+                        "sasl: `token_endpoint`, `client_id` and `client_secret` are for OAUTHBEARER, not {}",
+                        sasl.mechanism.name()
+                    ));
                 }
             }
             SaslMechanism::OAuthBearer => {
@@ -84,7 +87,7 @@ pub fn connection_properties(connection: &KafkaConnectionConfig) -> Result<Vec<(
                         props.push(("sasl.oauthbearer.method", "oidc".to_string()));
                         props.push(("sasl.oauthbearer.token.endpoint.url", endpoint.clone()));
                         props.push(("sasl.oauthbearer.client.id", id.clone()));
-                        props.push(("sasl.oauthbearer.client.secret", secret.clone()));
+                        props.push(("sasl.oauthbearer.client.secret", secret.expose().to_string()));
                     }
                     _ => errors.push(
                         "sasl: OAUTHBEARER needs `token_endpoint`, `client_id` and `client_secret` (OIDC client credentials)".to_string(),
@@ -342,11 +345,15 @@ impl ClientEvents {
             RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
                 error!(pipeline = %self.pipeline, client = %self.client(), fac, "librdkafka: {message}")
             }
-            RDKafkaLogLevel::Warning => warn!(pipeline = %self.pipeline, client = %self.client(), fac, "librdkafka: {message}"),
+            RDKafkaLogLevel::Warning => {
+                warn!(pipeline = %self.pipeline, client = %self.client(), fac, "librdkafka: {message}")
+            }
             RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
                 info!(pipeline = %self.pipeline, client = %self.client(), fac, "librdkafka: {message}")
             }
-            RDKafkaLogLevel::Debug => debug!(pipeline = %self.pipeline, client = %self.client(), fac, "librdkafka: {message}"),
+            RDKafkaLogLevel::Debug => {
+                debug!(pipeline = %self.pipeline, client = %self.client(), fac, "librdkafka: {message}")
+            }
         }
     }
 }

@@ -17,11 +17,16 @@ use std::path::Path;
 /// the same places itself).
 pub fn trust(builder: &mut SslConnectorBuilder, ca: Option<&Path>) -> anyhow::Result<()> {
     match ca {
-        Some(ca) => builder.set_ca_file(ca).with_context(|| format!("cannot load CA certificates from {}", ca.display())),
+        Some(ca) => {
+            builder.set_ca_file(ca).with_context(|| format!("cannot load CA certificates from {}", ca.display()))
+        }
         None => {
             let probe = openssl_probe::probe();
             builder
-                .load_verify_locations(probe.cert_file.as_deref(), probe.cert_dir.first().map(std::path::PathBuf::as_path))
+                .load_verify_locations(
+                    probe.cert_file.as_deref(),
+                    probe.cert_dir.first().map(std::path::PathBuf::as_path),
+                )
                 .context("cannot load the system's trusted certificates")
         }
     }

@@ -51,9 +51,7 @@ impl FromStr for SslMode {
             "verify-full" => SslMode::VerifyFull,
             // libpq's `allow` tries plaintext first: not worth a downgrade path.
             other => {
-                return Err(format!(
-                    "sslmode {other:?} is not one of disable, prefer, require, verify-ca, verify-full"
-                ))
+                return Err(format!("sslmode {other:?} is not one of disable, prefer, require, verify-ca, verify-full"))
             }
         })
     }
@@ -210,7 +208,11 @@ pub fn target(sink: &PostgresSinkConfig, dir: &std::path::Path) -> Result<Target
 }
 
 /// [`target`], with `home` for `$HOME`.
-pub fn target_with_home(sink: &PostgresSinkConfig, dir: &std::path::Path, home: Option<&std::path::Path>) -> Result<Target, Vec<TargetError>> {
+pub fn target_with_home(
+    sink: &PostgresSinkConfig,
+    dir: &std::path::Path,
+    home: Option<&std::path::Path>,
+) -> Result<Target, Vec<TargetError>> {
     let mut errors = Vec::new();
     let (rest, from_url) = split_tls_options(&sink.url);
     let mut config = match tokio_postgres::Config::from_str(&rest) {
@@ -222,8 +224,7 @@ pub fn target_with_home(sink: &PostgresSinkConfig, dir: &std::path::Path, home: 
         }
     };
     if let Some(password) = &sink.password {
-        crate::secrets::register(password);
-        config.password(password.as_bytes());
+        config.password(password.expose().as_bytes());
     }
     if let Some(password) = config.get_password() {
         crate::secrets::register(&String::from_utf8_lossy(password));
@@ -245,7 +246,8 @@ pub fn target_with_home(sink: &PostgresSinkConfig, dir: &std::path::Path, home: 
     let file = |place: &'static str, key: &str, raw: String, errors: &mut Vec<TargetError>| -> PathBuf {
         let path = dir.join(&raw);
         if !path.is_file() {
-            errors.push(TargetError { option: place, message: format!("{key} file {} does not exist", path.display()) });
+            errors
+                .push(TargetError { option: place, message: format!("{key} file {} does not exist", path.display()) });
         }
         path
     };
@@ -253,7 +255,8 @@ pub fn target_with_home(sink: &PostgresSinkConfig, dir: &std::path::Path, home: 
         "system" => RootCert::System,
         _ => RootCert::File(file(place, "sslrootcert", raw, &mut errors)),
     });
-    let mode = explicit_mode.unwrap_or(if root == Some(RootCert::System) { SslMode::VerifyFull } else { SslMode::Prefer });
+    let mode =
+        explicit_mode.unwrap_or(if root == Some(RootCert::System) { SslMode::VerifyFull } else { SslMode::Prefer });
     if root == Some(RootCert::System) && mode != SslMode::VerifyFull {
         errors.push(TargetError {
             option: "sslrootcert",
@@ -279,10 +282,16 @@ pub fn target_with_home(sink: &PostgresSinkConfig, dir: &std::path::Path, home: 
     let cert = option(&sink.sslcert, "sslcert").map(|(place, raw)| file(place, "sslcert", raw, &mut errors));
     let key = option(&sink.sslkey, "sslkey").map(|(place, raw)| file(place, "sslkey", raw, &mut errors));
     if cert.is_some() != key.is_some() {
-        errors.push(TargetError { option: "sslcert", message: "sslcert and sslkey go together (mutual TLS needs both)".into() });
+        errors.push(TargetError {
+            option: "sslcert",
+            message: "sslcert and sslkey go together (mutual TLS needs both)".into(),
+        });
     }
     if mode == SslMode::Disable && (root.is_some() || cert.is_some()) {
-        errors.push(TargetError { option: "sslmode", message: "sslmode=disable with certificates set: say require, verify-ca or verify-full".into() });
+        errors.push(TargetError {
+            option: "sslmode",
+            message: "sslmode=disable with certificates set: say require, verify-ca or verify-full".into(),
+        });
     }
     config.ssl_mode(match mode {
         SslMode::Disable => PgSslMode::Disable,
@@ -336,7 +345,9 @@ pub fn connector(tls: &Tls) -> anyhow::Result<MakeTlsConnector> {
     }
     if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
         builder.set_certificate_chain_file(cert).with_context(|| format!("cannot load sslcert {}", cert.display()))?;
-        builder.set_private_key_file(key, SslFiletype::PEM).with_context(|| format!("cannot load sslkey {}", key.display()))?;
+        builder
+            .set_private_key_file(key, SslFiletype::PEM)
+            .with_context(|| format!("cannot load sslkey {}", key.display()))?;
         builder.check_private_key().context("sslkey does not match sslcert")?;
     }
     let mut connector = MakeTlsConnector::new(builder.build());
@@ -352,8 +363,10 @@ pub fn connector(tls: &Tls) -> anyhow::Result<MakeTlsConnector> {
 /// Connects to `target`; the error names the endpoint and the cause, never the password.
 pub async fn connect(
     target: &Target,
-) -> anyhow::Result<(tokio_postgres::Client, tokio_postgres::Connection<tokio_postgres::Socket, postgres_openssl::TlsStream<tokio_postgres::Socket>>)>
-{
+) -> anyhow::Result<(
+    tokio_postgres::Client,
+    tokio_postgres::Connection<tokio_postgres::Socket, postgres_openssl::TlsStream<tokio_postgres::Socket>>,
+)> {
     let connector = connector(&target.tls)?;
     target.config.connect(connector).await.map_err(|e| {
         // tokio-postgres's error chain ends in OpenSSL's reason (e.g.
@@ -383,7 +396,9 @@ mod tests {
 
     #[test]
     fn takes_libpq_tls_options_from_urls_and_key_value_strings() {
-        let (rest, found) = split_tls_options("postgres://u:p@h:5/db?sslmode=verify-full&application_name=x&sslrootcert=%2Ftmp%2Fca.pem");
+        let (rest, found) = split_tls_options(
+            "postgres://u:p@h:5/db?sslmode=verify-full&application_name=x&sslrootcert=%2Ftmp%2Fca.pem",
+        );
         assert_eq!(rest, "postgres://u:p@h:5/db?application_name=x");
         assert_eq!(found, vec![("sslmode".into(), "verify-full".into()), ("sslrootcert".into(), "/tmp/ca.pem".into())]);
         let (rest, found) = split_tls_options("host=h  sslmode=require user=u password='a b\\'c' sslcert = '/x y.pem'");
@@ -393,11 +408,18 @@ mod tests {
 
     #[test]
     fn reports_a_bad_sslmode_and_missing_files() {
-        let errors = target(&sink("postgres://u@h/db?sslmode=verify_full&sslrootcert=/nonexistent/ca.pem"), std::path::Path::new("/")).err().unwrap();
+        let errors = target(
+            &sink("postgres://u@h/db?sslmode=verify_full&sslrootcert=/nonexistent/ca.pem"),
+            std::path::Path::new("/"),
+        )
+        .err()
+        .unwrap();
         assert_eq!(errors[0].option, "url");
         assert!(errors[0].message.contains("\"verify_full\" is not one of"), "{:?}", errors);
         assert!(errors[1].message.contains("sslrootcert file /nonexistent/ca.pem does not exist"), "{:?}", errors);
-        let ok = target(&sink("postgres://u:hidden-pw@db.example.com:6543/app?sslmode=require"), std::path::Path::new("/")).unwrap();
+        let ok =
+            target(&sink("postgres://u:hidden-pw@db.example.com:6543/app?sslmode=require"), std::path::Path::new("/"))
+                .unwrap();
         assert_eq!(ok.endpoint, "db.example.com:6543/app (sslmode=require)");
         assert_eq!(crate::secrets::redact("x hidden-pw"), "x ***");
     }

@@ -28,7 +28,9 @@ pub fn diff(running: &BTreeMap<String, Pipeline>, wanted: &[Pipeline]) -> Diff {
     for w in wanted {
         match running.get(&w.name) {
             Some(current) if current == w => d.keep.push(w.name.clone()),
-            Some(current) if Pipeline { transforms: w.transforms.clone(), ..current.clone() } == *w => d.swap.push(w.clone()),
+            Some(current) if Pipeline { transforms: w.transforms.clone(), ..current.clone() } == *w => {
+                d.swap.push(w.clone())
+            }
             Some(_) => {
                 d.stop.push(w.name.clone());
                 d.start.push(w.clone());
@@ -78,7 +80,10 @@ mod tests {
     #[test]
     fn a_reload_stops_removed_restarts_changed_and_keeps_the_rest() {
         let running: BTreeMap<String, Pipeline> =
-            [pipeline("keep", "x"), pipeline("change", "x"), pipeline("gone", "x")].into_iter().map(|p| (p.name.clone(), p)).collect();
+            [pipeline("keep", "x"), pipeline("change", "x"), pipeline("gone", "x")]
+                .into_iter()
+                .map(|p| (p.name.clone(), p))
+                .collect();
         let mut swapped = pipeline("keep", "x");
         swapped.transforms.push(crate::config::TransformSpec {
             path: "p.wasm".into(),

@@ -32,9 +32,13 @@ pub struct Expanded {
 enum Place {
     Bare,
     /// `"…"` or `"""…"""`.
-    Basic { multiline: bool },
+    Basic {
+        multiline: bool,
+    },
     /// `'…'` or `'''…'''`.
-    Literal { multiline: bool },
+    Literal {
+        multiline: bool,
+    },
     /// After a `#` outside a string, to the end of the line.
     Comment,
 }
@@ -103,7 +107,8 @@ fn encode(value: &str, place: Place) -> Result<String, String> {
         }
         Place::Literal { multiline } => {
             if value.contains('\'') || (!multiline && value.contains('\n')) {
-                Err("its value contains a quote or a line break, which a '…' string cannot hold: write \"…\" instead".into())
+                Err("its value contains a quote or a line break, which a '…' string cannot hold: write \"…\" instead"
+                    .into())
             } else {
                 Ok(value.to_string())
             }
@@ -146,7 +151,7 @@ pub fn expand(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<Exp
             let mut fail = |message: String| errors.push(ExpandError { line: index + 1, column, message });
             let value = if let Some(path) = inner.strip_prefix("file:") {
                 files.push(PathBuf::from(path));
-                read_secret_file(path).inspect(|v| crate::secrets::register(v)).map_err(|e| fail(e)).ok()
+                read_secret_file(path).inspect(|v| crate::secrets::register(v)).map_err(&mut fail).ok()
             } else {
                 let (name, default) = match inner.split_once(":-") {
                     Some((name, default)) => (name, Some(default)),
@@ -161,7 +166,9 @@ pub fn expand(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<Exp
                     }
                     None if default.is_some() => default.map(str::to_string),
                     None => {
-                        fail(format!("environment variable `{name}` is not set (write `${{{name}:-default}}` for a default)"));
+                        fail(format!(
+                            "environment variable `{name}` is not set (write `${{{name}:-default}}` for a default)"
+                        ));
                         None
                     }
                 }
@@ -169,7 +176,9 @@ pub fn expand(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<Exp
             if let Some(value) = value {
                 match encode(&value, place) {
                     Ok(encoded) => out.push_str(&encoded),
-                    Err(why) => errors.push(ExpandError { line: index + 1, column, message: format!("`${{{inner}}}`: {why}") }),
+                    Err(why) => {
+                        errors.push(ExpandError { line: index + 1, column, message: format!("`${{{inner}}}`: {why}") })
+                    }
                 }
             }
             rest = &rest[start + len + 1..];
@@ -203,8 +212,10 @@ mod tests {
 
     #[test]
     fn expands_set_variables_and_defaults() {
-        assert_eq!(text("a = \"${SET}\"\nb = \"${UNSET:-127.0.0.1:9092}\"\nc = \"$HOME ${SET:-x}\"\n"),
-            "a = \"value\"\nb = \"127.0.0.1:9092\"\nc = \"$HOME value\"\n");
+        assert_eq!(
+            text("a = \"${SET}\"\nb = \"${UNSET:-127.0.0.1:9092}\"\nc = \"$HOME ${SET:-x}\"\n"),
+            "a = \"value\"\nb = \"127.0.0.1:9092\"\nc = \"$HOME value\"\n"
+        );
     }
 
     #[test]
@@ -226,7 +237,8 @@ mod tests {
 
     #[test]
     fn escapes_values_for_the_string_they_stand_in() {
-        let expanded = text("a = \"${QUOTED}\"\nb = ${UNSET:-1}\nc = \"\"\"\n${QUOTED}\"\"\"\nd = 'x'\ne = \"${QUOTED}\"\n");
+        let expanded =
+            text("a = \"${QUOTED}\"\nb = ${UNSET:-1}\nc = \"\"\"\n${QUOTED}\"\"\"\nd = 'x'\ne = \"${QUOTED}\"\n");
         let parsed: toml::Table = toml::from_str(&expanded).unwrap();
         assert_eq!(parsed["a"].as_str(), Some(r#"pa"ss\word"#));
         assert_eq!(parsed["c"].as_str(), Some(r#"pa"ss\word"#));
@@ -251,9 +263,15 @@ mod tests {
         assert_eq!(ok.files, vec![with_newline.clone()]);
         assert_eq!(crate::secrets::redact("x hunter2-file y"), "x *** y");
 
-        let err = expand(&format!("a = \"${{file:{}}}\"\nb = \"${{file:{}}}\"\n", missing.display(), empty.display()), env).unwrap_err();
+        let err =
+            expand(&format!("a = \"${{file:{}}}\"\nb = \"${{file:{}}}\"\n", missing.display(), empty.display()), env)
+                .unwrap_err();
         assert_eq!((err[0].line, err[1].line), (1, 2));
-        assert!(err[0].message.starts_with("cannot read secret file") && err[0].message.contains("No such file"), "{}", err[0].message);
+        assert!(
+            err[0].message.starts_with("cannot read secret file") && err[0].message.contains("No such file"),
+            "{}",
+            err[0].message
+        );
         assert!(err[1].message.ends_with("is empty"), "{}", err[1].message);
     }
 }

@@ -40,6 +40,7 @@
 //! topics = ["trades_raw"]
 //! ```
 
+use crate::secrets::Secret;
 use schemars::JsonSchema;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -138,7 +139,8 @@ pub struct KafkaTlsConfig {
     /// PEM file of this client's private key, for mutual TLS (`ssl.key.location`).
     pub key: Option<String>,
     /// Password of an encrypted `key` (`ssl.key.password`).
-    pub key_password: Option<String>,
+    #[schemars(with = "Option<String>")]
+    pub key_password: Option<Secret>,
     /// Check that the broker's certificate names the host connected to
     /// (default true; `ssl.endpoint.identification.algorithm`).
     #[serde(default = "default_true")]
@@ -154,14 +156,16 @@ pub struct KafkaSaslConfig {
     /// User name (PLAIN, SCRAM).
     pub username: Option<String>,
     /// Password (PLAIN, SCRAM): best from `${VAR}` or `${file:/path}`.
-    pub password: Option<String>,
+    #[schemars(with = "Option<String>")]
+    pub password: Option<Secret>,
     /// OAUTHBEARER: the OIDC token endpoint that grants client-credentials
     /// tokens (`sasl.oauthbearer.token.endpoint.url`).
     pub token_endpoint: Option<String>,
     /// OAUTHBEARER: the OIDC client id.
     pub client_id: Option<String>,
     /// OAUTHBEARER: the OIDC client secret: best from `${VAR}` or `${file:/path}`.
-    pub client_secret: Option<String>,
+    #[schemars(with = "Option<String>")]
+    pub client_secret: Option<Secret>,
     /// OAUTHBEARER: the scope requested (optional).
     pub scope: Option<String>,
 }
@@ -348,8 +352,10 @@ pub struct TransformConfig {
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
-    /// Time one call (`init` or one batch) may take, in milliseconds,
-    /// running or waiting in a host call (a sleep, a socket) (default 1000).
+    /// Time one batch may take, in milliseconds, running or waiting in a
+    /// host call (a sleep, a socket) (default 1000). Instantiation and
+    /// `init` each get this, but at least 10 s (an interpreter starts up in
+    /// them).
     pub cpu_ms: Option<u64>,
     /// Linear memory the instance may grow to, in MiB (default 128).
     pub memory_mib: Option<usize>,
@@ -467,7 +473,8 @@ pub struct PostgresSinkConfig {
     /// `sslkey` have libpq's meaning, in the URL or as the options below.
     pub url: String,
     /// Password, when it is not in `url`: best from `${VAR}` or `${file:/path}`.
-    pub password: Option<String>,
+    #[schemars(with = "Option<String>")]
+    pub password: Option<Secret>,
     /// TLS: `disable`, `prefer` (libpq's default: TLS if the server offers
     /// it, unverified), `require` (TLS, unverified unless a root file is
     /// set or `~/.postgresql/root.crt` exists), `verify-ca` (the server's

@@ -100,7 +100,8 @@ fn kind(schema: &Value) -> String {
     }
     for key in ["anyOf", "oneOf"] {
         if let Some(options) = map.get(key).and_then(Value::as_array) {
-            let kinds: Vec<String> = options.iter().filter(|o| o.get("type").and_then(Value::as_str) != Some("null")).map(kind).collect();
+            let kinds: Vec<String> =
+                options.iter().filter(|o| o.get("type").and_then(Value::as_str) != Some("null")).map(kind).collect();
             return kinds.join(" or ");
         }
     }
@@ -143,7 +144,8 @@ fn render(out: &mut String, name: &str, schema: &Value) {
             };
             let what = option.get("description").and_then(Value::as_str).map(cell).unwrap_or_else(|| kind(option));
             // A tagged table's own description usually starts with its tag.
-            let what = what.strip_prefix(&tag).map(|w| w.trim_start_matches(':').trim_start().to_string()).unwrap_or(what);
+            let what =
+                what.strip_prefix(&tag).map(|w| w.trim_start_matches(':').trim_start().to_string()).unwrap_or(what);
             let tag = if tag.is_empty() { tag } else { format!("{tag}: ") };
             let _ = writeln!(out, "- {tag}{what}");
             if let Some(properties) = option.get("properties").and_then(Value::as_object) {
@@ -170,7 +172,8 @@ fn render(out: &mut String, name: &str, schema: &Value) {
 }
 
 fn keys_table(out: &mut String, properties: &Map<String, Value>, required: &Value, indent: &str) {
-    let required: Vec<&str> = required.as_array().map(|r| r.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+    let required: Vec<&str> =
+        required.as_array().map(|r| r.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
     let _ = writeln!(out, "{indent}| key | type | default | what |\n{indent}|---|---|---|---|");
     for (key, schema) in properties {
         let default = match schema.get("default") {

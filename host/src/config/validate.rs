@@ -152,7 +152,14 @@ fn check(parsed: PipelineFile, file: &Path, runtime: Option<&Runtime>, report: &
     let mut source = parsed.source.get_ref().clone();
     match &mut source {
         SourceConfig::Kafka(k) => {
-            resolve_kafka(&["source"], source_span.clone(), (&mut k.brokers, &k.connection, &mut k.properties), &connections, dir, report);
+            resolve_kafka(
+                &["source"],
+                source_span.clone(),
+                (&mut k.brokers, &k.connection, &mut k.properties),
+                &connections,
+                dir,
+                report,
+            );
             if k.topics.is_empty() {
                 report.at(source_span.clone(), "[source]: `topics` is empty");
             }
@@ -170,7 +177,14 @@ fn check(parsed: PipelineFile, file: &Path, runtime: Option<&Runtime>, report: &
         SourceConfig::WebSocket(w) => {
             let url = w.url.trim();
             if !(url.starts_with("ws://") || url.starts_with("wss://")) {
-                report.at_key(&["source", "url"], source_span.clone(), format!("[source]: url {:?} must start with ws:// or wss://", crate::sources::websocket::display_url(url)));
+                report.at_key(
+                    &["source", "url"],
+                    source_span.clone(),
+                    format!(
+                        "[source]: url {:?} must start with ws:// or wss://",
+                        crate::sources::websocket::display_url(url)
+                    ),
+                );
             }
             if let Err(e) = crate::sources::websocket::request(w) {
                 report.at_key(&["source", "url"], source_span.clone(), format!("[source]: {e}"));
@@ -178,13 +192,21 @@ fn check(parsed: PipelineFile, file: &Path, runtime: Option<&Runtime>, report: &
             if let Some(ca) = &w.ca {
                 let path = dir.join(ca);
                 if !path.is_file() {
-                    report.at_key(&["source", "ca"], source_span.clone(), format!("[source]: ca file {} does not exist", path.display()));
+                    report.at_key(
+                        &["source", "ca"],
+                        source_span.clone(),
+                        format!("[source]: ca file {} does not exist", path.display()),
+                    );
                 }
                 w.ca = Some(path.display().to_string());
             }
             for (i, message) in w.subscribe.iter().enumerate() {
                 if !(message.is_str() || message.is_table()) {
-                    report.at_key(&["source", "subscribe"], source_span.clone(), format!("[source]: subscribe message {} must be a string or a table", i + 1));
+                    report.at_key(
+                        &["source", "subscribe"],
+                        source_span.clone(),
+                        format!("[source]: subscribe message {} must be a string or a table", i + 1),
+                    );
                 }
             }
             if w.batch_max_records == 0 || w.buffer_records == 0 || w.buffer_bytes == 0 || w.max_message_bytes == 0 {
@@ -193,12 +215,8 @@ fn check(parsed: PipelineFile, file: &Path, runtime: Option<&Runtime>, report: &
         }
     }
 
-    let transforms = parsed
-        .transforms
-        .iter()
-        .enumerate()
-        .map(|(i, t)| check_transform(i, t, dir, &name, runtime, report))
-        .collect();
+    let transforms =
+        parsed.transforms.iter().enumerate().map(|(i, t)| check_transform(i, t, dir, &name, runtime, report)).collect();
 
     if parsed.sinks.is_empty() {
         report.at(0..0, "no sinks: add at least one `[sinks.NAME]` table");
@@ -221,7 +239,10 @@ fn check(parsed: PipelineFile, file: &Path, runtime: Option<&Runtime>, report: &
         Some(d) if parsed.sinks.contains_key(d.get_ref()) => d.get_ref().clone(),
         Some(d) => {
             let known: Vec<&str> = parsed.sinks.keys().map(String::as_str).collect();
-            report.at(d.span(), format!("default_sink {:?} is not a sink of this pipeline (sinks: {})", d.get_ref(), known.join(", ")));
+            report.at(
+                d.span(),
+                format!("default_sink {:?} is not a sink of this pipeline (sinks: {})", d.get_ref(), known.join(", ")),
+            );
             String::new()
         }
         None if parsed.sinks.len() == 1 => parsed.sinks.keys().next().cloned().unwrap_or_default(),
@@ -232,7 +253,9 @@ fn check(parsed: PipelineFile, file: &Path, runtime: Option<&Runtime>, report: &
         }
     };
     let dead_letter = match parsed.dead_letter.get_ref() {
-        SinkConfig::Kafka(_) | SinkConfig::Stdout(_) => check_sink(&["dead_letter"], &parsed.dead_letter, &connections, dir, report),
+        SinkConfig::Kafka(_) | SinkConfig::Stdout(_) => {
+            check_sink(&["dead_letter"], &parsed.dead_letter, &connections, dir, report)
+        }
         other => {
             report.at(
                 parsed.dead_letter.span(),
@@ -280,7 +303,11 @@ fn check_connections(
                             properties.insert(key.to_string(), value);
                         }
                         Err(message) => match typed_field(key) {
-                            Some((table, field)) => report.at_key(&["connections", name, table, field], span.clone(), format!("{place}: {message}")),
+                            Some((table, field)) => report.at_key(
+                                &["connections", name, table, field],
+                                span.clone(),
+                                format!("{place}: {message}"),
+                            ),
                             None => report.at(span.clone(), format!("{place}: {message}")),
                         },
                     }
@@ -326,7 +353,14 @@ type KafkaProperties = BTreeMap<String, String>;
 
 /// Checks each of `own` (the `properties` of the table at `table`) and adds
 /// it to `into` (over what is there).
-fn check_properties(place: &str, table: &[&str], own: &KafkaProperties, into: &mut KafkaProperties, dir: &Path, report: &mut Reporter) {
+fn check_properties(
+    place: &str,
+    table: &[&str],
+    own: &KafkaProperties,
+    into: &mut KafkaProperties,
+    dir: &Path,
+    report: &mut Reporter,
+) {
     for (key, value) in own {
         match crate::clients::kafka::check_property(key, value, dir) {
             Ok(checked) => {
@@ -361,8 +395,13 @@ fn resolve_kafka(
             span.clone(),
             format!("{place}: give `brokers` or `connection`, not both (the connection has the brokers)"),
         ),
-        (None, None) => report.at(span.clone(), format!("{place}: say where Kafka is: `brokers = \"host:port\"` or `connection = \"NAME\"`")),
-        (Some(b), None) if b.trim().is_empty() => report.at_key(&key("brokers"), span.clone(), format!("{place}: `brokers` is empty")),
+        (None, None) => report.at(
+            span.clone(),
+            format!("{place}: say where Kafka is: `brokers = \"host:port\"` or `connection = \"NAME\"`"),
+        ),
+        (Some(b), None) if b.trim().is_empty() => {
+            report.at_key(&key("brokers"), span.clone(), format!("{place}: `brokers` is empty"))
+        }
         (None, Some(c)) => match connections.get(c) {
             Some((connection_brokers, connection_properties)) => {
                 *brokers = Some(connection_brokers.clone());
@@ -371,7 +410,11 @@ fn resolve_kafka(
             None => {
                 let known: Vec<&str> = connections.keys().map(String::as_str).collect();
                 let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
-                report.at_key(&key("connection"), span.clone(), format!("{place}: no connection {c:?} in this file (connections: {known})"));
+                report.at_key(
+                    &key("connection"),
+                    span.clone(),
+                    format!("{place}: no connection {c:?} in this file (connections: {known})"),
+                );
             }
         },
         (Some(_), None) => {}
@@ -425,7 +468,10 @@ fn check_transform(
                 crate::secrets::register(&value);
                 grants.env.push((var.clone(), value))
             }
-            Err(_) => report.at(t.plugin.span(), format!("transform {}: granted environment variable `{var}` is not set", index + 1)),
+            Err(_) => report.at(
+                t.plugin.span(),
+                format!("transform {}: granted environment variable `{var}` is not set", index + 1),
+            ),
         }
     }
     for entry in &t.grants.read_dirs {
@@ -435,7 +481,10 @@ fn check_transform(
         };
         let host = dir.join(host);
         if !host.is_dir() {
-            report.at(t.plugin.span(), format!("transform {}: granted directory {} does not exist", index + 1, host.display()));
+            report.at(
+                t.plugin.span(),
+                format!("transform {}: granted directory {} does not exist", index + 1, host.display()),
+            );
         }
         grants.read_dirs.push((host, guest));
     }
@@ -517,7 +566,12 @@ pub fn load_dir_or_files(paths: &[PathBuf], runtime: Option<&Runtime>) -> Result
                     found.sort();
                     files.extend(found);
                 }
-                Err(e) => errors.push(ConfigError { file: path.clone(), line: 1, column: 1, message: format!("cannot list folder: {e}") }),
+                Err(e) => errors.push(ConfigError {
+                    file: path.clone(),
+                    line: 1,
+                    column: 1,
+                    message: format!("cannot list folder: {e}"),
+                }),
             }
         } else {
             files.push(path.clone());

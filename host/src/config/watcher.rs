@@ -31,7 +31,8 @@ impl Interest {
     fn changed(&mut self, path: &Path) -> Vec<PathBuf> {
         let mut changed = Vec::new();
         if self.files.contains(path)
-            || (path.extension().is_some_and(|e| e == "toml") && path.parent().is_some_and(|d| self.pipeline_dirs.contains(d)))
+            || (path.extension().is_some_and(|e| e == "toml")
+                && path.parent().is_some_and(|d| self.pipeline_dirs.contains(d)))
         {
             changed.push(path.to_path_buf());
         }

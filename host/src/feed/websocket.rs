@@ -43,7 +43,16 @@ pub struct ServeOptions {
 
 impl Default for ServeOptions {
     fn default() -> Self {
-        ServeOptions { rate: 100, token: None, seed: 1, ping_secs: 10, drop_after: 0, drops: 0, max_frames: 0, record: false }
+        ServeOptions {
+            rate: 100,
+            token: None,
+            seed: 1,
+            ping_secs: 10,
+            drop_after: 0,
+            drops: 0,
+            max_frames: 0,
+            record: false,
+        }
     }
 }
 
@@ -81,13 +90,22 @@ pub fn spawn(listener: TcpListener, options: ServeOptions) -> (Arc<Sent>, tokio:
 /// `sluice feed --serve-websocket ADDR`: serves until interrupted.
 pub async fn serve(addr: SocketAddr, options: ServeOptions) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr).await?;
-    eprintln!("serving a Finnhub-style WebSocket feed on ws://{} ({} frames/s per connection)", listener.local_addr()?, options.rate);
+    eprintln!(
+        "serving a Finnhub-style WebSocket feed on ws://{} ({} frames/s per connection)",
+        listener.local_addr()?,
+        options.rate
+    );
     let (sent, _task) = spawn(listener, options);
     tokio::signal::ctrl_c().await?;
     // Stop sending first, so that the counts are final.
     sent.stopped.store(true, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    eprintln!("sent {} frames ({} trades) over {} connections", sent.frames.load(Ordering::SeqCst), sent.trades.load(Ordering::SeqCst), sent.connections.load(Ordering::SeqCst));
+    eprintln!(
+        "sent {} frames ({} trades) over {} connections",
+        sent.frames.load(Ordering::SeqCst),
+        sent.trades.load(Ordering::SeqCst),
+        sent.connections.load(Ordering::SeqCst)
+    );
     Ok(())
 }
 
@@ -102,6 +120,8 @@ fn filter(frame: &str, subscribed: &BTreeSet<String>) -> Option<(String, u64)> {
 
 async fn serve_one(stream: TcpStream, options: &ServeOptions, sent: &Sent) -> anyhow::Result<()> {
     let mut token_ok = options.token.is_none();
+    // The error type is tungstenite's, fixed by its handshake callback.
+    #[allow(clippy::result_large_err)]
     let check = |request: &Request, response: Response| {
         if let Some(want) = &options.token {
             let query = request.uri().query().unwrap_or_default();
@@ -124,7 +144,11 @@ async fn serve_one(stream: TcpStream, options: &ServeOptions, sent: &Sent) -> an
     let mut generator = FeedGenerator::new(options.seed.wrapping_add(n));
     generator.ping_every = 0;
     let mut subscribed = BTreeSet::new();
-    let period = if options.rate == 0 { Duration::from_micros(1) } else { Duration::from_secs_f64(1.0 / f64::from(options.rate)) };
+    let period = if options.rate == 0 {
+        Duration::from_micros(1)
+    } else {
+        Duration::from_secs_f64(1.0 / f64::from(options.rate))
+    };
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ping = tokio::time::interval(Duration::from_secs(options.ping_secs.max(1)));

@@ -78,7 +78,11 @@ impl Encoder {
             // The entry is put together whole, then written with one copy.
             let flags = u32::from(r.key.is_some()) | u32::from(r.timestamp.is_some()) << 1;
             let mut entry = [0u8; RECORD_BYTES];
-            put_u32s(&mut entry, 0, &[flags, index as u32, r.origin.partition as u32, first, r.headers.len() as u32, 0]);
+            put_u32s(
+                &mut entry,
+                0,
+                &[flags, index as u32, r.origin.partition as u32, first, r.headers.len() as u32, 0],
+            );
             entry[24..32].copy_from_slice(&r.origin.offset.to_le_bytes());
             entry[32..40].copy_from_slice(&r.timestamp.unwrap_or(0).to_le_bytes());
             put_u32s(&mut entry, 40, &[key[0], key[1], value[0], value[1]]);
@@ -91,7 +95,16 @@ impl Encoder {
         buf.extend_from_slice(headers.as_flattened());
         let total = buf.len();
         u32::try_from(total).map_err(|_| format!("batch of {total} bytes is over the contract's 4 GiB"))?;
-        let counts = [BATCH_MAGIC, batch.len() as u32, names.len() as u32, headers.len() as u32, records_off as u32, topics_off as u32, headers_off as u32, 0];
+        let counts = [
+            BATCH_MAGIC,
+            batch.len() as u32,
+            names.len() as u32,
+            headers.len() as u32,
+            records_off as u32,
+            topics_off as u32,
+            headers_off as u32,
+            0,
+        ];
         put_u32s(buf, 0, &counts);
         Ok(buf)
     }
@@ -136,7 +149,10 @@ impl<'a> Reader<'a> {
         let end = (count as usize).checked_mul(size).and_then(|n| n.checked_add(off));
         match end.and_then(|end| self.0.get(off..end)) {
             Some(table) => Ok(table),
-            None => Err(format!("the {what} table ({count} entries at byte {off}) is outside the {}-byte results buffer", self.0.len())),
+            None => Err(format!(
+                "the {what} table ({count} entries at byte {off}) is outside the {}-byte results buffer",
+                self.0.len()
+            )),
         }
     }
 }
@@ -153,7 +169,9 @@ pub fn decode(buf: &Bytes, inputs: usize, limits: &Limits) -> Result<Results<Str
     }
     let magic = r.u32(0)?;
     if magic != RESULTS_MAGIC {
-        return Err(format!("results buffer starts with {magic:#010x}, not the magic {RESULTS_MAGIC:#010x} (\"SLO2\")"));
+        return Err(format!(
+            "results buffer starts with {magic:#010x}, not the magic {RESULTS_MAGIC:#010x} (\"SLO2\")"
+        ));
     }
     let (results, outputs, headers) = (r.u32(4)?, r.u32(8)?, r.u32(12)?);
     if results as usize != inputs {
@@ -165,7 +183,8 @@ pub fn decode(buf: &Bytes, inputs: usize, limits: &Limits) -> Result<Results<Str
     let header_table = r.table(24, headers, HEADER_ENTRY_BYTES, "headers")?;
     // The ok counts must add up to the outputs table, so that every record's
     // outputs are where the sum of the previous counts says.
-    let (result_table, output_table) = (result_table.as_chunks::<RESULT_BYTES>().0, output_table.as_chunks::<OUTPUT_BYTES>().0);
+    let (result_table, output_table) =
+        (result_table.as_chunks::<RESULT_BYTES>().0, output_table.as_chunks::<OUTPUT_BYTES>().0);
     let (mut total, mut all_ok, mut most) = (0u64, true, 0u32);
     for e in result_table {
         let (status, count) = (le32(e, 0), le32(e, 4));
@@ -210,7 +229,8 @@ pub fn decode(buf: &Bytes, inputs: usize, limits: &Limits) -> Result<Results<Str
                     extend_plain(all, shared, mine.get(..plain).unwrap_or_default());
                     let mut bytes = bytes as usize;
                     for (j, entry) in mine.iter().enumerate().skip(plain) {
-                        bytes += push_output(all, shared, buf, entry, first + j, header_table).map_err(|e| format!("plugin broke the contract: {e}"))?;
+                        bytes += push_output(all, shared, buf, entry, first + j, header_table)
+                            .map_err(|e| format!("plugin broke the contract: {e}"))?;
                     }
                     limits.check_totals(count, bytes)?;
                     limits.add_to_batch(&mut batch_bytes, bytes)
@@ -220,7 +240,9 @@ pub fn decode(buf: &Bytes, inputs: usize, limits: &Limits) -> Result<Results<Str
                 Ok(message) => String::from_utf8_lossy(message).into_owned(),
                 Err(e) => format!("plugin broke the contract: {e}"),
             }),
-            other => decoded.push_err(format!("plugin broke the contract: result {i} has status {other} (0 ok, 1 error)")),
+            other => {
+                decoded.push_err(format!("plugin broke the contract: result {i} has status {other} (0 ok, 1 error)"))
+            }
         }
     }
     Ok(decoded)
@@ -247,7 +269,11 @@ fn word(e: &[u8; OUTPUT_BYTES], j: usize) -> u32 {
 /// An output entry's key as (offset, length); (0, 0) when it has none.
 #[inline(always)]
 fn key_of(e: &[u8; OUTPUT_BYTES]) -> (u32, u32) {
-    if word(e, 0) & 1 != 0 { (word(e, 6), word(e, 7)) } else { (0, 0) }
+    if word(e, 0) & 1 != 0 {
+        (word(e, 6), word(e, 7))
+    } else {
+        (0, 0)
+    }
 }
 
 /// How many of the leading `entries` have neither headers nor a route (nor
@@ -285,7 +311,11 @@ fn extend_plain(all: &mut Outputs, shared: u32, entries: &[[u8; OUTPUT_BYTES]]) 
             let ((key_off, key_len), (value_off, value_len)) = (key_of(e), (word(e, 8), word(e, 9)));
             let flags = word(e, 0);
             let timestamp = (flags & 2 != 0).then(|| (u64::from(word(e, 4)) | u64::from(word(e, 5)) << 32) as i64);
-            ((flags & 1 != 0).then_some((key_off as usize, key_len as usize)), (value_off as usize, value_len as usize), timestamp)
+            (
+                (flags & 1 != 0).then_some((key_off as usize, key_len as usize)),
+                (value_off as usize, value_len as usize),
+                timestamp,
+            )
         }),
     );
 }
@@ -294,15 +324,28 @@ fn extend_plain(all: &mut Outputs, shared: u32, entries: &[[u8; OUTPUT_BYTES]]) 
 /// buffer (`shared` in `all`), every range checked; nothing is copied or
 /// reference-counted. Returns the output's bytes, for the limits.
 #[inline]
-fn push_output(all: &mut Outputs, shared: u32, buf: &[u8], entry: &[u8], index: usize, header_table: &[u8]) -> Result<usize, String> {
+fn push_output(
+    all: &mut Outputs,
+    shared: u32,
+    buf: &[u8],
+    entry: &[u8],
+    index: usize,
+    header_table: &[u8],
+) -> Result<usize, String> {
     let word = |j: usize| le32(entry, j * 4);
     let (flags, first, count) = (word(0), word(1), word(2));
     let size = buf.len() as u64;
     let range = |off: u32, len: u32, field: &str| {
         let end = u64::from(off) + u64::from(len);
-        if end <= size { Ok(off as usize..end as usize) } else { Err(outside(index, field, off, len, buf.len())) }
+        if end <= size {
+            Ok(off as usize..end as usize)
+        } else {
+            Err(outside(index, field, off, len, buf.len()))
+        }
     };
-    let text = |off: u32, len: u32, field: &str| std::str::from_utf8(&buf[range(off, len, field)?]).map_err(|_| format!("output {index}'s {field} is not UTF-8"));
+    let text = |off: u32, len: u32, field: &str| {
+        std::str::from_utf8(&buf[range(off, len, field)?]).map_err(|_| format!("output {index}'s {field} is not UTF-8"))
+    };
     let key = if flags & 1 != 0 { Some(range(word(6), word(7), "key")?) } else { None };
     let value = range(word(8), word(9), "value")?;
     let mut bytes = value.len() + key.as_ref().map_or(0, |k| k.len());
@@ -311,14 +354,21 @@ fn push_output(all: &mut Outputs, shared: u32, buf: &[u8], entry: &[u8], index: 
     let headers = if count == 0 {
         Vec::new()
     } else {
-        let mine = (first as usize).checked_add(count as usize).and_then(|end| header_table.get(first as usize * HEADER_ENTRY_BYTES..end * HEADER_ENTRY_BYTES));
+        let mine = (first as usize)
+            .checked_add(count as usize)
+            .and_then(|end| header_table.get(first as usize * HEADER_ENTRY_BYTES..end * HEADER_ENTRY_BYTES));
         let Some(mine) = mine else {
-            return Err(format!("output {index}'s headers {first}+{count} are outside the {}-entry headers table", header_table.len() / HEADER_ENTRY_BYTES));
+            return Err(format!(
+                "output {index}'s headers {first}+{count} are outside the {}-entry headers table",
+                header_table.len() / HEADER_ENTRY_BYTES
+            ));
         };
-        mine
-            .chunks_exact(HEADER_ENTRY_BYTES)
+        mine.chunks_exact(HEADER_ENTRY_BYTES)
             .map(|e| {
-                let (name, value) = (text(le32(e, 0), le32(e, 4), "header name")?, &buf[range(le32(e, 8), le32(e, 12), "header value")?]);
+                let (name, value) = (
+                    text(le32(e, 0), le32(e, 4), "header name")?,
+                    &buf[range(le32(e, 8), le32(e, 12), "header value")?],
+                );
                 bytes += name.len() + value.len();
                 Ok(Header { name: name.to_string(), value: value.to_vec() })
             })
@@ -338,7 +388,16 @@ mod tests {
         let results_off = 32;
         let outputs_off = results_off + entries.len() * 12;
         let payload = outputs_off + outputs.len() * 48;
-        for n in [RESULTS_MAGIC, entries.len() as u32, outputs.len() as u32, 0, results_off as u32, outputs_off as u32, payload as u32, 0] {
+        for n in [
+            RESULTS_MAGIC,
+            entries.len() as u32,
+            outputs.len() as u32,
+            0,
+            results_off as u32,
+            outputs_off as u32,
+            payload as u32,
+            0,
+        ] {
             buf.extend_from_slice(&n.to_le_bytes());
         }
         for n in entries.iter().flatten().chain(outputs.iter().flatten()) {
@@ -371,9 +430,15 @@ mod tests {
         let batch = sluice_plugin::abi::Batch::parse(&ours).unwrap();
         for (i, r) in records.iter().enumerate() {
             let view = batch.get(i).unwrap().to_record();
-            assert_eq!((view.key.as_deref(), &view.value[..], view.timestamp, &view.origin.topic, view.origin.offset), (r.key.as_deref(), &r.value[..], r.timestamp, &r.origin.topic.to_string(), r.origin.offset));
+            assert_eq!(
+                (view.key.as_deref(), &view.value[..], view.timestamp, &view.origin.topic, view.origin.offset),
+                (r.key.as_deref(), &r.value[..], r.timestamp, &r.origin.topic.to_string(), r.origin.offset)
+            );
             let headers = |hs: &[Header]| hs.iter().map(|h| (h.name.clone(), h.value.clone())).collect::<Vec<_>>();
-            assert_eq!(view.headers.iter().map(|h| (h.name.clone(), h.value.clone())).collect::<Vec<_>>(), headers(&r.headers));
+            assert_eq!(
+                view.headers.iter().map(|h| (h.name.clone(), h.value.clone())).collect::<Vec<_>>(),
+                headers(&r.headers)
+            );
         }
         let capacity = encoder.buf.capacity();
         encoder.encode(refs).unwrap();
@@ -403,11 +468,14 @@ mod tests {
         let decoded = decode(&buf, 2, &exact).unwrap();
         let records = decoded.clone().into_records();
         let first = records[0].as_ref().unwrap();
-        assert_eq!(first.iter().map(|o| (o.key.as_deref(), &o.value[..], o.timestamp, o.route.as_deref())).collect::<Vec<_>>(), [
-            (Some(&b"k1"[..]), &b"v1"[..], Some(7), None),
-            (None, &b"v1"[..], None, Some("route")),
-            (None, &b"v3"[..], None, None),
-        ]);
+        assert_eq!(
+            first.iter().map(|o| (o.key.as_deref(), &o.value[..], o.timestamp, o.route.as_deref())).collect::<Vec<_>>(),
+            [
+                (Some(&b"k1"[..]), &b"v1"[..], Some(7), None),
+                (None, &b"v1"[..], None, Some("route")),
+                (None, &b"v3"[..], None, None),
+            ]
+        );
         assert_eq!(records[1].as_ref().unwrap()[0].key.as_deref(), Some(&b"k4"[..]));
         let tight = Limits { output_bytes: 7, ..Limits::default() };
         let records = decode(&buf, 2, &tight).unwrap().into_records();
@@ -432,7 +500,11 @@ mod tests {
         assert!(records[0].is_ok() && records[1].is_ok(), "{records:?}");
         let error = records[2].as_ref().unwrap_err();
         assert!(error.contains("would reach 30 bytes") && error.contains("limit 25 per batch"), "{error}");
-        assert!(decode(&buf, 3, &Limits { batch_output_bytes: 30, ..Limits::default() }).unwrap().into_records().iter().all(Result::is_ok));
+        assert!(decode(&buf, 3, &Limits { batch_output_bytes: 30, ..Limits::default() })
+            .unwrap()
+            .into_records()
+            .iter()
+            .all(Result::is_ok));
     }
 
     /// A batch of plain outputs only is written in one go when all of it fits
@@ -453,12 +525,26 @@ mod tests {
         ];
         let buf = results(&[[0, 1, 0], [0, 0, 0], [0, 3, 0]], &outputs, tail);
         let shapes = |limits: &Limits| {
-            decode(&buf, 3, limits).unwrap().into_records().into_iter().map(|r| r.map(|outs| outs.iter().map(|o| (o.key.clone(), o.value.clone(), o.timestamp)).collect::<Vec<_>>())).collect::<Vec<_>>()
+            decode(&buf, 3, limits)
+                .unwrap()
+                .into_records()
+                .into_iter()
+                .map(|r| {
+                    r.map(|outs| outs.iter().map(|o| (o.key.clone(), o.value.clone(), o.timestamp)).collect::<Vec<_>>())
+                })
+                .collect::<Vec<_>>()
         };
         let whole = shapes(&Limits::default());
         assert_eq!(whole[0], Ok(vec![(Some(Bytes::from_static(b"k0")), Bytes::from_static(b"aaaa"), Some(5))]));
         assert_eq!(whole[1], Ok(vec![]));
-        assert_eq!(whole[2], Ok(vec![(None, Bytes::from_static(b"bbbb"), None), (None, Bytes::from_static(b"ccccc"), Some(-1)), (None, Bytes::new(), None)]));
+        assert_eq!(
+            whole[2],
+            Ok(vec![
+                (None, Bytes::from_static(b"bbbb"), None),
+                (None, Bytes::from_static(b"ccccc"), Some(-1)),
+                (None, Bytes::new(), None)
+            ])
+        );
         // 15 bytes in all, 9 for the biggest record: the batch is over, no record is.
         assert_eq!(shapes(&Limits { output_bytes: 9, ..Limits::default() }), whole);
         let eight = shapes(&Limits { output_bytes: 8, ..Limits::default() });
@@ -497,7 +583,10 @@ mod tests {
         assert!(decode(&huge, 1, &limits).unwrap_err().contains("outputs table"));
         // A route that is not UTF-8; an unknown status; an error message read back.
         let route = results(&[[0, 1, 0]], &[[4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32 + 12 + 48, 2]], &[0xff, 0xfe]);
-        assert!(decode(&route, 1, &limits).unwrap().into_records()[0].as_ref().unwrap_err().contains("route is not UTF-8"));
+        assert!(decode(&route, 1, &limits).unwrap().into_records()[0]
+            .as_ref()
+            .unwrap_err()
+            .contains("route is not UTF-8"));
         let status = results(&[[7, 0, 0]], &[], b"");
         assert!(decode(&status, 1, &limits).unwrap().into_records()[0].as_ref().unwrap_err().contains("status 7"));
         let message = results(&[[1, 44, 3]], &[], b"bad");

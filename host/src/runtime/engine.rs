@@ -37,7 +37,8 @@ impl Runtime {
         if std::env::var("SLUICE_PROFILE").is_ok_and(|v| v == "perfmap") {
             config.profiler(wasmtime::ProfilingStrategy::PerfMap);
         }
-        let engine = Engine::new(&config).map_err(anyhow::Error::from).context("cannot configure the WebAssembly engine")?;
+        let engine =
+            Engine::new(&config).map_err(anyhow::Error::from).context("cannot configure the WebAssembly engine")?;
 
         let mut linker = Linker::<HostState>::new(&engine);
         // Async WASI: a plugin waiting in a host call (a sleep, a poll, a

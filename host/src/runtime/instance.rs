@@ -302,7 +302,11 @@ enum Bound {
 }
 
 impl Bound {
-    async fn init(&self, store: &mut Store<HostState>, config: &[(String, String)]) -> wasmtime::Result<Result<(), String>> {
+    async fn init(
+        &self,
+        store: &mut Store<HostState>,
+        config: &[(String, String)],
+    ) -> wasmtime::Result<Result<(), String>> {
         match self {
             Bound::V01(bindings) => bindings.sluice_transform_transform().call_init(store, config).await,
             Bound::V02(bindings) => bindings.sluice_transform_batch().call_init(store, config).await,
@@ -314,7 +318,10 @@ impl Bound {
 /// its host calls (WASI's clocks, polls and sockets) are futures, so the
 /// limit holds whatever the plugin is doing. Running over is
 /// [`Trap::Interrupt`], the CPU limit's trap.
-async fn within_limit<T>(limit: Duration, call: impl std::future::Future<Output = wasmtime::Result<T>>) -> wasmtime::Result<T> {
+async fn within_limit<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = wasmtime::Result<T>>,
+) -> wasmtime::Result<T> {
     match tokio::time::timeout(limit, call).await {
         Ok(result) => result,
         Err(_) => Err(wasmtime::Error::from(Trap::Interrupt)),
@@ -342,7 +349,9 @@ where
         })
     };
     match Handle::try_current() {
-        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(|| handle.block_on(call)),
+        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| handle.block_on(call))
+        }
         // A single-threaded runtime cannot block: the call gets a thread of its own.
         Ok(_) => std::thread::scope(|scope| match scope.spawn(|| own(call)).join() {
             Ok(output) => output,
@@ -351,6 +360,9 @@ where
         Err(_) => own(call),
     }
 }
+
+/// The least time instantiation and `init` each get, whatever `cpu_ms` says.
+pub const INIT_MIN_MS: u64 = 10_000;
 
 /// Isolation gives up after this many records in a row fail with the same kind of fault.
 pub const ISOLATION_STREAK: u32 = 3;
@@ -391,8 +403,19 @@ impl PluginInstance {
     ) -> Result<Self, PluginError> {
         let label: Arc<str> = format!("{context}/{}", plugin.name).into();
         let log = Arc::new(Mutex::new(LogBucket::new(&limits, context, &plugin.name)));
-        let mut instance =
-            PluginInstance { plugin, config, limits, grants, label, live: None, log, encoder: abi::Encoder::default(), streak: None, failing: None, replacements: 0 };
+        let mut instance = PluginInstance {
+            plugin,
+            config,
+            limits,
+            grants,
+            label,
+            live: None,
+            log,
+            encoder: abi::Encoder::default(),
+            streak: None,
+            failing: None,
+            replacements: 0,
+        };
         instance.live = Some(instance.instantiate()?);
         Ok(instance)
     }
@@ -435,7 +458,7 @@ impl PluginInstance {
         // ([`within_limit`]) is checked however the plugin spends its time.
         store.set_epoch_deadline(1);
         store.epoch_deadline_async_yield_and_update(1);
-        let limit = self.time_limit();
+        let limit = self.init_limit();
         let pre = &self.plugin.pre;
         let instantiated = block_on(within_limit(limit, async {
             Ok(match pre {
@@ -445,7 +468,9 @@ impl PluginInstance {
         }));
         let bindings = instantiated.map_err(|error| match self.classify(&store, error) {
             // A start function that traps or runs over is the instance's own failure.
-            fault @ (Fault::CpuLimit { .. } | Fault::MemoryLimit { .. }) => PluginError::InitFault { plugin: name(), fault },
+            fault @ (Fault::CpuLimit { .. } | Fault::MemoryLimit { .. }) => {
+                PluginError::InitFault { plugin: name(), fault }
+            }
             fault => PluginError::Instantiate { plugin: name(), reason: anyhow::anyhow!("{fault}") },
         })?;
         let init = block_on(within_limit(limit, bindings.init(&mut store, &self.config)));
@@ -456,9 +481,16 @@ impl PluginInstance {
         }
     }
 
-    /// How long one call (`init` or one batch) may take, host calls included.
+    /// How long one batch may take, host calls included.
     fn time_limit(&self) -> Duration {
         Duration::from_millis(self.limits.cpu_ms)
+    }
+
+    /// How long instantiation, and then `init`, may each take: `cpu_ms`, but
+    /// at least [`INIT_MIN_MS`] (an interpreter starts up in them, and a
+    /// start on a busy machine must not fail a pipeline).
+    fn init_limit(&self) -> Duration {
+        Duration::from_millis(self.limits.cpu_ms.max(INIT_MIN_MS))
     }
 
     fn classify(&self, store: &Store<HostState>, error: wasmtime::Error) -> Fault {
@@ -523,7 +555,10 @@ impl PluginInstance {
                         }
                     }
                     if self.failing.is_none() && started.elapsed() > budget && results.len() < inputs.len() {
-                        self.failing = Some(format!("isolating faulty records took over {} ms ({ISOLATION_BUDGET_CPU_MS} × cpu_ms)", budget.as_millis()));
+                        self.failing = Some(format!(
+                            "isolating faulty records took over {} ms ({ISOLATION_BUDGET_CPU_MS} × cpu_ms)",
+                            budget.as_millis()
+                        ));
                     }
                 }
                 results
@@ -634,7 +669,10 @@ pub fn version_key(hash: &str, config: &[(String, String)]) -> String {
 /// so that it fits a log field or a dead-letter header.
 fn with_location(reason: String, error: &wasmtime::Error) -> String {
     let is_runtime = |name: &str| {
-        name.contains('#') || ["std", "core", "alloc", "__rust", "abort", "panic", "dlmalloc", "wit_bindgen"].iter().any(|p| name.contains(p))
+        name.contains('#')
+            || ["std", "core", "alloc", "__rust", "abort", "panic", "dlmalloc", "wit_bindgen"]
+                .iter()
+                .any(|p| name.contains(p))
     };
     let frame = error
         .downcast_ref::<wasmtime::WasmBacktrace>()
@@ -653,7 +691,11 @@ fn to_wit(r: &Record) -> wit::InputRecord {
         value: r.value.to_vec(),
         headers: r.headers.iter().map(|h| wit::Header { name: h.name.clone(), value: h.value.clone() }).collect(),
         timestamp: r.timestamp,
-        origin: wit::Origin { topic: r.origin.topic.to_string(), partition: r.origin.partition, offset: r.origin.offset },
+        origin: wit::Origin {
+            topic: r.origin.topic.to_string(),
+            partition: r.origin.partition,
+            offset: r.origin.offset,
+        },
     }
 }
 
@@ -680,7 +722,10 @@ mod tests {
         assert!(cap.memory_growing(0, 16 * mib, None).unwrap());
         assert!(cap.memory_growing(16 * mib, 40 * mib, None).unwrap(), "56 MiB in all");
         assert!(!cap.hit);
-        assert!(!cap.memory_growing(16 * mib, 32 * mib, None).unwrap(), "72 MiB in all: refused, though each is under 64");
+        assert!(
+            !cap.memory_growing(16 * mib, 32 * mib, None).unwrap(),
+            "72 MiB in all: refused, though each is under 64"
+        );
         assert!(cap.hit);
         assert!(cap.memory_growing(16 * mib, 24 * mib, None).unwrap(), "64 MiB in all");
     }

@@ -88,7 +88,15 @@ impl Plugin {
             Pre::V02(_) => Contract::V02,
         };
         debug!(plugin = %name, hash = %&hash[..12], %contract, cache_hit, ?load_time, "plugin loaded");
-        Ok(Arc::new(Plugin { name: name.to_string(), path: path.to_path_buf(), hash, load_time, cache_hit, contract, pre }))
+        Ok(Arc::new(Plugin {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            hash,
+            load_time,
+            cache_hit,
+            contract,
+            pre,
+        }))
     }
 
     /// The first 12 hex digits of the hash, for logs and status.

@@ -1,13 +1,13 @@
 //! The Kafka sink: an idempotent producer; keys, headers and timestamps kept.
 
 use super::{Rejected, Sink};
+use crate::clients::kafka::{client_config, ClientEvents, ProducerContext, Role};
 use crate::config::KafkaSinkConfig;
 use crate::record::{Origin, OutputRef};
 use anyhow::Context;
 use async_trait::async_trait;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use crate::clients::kafka::{client_config, ClientEvents, ProducerContext, Role};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::time::Duration;
 
@@ -31,7 +31,8 @@ impl KafkaSink {
         }
         client.set("client.id", format!("sluice-{pipeline}")).set("enable.idempotence", "true");
         let events = std::sync::Arc::new(ClientEvents::new(pipeline, Role::Sink(name.to_string()), config.brokers()));
-        let producer = client.create_with_context(ProducerContext(events.clone())).context("cannot create the Kafka producer")?;
+        let producer =
+            client.create_with_context(ProducerContext(events.clone())).context("cannot create the Kafka producer")?;
         Ok(KafkaSink { producer, events, topic: config.topic.clone() })
     }
 }
@@ -40,7 +41,9 @@ impl KafkaSink {
 fn is_permanent(error: &KafkaError) -> bool {
     matches!(
         error.rdkafka_error_code(),
-        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidRecord | RDKafkaErrorCode::InvalidMessage)
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidRecord | RDKafkaErrorCode::InvalidMessage
+        )
     )
 }
 
@@ -54,7 +57,8 @@ impl Sink for KafkaSink {
                 hs.insert(Header { key: &h.name, value: Some(&h.value[..]) })
             });
             loop {
-                let mut record = FutureRecord::<[u8], [u8]>::to(&self.topic).payload(out.value).headers(headers.clone());
+                let mut record =
+                    FutureRecord::<[u8], [u8]>::to(&self.topic).payload(out.value).headers(headers.clone());
                 if let Some(key) = out.key {
                     record = record.key(key);
                 }

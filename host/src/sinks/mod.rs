@@ -33,7 +33,12 @@ pub trait Sink: Send + Sync {
 
 /// Builds the sink `name` of `pipeline`, described by `config`; `dir` (the
 /// pipeline file's folder) anchors the relative paths of certificate files.
-pub async fn build(name: &str, config: &SinkConfig, pipeline: &str, dir: &std::path::Path) -> anyhow::Result<Box<dyn Sink>> {
+pub async fn build(
+    name: &str,
+    config: &SinkConfig,
+    pipeline: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<Box<dyn Sink>> {
     Ok(match config {
         SinkConfig::Kafka(c) => Box::new(kafka::KafkaSink::new(c, name, pipeline)?),
         SinkConfig::Postgres(c) => Box::new(postgres::PostgresSink::new(c.clone(), name, pipeline, dir)?),

@@ -16,22 +16,22 @@
 //! metadata refresh (5 minutes by default).
 
 use super::Source;
+use crate::clients::kafka::{client_config, is_connection_error, ClientEvents, Role};
 use crate::config::{KafkaSourceConfig, OffsetReset};
 use crate::record::{Bytes, Header, Origin, Record};
+use crate::telemetry::telemetry;
 use anyhow::Context;
 use async_trait::async_trait;
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use crate::clients::kafka::{client_config, is_connection_error, ClientEvents, Role};
 use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::statistics::Statistics;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use crate::telemetry::telemetry;
-use rdkafka::statistics::Statistics;
 use std::time::Duration;
 use tracing::{error, info, warn};
 
@@ -199,7 +199,8 @@ impl KafkaSource {
         if !was_missing && self.topics.iter().all(|t| assigned.iter().any(|(a, _)| a == t)) {
             return Ok(());
         }
-        let metadata = match tokio::task::block_in_place(|| self.consumer.fetch_metadata(None, Duration::from_secs(5))) {
+        let metadata = match tokio::task::block_in_place(|| self.consumer.fetch_metadata(None, Duration::from_secs(5)))
+        {
             Ok(metadata) => metadata,
             // The broker is down or slow: the client's own errors say so.
             Err(_) => return Ok(()),

@@ -26,8 +26,8 @@ use futures::{SinkExt, StreamExt};
 use openssl::ssl::{SslConnector, SslMethod};
 use rand::Rng;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
@@ -141,7 +141,8 @@ impl WebSocketSource {
             return;
         }
         let Some(tx) = self.sender.lock().ok().and_then(|mut s| s.take()) else { return };
-        let connection = Connection { config: self.config.clone(), pipeline: self.pipeline.clone(), tx, bytes: self.bytes.clone() };
+        let connection =
+            Connection { config: self.config.clone(), pipeline: self.pipeline.clone(), tx, bytes: self.bytes.clone() };
         let handle = tokio::spawn(connection.run());
         if let Ok(mut task) = self.task.lock() {
             *task = Some(handle);
@@ -269,7 +270,8 @@ impl Connection {
 
     /// Opens the connection (TCP, TLS for `wss://`, the handshake).
     async fn connect(&self) -> Result<Socket, Ended> {
-        let fail = |what: &str, e: &dyn std::fmt::Display| Ended::Failed(crate::secrets::redact(&format!("{what}: {e}")));
+        let fail =
+            |what: &str, e: &dyn std::fmt::Display| Ended::Failed(crate::secrets::redact(&format!("{what}: {e}")));
         let request = request(&self.config).map_err(|e| fail("bad request", &e))?;
         let uri = request.uri().clone();
         let tls = uri.scheme_str() == Some("wss");
@@ -292,7 +294,12 @@ impl Connection {
             let mut stream = tokio_openssl::SslStream::new(ssl, tcp).map_err(|e| fail("TLS setup failed", &e))?;
             tokio::time::timeout(PHASE_TIMEOUT, Pin::new(&mut stream).connect())
                 .await
-                .map_err(|_| Ended::Failed(format!("the TLS handshake with {host}:{port} timed out (no answer in {} s)", PHASE_TIMEOUT.as_secs())))?
+                .map_err(|_| {
+                    Ended::Failed(format!(
+                        "the TLS handshake with {host}:{port} timed out (no answer in {} s)",
+                        PHASE_TIMEOUT.as_secs()
+                    ))
+                })?
                 .map_err(|e| {
                     let detail = e.ssl_error().map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
                     Ended::Failed(format!("TLS handshake with {host}:{port} failed: {detail}"))
@@ -340,18 +347,22 @@ impl Connection {
                 while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(200), socket.next()).await {
                     match m {
                         Message::Text(t) => why.push(crate::secrets::redact(t.as_str())),
-                        Message::Close(Some(f)) => why.push(format!("close code {} {:?}", u16::from(f.code), f.reason.as_str())),
+                        Message::Close(Some(f)) => {
+                            why.push(format!("close code {} {:?}", u16::from(f.code), f.reason.as_str()))
+                        }
                         _ => {}
                     }
                 }
-                let said = if why.is_empty() { String::new() } else { format!(" (the server said: {})", why.join("; ")) };
+                let said =
+                    if why.is_empty() { String::new() } else { format!(" (the server said: {})", why.join("; ")) };
                 return Err(failed("cannot send a subscribe message", &format!("{e}{said}")));
             }
         }
         let topic: std::sync::Arc<str> = host_of(&self.config.url).into();
         let mut offset = 0i64;
         let idle = (self.config.idle_timeout_secs > 0).then(|| Duration::from_secs(self.config.idle_timeout_secs));
-        let mut ping = (self.config.ping_secs > 0).then(|| tokio::time::interval(Duration::from_secs(self.config.ping_secs)));
+        let mut ping =
+            (self.config.ping_secs > 0).then(|| tokio::time::interval(Duration::from_secs(self.config.ping_secs)));
         if let Some(p) = ping.as_mut() {
             p.tick().await;
         }
@@ -375,7 +386,10 @@ impl Connection {
                 Some(Err(WsError::Capacity(e))) => {
                     // Refused unread: the stream cannot skip it, so the
                     // connection ends; the dead letter says what was lost.
-                    let reason = format!("websocket frame over twice max_message_bytes ({}), refused unread: {e}", self.config.max_message_bytes);
+                    let reason = format!(
+                        "websocket frame over twice max_message_bytes ({}), refused unread: {e}",
+                        self.config.max_message_bytes
+                    );
                     let record = Record {
                         timestamp: Some(now_ms()),
                         origin: Origin { topic: topic.clone(), partition: 0, offset },
@@ -389,7 +403,9 @@ impl Connection {
                 Some(Ok(Message::Text(text))) => text.as_bytes().to_vec(),
                 Some(Ok(Message::Binary(bytes))) => bytes.to_vec(),
                 Some(Ok(Message::Close(frame))) => {
-                    let why = frame.map(|f| format!("code {} {:?}", u16::from(f.code), f.reason.as_str())).unwrap_or_else(|| "no reason".into());
+                    let why = frame
+                        .map(|f| format!("code {} {:?}", u16::from(f.code), f.reason.as_str()))
+                        .unwrap_or_else(|| "no reason".into());
                     return Err(Ended::Failed(format!("the server closed the connection: {why}")));
                 }
                 Some(Ok(_)) => continue, // pings are answered by the library; pongs need nothing
@@ -429,7 +445,16 @@ impl Connection {
 
 /// The host of a WebSocket URL (the records' origin "topic").
 fn host_of(url: &str) -> String {
-    url.split("://").nth(1).unwrap_or(url).split(['/', '?', '#']).next().unwrap_or_default().rsplit('@').next().unwrap_or_default().to_string()
+    url.split("://")
+        .nth(1)
+        .unwrap_or(url)
+        .split(['/', '?', '#'])
+        .next()
+        .unwrap_or_default()
+        .rsplit('@')
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[cfg(test)]

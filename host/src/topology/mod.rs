@@ -68,7 +68,9 @@ impl Topology {
         let mut chains = Vec::with_capacity(plan.swap.len());
         for spec in plan.swap {
             let chain = tokio::task::block_in_place(|| Chain::new(&self.runtime, &spec.transforms, &spec.name))
-                .with_context(|| format!("cannot load the new plugins of pipeline {} ({})", spec.name, spec.file.display()))?;
+                .with_context(|| {
+                    format!("cannot load the new plugins of pipeline {} ({})", spec.name, spec.file.display())
+                })?;
             chains.push((spec, chain));
         }
         let mut built = Vec::with_capacity(plan.start.len());
@@ -134,7 +136,8 @@ impl Topology {
 
     /// Removes pipelines whose task ended on its own, logging why; returns how many failed.
     pub fn reap(&mut self) -> usize {
-        let done: Vec<String> = self.running.iter().filter(|(_, r)| r.task.is_finished()).map(|(k, _)| k.clone()).collect();
+        let done: Vec<String> =
+            self.running.iter().filter(|(_, r)| r.task.is_finished()).map(|(k, _)| k.clone()).collect();
         let mut failed = 0;
         for name in done {
             if let Some(r) = self.running.remove(&name) {

@@ -134,7 +134,16 @@ struct Versions {
 
 impl Versions {
     fn new(pipeline: String, current: Chain, policy: OnPluginFailure, runtime: Runtime) -> Self {
-        Versions { pipeline, current, previous: None, policy, runtime, batches: PROBATION_BATCHES, recent: (0.0, 0.0), previous_rate: 0.0 }
+        Versions {
+            pipeline,
+            current,
+            previous: None,
+            policy,
+            runtime,
+            batches: PROBATION_BATCHES,
+            recent: (0.0, 0.0),
+            previous_rate: 0.0,
+        }
     }
 
     fn rate(&self) -> f64 {
@@ -226,7 +235,12 @@ impl Versions {
     fn roll_back(&mut self, failing: &VersionFailing) {
         let Some(previous) = self.previous.take() else { return };
         let bad = std::mem::replace(&mut self.current, previous);
-        let old = self.current.stages().iter().find(|s| s.plugin().name == failing.plugin).map(|s| s.plugin().short_hash().to_string());
+        let old = self
+            .current
+            .stages()
+            .iter()
+            .find(|s| s.plugin().name == failing.plugin)
+            .map(|s| s.plugin().short_hash().to_string());
         let old = old.unwrap_or_else(|| "-".to_string());
         let new = failing.version.get(..12).unwrap_or(&failing.version);
         self.runtime.refuse(&failing.key, &failing.reason);
@@ -238,7 +252,11 @@ impl Versions {
             reason = %failing.reason,
             "plugin version rolled back before any of its output was delivered; this version (file and config) is refused until either changes"
         );
-        telemetry().rolled_back(&self.pipeline, &failing.plugin, &format!("{} {new} -> {old}: {}", failing.plugin, failing.reason));
+        telemetry().rolled_back(
+            &self.pipeline,
+            &failing.plugin,
+            &format!("{} {new} -> {old}: {}", failing.plugin, failing.reason),
+        );
         telemetry().set_plugins(&self.pipeline, &versions(&self.current));
         drop(bad);
         self.batches = PROBATION_BATCHES;
@@ -392,7 +410,12 @@ impl Delivery {
             async move {
                 let rejected = retry(pipeline, name, cancel, || sink.write(outputs, &origins)).await?;
                 telemetry().written(pipeline, name, outputs.len() - rejected.len());
-                Ok::<_, Stopped>(rejected.into_iter().map(|r| (owners[r.index], format!("sink {name}: {}", r.reason))).collect::<Vec<_>>())
+                Ok::<_, Stopped>(
+                    rejected
+                        .into_iter()
+                        .map(|r| (owners[r.index], format!("sink {name}: {}", r.reason)))
+                        .collect::<Vec<_>>(),
+                )
             }
         });
         for rejected in futures::future::try_join_all(writes).await? {
@@ -422,7 +445,11 @@ impl Delivery {
                 }
                 let cut: Vec<OutputRef> = cut.iter().map(Output::view).collect();
                 let refused = dlq.write(&cut, &cut_origins).await?;
-                anyhow::ensure!(refused.is_empty(), "the dead-letter destination refused truncated records: {:?}", refused);
+                anyhow::ensure!(
+                    refused.is_empty(),
+                    "the dead-letter destination refused truncated records: {:?}",
+                    refused
+                );
                 Ok(())
             };
             retry(&pipeline, "dead_letter", cancel, write_all).await?;
@@ -499,7 +526,8 @@ fn truncated(dead: &Output, reason: &str) -> Output {
 /// and the origin.
 pub fn dead_letter(pipeline: &str, record: &Record, stage: &str, error: &str) -> Output {
     let mut headers = record.headers.clone();
-    let mut add = |name: &str, value: String| headers.push(Header { name: name.to_string(), value: value.into_bytes() });
+    let mut add =
+        |name: &str, value: String| headers.push(Header { name: name.to_string(), value: value.into_bytes() });
     add("sluice.pipeline", pipeline.to_string());
     add("sluice.plugin", stage.to_string());
     add("sluice.error", clip(error, MAX_ERROR_BYTES));
@@ -515,10 +543,16 @@ mod tests {
 
     #[test]
     fn dead_letters_keep_the_record_and_a_bounded_error() {
-        let record = Record { value: "v".into(), origin: crate::record::Origin { topic: "t".into(), partition: 2, offset: 9 }, ..Record::default() };
+        let record = Record {
+            value: "v".into(),
+            origin: crate::record::Origin { topic: "t".into(), partition: 2, offset: 9 },
+            ..Record::default()
+        };
         let huge = "é".repeat(10_000);
         let dead = dead_letter("p", &record, "plug", &huge);
-        let header = |name: &str| dead.headers.iter().find(|h| h.name == name).map(|h| String::from_utf8(h.value.clone()).unwrap());
+        let header = |name: &str| {
+            dead.headers.iter().find(|h| h.name == name).map(|h| String::from_utf8(h.value.clone()).unwrap())
+        };
         assert_eq!(dead.value, "v");
         assert_eq!(header("sluice.offset").as_deref(), Some("9"));
         let error = header("sluice.error").unwrap();
@@ -527,6 +561,9 @@ mod tests {
 
         let cut = truncated(&Output { value: vec![1; TRUNCATED_HEAD * 2].into(), ..dead.clone() }, "too large");
         assert_eq!(cut.value.len(), TRUNCATED_HEAD);
-        assert!(cut.headers.iter().any(|h| h.name == "sluice.truncated" && h.value == (TRUNCATED_HEAD * 2).to_string().as_bytes()));
+        assert!(cut
+            .headers
+            .iter()
+            .any(|h| h.name == "sluice.truncated" && h.value == (TRUNCATED_HEAD * 2).to_string().as_bytes()));
     }
 }

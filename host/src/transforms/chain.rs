@@ -25,7 +25,13 @@ pub struct VersionFailing {
 
 impl std::fmt::Display for VersionFailing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "plugin {} version {} is failing: {}", self.plugin, self.version.get(..12).unwrap_or(&self.version), self.reason)
+        write!(
+            f,
+            "plugin {} version {} is failing: {}",
+            self.plugin,
+            self.version.get(..12).unwrap_or(&self.version),
+            self.reason
+        )
     }
 }
 
@@ -59,7 +65,12 @@ impl Chain {
             if let Some(reason) = stage.take_failing() {
                 let plugin = stage.plugin();
                 let key = stage.version_key();
-                first.get_or_insert(VersionFailing { plugin: plugin.name.clone(), version: plugin.hash.clone(), key, reason });
+                first.get_or_insert(VersionFailing {
+                    plugin: plugin.name.clone(),
+                    version: plugin.hash.clone(),
+                    key,
+                    reason,
+                });
             }
         }
         first
@@ -97,7 +108,14 @@ impl Chain {
                     for out in (next..next + n).filter_map(|o| outputs.to_output(o)) {
                         routes.push(out.route);
                         let origin = batch[i].origin.clone();
-                        inputs.push(Record { key: out.key, value: out.value, headers: out.headers, timestamp: out.timestamp, origin, rejected: None });
+                        inputs.push(Record {
+                            key: out.key,
+                            value: out.value,
+                            headers: out.headers,
+                            timestamp: out.timestamp,
+                            origin,
+                            rejected: None,
+                        });
                     }
                     next += n;
                 }

@@ -56,7 +56,8 @@ impl Transform for Chaos {
         match mode.as_str() {
             "init-trap" => panic!("chaos: trapping in init as asked"),
             "init-reject" => Err("chaos: config rejected as asked".to_string()),
-            "echo" | "mirror" | "trap" | "loop" | "alloc" | "error" | "fs" | "net" | "read" | "sleep" | "big" | "many" | "log" => Ok(Chaos {
+            "echo" | "mirror" | "trap" | "loop" | "alloc" | "error" | "fs" | "net" | "read" | "sleep" | "big"
+            | "many" | "log" => Ok(Chaos {
                 mode,
                 marker: config.get("marker").unwrap_or_default().to_string(),
                 addr: config.get("addr").unwrap_or("127.0.0.1:9").to_string(),
@@ -72,7 +73,13 @@ impl Transform for Chaos {
 
     fn process(&mut self, record: Record) -> Result<Vec<Output>, String> {
         if self.mode == "mirror" {
-            return Ok(vec![Output { key: record.key, value: record.value, headers: record.headers, timestamp: record.timestamp, route: None }]);
+            return Ok(vec![Output {
+                key: record.key,
+                value: record.value,
+                headers: record.headers,
+                timestamp: record.timestamp,
+                route: None,
+            }]);
         }
         if self.triggered(&record.value) {
             match self.mode.as_str() {
@@ -103,7 +110,8 @@ impl Transform for Chaos {
                 }
                 "read" => {
                     use std::io::Read;
-                    let mut stream = std::net::TcpStream::connect(&self.addr).map_err(|e| format!("chaos: cannot connect to {}: {e}", self.addr))?;
+                    let mut stream = std::net::TcpStream::connect(&self.addr)
+                        .map_err(|e| format!("chaos: cannot connect to {}: {e}", self.addr))?;
                     let mut got = Vec::new();
                     stream.read_to_end(&mut got).map_err(|e| format!("chaos: cannot read from {}: {e}", self.addr))?;
                     return Ok(vec![Output::new(got)]);
@@ -113,7 +121,10 @@ impl Transform for Chaos {
                 "many" => return Ok((0..self.many).map(|_| Output::new(Vec::new())).collect()),
                 "log" => {
                     for i in 0..self.log_lines {
-                        sluice_plugin::log::info(&format!("chaos: log line {i} of {}, flooding as asked", self.log_lines));
+                        sluice_plugin::log::info(&format!(
+                            "chaos: log line {i} of {}, flooding as asked",
+                            self.log_lines
+                        ));
                     }
                 }
                 _ => {}
@@ -128,9 +139,15 @@ impl Transform for Chaos {
     /// misbehaviours take the owned path above.
     fn process_view(&mut self, record: RecordView<'_>, out: &mut Outputs) -> Result<(), String> {
         if self.mode == "mirror" {
-            let headers: Vec<(&str, &[u8])> =
-                record.headers.iter().map(|(name, value)| (std::str::from_utf8(name).unwrap_or("\u{fffd}"), value)).collect();
-            out.write(OutputMeta { key: record.key, timestamp: record.timestamp, route: None, headers: &headers }, record.value);
+            let headers: Vec<(&str, &[u8])> = record
+                .headers
+                .iter()
+                .map(|(name, value)| (std::str::from_utf8(name).unwrap_or("\u{fffd}"), value))
+                .collect();
+            out.write(
+                OutputMeta { key: record.key, timestamp: record.timestamp, route: None, headers: &headers },
+                record.value,
+            );
             return Ok(());
         }
         if self.triggered(record.value) {

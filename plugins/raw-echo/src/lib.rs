@@ -74,7 +74,10 @@ impl Guest for RawEcho {
                 header_entries.extend([name.0, name.1, value.0, value.1]);
             }
             let timestamp = &b[r + 32..r + 40];
-            let ts = [u32::from_le_bytes(timestamp[..4].try_into().unwrap()), u32::from_le_bytes(timestamp[4..].try_into().unwrap())];
+            let ts = [
+                u32::from_le_bytes(timestamp[..4].try_into().unwrap()),
+                u32::from_le_bytes(timestamp[4..].try_into().unwrap()),
+            ];
             let value = match (i, corrupt.as_str()) {
                 (0, "offset") => (out.len() as u32 + 1000, value.1.max(1)),
                 (0, "overflow") => (u32::MAX - 1, u32::MAX),
@@ -95,7 +98,16 @@ impl Guest for RawEcho {
         let headers_off = out.len() as u32;
         put(&mut out, &header_entries);
         let magic = if corrupt == "magic" { 0xdead_beef } else { u32::from_le_bytes(*b"SLO2") };
-        let header = [magic, results as u32, outputs.len() as u32, header_entries.len() as u32 / 4, results_off, outputs_off, headers_off, 0];
+        let header = [
+            magic,
+            results as u32,
+            outputs.len() as u32,
+            header_entries.len() as u32 / 4,
+            results_off,
+            outputs_off,
+            headers_off,
+            0,
+        ];
         for (i, w) in header.iter().enumerate() {
             out[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
         }

@@ -26,12 +26,17 @@ impl std::fmt::Display for Malformed {
 }
 
 fn u32_at(buf: &[u8], at: usize) -> Result<u32, Malformed> {
-    buf.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).ok_or(Malformed("table outside the buffer"))
+    buf.get(at..at + 4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .ok_or(Malformed("table outside the buffer"))
 }
 
 fn range(buf: &[u8], off: u32, len: u32) -> Result<&[u8], Malformed> {
     let start = off as usize;
-    start.checked_add(len as usize).and_then(|end| buf.get(start..end)).ok_or(Malformed("byte range outside the buffer"))
+    start
+        .checked_add(len as usize)
+        .and_then(|end| buf.get(start..end))
+        .ok_or(Malformed("byte range outside the buffer"))
 }
 
 fn table(buf: &[u8], off: u32, count: u32, entry: usize) -> Result<usize, Malformed> {
@@ -63,7 +68,8 @@ impl<'a> Batch<'a> {
         let topics = (0..topics as usize)
             .map(|t| {
                 let at = topics_at + t * 8;
-                std::str::from_utf8(range(buf, u32_at(buf, at)?, u32_at(buf, at + 4)?)?).map_err(|_| Malformed("topic is not UTF-8"))
+                std::str::from_utf8(range(buf, u32_at(buf, at)?, u32_at(buf, at + 4)?)?)
+                    .map_err(|_| Malformed("topic is not UTF-8"))
             })
             .collect::<Result<_, _>>()?;
         let headers_at = table(buf, u32_at(buf, 24)?, headers, 16)?;
@@ -83,7 +89,10 @@ impl<'a> Batch<'a> {
         let buf = self.buf;
         let at = self.records + i * RECORD_BYTES;
         // The 56-byte entry is checked once, then read without a check per field.
-        let entry: &[u8; RECORD_BYTES] = buf.get(at..at + RECORD_BYTES).and_then(|e| e.try_into().ok()).ok_or(Malformed("record outside the records table"))?;
+        let entry: &[u8; RECORD_BYTES] = buf
+            .get(at..at + RECORD_BYTES)
+            .and_then(|e| e.try_into().ok())
+            .ok_or(Malformed("record outside the records table"))?;
         let word = |j: usize| u32::from_le_bytes([entry[j], entry[j + 1], entry[j + 2], entry[j + 3]]);
         let dword = |j: usize| (u64::from(word(j)) | u64::from(word(j + 4)) << 32) as i64;
         let flags = word(0);
@@ -127,9 +136,17 @@ impl RecordView<'_> {
         Record {
             key: self.key.map(<[u8]>::to_vec),
             value: self.value.to_vec(),
-            headers: self.headers.iter().map(|(name, value)| Header { name: String::from_utf8_lossy(name).into_owned(), value: value.to_vec() }).collect(),
+            headers: self
+                .headers
+                .iter()
+                .map(|(name, value)| Header { name: String::from_utf8_lossy(name).into_owned(), value: value.to_vec() })
+                .collect(),
             timestamp: self.timestamp,
-            origin: Origin { topic: self.origin.topic.to_string(), partition: self.origin.partition, offset: self.origin.offset },
+            origin: Origin {
+                topic: self.origin.topic.to_string(),
+                partition: self.origin.partition,
+                offset: self.origin.offset,
+            },
         }
     }
 }
@@ -218,8 +235,14 @@ impl Outputs {
 
     /// Adds an output of the current record.
     pub fn push(&mut self, output: Output) {
-        let headers: Vec<(&str, &[u8])> = output.headers.iter().map(|h| (h.name.as_str(), h.value.as_slice())).collect();
-        let meta = OutputMeta { key: output.key.as_deref(), timestamp: output.timestamp, route: output.route.as_deref(), headers: &headers };
+        let headers: Vec<(&str, &[u8])> =
+            output.headers.iter().map(|h| (h.name.as_str(), h.value.as_slice())).collect();
+        let meta = OutputMeta {
+            key: output.key.as_deref(),
+            timestamp: output.timestamp,
+            route: output.route.as_deref(),
+            headers: &headers,
+        };
         self.write(meta, &output.value);
     }
 
@@ -231,7 +254,9 @@ impl Outputs {
     /// Adds an output whose value `value` appends to the buffer it is given
     /// (the results buffer itself: the value is never copied again).
     pub fn write_with(&mut self, meta: OutputMeta<'_>, value: impl FnOnce(&mut Vec<u8>)) {
-        let flags = u32::from(meta.key.is_some()) | u32::from(meta.timestamp.is_some()) << 1 | u32::from(meta.route.is_some()) << 2;
+        let flags = u32::from(meta.key.is_some())
+            | u32::from(meta.timestamp.is_some()) << 1
+            | u32::from(meta.route.is_some()) << 2;
         let first_header = self.headers.len() as u32;
         let key = meta.key.map_or((0, 0), |key| self.bytes(key));
         let route = meta.route.map_or((0, 0), |route| self.bytes(route.as_bytes()));
@@ -272,7 +297,16 @@ impl Outputs {
         self.buf.extend_from_slice(self.outputs.as_flattened());
         let headers_off = self.buf.len();
         self.buf.extend_from_slice(self.headers.as_flattened());
-        let header = [RESULTS_MAGIC, self.results.len() as u32, self.outputs.len() as u32, self.headers.len() as u32, results_off as u32, outputs_off as u32, headers_off as u32, 0];
+        let header = [
+            RESULTS_MAGIC,
+            self.results.len() as u32,
+            self.outputs.len() as u32,
+            self.headers.len() as u32,
+            results_off as u32,
+            outputs_off as u32,
+            headers_off as u32,
+            0,
+        ];
         for (i, n) in header.iter().enumerate() {
             self.buf[i * 4..i * 4 + 4].copy_from_slice(&n.to_le_bytes());
         }
@@ -293,10 +327,15 @@ impl Outputs {
                     value: slice((word(o, 32), word(o, 36))),
                     headers: self.headers[first..first + count]
                         .iter()
-                        .map(|h| Header { name: String::from_utf8_lossy(&slice((word(h, 0), word(h, 4)))).into_owned(), value: slice((word(h, 8), word(h, 12))) })
+                        .map(|h| Header {
+                            name: String::from_utf8_lossy(&slice((word(h, 0), word(h, 4)))).into_owned(),
+                            value: slice((word(h, 8), word(h, 12))),
+                        })
                         .collect(),
-                    timestamp: (flags & 2 != 0).then(|| i64::from_le_bytes([o[16], o[17], o[18], o[19], o[20], o[21], o[22], o[23]])),
-                    route: (flags & 4 != 0).then(|| String::from_utf8_lossy(&slice((word(o, 40), word(o, 44)))).into_owned()),
+                    timestamp: (flags & 2 != 0)
+                        .then(|| i64::from_le_bytes([o[16], o[17], o[18], o[19], o[20], o[21], o[22], o[23]])),
+                    route: (flags & 4 != 0)
+                        .then(|| String::from_utf8_lossy(&slice((word(o, 40), word(o, 44)))).into_owned()),
                 }
             })
             .collect();
@@ -363,7 +402,16 @@ pub fn encode_batch(records: &[Record]) -> Vec<u8> {
     let headers_off = topics_off + topic_ranges.len() * 8;
     let base = (headers_off + headers.len() * 16) as u32;
     let mut buf = Vec::with_capacity(base as usize + payload.len());
-    for n in [BATCH_MAGIC, records.len() as u32, topic_ranges.len() as u32, headers.len() as u32, records_off as u32, topics_off as u32, headers_off as u32, 0] {
+    for n in [
+        BATCH_MAGIC,
+        records.len() as u32,
+        topic_ranges.len() as u32,
+        headers.len() as u32,
+        records_off as u32,
+        topics_off as u32,
+        headers_off as u32,
+        0,
+    ] {
         buf.extend_from_slice(&n.to_le_bytes());
     }
     for (r, topic, key, value, first) in entries {
@@ -439,7 +487,10 @@ mod tests {
     #[test]
     fn collect_returns_owned_outputs() {
         let out = collect(|out| {
-            out.write(OutputMeta { key: Some(b"k"), timestamp: Some(5), route: None, headers: &[("a", b"1")] }, b"value");
+            out.write(
+                OutputMeta { key: Some(b"k"), timestamp: Some(5), route: None, headers: &[("a", b"1")] },
+                b"value",
+            );
             Ok(())
         })
         .unwrap();

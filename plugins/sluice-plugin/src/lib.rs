@@ -160,20 +160,21 @@ impl Config {
         T: FromStr,
         T::Err: Display,
     {
-        self.get(key)
-            .map(|raw| raw.parse::<T>().map_err(|e| format!("config `{key}` = {raw:?}: {e}")))
-            .transpose()
+        self.get(key).map(|raw| raw.parse::<T>().map_err(|e| format!("config `{key}` = {raw:?}: {e}"))).transpose()
     }
 
     /// Rejects any key not in `known`, so that a typo in the pipeline file is
     /// reported instead of silently ignored.
     pub fn reject_unknown(&self, known: &[&str]) -> Result<(), String> {
-        let unknown: Vec<&str> =
-            self.0.keys().map(String::as_str).filter(|k| !known.contains(k)).collect();
+        let unknown: Vec<&str> = self.0.keys().map(String::as_str).filter(|k| !known.contains(k)).collect();
         match (unknown.is_empty(), known.is_empty()) {
             (true, _) => Ok(()),
-            (false, true) => Err(format!("unknown config key(s): {} (this plugin takes no config)", unknown.join(", "))),
-            (false, false) => Err(format!("unknown config key(s): {} (known: {})", unknown.join(", "), known.join(", "))),
+            (false, true) => {
+                Err(format!("unknown config key(s): {} (this plugin takes no config)", unknown.join(", ")))
+            }
+            (false, false) => {
+                Err(format!("unknown config key(s): {} (known: {})", unknown.join(", "), known.join(", ")))
+            }
         }
     }
 

@@ -25,7 +25,9 @@ impl Transform for SymbolRouter {
             .ok_or("config `routes` is required, e.g. \"BTC=btc,ETH=eth\"")?
             .split(',')
             .map(|pair| match pair.trim().split_once('=') {
-                Some((pattern, route)) if !pattern.is_empty() && !route.is_empty() => Ok((pattern.to_string(), route.to_string())),
+                Some((pattern, route)) if !pattern.is_empty() && !route.is_empty() => {
+                    Ok((pattern.to_string(), route.to_string()))
+                }
                 _ => Err(format!("config `routes`: {pair:?} is not PATTERN=ROUTE")),
             })
             .collect::<Result<_, _>>()?;
@@ -34,7 +36,8 @@ impl Transform for SymbolRouter {
 
     fn process(&mut self, record: Record) -> Result<Vec<Output>, String> {
         let trade: Trade = serde_json::from_slice(&record.value).map_err(|e| format!("not a flattened trade: {e}"))?;
-        let route = self.routes.iter().find(|(pattern, _)| trade.symbol.contains(pattern.as_str())).map(|(_, r)| r.clone());
+        let route =
+            self.routes.iter().find(|(pattern, _)| trade.symbol.contains(pattern.as_str())).map(|(_, r)| r.clone());
         let key = trade.symbol.as_bytes().to_vec();
         let mut out = Output::new(record.value).with_key(key);
         out.timestamp = record.timestamp;
@@ -54,7 +57,8 @@ mod tests {
     fn routes_by_first_matching_pattern() {
         let config: Config = [("routes", "BTC=btc, ETH=eth")].into_iter().collect();
         let mut router = SymbolRouter::init(&config).unwrap();
-        let mut route = |s: &str| router.process(Record::from_value(format!(r#"{{"symbol":"{s}"}}"#))).unwrap()[0].route.clone();
+        let mut route =
+            |s: &str| router.process(Record::from_value(format!(r#"{{"symbol":"{s}"}}"#))).unwrap()[0].route.clone();
         assert_eq!(route("BINANCE:BTCUSDT"), Some("btc".into()));
         assert_eq!(route("BINANCE:ETHUSDT"), Some("eth".into()));
         assert_eq!(route("AAPL"), None);

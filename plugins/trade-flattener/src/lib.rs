@@ -78,8 +78,7 @@ pub fn flatten_into(frame: &[u8], out: &mut Outputs) -> Result<(), String> {
         return Ok(());
     }
     let data = frame.data.ok_or("trade frame has no `data` array")?;
-    let trades: Vec<Trade> =
-        serde_json::from_str(data.get()).map_err(|e| format!("bad trade in `data`: {e}"))?;
+    let trades: Vec<Trade> = serde_json::from_str(data.get()).map_err(|e| format!("bad trade in `data`: {e}"))?;
     encode(&trades, out)
 }
 
@@ -105,18 +104,31 @@ fn encode(trades: &[Trade], out: &mut Outputs) -> Result<(), String> {
 
         let mut ts = itoa::Buffer::new();
         let ts = ts.format(trade.t);
-        out.write_with(OutputMeta { key: Some(key.as_bytes()), timestamp: Some(trade.t), ..OutputMeta::default() }, |value| {
-            for part in [r#"{"symbol":"#, symbol, r#","price":"#, price, r#","volume":"#, volume, r#","ts":"#, ts, r#","conditions":["#] {
-                value.extend_from_slice(part.as_bytes());
-            }
-            for (n, c) in conditions.iter().enumerate() {
-                if n > 0 {
-                    value.push(b',');
+        out.write_with(
+            OutputMeta { key: Some(key.as_bytes()), timestamp: Some(trade.t), ..OutputMeta::default() },
+            |value| {
+                for part in [
+                    r#"{"symbol":"#,
+                    symbol,
+                    r#","price":"#,
+                    price,
+                    r#","volume":"#,
+                    volume,
+                    r#","ts":"#,
+                    ts,
+                    r#","conditions":["#,
+                ] {
+                    value.extend_from_slice(part.as_bytes());
                 }
-                value.extend_from_slice(c.get().as_bytes());
-            }
-            value.extend_from_slice(b"]}");
-        });
+                for (n, c) in conditions.iter().enumerate() {
+                    if n > 0 {
+                        value.push(b',');
+                    }
+                    value.extend_from_slice(c.get().as_bytes());
+                }
+                value.extend_from_slice(b"]}");
+            },
+        );
     }
     Ok(())
 }
@@ -192,7 +204,10 @@ mod tests {
             serde_json::from_slice::<Value>(&out[0].value).unwrap(),
             json!({"symbol":"BINANCE:BTCUSDT","price":7296.89,"volume":0.011467,"ts":1575526691134_i64,"conditions":["1","12"]})
         );
-        assert_eq!(values(frame)[1], json!({"symbol":"AAPL","price":189,"volume":100,"ts":1575526691135_i64,"conditions":[]}));
+        assert_eq!(
+            values(frame)[1],
+            json!({"symbol":"AAPL","price":189,"volume":100,"ts":1575526691135_i64,"conditions":[]})
+        );
     }
 
     /// Numbers and strings reach the output as the feed wrote them.
@@ -204,7 +219,10 @@ mod tests {
             std::str::from_utf8(&out[0].value).unwrap(),
             r#"{"symbol":"BINANCE:BTCUSDT","price":7296.89,"volume":0.0114670,"ts":1575526691134,"conditions":["1","12"]}"#
         );
-        assert_eq!(std::str::from_utf8(&out[1].value).unwrap(), r#"{"symbol":"A\"B","price":-1E+2,"volume":0,"ts":-5,"conditions":[]}"#);
+        assert_eq!(
+            std::str::from_utf8(&out[1].value).unwrap(),
+            r#"{"symbol":"A\"B","price":-1E+2,"volume":0,"ts":-5,"conditions":[]}"#
+        );
         assert_eq!(out[1].key.as_deref(), Some(&b"A\"B"[..]), "the key is the decoded symbol");
     }
 
@@ -235,8 +253,14 @@ mod tests {
             (r#"{"type":"trade","data":[{"s":"A","p":1,"t":2,"v":null}]}"#, "(trade 0): `v` must be a number"),
             (r#"{"type":"trade","data":[{"s":"A","p":1e400,"t":2,"v":3}]}"#, "out of range"),
             (r#"{"type":"trade","data":[{"s":"A","p":1,"t":2,"v":3,"c":["1",2]}]}"#, "`c` must hold strings, got 2"),
-            (r#"{"type":"trade","data":[{"s":"A","p":1,"t":2,"v":3,"c":["\ud800"]}]}"#, "`c`: unexpected end of hex escape"),
-            (r#"{"type":"trade","data":[{"s":"\udc00","p":1,"t":2,"v":3}]}"#, "`s`: lone leading surrogate in hex escape"),
+            (
+                r#"{"type":"trade","data":[{"s":"A","p":1,"t":2,"v":3,"c":["\ud800"]}]}"#,
+                "`c`: unexpected end of hex escape",
+            ),
+            (
+                r#"{"type":"trade","data":[{"s":"\udc00","p":1,"t":2,"v":3}]}"#,
+                "`s`: lone leading surrogate in hex escape",
+            ),
             (r#"{"type":"trade","data":[{"s":"A","p":1,"t":2.5,"v":3}]}"#, "expected i64"),
             (r#"{"type":"trade","data":[{"s":"A","p":1,"t":2}]}"#, "missing field `v`"),
             (r#"{"type":"trade","data":[{"s":"A","p":1,"t":2,"v":3,"c":"1"}]}"#, "bad trade"),

@@ -18,8 +18,21 @@ fn any_json() -> impl Strategy<Value = Value> {
     leaf.prop_recursive(4, 64, 8, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..8).prop_map(Value::from),
-            prop::collection::btree_map(prop_oneof![Just("type".to_string()), Just("data".to_string()), Just("s".to_string()), Just("p".to_string()), Just("t".to_string()), Just("v".to_string()), Just("c".to_string()), ".{0,4}".prop_map(String::from)], inner, 0..8)
-                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            prop::collection::btree_map(
+                prop_oneof![
+                    Just("type".to_string()),
+                    Just("data".to_string()),
+                    Just("s".to_string()),
+                    Just("p".to_string()),
+                    Just("t".to_string()),
+                    Just("v".to_string()),
+                    Just("c".to_string()),
+                    ".{0,4}".prop_map(String::from)
+                ],
+                inner,
+                0..8
+            )
+            .prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })
 }

@@ -43,7 +43,13 @@ pub fn instance(runtime: &Runtime, name: &str, config: &[(&str, &str)]) -> Plugi
     instance_with(runtime, name, config, Limits::default(), Grants::default())
 }
 
-pub fn instance_with(runtime: &Runtime, name: &str, config: &[(&str, &str)], limits: Limits, grants: Grants) -> PluginInstance {
+pub fn instance_with(
+    runtime: &Runtime,
+    name: &str,
+    config: &[(&str, &str)],
+    limits: Limits,
+    grants: Grants,
+) -> PluginInstance {
     let config = config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     PluginInstance::new(load(runtime, name), config, limits, grants, "test").expect("plugin instantiates")
 }

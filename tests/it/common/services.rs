@@ -40,8 +40,14 @@ impl Broker {
 
     fn start_with(storage: String) -> Broker {
         let port = free_port();
-        let mut broker =
-            Broker { child: None, addr: format!("127.0.0.1:{port}"), port, storage, advertised_port: port, authentication: false };
+        let mut broker = Broker {
+            child: None,
+            addr: format!("127.0.0.1:{port}"),
+            port,
+            storage,
+            advertised_port: port,
+            authentication: false,
+        };
         broker.restart();
         broker
     }
@@ -53,7 +59,15 @@ impl Broker {
         let log = std::env::temp_dir().join(format!("tansu-{}.log", self.port));
         let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         let child = Command::new("tansu")
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &advertised, "--storage-engine", &self.storage])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &advertised,
+                "--storage-engine",
+                &self.storage,
+            ])
             .args(self.authentication.then_some("--authentication"))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -70,7 +84,16 @@ impl Broker {
     /// Creates a SCRAM-SHA-512 user (while authentication is off).
     pub fn create_user(&self, name: &str, password: &str) {
         let out = Command::new("tansu")
-            .args(["user", "create", "--broker", &format!("tcp://{}", self.addr), "--mechanism", "scram512", name, password])
+            .args([
+                "user",
+                "create",
+                "--broker",
+                &format!("tcp://{}", self.addr),
+                "--mechanism",
+                "scram512",
+                name,
+                password,
+            ])
             .output()
             .expect("tansu user create");
         assert!(out.status.success(), "tansu user create failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -115,7 +138,8 @@ impl Broker {
 
     /// The committed offset of `group` for each partition of `topic` (-1: none).
     pub fn committed(&self, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
-        let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &self.addr).set("group.id", group).create().unwrap();
+        let consumer: BaseConsumer =
+            ClientConfig::new().set("bootstrap.servers", &self.addr).set("group.id", group).create().unwrap();
         let mut list = TopicPartitionList::new();
         for p in 0..partitions {
             list.add_partition(topic, p);
@@ -147,7 +171,13 @@ pub async fn create_topic_at(addr: &str, properties: &[(&str, &str)], name: &str
 }
 
 /// [`Broker::consume`] from the broker at `addr`, with extra consumer properties (TLS, SASL).
-pub fn consume_from(addr: &str, properties: &[(&str, &str)], topic: &str, expected: usize, timeout: Duration) -> Vec<OwnedMessage> {
+pub fn consume_from(
+    addr: &str,
+    properties: &[(&str, &str)],
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+) -> Vec<OwnedMessage> {
     let mut config = ClientConfig::new();
     for (k, v) in properties {
         config.set(*k, *v);
@@ -199,7 +229,9 @@ pub async fn produce_to(addr: &str, topic: &str, values: &[Vec<u8>], properties:
 
 /// One past the last offset of each partition among `messages` (0: none).
 pub fn end_offsets(messages: &[OwnedMessage], partitions: i32) -> Vec<i64> {
-    (0..partitions).map(|p| messages.iter().filter(|m| m.partition() == p).map(|m| m.offset() + 1).max().unwrap_or(0)).collect()
+    (0..partitions)
+        .map(|p| messages.iter().filter(|m| m.partition() == p).map(|m| m.offset() + 1).max().unwrap_or(0))
+        .collect()
 }
 
 pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
@@ -217,8 +249,9 @@ pub struct PgSchema {
 
 impl PgSchema {
     pub async fn create(prefix: &str) -> PgSchema {
-        let (client, connection) =
-            tokio_postgres::connect(PG_URL, tokio_postgres::NoTls).await.expect("PostgreSQL must run at 127.0.0.1:5432 (see README)");
+        let (client, connection) = tokio_postgres::connect(PG_URL, tokio_postgres::NoTls)
+            .await
+            .expect("PostgreSQL must run at 127.0.0.1:5432 (see README)");
         tokio::spawn(connection);
         let name = format!("{prefix}_{}_{}", std::process::id(), free_port());
         client.batch_execute(&format!("CREATE SCHEMA {name}")).await.unwrap();
@@ -238,7 +271,16 @@ impl Drop for PgSchema {
         let name = self.name.clone();
         // Best effort, on a fresh connection: the test's runtime may be gone.
         let _ = std::process::Command::new("psql")
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-qc", &format!("DROP SCHEMA IF EXISTS {name} CASCADE")])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-qc",
+                &format!("DROP SCHEMA IF EXISTS {name} CASCADE"),
+            ])
             .output();
     }
 }
@@ -449,8 +491,12 @@ impl PrivatePostgres {
             Command::new("chown").args(["-R", "postgres"]).arg(pg.dir.path()).status().unwrap();
         }
         let data = pg.dir.path().join("data");
-        let out =
-            pg.as_owner(pg.bin.join("initdb")).args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "-D"]).arg(&data).output().unwrap();
+        let out = pg
+            .as_owner(pg.bin.join("initdb"))
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "-D"])
+            .arg(&data)
+            .output()
+            .unwrap();
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         pg.start_server();
         pg
@@ -469,7 +515,15 @@ impl PrivatePostgres {
     fn pg_ctl(&self, args: &[&str]) {
         let data = self.dir.path().join("data");
         let log = self.dir.path().join("server.log");
-        let out = self.as_owner(self.bin.join("pg_ctl")).arg("-D").arg(&data).arg("-l").arg(&log).args(args).output().unwrap();
+        let out = self
+            .as_owner(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(&log)
+            .args(args)
+            .output()
+            .unwrap();
         assert!(out.status.success(), "pg_ctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
 

@@ -17,7 +17,11 @@ pub struct Certs {
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl").current_dir(dir).args(args).output().expect("openssl must be installed (scripts/test.sh does)");
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl must be installed (scripts/test.sh does)");
     assert!(out.status.success(), "openssl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
@@ -33,7 +37,11 @@ impl Certs {
             args.extend(["-keyout", &keyfile, "-out", &pem, "-days", "2", "-subj", &subject]);
             openssl(d, &args);
         }
-        std::fs::write(d.join("server.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n").unwrap();
+        std::fs::write(
+            d.join("server.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
         std::fs::write(d.join("client.ext"), "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n").unwrap();
         for (name, ca, cn) in [("server", "ca", "localhost"), ("client", "client-ca", "sluice")] {
             let (keyfile, csr, subject) = (format!("{name}.key"), format!("{name}.csr"), format!("/CN={cn}"));
@@ -41,8 +49,28 @@ impl Certs {
             args.extend(key);
             args.extend(["-keyout", &keyfile, "-out", &csr, "-subj", &subject]);
             openssl(d, &args);
-            let (ca_pem, ca_key, pem, ext) = (format!("{ca}.pem"), format!("{ca}.key"), format!("{name}.pem"), format!("{name}.ext"));
-            openssl(d, &["x509", "-req", "-in", &csr, "-CA", &ca_pem, "-CAkey", &ca_key, "-CAcreateserial", "-out", &pem, "-days", "2", "-extfile", &ext]);
+            let (ca_pem, ca_key, pem, ext) =
+                (format!("{ca}.pem"), format!("{ca}.key"), format!("{name}.pem"), format!("{name}.ext"));
+            openssl(
+                d,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    &ca_pem,
+                    "-CAkey",
+                    &ca_key,
+                    "-CAcreateserial",
+                    "-out",
+                    &pem,
+                    "-days",
+                    "2",
+                    "-extfile",
+                    &ext,
+                ],
+            );
         }
         Certs { dir }
     }

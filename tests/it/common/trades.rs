@@ -37,7 +37,12 @@ pub fn expected_trades(frames: &[Vec<u8>]) -> Vec<Trade> {
         .flatten()
         .map(|o| {
             let v: serde_json::Value = serde_json::from_slice(&o.value).unwrap();
-            (v["symbol"].as_str().unwrap().to_string(), v["price"].as_f64().unwrap(), v["volume"].as_f64().unwrap(), v["ts"].as_i64().unwrap())
+            (
+                v["symbol"].as_str().unwrap().to_string(),
+                v["price"].as_f64().unwrap(),
+                v["volume"].as_f64().unwrap(),
+                v["ts"].as_i64().unwrap(),
+            )
         })
         .collect();
     out.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -47,7 +52,10 @@ pub fn expected_trades(frames: &[Vec<u8>]) -> Vec<Trade> {
 /// Every row of `table` (a table the trades pipeline writes), sorted.
 pub async fn stored_trades_in(client: &tokio_postgres::Client, table: &str) -> Vec<Trade> {
     let rows = client
-        .query(&format!("SELECT symbol, price, volume, (extract(epoch from traded_at) * 1000)::bigint FROM {table}"), &[])
+        .query(
+            &format!("SELECT symbol, price, volume, (extract(epoch from traded_at) * 1000)::bigint FROM {table}"),
+            &[],
+        )
         .await
         .unwrap();
     let mut out: Vec<_> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();

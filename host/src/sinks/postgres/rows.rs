@@ -205,7 +205,11 @@ impl<'de: 'a, 'a> Visitor<'de> for RowSeed<'_, 'a> {
                         failed.get_or_insert_with(|| {
                             let c = &self.columns[i];
                             let field = c.field.as_deref().unwrap_or(&c.name);
-                            format!("postgres sink: column {:?} needs {expected} from field {field:?}, got {}", c.name, excerpt(raw.get(), 120))
+                            format!(
+                                "postgres sink: column {:?} needs {expected} from field {field:?}, got {}",
+                                c.name,
+                                excerpt(raw.get(), 120)
+                            )
                         });
                     }
                 }
@@ -224,9 +228,13 @@ fn cell(raw: &RawValue, kind: ColumnType) -> Result<Cell<'_>, &'static str> {
     let number = text.starts_with(|c: char| c == '-' || c.is_ascii_digit());
     Ok(match kind {
         ColumnType::Text => Cell::Text(string(text)?),
-        ColumnType::Double if number => Cell::Double(text.parse::<f64>().ok().filter(|v| v.is_finite()).ok_or("a number within double precision")?),
+        ColumnType::Double if number => {
+            Cell::Double(text.parse::<f64>().ok().filter(|v| v.is_finite()).ok_or("a number within double precision")?)
+        }
         ColumnType::Double => return Err("a number"),
-        ColumnType::BigInt if number => Cell::BigInt(text.parse().map_err(|_| "an integer within bigint (-9223372036854775808 to 9223372036854775807)")?),
+        ColumnType::BigInt if number => Cell::BigInt(
+            text.parse().map_err(|_| "an integer within bigint (-9223372036854775808 to 9223372036854775807)")?,
+        ),
         ColumnType::BigInt => return Err("an integer"),
         ColumnType::Boolean => match text {
             "true" => Cell::Boolean(true),
@@ -234,11 +242,19 @@ fn cell(raw: &RawValue, kind: ColumnType) -> Result<Cell<'_>, &'static str> {
             _ => return Err("a boolean"),
         },
         ColumnType::Timestamptz => {
-            let ms: i64 = if number { text.parse().map_err(|_| "integer milliseconds since 1970")? } else { return Err("integer milliseconds since 1970") };
-            Cell::Timestamptz(millis_to_pg_micros(ms).ok_or("milliseconds since 1970 within PostgreSQL's timestamp range (4713 BC to 294276 AD)")?)
+            let ms: i64 = if number {
+                text.parse().map_err(|_| "integer milliseconds since 1970")?
+            } else {
+                return Err("integer milliseconds since 1970");
+            };
+            Cell::Timestamptz(
+                millis_to_pg_micros(ms)
+                    .ok_or("milliseconds since 1970 within PostgreSQL's timestamp range (4713 BC to 294276 AD)")?,
+            )
         }
         ColumnType::TextArray => {
-            let items = serde_json::from_str::<Vec<Str<'_>>>(text).map_err(|_| "an array of strings (without lone UTF-16 surrogates)")?;
+            let items = serde_json::from_str::<Vec<Str<'_>>>(text)
+                .map_err(|_| "an array of strings (without lone UTF-16 surrogates)")?;
             if items.iter().any(|s| s.0.contains('\0')) {
                 return Err("strings without NUL (\\u0000, which PostgreSQL refuses in text)");
             }
@@ -247,7 +263,8 @@ fn cell(raw: &RawValue, kind: ColumnType) -> Result<Cell<'_>, &'static str> {
         ColumnType::Jsonb => {
             // Escapes are rare: only a value with one is decoded and looked through.
             if text.contains("\\u") {
-                let value: serde_json::Value = serde_json::from_str(text).map_err(|_| "JSON without lone UTF-16 surrogates (PostgreSQL refuses them in jsonb)")?;
+                let value: serde_json::Value = serde_json::from_str(text)
+                    .map_err(|_| "JSON without lone UTF-16 surrogates (PostgreSQL refuses them in jsonb)")?;
                 if has_nul(&value) {
                     return Err("JSON without NUL (\\u0000, which PostgreSQL refuses in jsonb)");
                 }
@@ -357,10 +374,17 @@ mod tests {
                     (ColumnType::Double, Some(v)) => v.as_f64().ok_or(())?.to_string(),
                     (ColumnType::BigInt, Some(v)) => v.as_i64().ok_or(())?.to_string(),
                     (ColumnType::Boolean, Some(v)) => v.as_bool().ok_or(())?.to_string(),
-                    (ColumnType::Timestamptz, Some(v)) => format!("{:?}", v.as_i64().and_then(millis_to_pg_micros).ok_or(())?),
-                    (ColumnType::TextArray, Some(v)) => {
-                        v.as_array().ok_or(())?.iter().map(|i| i.as_str().map(str::to_string)).collect::<Option<Vec<_>>>().ok_or(())?.join("|")
+                    (ColumnType::Timestamptz, Some(v)) => {
+                        format!("{:?}", v.as_i64().and_then(millis_to_pg_micros).ok_or(())?)
                     }
+                    (ColumnType::TextArray, Some(v)) => v
+                        .as_array()
+                        .ok_or(())?
+                        .iter()
+                        .map(|i| i.as_str().map(str::to_string))
+                        .collect::<Option<Vec<_>>>()
+                        .ok_or(())?
+                        .join("|"),
                     (ColumnType::Jsonb, Some(v)) => v.to_string(),
                 })
             })

@@ -19,6 +19,7 @@
 //! on the latency bench, instead of 2.1 with four.)
 
 use super::rows::{excerpt, pg_type, Rows};
+use crate::clients::postgres::{connect, target, Target};
 use crate::config::PostgresSinkConfig;
 use crate::record::{Origin, OutputRef};
 use crate::sinks::{Rejected, Sink};
@@ -28,9 +29,8 @@ use futures::pin_mut;
 use std::collections::{BTreeMap, HashMap};
 use tokio::sync::Mutex;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{ToSql, Type};
-use crate::clients::postgres::{connect, target, Target};
 use tokio_postgres::error::DbError;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Statement};
 use tracing::{info, warn};
 
@@ -91,7 +91,10 @@ impl PostgresSink {
         client.batch_execute("SET client_min_messages TO warning").await?;
         self.prepare_tables(&mut client).await?;
         // A column the table lacks shows here, once per connection.
-        let prepared = self.prepare_statements(&client).await.with_context(|| format!("cannot prepare the statements that write {}", self.config.table))?;
+        let prepared = self
+            .prepare_statements(&client)
+            .await
+            .with_context(|| format!("cannot prepare the statements that write {}", self.config.table))?;
         info!(pipeline = %self.pipeline, table = %self.config.table, endpoint = %self.target.endpoint, "postgres sink connected");
         Ok((client, prepared))
     }
@@ -103,7 +106,10 @@ impl PostgresSink {
         } else {
             // The staging table lives as long as the connection.
             client
-                .batch_execute(&format!("CREATE TEMP TABLE IF NOT EXISTS sluice_stage (LIKE {} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS", self.table))
+                .batch_execute(&format!(
+                    "CREATE TEMP TABLE IF NOT EXISTS sluice_stage (LIKE {} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
+                    self.table
+                ))
                 .await?;
             "sluice_stage".to_string()
         };
@@ -142,7 +148,8 @@ impl PostgresSink {
                 .filter(|c| !self.config.upsert_key.contains(&c.name))
                 .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(&c.name)))
                 .collect();
-            let action = if updates.is_empty() { "NOTHING".to_string() } else { format!("UPDATE SET {}", updates.join(", ")) };
+            let action =
+                if updates.is_empty() { "NOTHING".to_string() } else { format!("UPDATE SET {}", updates.join(", ")) };
             Some(format!(
                 "INSERT INTO {} ({cols}) SELECT DISTINCT ON ({keys}) {cols} FROM sluice_stage ORDER BY {keys}, ctid DESC ON CONFLICT ({keys}) DO {action}",
                 self.table,
@@ -166,7 +173,9 @@ impl PostgresSink {
         let mut created = false;
         if self.config.create_table {
             created = tx.query_one("SELECT to_regclass($1) IS NULL", &[&self.table]).await?.get(0);
-            tx.batch_execute(&self.create_table_sql()).await.with_context(|| format!("cannot create table {}", self.config.table))?;
+            tx.batch_execute(&self.create_table_sql())
+                .await
+                .with_context(|| format!("cannot create table {}", self.config.table))?;
         }
         if let Some(offsets) = &self.offsets {
             let name = offsets_table(&self.config);
@@ -185,7 +194,10 @@ impl PostgresSink {
             }
             if created {
                 let forgotten = tx
-                    .execute(&format!("DELETE FROM {offsets} WHERE pipeline = $1 AND sink = $2"), &[&self.pipeline, &self.name])
+                    .execute(
+                        &format!("DELETE FROM {offsets} WHERE pipeline = $1 AND sink = $2"),
+                        &[&self.pipeline, &self.name],
+                    )
                     .await?;
                 if forgotten > 0 {
                     info!(
@@ -204,7 +216,8 @@ impl PostgresSink {
         if let Some((schema, _)) = self.config.table.rsplit_once('.') {
             sql.push_str(&format!("CREATE SCHEMA IF NOT EXISTS {};\n", quote_ident(schema)));
         }
-        let mut defs: Vec<String> = self.config.columns.iter().map(|c| format!("{} {}", quote_ident(&c.name), c.kind.sql())).collect();
+        let mut defs: Vec<String> =
+            self.config.columns.iter().map(|c| format!("{} {}", quote_ident(&c.name), c.kind.sql())).collect();
         if !self.config.upsert_key.is_empty() {
             defs.push(format!("PRIMARY KEY ({})", self.key_list()));
         }
@@ -226,7 +239,13 @@ impl PostgresSink {
     /// order; an error aborts the transaction, so the statements after it fail
     /// or (`COMMIT`) roll back. Without a `Transaction` guard: any error drops
     /// the connection (the caller's), and the server rolls back.
-    async fn copy(&self, client: &Client, prepared: &Prepared, rows: &Rows<'_>, origins: &[&Origin]) -> anyhow::Result<usize> {
+    async fn copy(
+        &self,
+        client: &Client,
+        prepared: &Prepared,
+        rows: &Rows<'_>,
+        origins: &[&Origin],
+    ) -> anyhow::Result<usize> {
         let mut keep = vec![true; rows.len()];
         let Positions { topics, partitions, nexts } = positions(origins);
         let key: [&(dyn ToSql + Sync); 4] = [&self.pipeline, &self.name, &topics, &partitions];
@@ -286,7 +305,13 @@ impl PostgresSink {
     /// with PostgreSQL's reason. About 2·k·log2(n) round trips for k refused
     /// rows of n; the conversion refuses what it can know beforehand, so
     /// this path is rare.
-    async fn copy_sifting(&self, client: &Client, prepared: &Prepared, rows: &Rows<'_>, origins: &[&Origin]) -> anyhow::Result<(usize, Vec<(usize, String)>)> {
+    async fn copy_sifting(
+        &self,
+        client: &Client,
+        prepared: &Prepared,
+        rows: &Rows<'_>,
+        origins: &[&Origin],
+    ) -> anyhow::Result<(usize, Vec<(usize, String)>)> {
         let Positions { topics, partitions, nexts } = positions(origins);
         let key: [&(dyn ToSql + Sync); 4] = [&self.pipeline, &self.name, &topics, &partitions];
         let advance: [&(dyn ToSql + Sync); 5] = [&self.pipeline, &self.name, &topics, &partitions, &nexts];
@@ -304,7 +329,8 @@ impl PostgresSink {
         let mut refused = Vec::new();
         // Ranges of `kept` still to write, the next one last (so the rows
         // keep their order: an upsert's last row per key wins).
-        let mut ranges = vec![0..kept.len()];
+        let mut ranges = Vec::new();
+        ranges.push(0..kept.len());
         while let Some(range) = ranges.pop() {
             if range.is_empty() {
                 continue;
@@ -331,7 +357,13 @@ impl PostgresSink {
 
     /// COPYs rows `which` of `rows` (an upsert's merged, and its staging
     /// table emptied for the next range).
-    async fn write_rows(&self, client: &Client, prepared: &Prepared, rows: &Rows<'_>, which: &[usize]) -> anyhow::Result<()> {
+    async fn write_rows(
+        &self,
+        client: &Client,
+        prepared: &Prepared,
+        rows: &Rows<'_>,
+        which: &[usize],
+    ) -> anyhow::Result<()> {
         let writer = BinaryCopyInWriter::new(client.copy_in(&prepared.copy).await?, &self.types);
         pin_mut!(writer);
         put_rows(writer.as_mut(), rows, which.iter().copied()).await?;
@@ -344,7 +376,11 @@ impl PostgresSink {
 }
 
 /// Writes rows `which` of `rows` into a COPY.
-async fn put_rows(mut writer: std::pin::Pin<&mut BinaryCopyInWriter>, rows: &Rows<'_>, which: impl Iterator<Item = usize>) -> Result<(), tokio_postgres::Error> {
+async fn put_rows(
+    mut writer: std::pin::Pin<&mut BinaryCopyInWriter>,
+    rows: &Rows<'_>,
+    which: impl Iterator<Item = usize>,
+) -> Result<(), tokio_postgres::Error> {
     let mut refs: Vec<&(dyn ToSql + Sync)> = Vec::new();
     for i in which {
         refs.clear();
@@ -397,7 +433,8 @@ fn refused_data(error: &anyhow::Error) -> Option<&DbError> {
 
 /// A refused row's reason: PostgreSQL's message, code, column and detail.
 fn refused_reason(db: &DbError) -> String {
-    let mut reason = format!("postgres sink: PostgreSQL refused the row: {} (SQLSTATE {})", db.message(), db.code().code());
+    let mut reason =
+        format!("postgres sink: PostgreSQL refused the row: {} (SQLSTATE {})", db.message(), db.code().code());
     if let Some(column) = db.column() {
         reason.push_str(&format!(", column {column:?}"));
     }
@@ -486,7 +523,9 @@ impl Sink for PostgresSink {
                 rejected.sort_by_key(|r| r.index);
                 skipped
             }
-            Err(error) => return Err(error.context(format!("cannot write {} rows to {}", rows.len(), self.config.table))),
+            Err(error) => {
+                return Err(error.context(format!("cannot write {} rows to {}", rows.len(), self.config.table)))
+            }
         };
         *guard = Some((client, prepared));
         if skipped > 0 {
