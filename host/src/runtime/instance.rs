@@ -466,7 +466,12 @@ impl PluginInstance {
                 Pre::V02(pre) => Bound::V02(pre.instantiate_async(&mut store).await?),
             })
         }));
-        let bindings = instantiated.map_err(|error| match self.classify(&store, error) {
+        // Running over here is over the init limit, not `cpu_ms`.
+        let init_fault = |store: &Store<HostState>, error| match self.classify(store, error) {
+            Fault::CpuLimit { .. } => Fault::CpuLimit { limit_ms: limit.as_millis() as u64 },
+            fault => fault,
+        };
+        let bindings = instantiated.map_err(|error| match init_fault(&store, error) {
             // A start function that traps or runs over is the instance's own failure.
             fault @ (Fault::CpuLimit { .. } | Fault::MemoryLimit { .. }) => {
                 PluginError::InitFault { plugin: name(), fault }
@@ -477,7 +482,7 @@ impl PluginInstance {
         match init {
             Ok(Ok(())) => Ok(Live { store, bindings }),
             Ok(Err(message)) => Err(PluginError::ConfigRejected { plugin: name(), message }),
-            Err(error) => Err(PluginError::InitFault { plugin: name(), fault: self.classify(&store, error) }),
+            Err(error) => Err(PluginError::InitFault { plugin: name(), fault: init_fault(&store, error) }),
         }
     }
 
