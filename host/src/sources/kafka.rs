@@ -10,7 +10,7 @@
 //!
 //! A subscribed topic that does not exist is named: while some subscribed
 //! topic has no partition here and nothing arrives, the broker's topics are
-//! looked up every [`TOPIC_CHECK`]; a missing one is one ERROR line and the
+//! looked up every [`TOPIC_CHECK`] until all are found; a missing one is one ERROR line and the
 //! pipeline's `/health` reason, and once it exists the source subscribes
 //! again, so it is read within seconds rather than at librdkafka's next
 //! metadata refresh (5 minutes by default).
@@ -134,6 +134,9 @@ pub struct KafkaSource {
     brokers: String,
     /// Subscribed topics the broker did not have at the last check.
     missing: Mutex<Vec<String>>,
+    /// Every subscribed topic was found: no more checks (an instance of a
+    /// group larger than a topic's partition count has none of them).
+    topics_found: AtomicBool,
 }
 
 impl KafkaSource {
@@ -174,6 +177,7 @@ impl KafkaSource {
             subscribed: AtomicBool::new(false),
             brokers: config.brokers().to_string(),
             missing: Mutex::default(),
+            topics_found: AtomicBool::new(false),
             max_records: config.batch_max_records,
             max_wait: Duration::from_millis(config.batch_max_ms),
             pipeline: pipeline.to_string(),
@@ -196,7 +200,8 @@ impl KafkaSource {
     fn check_topics(&self) -> anyhow::Result<()> {
         let assigned = self.assignment();
         let was_missing = self.missing.lock().map(|m| !m.is_empty()).unwrap_or(false);
-        if !was_missing && self.topics.iter().all(|t| assigned.iter().any(|(a, _)| a == t)) {
+        let covered = self.topics.iter().all(|t| assigned.iter().any(|(a, _)| a == t));
+        if self.topics_found.load(Ordering::Relaxed) || (!was_missing && covered) {
             return Ok(());
         }
         let metadata = match tokio::task::block_in_place(|| self.consumer.fetch_metadata(None, Duration::from_secs(5)))
@@ -208,6 +213,9 @@ impl KafkaSource {
         let exists = |t: &str| metadata.topics().iter().any(|m| m.name() == t && m.error().is_none());
         let missing: Vec<String> = self.topics.iter().filter(|t| !exists(t)).cloned().collect();
         let Ok(mut known) = self.missing.lock() else { return Ok(()) };
+        if missing.is_empty() {
+            self.topics_found.store(true, Ordering::Relaxed);
+        }
         if missing == *known {
             return Ok(());
         }

@@ -255,7 +255,8 @@ fn cell(raw: &RawValue, kind: ColumnType) -> Result<Cell<'_>, &'static str> {
         ColumnType::TextArray => {
             let items = serde_json::from_str::<Vec<Str<'_>>>(text)
                 .map_err(|_| "an array of strings (without lone UTF-16 surrogates)")?;
-            if items.iter().any(|s| s.0.contains('\0')) {
+            // Only a decoded string (it had escapes) can hold a NUL.
+            if items.iter().any(|s| matches!(&s.0, Cow::Owned(o) if o.contains('\0'))) {
                 return Err("strings without NUL (\\u0000, which PostgreSQL refuses in text)");
             }
             Cell::TextArray(items)
