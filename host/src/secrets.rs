@@ -16,13 +16,19 @@ use std::sync::{OnceLock, RwLock};
 /// What a secret is replaced with.
 pub const MASK: &str = "***";
 
-/// Shorter values are not scrubbed from every line of output: they would
-/// mangle ordinary words (a one-letter "password" is no secret anyway).
+/// Shorter values are hidden only where they stand as a whole token
+/// (between characters that are not letters or digits, as in `password=ab,`
+/// or `"ab"`): scrubbing them inside words would mangle ordinary output.
 const MIN_LEN: usize = 4;
 
 fn registry() -> &'static RwLock<BTreeSet<String>> {
     static SECRETS: OnceLock<RwLock<BTreeSet<String>>> = OnceLock::new();
     SECRETS.get_or_init(Default::default)
+}
+
+fn short_registry() -> &'static RwLock<BTreeSet<String>> {
+    static SHORT: OnceLock<RwLock<BTreeSet<String>>> = OnceLock::new();
+    SHORT.get_or_init(Default::default)
 }
 
 /// A secret value: registered for [`redact`] when made, and shown as `***`
@@ -72,16 +78,18 @@ impl<'de> serde::Deserialize<'de> for Secret {
 /// Remembers `value` as a secret: from now on [`redact`] hides it.
 pub fn register(value: &str) {
     let value = value.trim();
-    if value.len() >= MIN_LEN {
-        if let Ok(mut secrets) = registry().write() {
-            if !secrets.contains(value) {
-                secrets.insert(value.to_string());
-                // The JSON log escapes quotes and backslashes: hide that form too.
-                let escaped = serde_json::to_string(value).unwrap_or_default();
-                let escaped = escaped.trim_matches('"');
-                if escaped != value {
-                    secrets.insert(escaped.to_string());
-                }
+    if value.is_empty() {
+        return;
+    }
+    let registry = if value.len() >= MIN_LEN { registry() } else { short_registry() };
+    if let Ok(mut secrets) = registry.write() {
+        if !secrets.contains(value) {
+            secrets.insert(value.to_string());
+            // The JSON log escapes quotes and backslashes: hide that form too.
+            let escaped = serde_json::to_string(value).unwrap_or_default();
+            let escaped = escaped.trim_matches('"');
+            if escaped != value {
+                secrets.insert(escaped.to_string());
             }
         }
     }
@@ -116,6 +124,34 @@ pub fn redact(text: &str) -> String {
             out = out.replace(secret.as_str(), MASK);
         }
     }
+    if let Ok(short) = short_registry().read() {
+        for secret in short.iter() {
+            if out.contains(secret.as_str()) {
+                out = replace_tokens(&out, secret);
+            }
+        }
+    }
+    out
+}
+
+/// `text` with each occurrence of `secret` that is a whole token (no letter
+/// or digit right before or after it) replaced by [`MASK`].
+fn replace_tokens(text: &str, secret: &str) -> String {
+    let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric());
+    let mut out = String::with_capacity(text.len());
+    let mut last = 0;
+    for (at, _) in text.match_indices(secret) {
+        if at < last {
+            continue;
+        }
+        let end = at + secret.len();
+        if !word(text[..at].chars().next_back()) && !word(text[end..].chars().next()) {
+            out.push_str(&text[last..at]);
+            out.push_str(MASK);
+            last = end;
+        }
+    }
+    out.push_str(&text[last..]);
     out
 }
 
@@ -200,8 +236,9 @@ mod tests {
     #[test]
     fn hides_registered_secrets_and_url_passwords() {
         register("s3cr3t-value");
-        register("ab"); // too short to scrub
-        assert_eq!(redact("login failed for s3cr3t-value (ab)"), "login failed for *** (ab)");
+        register("q9"); // short: hidden only as a whole token
+        assert_eq!(redact("login failed for s3cr3t-value (q9)"), "login failed for *** (***)");
+        assert_eq!(redact("password=q9, q9x, xq9, aq9b, \"q9\""), "password=***, q9x, xq9, aq9b, \"***\"");
         assert_eq!(
             redact("cannot reach postgres://app:pa%40ss@db.example.com:5432/x?sslmode=require, nor kafka://h:1"),
             "cannot reach postgres://app:***@db.example.com:5432/x?sslmode=require, nor kafka://h:1"

@@ -179,6 +179,66 @@ fn unbounded_allocation_is_stopped_by_the_memory_limit() {
     assert_eq!(chaos.process(&batch(&["after"]))[0].as_ref().unwrap()[0].value, "after");
 }
 
+/// `memory_mib` bounds all of a component's memories together: a guest
+/// with a second memory that grows both by 40 MiB is stopped by a 100 MiB
+/// limit (each memory alone stays under it), and runs to its own trap under
+/// 200 MiB.
+#[test]
+fn memory_mib_is_the_total_of_a_components_memories() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = hostile::component_v01(dir.path(), "two_memories", &hostile::two_memories_v01(40));
+    let (rt, _cache) = runtime();
+    let run = |mib: usize| {
+        let limits = Limits { memory_bytes: mib << 20, ..Limits::default() };
+        let plugin = Plugin::load(&rt, &path).expect("the two-memory component loads");
+        let mut guest = PluginInstance::new(plugin, Vec::new(), limits, Grants::default(), "test").unwrap();
+        guest.process(&batch(&["x"]))[0].clone().unwrap_err()
+    };
+    assert_eq!(run(100), format!("memory limit exceeded ({} bytes)", 100 << 20));
+    let trapped = run(200);
+    assert!(trapped.contains("unreachable"), "both memories grew under 200 MiB, then the guest trapped: {trapped}");
+}
+
+/// A 0.1 guest whose outputs all point at the same 32 MiB of its memory
+/// (1,000 of them: 32 GB if the host copied each) fails its record with the
+/// copy limit, and the host's peak RSS stays within that limit (memory_mib
+/// + batch_output_mib) plus the process's own.
+#[test]
+fn a_0_1_guest_aliasing_its_outputs_is_stopped_by_the_copy_limit_and_host_memory_stays_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = hostile::component_v01(dir.path(), "aliasing", &hostile::aliasing_v01(1000, 32));
+    let (out, err) = (dir.path().join("out"), dir.path().join("err"));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["plugin", "test", "--memory-mib", "64"])
+        .arg(&path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"x\n").unwrap();
+    let (status, peak_kib) = wait_with_peak_rss(child);
+    let stderr = std::fs::read_to_string(&err).unwrap();
+    assert_eq!(status, 1, "the input failed, the plugin ran: {stderr}");
+    let limit = (64usize << 20) + Limits::default().batch_output_bytes;
+    assert!(stderr.contains(&format!("copy limit exceeded: more than {limit} bytes copied")), "{stderr}");
+    let peak_mib = (peak_kib >> 10) as usize;
+    println!("peak RSS of `sluice plugin test` on the aliasing guest: {peak_mib} MiB (copy limit {} MiB)", limit >> 20);
+    assert!(peak_mib < (limit >> 20) + 256, "peak RSS {peak_mib} MiB, copy limit {} MiB", limit >> 20);
+}
+
+/// Waits for `child` and returns its exit status and peak RSS in KiB.
+fn wait_with_peak_rss(child: std::process::Child) -> (i32, i64) {
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid, and wait4 fills it for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(waited, pid, "wait4: {}", std::io::Error::last_os_error());
+    assert!(libc::WIFEXITED(status), "the child was killed (status {status})");
+    (libc::WEXITSTATUS(status), usage.ru_maxrss)
+}
+
 #[test]
 fn plugin_errors_are_per_record() {
     let (rt, _cache) = runtime();

@@ -55,6 +55,13 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// Bytes the host copies out of the plugin in one call at most: its
+    /// memory (a 0.2 results buffer) plus the batch's outputs (0.1 results,
+    /// which may point at the same guest bytes many times).
+    pub fn copy_limit(&self) -> usize {
+        self.memory_bytes.saturating_add(self.batch_output_bytes)
+    }
+
     /// Checks one record's outputs against the output caps, and adds their
     /// bytes to the batch's `so_far`.
     pub(super) fn check_outputs(&self, outputs: crate::record::Iter<'_>, so_far: &mut usize) -> Result<(), String> {
@@ -454,6 +461,10 @@ impl PluginInstance {
         };
         let mut store = Store::new(self.plugin.pre.engine(), state);
         store.limiter(|state| &mut state.memory);
+        // What the host copies out of the plugin in one call (a 0.1 result
+        // lifted value by value, a 0.2 results buffer, a host call's
+        // arguments) is bounded, whatever the guest's values alias.
+        store.set_hostcall_fuel(self.limits.copy_limit());
         // Every epoch tick the plugin yields, so that the call's deadline
         // ([`within_limit`]) is checked however the plugin spends its time.
         store.set_epoch_deadline(1);
@@ -503,6 +514,10 @@ impl PluginInstance {
             return Fault::MemoryLimit { limit_bytes: self.limits.memory_bytes };
         }
         let trap = error.downcast_ref::<Trap>();
+        // wasmtime's hostcall fuel ran out (its error type is private).
+        if trap.is_none() && error.chain().any(|e| e.to_string().contains("fuel allocated for hostcalls")) {
+            return Fault::CopyLimit { limit_bytes: self.limits.copy_limit() };
+        }
         if let Some(Trap::Interrupt) = trap {
             return Fault::CpuLimit { limit_ms: self.limits.cpu_ms };
         }

@@ -88,6 +88,11 @@ pub enum Fault {
     CpuLimit { limit_ms: u64 },
     #[error("memory limit exceeded ({limit_bytes} bytes)")]
     MemoryLimit { limit_bytes: usize },
+    /// The plugin handed the host more data in one call (results lifted
+    /// out of its memory, or one host call's arguments) than the host
+    /// copies: `memory_mib` + `batch_output_mib`.
+    #[error("copy limit exceeded: more than {limit_bytes} bytes copied out of the plugin in one call (memory_mib + batch_output_mib)")]
+    CopyLimit { limit_bytes: usize },
     #[error("plugin trapped: {0}")]
     Trap(String),
     #[error("plugin broke the contract: {0}")]

@@ -54,6 +54,7 @@ pub fn instance_with(
     PluginInstance::new(load(runtime, name), config, limits, grants, "test").expect("plugin instantiates")
 }
 
+pub mod hostile;
 pub mod services;
 pub mod tls;
 pub mod trades;
