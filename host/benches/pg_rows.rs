@@ -4,9 +4,9 @@
 //!
 //! Run: `cargo bench -p sluice --bench pg_rows` (`BENCH_FRAMES=N`, default 20,000 frames).
 
-use sluice::config::{ColumnConfig, ColumnType};
 use sluice::feed::FeedGenerator;
 use sluice::sinks::postgres::rows::Rows;
+use sluice::sinks::postgres::{ColumnConfig, ColumnType};
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {

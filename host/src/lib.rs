@@ -18,12 +18,21 @@
 //!   and the JSON Schema and reference chapter generated from the structures;
 //! - [`feed`]: a Finnhub-style trade feed generator (demo, tests, benchmarks)
 //!   and a stand-in for Finnhub's WebSocket;
-//! - [`clients`]: how Sluice reaches Kafka (TLS, SASL, properties checked
-//!   without connecting, connection errors classified) and PostgreSQL (libpq's sslmodes);
+//! - [`connector`]: what every source and sink is given (`Check` when a
+//!   file is read, `Build` when a pipeline starts) and the `registry!` that lists them;
+//! - [`sources`]: where records come from, one folder each behind
+//!   [`sources::Connector`] and [`sources::Source`] (`kafka/`, `websocket/`),
+//!   listed in [`sources::SourceConfig`];
+//! - [`sinks`]: where outputs go, one folder each behind [`sinks::Connector`]
+//!   and [`sinks::Sink`] (`kafka/`, `postgres/` with its client and libpq's
+//!   sslmodes, `stdout/`), listed in [`sinks::SinkConfig`];
+//! - [`clients`]: the Kafka client the Kafka source, sinks and dead letters
+//!   share (named connections, TLS, SASL, properties checked without
+//!   connecting, connection errors classified), and TLS roots;
 //! - [`secrets`]: secret values remembered and hidden from every output;
-//! - [`sources`]: where records come from ([`sources::Source`]; Kafka, WebSocket);
 //! - [`transforms`]: the chain of plugin instances a batch runs through;
-//! - [`sinks`]: where outputs go ([`sinks::Sink`]; Kafka, PostgreSQL, stdout);
+//! - [`supervisor`]: plugin-version health: probation after a hot swap,
+//!   error surges, rollback, pause and refused versions;
 //! - [`topology`]: the running set of pipelines, started and changed by applying a diff;
 //! - [`telemetry`]: Prometheus metrics and the live per-pipeline state (lag, failing sinks, errors);
 //! - [`admin`]: the admin HTTP listener (`/metrics`, `/health`, `/status`, `/reload`)
@@ -44,6 +53,7 @@ pub mod admin;
 pub mod cli;
 pub mod clients;
 pub mod config;
+pub mod connector;
 pub mod feed;
 pub mod record;
 pub mod runtime;
@@ -51,6 +61,7 @@ pub mod scaffold;
 pub mod secrets;
 pub mod sinks;
 pub mod sources;
+pub mod supervisor;
 pub mod telemetry;
 pub mod top;
 pub mod topology;

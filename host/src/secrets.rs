@@ -222,7 +222,7 @@ mod tests {
         let secret = Secret::new("debug-hidden-pw-1".into());
         assert_eq!((format!("{secret:?}"), format!("{secret}")), ("***".to_string(), "***".to_string()));
         assert!(secret.matches("debug-hidden-pw-1") && !secret.matches("debug-hidden-pw-2") && !secret.matches(""));
-        let sink: crate::config::PostgresSinkConfig = toml::from_str(
+        let sink: crate::sinks::postgres::PostgresSinkConfig = toml::from_str(
             "url = \"postgres://u@h/db\"\npassword = \"debug-hidden-pw-3\"\ntable = \"t\"\ncolumns = [{ name = \"a\", type = \"text\" }]\n",
         )
         .unwrap();

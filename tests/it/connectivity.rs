@@ -461,7 +461,7 @@ enum Outcome {
 /// Sluice leaves the chain unchecked (no downgrade path).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sslmode_and_sslrootcert_are_as_strict_as_libpq() {
-    use sluice::clients::postgres::{connect, target_with_home};
+    use sluice::sinks::postgres::client::{connect, target_with_home};
     use Outcome::*;
     let certs = Certs::generate();
     let pg = postgres_with_tls(&certs);
@@ -513,7 +513,7 @@ async fn sslmode_and_sslrootcert_are_as_strict_as_libpq() {
         if let Some(root) = root {
             text.push_str(&format!("sslrootcert = {root:?}\n"));
         }
-        let config: sluice::config::PostgresSinkConfig = toml::from_str(&text).unwrap();
+        let config: sluice::sinks::postgres::PostgresSinkConfig = toml::from_str(&text).unwrap();
         let row = format!("sslmode={mode:?} sslrootcert={root:?} home root.crt={with_home} url={url}");
         let home = if *with_home { home.path() } else { no_home.path() };
         let target = target_with_home(&config, Path::new("/"), Some(home));
@@ -538,7 +538,7 @@ async fn sslmode_and_sslrootcert_are_as_strict_as_libpq() {
         }
     }
     // Unset with system: verify-full, as libpq 16 makes it.
-    let config: sluice::config::PostgresSinkConfig = toml::from_str(&format!(
+    let config: sluice::sinks::postgres::PostgresSinkConfig = toml::from_str(&format!(
         "url = {by_ip:?}\ntable = \"t\"\nsslrootcert = \"system\"\ncolumns = [{{ name = \"a\", type = \"text\" }}]\n"
     ))
     .unwrap();

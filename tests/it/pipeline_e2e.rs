@@ -269,7 +269,7 @@ topic = "dlq"
 async fn postgres_offsets_hold_per_partition_when_a_batch_brings_a_new_one() {
     use sluice::record::{Origin, Output};
     let pg = PgSchema::create("offsets").await;
-    let config: sluice::config::SinkConfig = toml::from_str(&format!(
+    let config: sluice::sinks::SinkConfig = toml::from_str(&format!(
         "type = \"postgres\"\nurl = \"{PG_URL}\"\ntable = \"{}.t\"\ncreate_table = true\ncolumns = [{{ name = \"v\", type = \"text\" }}]\n",
         pg.name
     ))
@@ -348,7 +348,7 @@ async fn postgres_sink_rejects_each_value_postgres_refuses_and_writes_the_rest_w
         ))
         .await
         .unwrap();
-    let config: sluice::config::SinkConfig = toml::from_str(&format!(
+    let config: sluice::sinks::SinkConfig = toml::from_str(&format!(
         "type = \"postgres\"\nurl = \"{PG_URL}\"\ntable = \"{}.t\"\ncolumns = [{{ name = \"id\", type = \"bigint\" }}, {{ name = \"s\", type = \"text\" }}, \
          {{ name = \"n\", type = \"bigint\" }}, {{ name = \"ts\", type = \"timestamptz\" }}, {{ name = \"tags\", type = \"text[]\" }}, {{ name = \"doc\", type = \"jsonb\" }}]\n",
         pg.name
@@ -436,7 +436,7 @@ async fn an_upsert_batch_with_a_refused_row_keeps_the_last_good_value_per_key() 
         .batch_execute(&format!("CREATE TABLE {}.u (k text PRIMARY KEY, v bigint CHECK (v >= 0))", pg.name))
         .await
         .unwrap();
-    let config: sluice::config::SinkConfig = toml::from_str(&format!(
+    let config: sluice::sinks::SinkConfig = toml::from_str(&format!(
         "type = \"postgres\"\nurl = \"{PG_URL}\"\ntable = \"{}.u\"\nupsert_key = [\"k\"]\ncolumns = [{{ name = \"k\", type = \"text\" }}, {{ name = \"v\", type = \"bigint\" }}]\n",
         pg.name
     ))
@@ -636,7 +636,7 @@ mod conversion_property {
     fn every_value_is_stored_as_it_was_or_rejected_beforehand() {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let pg = rt.block_on(PgSchema::create("convert"));
-        let config: sluice::config::SinkConfig = toml::from_str(&format!(
+        let config: sluice::sinks::SinkConfig = toml::from_str(&format!(
             "type = \"postgres\"\nurl = \"{PG_URL}\"\ntable = \"{}.v\"\ncreate_table = true\nexactly_once = false\ncolumns = [\
              {{ name = \"id\", type = \"bigint\" }}, {{ name = \"s\", type = \"text\" }}, {{ name = \"n\", type = \"bigint\" }}, \
              {{ name = \"d\", type = \"double precision\" }}, {{ name = \"ts\", type = \"timestamptz\" }}, {{ name = \"tags\", type = \"text[]\" }}, \

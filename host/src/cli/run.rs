@@ -35,6 +35,12 @@ pub struct RunArgs {
     /// lag, dead letters, failing sinks); 0 disables them.
     #[arg(long, env = "SLUICE_PROGRESS_SECS", default_value_t = 10)]
     pub progress_secs: u64,
+    /// Stop at the end of the input: a source whose input ends stops its
+    /// pipeline there (instead of waiting for more), and `sluice run` exits
+    /// once every pipeline has ended (status 0 when none failed). Kafka and
+    /// WebSocket sources never end.
+    #[arg(long)]
+    pub until_eof: bool,
 }
 
 /// Where the admin listener listens, if anywhere.
@@ -86,7 +92,8 @@ pub fn run(runtime: Runtime, run: &RunArgs) -> anyhow::Result<ExitCode> {
         let (changes_tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
         let mut watcher = crate::config::watcher::Watcher::new(&args.paths, &pipelines, changes_tx)
             .context("cannot watch the pipeline and plugin files")?;
-        let mut topology = crate::topology::Topology::new(runtime.clone());
+        let options = crate::connector::RunOptions { until_eof: run.until_eof };
+        let mut topology = crate::topology::Topology::with_options(runtime.clone(), options);
         topology.apply(pipelines).await?;
         let status = std::sync::Arc::new(std::sync::RwLock::new(crate::admin::Status::default()));
         update_status(&status, &topology, None);
@@ -130,7 +137,7 @@ pub fn run(runtime: Runtime, run: &RunArgs) -> anyhow::Result<ExitCode> {
                     progress.maybe_log(&topology);
                     failed += topology.reap();
                     if topology.is_empty() {
-                        return Ok(ExitCode::FAILURE);
+                        return Ok(if failed == 0 && run.until_eof { ExitCode::SUCCESS } else { ExitCode::FAILURE });
                     }
                     continue;
                 }

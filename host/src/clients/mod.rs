@@ -1,10 +1,10 @@
-//! How Sluice reaches the services it reads from and writes to, shared by
-//! the sources and sinks: Kafka client properties, TLS and SASL, checks
-//! that need no connection, and connection errors people can act on
-//! ([`kafka`]); PostgreSQL with libpq's TLS modes ([`postgres`]).
+//! The clients that several connectors share: Kafka (the source, the Kafka
+//! sinks and the dead letters: properties, TLS and SASL, named connections,
+//! checks that need no connection, and connection errors people can act
+//! on) in [`kafka`], and [`trust`] (TLS roots for PostgreSQL and the
+//! WebSocket source).
 
 pub mod kafka;
-pub mod postgres;
 
 use anyhow::Context;
 use openssl::ssl::SslConnectorBuilder;

@@ -44,7 +44,9 @@ pub fn diff(running: &BTreeMap<String, Pipeline>, wanted: &[Pipeline]) -> Diff {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{KafkaSourceConfig, OffsetReset, SinkConfig, SourceConfig, StdoutSinkConfig};
+    use crate::sinks::{stdout::StdoutSinkConfig, SinkConfig};
+    use crate::sources::kafka::{KafkaSourceConfig, OffsetReset};
+    use crate::sources::SourceConfig;
 
     fn pipeline(name: &str, topic: &str) -> Pipeline {
         Pipeline {

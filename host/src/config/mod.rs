@@ -1,4 +1,5 @@
-//! Pipeline files: the TOML structures ([`file`]), `${VAR}` expansion
+//! Pipeline files: the TOML structures ([`file`]; each connector's own table
+//! is its folder's, under `sources/` and `sinks/`), `${VAR}` expansion
 //! ([`env`]), validation into runnable [`Pipeline`]s ([`validate`]), what
 //! changes between two sets of pipelines ([`diff`]), the file watcher that
 //! triggers reloads ([`watcher`]), and the file format's JSON Schema and

@@ -3,7 +3,10 @@
 
 use super::env::expand;
 use super::file::*;
+use crate::connector::{Check, Report};
 use crate::runtime::{Grants, Limits, Plugin, PluginInstance, Runtime};
+use crate::sinks::SinkConfig;
+use crate::sources::SourceConfig;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
@@ -54,16 +57,6 @@ pub struct TransformSpec {
     pub hash: String,
 }
 
-impl Pipeline {
-    /// The Kafka consumer group: configured, or `sluice-<name>`.
-    pub fn group(&self) -> String {
-        match &self.source {
-            SourceConfig::Kafka(k) => k.group.clone().unwrap_or_else(|| format!("sluice-{}", self.name)),
-            SourceConfig::WebSocket(_) => format!("sluice-{}", self.name),
-        }
-    }
-}
-
 struct Reporter<'a> {
     file: &'a Path,
     text: &'a str,
@@ -87,17 +80,25 @@ impl Reporter<'_> {
         span
     }
 
-    /// Reports `message` at the value of `path`, or at `fallback` when it is not written there.
-    fn at_key(&mut self, path: &[&str], fallback: Range<usize>, message: impl Into<String>) {
-        let span = self.span_of(path).unwrap_or(fallback);
-        self.at(span, message);
-    }
-
     fn at(&mut self, span: Range<usize>, message: impl Into<String>) {
         let before = &self.text[..span.start.min(self.text.len())];
         let line = before.matches('\n').count() + 1;
         let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
         self.errors.push(ConfigError { file: self.file.to_path_buf(), line, column, message: message.into() });
+    }
+}
+
+impl Report for Reporter<'_> {
+    fn span_of(&self, path: &[&str]) -> Option<Range<usize>> {
+        Reporter::span_of(self, path)
+    }
+
+    fn at(&mut self, span: Range<usize>, message: String) {
+        Reporter::at(self, span, message);
+    }
+
+    fn count(&self) -> usize {
+        self.errors.len()
     }
 }
 
@@ -147,73 +148,9 @@ fn check(parsed: PipelineFile, file: &Path, runtime: Option<&Runtime>, report: &
         report.at(0..0, format!("pipeline name {name:?} must be non-empty letters, digits, `-` or `_`"));
     }
 
-    let connections = check_connections(&parsed.connections, dir, report);
-    let source_span = parsed.source.span();
+    let connections = crate::clients::kafka::check::connections(&parsed.connections, dir, report);
     let mut source = parsed.source.get_ref().clone();
-    match &mut source {
-        SourceConfig::Kafka(k) => {
-            resolve_kafka(
-                &["source"],
-                source_span.clone(),
-                (&mut k.brokers, &k.connection, &mut k.properties),
-                &connections,
-                dir,
-                report,
-            );
-            if k.topics.is_empty() {
-                report.at(source_span.clone(), "[source]: `topics` is empty");
-            }
-            if k.batch_max_records == 0 {
-                report.at(source_span.clone(), "[source]: `batch_max_records` must be at least 1");
-            }
-            if k.properties.contains_key("enable.auto.commit") {
-                report.at_key(
-                    &["source", "properties", "enable.auto.commit"],
-                    source_span,
-                    "[source.properties]: `enable.auto.commit` is Sluice's: offsets are committed after the sinks have the data",
-                );
-            }
-        }
-        SourceConfig::WebSocket(w) => {
-            let url = w.url.trim();
-            if !(url.starts_with("ws://") || url.starts_with("wss://")) {
-                report.at_key(
-                    &["source", "url"],
-                    source_span.clone(),
-                    format!(
-                        "[source]: url {:?} must start with ws:// or wss://",
-                        crate::sources::websocket::display_url(url)
-                    ),
-                );
-            }
-            if let Err(e) = crate::sources::websocket::request(w) {
-                report.at_key(&["source", "url"], source_span.clone(), format!("[source]: {e}"));
-            }
-            if let Some(ca) = &w.ca {
-                let path = dir.join(ca);
-                if !path.is_file() {
-                    report.at_key(
-                        &["source", "ca"],
-                        source_span.clone(),
-                        format!("[source]: ca file {} does not exist", path.display()),
-                    );
-                }
-                w.ca = Some(path.display().to_string());
-            }
-            for (i, message) in w.subscribe.iter().enumerate() {
-                if !(message.is_str() || message.is_table()) {
-                    report.at_key(
-                        &["source", "subscribe"],
-                        source_span.clone(),
-                        format!("[source]: subscribe message {} must be a string or a table", i + 1),
-                    );
-                }
-            }
-            if w.batch_max_records == 0 || w.buffer_records == 0 || w.buffer_bytes == 0 || w.max_message_bytes == 0 {
-                report.at(source_span.clone(), "[source]: `batch_max_records`, `buffer_records`, `buffer_bytes` and `max_message_bytes` must be at least 1");
-            }
-        }
-    }
+    source.connector_mut().check(&mut Check::new(&["source"], parsed.source.span(), dir, &connections, report));
 
     let transforms =
         parsed.transforms.iter().enumerate().map(|(i, t)| check_transform(i, t, dir, &name, runtime, report)).collect();
@@ -223,16 +160,13 @@ fn check(parsed: PipelineFile, file: &Path, runtime: Option<&Runtime>, report: &
     }
     let mut sinks = BTreeMap::new();
     for (sink_name, sink) in &parsed.sinks {
-        sinks.insert(sink_name.clone(), check_sink(&["sinks", sink_name], sink, &connections, dir, report));
+        let mut resolved = sink.get_ref().clone();
+        resolved.connector_mut().check(&mut Check::new(&["sinks", sink_name], sink.span(), dir, &connections, report));
+        sinks.insert(sink_name.clone(), resolved);
     }
-    // Exactly-once into PostgreSQL stores the source offsets with the rows and
-    // skips what a source reads again; a WebSocket cannot read again, and its
-    // offsets restart with each connection: its rows are written as they come.
-    if matches!(source, SourceConfig::WebSocket(_)) {
+    if !source.connector().replays() {
         for sink in sinks.values_mut() {
-            if let SinkConfig::Postgres(pg) = sink {
-                pg.exactly_once = false;
-            }
+            sink.connector_mut().source_cannot_replay();
         }
     }
     let default_sink = match &parsed.default_sink {
@@ -252,18 +186,21 @@ fn check(parsed: PipelineFile, file: &Path, runtime: Option<&Runtime>, report: &
             String::new()
         }
     };
-    let dead_letter = match parsed.dead_letter.get_ref() {
-        SinkConfig::Kafka(_) | SinkConfig::Stdout(_) => {
-            check_sink(&["dead_letter"], &parsed.dead_letter, &connections, dir, report)
-        }
-        other => {
-            report.at(
-                parsed.dead_letter.span(),
-                format!("[dead_letter]: type {:?} cannot hold dead letters; use \"kafka\" or \"stdout\"", other.kind()),
-            );
-            other.clone()
-        }
-    };
+    let mut dead_letter = parsed.dead_letter.get_ref().clone();
+    if dead_letter.holds_dead_letters() {
+        let span = parsed.dead_letter.span();
+        dead_letter.connector_mut().check(&mut Check::new(&["dead_letter"], span, dir, &connections, report));
+    } else {
+        let kinds: Vec<String> = crate::sinks::DEAD_LETTER_KINDS.iter().map(|k| format!("{k:?}")).collect();
+        report.at(
+            parsed.dead_letter.span(),
+            format!(
+                "[dead_letter]: type {:?} cannot hold dead letters; use {}",
+                dead_letter.kind(),
+                kinds.join(" or ")
+            ),
+        );
+    }
 
     Pipeline {
         name,
@@ -276,157 +213,6 @@ fn check(parsed: PipelineFile, file: &Path, runtime: Option<&Runtime>, report: &
         dead_letter,
         on_plugin_failure: parsed.on_plugin_failure,
     }
-}
-
-/// The Kafka connections of a file, each with its librdkafka properties
-/// (from `tls`, `sasl` and `properties`), checked.
-fn check_connections(
-    connections: &BTreeMap<String, toml::Spanned<ConnectionConfig>>,
-    dir: &Path,
-    report: &mut Reporter,
-) -> BTreeMap<String, (String, KafkaProperties)> {
-    let mut out = BTreeMap::new();
-    for (name, connection) in connections {
-        let span = connection.span();
-        let place = format!("[connections.{name}]");
-        let ConnectionConfig::Kafka(kafka) = connection.get_ref();
-        if kafka.brokers.trim().is_empty() {
-            report.at_key(&["connections", name, "brokers"], span.clone(), format!("{place}: `brokers` is empty"));
-        }
-        let errors_before = report.errors.len();
-        let mut properties = KafkaProperties::new();
-        match crate::clients::kafka::connection_properties(kafka) {
-            Ok(derived) => {
-                for (key, value) in derived {
-                    match crate::clients::kafka::check_property(key, &value, dir) {
-                        Ok(value) => {
-                            properties.insert(key.to_string(), value);
-                        }
-                        Err(message) => match typed_field(key) {
-                            Some((table, field)) => report.at_key(
-                                &["connections", name, table, field],
-                                span.clone(),
-                                format!("{place}: {message}"),
-                            ),
-                            None => report.at(span.clone(), format!("{place}: {message}")),
-                        },
-                    }
-                }
-            }
-            Err(messages) => {
-                for message in messages {
-                    report.at(span.clone(), format!("{place}: {message}"));
-                }
-            }
-        }
-        check_properties(&place, &["connections", name], &kafka.properties, &mut properties, dir, report);
-        if report.errors.len() == errors_before {
-            if let Err(message) = crate::clients::kafka::check_client(&properties) {
-                report.at(span.clone(), format!("{place}: {message}"));
-            }
-        }
-        out.insert(name.clone(), (kafka.brokers.clone(), properties));
-    }
-    out
-}
-
-/// The `tls`/`sasl` field of a connection that a librdkafka property came from.
-fn typed_field(property: &str) -> Option<(&'static str, &'static str)> {
-    Some(match property {
-        "ssl.ca.location" => ("tls", "ca"),
-        "ssl.certificate.location" => ("tls", "cert"),
-        "ssl.key.location" => ("tls", "key"),
-        "ssl.key.password" => ("tls", "key_password"),
-        "sasl.username" => ("sasl", "username"),
-        "sasl.password" => ("sasl", "password"),
-        "sasl.oauthbearer.token.endpoint.url" => ("sasl", "token_endpoint"),
-        "sasl.oauthbearer.client.id" => ("sasl", "client_id"),
-        "sasl.oauthbearer.client.secret" => ("sasl", "client_secret"),
-        "sasl.oauthbearer.scope" => ("sasl", "scope"),
-        "sasl.mechanism" | "sasl.oauthbearer.method" => ("sasl", "mechanism"),
-        _ => return None,
-    })
-}
-
-/// librdkafka properties by name.
-type KafkaProperties = BTreeMap<String, String>;
-
-/// Checks each of `own` (the `properties` of the table at `table`) and adds
-/// it to `into` (over what is there).
-fn check_properties(
-    place: &str,
-    table: &[&str],
-    own: &KafkaProperties,
-    into: &mut KafkaProperties,
-    dir: &Path,
-    report: &mut Reporter,
-) {
-    for (key, value) in own {
-        match crate::clients::kafka::check_property(key, value, dir) {
-            Ok(checked) => {
-                into.insert(key.clone(), checked);
-            }
-            Err(message) => {
-                let path: Vec<&str> = table.iter().copied().chain(["properties", key.as_str()]).collect();
-                let fallback = report.span_of(table).unwrap_or(0..0);
-                report.at_key(&path, fallback, format!("{place}.properties: {message}"));
-            }
-        }
-    }
-}
-
-/// A Kafka source's or sink's `brokers`, `connection` and `properties`
-/// (the table at `table`), resolved: the brokers of its connection, the
-/// connection's properties under its own, every property checked.
-fn resolve_kafka(
-    table: &[&str],
-    span: Range<usize>,
-    (brokers, connection, properties): (&mut Option<String>, &Option<String>, &mut KafkaProperties),
-    connections: &BTreeMap<String, (String, KafkaProperties)>,
-    dir: &Path,
-    report: &mut Reporter,
-) {
-    let place = format!("[{}]", table.join("."));
-    let key = |k: &'static str| -> Vec<&str> { table.iter().copied().chain([k]).collect() };
-    let mut merged = KafkaProperties::new();
-    match (brokers.as_ref(), connection) {
-        (Some(_), Some(_)) => report.at_key(
-            &key("connection"),
-            span.clone(),
-            format!("{place}: give `brokers` or `connection`, not both (the connection has the brokers)"),
-        ),
-        (None, None) => report.at(
-            span.clone(),
-            format!("{place}: say where Kafka is: `brokers = \"host:port\"` or `connection = \"NAME\"`"),
-        ),
-        (Some(b), None) if b.trim().is_empty() => {
-            report.at_key(&key("brokers"), span.clone(), format!("{place}: `brokers` is empty"))
-        }
-        (None, Some(c)) => match connections.get(c) {
-            Some((connection_brokers, connection_properties)) => {
-                *brokers = Some(connection_brokers.clone());
-                merged = connection_properties.clone();
-            }
-            None => {
-                let known: Vec<&str> = connections.keys().map(String::as_str).collect();
-                let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
-                report.at_key(
-                    &key("connection"),
-                    span.clone(),
-                    format!("{place}: no connection {c:?} in this file (connections: {known})"),
-                );
-            }
-        },
-        (Some(_), None) => {}
-    }
-    let errors_before = report.errors.len();
-    check_properties(&place, table, properties, &mut merged, dir, report);
-    if report.errors.len() == errors_before && !properties.is_empty() {
-        if let Err(message) = crate::clients::kafka::check_client(&merged) {
-            report.at(span, format!("{place}: {message}"));
-        }
-    }
-    *properties = merged;
 }
 
 fn check_transform(
@@ -503,51 +289,6 @@ fn check_transform(
         }
     }
     spec
-}
-
-/// Checks a sink (the table at `table`) and returns it resolved (a Kafka
-/// sink's connection merged in).
-fn check_sink(
-    table: &[&str],
-    sink: &toml::Spanned<SinkConfig>,
-    connections: &BTreeMap<String, (String, KafkaProperties)>,
-    dir: &Path,
-    report: &mut Reporter,
-) -> SinkConfig {
-    let span = sink.span();
-    let place = format!("[{}]", table.join("."));
-    let key = |k: &'static str| -> Vec<&str> { table.iter().copied().chain([k]).collect() };
-    let mut resolved = sink.get_ref().clone();
-    match &mut resolved {
-        SinkConfig::Kafka(k) => {
-            if k.topic.is_empty() {
-                report.at_key(&key("topic"), span.clone(), format!("{place}: `topic` is empty"));
-            }
-            resolve_kafka(table, span, (&mut k.brokers, &k.connection, &mut k.properties), connections, dir, report);
-        }
-        SinkConfig::Postgres(pg) => {
-            if let Err(errors) = crate::clients::postgres::target(pg, dir) {
-                for e in errors {
-                    // An option the sink does not set came from the URL.
-                    let at = match report.span_of(&key(e.option)) {
-                        Some(at) => at,
-                        None => report.span_of(&key("url")).unwrap_or(span.clone()),
-                    };
-                    report.at(at, format!("{place}: {}", e.message));
-                }
-            }
-            if pg.columns.is_empty() {
-                report.at(span.clone(), format!("{place}: `columns` is empty"));
-            }
-            for key in &pg.upsert_key {
-                if !pg.columns.iter().any(|c| &c.name == key) {
-                    report.at(span.clone(), format!("{place}: upsert_key column {key:?} is not among `columns`"));
-                }
-            }
-        }
-        SinkConfig::Stdout(_) => {}
-    }
-    resolved
 }
 
 /// Expands the arguments of `sluice run`/`check`: files as they are, folders

@@ -20,9 +20,6 @@ pub struct Runtime {
     pub(crate) linker: std::sync::Arc<Linker<HostState>>,
     /// Where compiled components are cached; `None` disables the cache.
     pub(crate) cache_dir: Option<PathBuf>,
-    /// Plugin versions ([`super::version_key`]: SHA-256 and config) rolled
-    /// back after a failing hot swap, with why: a reload does not bring them back.
-    refused: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, String>>>,
 }
 
 impl Runtime {
@@ -61,19 +58,7 @@ impl Runtime {
             })
             .context("cannot start the epoch ticker thread")?;
 
-        Ok(Runtime { engine, linker: std::sync::Arc::new(linker), cache_dir, refused: Default::default() })
-    }
-
-    /// Refuses plugin version `key` from now on (it was rolled back), saying why.
-    pub fn refuse(&self, key: &str, reason: &str) {
-        if let Ok(mut refused) = self.refused.lock() {
-            refused.insert(key.to_string(), reason.to_string());
-        }
-    }
-
-    /// Why plugin version `key` is refused, if it is.
-    pub fn refused(&self, key: &str) -> Option<String> {
-        self.refused.lock().ok().and_then(|r| r.get(key).cloned())
+        Ok(Runtime { engine, linker: std::sync::Arc::new(linker), cache_dir })
     }
 
     /// The default cache directory: `$SLUICE_CACHE_DIR`, else

@@ -1,13 +1,50 @@
-//! Sinks: where a pipeline's outputs go. A new sink is one module
-//! implementing [`Sink`]; [`build`] maps a sink's config to it.
+//! Sinks: where a pipeline's outputs go. Each is one folder holding its
+//! config, its checks, its client and its running part, listed once in
+//! [`SinkConfig`]: [`kafka`] (an idempotent producer), [`postgres`] (rows,
+//! exactly once), [`stdout`] (one value per line).
 
 pub mod kafka;
 pub mod postgres;
 pub mod stdout;
 
-use crate::config::SinkConfig;
+use crate::connector::{Build, Check, RunOptions};
 use crate::record::{Origin, OutputRef};
 use async_trait::async_trait;
+
+crate::registry! {
+    /// A sink, chosen by `type`.
+    pub enum SinkConfig: dyn Connector {
+        "kafka" => Kafka(kafka::KafkaSinkConfig),
+        "postgres" => Postgres(postgres::PostgresSinkConfig),
+        "stdout" => Stdout(stdout::StdoutSinkConfig),
+    }
+}
+
+/// The sinks a `[dead_letter]` may be: they keep any bytes, with the
+/// headers that say why.
+pub const DEAD_LETTER_KINDS: &[&str] = &["kafka", "stdout"];
+
+impl SinkConfig {
+    /// Whether this sink may be a pipeline's `[dead_letter]`.
+    pub fn holds_dead_letters(&self) -> bool {
+        DEAD_LETTER_KINDS.contains(&self.kind())
+    }
+}
+
+/// A sink's config, as the rest of Sluice uses it.
+pub trait Connector: Send + Sync {
+    /// Checks the sink's table (what `sluice check` verifies) and resolves
+    /// it (relative paths, a named connection).
+    fn check(&mut self, cx: &mut Check<'_>);
+
+    /// Said when the pipeline's source cannot read anything again (a
+    /// WebSocket): a sink that would skip what a source reads twice writes
+    /// records as they come instead.
+    fn source_cannot_replay(&mut self) {}
+
+    /// The running sink `name`, for a pipeline starting.
+    fn build(&self, name: &str, cx: &Build<'_>) -> anyhow::Result<Box<dyn Sink>>;
+}
 
 /// A record the sink can never write (e.g. a value that does not fit the
 /// table): it goes to the dead-letter destination instead.
@@ -31,17 +68,14 @@ pub trait Sink: Send + Sync {
     async fn write(&self, batch: &[OutputRef<'_>], origins: &[&Origin]) -> anyhow::Result<Vec<Rejected>>;
 }
 
-/// Builds the sink `name` of `pipeline`, described by `config`; `dir` (the
-/// pipeline file's folder) anchors the relative paths of certificate files.
+/// Builds the sink `name` of `pipeline` from `config`, as a pipeline
+/// starting does; `dir` (the pipeline file's folder) anchors relative paths.
 pub async fn build(
     name: &str,
     config: &SinkConfig,
     pipeline: &str,
     dir: &std::path::Path,
 ) -> anyhow::Result<Box<dyn Sink>> {
-    Ok(match config {
-        SinkConfig::Kafka(c) => Box::new(kafka::KafkaSink::new(c, name, pipeline)?),
-        SinkConfig::Postgres(c) => Box::new(postgres::PostgresSink::new(c.clone(), name, pipeline, dir)?),
-        SinkConfig::Stdout(_) => Box::new(stdout::StdoutSink),
-    })
+    let options = RunOptions::default();
+    config.connector().build(name, &Build { pipeline, dir, options: &options })
 }

@@ -1,18 +1,48 @@
-//! Sources: where a pipeline's records come from. A new source is one module
-//! implementing [`Source`]: [`kafka`] (a consumer group), [`websocket`] (a live feed).
+//! Sources: where a pipeline's records come from. Each is one folder
+//! holding its config, its checks and its running part, listed once in
+//! [`SourceConfig`]: [`kafka`] (a consumer group), [`websocket`] (a live
+//! feed).
 
 pub mod kafka;
 pub mod websocket;
 
+use crate::connector::{Build, Check};
 use crate::record::Record;
 use async_trait::async_trait;
+use std::sync::Arc;
+
+crate::registry! {
+    /// A source, chosen by `type`.
+    pub enum SourceConfig: dyn Connector {
+        "kafka" => Kafka(kafka::KafkaSourceConfig),
+        "websocket" => WebSocket(websocket::WebSocketSourceConfig),
+    }
+}
+
+/// A source's config, as the rest of Sluice uses it.
+pub trait Connector: Send + Sync {
+    /// Checks the `[source]` table (what `sluice check` verifies) and
+    /// resolves it (relative paths, a named connection).
+    fn check(&mut self, cx: &mut Check<'_>);
+
+    /// Whether the records can be read again after a crash or a restart
+    /// (what exactly-once sinks rely on). Default: yes.
+    fn replays(&self) -> bool {
+        true
+    }
+
+    /// The running source, for a pipeline starting.
+    fn build(&self, cx: &Build<'_>) -> anyhow::Result<Arc<dyn Source>>;
+}
 
 /// A source is shared by a pipeline's two stages: the transform stage reads
 /// batches while the delivery stage commits the ones the sinks have.
 #[async_trait]
 pub trait Source: Send + Sync {
     /// The next batch: at least one record, at most the configured count,
-    /// closed after the configured time. Waits while there is nothing to read.
+    /// closed after the configured time. Waits while there is nothing to
+    /// read. An empty batch means the input has ended (a source with an
+    /// end, under `--until-eof`): the pipeline delivers what it has and stops.
     async fn next_batch(&self) -> anyhow::Result<Vec<Record>>;
 
     /// Marks every record of `batch` as done (every sink has it), so that a
@@ -21,4 +51,14 @@ pub trait Source: Send + Sync {
 
     /// Waits until every commit made so far is durable (on shutdown).
     async fn flush_commits(&self) -> anyhow::Result<()>;
+}
+
+/// A batch's record count, by default.
+pub(crate) fn default_batch_max_records() -> usize {
+    1000
+}
+
+/// A batch's time, by default.
+pub(crate) fn default_batch_max_ms() -> u64 {
+    50
 }

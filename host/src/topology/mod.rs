@@ -10,7 +10,9 @@ pub mod pipeline;
 
 use crate::config::diff::diff;
 use crate::config::Pipeline;
+use crate::connector::RunOptions;
 use crate::runtime::Runtime;
+use crate::supervisor::Refused;
 use crate::transforms::Chain;
 use anyhow::Context;
 use pipeline::PipelineTask;
@@ -39,12 +41,20 @@ pub struct Applied {
 
 pub struct Topology {
     runtime: Runtime,
+    options: RunOptions,
+    /// Plugin versions rolled back, refused on every later reload.
+    refused: Refused,
     running: BTreeMap<String, Running>,
 }
 
 impl Topology {
     pub fn new(runtime: Runtime) -> Self {
-        Topology { runtime, running: BTreeMap::new() }
+        Topology::with_options(runtime, RunOptions::default())
+    }
+
+    /// A topology whose pipelines run as `options` say (`--until-eof`).
+    pub fn with_options(runtime: Runtime, options: RunOptions) -> Self {
+        Topology { runtime, options, refused: Refused::default(), running: BTreeMap::new() }
     }
 
     /// Moves the running set to `wanted`. Everything new (pipelines to
@@ -55,7 +65,7 @@ impl Topology {
         // A version rolled back after it failed comes back only as a different file.
         for spec in plan.swap.iter().chain(&plan.start) {
             for t in &spec.transforms {
-                if let Some(reason) = self.runtime.refused(&crate::runtime::version_key(&t.hash, &t.config)) {
+                if let Some(reason) = self.refused.reason(&crate::runtime::version_key(&t.hash, &t.config)) {
                     anyhow::bail!(
                         "plugin {} of pipeline {} is version {} with this config, which was rolled back ({reason}): drop in a different file or config",
                         t.path.display(),
@@ -76,7 +86,7 @@ impl Topology {
         let mut built = Vec::with_capacity(plan.start.len());
         for spec in plan.start {
             let name = spec.name.clone();
-            let task = PipelineTask::build(&self.runtime, spec.clone())
+            let task = PipelineTask::build(&self.runtime, spec.clone(), &self.options, &self.refused)
                 .await
                 .with_context(|| format!("cannot start pipeline {name} ({})", spec.file.display()))?;
             built.push((spec, task));
@@ -134,18 +144,31 @@ impl Topology {
         }
     }
 
-    /// Removes pipelines whose task ended on its own, logging why; returns how many failed.
+    /// Removes pipelines whose task ended on its own, logging why; returns
+    /// how many failed (a pipeline whose source reached the end of its
+    /// input, under `--until-eof`, finished: it did not fail).
     pub fn reap(&mut self) -> usize {
         let done: Vec<String> =
             self.running.iter().filter(|(_, r)| r.task.is_finished()).map(|(k, _)| k.clone()).collect();
         let mut failed = 0;
         for name in done {
             if let Some(r) = self.running.remove(&name) {
-                failed += 1;
                 match futures::FutureExt::now_or_never(r.task) {
-                    Some(Ok(Err(e))) => error!(pipeline = %name, error = %format!("{e:#}"), "pipeline failed"),
-                    Some(Err(e)) => error!(pipeline = %name, error = %e, "pipeline task panicked"),
-                    _ => error!(pipeline = %name, "pipeline ended"),
+                    Some(Ok(Ok(()))) if self.options.until_eof => {
+                        info!(pipeline = %name, "pipeline finished: its input ended (--until-eof)")
+                    }
+                    Some(Ok(Err(e))) => {
+                        failed += 1;
+                        error!(pipeline = %name, error = %format!("{e:#}"), "pipeline failed")
+                    }
+                    Some(Err(e)) => {
+                        failed += 1;
+                        error!(pipeline = %name, error = %e, "pipeline task panicked")
+                    }
+                    _ => {
+                        failed += 1;
+                        error!(pipeline = %name, "pipeline ended")
+                    }
                 }
             }
         }

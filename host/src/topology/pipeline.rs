@@ -1,13 +1,15 @@
 //! One pipeline's task: read a batch, run the chain, route outputs to sinks,
 //! dead-letter failures, and commit the source only once every sink has it.
 
-use crate::config::{OnPluginFailure, Pipeline, SourceConfig};
+use crate::config::Pipeline;
+use crate::connector::{Build, RunOptions};
 use crate::record::{Header, Output, OutputRef, Record, Results};
 use crate::runtime::Runtime;
-use crate::sinks::{self, Sink};
-use crate::sources::{kafka::KafkaSource, websocket::WebSocketSource, Source};
+use crate::sinks::Sink;
+use crate::sources::Source;
+use crate::supervisor::{shown_versions, Refused, Supervisor, Verdict, SURGE_MIN_RECORDS};
 use crate::telemetry::telemetry;
-use crate::transforms::{Chain, ChainFailure, VersionFailing};
+use crate::transforms::{Chain, ChainFailure};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -23,7 +25,7 @@ use tracing::{debug, error, info, warn};
 pub struct Stopped;
 
 pub struct PipelineTask {
-    runtime: Runtime,
+    refused: Refused,
     spec: Pipeline,
     source: Arc<dyn Source>,
     chain: Chain,
@@ -39,30 +41,28 @@ struct Transformed {
     read_at: Instant,
 }
 
-/// `(plugin, short version)` of each stage of `chain`.
-fn versions(chain: &Chain) -> Vec<(String, String)> {
-    chain.stages().iter().map(|s| (s.plugin().name.clone(), s.plugin().short_hash().to_string())).collect()
-}
-
 impl PipelineTask {
     /// Creates the source, the chain (compiling and initialising each plugin) and the sinks.
-    pub async fn build(runtime: &Runtime, spec: Pipeline) -> anyhow::Result<Self> {
+    pub async fn build(
+        runtime: &Runtime,
+        spec: Pipeline,
+        options: &RunOptions,
+        refused: &Refused,
+    ) -> anyhow::Result<Self> {
         let chain = tokio::task::block_in_place(|| Chain::new(runtime, &spec.transforms, &spec.name))?;
         for stage in chain.stages() {
             let p = stage.plugin();
             info!(pipeline = %spec.name, plugin = %p.name, version = %p.short_hash(), contract = %p.contract, cache_hit = p.cache_hit, "plugin ready");
         }
         let dir = spec.file.parent().unwrap_or(std::path::Path::new("."));
+        let cx = Build { pipeline: &spec.name, dir, options };
         let mut sinks = BTreeMap::new();
         for (name, config) in &spec.sinks {
-            sinks.insert(name.clone(), sinks::build(name, config, &spec.name, dir).await?);
+            sinks.insert(name.clone(), config.connector().build(name, &cx)?);
         }
-        let dead_letter = sinks::build("dead_letter", &spec.dead_letter, &spec.name, dir).await?;
-        let source: Arc<dyn Source> = match &spec.source {
-            SourceConfig::Kafka(k) => Arc::new(KafkaSource::new(k, &spec.group(), &spec.name)?),
-            SourceConfig::WebSocket(w) => Arc::new(WebSocketSource::new(w, &spec.name)?),
-        };
-        Ok(PipelineTask { runtime: runtime.clone(), spec, source, chain, sinks, dead_letter })
+        let dead_letter = spec.dead_letter.connector().build("dead_letter", &cx)?;
+        let source = spec.source.connector().build(&cx)?;
+        Ok(PipelineTask { refused: refused.clone(), spec, source, chain, sinks, dead_letter })
     }
 
     /// Runs until `cancel`. Two stages overlap: the transform stage (its own
@@ -72,10 +72,10 @@ impl PipelineTask {
     /// A chain received on `swaps` replaces the current one between two
     /// batches: every record is transformed by exactly one version.
     pub async fn run(self, cancel: CancellationToken, swaps: mpsc::UnboundedReceiver<Chain>) -> anyhow::Result<()> {
-        let PipelineTask { runtime, spec, source, chain, sinks, dead_letter } = self;
-        telemetry().pipeline_started(&spec.name, &sinks.keys().cloned().collect::<Vec<_>>(), &versions(&chain));
+        let PipelineTask { refused, spec, source, chain, sinks, dead_letter } = self;
+        telemetry().pipeline_started(&spec.name, &sinks.keys().cloned().collect::<Vec<_>>(), &shown_versions(&chain));
         let (transformed_tx, mut transformed) = mpsc::channel::<Transformed>(1);
-        let versions = Versions::new(spec.name.clone(), chain, spec.on_plugin_failure, runtime);
+        let versions = Supervisor::new(spec.name.clone(), chain, spec.on_plugin_failure, refused);
         let stage = tokio::spawn(transform_stage(source.clone(), versions, swaps, cancel.clone(), transformed_tx));
         let delivery = Delivery { spec, sinks, dead_letter };
         let name = delivery.spec.name.clone();
@@ -102,167 +102,11 @@ impl PipelineTask {
     }
 }
 
-/// Batches a new version runs on probation after a hot swap: an error surge
-/// in one of them counts as the version failing.
-const PROBATION_BATCHES: u32 = 10;
-
-/// A batch is judged for an error surge only from this many records on.
-const SURGE_MIN_RECORDS: usize = 10;
-
 /// On probation, a batch too small to be judged waits this long at most for
 /// more records to join it, so that a broken version cannot slip its
 /// failures of a few small batches to the dead letters before a batch is
 /// large enough to show the surge.
 const PROBATION_TOP_UP: Duration = Duration::from_millis(250);
-
-/// The chain a pipeline runs, the one it ran before the last hot swap (for a
-/// rollback), and how often their records fail.
-struct Versions {
-    pipeline: String,
-    current: Chain,
-    /// The chain before the last swap, kept for [`OnPluginFailure::Rollback`].
-    previous: Option<Chain>,
-    policy: OnPluginFailure,
-    runtime: Runtime,
-    /// Batches the current chain has run since it went live.
-    batches: u32,
-    /// The current chain's recent record errors and records (decaying sums).
-    recent: (f64, f64),
-    /// The previous chain's recent error rate when it was swapped out.
-    previous_rate: f64,
-}
-
-impl Versions {
-    fn new(pipeline: String, current: Chain, policy: OnPluginFailure, runtime: Runtime) -> Self {
-        Versions {
-            pipeline,
-            current,
-            previous: None,
-            policy,
-            runtime,
-            batches: PROBATION_BATCHES,
-            recent: (0.0, 0.0),
-            previous_rate: 0.0,
-        }
-    }
-
-    fn rate(&self) -> f64 {
-        if self.recent.1 == 0.0 {
-            0.0
-        } else {
-            self.recent.0 / self.recent.1
-        }
-    }
-
-    /// A hot swap: `new` goes live, the current chain is kept for a rollback.
-    fn swap_in(&mut self, new: Chain) {
-        // The new chain is compiled, instantiated and initialised already:
-        // the pause is moving the old one aside.
-        let started = Instant::now();
-        self.previous_rate = self.rate();
-        self.previous = Some(std::mem::replace(&mut self.current, new));
-        self.went_live(started);
-    }
-
-    /// A new version while paused: the failing chain is dropped, not kept.
-    fn replace(&mut self, new: Chain) {
-        let started = Instant::now();
-        drop(std::mem::replace(&mut self.current, new));
-        self.went_live(started);
-    }
-
-    fn went_live(&mut self, started: Instant) {
-        self.batches = 0;
-        self.recent = (0.0, 0.0);
-        let pause_us = started.elapsed().as_micros() as u64;
-        let live = versions(&self.current);
-        let shown: Vec<String> = live.iter().map(|(name, version)| format!("{name}@{version}")).collect();
-        info!(pipeline = %self.pipeline, plugins = %shown.join(" -> "), pause_us, "new plugin versions live");
-        telemetry().set_plugins(&self.pipeline, &live);
-    }
-
-    /// Whether the current chain is a new version still on probation.
-    fn on_probation(&self) -> bool {
-        self.batches < PROBATION_BATCHES && self.previous.is_some()
-    }
-
-    /// Whether the current chain is failing, after it ran `results`: a
-    /// fault streak or isolation over budget (any time), or, on probation
-    /// after a swap, an error surge against the previous version's rate.
-    fn judge(&mut self, results: &Results<ChainFailure>) -> Option<VersionFailing> {
-        if let Some(failing) = self.current.take_failing() {
-            return Some(failing);
-        }
-        if !self.on_probation() || results.len() < SURGE_MIN_RECORDS {
-            return None;
-        }
-        let failed: Vec<&ChainFailure> = results.errors().collect();
-        let rate = failed.len() as f64 / results.len() as f64;
-        if rate <= 0.5 || self.previous_rate >= 0.05 {
-            return None;
-        }
-        // The stage that failed the most records is the one surging.
-        let mut per_plugin: BTreeMap<&str, usize> = BTreeMap::new();
-        for f in &failed {
-            *per_plugin.entry(f.plugin.as_str()).or_default() += 1;
-        }
-        let plugin = per_plugin.iter().max_by_key(|(_, n)| **n).map(|(p, _)| *p)?;
-        let example = failed.iter().find(|f| f.plugin == plugin)?;
-        let stage = self.current.stages().iter().find(|s| s.plugin().name == plugin)?;
-        Some(VersionFailing {
-            plugin: plugin.to_string(),
-            version: stage.plugin().hash.clone(),
-            key: stage.version_key(),
-            reason: format!(
-                "error surge: {} of {} records failed ({:.0}%; the previous version: {:.1}%), e.g. {}",
-                failed.len(),
-                results.len(),
-                rate * 100.0,
-                self.previous_rate * 100.0,
-                example.error
-            ),
-        })
-    }
-
-    /// `results` are on their way to the sinks: they count for the error rate.
-    fn record(&mut self, results: &Results<ChainFailure>) {
-        let errors = results.errors().count() as f64;
-        self.recent = (self.recent.0 * 0.8 + errors, self.recent.1 * 0.8 + results.len() as f64);
-        self.batches = self.batches.saturating_add(1);
-    }
-
-    /// Swaps back to the previous chain after `failing`, refusing the failing version.
-    fn roll_back(&mut self, failing: &VersionFailing) {
-        let Some(previous) = self.previous.take() else { return };
-        let bad = std::mem::replace(&mut self.current, previous);
-        let old = self
-            .current
-            .stages()
-            .iter()
-            .find(|s| s.plugin().name == failing.plugin)
-            .map(|s| s.plugin().short_hash().to_string());
-        let old = old.unwrap_or_else(|| "-".to_string());
-        let new = failing.version.get(..12).unwrap_or(&failing.version);
-        self.runtime.refuse(&failing.key, &failing.reason);
-        error!(
-            pipeline = %self.pipeline,
-            plugin = %failing.plugin,
-            from = %new,
-            to = %old,
-            reason = %failing.reason,
-            "plugin version rolled back before any of its output was delivered; this version (file and config) is refused until either changes"
-        );
-        telemetry().rolled_back(
-            &self.pipeline,
-            &failing.plugin,
-            &format!("{} {new} -> {old}: {}", failing.plugin, failing.reason),
-        );
-        telemetry().set_plugins(&self.pipeline, &versions(&self.current));
-        drop(bad);
-        self.batches = PROBATION_BATCHES;
-        self.recent = (0.0, 0.0);
-    }
-}
 
 /// Runs `batch` through `chain`; records their source rejected skip it and fail.
 fn process(chain: &mut Chain, batch: &[Record]) -> Results<ChainFailure> {
@@ -284,21 +128,26 @@ fn process(chain: &mut Chain, batch: &[Record]) -> Results<ChainFailure> {
 
 /// Reads batches, applies chain swaps between them, transforms them, and
 /// hands them to the delivery stage (at most one waiting). A failing plugin
-/// version is handled by the pipeline's [`OnPluginFailure`] before any of
+/// version is handled by the pipeline's [`crate::config::OnPluginFailure`] before any of
 /// the batch's results are handed on.
 async fn transform_stage(
     source: Arc<dyn Source>,
-    mut versions: Versions,
+    mut versions: Supervisor<Chain>,
     mut swaps: mpsc::UnboundedReceiver<Chain>,
     cancel: CancellationToken,
     out: mpsc::Sender<Transformed>,
 ) -> anyhow::Result<()> {
-    let pipeline = versions.pipeline.clone();
-    loop {
+    let pipeline = versions.pipeline().to_string();
+    let mut ended = false;
+    while !ended {
         let mut batch = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
             batch = source.next_batch() => batch?,
         };
+        if batch.is_empty() {
+            info!(%pipeline, "the source's input ended: delivering what is in hand, then stopping");
+            return Ok(());
+        }
         let read_at = Instant::now();
         while let Ok(new) = swaps.try_recv() {
             versions.swap_in(new);
@@ -312,21 +161,29 @@ async fn transform_stage(
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tokio::time::sleep_until(top_up.into()) => break,
-                more = source.next_batch() => batch.extend(more?),
+                more = source.next_batch() => {
+                    let more = more?;
+                    // The input ended: this batch is the last.
+                    ended = more.is_empty();
+                    batch.extend(more);
+                    if ended {
+                        break;
+                    }
+                }
             }
         }
         let mut paused = false;
         let mut delay = Duration::from_secs(1);
         let results = loop {
-            let results = tokio::task::block_in_place(|| process(&mut versions.current, &batch));
-            let Some(failing) = versions.judge(&results) else { break results };
-            match versions.policy {
-                OnPluginFailure::DeadLetter => {
+            let results = tokio::task::block_in_place(|| process(versions.current(), &batch));
+            match versions.verdict(&results) {
+                Verdict::Deliver => break results,
+                Verdict::DeliverFailing(failing) => {
                     warn!(%pipeline, %failing, "plugin version failing; its records go to the dead letters (on_plugin_failure = dead_letter)");
                     break results;
                 }
-                OnPluginFailure::Rollback if versions.previous.is_some() => versions.roll_back(&failing),
-                _ => {
+                Verdict::RunAgain => {}
+                Verdict::Pause(failing) => {
                     // Pause: nothing of this batch is delivered, nothing committed.
                     let reason = failing.to_string();
                     error!(%pipeline, reason = %reason, retry_in = ?delay, "pipeline paused on a failing plugin version: drop in a new version to resume");
@@ -355,6 +212,8 @@ async fn transform_stage(
             return Ok(());
         }
     }
+    info!(%pipeline, "the source's input ended: delivering what is in hand, then stopping");
+    Ok(())
 }
 
 /// Routes a transformed batch to the sinks and the dead-letter destination.
@@ -540,6 +399,126 @@ pub fn dead_letter(pipeline: &str, record: &Record, stage: &str, error: &str) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::Origin;
+    use crate::sinks::Rejected;
+    use async_trait::async_trait;
+    use std::sync::Mutex;
+
+    /// What the fakes saw, in order.
+    type Log = Arc<Mutex<Vec<String>>>;
+
+    /// A source handing out `batches`, then the end of its input.
+    struct MemorySource {
+        batches: Mutex<std::collections::VecDeque<Vec<Record>>>,
+        log: Log,
+    }
+
+    #[async_trait]
+    impl Source for MemorySource {
+        async fn next_batch(&self) -> anyhow::Result<Vec<Record>> {
+            Ok(self.batches.lock().unwrap().pop_front().unwrap_or_default())
+        }
+
+        async fn commit(&self, batch: &[Record]) -> anyhow::Result<()> {
+            let offsets: Vec<String> = batch.iter().map(|r| r.origin.offset.to_string()).collect();
+            self.log.lock().unwrap().push(format!("commit {}", offsets.join(",")));
+            Ok(())
+        }
+
+        async fn flush_commits(&self) -> anyhow::Result<()> {
+            self.log.lock().unwrap().push("flush".into());
+            Ok(())
+        }
+    }
+
+    /// A sink that logs what it writes and, if `refuses`, refuses values
+    /// starting with "refuse".
+    struct MemorySink {
+        name: &'static str,
+        refuses: bool,
+        log: Log,
+    }
+
+    #[async_trait]
+    impl Sink for MemorySink {
+        async fn write(&self, batch: &[OutputRef<'_>], _origins: &[&Origin]) -> anyhow::Result<Vec<Rejected>> {
+            let mut rejected = Vec::new();
+            let mut written = Vec::new();
+            for (index, out) in batch.iter().enumerate() {
+                let value = String::from_utf8_lossy(out.value).into_owned();
+                if self.refuses && value.starts_with("refuse") {
+                    rejected.push(Rejected { index, reason: format!("{value} refused") });
+                } else {
+                    let error = out.headers.iter().find(|h| h.name == "sluice.error");
+                    match error {
+                        Some(h) => written.push(format!("{value} ({})", String::from_utf8_lossy(&h.value))),
+                        None => written.push(value),
+                    }
+                }
+            }
+            self.log.lock().unwrap().push(format!("{} {}", self.name, written.join(",")));
+            Ok(rejected)
+        }
+    }
+
+    fn record(value: &str, offset: i64, rejected: Option<&str>) -> Record {
+        Record {
+            value: value.to_string().into(),
+            origin: Origin { topic: "t".into(), partition: 0, offset },
+            rejected: rejected.map(str::to_string),
+            ..Record::default()
+        }
+    }
+
+    /// Delivery with no plugin (records pass through): each batch goes to
+    /// the sink, what the source rejected and what the sink refuses go to the
+    /// dead letters with their reasons, and the batch is committed only
+    /// after both have it; at the end of the input the pipeline stops.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_is_committed_after_the_sink_and_the_dead_letters_have_it() {
+        let log: Log = Arc::default();
+        let runtime = Runtime::new(None).unwrap();
+        // A pipeline file whose connectors the fakes stand in for.
+        let text = "[source]\ntype = \"kafka\"\nbrokers = \"none:9092\"\ntopics = [\"t\"]\n[sinks.out]\ntype = \"stdout\"\n[dead_letter]\ntype = \"stdout\"\n";
+        let spec = crate::config::parse_pipeline(text, std::path::Path::new("/nonexistent/mem.toml"), None).unwrap();
+        let source = Arc::new(MemorySource {
+            batches: Mutex::new(
+                [
+                    vec![record("a", 0, None), record("cut", 1, Some("too long")), record("b", 2, None)],
+                    vec![record("refuse-c", 3, None), record("d", 4, None)],
+                ]
+                .into(),
+            ),
+            log: log.clone(),
+        });
+        let chain = Chain::new(&runtime, &[], "mem").unwrap();
+        let task = PipelineTask {
+            refused: Refused::default(),
+            spec,
+            source,
+            chain,
+            sinks: [(
+                "out".to_string(),
+                Box::new(MemorySink { name: "out", refuses: true, log: log.clone() }) as Box<dyn Sink>,
+            )]
+            .into(),
+            dead_letter: Box::new(MemorySink { name: "dead", refuses: false, log: log.clone() }),
+        };
+        let (_swap, swaps) = mpsc::unbounded_channel();
+        task.run(CancellationToken::new(), swaps).await.unwrap();
+        assert_eq!(
+            log.lock().unwrap().clone(),
+            [
+                "out a,b",
+                "dead cut (too long)",
+                "commit 0,1,2",
+                "out d",
+                "dead refuse-c (sink out: refuse-c refused)",
+                "commit 3,4",
+                "flush",
+            ]
+        );
+    }
 
     #[test]
     fn dead_letters_keep_the_record_and_a_bounded_error() {

@@ -1,10 +1,159 @@
 //! The PostgreSQL sink: one row per output record, binary COPY in one
-//! transaction per batch; optional table creation and upsert.
+//! transaction per batch, with the source offsets in the same transaction
+//! (exactly once); optional table creation and upsert.
 //!
-//! - [`rows`]: converting output JSON into typed column values;
-//! - [`sink`]: the connection, the DDL and the COPY.
+//! - [`client`]: connecting, with libpq's TLS modes;
+//! - [`rows`]: converting output JSON into typed column values that
+//!   PostgreSQL accepts, or a rejection;
+//! - [`sink`]: the DDL, the COPY and the offsets.
 
+pub mod client;
 pub mod rows;
 pub mod sink;
 
 pub use sink::PostgresSink;
+
+use super::{Connector, Sink};
+use crate::connector::{Build, Check};
+use crate::secrets::Secret;
+use schemars::JsonSchema;
+use serde::Deserialize;
+
+/// `type = "postgres"`: rows into a table, one per output record, written
+/// with binary COPY in one transaction per batch. Output values must be JSON
+/// objects; each column takes the field of its `field` (default: its name).
+#[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSinkConfig {
+    /// Connection string, as a URL (`postgres://user@host:5432/db?sslmode=verify-full`)
+    /// or libpq's `key=value` form. `sslmode`, `sslrootcert`, `sslcert` and
+    /// `sslkey` have libpq's meaning, in the URL or as the options below.
+    pub url: String,
+    /// Password, when it is not in `url`: best from `${VAR}` or `${file:/path}`.
+    #[schemars(with = "Option<String>")]
+    pub password: Option<Secret>,
+    /// TLS: `disable`, `prefer` (libpq's default: TLS if the server offers
+    /// it, unverified), `require` (TLS, unverified unless a root file is
+    /// set or `~/.postgresql/root.crt` exists), `verify-ca` (the server's
+    /// certificate chains to the root) or `verify-full` (and names the
+    /// host). `verify-*` need a root, as in libpq. Overrides the URL's.
+    pub sslmode: Option<String>,
+    /// PEM file of the CA certificates to trust (libpq's default:
+    /// `~/.postgresql/root.crt`), or `system` for the system's trusted roots,
+    /// which only `sslmode=verify-full` may use (and is then the default).
+    pub sslrootcert: Option<String>,
+    /// PEM file of this client's certificate, for mutual TLS.
+    pub sslcert: Option<String>,
+    /// PEM file of this client's private key, for mutual TLS.
+    pub sslkey: Option<String>,
+    /// Destination table (optionally `schema.table`).
+    pub table: String,
+    /// Create the table (and schema) if missing, from `columns`.
+    #[serde(default)]
+    pub create_table: bool,
+    /// The table's columns and where each takes its value from.
+    pub columns: Vec<ColumnConfig>,
+    /// Columns of a unique key: rows whose key exists are updated instead of
+    /// inserted (`INSERT … ON CONFLICT … DO UPDATE`). Empty: plain inserts.
+    #[serde(default)]
+    pub upsert_key: Vec<String>,
+    /// Exactly-once: each batch's rows and the source offsets they came from
+    /// are committed in one transaction (into `offsets_table`), and rows of
+    /// records read again after a crash, restart or rebalance are skipped.
+    /// `false`: at-least-once, one statement fewer per batch. Always `false`
+    /// behind a WebSocket source, which cannot read anything again.
+    #[serde(default = "default_true")]
+    pub exactly_once: bool,
+    /// The table holding the source offsets of the rows written, keyed by
+    /// pipeline, sink, topic and partition; created if missing. Default:
+    /// `sluice_offsets` in the schema of `table`.
+    pub offsets_table: Option<String>,
+}
+
+/// One column of a PostgreSQL sink.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnConfig {
+    /// Column name.
+    pub name: String,
+    /// Column type; decides how the JSON field is converted.
+    #[serde(rename = "type")]
+    pub kind: ColumnType,
+    /// Top-level field of the output JSON object (default: the column name).
+    /// A missing or null field gives NULL.
+    pub field: Option<String>,
+}
+
+/// The column types the PostgreSQL sink converts JSON into.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, JsonSchema)]
+pub enum ColumnType {
+    /// From a JSON string.
+    #[serde(rename = "text")]
+    Text,
+    /// From a JSON number.
+    #[serde(rename = "double precision")]
+    Double,
+    /// From a JSON integer.
+    #[serde(rename = "bigint")]
+    BigInt,
+    /// From a JSON boolean.
+    #[serde(rename = "boolean")]
+    Boolean,
+    /// From a JSON integer of milliseconds since the Unix epoch.
+    #[serde(rename = "timestamptz")]
+    Timestamptz,
+    /// From a JSON array of strings.
+    #[serde(rename = "text[]")]
+    TextArray,
+    /// From any JSON value.
+    #[serde(rename = "jsonb")]
+    Jsonb,
+}
+
+impl ColumnType {
+    pub fn sql(self) -> &'static str {
+        match self {
+            ColumnType::Text => "text",
+            ColumnType::Double => "double precision",
+            ColumnType::BigInt => "bigint",
+            ColumnType::Boolean => "boolean",
+            ColumnType::Timestamptz => "timestamptz",
+            ColumnType::TextArray => "text[]",
+            ColumnType::Jsonb => "jsonb",
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Connector for PostgresSinkConfig {
+    fn check(&mut self, cx: &mut Check<'_>) {
+        if let Err(errors) = client::target(self, cx.dir()) {
+            for e in errors {
+                // An option the sink does not set came from the URL.
+                cx.error_at_first(&[&[e.option], &["url"]], e.message);
+            }
+        }
+        if self.columns.is_empty() {
+            cx.error("`columns` is empty");
+        }
+        for key in &self.upsert_key {
+            if !self.columns.iter().any(|c| &c.name == key) {
+                cx.error(format!("upsert_key column {key:?} is not among `columns`"));
+            }
+        }
+    }
+
+    /// Exactly-once stores the source offsets with the rows and skips what
+    /// a source reads again; a source that cannot read again (whose offsets
+    /// restart with each connection) has its rows written as they come.
+    fn source_cannot_replay(&mut self) {
+        self.exactly_once = false;
+    }
+
+    fn build(&self, name: &str, cx: &Build<'_>) -> anyhow::Result<Box<dyn Sink>> {
+        Ok(Box::new(PostgresSink::new(self.clone(), name, cx.pipeline, cx.dir)?))
+    }
+}

@@ -13,7 +13,7 @@
 //! the field and an excerpt of the value, so one bad value never fails the
 //! batch it is in.
 
-use crate::config::{ColumnConfig, ColumnType};
+use super::{ColumnConfig, ColumnType};
 use bytes::{BufMut, BytesMut};
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;

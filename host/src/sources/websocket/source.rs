@@ -17,9 +17,9 @@
 //! frame received becomes a record, or a dead letter when it is over
 //! `max_message_bytes`. [`Source::commit`] has nothing to do.
 
-use super::Source;
-use crate::config::WebSocketSourceConfig;
+use super::WebSocketSourceConfig;
 use crate::record::{Bytes, Origin, Record};
+use crate::sources::Source;
 use crate::telemetry::telemetry;
 use async_trait::async_trait;
 use futures::{SinkExt, StreamExt};

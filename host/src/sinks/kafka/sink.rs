@@ -1,9 +1,9 @@
-//! The Kafka sink: an idempotent producer; keys, headers and timestamps kept.
+//! The Kafka sink's producer: idempotent; keys, headers and timestamps kept.
 
-use super::{Rejected, Sink};
+use super::KafkaSinkConfig;
 use crate::clients::kafka::{client_config, ClientEvents, ProducerContext, Role};
-use crate::config::KafkaSinkConfig;
 use crate::record::{Origin, OutputRef};
+use crate::sinks::{Rejected, Sink};
 use anyhow::Context;
 use async_trait::async_trait;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};

@@ -22,7 +22,7 @@
 //! roots, which trust any public CA for any name) goes with `verify-full`
 //! only, which it makes the default (as libpq 16).
 
-use crate::config::PostgresSinkConfig;
+use super::PostgresSinkConfig;
 use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslVerifyMode};
 use postgres_openssl::MakeTlsConnector;
 use std::fmt;
@@ -339,7 +339,7 @@ pub fn connector(tls: &Tls) -> anyhow::Result<MakeTlsConnector> {
             Some(RootCert::File(path)) => Some(path.as_path()),
             Some(RootCert::System) | None => None,
         };
-        super::trust(&mut builder, ca).context("sslrootcert")?;
+        crate::clients::trust(&mut builder, ca).context("sslrootcert")?;
     } else {
         builder.set_verify(SslVerifyMode::NONE);
     }

@@ -10,10 +10,16 @@
 //! - [`ClientEvents`]: librdkafka's errors and log lines, classified ("SASL
 //!   authentication failed", "certificate verify failed"), logged once per
 //!   cause and interval instead of once per reconnect, and shown in
-//!   `/health` until the client works again.
+//!   `/health` until the client works again;
+//! - [`config`]: the `[connections.NAME]` table; [`check`]: connections and
+//!   a client's `brokers`/`connection`/`properties` resolved and checked.
 
-use crate::config::{KafkaConnectionConfig, SaslMechanism};
+pub mod check;
+pub mod config;
+
 use crate::telemetry::telemetry;
+pub use check::resolve;
+pub use config::*;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::KafkaError;

@@ -15,10 +15,10 @@
 //! again, so it is read within seconds rather than at librdkafka's next
 //! metadata refresh (5 minutes by default).
 
-use super::Source;
+use super::{KafkaSourceConfig, OffsetReset};
 use crate::clients::kafka::{client_config, is_connection_error, ClientEvents, Role};
-use crate::config::{KafkaSourceConfig, OffsetReset};
 use crate::record::{Bytes, Header, Origin, Record};
+use crate::sources::Source;
 use crate::telemetry::telemetry;
 use anyhow::Context;
 use async_trait::async_trait;
