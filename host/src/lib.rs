@@ -21,7 +21,7 @@
 //! - [`connector`]: what every source and sink is given (`Check` when a
 //!   file is read, `Build` when a pipeline starts) and the `registry!` that lists them;
 //! - [`sources`]: where records come from, one folder each behind
-//!   [`sources::Connector`] and [`sources::Source`] (`kafka/`, `websocket/`),
+//!   [`sources::Connector`] and [`sources::Source`] (`kafka/`, `websocket/`, `file/`),
 //!   listed in [`sources::SourceConfig`];
 //! - [`sinks`]: where outputs go, one folder each behind [`sinks::Connector`]
 //!   and [`sinks::Sink`] (`kafka/`, `postgres/` with its client and libpq's

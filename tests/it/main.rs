@@ -9,6 +9,7 @@ mod common;
 mod connectivity;
 mod contracts;
 mod faults;
+mod file_source;
 mod fuzz_config;
 mod hot_reload;
 mod languages;

@@ -35,10 +35,10 @@ pub struct RunArgs {
     /// lag, dead letters, failing sinks); 0 disables them.
     #[arg(long, env = "SLUICE_PROGRESS_SECS", default_value_t = 10)]
     pub progress_secs: u64,
-    /// Stop at the end of the input: a source whose input ends stops its
-    /// pipeline there (instead of waiting for more), and `sluice run` exits
-    /// once every pipeline has ended (status 0 when none failed). Kafka and
-    /// WebSocket sources never end.
+    /// Stop at the end of the input: a `file` source ends its pipeline once
+    /// it has read its files to the end (instead of following them as they
+    /// grow), and `sluice run` exits once every pipeline has ended (status
+    /// 0 when none failed). Other sources never end.
     #[arg(long)]
     pub until_eof: bool,
 }

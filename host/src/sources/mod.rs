@@ -1,8 +1,9 @@
 //! Sources: where a pipeline's records come from. Each is one folder
 //! holding its config, its checks and its running part, listed once in
 //! [`SourceConfig`]: [`kafka`] (a consumer group), [`websocket`] (a live
-//! feed).
+//! feed), [`file`] (lines of files, to replay a captured feed).
 
+pub mod file;
 pub mod kafka;
 pub mod websocket;
 
@@ -16,6 +17,7 @@ crate::registry! {
     pub enum SourceConfig: dyn Connector {
         "kafka" => Kafka(kafka::KafkaSourceConfig),
         "websocket" => WebSocket(websocket::WebSocketSourceConfig),
+        "file" => File(file::FileSourceConfig),
     }
 }
 
@@ -41,8 +43,8 @@ pub trait Connector: Send + Sync {
 pub trait Source: Send + Sync {
     /// The next batch: at least one record, at most the configured count,
     /// closed after the configured time. Waits while there is nothing to
-    /// read. An empty batch means the input has ended (a source with an
-    /// end, under `--until-eof`): the pipeline delivers what it has and stops.
+    /// read. An empty batch means the input has ended (a file under
+    /// `--until-eof`): the pipeline delivers what it has and stops.
     async fn next_batch(&self) -> anyhow::Result<Vec<Record>>;
 
     /// Marks every record of `batch` as done (every sink has it), so that a
