@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds every plugin under plugins/ as a WebAssembly component, in its own
 # language, installing the toolchains a fresh machine lacks:
-#   Rust       (trade-flattener, symbol-router, chaos, raw-echo): the wasm32-wasip2 target, by rustup
+#   Rust       (trade-flattener, symbol-router, candles, chaos, raw-echo): the wasm32-wasip2 target, by rustup
 #   Python     (py-enrich): componentize-py, from PyPI, in the venv .tools/python
 #   JavaScript (js-router): jco + componentize-js + esbuild, from npm (package-lock.json)
 # Output: target/wasm32-wasip2/release/<name>.wasm for every plugin (contract
@@ -35,7 +35,7 @@ for plugin in trade-flattener chaos; do
   cargo build --release --target wasm32-wasip2 -p "$plugin" --features sluice-plugin/contract-0-1 "$@"
   cp "$out/${plugin//-/_}.wasm" "$out/${plugin//-/_}_v01.wasm"
 done
-cargo build --release --target wasm32-wasip2 -p trade-flattener -p symbol-router -p chaos -p raw-echo "$@"
+cargo build --release --target wasm32-wasip2 -p trade-flattener -p symbol-router -p candles -p chaos -p raw-echo "$@"
 
 # Python: componentize-py embeds CPython and the app module into a component.
 py=.tools/python

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The main job, on one machine: the whole trade stack as two pipelines in one
+# The main job, on one machine: the whole trade stack as three pipelines in one
 # `sluice run pipelines/` process. A local stand-in for Finnhub's WebSocket
 # (`sluice feed --serve-websocket`) streams trades; pipelines/finnhub-ingest.toml
 # puts the raw frames into Kafka topic `trades_raw` (a local Kafka-protocol
 # broker, Tansu); pipelines/trades.toml flattens them through the WASM plugin
-# into PostgreSQL table `trades`. Prints the rows per symbol once every trade
-# the stand-in sent is stored, then stops cleanly.
+# into PostgreSQL table `trades`; pipelines/candles.toml aggregates the same
+# frames into 1-minute OHLC candles (`candles_1m`). Prints the rows per symbol
+# and the last candles once every trade the stand-in sent is stored and
+# counted in a candle, then stops cleanly.
 #
 # Environment: DEMO_SECONDS of live feed (default 10), DEMO_RATE frames/s
 # (default 2000), SLUICE_PG_URL (default postgres://postgres@127.0.0.1:5432/postgres),
@@ -47,7 +49,7 @@ done
 
 # A fresh broker starts its offsets at 0 again: start from an empty table (when
 # the sink creates it, it forgets the source offsets stored with the old rows).
-psql "$SLUICE_PG_URL" -qc "DROP TABLE IF EXISTS trades" 2>/dev/null
+psql "$SLUICE_PG_URL" -qc "DROP TABLE IF EXISTS trades; DROP TABLE IF EXISTS candles_1m" 2>/dev/null
 "$sluice" check pipelines/
 
 echo "== a Finnhub stand-in on $FINNHUB_URL ($rate frames/s)" >&2
@@ -56,7 +58,7 @@ feed_pid=$!
 pids+=($feed_pid)
 for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$feed_port") 2>/dev/null && break; sleep 0.1; done
 
-echo "== sluice run pipelines/ (finnhub-ingest: WebSocket → Kafka; trades: Kafka → flattener → PostgreSQL; log: $work/sluice.log)" >&2
+echo "== sluice run pipelines/ (finnhub-ingest: WebSocket → Kafka; trades: Kafka → flattener → PostgreSQL; candles: Kafka → flattener → candles → PostgreSQL; log: $work/sluice.log)" >&2
 "$sluice" run pipelines/ 2>"$work/sluice.log" &
 sluice_pid=$!
 pids+=($sluice_pid)
@@ -69,18 +71,21 @@ echo "== the stand-in $(grep '^sent' "$work/feed.log")" >&2
 
 for _ in $(seq 1 120); do
   rows=$(psql "$SLUICE_PG_URL" -tAc "SELECT count(*) FROM trades" 2>/dev/null || echo 0)
-  echo "   rows in trades: $rows / $expected" >&2
-  [ "$rows" -ge "$expected" ] && break
+  counted=$(psql "$SLUICE_PG_URL" -tAc "SELECT coalesce(sum(trades), 0) FROM candles_1m" 2>/dev/null || echo 0)
+  echo "   rows in trades: $rows / $expected; trades in candles_1m: $counted" >&2
+  [ "$rows" -ge "$expected" ] && [ "$counted" -ge "$expected" ] && break
   sleep 1
 done
 kill -TERM "$sluice_pid"; wait "$sluice_pid" || true
 
 echo "== rows per symbol" >&2
 psql "$SLUICE_PG_URL" -c "SELECT symbol, count(*) AS trades, round(avg(price)::numeric, 2) AS avg_price, max(traded_at) AS last_trade FROM trades GROUP BY symbol ORDER BY symbol"
-if [ "$rows" -eq "$expected" ]; then
-  echo "every trade the feed sent stored exactly once ($rows rows)" >&2
+echo "== the last 1-minute candles" >&2
+psql "$SLUICE_PG_URL" -c "SELECT symbol, bucket, open, high, low, close, round(volume::numeric, 6) AS volume, trades FROM candles_1m ORDER BY bucket DESC, symbol LIMIT 8"
+if [ "$rows" -eq "$expected" ] && [ "$counted" -eq "$expected" ]; then
+  echo "every trade the feed sent stored exactly once ($rows rows), and counted once in the candles" >&2
 else
-  echo "MISMATCH: the feed sent $expected trades, the table holds $rows rows (log: $work/sluice.log)" >&2
+  echo "MISMATCH: the feed sent $expected trades, the table holds $rows rows, the candles count $counted (log: $work/sluice.log)" >&2
   trap - EXIT
   exit 1
 fi

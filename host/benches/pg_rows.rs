@@ -15,6 +15,8 @@ fn main() -> anyhow::Result<()> {
         name: name.into(),
         kind,
         field: field.map(str::to_string),
+        merge: Default::default(),
+        by: None,
     };
     let columns = [
         column("symbol", ColumnType::Text, None),

@@ -6,6 +6,7 @@
 
 mod common;
 
+mod candles;
 mod connectivity;
 mod contracts;
 mod faults;

@@ -55,6 +55,8 @@ pub struct PostgresSinkConfig {
     pub columns: Vec<ColumnConfig>,
     /// Columns of a unique key: rows whose key exists are updated instead of
     /// inserted (`INSERT … ON CONFLICT … DO UPDATE`). Empty: plain inserts.
+    /// Each other column's `merge` says how its new value combines with the
+    /// stored one (default: replaces it).
     #[serde(default)]
     pub upsert_key: Vec<String>,
     /// Exactly-once: each batch's rows and the source offsets they came from
@@ -82,6 +84,112 @@ pub struct ColumnConfig {
     /// Top-level field of the output JSON object (default: the column name).
     /// A missing or null field gives NULL.
     pub field: Option<String>,
+    /// With `upsert_key`: how the values of rows with one key combine, those
+    /// of a batch with each other and then with the stored row's, in the
+    /// transaction that stores the source offsets (so each record counts
+    /// once). `replace` (default: the newest value), `sum`, `min`, `max`,
+    /// `first` or `last` (the value of the row whose `by` column is the
+    /// smallest or the largest, ties to the smallest or largest value).
+    #[serde(default)]
+    pub merge: Merge,
+    /// With `merge = "first"` or `"last"`: the column that orders the rows
+    /// (e.g. an event time); it must itself merge by `min` (for `first`) or
+    /// `max` (for `last`), so that the stored row remembers it.
+    pub by: Option<String>,
+}
+
+/// How an upsert combines a column's values for one key.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Merge {
+    /// The newest value replaces the stored one.
+    #[default]
+    Replace,
+    /// The sum of the values (`bigint`, `double precision`).
+    Sum,
+    /// The smallest value (`bigint`, `double precision`, `timestamptz`, `text`).
+    Min,
+    /// The largest value (`bigint`, `double precision`, `timestamptz`, `text`).
+    Max,
+    /// The value of the row first by `by`.
+    First,
+    /// The value of the row last by `by`.
+    Last,
+}
+
+impl Merge {
+    /// Whether `kind` can be merged this way.
+    fn takes(self, kind: ColumnType) -> bool {
+        use ColumnType::*;
+        match self {
+            Merge::Replace => true,
+            Merge::Sum => matches!(kind, BigInt | Double),
+            Merge::Min | Merge::Max => matches!(kind, BigInt | Double | Timestamptz | Text),
+            Merge::First | Merge::Last => kind != TextArray,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Merge::Replace => "replace",
+            Merge::Sum => "sum",
+            Merge::Min => "min",
+            Merge::Max => "max",
+            Merge::First => "first",
+            Merge::Last => "last",
+        }
+    }
+}
+
+impl PostgresSinkConfig {
+    /// Whether some column merges by more than replacing: the upsert then
+    /// aggregates each batch per key before it combines with the table.
+    pub fn aggregates(&self) -> bool {
+        self.columns.iter().any(|c| c.merge != Merge::Replace)
+    }
+
+    /// Checks the columns' `merge` and `by`.
+    fn check_merges(&self, cx: &mut Check<'_>) {
+        for c in &self.columns {
+            let is_key = self.upsert_key.contains(&c.name);
+            if c.merge != Merge::Replace && (self.upsert_key.is_empty() || is_key) {
+                let why = if is_key { "is part of `upsert_key`" } else { "has no `upsert_key` to merge by" };
+                cx.error(format!("column {:?} cannot merge by {}: it {why}", c.name, c.merge.name()));
+                continue;
+            }
+            if !c.merge.takes(c.kind) {
+                cx.error(format!("column {:?}: a {} column cannot merge by {}", c.name, c.kind.sql(), c.merge.name()));
+            }
+            if self.aggregates() && c.kind == ColumnType::TextArray && !is_key {
+                cx.error(format!(
+                    "column {:?}: a text[] column cannot be part of an aggregating upsert (another column merges by more than replace)",
+                    c.name
+                ));
+            }
+            match (c.merge, &c.by) {
+                (Merge::First | Merge::Last, None) => {
+                    cx.error(format!("column {:?} merges by {}: say by which column with `by`", c.name, c.merge.name()))
+                }
+                (Merge::First | Merge::Last, Some(by)) => {
+                    let want = if c.merge == Merge::First { Merge::Min } else { Merge::Max };
+                    match self.columns.iter().find(|o| &o.name == by) {
+                        Some(o) if o.merge == want && Merge::Min.takes(o.kind) => {}
+                        Some(_) => cx.error(format!(
+                            "column {:?} merges by {} of {by:?}: {by:?} must merge by {} (and be a bigint, double precision, timestamptz or text column)",
+                            c.name,
+                            c.merge.name(),
+                            want.name()
+                        )),
+                        None => cx.error(format!("column {:?}: `by` column {by:?} is not among `columns`", c.name)),
+                    }
+                }
+                (_, Some(_)) => {
+                    cx.error(format!("column {:?}: `by` goes with merge = \"first\" or \"last\" only", c.name))
+                }
+                _ => {}
+            }
+        }
+    }
 }
 
 /// The column types the PostgreSQL sink converts JSON into.
@@ -144,6 +252,7 @@ impl Connector for PostgresSinkConfig {
                 cx.error(format!("upsert_key column {key:?} is not among `columns`"));
             }
         }
+        self.check_merges(cx);
     }
 
     /// Exactly-once stores the source offsets with the rows and skips what

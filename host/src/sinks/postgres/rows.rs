@@ -334,7 +334,7 @@ mod tests {
     use serde_json::Value;
 
     fn col(name: &str, kind: ColumnType, field: Option<&str>) -> ColumnConfig {
-        ColumnConfig { name: name.into(), kind, field: field.map(str::to_string) }
+        ColumnConfig { name: name.into(), kind, field: field.map(str::to_string), merge: Default::default(), by: None }
     }
 
     #[test]

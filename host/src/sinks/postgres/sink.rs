@@ -20,7 +20,7 @@
 
 use super::client::{connect, target, Target};
 use super::rows::{excerpt, pg_type, Rows};
-use super::PostgresSinkConfig;
+use super::{Merge, PostgresSinkConfig};
 use crate::record::{Origin, OutputRef};
 use crate::sinks::{Rejected, Sink};
 use anyhow::Context;
@@ -140,6 +140,8 @@ impl PostgresSink {
         };
         let merge = if self.config.upsert_key.is_empty() {
             None
+        } else if self.config.aggregates() {
+            Some(self.aggregating_merge())
         } else {
             let updates: Vec<String> = self
                 .config
@@ -223,6 +225,56 @@ impl PostgresSink {
         }
         sql.push_str(&format!("CREATE TABLE IF NOT EXISTS {} ({});", self.table, defs.join(", ")));
         sql
+    }
+
+    /// The merge of an aggregating upsert: the staged rows of a batch are
+    /// aggregated per key (each column by its `merge`), then combined with
+    /// the stored row the same way. Both steps are associative, so a batch
+    /// written in parts (a refused row sifted out) gives the same row.
+    fn aggregating_merge(&self) -> String {
+        let mut select = Vec::new();
+        let mut updates = Vec::new();
+        for c in &self.config.columns {
+            let col = quote_ident(&c.name);
+            if self.config.upsert_key.contains(&c.name) {
+                select.push(col);
+                continue;
+            }
+            let by = c.by.as_deref().map(quote_ident).unwrap_or_default();
+            let (staged, combined) = match c.merge {
+                Merge::Replace => (format!("(array_agg({col} ORDER BY ctid DESC))[1]"), format!("EXCLUDED.{col}")),
+                Merge::Sum => {
+                    (format!("sum({col})"), format!("COALESCE(sluice_old.{col} + EXCLUDED.{col}, sluice_old.{col}, EXCLUDED.{col})"))
+                }
+                Merge::Min => (format!("min({col})"), format!("LEAST(sluice_old.{col}, EXCLUDED.{col})")),
+                Merge::Max => (format!("max({col})"), format!("GREATEST(sluice_old.{col}, EXCLUDED.{col})")),
+                Merge::First => (
+                    format!("(array_agg({col} ORDER BY {by} ASC NULLS LAST, {col} ASC NULLS LAST))[1]"),
+                    format!(
+                        "CASE WHEN sluice_old.{by} IS NULL OR EXCLUDED.{by} < sluice_old.{by} OR (EXCLUDED.{by} = sluice_old.{by} AND EXCLUDED.{col} < sluice_old.{col}) \
+                         THEN EXCLUDED.{col} ELSE sluice_old.{col} END"
+                    ),
+                ),
+                Merge::Last => (
+                    format!("(array_agg({col} ORDER BY {by} DESC NULLS LAST, {col} DESC NULLS LAST))[1]"),
+                    format!(
+                        "CASE WHEN sluice_old.{by} IS NULL OR EXCLUDED.{by} > sluice_old.{by} OR (EXCLUDED.{by} = sluice_old.{by} AND EXCLUDED.{col} > sluice_old.{col}) \
+                         THEN EXCLUDED.{col} ELSE sluice_old.{col} END"
+                    ),
+                ),
+            };
+            select.push(format!("{staged} AS {col}"));
+            updates.push(format!("{col} = {combined}"));
+        }
+        let action =
+            if updates.is_empty() { "NOTHING".to_string() } else { format!("UPDATE SET {}", updates.join(", ")) };
+        format!(
+            "INSERT INTO {} AS sluice_old ({}) SELECT {} FROM sluice_stage GROUP BY {keys} ON CONFLICT ({keys}) DO {action}",
+            self.table,
+            self.column_list,
+            select.join(", "),
+            keys = self.key_list(),
+        )
     }
 
     fn key_list(&self) -> String {
