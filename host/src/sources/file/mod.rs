@@ -204,11 +204,14 @@ impl FileSource {
         if bytes.is_empty() && !cut {
             return None;
         }
-        let place = format!("line {} of {}", tail.line, tail.topic);
+        // The place is written only for a line that is dead-lettered.
+        let place = || format!("line {} of {}", tail.line, tail.topic);
         let rejected = if cut {
-            Some(format!("{place} is over max_line_bytes ({} bytes)", self.config.max_line_bytes))
+            Some(format!("{} is over max_line_bytes ({} bytes)", place(), self.config.max_line_bytes))
         } else if self.config.format == FileFormat::Json {
-            serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).err().map(|e| format!("{place} is not JSON: {e}"))
+            serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+                .err()
+                .map(|e| format!("{} is not JSON: {e}", place()))
         } else {
             None
         };
