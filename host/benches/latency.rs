@@ -31,9 +31,11 @@
 //! table each time on the same two cores, and two runs' different stalls in
 //! the difference.
 
+/// The test kit of the integration tests: broker, PostgreSQL, plugins.
+#[path = "../../tests/it/common/mod.rs"]
 mod common;
 
-use common::Broker;
+use common::services::Broker;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message};
@@ -89,9 +91,11 @@ async fn main() -> anyhow::Result<()> {
     let fetch_wait = env("BENCH_FETCH_WAIT_MS", 10).to_string();
     let count = (rate * seconds) as usize;
 
-    let broker = Broker::start()?;
+    let broker = Broker::start();
     let brokers = broker.addr.clone();
-    broker.create_topics(&["raw", "dlq"], 1).await?;
+    for topic in ["raw", "dlq"] {
+        broker.create_topic(topic, 1).await;
+    }
     println!("{rate} frames/s for {seconds} s, one trade a frame, fetch.wait.max.ms = {fetch_wait}");
 
     // PostgreSQL: the table, as the sink would create it at its first batch,

@@ -1,7 +1,9 @@
 //! End-to-end pipeline throughput on a real broker (Tansu, started here on a
 //! free loopback port) and the local PostgreSQL: a passthrough pipeline
 //! (Kafka → Kafka, no transform) beside the trade flattener into Kafka and
-//! into PostgreSQL, over the same pre-produced feed.
+//! into PostgreSQL, and the two-plugin chain of
+//! `pipelines/examples/btc-router.toml` (flattener, then symbol router, into
+//! two Kafka topics by route), over the same pre-produced feed.
 //!
 //! Run: `scripts/build-plugins.sh && cargo bench -p sluice --bench pipeline`
 //! (`BENCH_FRAMES=N`, default 400,000 frames: shorter runs last under a second and vary by 2x). Needs `tansu` on PATH
@@ -13,9 +15,11 @@
 //! processes) is measured from each pipeline's start to its last commit, and
 //! given per trade (the passthrough's per trade its frames carry).
 
+/// The test kit of the integration tests: broker, PostgreSQL, plugins.
+#[path = "../../tests/it/common/mod.rs"]
 mod common;
 
-use common::Broker;
+use common::services::Broker;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -94,10 +98,12 @@ fn write(dir: &Path, name: &str, text: String) -> PathBuf {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let frames: usize = std::env::var("BENCH_FRAMES").ok().and_then(|v| v.parse().ok()).unwrap_or(400_000);
-    let broker = Broker::start()?;
+    let broker = Broker::start();
     let brokers = broker.addr.clone();
     std::env::set_var("SLUICE_BROKERS", &brokers);
-    broker.create_topics(&["raw", "out_pass", "out_flat", "dlq"], PARTITIONS).await?;
+    for topic in ["raw", "out_pass", "out_flat", "out_btc", "out_other", "dlq"] {
+        broker.create_topic(topic, PARTITIONS).await;
+    }
 
     let mut generator = FeedGenerator::new(3);
     generator.ping_every = 0;
@@ -148,6 +154,18 @@ async fn main() -> anyhow::Result<()> {
     let pg_sink_v01 = pg_sink.replace(".trades\"", ".trades_v01\"");
     let to_pg_v01 = write(dir.path(), "pg01", format!("{}{transform_v01}{pg_sink_v01}{dlq}", source("g-pg01")));
 
+    // btc-router: the flattener, then the symbol router; BTC trades to one
+    // topic by route, the rest to the default sink.
+    let router = flattener.with_file_name("symbol_router.wasm");
+    let chain = format!(
+        "default_sink = \"other\"\n{}{transform}[[transforms]]\nplugin = \"{}\"\nconfig = {{ routes = \"BTC=btc,XBT=btc\" }}\n{}{}{dlq}",
+        source("g-chain"),
+        router.display(),
+        kafka_sink("out_btc").replace("[sinks.out]", "[sinks.btc]"),
+        kafka_sink("out_other").replace("[sinks.out]", "[sinks.other]"),
+    );
+    let chain = write(dir.path(), "chain", chain);
+
     let runtime = Runtime::new(Runtime::default_cache_dir())?;
     let records = frames as i64;
     let per_trade = trades as f64 / frames as f64;
@@ -173,6 +191,13 @@ async fn main() -> anyhow::Result<()> {
         "  (0.1 build) kafka -> postgres:   {:>9.0} frames/s = {:>9.0} rows/s    {}",
         pg01_rate,
         pg01_rate * per_trade,
+        cpu_line(cpu)
+    );
+    let (chain_rate, cpu) = measure(&runtime, &chain, &brokers, "g-chain", records).await?;
+    println!(
+        "flatten+route kafka -> 2 kafkas:   {:>9.0} frames/s = {:>9.0} trades/s  {}",
+        chain_rate,
+        chain_rate * per_trade,
         cpu_line(cpu)
     );
     println!("ratio flatten/passthrough (frames/s): {:.2} (goal >= 0.70)", flat_rate / pass_rate);

@@ -6,9 +6,11 @@
 //! Run: `scripts/build-plugins.sh && cargo bench -p sluice --bench reload`.
 //! Needs `tansu` on PATH (`scripts/install-tansu.sh`).
 
+/// The test kit of the integration tests: broker, PostgreSQL, plugins.
+#[path = "../../tests/it/common/mod.rs"]
 mod common;
 
-use common::Broker;
+use common::services::Broker;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 use sluice::feed::FeedGenerator;
@@ -84,10 +86,14 @@ fn main() -> anyhow::Result<()> {
     let flattener = std::fs::read(release.join("trade_flattener.wasm"))?;
     let echo = std::fs::read(release.join("chaos.wasm"))?;
 
-    let broker = Broker::start()?;
+    let broker = Broker::start();
     let brokers = broker.addr.clone();
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(broker.create_topics(&["raw", "out", "dlq"], 1))?;
+    rt.block_on(async {
+        for topic in ["raw", "out", "dlq"] {
+            broker.create_topic(topic, 1).await;
+        }
+    });
 
     let dir = tempfile::tempdir()?;
     let plugin = dir.path().join("plugin.wasm");

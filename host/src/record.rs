@@ -43,6 +43,39 @@ pub struct Record {
     pub rejected: Option<String>,
 }
 
+impl Record {
+    /// The record as a transform stage reads it.
+    pub fn view(&self) -> RecordRef<'_> {
+        RecordRef {
+            key: self.key.as_deref(),
+            value: &self.value,
+            headers: &self.headers,
+            timestamp: self.timestamp,
+            origin: &self.origin,
+        }
+    }
+}
+
+/// A record as a transform stage reads it, borrowed: from the source's batch
+/// (the first stage), or an output of the stage before with the origin of
+/// its source record (the stages after). Nothing is copied between stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordRef<'a> {
+    pub key: Option<&'a [u8]>,
+    pub value: &'a [u8],
+    pub headers: &'a [Header],
+    /// Milliseconds since the Unix epoch.
+    pub timestamp: Option<i64>,
+    pub origin: &'a Origin,
+}
+
+impl<'a> OutputRef<'a> {
+    /// The output as the next stage's input, from the source record at `origin`.
+    pub fn as_input(&self, origin: &'a Origin) -> RecordRef<'a> {
+        RecordRef { key: self.key, value: self.value, headers: self.headers, timestamp: self.timestamp, origin }
+    }
+}
+
 /// One record produced by a transform (or passed through when there is
 /// none), owned: the 0.1 contract's outputs, dead letters, tests.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -91,6 +91,27 @@ fn files(lang: Lang) -> Vec<File> {
                 include_str!("../../plugins/sluice-plugin/src/abi.rs"),
                 "the SDK's side of the batch layout (contract 0.2)",
             ),
+            file(
+                "sdk/sluice-abi/src/lib.rs",
+                include_str!("../../plugins/sluice-abi/src/lib.rs"),
+                "the batch layout of contract 0.2, shared with the host",
+            ),
+            file(
+                "sdk/sluice-abi/src/batch.rs",
+                include_str!("../../plugins/sluice-abi/src/batch.rs"),
+                "the batch buffer",
+            ),
+            file(
+                "sdk/sluice-abi/src/results.rs",
+                include_str!("../../plugins/sluice-abi/src/results.rs"),
+                "the results buffer",
+            ),
+            file(
+                "sdk/sluice-abi/src/testing.rs",
+                include_str!("../../plugins/sluice-abi/src/testing.rs"),
+                "buffers for tests",
+            ),
+            file("sdk/sluice-abi/Cargo.toml", template!("rust/sdk-abi-Cargo.toml"), "the layout crate's manifest"),
             file("wit/transform.wit", WIT, "the contract between Sluice and the plugin (0.2)"),
             file("wit/0.1/transform.wit", WIT_V01, "contract 0.1, for the SDK's `contract-0-1` feature"),
             file("sdk/sluice-plugin/Cargo.toml", template!("rust/sdk-Cargo.toml"), "the Rust SDK's manifest"),

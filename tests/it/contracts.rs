@@ -13,14 +13,6 @@ use sluice::record::{Header, Origin, Output, Record};
 use sluice::runtime::{Contract, Grants, Limits, Plugin, PluginInstance, Runtime};
 use sluice::transforms::Chain;
 
-fn record(value: &str, offset: i64) -> Record {
-    Record {
-        value: value.to_string().into(),
-        origin: Origin { topic: "trades".into(), partition: 0, offset },
-        ..Record::default()
-    }
-}
-
 fn instance(runtime: &Runtime, name: &str, config: &[(&str, &str)]) -> PluginInstance {
     let plugin = Plugin::load(runtime, &plugin_path(name)).expect("plugin loads");
     let config = config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
@@ -114,7 +106,7 @@ fn chains_mix_0_1_and_0_2_stages() {
 #[test]
 fn hostile_0_2_guests_are_dead_lettered_with_a_reason() {
     let (runtime, _) = runtime();
-    let batch: Vec<Record> = (0..5).map(|i| record(&format!("record {i}"), i)).collect();
+    let batch: Vec<Record> = (0..5).map(|i| record(format!("record {i}"), i)).collect();
 
     // A bad range inside one output fails only its record.
     for (corrupt, reason) in [

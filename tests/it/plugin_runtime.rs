@@ -5,20 +5,12 @@ use crate::common;
 
 use common::*;
 use serde_json::{json, Value};
-use sluice::record::{Origin, Record};
+use sluice::record::Record;
 use sluice::runtime::{Grants, Limits, Plugin, PluginError, PluginInstance};
 use std::time::Instant;
 
-fn record(value: &str) -> Record {
-    Record {
-        value: value.to_string().into(),
-        origin: Origin { topic: "t".into(), partition: 0, offset: 0 },
-        ..Record::default()
-    }
-}
-
 fn batch(values: &[&str]) -> Vec<Record> {
-    values.iter().map(|v| record(v)).collect()
+    values.iter().map(|v| record(v, 0)).collect()
 }
 
 /// Output values of one result, parsed as JSON.
@@ -201,10 +193,11 @@ fn memory_mib_is_the_total_of_a_components_memories() {
 
 /// A 0.1 guest whose outputs all point at the same 32 MiB of its memory
 /// (1,000 of them: 32 GB if the host copied each) fails its record with the
-/// copy limit, and the host's peak RSS stays bounded: under 1 GiB (the copy
+/// copy limit, and the host's peak RSS stays bounded: under 2 GiB (the copy
 /// limit, memory_mib + batch_output_mib = 320 MiB here, plus the process's
 /// own, which varies with the allocator and the machine's load: 331-591 MiB
-/// seen), where copying every output would take 32 GB.
+/// seen alone, once above 1 GiB beside parallel plugin builds), where
+/// copying every output would take 32 GB.
 #[test]
 fn a_0_1_guest_aliasing_its_outputs_is_stopped_by_the_copy_limit_and_host_memory_stays_bounded() {
     let dir = tempfile::tempdir().unwrap();
@@ -226,7 +219,7 @@ fn a_0_1_guest_aliasing_its_outputs_is_stopped_by_the_copy_limit_and_host_memory
     assert!(stderr.contains(&format!("copy limit exceeded: more than {limit} bytes copied")), "{stderr}");
     let peak_mib = (peak_kib >> 10) as usize;
     println!("peak RSS of `sluice plugin test` on the aliasing guest: {peak_mib} MiB (copy limit {} MiB)", limit >> 20);
-    assert!(peak_mib < 1024, "peak RSS {peak_mib} MiB, copy limit {} MiB", limit >> 20);
+    assert!(peak_mib < 2048, "peak RSS {peak_mib} MiB, copy limit {} MiB", limit >> 20);
 }
 
 /// Waits for `child` and returns its exit status and peak RSS in KiB.

@@ -1,11 +1,11 @@
 //! One [`Engine`] per process, its epoch ticker and the shared component linker.
 
-use super::bindings::{v01, v02};
-use super::instance::HostState;
+use super::contracts;
+use super::host_state::HostState;
 use anyhow::Context;
 use std::path::PathBuf;
 use std::time::Duration;
-use wasmtime::component::{HasSelf, Linker};
+use wasmtime::component::Linker;
 use wasmtime::{Config, Engine, OptLevel};
 
 /// How often the epoch advances: how often a running plugin yields, so that
@@ -41,8 +41,7 @@ impl Runtime {
         // Async WASI: a plugin waiting in a host call (a sleep, a poll, a
         // socket) is a future the call's deadline can cancel.
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(anyhow::Error::from).context("cannot link WASI")?;
-        v01::Transformer::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
-            .and_then(|()| v02::Transformer::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state))
+        contracts::add_to_linker(&mut linker)
             .map_err(anyhow::Error::from)
             .context("cannot link the sluice host interfaces")?;
 

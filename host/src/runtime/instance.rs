@@ -1,337 +1,36 @@
 //! A live plugin instance: one `Store` with its limits and sandbox grants.
 
-use super::abi;
-use super::bindings::{v01, v02};
-use super::loader::Pre;
+use super::contracts::{Bound, CallError};
+use super::host_state::{HostState, LogBucket};
+use super::limits::{Grants, Limits};
 use super::stderr::PluginStderr;
 use super::{Fault, Plugin, PluginError};
-use crate::record::{Bytes, Header, Output, Record, Results};
-use std::path::PathBuf;
+use crate::record::{Output, Record, RecordRef, Results};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tracing::{debug, error, info, trace, warn};
-use wasmtime::component::ResourceTable;
-use wasmtime::{ResourceLimiter, Store, Trap};
-use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
-
-/// Resource limits of one plugin instance. The defaults are safe for any plugin.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Limits {
-    /// Wall-clock budget of one call (`init` or one batch), in milliseconds,
-    /// whatever the plugin spends it on: running, or waiting in a host call
-    /// (a sleep, a poll, a socket).
-    pub cpu_ms: u64,
-    /// Linear memory the instance may grow to, in bytes.
-    pub memory_bytes: usize,
-    /// Bytes (keys, values, headers) the outputs of one input record may total.
-    pub output_bytes: usize,
-    /// Outputs one input record may produce.
-    pub outputs: usize,
-    /// Bytes the outputs of one batch may total, ranges counted as often as
-    /// they are given (the host copies each): past it, records fail.
-    pub batch_output_bytes: usize,
-    /// Log lines per second the plugin may write through the `log` import,
-    /// on average (a token bucket); 0: no limit.
-    pub log_lines_per_s: u32,
-    /// Log lines the plugin may write at once, above the rate.
-    pub log_burst: u32,
-}
-
-impl Default for Limits {
-    /// 128 MiB of memory: plugins that embed an interpreter start at 9 MiB
-    /// (JavaScript) to 13 MiB (Python), and SpiderMonkey lets its heap grow
-    /// past 64 MiB over batches of 1,000 records before it collects.
-    fn default() -> Self {
-        Limits {
-            cpu_ms: 1_000,
-            memory_bytes: 128 << 20,
-            output_bytes: 16 << 20,
-            outputs: 100_000,
-            batch_output_bytes: 256 << 20,
-            log_lines_per_s: 100,
-            log_burst: 1_000,
-        }
-    }
-}
-
-impl Limits {
-    /// Bytes the host copies out of the plugin in one call at most: its
-    /// memory (a 0.2 results buffer) plus the batch's outputs (0.1 results,
-    /// which may point at the same guest bytes many times).
-    pub fn copy_limit(&self) -> usize {
-        self.memory_bytes.saturating_add(self.batch_output_bytes)
-    }
-
-    /// Checks one record's outputs against the output caps, and adds their
-    /// bytes to the batch's `so_far`.
-    pub(super) fn check_outputs(&self, outputs: crate::record::Iter<'_>, so_far: &mut usize) -> Result<(), String> {
-        let bytes = outputs.clone().map(|o| o.bytes()).sum();
-        self.check_totals(outputs.len(), bytes)?;
-        self.add_to_batch(so_far, bytes)
-    }
-
-    /// Adds one record's `bytes` of output to the batch's `so_far`, unless
-    /// that takes the batch over its cap.
-    pub(super) fn add_to_batch(&self, so_far: &mut usize, bytes: usize) -> Result<(), String> {
-        let total = so_far.saturating_add(bytes);
-        if total > self.batch_output_bytes {
-            return Err(format!(
-                "output limit: the batch's outputs would reach {total} bytes with this record's (limit {} per batch)",
-                self.batch_output_bytes
-            ));
-        }
-        *so_far = total;
-        Ok(())
-    }
-
-    /// Checks one record's `count` outputs of `bytes` in all against the output caps.
-    pub(super) fn check_totals(&self, count: usize, bytes: usize) -> Result<(), String> {
-        if count > self.outputs {
-            return Err(format!("output limit: {count} outputs for one record (limit {})", self.outputs));
-        }
-        if bytes > self.output_bytes {
-            return Err(format!("output limit: {bytes} bytes of output for one record (limit {})", self.output_bytes));
-        }
-        Ok(())
-    }
-}
-
-/// What the sandbox lets a plugin reach. The default grants nothing: no
-/// files, no network, no environment variables.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Grants {
-    /// Environment variables visible to the plugin.
-    pub env: Vec<(String, String)>,
-    /// Host directories the plugin may read, as (host path, guest path).
-    pub read_dirs: Vec<(PathBuf, String)>,
-    /// Whether the plugin may open sockets and resolve names.
-    pub network: bool,
-}
+use tracing::warn;
+use wasmtime::{Store, Trap};
+use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 /// What became of one input record: its outputs, or why it failed.
 pub type RecordResult = Result<Vec<Output>, String>;
-
-/// Per-store state: WASI context, resource table and memory limiter.
-pub struct HostState {
-    wasi: WasiCtx,
-    table: ResourceTable,
-    memory: MemoryCap,
-    stderr: PluginStderr,
-    /// `pipeline/plugin`, for the plugin's log lines.
-    label: Arc<str>,
-    /// The instance's log budget (it outlives the store across replacements).
-    log: Arc<Mutex<LogBucket>>,
-}
-
-/// Bytes of one plugin log line; the rest is cut.
-pub const MAX_LOG_LINE: usize = 8 << 10;
-
-/// The plugin log's token bucket: `rate` lines a second on average, `burst`
-/// at once. Checked before any formatting, so a flood costs the host one
-/// comparison per line. Suppressed lines are counted and summed up in one
-/// line at most once a second.
-pub struct LogBucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    refilled: Instant,
-    suppressed: u64,
-    /// Suppressed lines not yet added to the metric (it is kept current after
-    /// every batch; the summary line comes at most once a second).
-    uncounted: u64,
-    /// When the first line of the current suppression was refused.
-    since: Option<Instant>,
-    pipeline: String,
-    plugin: String,
-}
-
-impl LogBucket {
-    fn new(limits: &Limits, pipeline: &str, plugin: &str) -> Self {
-        LogBucket {
-            rate: f64::from(limits.log_lines_per_s),
-            burst: f64::from(limits.log_burst.max(1)),
-            tokens: f64::from(limits.log_burst.max(1)),
-            refilled: Instant::now(),
-            suppressed: 0,
-            uncounted: 0,
-            since: None,
-            pipeline: pipeline.to_string(),
-            plugin: plugin.to_string(),
-        }
-    }
-
-    /// Whether one more line may be written now.
-    fn admit(&mut self) -> bool {
-        if self.rate == 0.0 {
-            return true;
-        }
-        if self.tokens < 1.0 {
-            let now = Instant::now();
-            self.tokens = (self.tokens + now.duration_since(self.refilled).as_secs_f64() * self.rate).min(self.burst);
-            self.refilled = now;
-        }
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            return true;
-        }
-        self.suppressed += 1;
-        self.uncounted += 1;
-        self.since.get_or_insert_with(Instant::now);
-        false
-    }
-
-    /// Logs how many lines were suppressed, once a second at most (or now, with `force`).
-    fn summarize(&mut self, force: bool) {
-        if self.uncounted > 0 {
-            crate::telemetry::telemetry().plugin_logs_suppressed(&self.pipeline, &self.plugin, self.uncounted);
-            self.uncounted = 0;
-        }
-        let Some(since) = self.since else { return };
-        let elapsed = since.elapsed();
-        if self.suppressed == 0 || (!force && elapsed < Duration::from_secs(1)) {
-            return;
-        }
-        warn!(
-            pipeline = %self.pipeline,
-            plugin = %self.plugin,
-            suppressed = self.suppressed,
-            "suppressed {} log lines from {}/{} in the last {:.1} s",
-            self.suppressed,
-            self.pipeline,
-            self.plugin,
-            elapsed.as_secs_f64().max(0.1)
-        );
-        self.suppressed = 0;
-        self.since = None;
-    }
-}
-
-impl WasiView for HostState {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
-    }
-}
-
-impl v01::sluice::transform::types::Host for HostState {}
-
-/// The `log` import of one contract's bindings (the two `Level` enums are
-/// distinct types with the same cases).
-macro_rules! log_import {
-    ($contract:ident) => {
-        impl $contract::sluice::transform::log::Host for HostState {
-            async fn log(&mut self, level: $contract::sluice::transform::log::Level, message: String) {
-                use $contract::sluice::transform::log::Level as L;
-                let level = match level {
-                    L::Trace => tracing::Level::TRACE,
-                    L::Debug => tracing::Level::DEBUG,
-                    L::Info => tracing::Level::INFO,
-                    L::Warn => tracing::Level::WARN,
-                    L::Error => tracing::Level::ERROR,
-                };
-                self.log_line(level, message)
-            }
-        }
-    };
-}
-
-log_import!(v01);
-log_import!(v02);
-
-impl HostState {
-    /// One line from the plugin's `log` import (either contract), within its budget.
-    fn log_line(&mut self, level: tracing::Level, mut message: String) {
-        if !self.log.lock().is_ok_and(|mut bucket| bucket.admit()) {
-            return;
-        }
-        if message.len() > MAX_LOG_LINE {
-            let total = message.len();
-            let mut end = MAX_LOG_LINE;
-            while !message.is_char_boundary(end) {
-                end -= 1;
-            }
-            message.truncate(end);
-            message.push_str(&format!("… ({total} bytes in all)"));
-        }
-        let plugin = &*self.label;
-        match level {
-            tracing::Level::TRACE => trace!(plugin, "{message}"),
-            tracing::Level::DEBUG => debug!(plugin, "{message}"),
-            tracing::Level::INFO => info!(plugin, "{message}"),
-            tracing::Level::WARN => warn!(plugin, "{message}"),
-            _ => error!(plugin, "{message}"),
-        }
-    }
-}
-
-/// Refuses memory growth past the limit and remembers that it did, so a
-/// resulting trap is reported as the memory limit rather than a plain trap.
-/// The limit is on the total of the instance's linear memories: a
-/// component made of several core modules has one memory each.
-#[derive(Default)]
-struct MemoryCap {
-    limit: usize,
-    /// Bytes of all the instance's memories.
-    total: usize,
-    hit: bool,
-}
-
-impl MemoryCap {
-    fn new(limit: usize) -> Self {
-        MemoryCap { limit, ..MemoryCap::default() }
-    }
-}
-
-impl ResourceLimiter for MemoryCap {
-    fn memory_growing(&mut self, current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
-        let total = self.total.saturating_sub(current).saturating_add(desired);
-        if total > self.limit {
-            self.hit = true;
-            return Ok(false);
-        }
-        self.total = total;
-        Ok(true)
-    }
-
-    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
-        Ok(desired <= 100_000)
-    }
-}
 
 struct Live {
     store: Store<HostState>,
     bindings: Bound,
 }
 
-/// An instance's exports, of the contract its component was built against.
-enum Bound {
-    V01(v01::Transformer),
-    V02(v02::Transformer),
-}
-
-impl Bound {
-    async fn init(
-        &self,
-        store: &mut Store<HostState>,
-        config: &[(String, String)],
-    ) -> wasmtime::Result<Result<(), String>> {
-        match self {
-            Bound::V01(bindings) => bindings.sluice_transform_transform().call_init(store, config).await,
-            Bound::V02(bindings) => bindings.sluice_transform_batch().call_init(store, config).await,
-        }
-    }
-}
-
 /// `call`, cut off after `limit`: the plugin yields at every epoch tick and
 /// its host calls (WASI's clocks, polls and sockets) are futures, so the
 /// limit holds whatever the plugin is doing. Running over is
 /// [`Trap::Interrupt`], the CPU limit's trap.
-async fn within_limit<T>(
+async fn within_limit<T, E: From<wasmtime::Error>>(
     limit: Duration,
-    call: impl std::future::Future<Output = wasmtime::Result<T>>,
-) -> wasmtime::Result<T> {
+    call: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
     match tokio::time::timeout(limit, call).await {
         Ok(result) => result,
-        Err(_) => Err(wasmtime::Error::from(Trap::Interrupt)),
+        Err(_) => Err(E::from(wasmtime::Error::from(Trap::Interrupt))),
     }
 }
 
@@ -387,8 +86,6 @@ pub struct PluginInstance {
     label: Arc<str>,
     live: Option<Live>,
     log: Arc<Mutex<LogBucket>>,
-    /// Contract 0.2's batch buffer, kept across batches.
-    encoder: abi::Encoder,
     /// The kind of fault the last records failed with, and how many in a row.
     streak: Option<(std::mem::Discriminant<Fault>, u32)>,
     /// Why this version is failing (faults on [`ISOLATION_STREAK`] records in
@@ -418,7 +115,6 @@ impl PluginInstance {
             label,
             live: None,
             log,
-            encoder: abi::Encoder::default(),
             streak: None,
             failing: None,
             replacements: 0,
@@ -451,16 +147,10 @@ impl PluginInstance {
         if self.grants.network {
             wasi.inherit_network().allow_tcp(true).allow_udp(true).allow_ip_name_lookup(true);
         }
-        let state = HostState {
-            wasi: wasi.build(),
-            table: ResourceTable::new(),
-            memory: MemoryCap::new(self.limits.memory_bytes),
-            stderr,
-            label: self.label.clone(),
-            log: self.log.clone(),
-        };
+        let state =
+            HostState::new(wasi.build(), self.limits.memory_bytes, stderr, self.label.clone(), self.log.clone());
         let mut store = Store::new(self.plugin.pre.engine(), state);
-        store.limiter(|state| &mut state.memory);
+        store.limiter(HostState::limiter);
         // What the host copies out of the plugin in one call (a 0.1 result
         // lifted value by value, a 0.2 results buffer, a host call's
         // arguments) is bounded, whatever the guest's values alias.
@@ -471,12 +161,7 @@ impl PluginInstance {
         store.epoch_deadline_async_yield_and_update(1);
         let limit = self.init_limit();
         let pre = &self.plugin.pre;
-        let instantiated = block_on(within_limit(limit, async {
-            Ok(match pre {
-                Pre::V01(pre) => Bound::V01(pre.instantiate_async(&mut store).await?),
-                Pre::V02(pre) => Bound::V02(pre.instantiate_async(&mut store).await?),
-            })
-        }));
+        let instantiated = block_on(within_limit(limit, pre.instantiate(&mut store)));
         // Running over here is over the init limit, not `cpu_ms`.
         let init_fault = |store: &Store<HostState>, error| match self.classify(store, error) {
             Fault::CpuLimit { .. } => Fault::CpuLimit { limit_ms: limit.as_millis() as u64 },
@@ -510,7 +195,7 @@ impl PluginInstance {
     }
 
     fn classify(&self, store: &Store<HostState>, error: wasmtime::Error) -> Fault {
-        if store.data().memory.hit {
+        if store.data().memory_limit_hit() {
             return Fault::MemoryLimit { limit_bytes: self.limits.memory_bytes };
         }
         let trap = error.downcast_ref::<Trap>();
@@ -522,7 +207,7 @@ impl PluginInstance {
             return Fault::CpuLimit { limit_ms: self.limits.cpu_ms };
         }
         // The plugin's own words, when it panicked; else the trap and where.
-        if let Some(message) = store.data().stderr.panic_message() {
+        if let Some(message) = store.data().stderr().panic_message() {
             return Fault::Trap(message);
         }
         match trap {
@@ -541,6 +226,13 @@ impl PluginInstance {
     /// failing: the batch's remaining records fail without being run, and
     /// [`PluginInstance::take_failing`] says why.
     pub fn transform(&mut self, inputs: &[Record]) -> Results<String> {
+        let views: Vec<RecordRef> = inputs.iter().map(Record::view).collect();
+        self.transform_views(&views)
+    }
+
+    /// [`PluginInstance::transform`] of borrowed records: a chain's later
+    /// stages read the outputs of the one before as they are.
+    pub fn transform_views(&mut self, inputs: &[RecordRef<'_>]) -> Results<String> {
         let results = match self.call(inputs) {
             Ok(results) => {
                 if results.errors().count() < results.len() {
@@ -618,7 +310,7 @@ impl PluginInstance {
     }
 
     /// One call of the plugin on `inputs`: exactly one result per input.
-    fn call(&mut self, inputs: &[Record]) -> Result<Results<String>, Fault> {
+    fn call(&mut self, inputs: &[RecordRef<'_>]) -> Result<Results<String>, Fault> {
         let mut live = match self.live.take() {
             Some(live) => live,
             None => {
@@ -626,44 +318,13 @@ impl PluginInstance {
                 self.instantiate().map_err(|e| Fault::Trap(format!("cannot replace the faulted instance: {e}")))?
             }
         };
-        live.store.data().stderr.clear();
+        live.store.data().stderr().clear();
         let limit = self.time_limit();
-        let results = match &live.bindings {
-            Bound::V01(bindings) => {
-                let batch: Vec<v01::sluice::transform::types::InputRecord> = inputs.iter().map(to_wit).collect();
-                let call = bindings.sluice_transform_transform().call_process_batch(&mut live.store, &batch);
-                let results = match block_on(within_limit(limit, call)) {
-                    Ok(results) => results,
-                    Err(error) => return Err(self.classify(&live.store, error)),
-                };
-                if results.len() != inputs.len() {
-                    return Err(Fault::Contract(format!("{} results for {} records", results.len(), inputs.len())));
-                }
-                let outputs = results.iter().map(|r| r.as_ref().map_or(0, Vec::len)).sum();
-                let mut decoded = Results::with_owned_capacity(results.len(), outputs);
-                let mut batch_bytes = 0;
-                for result in results {
-                    decoded.push_with(|all| {
-                        let mine = all.len();
-                        for out in result? {
-                            all.push(from_wit(out));
-                        }
-                        self.limits.check_outputs(all.range(mine..all.len()), &mut batch_bytes)
-                    });
-                }
-                decoded
-            }
-            Bound::V02(bindings) => {
-                let batch = self.encoder.encode(inputs).map_err(Fault::Contract)?;
-                // The results buffer is lifted as one copy; every output is
-                // then decoded from it in one pass.
-                let call = bindings.sluice_transform_batch().call_process(&mut live.store, batch);
-                let results = match block_on(within_limit(limit, call)) {
-                    Ok(results) => results,
-                    Err(error) => return Err(self.classify(&live.store, error)),
-                };
-                abi::decode(&results.into(), inputs.len(), &self.limits).map_err(Fault::Contract)?
-            }
+        let Live { store, bindings } = &mut live;
+        let results = match block_on(within_limit(limit, bindings.process(store, inputs, &self.limits))) {
+            Ok(results) => results,
+            Err(CallError::Call(error)) => return Err(self.classify(&live.store, error)),
+            Err(CallError::Contract(reason)) => return Err(Fault::Contract(reason)),
         };
         self.live = Some(live);
         Ok(results)
@@ -700,53 +361,5 @@ fn with_location(reason: String, error: &wasmtime::Error) -> String {
     match frame {
         Some(name) => format!("{reason} (in {name})"),
         None => reason,
-    }
-}
-
-use v01::sluice::transform::types as wit;
-
-fn to_wit(r: &Record) -> wit::InputRecord {
-    wit::InputRecord {
-        key: r.key.as_deref().map(<[u8]>::to_vec),
-        value: r.value.to_vec(),
-        headers: r.headers.iter().map(|h| wit::Header { name: h.name.clone(), value: h.value.clone() }).collect(),
-        timestamp: r.timestamp,
-        origin: wit::Origin {
-            topic: r.origin.topic.to_string(),
-            partition: r.origin.partition,
-            offset: r.origin.offset,
-        },
-    }
-}
-
-fn from_wit(o: wit::OutputRecord) -> Output {
-    Output {
-        key: o.key.map(Bytes::from),
-        value: o.value.into(),
-        headers: o.headers.into_iter().map(|h| Header { name: h.name, value: h.value }).collect(),
-        timestamp: o.timestamp,
-        route: o.route,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_memory_limit_is_on_the_total_of_all_memories() {
-        let mib = 1 << 20;
-        let mut cap = MemoryCap::new(64 * mib);
-        // Two memories created at 16 MiB each, then grown.
-        assert!(cap.memory_growing(0, 16 * mib, None).unwrap());
-        assert!(cap.memory_growing(0, 16 * mib, None).unwrap());
-        assert!(cap.memory_growing(16 * mib, 40 * mib, None).unwrap(), "56 MiB in all");
-        assert!(!cap.hit);
-        assert!(
-            !cap.memory_growing(16 * mib, 32 * mib, None).unwrap(),
-            "72 MiB in all: refused, though each is under 64"
-        );
-        assert!(cap.hit);
-        assert!(cap.memory_growing(16 * mib, 24 * mib, None).unwrap(), "64 MiB in all");
     }
 }

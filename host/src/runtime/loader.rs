@@ -1,9 +1,8 @@
 //! Loading a plugin: read, compile once (with an on-disk cache keyed by content
 //! hash and engine), link, and keep the `InstancePre` for cheap instantiation.
 
-use super::bindings::{v01, v02};
-use super::instance::HostState;
-use super::{Contract, PluginError, Runtime};
+use super::contracts::{Contract, Pre};
+use super::{PluginError, Runtime};
 use sha2::{Digest, Sha256};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -26,21 +25,6 @@ pub struct Plugin {
     /// The contract the component exports.
     pub contract: Contract,
     pub(crate) pre: Pre,
-}
-
-/// A linked component of either contract.
-pub(crate) enum Pre {
-    V01(v01::TransformerPre<HostState>),
-    V02(v02::TransformerPre<HostState>),
-}
-
-impl Pre {
-    pub(crate) fn engine(&self) -> &wasmtime::Engine {
-        match self {
-            Pre::V01(pre) => pre.engine(),
-            Pre::V02(pre) => pre.engine(),
-        }
-    }
 }
 
 impl std::fmt::Debug for Plugin {
@@ -70,23 +54,8 @@ impl Plugin {
             .linker
             .instantiate_pre(&component)
             .map_err(|reason| PluginError::Compile { path: shown.clone(), reason: reason.into() })?;
-        // 0.2 first; a component exporting neither is named with both.
-        let pre = match v02::TransformerPre::new(linked.clone()) {
-            Ok(pre) => Pre::V02(pre),
-            Err(v02_error) => match v01::TransformerPre::new(linked) {
-                Ok(pre) => Pre::V01(pre),
-                Err(v01_error) => {
-                    let reason = anyhow::anyhow!(
-                        "it exports neither contract: sluice:transform/batch@0.2.0 ({v02_error:#}) nor sluice:transform/transform@0.1.0 ({v01_error:#})"
-                    );
-                    return Err(PluginError::Compile { path: shown, reason });
-                }
-            },
-        };
-        let contract = match pre {
-            Pre::V01(_) => Contract::V01,
-            Pre::V02(_) => Contract::V02,
-        };
+        let pre = Pre::link(linked).map_err(|reason| PluginError::Compile { path: shown, reason })?;
+        let contract = pre.contract();
         debug!(plugin = %name, hash = %&hash[..12], %contract, cache_hit, ?load_time, "plugin loaded");
         Ok(Arc::new(Plugin {
             name: name.to_string(),

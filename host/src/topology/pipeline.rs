@@ -108,24 +108,6 @@ impl PipelineTask {
 /// large enough to show the surge.
 const PROBATION_TOP_UP: Duration = Duration::from_millis(250);
 
-/// Runs `batch` through `chain`; records their source rejected skip it and fail.
-fn process(chain: &mut Chain, batch: &[Record]) -> Results<ChainFailure> {
-    if batch.iter().all(|r| r.rejected.is_none()) {
-        return chain.process(batch);
-    }
-    let accepted: Vec<Record> = batch.iter().filter(|r| r.rejected.is_none()).cloned().collect();
-    let (outputs, per_record) = chain.process(&accepted).into_parts();
-    let mut per_record = per_record.into_iter();
-    let mut records = Vec::with_capacity(batch.len());
-    for r in batch {
-        records.push(match &r.rejected {
-            Some(reason) => Err(ChainFailure { plugin: "source".to_string(), error: reason.clone() }),
-            None => per_record.next().unwrap_or(Ok(0)),
-        });
-    }
-    Results::from_parts(outputs, records)
-}
-
 /// Reads batches, applies chain swaps between them, transforms them, and
 /// hands them to the delivery stage (at most one waiting). A failing plugin
 /// version is handled by the pipeline's [`crate::config::OnPluginFailure`] before any of
@@ -175,7 +157,7 @@ async fn transform_stage(
         let mut paused = false;
         let mut delay = Duration::from_secs(1);
         let results = loop {
-            let results = tokio::task::block_in_place(|| process(versions.current(), &batch));
+            let results = tokio::task::block_in_place(|| versions.current().process(&batch));
             match versions.verdict(&results) {
                 Verdict::Deliver => break results,
                 Verdict::DeliverFailing(failing) => {

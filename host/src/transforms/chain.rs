@@ -1,7 +1,7 @@
 //! A chain of plugin instances: the outputs of one are the inputs of the next.
 
 use crate::config::TransformSpec;
-use crate::record::{Output, Record, Results};
+use crate::record::{Output, Outputs, Record, RecordRef, Results};
 use crate::runtime::{Plugin, PluginError, PluginInstance, Runtime};
 use crate::telemetry::telemetry;
 
@@ -77,93 +77,129 @@ impl Chain {
     }
 
     /// Runs `batch` through every stage. One result per source record: all
-    /// its final outputs, or the first failure on its way. A later stage's
-    /// output without a route keeps the route its input had.
+    /// its final outputs, or the first failure on its way (a record its
+    /// source rejected fails as the source's, without running). A later
+    /// stage's output without a route keeps the route its input had.
     pub fn process(&mut self, batch: &[Record]) -> Results<ChainFailure> {
-        let Some((first, rest)) = self.stages.split_first_mut() else {
+        let rejected = |reason: &String| ChainFailure { plugin: "source".to_string(), error: reason.clone() };
+        if self.stages.is_empty() {
             let mut results = Results::with_owned_capacity(batch.len(), batch.len());
             for r in batch {
-                results.push_ok([Output::from(r.clone())]);
+                match &r.rejected {
+                    Some(reason) => results.push_err(rejected(reason)),
+                    None => results.push_ok([Output::from(r.clone())]),
+                }
             }
             return results;
-        };
+        }
+        let accepted: Vec<RecordRef> = batch.iter().filter(|r| r.rejected.is_none()).map(Record::view).collect();
+        let results = self.run(&accepted);
+        if accepted.len() == batch.len() {
+            return results;
+        }
+        let (outputs, per_record) = results.into_parts();
+        let mut per_record = per_record.into_iter();
+        let records = batch
+            .iter()
+            .map(|r| match &r.rejected {
+                Some(reason) => Err(rejected(reason)),
+                None => per_record.next().unwrap_or(Ok(0)),
+            })
+            .collect();
+        Results::from_parts(outputs, records)
+    }
+
+    /// Runs `inputs` through every stage (there is at least one). Each
+    /// stage reads the outputs of the one before where they are, as
+    /// [`RecordRef`]s with the origin of their source record.
+    fn run(&mut self, inputs: &[RecordRef<'_>]) -> Results<ChainFailure> {
         let failure = |stage: &PluginInstance, error| ChainFailure { plugin: stage.plugin().name.clone(), error };
         let pipeline = &self.pipeline;
-        let timed = |stage: &mut PluginInstance, inputs: &[Record]| {
+        let timed = |stage: &mut PluginInstance, inputs: &[RecordRef<'_>]| {
             let started = std::time::Instant::now();
-            let results = stage.transform(inputs);
+            let results = stage.transform_views(inputs);
             telemetry().plugin_call(pipeline, &stage.plugin().name, started.elapsed().as_secs_f64());
             results
         };
-        let mut results = timed(first, batch).map_err(|e| failure(first, e));
+        let Some((first, rest)) = self.stages.split_first_mut() else {
+            return Results::default();
+        };
+        let mut results = timed(first, inputs).map_err(|e| failure(first, e));
         for stage in rest {
-            // Inputs of this stage: the outputs so far, each remembering its
-            // source record (their routes are kept aside).
-            let (outputs, records) = results.into_parts();
-            let mut routes = Vec::with_capacity(outputs.len());
-            let mut inputs = Vec::with_capacity(outputs.len());
-            let mut next = 0;
-            for (i, record) in records.iter().enumerate() {
-                if let Ok(n) = record {
-                    for out in (next..next + n).filter_map(|o| outputs.to_output(o)) {
-                        routes.push(out.route);
-                        let origin = batch[i].origin.clone();
-                        inputs.push(Record {
-                            key: out.key,
-                            value: out.value,
-                            headers: out.headers,
-                            timestamp: out.timestamp,
-                            origin,
-                            rejected: None,
-                        });
-                    }
-                    next += n;
-                }
-            }
-            // A source record's outputs are those of its outputs here, in
-            // order, unless one of them failed (then they are dropped).
-            let (mut new, per_input) = timed(stage, &inputs).into_parts();
-            let (mut per_input, mut routes) = (per_input.into_iter(), routes.into_iter());
-            let mut keep = Vec::with_capacity(new.len());
-            let mut per_record = Vec::with_capacity(records.len());
-            for record in records {
-                let n = match record {
-                    Ok(n) => n,
-                    Err(e) => {
-                        per_record.push(Err(e));
-                        continue;
-                    }
-                };
-                let mut failed = None;
-                let mine = keep.len();
-                for _ in 0..n {
-                    let route = routes.next().flatten();
-                    match per_input.next() {
-                        Some(Ok(count)) => {
-                            for o in keep.len()..keep.len() + count {
-                                new.inherit_route(o, route.as_deref());
-                            }
-                            keep.resize(keep.len() + count, true);
-                        }
-                        Some(Err(error)) => {
-                            failed.get_or_insert(error);
-                        }
-                        None => {
-                            failed.get_or_insert_with(|| "plugin returned no result".to_string());
-                        }
+            let prev = std::mem::take(&mut results);
+            // This stage's inputs: the outputs so far, in order, each with
+            // its source record's origin.
+            let (new, per_input) = {
+                let (outputs, records) = (prev.outputs(), prev.records());
+                let mut next = Vec::with_capacity(outputs.len());
+                let mut at = 0;
+                for (source, record) in inputs.iter().zip(records) {
+                    if let Ok(n) = record {
+                        next.extend(outputs.range(at..at + n).map(|o| o.as_input(source.origin)));
+                        at += n;
                     }
                 }
-                per_record.push(match failed {
-                    None => Ok(keep.len() - mine),
-                    Some(error) => {
-                        keep[mine..].fill(false);
-                        Err(failure(stage, error))
-                    }
-                });
-            }
-            new.retain(&keep);
-            results = Results::from_parts(new, per_record);
+                timed(stage, &next).into_parts()
+            };
+            results = combine(prev, new, per_input, |error| failure(stage, error));
         }
         results
     }
+}
+
+/// The results of the stages so far (`prev`), followed by one stage whose
+/// inputs were `prev`'s outputs, in order: `new`, and per input its count of
+/// `new` or its error. A source record's outputs are those of its outputs
+/// there, in order, unless one of them failed: then they are dropped, and
+/// the record fails with the first error. An output without a route takes
+/// the route of its input.
+fn combine(
+    prev: Results<ChainFailure>,
+    mut new: Outputs,
+    per_input: Vec<Result<usize, String>>,
+    failure: impl Fn(String) -> ChainFailure,
+) -> Results<ChainFailure> {
+    let (outputs, records) = prev.into_parts();
+    let mut per_input = per_input.into_iter();
+    let mut keep = Vec::with_capacity(new.len());
+    let mut per_record = Vec::with_capacity(records.len());
+    let mut input = 0;
+    for record in records {
+        let n = match record {
+            Ok(n) => n,
+            Err(e) => {
+                per_record.push(Err(e));
+                continue;
+            }
+        };
+        let mut failed = None;
+        let mine = keep.len();
+        for _ in 0..n {
+            let route = outputs.get(input).and_then(|o| o.route);
+            input += 1;
+            match per_input.next() {
+                Some(Ok(count)) => {
+                    for o in keep.len()..keep.len() + count {
+                        new.inherit_route(o, route);
+                    }
+                    keep.resize(keep.len() + count, true);
+                }
+                Some(Err(error)) => {
+                    failed.get_or_insert(error);
+                }
+                None => {
+                    failed.get_or_insert_with(|| "plugin returned no result".to_string());
+                }
+            }
+        }
+        per_record.push(match failed {
+            None => Ok(keep.len() - mine),
+            Some(error) => {
+                keep[mine..].fill(false);
+                Err(failure(error))
+            }
+        });
+    }
+    new.retain(&keep);
+    Results::from_parts(new, per_record)
 }

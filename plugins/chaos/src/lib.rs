@@ -151,7 +151,7 @@ impl Transform for Chaos {
             return Ok(());
         }
         if self.triggered(record.value) {
-            for output in self.process(record.to_record())? {
+            for output in self.process(Record::from(record))? {
                 out.push(output);
             }
             return Ok(());

@@ -206,7 +206,7 @@ pub trait Transform: Sized + 'static {
     /// what it returns; override it to read and write without copying. An
     /// `Err` discards the outputs written for this record.
     fn process_view(&mut self, record: RecordView<'_>, out: &mut Outputs) -> Result<(), String> {
-        for output in self.process(record.to_record())? {
+        for output in self.process(Record::from(record))? {
             out.push(output);
         }
         Ok(())

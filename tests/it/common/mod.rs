@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use sluice::record::{Bytes, Origin, Record};
 use sluice::runtime::{Grants, Limits, Plugin, PluginInstance, Runtime};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -52,6 +53,15 @@ pub fn instance_with(
 ) -> PluginInstance {
     let config = config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     PluginInstance::new(load(runtime, name), config, limits, grants, "test").expect("plugin instantiates")
+}
+
+/// A record with just a value, read from partition 0 of topic `t` at `offset`.
+pub fn record(value: impl AsRef<[u8]>, offset: i64) -> Record {
+    Record {
+        value: Bytes::copy_from_slice(value.as_ref()),
+        origin: Origin { topic: "t".into(), partition: 0, offset },
+        ..Record::default()
+    }
 }
 
 pub mod hostile;

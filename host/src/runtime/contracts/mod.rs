@@ -1,0 +1,130 @@
+//! The plugin contracts the host serves, one module each: its bindings, the
+//! imports it gives a plugin, and how a batch crosses into the plugin and
+//! back. Which contract a component implements is decided once, when it is
+//! linked ([`Pre::link`]); everything after goes through [`Pre`] and
+//! [`Bound`], which the rest of the runtime uses without naming a contract.
+
+mod v01;
+mod v02;
+
+use super::host_state::HostState;
+use super::limits::Limits;
+use crate::record::{RecordRef, Results};
+use wasmtime::component::{InstancePre, Linker};
+use wasmtime::Store;
+
+/// Which contract a plugin component was built against, read from its exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Contract {
+    /// `sluice:transform/transform@0.1.0`: `process-batch(list<input-record>)`.
+    V01,
+    /// `sluice:transform/batch@0.2.0`: `process(list<u8>) -> list<u8>`.
+    V02,
+}
+
+impl std::fmt::Display for Contract {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Contract::V01 => "0.1",
+            Contract::V02 => "0.2",
+        })
+    }
+}
+
+/// Adds every contract's host imports to `linker`.
+pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    v01::add_to_linker(linker)?;
+    v02::add_to_linker(linker)
+}
+
+/// A linked component, ready to instantiate, of the contract it exports.
+pub(crate) enum Pre {
+    V01(v01::Pre),
+    V02(v02::Pre),
+}
+
+impl Pre {
+    /// Decides the component's contract from its exports: 0.2 first; a
+    /// component exporting neither is refused with both reasons.
+    pub(crate) fn link(linked: InstancePre<HostState>) -> anyhow::Result<Pre> {
+        match v02::Pre::new(linked.clone()) {
+            Ok(pre) => Ok(Pre::V02(pre)),
+            Err(v02_error) => match v01::Pre::new(linked) {
+                Ok(pre) => Ok(Pre::V01(pre)),
+                Err(v01_error) => Err(anyhow::anyhow!(
+                    "it exports neither contract: sluice:transform/batch@0.2.0 ({v02_error:#}) nor sluice:transform/transform@0.1.0 ({v01_error:#})"
+                )),
+            },
+        }
+    }
+
+    pub(crate) fn contract(&self) -> Contract {
+        match self {
+            Pre::V01(_) => Contract::V01,
+            Pre::V02(_) => Contract::V02,
+        }
+    }
+
+    pub(crate) fn engine(&self) -> &wasmtime::Engine {
+        match self {
+            Pre::V01(pre) => pre.engine(),
+            Pre::V02(pre) => pre.engine(),
+        }
+    }
+
+    /// A new instance in `store`.
+    pub(crate) async fn instantiate(&self, store: &mut Store<HostState>) -> wasmtime::Result<Bound> {
+        Ok(match self {
+            Pre::V01(pre) => Bound::V01(pre.instantiate_async(store).await?),
+            Pre::V02(pre) => Bound::V02(v02::Bound::new(pre.instantiate_async(store).await?)),
+        })
+    }
+}
+
+/// An instance's exports, of the contract its component was built against.
+pub(crate) enum Bound {
+    V01(v01::Bound),
+    V02(v02::Bound),
+}
+
+/// Why a call did not give results.
+pub(crate) enum CallError {
+    /// The call itself failed: a trap, a limit (the store says which).
+    Call(wasmtime::Error),
+    /// The plugin's answer, or the batch, breaks the contract.
+    Contract(String),
+}
+
+impl From<wasmtime::Error> for CallError {
+    fn from(error: wasmtime::Error) -> Self {
+        CallError::Call(error)
+    }
+}
+
+impl Bound {
+    /// The plugin's `init` with its configuration.
+    pub(crate) async fn init(
+        &self,
+        store: &mut Store<HostState>,
+        config: &[(String, String)],
+    ) -> wasmtime::Result<Result<(), String>> {
+        match self {
+            Bound::V01(bindings) => bindings.sluice_transform_transform().call_init(store, config).await,
+            Bound::V02(bound) => bound.init(store, config).await,
+        }
+    }
+
+    /// One batch through the plugin: exactly one result per input, each
+    /// record's outputs checked against `limits`.
+    pub(crate) async fn process(
+        &mut self,
+        store: &mut Store<HostState>,
+        inputs: &[RecordRef<'_>],
+        limits: &Limits,
+    ) -> Result<Results<String>, CallError> {
+        match self {
+            Bound::V01(bindings) => v01::process(bindings, store, inputs, limits).await,
+            Bound::V02(bound) => bound.process(store, inputs, limits).await,
+        }
+    }
+}
