@@ -31,7 +31,7 @@ const PG: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 /// Replays the pipeline in `file` to the end of its input; returns the seconds it took.
 async fn replay(runtime: &Runtime, file: &Path) -> anyhow::Result<f64> {
     let pipeline = load_pipeline(file, Some(runtime)).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let mut topology = Topology::with_options(runtime.clone(), RunOptions { until_eof: true });
+    let mut topology = Topology::with_options(runtime.clone(), RunOptions { until_eof: true, range: None });
     let started = Instant::now();
     topology.apply(vec![pipeline]).await?;
     while !topology.is_empty() {

@@ -16,16 +16,15 @@
 //! `config`, `sources` and `sinks` can all use it without a loop.
 
 use std::collections::BTreeMap;
-use std::ops::Range;
 use std::path::Path;
 
 /// Where problems found in a pipeline file are reported: the validator's
 /// side of [`Check`].
 pub trait Report {
     /// The span of the value at `path` (keys from the top of the file), if written.
-    fn span_of(&self, path: &[&str]) -> Option<Range<usize>>;
+    fn span_of(&self, path: &[&str]) -> Option<std::ops::Range<usize>>;
     /// Reports `message` at `span` of the file.
-    fn at(&mut self, span: Range<usize>, message: String);
+    fn at(&mut self, span: std::ops::Range<usize>, message: String);
     /// How many problems were reported so far.
     fn count(&self) -> usize;
 }
@@ -45,7 +44,7 @@ pub struct KafkaConnection {
 pub struct Check<'a> {
     /// The table's keys from the top of the file, e.g. `["sinks", "pg"]`.
     table: Vec<String>,
-    span: Range<usize>,
+    span: std::ops::Range<usize>,
     dir: &'a Path,
     connections: &'a BTreeMap<String, KafkaConnection>,
     report: &'a mut dyn Report,
@@ -54,7 +53,7 @@ pub struct Check<'a> {
 impl<'a> Check<'a> {
     pub fn new(
         table: &[&str],
-        span: Range<usize>,
+        span: std::ops::Range<usize>,
         dir: &'a Path,
         connections: &'a BTreeMap<String, KafkaConnection>,
         report: &'a mut dyn Report,
@@ -136,6 +135,72 @@ pub struct RunOptions {
     /// `--until-eof`: a source with an end (a file) ends its pipeline there,
     /// instead of waiting for more.
     pub until_eof: bool,
+    /// `sluice backfill`: the sources read this range of their input and
+    /// end there (a source that cannot is refused before it starts).
+    pub range: Option<Range>,
+}
+
+/// One bound of a range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Position {
+    /// The partition's first offset still kept.
+    Earliest,
+    /// The partition's end offset when the range is resolved.
+    Latest,
+    /// A record timestamp, in milliseconds since the Unix epoch.
+    Time(i64),
+}
+
+impl std::str::FromStr for Position {
+    type Err = String;
+
+    /// `earliest`, `latest`, an RFC 3339 time (`2019-12-05T06:18:00Z`) or
+    /// milliseconds since the Unix epoch.
+    fn from_str(raw: &str) -> Result<Self, String> {
+        match raw {
+            "earliest" => return Ok(Position::Earliest),
+            "latest" => return Ok(Position::Latest),
+            _ => {}
+        }
+        if let Ok(ms) = raw.parse::<i64>() {
+            return Ok(Position::Time(ms));
+        }
+        let time = humantime::parse_rfc3339_weak(raw).map_err(|e| {
+            format!("{raw:?}: {e} (expected earliest, latest, an RFC 3339 time such as 2019-12-05T06:18:00Z, or epoch milliseconds)")
+        })?;
+        let ms = match time.duration_since(std::time::UNIX_EPOCH) {
+            Ok(after) => i64::try_from(after.as_millis()).map_err(|_| format!("{raw:?}: too far in the future"))?,
+            Err(before) => {
+                -i64::try_from(before.duration().as_millis()).map_err(|_| format!("{raw:?}: too far back"))?
+            }
+        };
+        Ok(Position::Time(ms))
+    }
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Position::Earliest => f.write_str("earliest"),
+            Position::Latest => f.write_str("latest"),
+            Position::Time(ms) => {
+                match u64::try_from(*ms).ok().map(|ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)) {
+                    Some(time) => write!(f, "{}", humantime::format_rfc3339_millis(time)),
+                    None => write!(f, "{ms}"),
+                }
+            }
+        }
+    }
+}
+
+/// What to read: every partition of the source's topics from `from` to `to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Range {
+    pub from: Position,
+    pub to: Position,
+    /// At most this many records a second (`None`: as fast as it goes), so
+    /// that a backfill does not starve the live pipelines of the broker.
+    pub max_rate: Option<u64>,
 }
 
 /// Lists the connectors of one kind as a config enum chosen by `type`, and
@@ -194,4 +259,20 @@ macro_rules! registry {
             pub const KINDS: &'static [&'static str] = &[$($kind),+];
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_parse_from_names_times_and_milliseconds() {
+        assert_eq!("earliest".parse(), Ok(Position::Earliest));
+        assert_eq!("latest".parse(), Ok(Position::Latest));
+        assert_eq!("1575526691134".parse(), Ok(Position::Time(1575526691134)));
+        assert_eq!("2019-12-05T06:18:11.134Z".parse(), Ok(Position::Time(1575526691134)));
+        assert_eq!(Position::Time(1575526691134).to_string(), "2019-12-05T06:18:11.134Z");
+        let error = "yesterday".parse::<Position>().unwrap_err();
+        assert!(error.contains("RFC 3339"), "{error}");
+    }
 }

@@ -6,6 +6,7 @@
 
 mod common;
 
+mod backfill;
 mod candles;
 mod connectivity;
 mod contracts;

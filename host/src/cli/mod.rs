@@ -4,12 +4,14 @@
 //! - [`run`](mod@run): `sluice run`, the run loop (signals, admin requests, file
 //!   changes, progress lines); [`reload`]: the one reload path it takes;
 //! - [`check`]: `sluice check`;
+//! - [`backfill`]: `sluice backfill`, a past range recomputed into side tables;
 //! - [`feed`]: `sluice feed` (stdout, Kafka, or the WebSocket stand-in);
 //! - [`plugin`]: `sluice plugin test` and `sluice plugin new`;
 //! - [`schema`](mod@schema): `sluice schema`, the pipeline file's JSON Schema.
 //!
 //! `sluice top` lives in [`crate::top`].
 
+pub mod backfill;
 pub mod check;
 pub mod feed;
 pub mod plugin;
@@ -71,6 +73,12 @@ pub enum Command {
     /// plugin changes swap between two batches; other changes restart only the
     /// pipeline concerned. An invalid change is logged and not applied.
     Run(RunArgs),
+    /// Recompute a past range of a pipeline's Kafka input into side tables
+    /// or topics (`--into`), optionally with another plugin version, beside
+    /// the live pipeline and without touching its consumer group. Exits once
+    /// the range is done; running it again after a crash completes it, each
+    /// row written once (PostgreSQL).
+    Backfill(backfill::BackfillArgs),
     /// Print the pipeline file's JSON Schema (for editors: taplo, Even Better
     /// TOML), or with --markdown the reference chapter rendered from it.
     Schema(schema::SchemaArgs),
@@ -152,6 +160,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Feed(args) => feed::feed(args),
         Command::Check(args) => check::check(&runtime()?, &args),
         Command::Run(args) => run::run(runtime()?, &args),
+        Command::Backfill(args) => backfill::backfill(runtime()?, &args),
         Command::Schema(args) => schema::schema(&args),
         Command::Top(args) => {
             let token = match &args.token_file {

@@ -92,7 +92,7 @@ pub fn run(runtime: Runtime, run: &RunArgs) -> anyhow::Result<ExitCode> {
         let (changes_tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
         let mut watcher = crate::config::watcher::Watcher::new(&args.paths, &pipelines, changes_tx)
             .context("cannot watch the pipeline and plugin files")?;
-        let options = crate::connector::RunOptions { until_eof: run.until_eof };
+        let options = crate::connector::RunOptions { until_eof: run.until_eof, range: None };
         let mut topology = crate::topology::Topology::with_options(runtime.clone(), options);
         topology.apply(pipelines).await?;
         let status = std::sync::Arc::new(std::sync::RwLock::new(crate::admin::Status::default()));

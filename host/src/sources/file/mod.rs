@@ -269,7 +269,7 @@ mod tests {
             poll_ms: 10,
             batch_max_records: 3,
         };
-        let options = RunOptions { until_eof };
+        let options = RunOptions { until_eof, range: None };
         config.build(&Build { pipeline: "t", dir: Path::new("."), options: &options }).unwrap()
     }
 

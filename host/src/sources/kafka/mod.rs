@@ -3,8 +3,10 @@
 //! SASL, named connections) is [`crate::clients::kafka`], shared with the
 //! Kafka sink.
 //!
-//! - [`source`]: the consumer, its batches, commits and topic checks.
+//! - [`source`]: the consumer, its batches, commits and topic checks;
+//! - [`range`]: a bounded read of the same topics, for `sluice backfill`.
 
+pub mod range;
 pub mod source;
 
 pub use source::KafkaSource;
@@ -94,6 +96,9 @@ impl Connector for KafkaSourceConfig {
     }
 
     fn build(&self, cx: &Build<'_>) -> anyhow::Result<Arc<dyn Source>> {
-        Ok(Arc::new(KafkaSource::new(self, &self.group_of(cx.pipeline), cx.pipeline)?))
+        match &cx.options.range {
+            Some(range) => Ok(Arc::new(range::RangeSource::new(self, range, cx.pipeline)?)),
+            None => Ok(Arc::new(KafkaSource::new(self, &self.group_of(cx.pipeline), cx.pipeline)?)),
+        }
     }
 }

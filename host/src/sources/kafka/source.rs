@@ -245,7 +245,7 @@ impl KafkaSource {
 
 /// `topic` is the topic of the record before: its name is shared, not
 /// allocated per record.
-fn to_record(m: &BorrowedMessage<'_>, topic: &mut Option<Arc<str>>) -> Record {
+pub(super) fn to_record(m: &BorrowedMessage<'_>, topic: &mut Option<Arc<str>>) -> Record {
     let topic = match topic {
         Some(t) if **t == *m.topic() => t.clone(),
         _ => topic.insert(Arc::from(m.topic())).clone(),
