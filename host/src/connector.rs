@@ -151,6 +151,16 @@ pub enum Position {
     Time(i64),
 }
 
+impl Position {
+    /// The timestamp, when the position is one.
+    pub fn time(self) -> Option<i64> {
+        match self {
+            Position::Time(ms) => Some(ms),
+            _ => None,
+        }
+    }
+}
+
 impl std::str::FromStr for Position {
     type Err = String;
 

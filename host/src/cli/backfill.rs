@@ -14,7 +14,7 @@
 use super::{print_config_errors, tokio_runtime};
 use crate::config::Pipeline;
 use crate::connector::{Position, Range, RunOptions};
-use crate::runtime::{Plugin, PluginInstance, Runtime};
+use crate::runtime::Runtime;
 use crate::sinks::SinkConfig;
 use crate::sources::SourceConfig;
 use anyhow::Context;
@@ -52,7 +52,8 @@ pub struct BackfillArgs {
     /// pipelines read from.
     #[arg(long)]
     pub max_rate: Option<u64>,
-    /// Seconds between progress lines.
+    /// Seconds between progress lines (records read, rate, records left as
+    /// `lag`, and the ETA); 0 disables them.
     #[arg(long, default_value_t = 5)]
     pub progress_secs: u64,
 }
@@ -79,9 +80,7 @@ pub fn backfill(runtime: Runtime, args: &BackfillArgs) -> anyhow::Result<ExitCod
         let name = pipeline.name.clone();
         topology.apply(vec![pipeline]).await?;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let mut last_progress = Instant::now();
-        let every = Duration::from_secs(args.progress_secs.max(1));
-        let mut seen = 0u64;
+        let mut progress = super::run::Progress::new(args.progress_secs);
         loop {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {
@@ -91,24 +90,7 @@ pub fn backfill(runtime: Runtime, args: &BackfillArgs) -> anyhow::Result<ExitCod
                 }
                 _ = tick.tick() => {}
             }
-            if last_progress.elapsed() >= every {
-                last_progress = Instant::now();
-                let s = crate::telemetry::telemetry().state(&name);
-                let rate = s.records_in.saturating_sub(seen) as f64 / every.as_secs_f64();
-                seen = s.records_in;
-                let left: i64 = s.lag.values().sum();
-                let eta = if rate > 0.0 { format!("{:.0}s", left as f64 / rate) } else { "-".to_string() };
-                tracing::info!(
-                    pipeline = %name,
-                    records_in = s.records_in,
-                    records_per_s = format!("{rate:.0}"),
-                    records_left = left,
-                    eta = %eta,
-                    records_out = s.records_out,
-                    dead_lettered = s.dead_lettered,
-                    "backfill progress"
-                );
-            }
+            progress.maybe_log(&topology);
             let failed = topology.reap();
             if topology.is_empty() {
                 let s = crate::telemetry::telemetry().state(&name);
@@ -151,17 +133,10 @@ fn side_pipeline(runtime: &Runtime, mut pipeline: Pipeline, args: &BackfillArgs)
             }
         };
         let spec = &mut pipeline.transforms[stage];
-        let plugin = Plugin::load(runtime, path).with_context(|| format!("--plugin {}", path.display()))?;
-        PluginInstance::new(
-            plugin.clone(),
-            spec.config.clone(),
-            spec.limits.clone(),
-            spec.grants.clone(),
-            &pipeline.name,
-        )
-        .with_context(|| format!("--plugin {}: with the config of transform {}", path.display(), stage + 1))?;
         spec.path = path.clone();
-        spec.hash = plugin.hash.clone();
+        spec.load(runtime, &pipeline.name).map_err(|e| {
+            anyhow::anyhow!("--plugin {}: with the config of transform {}: {e}", path.display(), stage + 1)
+        })?;
     }
     pipeline.name = format!("{}.backfill.{}.{}..{}", pipeline.name, targets.join("+"), args.from, args.to);
     Ok(pipeline)

@@ -154,8 +154,9 @@ pub fn run(runtime: Runtime, run: &RunArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// The periodic one-line summary per pipeline, so a long run is never silent.
-struct Progress {
+/// The periodic one-line summary per pipeline, so a long run is never
+/// silent (`sluice run`, `sluice backfill`).
+pub(super) struct Progress {
     every: std::time::Duration,
     last: std::time::Instant,
     /// Records read per pipeline at the last summary.
@@ -163,7 +164,7 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(secs: u64) -> Self {
+    pub(super) fn new(secs: u64) -> Self {
         Progress {
             every: std::time::Duration::from_secs(secs),
             last: std::time::Instant::now(),
@@ -171,7 +172,7 @@ impl Progress {
         }
     }
 
-    fn maybe_log(&mut self, topology: &crate::topology::Topology) {
+    pub(super) fn maybe_log(&mut self, topology: &crate::topology::Topology) {
         let elapsed = self.last.elapsed();
         if self.every.is_zero() || elapsed < self.every {
             return;
@@ -181,13 +182,17 @@ impl Progress {
             let s = crate::telemetry::telemetry().state(&p.name);
             let before = self.seen.insert(p.name.clone(), s.records_in).unwrap_or(0);
             let rate = s.records_in.saturating_sub(before) as f64 / elapsed.as_secs_f64();
+            let lag = s.lag.values().sum::<i64>();
+            // At this rate, the time to read what is behind (a backfill: to its end).
+            let eta = if rate >= 1.0 && lag > 0 { format!("{:.0}s", lag as f64 / rate) } else { "-".to_string() };
             tracing::info!(
                 pipeline = %p.name,
                 records_per_s = format!("{rate:.0}"),
                 records_in = s.records_in,
                 records_out = s.records_out,
                 dead_lettered = s.dead_lettered,
-                lag = s.lag.values().sum::<i64>(),
+                lag,
+                eta = %eta,
                 partitions = s.assignment.len(),
                 failing_sinks = s.failing_sinks.len(),
                 "progress"

@@ -278,17 +278,23 @@ fn check_transform(
     if !spec.path.is_file() {
         report.at(t.plugin.span(), format!("plugin file {} does not exist", spec.path.display()));
     } else if let Some(runtime) = runtime {
-        let tried = Plugin::load(runtime, &spec.path).map_err(|e| e.to_string()).and_then(|plugin| {
-            PluginInstance::new(plugin.clone(), spec.config.clone(), spec.limits.clone(), spec.grants.clone(), pipeline)
-                .map(|_| plugin.hash.clone())
-                .map_err(|e| e.to_string())
-        });
-        match tried {
-            Ok(hash) => spec.hash = hash,
-            Err(message) => report.at(t.plugin.span(), message),
+        if let Err(message) = spec.load(runtime, pipeline) {
+            report.at(t.plugin.span(), message);
         }
     }
     spec
+}
+
+impl TransformSpec {
+    /// Loads the plugin at `path` and runs its `init` with this config (so
+    /// a plugin that rejects it is an error here), then keeps its hash.
+    pub fn load(&mut self, runtime: &Runtime, pipeline: &str) -> Result<(), String> {
+        let plugin = Plugin::load(runtime, &self.path).map_err(|e| e.to_string())?;
+        PluginInstance::new(plugin.clone(), self.config.clone(), self.limits.clone(), self.grants.clone(), pipeline)
+            .map_err(|e| e.to_string())?;
+        self.hash = plugin.hash.clone();
+        Ok(())
+    }
 }
 
 /// Expands the arguments of `sluice run`/`check`: files as they are, folders

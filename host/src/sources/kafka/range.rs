@@ -30,7 +30,6 @@ use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
@@ -47,30 +46,27 @@ struct Part {
     end: i64,
     /// The offset after the last record read.
     next: i64,
-    /// The range starts at a record's timestamp: records before the first
-    /// one at or after it are not part of it.
-    from_time: Option<i64>,
-    /// The range ends before the first record at or after this timestamp.
-    to_time: Option<i64>,
-    /// The first record of the range has been read.
+    /// The first record of the range has been read (when the range starts
+    /// at a time, records before the first one at or after it are not part
+    /// of it).
     started: bool,
     done: bool,
 }
 
 impl Part {
-    /// Whether the record at `offset` with `timestamp` belongs to the range
+    /// Whether the record at `offset` with `timestamp` belongs to `range`
     /// (and marks the partition done when the range ends with it).
-    fn admit(&mut self, offset: i64, timestamp: Option<i64>) -> bool {
+    fn admit(&mut self, offset: i64, timestamp: Option<i64>, range: &Range) -> bool {
         if self.done {
             return false;
         }
         self.next = offset + 1;
-        if offset >= self.end || matches!((self.to_time, timestamp), (Some(to), Some(t)) if t >= to) {
+        if offset >= self.end || matches!((range.to.time(), timestamp), (Some(to), Some(t)) if t >= to) {
             self.done = true;
             return false;
         }
         if !self.started {
-            self.started = match (self.from_time, timestamp) {
+            self.started = match (range.from.time(), timestamp) {
                 (Some(from), Some(t)) => t >= from,
                 // A record without a timestamp is not before any time.
                 _ => true,
@@ -108,10 +104,15 @@ pub struct RangeSource {
     pipeline: String,
     max_records: usize,
     max_wait: Duration,
-    /// The partitions, once resolved (on the first read).
-    parts: Mutex<Option<Vec<Part>>>,
-    started_at: Mutex<Option<Instant>>,
-    delivered: AtomicU64,
+    /// The read so far, from the first batch on.
+    read: Mutex<Option<Read>>,
+}
+
+/// A range being read: its partitions, since when, how many records so far.
+struct Read {
+    parts: Vec<Part>,
+    started: Instant,
+    delivered: u64,
 }
 
 impl RangeSource {
@@ -136,91 +137,79 @@ impl RangeSource {
             pipeline: pipeline.to_string(),
             max_records: config.batch_max_records,
             max_wait: Duration::from_millis(config.batch_max_ms),
-            parts: Mutex::new(None),
-            started_at: Mutex::new(None),
-            delivered: AtomicU64::new(0),
+            read: Mutex::new(None),
         })
     }
 
-    /// The offset of `position` in `topic/partition`, given its watermarks.
-    fn offset_of(
-        &self,
-        topic: &str,
-        partition: i32,
-        position: Position,
-        (low, high): (i64, i64),
-    ) -> anyhow::Result<i64> {
-        let time = match position {
-            Position::Earliest => return Ok(low),
-            Position::Latest => return Ok(high),
-            Position::Time(time) => time,
-        };
+    /// The first offset at or after `time` in each of `partitions`, within
+    /// its watermarks (one request for all); the end offset where there is none.
+    fn offsets_at(&self, time: i64, partitions: &[(Arc<str>, i32, (i64, i64))]) -> anyhow::Result<Vec<i64>> {
         let mut query = TopicPartitionList::new();
-        query.add_partition_offset(topic, partition, Offset::Offset(time))?;
+        for (topic, partition, _) in partitions {
+            query.add_partition_offset(topic, *partition, Offset::Offset(time))?;
+        }
         let found = self
             .consumer
             .offsets_for_times(query, REQUEST_TIMEOUT)
-            .with_context(|| format!("cannot look up the offset of {position} in {topic}/{partition}"))?;
-        let offset = found.find_partition(topic, partition).map(|e| e.offset());
-        Ok(match offset {
-            Some(Offset::Offset(o)) => o.clamp(low, high),
-            // No record at or after the time: the range is empty there.
-            _ => high,
-        })
+            .with_context(|| format!("cannot look up the offsets of {}", Position::Time(time)))?;
+        Ok(partitions
+            .iter()
+            .map(|(topic, partition, (low, high))| match found.find_partition(topic, *partition).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => o.clamp(*low, *high),
+                // No record at or after the time: the range is empty there.
+                _ => *high,
+            })
+            .collect())
     }
 
     /// Finds every partition's bounds and assigns the partitions that have
     /// records in the range.
     fn resolve(&self) -> anyhow::Result<Vec<Part>> {
-        let mut parts = Vec::new();
-        let mut assign = TopicPartitionList::new();
-        let mut total = 0i64;
+        let mut partitions = Vec::new();
         for topic in &self.topics {
             let metadata = self
                 .consumer
                 .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
                 .with_context(|| format!("cannot read the metadata of topic {topic:?}"))?;
-            let partitions: Vec<i32> = metadata
+            let ids: Vec<i32> = metadata
                 .topics()
                 .iter()
                 .filter(|t| t.name() == topic && t.error().is_none())
                 .flat_map(|t| t.partitions().iter().map(|p| p.id()))
                 .collect();
-            anyhow::ensure!(!partitions.is_empty(), "topic {topic:?} does not exist (or has no partitions)");
+            anyhow::ensure!(!ids.is_empty(), "topic {topic:?} does not exist (or has no partitions)");
             let name: Arc<str> = Arc::from(topic.as_str());
-            for partition in partitions {
+            for partition in ids {
                 let marks = self
                     .consumer
                     .fetch_watermarks(topic, partition, REQUEST_TIMEOUT)
                     .with_context(|| format!("cannot read the offsets of {topic}/{partition}"))?;
-                let start = self.offset_of(topic, partition, self.range.from, marks)?;
-                // Past the end offset now, nothing is read: `latest` is now.
-                let end = match self.range.to {
-                    Position::Time(_) => marks.1,
-                    to => self.offset_of(topic, partition, to, marks)?,
-                };
-                let part = Part {
-                    topic: name.clone(),
-                    partition,
-                    end,
-                    next: start,
-                    from_time: match self.range.from {
-                        Position::Time(t) => Some(t),
-                        _ => None,
-                    },
-                    to_time: match self.range.to {
-                        Position::Time(t) => Some(t),
-                        _ => None,
-                    },
-                    started: false,
-                    done: start >= end,
-                };
-                if !part.done {
-                    total += end - start;
-                    assign.add_partition_offset(topic, partition, Offset::Offset(start))?;
-                }
-                parts.push(part);
+                partitions.push((name.clone(), partition, marks));
             }
+        }
+        // A watermark per partition; a range ending at a time ends at the
+        // first record at or after it, read up to the end offset now.
+        let bound = |position: Position| -> Vec<i64> {
+            partitions
+                .iter()
+                .map(|(_, _, (low, high))| if position == Position::Earliest { *low } else { *high })
+                .collect()
+        };
+        let starts = match self.range.from {
+            Position::Time(time) => self.offsets_at(time, &partitions)?,
+            from => bound(from),
+        };
+        let ends = bound(self.range.to);
+        let mut parts = Vec::new();
+        let mut assign = TopicPartitionList::new();
+        let mut total = 0i64;
+        for (((topic, partition, _), start), end) in partitions.iter().zip(starts).zip(ends) {
+            let done = start >= end;
+            if !done {
+                total += end - start;
+                assign.add_partition_offset(topic, *partition, Offset::Offset(start))?;
+            }
+            parts.push(Part { topic: topic.clone(), partition: *partition, end, next: start, started: false, done });
         }
         info!(
             pipeline = %self.pipeline,
@@ -251,11 +240,10 @@ impl RangeSource {
     }
 
     /// Waits so that the records delivered so far keep to `max_rate`.
-    async fn throttle(&self) {
+    async fn throttle(&self, read: &Read) {
         let Some(rate) = self.range.max_rate.filter(|r| *r > 0) else { return };
-        let Some(started) = self.started_at.lock().ok().and_then(|s| *s) else { return };
-        let due = Duration::from_secs_f64(self.delivered.load(Ordering::Relaxed) as f64 / rate as f64);
-        if let Some(wait) = due.checked_sub(started.elapsed()) {
+        let due = Duration::from_secs_f64(read.delivered as f64 / rate as f64);
+        if let Some(wait) = due.checked_sub(read.started.elapsed()) {
             tokio::time::sleep(wait).await;
         }
     }
@@ -264,20 +252,16 @@ impl RangeSource {
 #[async_trait]
 impl Source for RangeSource {
     async fn next_batch(&self) -> anyhow::Result<Vec<Record>> {
-        self.throttle().await;
-        let mut parts = {
-            let taken = self.parts.lock().ok().and_then(|mut p| p.take());
-            match taken {
-                Some(parts) => parts,
-                None => {
-                    let parts = tokio::task::block_in_place(|| self.resolve())?;
-                    if let Ok(mut started) = self.started_at.lock() {
-                        *started = Some(Instant::now());
-                    }
-                    parts
-                }
+        let taken = self.read.lock().ok().and_then(|mut r| r.take());
+        let mut read = match taken {
+            Some(read) => read,
+            None => {
+                let parts = tokio::task::block_in_place(|| self.resolve())?;
+                Read { parts, started: Instant::now(), delivered: 0 }
             }
         };
+        self.throttle(&read).await;
+        let parts = &mut read.parts;
         let mut batch = Vec::with_capacity(self.max_records);
         let mut topic = None;
         let mut deadline: Option<Instant> = None;
@@ -301,12 +285,12 @@ impl Source for RangeSource {
                     else {
                         continue;
                     };
-                    if part.admit(m.offset(), m.timestamp().to_millis()) {
+                    if part.admit(m.offset(), m.timestamp().to_millis(), &self.range) {
                         batch.push(super::source::to_record(&m, &mut topic));
                         deadline.get_or_insert_with(|| Instant::now() + self.max_wait);
                     }
                 }
-                Err(KafkaError::PartitionEOF(partition)) => self.reached_end(&mut parts, partition),
+                Err(KafkaError::PartitionEOF(partition)) => self.reached_end(parts, partition),
                 Err(error) => {
                     let error = crate::secrets::redact(&error.to_string());
                     warn!(pipeline = %self.pipeline, %error, retry_in = ?delay, "kafka consumer error; retrying");
@@ -316,17 +300,17 @@ impl Source for RangeSource {
             }
         }
         self.consumer.context().events.ok();
-        self.delivered.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        read.delivered += batch.len() as u64;
         // What is left of each partition, as its lag (progress and ETA).
-        for p in &parts {
+        for p in &read.parts {
             let left = if p.done { 0 } else { (p.end - p.next).max(0) };
             telemetry().set_lag(&self.pipeline, &p.topic, p.partition, left);
         }
-        if parts.iter().all(|p| p.done) {
+        if read.parts.iter().all(|p| p.done) {
             let _ = self.consumer.unassign();
         }
-        if let Ok(mut slot) = self.parts.lock() {
-            *slot = Some(parts);
+        if let Ok(mut slot) = self.read.lock() {
+            *slot = Some(read);
         }
         // Empty: every partition is read to its end.
         Ok(batch)
@@ -347,33 +331,37 @@ impl Source for RangeSource {
 mod tests {
     use super::*;
 
-    fn part(end: i64, from_time: Option<i64>, to_time: Option<i64>) -> Part {
-        Part { topic: Arc::from("t"), partition: 0, end, next: 0, from_time, to_time, started: false, done: false }
+    fn part(end: i64) -> Part {
+        Part { topic: Arc::from("t"), partition: 0, end, next: 0, started: false, done: false }
+    }
+
+    fn range(from: Position, to: Position) -> Range {
+        Range { from, to, max_rate: None }
     }
 
     #[test]
     fn a_range_starts_at_the_first_record_at_or_after_from_and_ends_before_the_first_at_or_after_to() {
-        let mut p = part(100, Some(10), Some(20));
+        let (mut p, r) = (part(100), range(Position::Time(10), Position::Time(20)));
         // Before the start (a coarse time index started the read early).
-        assert!(!p.admit(0, Some(5)));
-        assert!(p.admit(1, Some(10)));
+        assert!(!p.admit(0, Some(5), &r));
+        assert!(p.admit(1, Some(10), &r));
         // After the start, a late record is part of the range (Kafka's offsets).
-        assert!(p.admit(2, Some(3)));
-        assert!(p.admit(3, Some(19)));
-        assert!(!p.admit(4, Some(20)));
+        assert!(p.admit(2, Some(3), &r));
+        assert!(p.admit(3, Some(19), &r));
+        assert!(!p.admit(4, Some(20), &r));
         assert!(p.done);
-        assert!(!p.admit(5, Some(15)), "the range has ended");
+        assert!(!p.admit(5, Some(15), &r), "the range has ended");
     }
 
     #[test]
     fn a_range_ends_at_its_end_offset() {
-        let mut p = part(3, None, None);
-        assert!(p.admit(1, None));
+        let (mut p, r) = (part(3), range(Position::Earliest, Position::Latest));
+        assert!(p.admit(1, None, &r));
         assert!(!p.done);
-        assert!(p.admit(2, None));
+        assert!(p.admit(2, None, &r));
         assert!(p.done, "offset 2 was the last before 3");
-        let mut p = part(3, None, None);
-        assert!(!p.admit(7, None), "past the end (a gap in the offsets)");
+        let (mut p, r) = (part(3), range(Position::Earliest, Position::Latest));
+        assert!(!p.admit(7, None, &r), "past the end (a gap in the offsets)");
         assert!(p.done);
     }
 }
