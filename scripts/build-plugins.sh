@@ -6,7 +6,8 @@
 #   JavaScript (js-router): jco + componentize-js + esbuild, from npm (package-lock.json)
 # Output: target/wasm32-wasip2/release/<name>.wasm for every plugin (contract
 # 0.2), plus <name>_v01.wasm of the flattener and chaos built against contract
-# 0.1 (the host serves both; the tests and `--bench flatten` compare them).
+# 0.1 (the host serves both; the tests and `--bench flatten` compare them),
+# and trade_flattener_rounding.wasm (feature round-prices: a shadow candidate).
 # The flattener's builds are then optimised by Binaryen's wasm-opt (below).
 # Each Python/JavaScript plugin's native unit tests run before it is built.
 set -euo pipefail
@@ -35,6 +36,10 @@ for plugin in trade-flattener chaos; do
   cargo build --release --target wasm32-wasip2 -p "$plugin" --features sluice-plugin/contract-0-1 "$@"
   cp "$out/${plugin//-/_}.wasm" "$out/${plugin//-/_}_v01.wasm"
 done
+# The flattener that rounds prices to whole units: the shadow-run tests'
+# (and the book's) candidate that computes something else.
+cargo build --release --target wasm32-wasip2 -p trade-flattener --features round-prices "$@"
+cp "$out/trade_flattener.wasm" "$out/trade_flattener_rounding.wasm"
 cargo build --release --target wasm32-wasip2 -p trade-flattener -p symbol-router -p candles -p chaos -p raw-echo "$@"
 
 # Python: componentize-py embeds CPython and the app module into a component.

@@ -3,7 +3,9 @@
 //! (Kafka → Kafka, no transform) beside the trade flattener into Kafka and
 //! into PostgreSQL, and the two-plugin chain of
 //! `pipelines/examples/btc-router.toml` (flattener, then symbol router, into
-//! two Kafka topics by route), over the same pre-produced feed.
+//! two Kafka topics by route), and the flattener into PostgreSQL with a
+//! shadow run beside it (every batch, then one in ten), over the same
+//! pre-produced feed.
 //!
 //! Run: `scripts/build-plugins.sh && cargo bench -p sluice --bench pipeline`
 //! (`BENCH_FRAMES=N`, default 400,000 frames: shorter runs last under a second and vary by 2x). Needs `tansu` on PATH
@@ -153,6 +155,19 @@ async fn main() -> anyhow::Result<()> {
     let transform_v01 = transform.replace("trade_flattener.wasm", "trade_flattener_v01.wasm");
     let pg_sink_v01 = pg_sink.replace(".trades\"", ".trades_v01\"");
     let to_pg_v01 = write(dir.path(), "pg01", format!("{}{transform_v01}{pg_sink_v01}{dlq}", source("g-pg01")));
+    // The flattener into PostgreSQL with a shadow run of its 0.1 build (an
+    // equivalent candidate) on every batch, and on one in ten: what a
+    // shadow costs the live path, on this machine's two cores.
+    let shadowed = |sample: f64, table: &str, group: &str| {
+        let shadow = format!(
+            "[transforms.shadow]\nplugin = \"{}\"\nsample = {sample}\n",
+            flattener.with_file_name("trade_flattener_v01.wasm").display()
+        );
+        let sink = pg_sink.replace(".trades\"", &format!(".{table}\""));
+        write(dir.path(), group, format!("{}{transform}{shadow}{sink}{dlq}", source(group)))
+    };
+    let to_pg_shadow = shadowed(1.0, "trades_shadow", "g-shadow");
+    let to_pg_shadow10 = shadowed(0.1, "trades_shadow10", "g-shadow10");
 
     // btc-router: the flattener, then the symbol router; BTC trades to one
     // topic by route, the rest to the default sink.
@@ -201,7 +216,30 @@ async fn main() -> anyhow::Result<()> {
         cpu_line(cpu)
     );
     println!("ratio flatten/passthrough (frames/s): {:.2} (goal >= 0.70)", flat_rate / pass_rate);
-    for table in ["trades", "trades_v01"] {
+    let (shadow_rate, cpu) = measure(&runtime, &to_pg_shadow, &brokers, "g-shadow", records).await?;
+    println!(
+        "  + shadow (every batch):          {:>9.0} frames/s = {:>9.0} rows/s    {}",
+        shadow_rate,
+        shadow_rate * per_trade,
+        cpu_line(cpu)
+    );
+    let (shadow10_rate, cpu) = measure(&runtime, &to_pg_shadow10, &brokers, "g-shadow10", records).await?;
+    println!(
+        "  + shadow (sample = 0.1):         {:>9.0} frames/s = {:>9.0} rows/s    {}",
+        shadow10_rate,
+        shadow10_rate * per_trade,
+        cpu_line(cpu)
+    );
+    let report = &sluice::shadow::reports("g-shadow")[0];
+    println!(
+        "  shadow report (every batch): {} batches compared, {} skipped, {} outputs identical, {} differing, candidate CPU {:.2} s",
+        report.batches_compared,
+        report.batches_skipped,
+        report.counts.identical,
+        report.counts.differing(),
+        report.cpu_seconds
+    );
+    for table in ["trades", "trades_v01", "trades_shadow", "trades_shadow10"] {
         let rows: i64 = pg.query_one(&format!("SELECT count(*) FROM {schema}.{table}"), &[]).await?.get(0);
         anyhow::ensure!(rows as usize == trades, "postgres {table} holds {rows} rows, expected {trades}");
     }

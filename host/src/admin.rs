@@ -8,6 +8,12 @@
 //! - `POST /reload`: re-read the pipeline files and apply them, as a file
 //!   change or SIGHUP does; answers with the outcome. Requests that arrive
 //!   while a reload runs share the next one: at most one is ever pending.
+//! - `GET /pipelines/NAME/shadow`: the pipeline's shadow runs (JSON; also
+//!   in `/status`); `POST /pipelines/NAME/shadow/start` (JSON `{"plugin":
+//!   PATH, "stage": N}`), `…/shadow/stop` and `…/shadow/promote` (or
+//!   `…/shadow/STAGE/stop|promote`, with several): each rewrites the
+//!   pipeline file ([`crate::shadow::edit`]) and reloads it (a promotion is
+//!   then the ordinary hot swap); answers with the outcome.
 //!
 //! # Protection
 //! - The `Host` header must name a loopback address (`localhost`,
@@ -23,7 +29,7 @@
 //!   address.
 
 use crate::telemetry::{telemetry, PipelineState};
-use axum::extract::{Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -54,6 +60,8 @@ pub struct PipelineStatus {
     /// Live state and counters, filled in when `/status` is asked.
     #[serde(flatten)]
     pub state: PipelineState,
+    /// Its shadow runs, filled in when `/status` is asked.
+    pub shadows: Vec<crate::shadow::ShadowReport>,
 }
 
 /// One pipeline in `GET /health`.
@@ -184,10 +192,16 @@ pub async fn serve(
         .route("/metrics", get(metrics_handler))
         .route("/health", get(health_handler))
         .route("/reload", post(reload_handler))
+        .route("/pipelines/{name}/shadow", get(shadow_handler))
+        .route("/pipelines/{name}/shadow/start", post(start_handler))
+        .route("/pipelines/{name}/shadow/stop", post(stop_handler))
+        .route("/pipelines/{name}/shadow/{stage}/stop", post(stop_stage_handler))
+        .route("/pipelines/{name}/shadow/promote", post(promote_handler))
+        .route("/pipelines/{name}/shadow/{stage}/promote", post(promote_stage_handler))
         .with_state(AppState { status, reloads })
         .layer(axum::middleware::from_fn_with_state(Arc::new(guard), guarded));
     let bound = spawn(addr, app).await?;
-    info!(addr = %bound, "admin listener ready (GET /status, /metrics, /health; POST /reload)");
+    info!(addr = %bound, "admin listener ready (GET /status, /metrics, /health, /pipelines/NAME/shadow; POST /reload, /pipelines/NAME/shadow/promote)");
     Ok(bound)
 }
 
@@ -220,6 +234,7 @@ fn live_status(state: &AppState) -> Status {
     let mut status = state.status.read().map(|s| s.clone()).unwrap_or_default();
     for p in &mut status.pipelines {
         p.state = telemetry().state(&p.name);
+        p.shadows = crate::shadow::reports(&p.name);
     }
     status
 }
@@ -269,6 +284,154 @@ async fn health_handler(State(state): State<AppState>) -> impl IntoResponse {
         .collect();
     let ready = !health.is_empty() && health.values().all(|h| h.ready);
     redacted_json(if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &health)
+}
+
+async fn shadow_handler(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+    let known = state.status.read().is_ok_and(|s| s.pipelines.iter().any(|p| p.name == name));
+    if !known {
+        return (StatusCode::NOT_FOUND, format!("no pipeline {name:?} runs here\n")).into_response();
+    }
+    redacted_json(StatusCode::OK, &crate::shadow::reports(&name)).into_response()
+}
+
+/// What an admin action does to a pipeline's shadow.
+enum ShadowAction {
+    Start(String),
+    Stop,
+    Promote,
+}
+
+impl ShadowAction {
+    fn verb(&self) -> &'static str {
+        match self {
+            ShadowAction::Start(_) => "start a shadow",
+            ShadowAction::Stop => "stop the shadow",
+            ShadowAction::Promote => "promote",
+        }
+    }
+
+    /// Rewrites `file` for transform `stage` (0-based); returns the candidate.
+    fn apply(&self, file: &std::path::Path, stage: usize) -> anyhow::Result<String> {
+        match self {
+            ShadowAction::Start(plugin) => crate::shadow::edit::start(file, stage, plugin),
+            ShadowAction::Stop => crate::shadow::edit::stop(file, stage),
+            ShadowAction::Promote => crate::shadow::edit::promote(file, stage),
+        }
+    }
+
+    /// What was done to transform `stage` (1-based) of `pipeline`.
+    fn done(&self, pipeline: &str, stage: usize, plugin: &str) -> String {
+        match self {
+            ShadowAction::Start(_) => format!("transform {stage} of {pipeline} now shadows {plugin}"),
+            ShadowAction::Stop => format!("transform {stage} of {pipeline} no longer shadows {plugin}"),
+            ShadowAction::Promote => format!("transform {stage} of {pipeline} now runs {plugin}"),
+        }
+    }
+}
+
+async fn promote_handler(State(state): State<AppState>, Path(name): Path<String>) -> (StatusCode, String) {
+    shadow_action(state, name, None, ShadowAction::Promote).await
+}
+
+async fn promote_stage_handler(
+    State(state): State<AppState>,
+    Path((name, stage)): Path<(String, usize)>,
+) -> (StatusCode, String) {
+    shadow_action(state, name, Some(stage), ShadowAction::Promote).await
+}
+
+async fn stop_handler(State(state): State<AppState>, Path(name): Path<String>) -> (StatusCode, String) {
+    shadow_action(state, name, None, ShadowAction::Stop).await
+}
+
+async fn stop_stage_handler(
+    State(state): State<AppState>,
+    Path((name, stage)): Path<(String, usize)>,
+) -> (StatusCode, String) {
+    shadow_action(state, name, Some(stage), ShadowAction::Stop).await
+}
+
+/// The body of `POST /pipelines/NAME/shadow/start`.
+#[derive(serde::Deserialize)]
+struct StartShadow {
+    /// The candidate's path (absolute, or relative to the pipeline file).
+    plugin: String,
+    /// The transform (1-based); may be left out when there is one.
+    stage: Option<usize>,
+}
+
+async fn start_handler(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    axum::Json(body): axum::Json<StartShadow>,
+) -> (StatusCode, String) {
+    shadow_action(state, name, body.stage, ShadowAction::Start(body.plugin)).await
+}
+
+/// Applies `action` to transform `stage` (1-based) of pipeline `name` by
+/// rewriting its file ([`crate::shadow::edit`]), then reloads. Left out,
+/// the stage is the one with a running shadow (stop, promote) or the only
+/// transform (start).
+async fn shadow_action(
+    state: AppState,
+    name: String,
+    stage: Option<usize>,
+    action: ShadowAction,
+) -> (StatusCode, String) {
+    let found = state
+        .status
+        .read()
+        .ok()
+        .and_then(|s| s.pipelines.iter().find(|p| p.name == name).map(|p| (p.file.clone(), p.plugins.len())));
+    let Some((file, transforms)) = found else {
+        return (StatusCode::NOT_FOUND, format!("no pipeline {name:?} runs here\n"));
+    };
+    let conflict = |why: String| (StatusCode::CONFLICT, format!("{why}\n"));
+    let stage = if let ShadowAction::Start(_) = action {
+        match stage.or((transforms == 1).then_some(1)) {
+            Some(n) if (1..=transforms).contains(&n) => n,
+            Some(n) => return conflict(format!("pipeline {name} has {transforms} transform(s), not {n}")),
+            None => {
+                return conflict(format!("pipeline {name} has {transforms} transforms: say which one with \"stage\""))
+            }
+        }
+    } else {
+        let reports = crate::shadow::reports(&name);
+        let running: Vec<usize> = reports.iter().filter(|r| r.state.starts_with("running")).map(|r| r.stage).collect();
+        match (stage, running.as_slice()) {
+            (Some(n), _) if running.contains(&n) => n,
+            (Some(n), _) => return conflict(format!("transform {n} of {name} has no running shadow")),
+            (None, [n]) => *n,
+            (None, []) => return conflict(format!("pipeline {name} has no running shadow")),
+            (None, several) => {
+                return conflict(format!(
+                    "pipeline {name} has shadows on transforms {several:?}: say which one, in …/shadow/STAGE/…"
+                ))
+            }
+        }
+    };
+    let path = std::path::PathBuf::from(&file);
+    let verb = action.verb();
+    let (action, plugin) = match tokio::task::spawn_blocking(move || {
+        let result = action.apply(&path, stage - 1);
+        (action, result)
+    })
+    .await
+    {
+        Ok((action, Ok(plugin))) => (action, plugin),
+        Ok((_, Err(error))) => {
+            let error = crate::secrets::redact(&format!("{error:#}"));
+            return (StatusCode::UNPROCESSABLE_ENTITY, format!("cannot {verb}: {error}\n"));
+        }
+        Err(error) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot {verb}: {error}\n")),
+    };
+    if let ShadowAction::Promote = action {
+        crate::shadow::report::promoted(&name, stage);
+    }
+    let done = action.done(&name, stage, &plugin);
+    info!(pipeline = %name, stage, %plugin, %file, action = verb, "shadow action by request: pipeline file rewritten, reloading");
+    let (code, reload) = reload_handler(State(state)).await;
+    (code, format!("{done} ({file} rewritten); {reload}"))
 }
 
 async fn reload_handler(State(state): State<AppState>) -> (StatusCode, String) {

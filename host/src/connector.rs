@@ -141,7 +141,7 @@ pub struct RunOptions {
 }
 
 /// One bound of a range.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Position {
     /// The partition's first offset still kept.
     Earliest,
@@ -149,34 +149,73 @@ pub enum Position {
     Latest,
     /// A record timestamp, in milliseconds since the Unix epoch.
     Time(i64),
+    /// An offset per partition (`0:1200,1:1180`), in every topic of the
+    /// source. A start leaves the partitions it does not list out of the
+    /// range; an end reads those to `latest`.
+    Offsets(Vec<(i32, i64)>),
 }
 
 impl Position {
     /// The timestamp, when the position is one.
-    pub fn time(self) -> Option<i64> {
+    pub fn time(&self) -> Option<i64> {
         match self {
-            Position::Time(ms) => Some(ms),
+            Position::Time(ms) => Some(*ms),
+            _ => None,
+        }
+    }
+
+    /// The offset given for `partition`, when the position lists offsets:
+    /// `Some(None)` when it does not list the partition.
+    pub fn offset(&self, partition: i32) -> Option<Option<i64>> {
+        match self {
+            Position::Offsets(offsets) => Some(offsets.iter().find(|(p, _)| *p == partition).map(|(_, o)| *o)),
             _ => None,
         }
     }
 }
 
+/// `P:OFFSET[,P:OFFSET…]`, if `raw` is written so.
+fn parse_offsets(raw: &str) -> Option<Result<Vec<(i32, i64)>, String>> {
+    if !raw.contains(':') || raw.contains('T') {
+        return None;
+    }
+    let mut offsets = Vec::new();
+    for part in raw.split(',') {
+        let parsed = part
+            .split_once(':')
+            .and_then(|(p, o)| Some((p.trim().parse::<i32>().ok()?, o.trim().parse::<i64>().ok()?)));
+        match parsed {
+            Some((p, o)) if p >= 0 && o >= 0 && !offsets.iter().any(|(q, _)| *q == p) => offsets.push((p, o)),
+            _ => {
+                return Some(Err(format!(
+                    "{raw:?}: {part:?} is not PARTITION:OFFSET (each partition once, both 0 or more)"
+                )))
+            }
+        }
+    }
+    offsets.sort_unstable();
+    Some(Ok(offsets))
+}
+
 impl std::str::FromStr for Position {
     type Err = String;
 
-    /// `earliest`, `latest`, an RFC 3339 time (`2019-12-05T06:18:00Z`) or
-    /// milliseconds since the Unix epoch.
+    /// `earliest`, `latest`, an RFC 3339 time (`2019-12-05T06:18:00Z`),
+    /// milliseconds since the Unix epoch, or offsets (`0:1200,1:1180`).
     fn from_str(raw: &str) -> Result<Self, String> {
         match raw {
             "earliest" => return Ok(Position::Earliest),
             "latest" => return Ok(Position::Latest),
             _ => {}
         }
+        if let Some(offsets) = parse_offsets(raw) {
+            return offsets.map(Position::Offsets);
+        }
         if let Ok(ms) = raw.parse::<i64>() {
             return Ok(Position::Time(ms));
         }
         let time = humantime::parse_rfc3339_weak(raw).map_err(|e| {
-            format!("{raw:?}: {e} (expected earliest, latest, an RFC 3339 time such as 2019-12-05T06:18:00Z, or epoch milliseconds)")
+            format!("{raw:?}: {e} (expected earliest, latest, an RFC 3339 time such as 2019-12-05T06:18:00Z, epoch milliseconds, or offsets such as 0:1200,1:1180)")
         })?;
         let ms = match time.duration_since(std::time::UNIX_EPOCH) {
             Ok(after) => i64::try_from(after.as_millis()).map_err(|_| format!("{raw:?}: too far in the future"))?,
@@ -193,6 +232,10 @@ impl std::fmt::Display for Position {
         match self {
             Position::Earliest => f.write_str("earliest"),
             Position::Latest => f.write_str("latest"),
+            Position::Offsets(offsets) => {
+                let text: Vec<String> = offsets.iter().map(|(p, o)| format!("{p}:{o}")).collect();
+                f.write_str(&text.join(","))
+            }
             Position::Time(ms) => {
                 match u64::try_from(*ms).ok().map(|ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)) {
                     Some(time) => write!(f, "{}", humantime::format_rfc3339_millis(time)),
@@ -284,5 +327,12 @@ mod tests {
         assert_eq!(Position::Time(1575526691134).to_string(), "2019-12-05T06:18:11.134Z");
         let error = "yesterday".parse::<Position>().unwrap_err();
         assert!(error.contains("RFC 3339"), "{error}");
+        assert_eq!("1:20,0:10".parse(), Ok(Position::Offsets(vec![(0, 10), (1, 20)])));
+        assert_eq!(Position::Offsets(vec![(0, 10), (1, 20)]).to_string(), "0:10,1:20");
+        assert_eq!("0:7".parse::<Position>().map(|p| p.offset(0)), Ok(Some(Some(7))));
+        assert_eq!(Position::Time(1).offset(0), None);
+        for bad in ["0:x", "0:1,0:2", "-1:5", "0:1,"] {
+            assert!(bad.parse::<Position>().unwrap_err().contains("PARTITION:OFFSET"), "{bad}");
+        }
     }
 }

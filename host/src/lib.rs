@@ -31,16 +31,21 @@
 //!   connecting, connection errors classified), and TLS roots;
 //! - [`secrets`]: secret values remembered and hidden from every output;
 //! - [`transforms`]: the chain of plugin instances a batch runs through;
+//! - [`shadow`]: shadow runs: a candidate version beside a live stage on the
+//!   same batches, on its own thread; the per-key diff, its report, and
+//!   promotion (the pipeline file rewritten, then the ordinary hot swap);
 //! - [`supervisor`]: plugin-version health: probation after a hot swap,
 //!   error surges, rollback, pause and refused versions;
 //! - [`topology`]: the running set of pipelines, started and changed by applying a diff;
 //! - [`telemetry`]: Prometheus metrics and the live per-pipeline state (lag, failing sinks, errors);
-//! - [`admin`]: the admin HTTP listener (`/metrics`, `/health`, `/status`, `/reload`)
+//! - [`admin`]: the admin HTTP listener (`/metrics`, `/health`, `/status`,
+//!   `/reload`, a pipeline's shadow report and promotion)
 //!   and who may use it (`Host`, `Origin`, a bearer token);
 //! - [`scaffold`]: `sluice plugin new`, the plugin skeletons in Rust, Python and JavaScript;
 //! - [`top`]: `sluice top`, the terminal dashboard over an instance's `/status`;
 //! - [`cli`]: the `sluice` command line, one module per sub-command (`run`
-//!   with its reload path, `check`, `feed`, `plugin`); `main.rs` only calls
+//!   with its reload path, `check`, `backfill`, `shadow`, `feed`, `plugin`,
+//!   `schema`); `main.rs` only calls
 //!   [`cli::main`].
 
 /// glibc's malloc spends a third of the WASM path's time consolidating the
@@ -59,6 +64,7 @@ pub mod record;
 pub mod runtime;
 pub mod scaffold;
 pub mod secrets;
+pub mod shadow;
 pub mod sinks;
 pub mod sources;
 pub mod supervisor;

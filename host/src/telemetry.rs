@@ -46,6 +46,13 @@ pub struct PartitionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShadowLabels {
+    pub pipeline: String,
+    pub plugin: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
 }
@@ -104,6 +111,8 @@ pub struct Telemetry {
     pub source_reconnects: Family<PipelineLabels, Counter>,
     pub source_connected: Family<PipelineLabels, Gauge>,
     pub source_gap_seconds: Family<PipelineLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    pub shadow_outputs: Family<ShadowLabels, Counter>,
+    pub shadow_cpu_seconds: Family<PluginLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
     state: Mutex<BTreeMap<String, PipelineState>>,
     /// Sink names per pipeline.
     sinks: Mutex<BTreeMap<String, Vec<String>>>,
@@ -146,6 +155,8 @@ impl Telemetry {
             source_reconnects: Family::default(),
             source_connected: Family::default(),
             source_gap_seconds: Family::default(),
+            shadow_outputs: Family::default(),
+            shadow_cpu_seconds: Family::default(),
             state: Mutex::new(BTreeMap::new()),
             sinks: Mutex::new(BTreeMap::new()),
             plugins: Mutex::new(BTreeMap::new()),
@@ -186,6 +197,16 @@ impl Telemetry {
             "source_disconnected_seconds",
             "Time a source (WebSocket) spent disconnected between connections: frames sent then are lost",
             t.source_gap_seconds.clone(),
+        );
+        r.register(
+            "shadow_outputs",
+            "A shadow run's outputs by how they compared with the live version's (identical, different, only_live, only_candidate; records: live_error, candidate_error)",
+            t.shadow_outputs.clone(),
+        );
+        r.register(
+            "shadow_cpu_seconds",
+            "CPU a shadow run's candidate spent, on its own thread beside the live path",
+            t.shadow_cpu_seconds.clone(),
         );
         t
     }
@@ -372,6 +393,17 @@ impl Telemetry {
         self.plugin_seconds
             .get_or_create(&PluginLabels { pipeline: pipeline.to_string(), plugin: plugin.to_string() })
             .observe(seconds);
+    }
+
+    /// A shadow run compared a batch: its outcomes and the candidate's CPU.
+    pub fn shadow_compared(&self, pipeline: &str, plugin: &str, counts: &[(&str, u64)], cpu_seconds: f64) {
+        for (result, n) in counts {
+            let labels =
+                ShadowLabels { pipeline: pipeline.to_string(), plugin: plugin.to_string(), result: result.to_string() };
+            self.shadow_outputs.get_or_create(&labels).inc_by(*n);
+        }
+        let labels = PluginLabels { pipeline: pipeline.to_string(), plugin: plugin.to_string() };
+        self.shadow_cpu_seconds.get_or_create(&labels).inc_by(cpu_seconds);
     }
 
     pub fn reload(&self, ok: bool) {

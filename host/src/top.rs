@@ -114,6 +114,9 @@ impl Dashboard {
             if let Some(n) = p["rollbacks"].as_u64().filter(|n| *n > 0) {
                 plugins.push_str(&format!(" (rolled back ×{n})"));
             }
+            for shadow in p["shadows"].as_array().into_iter().flatten() {
+                plugins.push_str(&format!("  [{}]", shadow_summary(shadow)));
+            }
             rows.push(Row::new(vec![
                 Cell::from(name.to_string()),
                 Cell::from(state).style(Style::default().fg(color)),
@@ -153,6 +156,22 @@ impl Dashboard {
             errors,
         );
     }
+}
+
+/// One shadow run in a few words: its candidate, how much of its output
+/// matched, and its state when it is not running.
+fn shadow_summary(s: &Value) -> String {
+    let path = s["candidate"].as_str().unwrap_or_default();
+    let stem = std::path::Path::new(path).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let c = &s["counts"];
+    let n = |k: &str| c[k].as_u64().unwrap_or(0);
+    let differing = n("different") + n("only_live") + n("only_candidate") + n("candidate_errors");
+    let mut text = format!("shadow {stem}: {} identical, {differing} differing", n("identical"));
+    let state = s["state"].as_str().unwrap_or_default();
+    if state != "running" {
+        text.push_str(&format!(", {}", state.split(':').next().unwrap_or(state)));
+    }
+    text
 }
 
 fn pipelines(status: &Value) -> impl Iterator<Item = &Value> {
@@ -225,14 +244,16 @@ mod tests {
                 "name": "trades", "consuming": true, "records_in": records, "records_out": 3 * records,
                 "dead_lettered": 4, "lag": {"raw/0": 5, "raw/1": 6}, "failing_sinks": {}, "rollbacks": 1,
                 "last_error": "2026-01-01T00:00:00Z sink pg: down",
-                "plugins": [{"path": "x/trade_flattener.wasm", "version": "2a03e70b39dc0000"}]
+                "plugins": [{"path": "x/trade_flattener.wasm", "version": "2a03e70b39dc0000"}],
+                "shadows": [{"candidate": "x/rounding.wasm", "state": "dropped: trap",
+                             "counts": {"identical": 7, "different": 2, "only_live": 1}}]
             }]})
         };
         let mut d = Dashboard::new("127.0.0.1:8686");
         let t0 = Instant::now();
         d.update(Ok(status(1000)), t0);
         d.update(Ok(status(3000)), t0 + Duration::from_secs(2));
-        let mut terminal = Terminal::new(TestBackend::new(180, 20)).unwrap();
+        let mut terminal = Terminal::new(TestBackend::new(260, 20)).unwrap();
         terminal.draw(|f| d.draw(f)).unwrap();
         let screen: String =
             terminal.backend().buffer().content().iter().map(|c| c.symbol()).collect::<Vec<_>>().join("");
@@ -246,6 +267,7 @@ mod tests {
             "11",
             "trade_flattener@2a03e70b",
             "(rolled back ×1)",
+            "[shadow rounding: 7 identical, 3 differing, dropped]",
             "sink pg: down",
         ] {
             assert!(screen.contains(needle), "{needle} not on screen");

@@ -92,6 +92,18 @@ async fn a_past_range_is_recomputed_into_a_side_table_exactly_once_beside_the_li
     assert_eq!(exit_code(backfill(&file, &range, &broker.addr, &log), &log), 0);
     assert_eq!(stored_trades_in(&pg.client, &side).await, expected, "a rerun writes nothing twice");
 
+    // A range given as offsets: frame i is at offset i / 2 of partition
+    // i % 2, so offsets 5..10 of both partitions are frames 10..20; a
+    // partition the start leaves out is not read.
+    let by_offsets = format!("{}.trades_offsets", pg.name);
+    let offsets = ["--from", "0:5,1:5", "--to", "0:10,1:10", "--into", by_offsets.as_str()];
+    assert_eq!(exit_code(backfill(&file, &offsets, &broker.addr, &log), &log), 0);
+    assert_eq!(stored_trades_in(&pg.client, &by_offsets).await, expected_trades(&frames[10..20]));
+    let one = format!("{}.trades_p1", pg.name);
+    assert_eq!(exit_code(backfill(&file, &["--from", "1:25", "--into", one.as_str()], &broker.addr, &log), &log), 0);
+    let odd_tail: Vec<Vec<u8>> = frames[50..].iter().skip(1).step_by(2).cloned().collect();
+    assert_eq!(stored_trades_in(&pg.client, &one).await, expected_trades(&odd_tail));
+
     // The whole topic, slowly, killed halfway and started again: every trade once.
     let whole = format!("{}.trades_all", pg.name);
     let all = ["--from", "earliest", "--into", whole.as_str()];

@@ -26,6 +26,7 @@ fn spec(name: &str, config: &[(&str, &str)]) -> TransformSpec {
         limits: Limits::default(),
         grants: Grants::default(),
         hash: String::new(),
+        shadow: None,
     }
 }
 

@@ -21,4 +21,5 @@ mod pipeline_e2e;
 mod plugin_cli;
 mod plugin_failures;
 mod plugin_runtime;
+mod shadow;
 mod websocket;

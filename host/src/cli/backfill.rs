@@ -29,11 +29,13 @@ pub struct BackfillArgs {
     pub pipeline: PathBuf,
     /// The start of the range: the first record, per partition, whose
     /// timestamp is at or after this (RFC 3339 like 2019-12-05T06:18:00Z, or
-    /// epoch milliseconds), or `earliest`.
+    /// epoch milliseconds), `earliest`, or an offset per partition
+    /// (`0:1200,1:1180`; the partitions it leaves out are not read).
     #[arg(long, value_parser = parse_position)]
     pub from: Position,
-    /// The end of the range (exclusive): a time as for --from, or `latest`
-    /// (the end offsets when the backfill starts).
+    /// The end of the range (exclusive): a time as for --from, `latest` (the
+    /// end offsets when the backfill starts), or an offset per partition
+    /// (the partitions it leaves out are read to `latest`).
     #[arg(long, value_parser = parse_position, default_value = "latest")]
     pub to: Position,
     /// Where a sink writes instead: its PostgreSQL table (created when
@@ -71,8 +73,10 @@ pub fn backfill(runtime: Runtime, args: &BackfillArgs) -> anyhow::Result<ExitCod
         }
     };
     let pipeline = side_pipeline(&runtime, live, args)?;
-    let options =
-        RunOptions { until_eof: true, range: Some(Range { from: args.from, to: args.to, max_rate: args.max_rate }) };
+    let options = RunOptions {
+        until_eof: true,
+        range: Some(Range { from: args.from.clone(), to: args.to.clone(), max_rate: args.max_rate }),
+    };
     tracing::info!(pipeline = %pipeline.name, from = %args.from, to = %args.to, "backfill starting");
     let started = Instant::now();
     tokio_runtime()?.block_on(async move {
@@ -114,7 +118,7 @@ pub fn backfill(runtime: Runtime, args: &BackfillArgs) -> anyhow::Result<ExitCod
 }
 
 /// The live pipeline made into its backfill: sinks redirected, plugin
-/// replaced, its own name.
+/// replaced, shadows left out, its own name.
 fn side_pipeline(runtime: &Runtime, mut pipeline: Pipeline, args: &BackfillArgs) -> anyhow::Result<Pipeline> {
     let file = pipeline.file.display().to_string();
     anyhow::ensure!(
@@ -123,6 +127,10 @@ fn side_pipeline(runtime: &Runtime, mut pipeline: Pipeline, args: &BackfillArgs)
         pipeline.source.kind()
     );
     let targets = redirect(&mut pipeline, &args.into).with_context(|| format!("{file}: --into"))?;
+    // A shadow run compares live traffic; a backfill runs the chain alone.
+    for t in &mut pipeline.transforms {
+        t.shadow = None;
+    }
     if let Some(path) = &args.plugin {
         let stage = match (args.stage, pipeline.transforms.len()) {
             (Some(n), len) if (1..=len).contains(&n) => n - 1,

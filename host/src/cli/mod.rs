@@ -5,6 +5,8 @@
 //!   changes, progress lines); [`reload`]: the one reload path it takes;
 //! - [`check`]: `sluice check`;
 //! - [`backfill`]: `sluice backfill`, a past range recomputed into side tables;
+//! - [`shadow`](mod@shadow): `sluice shadow report|promote`, a running
+//!   instance's shadow runs;
 //! - [`feed`]: `sluice feed` (stdout, Kafka, or the WebSocket stand-in);
 //! - [`plugin`]: `sluice plugin test` and `sluice plugin new`;
 //! - [`schema`](mod@schema): `sluice schema`, the pipeline file's JSON Schema.
@@ -18,6 +20,7 @@ pub mod plugin;
 pub mod reload;
 pub mod run;
 pub mod schema;
+pub mod shadow;
 
 use crate::runtime::Runtime;
 use anyhow::Context;
@@ -79,6 +82,11 @@ pub enum Command {
     /// the range is done; running it again after a crash completes it, each
     /// row written once (PostgreSQL).
     Backfill(backfill::BackfillArgs),
+    /// A running instance's shadow runs (a candidate plugin version beside
+    /// a live one, its outputs compared key by key): their report, and
+    /// promotion of the candidate.
+    #[command(subcommand)]
+    Shadow(shadow::ShadowCommand),
     /// Print the pipeline file's JSON Schema (for editors: taplo, Even Better
     /// TOML), or with --markdown the reference chapter rendered from it.
     Schema(schema::SchemaArgs),
@@ -162,16 +170,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => run::run(runtime()?, &args),
         Command::Backfill(args) => backfill::backfill(runtime()?, &args),
         Command::Schema(args) => schema::schema(&args),
+        Command::Shadow(command) => shadow::shadow(&command),
         Command::Top(args) => {
-            let token = match &args.token_file {
-                Some(path) => Some(
-                    std::fs::read_to_string(path)
-                        .with_context(|| format!("cannot read --token-file {}", path.display()))?
-                        .trim()
-                        .to_string(),
-                ),
-                None => None,
-            };
+            let token = shadow::read_token(args.token_file.as_ref())?;
             crate::top::run(&args.addr, token.as_deref(), std::time::Duration::from_millis(args.interval_ms.max(100)))?;
             Ok(ExitCode::SUCCESS)
         }

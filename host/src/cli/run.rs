@@ -219,6 +219,7 @@ fn update_status(
                 .map(|t| PluginStatus { path: t.path.display().to_string(), version: t.hash.clone() })
                 .collect(),
             state: Default::default(),
+            shadows: Vec::new(),
         })
         .collect();
     match outcome {

@@ -93,6 +93,7 @@ mod tests {
             limits: Default::default(),
             grants: Default::default(),
             hash: "abc".into(),
+            shadow: None,
         });
         let d = diff(&running, &[pipeline("keep", "x"), pipeline("change", "other"), pipeline("new", "x")]);
         assert_eq!(d.keep, ["keep"]);

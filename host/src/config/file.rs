@@ -121,6 +121,99 @@ pub struct TransformConfig {
     /// What the sandbox lets the plugin reach. Default: nothing.
     #[serde(default)]
     pub grants: GrantsConfig,
+    /// A candidate version run beside this plugin on the same batches (a
+    /// shadow run): its outputs are compared with the live ones, key by
+    /// key, then discarded; they never reach a sink or the dead letters.
+    /// A path (`shadow = "new.wasm"`), or a table with the comparison's
+    /// options. See `sluice shadow report` and `sluice shadow promote`.
+    #[serde(default)]
+    #[schemars(with = "Option<ShadowSchema>")]
+    pub shadow: Option<Spanned<Shadow>>,
+}
+
+/// A shadow run's candidate: the pipeline file's `shadow`, given as a path
+/// or as a table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shadow(pub ShadowConfig);
+
+/// A transform's `shadow`: the candidate's path, or a table with the shadow
+/// run's options.
+#[derive(JsonSchema)]
+#[serde(untagged)]
+#[schemars(rename = "Shadow")]
+#[allow(dead_code)]
+enum ShadowSchema {
+    /// The candidate component's path, relative to the pipeline file, with
+    /// every option at its default.
+    Path(String),
+    Table(ShadowConfig),
+}
+
+impl<'de> Deserialize<'de> for Shadow {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Shadow;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a plugin path, or a table with `plugin` and the shadow run's options")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, path: &str) -> Result<Shadow, E> {
+                Ok(Shadow(ShadowConfig { plugin: path.to_string(), ..ShadowConfig::default() }))
+            }
+
+            fn visit_map<M: serde::de::MapAccess<'de>>(self, map: M) -> Result<Shadow, M::Error> {
+                ShadowConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Shadow)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// A shadow run: the candidate, and how its outputs are compared.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowConfig {
+    /// The candidate component's path, relative to the pipeline file.
+    pub plugin: String,
+    /// The candidate's configuration (default: the live plugin's).
+    #[schemars(with = "Option<BTreeMap<String, serde_json::Value>>")]
+    pub config: Option<toml::Table>,
+    /// The fraction of batches the candidate also runs on, from 0 (exclusive)
+    /// to 1 (default 1: every batch). The candidate runs on its own thread
+    /// beside the live path; a batch that arrives while it is several
+    /// batches behind is skipped (counted), so a slow candidate never slows
+    /// the pipeline.
+    pub sample: Option<f64>,
+    /// Numbers that differ by at most this much (absolute) compare equal
+    /// (default 0).
+    pub tolerance: Option<f64>,
+    /// Fields left out of the comparison, as dotted paths into the JSON
+    /// value (`"received_at"`, `"meta.venue"`); an array's elements go with it.
+    #[serde(default)]
+    pub ignore: Vec<String>,
+    /// How many differences the report keeps as samples (default 20; the
+    /// first ones seen).
+    pub samples: Option<usize>,
+    /// Promote the candidate by itself once it has run on `batches`
+    /// batches with at most `max_diff_ratio` of its outputs differing:
+    /// the pipeline file is rewritten with the candidate as the plugin, and
+    /// the reload swaps it in (with the usual rollback protection).
+    pub promote_after: Option<PromoteAfter>,
+}
+
+/// When a shadow run promotes its candidate by itself.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PromoteAfter {
+    /// Batches the candidate must have been compared on.
+    pub batches: u64,
+    /// The largest share of outputs (0 to 1) that may differ (a different
+    /// field, an output only one side made, a record only the candidate
+    /// failed) (default 0: none).
+    #[serde(default)]
+    pub max_diff_ratio: f64,
 }
 
 /// Resource limits; unset values take the runtime's safe defaults.

@@ -13,4 +13,6 @@ pub mod validate;
 pub mod watcher;
 
 pub use file::*;
-pub use validate::{load_dir_or_files, load_pipeline, parse_pipeline, ConfigError, Pipeline, TransformSpec};
+pub use validate::{
+    load_dir_or_files, load_pipeline, parse_pipeline, ConfigError, Pipeline, ShadowSpec, TransformSpec,
+};

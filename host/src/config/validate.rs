@@ -45,7 +45,7 @@ pub struct Pipeline {
 }
 
 /// One transform of a validated pipeline.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TransformSpec {
     /// The plugin component, resolved against the pipeline file's folder.
     pub path: PathBuf,
@@ -55,6 +55,43 @@ pub struct TransformSpec {
     /// SHA-256 of the plugin file when the pipeline was loaded with a runtime
     /// (empty otherwise): replacing the `.wasm` changes the pipeline.
     pub hash: String,
+    /// A candidate version run beside this one (a shadow run).
+    pub shadow: Option<ShadowSpec>,
+}
+
+/// A transform's shadow run, validated: the candidate and how its outputs
+/// are compared (see [`ShadowConfig`] for each setting).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowSpec {
+    /// The candidate component, resolved against the pipeline file's folder.
+    pub path: PathBuf,
+    pub config: Vec<(String, String)>,
+    /// SHA-256 of the candidate, as [`TransformSpec::hash`].
+    pub hash: String,
+    pub sample: f64,
+    pub tolerance: f64,
+    pub ignore: Vec<String>,
+    pub samples: usize,
+    pub promote_after: Option<PromoteAfter>,
+}
+
+/// Samples of differences a shadow report keeps by default.
+pub const DEFAULT_SHADOW_SAMPLES: usize = 20;
+
+/// A plugin's config table as its `init` gets it: strings as they are,
+/// numbers and booleans written out, arrays and tables as JSON.
+fn plugin_config(table: &toml::Table) -> Vec<(String, String)> {
+    table
+        .iter()
+        .map(|(k, v)| {
+            let v = match v {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Array(_) | toml::Value::Table(_) => serde_json::to_string(v).unwrap_or_default(),
+                other => other.to_string(),
+            };
+            (k.clone(), v)
+        })
+        .collect()
 }
 
 struct Reporter<'a> {
@@ -224,18 +261,7 @@ fn check_transform(
     report: &mut Reporter,
 ) -> TransformSpec {
     let path = dir.join(t.plugin.get_ref());
-    let config: Vec<(String, String)> = t
-        .config
-        .iter()
-        .map(|(k, v)| {
-            let v = match v {
-                toml::Value::String(s) => s.clone(),
-                toml::Value::Array(_) | toml::Value::Table(_) => serde_json::to_string(v).unwrap_or_default(),
-                other => other.to_string(),
-            };
-            (k.clone(), v)
-        })
-        .collect();
+    let config = plugin_config(&t.config);
     let defaults = Limits::default();
     let limits = Limits {
         cpu_ms: t.limits.cpu_ms.unwrap_or(defaults.cpu_ms),
@@ -274,12 +300,68 @@ fn check_transform(
         }
         grants.read_dirs.push((host, guest));
     }
-    let mut spec = TransformSpec { path, config, limits, grants, hash: String::new() };
+    let mut spec = TransformSpec { path, config, limits, grants, hash: String::new(), shadow: None };
     if !spec.path.is_file() {
         report.at(t.plugin.span(), format!("plugin file {} does not exist", spec.path.display()));
     } else if let Some(runtime) = runtime {
         if let Err(message) = spec.load(runtime, pipeline) {
             report.at(t.plugin.span(), message);
+        }
+    }
+    if let Some(shadow) = &t.shadow {
+        spec.shadow = Some(check_shadow(index, shadow, &spec, dir, pipeline, runtime, report));
+    }
+    spec
+}
+
+fn check_shadow(
+    index: usize,
+    shadow: &toml::Spanned<Shadow>,
+    live: &TransformSpec,
+    dir: &Path,
+    pipeline: &str,
+    runtime: Option<&Runtime>,
+    report: &mut Reporter,
+) -> ShadowSpec {
+    let (span, c) = (shadow.span(), &shadow.get_ref().0);
+    let mut bad = |message: String| report.at(span.clone(), format!("transform {} shadow: {message}", index + 1));
+    let sample = c.sample.unwrap_or(1.0);
+    if !(sample > 0.0 && sample <= 1.0) {
+        bad(format!("sample = {sample} must be above 0 and at most 1"));
+    }
+    let tolerance = c.tolerance.unwrap_or(0.0);
+    if !(tolerance >= 0.0 && tolerance.is_finite()) {
+        bad(format!("tolerance = {tolerance} must be a finite number, 0 or more"));
+    }
+    if let Some(p) = &c.promote_after {
+        if p.batches == 0 {
+            bad("promote_after.batches must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&p.max_diff_ratio) {
+            bad(format!("promote_after.max_diff_ratio = {} must be from 0 to 1", p.max_diff_ratio));
+        }
+    }
+    if c.ignore.iter().any(|i| i.is_empty() || i.split('.').any(str::is_empty)) {
+        bad("ignore holds an empty path".into());
+    }
+    let mut spec = ShadowSpec {
+        path: dir.join(&c.plugin),
+        config: c.config.as_ref().map_or_else(|| live.config.clone(), plugin_config),
+        hash: String::new(),
+        sample,
+        tolerance,
+        ignore: c.ignore.clone(),
+        samples: c.samples.unwrap_or(DEFAULT_SHADOW_SAMPLES),
+        promote_after: c.promote_after,
+    };
+    if !spec.path.is_file() {
+        bad(format!("plugin file {} does not exist", spec.path.display()));
+    } else if let Some(runtime) = runtime {
+        let candidate =
+            TransformSpec { path: spec.path.clone(), config: spec.config.clone(), shadow: None, ..live.clone() };
+        match candidate.check_init(runtime, pipeline) {
+            Ok(hash) => spec.hash = hash,
+            Err(message) => bad(message),
         }
     }
     spec
@@ -289,11 +371,16 @@ impl TransformSpec {
     /// Loads the plugin at `path` and runs its `init` with this config (so
     /// a plugin that rejects it is an error here), then keeps its hash.
     pub fn load(&mut self, runtime: &Runtime, pipeline: &str) -> Result<(), String> {
+        self.hash = self.check_init(runtime, pipeline)?;
+        Ok(())
+    }
+
+    /// Loads the plugin and runs its `init`; returns its hash.
+    fn check_init(&self, runtime: &Runtime, pipeline: &str) -> Result<String, String> {
         let plugin = Plugin::load(runtime, &self.path).map_err(|e| e.to_string())?;
         PluginInstance::new(plugin.clone(), self.config.clone(), self.limits.clone(), self.grants.clone(), pipeline)
             .map_err(|e| e.to_string())?;
-        self.hash = plugin.hash.clone();
-        Ok(())
+        Ok(plugin.hash.clone())
     }
 }
 

@@ -101,6 +101,7 @@ impl Watcher {
         for p in pipelines {
             interest.files.insert(normalize(&p.file));
             interest.files.extend(p.transforms.iter().map(|t| normalize(&t.path)));
+            interest.files.extend(p.transforms.iter().filter_map(|t| t.shadow.as_ref()).map(|s| normalize(&s.path)));
             for secret in p.secret_files.iter().map(|f| normalize(f)) {
                 let target = secret.canonicalize().ok();
                 interest.secrets.insert(secret.clone(), target);

@@ -77,10 +77,9 @@ impl Topology {
         }
         let mut chains = Vec::with_capacity(plan.swap.len());
         for spec in plan.swap {
-            let chain = tokio::task::block_in_place(|| Chain::new(&self.runtime, &spec.transforms, &spec.name))
-                .with_context(|| {
-                    format!("cannot load the new plugins of pipeline {} ({})", spec.name, spec.file.display())
-                })?;
+            let chain = tokio::task::block_in_place(|| Chain::live(&self.runtime, &spec)).with_context(|| {
+                format!("cannot load the new plugins of pipeline {} ({})", spec.name, spec.file.display())
+            })?;
             chains.push((spec, chain));
         }
         let mut built = Vec::with_capacity(plan.start.len());

@@ -49,7 +49,7 @@ impl PipelineTask {
         options: &RunOptions,
         refused: &Refused,
     ) -> anyhow::Result<Self> {
-        let chain = tokio::task::block_in_place(|| Chain::new(runtime, &spec.transforms, &spec.name))?;
+        let chain = tokio::task::block_in_place(|| Chain::live(runtime, &spec))?;
         for stage in chain.stages() {
             let p = stage.plugin();
             info!(pipeline = %spec.name, plugin = %p.name, version = %p.short_hash(), contract = %p.contract, cache_hit = p.cache_hit, "plugin ready");
@@ -190,6 +190,7 @@ async fn transform_stage(
             telemetry().plugin_ok(&pipeline);
         }
         versions.record(&results);
+        versions.current().release_shadows();
         if out.send(Transformed { batch, results, read_at }).await.is_err() {
             return Ok(());
         }

@@ -1,8 +1,9 @@
 //! A chain of plugin instances: the outputs of one are the inputs of the next.
 
-use crate::config::TransformSpec;
+use crate::config::{Pipeline, TransformSpec};
 use crate::record::{Output, Outputs, Record, RecordRef, Results};
 use crate::runtime::{Plugin, PluginError, PluginInstance, Runtime};
+use crate::shadow::{Place, Shadow};
 use crate::telemetry::telemetry;
 
 /// Why a source record produced nothing: which plugin failed it, and how.
@@ -37,11 +38,14 @@ impl std::fmt::Display for VersionFailing {
 
 pub struct Chain {
     stages: Vec<PluginInstance>,
+    /// Each stage's shadow run, if it has one (see [`crate::shadow`]).
+    shadows: Vec<Option<Shadow>>,
     pipeline: String,
 }
 
 impl Chain {
-    /// Loads and initialises every plugin of `specs`.
+    /// Loads and initialises every plugin of `specs` (their shadows are
+    /// left out: see [`Chain::live`]).
     pub fn new(runtime: &Runtime, specs: &[TransformSpec], pipeline: &str) -> Result<Self, PluginError> {
         let stages = specs
             .iter()
@@ -50,7 +54,30 @@ impl Chain {
                 PluginInstance::new(plugin, s.config.clone(), s.limits.clone(), s.grants.clone(), pipeline)
             })
             .collect::<Result<_, _>>()?;
-        Ok(Chain { stages, pipeline: pipeline.to_string() })
+        Ok(Chain { stages, shadows: Vec::new(), pipeline: pipeline.to_string() })
+    }
+
+    /// The chain of a live pipeline: [`Chain::new`], with each stage's
+    /// shadow run started beside it. A candidate that cannot start is
+    /// reported, never an error of the chain.
+    pub fn live(runtime: &Runtime, spec: &Pipeline) -> Result<Self, PluginError> {
+        let mut chain = Chain::new(runtime, &spec.transforms, &spec.name)?;
+        chain.shadows = spec
+            .transforms
+            .iter()
+            .zip(&chain.stages)
+            .enumerate()
+            .map(|(stage, (t, live))| {
+                let place = Place { pipeline: spec.name.clone(), file: spec.file.clone(), stage };
+                Shadow::start(runtime, t, live.plugin(), place)
+            })
+            .collect();
+        Ok(chain)
+    }
+
+    /// The batch last run was delivered: the shadow runs may compare it.
+    pub fn release_shadows(&mut self) {
+        self.shadows.iter_mut().flatten().for_each(Shadow::release);
     }
 
     pub fn stages(&self) -> &[PluginInstance] {
@@ -121,10 +148,18 @@ impl Chain {
             telemetry().plugin_call(pipeline, &stage.plugin().name, started.elapsed().as_secs_f64());
             results
         };
+        let mut shadows = self.shadows.iter_mut();
+        let mut offer = |inputs: &[RecordRef<'_>], results: &Results<String>| {
+            if let Some(shadow) = shadows.next().and_then(Option::as_mut) {
+                shadow.offer(inputs, results);
+            }
+        };
         let Some((first, rest)) = self.stages.split_first_mut() else {
             return Results::default();
         };
-        let mut results = timed(first, inputs).map_err(|e| failure(first, e));
+        let first_results = timed(first, inputs);
+        offer(inputs, &first_results);
+        let mut results = first_results.map_err(|e| failure(first, e));
         for stage in rest {
             let prev = std::mem::take(&mut results);
             // This stage's inputs: the outputs so far, in order, each with
@@ -139,7 +174,9 @@ impl Chain {
                         at += n;
                     }
                 }
-                timed(stage, &next).into_parts()
+                let results = timed(stage, &next);
+                offer(&next, &results);
+                results.into_parts()
             };
             results = combine(prev, new, per_input, |error| failure(stage, error));
         }

@@ -92,6 +92,8 @@ fn encode(trades: &[Trade], out: &mut Outputs) -> Result<(), String> {
             return Err(bad(&format!("`s` must be a string, got {symbol}")));
         }
         let price = number(trade.p).map_err(|e| bad(&format!("`p` {e}")))?;
+        #[cfg(feature = "round-prices")]
+        let price: &str = &price.parse::<f64>().map_or(0.0, f64::round).to_string();
         let volume = number(trade.v).map_err(|e| bad(&format!("`v` {e}")))?;
         let conditions = trade.c.as_deref().unwrap_or_default();
         for c in conditions {

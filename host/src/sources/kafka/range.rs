@@ -6,7 +6,7 @@
 //! record whose timestamp is at or after `to` (what
 //! `kafka-consumer-groups --reset-offsets --to-datetime` and
 //! `offsets_for_times` mean), or at the partition's end offset when the
-//! range was resolved (`latest`). The partitions are assigned, not
+//! range was resolved (`latest`), or at the offsets given per partition. The partitions are assigned, not
 //! subscribed: the read joins no consumer group and commits nothing, so the
 //! live pipeline's offsets are untouched. What the sinks have is theirs to
 //! track: the PostgreSQL sink's offsets table (keyed by the backfill's own
@@ -188,18 +188,25 @@ impl RangeSource {
             }
         }
         // A watermark per partition; a range ending at a time ends at the
-        // first record at or after it, read up to the end offset now.
-        let bound = |position: Position| -> Vec<i64> {
+        // first record at or after it, read up to the end offset now. Given
+        // offsets are kept within the watermarks; a partition a start does
+        // not list is left out, one an end does not list is read to the end.
+        let bound = |position: &Position| -> Vec<i64> {
             partitions
                 .iter()
-                .map(|(_, _, (low, high))| if position == Position::Earliest { *low } else { *high })
+                .map(|(_, partition, (low, high))| match (position, position.offset(*partition)) {
+                    (Position::Earliest, _) => *low,
+                    (_, Some(Some(offset))) => offset.clamp(*low, *high),
+                    // `latest`, or a partition the offsets leave out.
+                    _ => *high,
+                })
                 .collect()
         };
-        let starts = match self.range.from {
-            Position::Time(time) => self.offsets_at(time, &partitions)?,
+        let starts = match &self.range.from {
+            Position::Time(time) => self.offsets_at(*time, &partitions)?,
             from => bound(from),
         };
-        let ends = bound(self.range.to);
+        let ends = bound(&self.range.to);
         let mut parts = Vec::new();
         let mut assign = TopicPartitionList::new();
         let mut total = 0i64;
