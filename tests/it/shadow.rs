@@ -137,6 +137,7 @@ async fn a_rounding_candidate_is_diffed_key_by_key_on_live_traffic_then_promoted
     let token_arg = token.to_str().unwrap();
     let (code, stdout, stderr) = shadow_cli(&["report", "trades", "--addr", &addr, "--token-file", token_arg]);
     assert_eq!(code, 0, "{stderr}");
+    eprintln!("sluice shadow report trades:\n{stdout}");
     assert!(stdout.contains(&format!("{} identical, {changed} different", expected.len() - changed)), "{stdout}");
     assert!(stdout.contains("price: "), "{stdout}");
 
