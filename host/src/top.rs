@@ -163,10 +163,8 @@ impl Dashboard {
 fn shadow_summary(s: &Value) -> String {
     let path = s["candidate"].as_str().unwrap_or_default();
     let stem = std::path::Path::new(path).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let c = &s["counts"];
-    let n = |k: &str| c[k].as_u64().unwrap_or(0);
-    let differing = n("different") + n("only_live") + n("only_candidate") + n("candidate_errors");
-    let mut text = format!("shadow {stem}: {} identical, {differing} differing", n("identical"));
+    let counts: crate::shadow::diff::Counts = serde_json::from_value(s["counts"].clone()).unwrap_or_default();
+    let mut text = format!("shadow {stem}: {} identical, {} differing", counts.identical, counts.differing());
     let state = s["state"].as_str().unwrap_or_default();
     if state != "running" {
         text.push_str(&format!(", {}", state.split(':').next().unwrap_or(state)));

@@ -88,15 +88,23 @@ fn call(instance: &Instance, path: &str, post: Option<serde_json::Value>) -> any
     let token = read_token(instance.token_file.as_ref())?;
     let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
     let url = format!("http://{}{path}", instance.addr);
-    let auth = token.map(|t| format!("Bearer {t}")).unwrap_or_default();
+    let auth = token.map(|t| format!("Bearer {t}"));
     let method = if post.is_some() { "POST" } else { "GET" };
     let response = match post {
-        Some(body) => agent
-            .post(&url)
-            .header("Authorization", &auth)
-            .header("Content-Type", "application/json")
-            .send(body.to_string()),
-        None => agent.get(&url).header("Authorization", &auth).call(),
+        Some(body) => {
+            let mut request = agent.post(&url).header("Content-Type", "application/json");
+            if let Some(auth) = &auth {
+                request = request.header("Authorization", auth);
+            }
+            request.send(body.to_string())
+        }
+        None => {
+            let mut request = agent.get(&url);
+            if let Some(auth) = &auth {
+                request = request.header("Authorization", auth);
+            }
+            request.call()
+        }
     };
     let mut response = response.with_context(|| format!("{method} {url}: is `sluice run` listening there?"))?;
     let code = response.status().as_u16();

@@ -31,6 +31,7 @@ impl DiffOptions {
 
 /// Outputs (and records, for errors) by how they compared.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Counts {
     /// Pairs equal in every compared field.
     pub identical: u64,

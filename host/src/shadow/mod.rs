@@ -5,9 +5,9 @@
 //!   to its [`Shadow`], which copies it for the candidate only when the
 //!   batch is sampled (`sample`) and fewer than [`QUEUE`] batches wait for
 //!   the candidate: it runs on its own thread, so a slow or looping
-//!   candidate costs skipped comparisons, never live throughput. Only delivered batches are
-//!   compared: a batch the live chain runs again (a rollback, a pause) is
-//!   offered again and counted once.
+//!   candidate costs skipped comparisons; the live path never waits for it.
+//!   Only delivered batches are compared: a batch the live chain runs
+//!   again (a rollback, a pause) is offered again and counted once.
 //! - The candidate is an ordinary [`PluginInstance`] with the stage's
 //!   limits; a version found failing (a fault streak) is dropped and
 //!   reported; the live path never sees its errors.

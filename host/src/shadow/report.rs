@@ -87,6 +87,7 @@ pub struct Totals {
 
 #[derive(Debug)]
 struct Inner {
+    /// The report; its `state` is written from `state` when it is read.
     report: ShadowReport,
     state: State,
 }
@@ -130,7 +131,6 @@ impl Report {
             live_version: live.short_hash().to_string(),
             candidate: spec.path.display().to_string(),
             candidate_version: short(&spec.hash),
-            state: State::Running.text(),
             since: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
             sample: spec.sample,
             tolerance: spec.tolerance,
@@ -153,7 +153,7 @@ impl Report {
     }
 
     pub fn snapshot(&self) -> ShadowReport {
-        self.with(|i| i.report.clone()).unwrap_or_default()
+        self.with(|i| ShadowReport { state: i.state.text(), ..i.report.clone() }).unwrap_or_default()
     }
 
     pub fn candidate(&self) -> String {
@@ -165,10 +165,7 @@ impl Report {
     }
 
     pub fn set_state(&self, state: State) {
-        self.with(|i| {
-            i.report.state = state.text();
-            i.state = state;
-        });
+        self.with(|i| i.state = state);
     }
 
     /// The stage is gone: a run still going is stopped (a dropped or
@@ -176,7 +173,6 @@ impl Report {
     pub fn stopped(&self) {
         self.with(|i| {
             if matches!(i.state, State::Running | State::PromoteFailed(_)) {
-                i.report.state = State::Stopped.text();
                 i.state = State::Stopped;
             }
         });
