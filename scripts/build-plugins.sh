@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds every plugin under plugins/ as a WebAssembly component, in its own
 # language, installing the toolchains a fresh machine lacks:
-#   Rust       (trade-flattener, symbol-router, candles, chaos, raw-echo): the wasm32-wasip2 target, by rustup
+#   Rust       (trade-flattener, symbol-router, candles, symbol-totals, ohlc-candles, chaos, raw-echo): the wasm32-wasip2 target, by rustup
 #   Python     (py-enrich): componentize-py, from PyPI, in the venv .tools/python
 #   JavaScript (js-router): jco + componentize-js + esbuild, from npm (package-lock.json)
 # Output: target/wasm32-wasip2/release/<name>.wasm for every plugin (contract
@@ -41,6 +41,9 @@ done
 cargo build --release --target wasm32-wasip2 -p trade-flattener --features round-prices "$@"
 cp "$out/trade_flattener.wasm" "$out/trade_flattener_rounding.wasm"
 cargo build --release --target wasm32-wasip2 -p trade-flattener -p symbol-router -p candles -p chaos -p raw-echo "$@"
+# Stateful plugins (contract 0.3) on their own: built with the others, the
+# SDK's `state` feature would be unified into every plugin of the build.
+cargo build --release --target wasm32-wasip2 -p symbol-totals -p ohlc-candles "$@"
 
 # Python: componentize-py embeds CPython and the app module into a component.
 py=.tools/python

@@ -5,9 +5,10 @@
 # puts the raw frames into Kafka topic `trades_raw` (a local Kafka-protocol
 # broker, Tansu); pipelines/trades.toml flattens them through the WASM plugin
 # into PostgreSQL table `trades`; pipelines/candles.toml aggregates the same
-# frames into 1-minute OHLC candles (`candles_1m`). Prints the rows per symbol
-# and the last candles once every trade the stand-in sent is stored and
-# counted in a candle, then stops cleanly.
+# frames into 1-minute OHLC candles (table `candles`, with keyed plugin state:
+# a candle is written when its minute closes). Prints the rows per symbol and
+# the last candles once every trade the stand-in sent is stored and counted
+# in a closed candle, then stops cleanly.
 #
 # Environment: DEMO_SECONDS of live feed (default 10), DEMO_RATE frames/s
 # (default 2000), SLUICE_PG_URL (default postgres://postgres@127.0.0.1:5432/postgres),
@@ -48,8 +49,9 @@ for topic in trades_raw trades_dlq; do
 done
 
 # A fresh broker starts its offsets at 0 again: start from an empty table (when
-# the sink creates it, it forgets the source offsets stored with the old rows).
-psql "$SLUICE_PG_URL" -qc "DROP TABLE IF EXISTS trades; DROP TABLE IF EXISTS candles_1m" 2>/dev/null
+# the sink creates it, it forgets the source offsets and the plugin state
+# stored with the old rows).
+psql "$SLUICE_PG_URL" -qc "DROP TABLE IF EXISTS trades; DROP TABLE IF EXISTS candles" 2>/dev/null
 "$sluice" check pipelines/
 
 echo "== a Finnhub stand-in on $FINNHUB_URL ($rate frames/s)" >&2
@@ -58,7 +60,7 @@ feed_pid=$!
 pids+=($feed_pid)
 for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$feed_port") 2>/dev/null && break; sleep 0.1; done
 
-echo "== sluice run pipelines/ (finnhub-ingest: WebSocket → Kafka; trades: Kafka → flattener → PostgreSQL; candles: Kafka → flattener → candles → PostgreSQL; log: $work/sluice.log)" >&2
+echo "== sluice run pipelines/ (finnhub-ingest: WebSocket → Kafka; trades: Kafka → flattener → PostgreSQL; candles: Kafka → flattener → ohlc-candles (keyed state) → PostgreSQL; log: $work/sluice.log)" >&2
 "$sluice" run pipelines/ 2>"$work/sluice.log" &
 sluice_pid=$!
 pids+=($sluice_pid)
@@ -69,10 +71,13 @@ kill -INT "$feed_pid"; wait "$feed_pid" || true
 expected=$(sed -n 's/^sent [0-9]* frames (\([0-9]*\) trades).*/\1/p' "$work/feed.log")
 echo "== the stand-in $(grep '^sent' "$work/feed.log")" >&2
 
-for _ in $(seq 1 120); do
+# The last minute of each partition closes once the partition has been
+# quiet past its idle_timeout for as long as the minute had left to run
+# (at most a minute of event time; the stand-in's clock runs fast).
+for _ in $(seq 1 150); do
   rows=$(psql "$SLUICE_PG_URL" -tAc "SELECT count(*) FROM trades" 2>/dev/null || echo 0)
-  counted=$(psql "$SLUICE_PG_URL" -tAc "SELECT coalesce(sum(trades), 0) FROM candles_1m" 2>/dev/null || echo 0)
-  echo "   rows in trades: $rows / $expected; trades in candles_1m: $counted" >&2
+  counted=$(psql "$SLUICE_PG_URL" -tAc "SELECT coalesce(sum(trades), 0) FROM candles" 2>/dev/null || echo 0)
+  echo "   rows in trades: $rows / $expected; trades in closed candles: $counted" >&2
   [ "$rows" -ge "$expected" ] && [ "$counted" -ge "$expected" ] && break
   sleep 1
 done
@@ -81,7 +86,7 @@ kill -TERM "$sluice_pid"; wait "$sluice_pid" || true
 echo "== rows per symbol" >&2
 psql "$SLUICE_PG_URL" -c "SELECT symbol, count(*) AS trades, round(avg(price)::numeric, 2) AS avg_price, max(traded_at) AS last_trade FROM trades GROUP BY symbol ORDER BY symbol"
 echo "== the last 1-minute candles" >&2
-psql "$SLUICE_PG_URL" -c "SELECT symbol, bucket, open, high, low, close, round(volume::numeric, 6) AS volume, trades FROM candles_1m ORDER BY bucket DESC, symbol LIMIT 8"
+psql "$SLUICE_PG_URL" -c "SELECT symbol, window_start, open, high, low, close, round(volume::numeric, 6) AS volume, round(vwap::numeric, 2) AS vwap, trades FROM candles ORDER BY window_start DESC, symbol LIMIT 8"
 if [ "$rows" -eq "$expected" ] && [ "$counted" -eq "$expected" ]; then
   echo "every trade the feed sent stored exactly once ($rows rows), and counted once in the candles" >&2
 else

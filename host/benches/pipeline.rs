@@ -4,8 +4,9 @@
 //! into PostgreSQL, and the two-plugin chain of
 //! `pipelines/examples/btc-router.toml` (flattener, then symbol router, into
 //! two Kafka topics by route), and the flattener into PostgreSQL with a
-//! shadow run beside it (every batch, then one in ten), over the same
-//! pre-produced feed.
+//! shadow run beside it (every batch, then one in ten), and 1-minute candles
+//! two ways (the stateless partial-candle plugin into an aggregating upsert,
+//! and the stateful `ohlc-candles`), over the same pre-produced feed.
 //!
 //! Run: `scripts/build-plugins.sh && cargo bench -p sluice --bench pipeline`
 //! (`BENCH_FRAMES=N`, default 400,000 frames: shorter runs last under a second and vary by 2x). Needs `tansu` on PATH
@@ -181,6 +182,31 @@ async fn main() -> anyhow::Result<()> {
     );
     let chain = write(dir.path(), "chain", chain);
 
+    // 1-minute candles two ways, into tables of the same shape: the
+    // stateless `candles` plugin (a partial candle per trade, combined by
+    // the sink's aggregating upsert) and the stateful `ohlc-candles` (keyed
+    // state per partition, one partial candle per window and partition,
+    // emitted when the watermark passes the window).
+    let candle_sink = |table: &str, bucket: &str| {
+        format!(
+            "[sinks.out]\ntype = \"postgres\"\nurl = \"postgres://postgres@127.0.0.1:5432/postgres\"\ntable = \"{schema}.{table}\"\ncreate_table = true\nupsert_key = [\"symbol\", \"{bucket}\"]\ncolumns = [\n{{ name = \"symbol\", type = \"text\" }},\n{{ name = \"{bucket}\", type = \"timestamptz\" }},\n{{ name = \"open\", type = \"double precision\", merge = \"first\", by = \"first_ts\" }},\n{{ name = \"high\", type = \"double precision\", merge = \"max\" }},\n{{ name = \"low\", type = \"double precision\", merge = \"min\" }},\n{{ name = \"close\", type = \"double precision\", merge = \"last\", by = \"last_ts\" }},\n{{ name = \"volume\", type = \"double precision\", merge = \"sum\" }},\n{{ name = \"trades\", type = \"bigint\", merge = \"sum\" }},\n{{ name = \"first_ts\", type = \"timestamptz\", merge = \"min\" }},\n{{ name = \"last_ts\", type = \"timestamptz\", merge = \"max\" }},\n]\n"
+        )
+    };
+    let stateless = format!(
+        "{}{transform}[[transforms]]\nplugin = \"{}\"\n{}{dlq}",
+        source("g-candles"),
+        flattener.with_file_name("candles.wasm").display(),
+        candle_sink("candles_partial", "bucket")
+    );
+    let stateless = write(dir.path(), "candles", stateless);
+    let stateful = format!(
+        "{}{transform}[[transforms]]\nplugin = \"{}\"\n[transforms.event_time]\nallowed_lateness_ms = 0\n{}{dlq}",
+        source("g-ohlc"),
+        flattener.with_file_name("ohlc_candles.wasm").display(),
+        candle_sink("candles_state", "window_start")
+    );
+    let stateful = write(dir.path(), "ohlc", stateful);
+
     let runtime = Runtime::new(Runtime::default_cache_dir())?;
     let records = frames as i64;
     let per_trade = trades as f64 / frames as f64;
@@ -194,12 +220,12 @@ async fn main() -> anyhow::Result<()> {
         flat_rate * per_trade,
         cpu_line(cpu)
     );
-    let (pg_rate, cpu) = measure(&runtime, &to_pg, &brokers, "g-pg", records).await?;
+    let (pg_rate, pg_cpu) = measure(&runtime, &to_pg, &brokers, "g-pg", records).await?;
     println!(
         "flatten       kafka -> postgres:   {:>9.0} frames/s = {:>9.0} rows/s    {}",
         pg_rate,
         pg_rate * per_trade,
-        cpu_line(cpu)
+        cpu_line(pg_cpu)
     );
     let (pg01_rate, cpu) = measure(&runtime, &to_pg_v01, &brokers, "g-pg01", records).await?;
     println!(
@@ -229,6 +255,24 @@ async fn main() -> anyhow::Result<()> {
         shadow10_rate,
         shadow10_rate * per_trade,
         cpu_line(cpu)
+    );
+    let (candles_rate, candles_cpu) = measure(&runtime, &stateless, &brokers, "g-candles", records).await?;
+    println!(
+        "candles (partial per trade, upsert) -> postgres: {:>9.0} frames/s = {:>9.0} trades/s  {}",
+        candles_rate,
+        candles_rate * per_trade,
+        cpu_line(candles_cpu)
+    );
+    let (ohlc_rate, ohlc_cpu) = measure(&runtime, &stateful, &brokers, "g-ohlc", records).await?;
+    println!(
+        "ohlc-candles (keyed state) -> postgres:          {:>9.0} frames/s = {:>9.0} trades/s  {}",
+        ohlc_rate,
+        ohlc_rate * per_trade,
+        cpu_line(ohlc_cpu)
+    );
+    println!(
+        "ratio router CPU ohlc-candles / flatten->postgres: {:.2} (goal <= 1.30)",
+        ohlc_cpu / pg_cpu.max(f64::EPSILON)
     );
     let report = &sluice::shadow::reports("g-shadow")[0];
     println!(

@@ -31,6 +31,10 @@
 //!   connecting, connection errors classified), and TLS roots;
 //! - [`secrets`]: secret values remembered and hidden from every output;
 //! - [`transforms`]: the chain of plugin instances a batch runs through;
+//! - [`state`]: keyed state of contract 0.3 plugins: per stage and source
+//!   partition, read through a call's changes, applied when a batch is
+//!   delivered, and kept by a [`state::StateStore`] (the exactly-once
+//!   PostgreSQL sink, in the transaction of the rows and offsets);
 //! - [`shadow`]: shadow runs: a candidate version beside a live stage on the
 //!   same batches, on its own thread; the per-key diff, its report, and
 //!   promotion (the pipeline file rewritten, then the ordinary hot swap);
@@ -67,6 +71,7 @@ pub mod secrets;
 pub mod shadow;
 pub mod sinks;
 pub mod sources;
+pub mod state;
 pub mod supervisor;
 pub mod telemetry;
 pub mod top;

@@ -53,6 +53,19 @@ pub struct ShadowLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabels {
+    pub pipeline: String,
+    pub stage: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LateLabels {
+    pub pipeline: String,
+    pub plugin: String,
+    pub policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
 }
@@ -90,6 +103,19 @@ pub struct PipelineState {
     pub records_out: u64,
     pub dead_lettered: u64,
     pub batches: u64,
+    /// Per stateful stage (by index): its keys, bytes and watermark lag.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub state: BTreeMap<usize, StageStatus>,
+}
+
+/// A stateful stage as `/status` shows it.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct StageStatus {
+    pub keys: usize,
+    pub bytes: usize,
+    /// How far the slowest partition's watermark is behind the clock
+    /// (stages with event time).
+    pub watermark_lag_seconds: Option<f64>,
 }
 
 /// All metrics families and the per-pipeline state.
@@ -113,6 +139,10 @@ pub struct Telemetry {
     pub source_gap_seconds: Family<PipelineLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
     pub shadow_outputs: Family<ShadowLabels, Counter>,
     pub shadow_cpu_seconds: Family<PluginLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    pub state_keys: Family<StageLabels, Gauge>,
+    pub state_bytes: Family<StageLabels, Gauge>,
+    pub watermark_lag: Family<StageLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub late_records: Family<LateLabels, Counter>,
     state: Mutex<BTreeMap<String, PipelineState>>,
     /// Sink names per pipeline.
     sinks: Mutex<BTreeMap<String, Vec<String>>>,
@@ -157,6 +187,10 @@ impl Telemetry {
             source_gap_seconds: Family::default(),
             shadow_outputs: Family::default(),
             shadow_cpu_seconds: Family::default(),
+            state_keys: Family::default(),
+            state_bytes: Family::default(),
+            watermark_lag: Family::default(),
+            late_records: Family::default(),
             state: Mutex::new(BTreeMap::new()),
             sinks: Mutex::new(BTreeMap::new()),
             plugins: Mutex::new(BTreeMap::new()),
@@ -207,6 +241,22 @@ impl Telemetry {
             "shadow_cpu_seconds",
             "CPU a shadow run's candidate spent, on its own thread beside the live path",
             t.shadow_cpu_seconds.clone(),
+        );
+        r.register("state_keys", "Keys a stateful stage holds, over its partitions", t.state_keys.clone());
+        r.register(
+            "state_bytes",
+            "Bytes a stateful stage holds (keys, values, timers), counted against limits.state_mib",
+            t.state_bytes.clone(),
+        );
+        r.register(
+            "watermark_lag_seconds",
+            "How far the slowest partition's watermark of a stage with event time is behind the clock",
+            t.watermark_lag.clone(),
+        );
+        r.register(
+            "late_records",
+            "Records behind their partition's watermark, by what became of them (drop, dead_letter, route)",
+            t.late_records.clone(),
         );
         t
     }
@@ -393,6 +443,26 @@ impl Telemetry {
         self.plugin_seconds
             .get_or_create(&PluginLabels { pipeline: pipeline.to_string(), plugin: plugin.to_string() })
             .observe(seconds);
+    }
+
+    /// A record came behind its partition's watermark.
+    pub fn late_record(&self, pipeline: &str, plugin: &str, policy: &str) {
+        let labels =
+            LateLabels { pipeline: pipeline.to_string(), plugin: plugin.to_string(), policy: policy.to_string() };
+        self.late_records.get_or_create(&labels).inc();
+    }
+
+    /// A stateful stage's size and watermark lag after a batch; `/status` shows them too.
+    pub fn state_size(&self, pipeline: &str, stage: usize, keys: usize, bytes: usize, watermark_lag: Option<f64>) {
+        let labels = StageLabels { pipeline: pipeline.to_string(), stage: stage.to_string() };
+        self.state_keys.get_or_create(&labels).set(keys as i64);
+        self.state_bytes.get_or_create(&labels).set(bytes as i64);
+        if let Some(lag) = watermark_lag {
+            self.watermark_lag.get_or_create(&labels).set(lag);
+        }
+        self.with_state(pipeline, |s| {
+            s.state.insert(stage, StageStatus { keys, bytes, watermark_lag_seconds: watermark_lag });
+        });
     }
 
     /// A shadow run compared a batch: its outcomes and the candidate's CPU.

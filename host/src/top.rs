@@ -117,6 +117,9 @@ impl Dashboard {
             for shadow in p["shadows"].as_array().into_iter().flatten() {
                 plugins.push_str(&format!("  [{}]", shadow_summary(shadow)));
             }
+            for (stage, state) in p["state"].as_object().into_iter().flatten() {
+                plugins.push_str(&format!("  [{}]", state_summary(stage, state)));
+            }
             rows.push(Row::new(vec![
                 Cell::from(name.to_string()),
                 Cell::from(state).style(Style::default().fg(color)),
@@ -168,6 +171,16 @@ fn shadow_summary(s: &Value) -> String {
     let state = s["state"].as_str().unwrap_or_default();
     if state != "running" {
         text.push_str(&format!(", {}", state.split(':').next().unwrap_or(state)));
+    }
+    text
+}
+
+/// A stateful stage in a few words: its keys, bytes and watermark lag.
+fn state_summary(stage: &str, s: &Value) -> String {
+    let mib = s["bytes"].as_f64().unwrap_or(0.0) / f64::from(1 << 20);
+    let mut text = format!("state {stage}: {} keys, {mib:.1} MiB", s["keys"].as_u64().unwrap_or(0));
+    if let Some(lag) = s["watermark_lag_seconds"].as_f64() {
+        text.push_str(&format!(", watermark {lag:.0} s behind"));
     }
     text
 }
@@ -244,7 +257,8 @@ mod tests {
                 "last_error": "2026-01-01T00:00:00Z sink pg: down",
                 "plugins": [{"path": "x/trade_flattener.wasm", "version": "2a03e70b39dc0000"}],
                 "shadows": [{"candidate": "x/rounding.wasm", "state": "dropped: trap",
-                             "counts": {"identical": 7, "different": 2, "only_live": 1}}]
+                             "counts": {"identical": 7, "different": 2, "only_live": 1}}],
+                "state": {"1": {"keys": 12, "bytes": 3145728, "watermark_lag_seconds": 4.2}}
             }]})
         };
         let mut d = Dashboard::new("127.0.0.1:8686");
@@ -266,6 +280,7 @@ mod tests {
             "trade_flattener@2a03e70b",
             "(rolled back ×1)",
             "[shadow rounding: 7 identical, 3 differing, dropped]",
+            "[state 1: 12 keys, 3.0 MiB, watermark 4 s behind]",
             "sink pg: down",
         ] {
             assert!(screen.contains(needle), "{needle} not on screen");

@@ -8,7 +8,6 @@ use crate::common;
 
 use common::services::*;
 use common::trades::*;
-use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -181,24 +180,10 @@ batch_max_records = 300"#;
     let dead_letter = "[dead_letter]\ntype = \"kafka\"\nbrokers = \"${SLUICE_BROKERS}\"\ntopic = \"candles_dlq\"";
     let dir = tempfile::tempdir().unwrap();
     let file = write_pipeline(dir.path(), "candles", &candles_pipeline(source, &table, dead_letter));
-    let addr = broker.addr.clone();
-    let feed = tokio::spawn(async move {
-        for chunk in frames.chunks(1_000) {
-            produce_to(&addr, "trades_raw", chunk, &[]).await;
-            tokio::time::sleep(Duration::from_millis(600)).await;
-        }
-    });
-    let mut sluice = SluiceProcess::run(&[&file], &broker.addr);
-    let mut rng = StdRng::seed_from_u64(7);
-    for kill in 1..=3 {
-        let before = trades_in(&pg.client, &table).await;
-        let progressed = wait_until(WAIT, || async { trades_in(&pg.client, &table).await > before }).await;
-        assert!(progressed, "no progress before kill {kill}");
-        tokio::time::sleep(Duration::from_millis(rng.random_range(200..1500))).await;
-        sluice.kill9();
-        eprintln!("kill -9 #{kill} at {} trades", trades_in(&pg.client, &table).await);
-        sluice = SluiceProcess::run(&[&file], &broker.addr);
-    }
+    let feed = paced_feed(&broker.addr, "trades_raw", frames, 1_000, Duration::from_millis(600));
+    let sluice = SluiceProcess::run(&[&file], &broker.addr);
+    let mut sluice =
+        kill_9_while_progressing(sluice, &[&file], &broker.addr, 3, 7, || trades_in(&pg.client, &table)).await;
     feed.await.unwrap();
     let all = wait_until(WAIT, || async { trades_in(&pg.client, &table).await >= trades }).await;
     assert!(all, "trades counted: {} of {trades}", trades_in(&pg.client, &table).await);

@@ -27,6 +27,7 @@ fn spec(name: &str, config: &[(&str, &str)]) -> TransformSpec {
         grants: Grants::default(),
         hash: String::new(),
         shadow: None,
+        event_time: None,
     }
 }
 

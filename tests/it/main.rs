@@ -22,4 +22,5 @@ mod plugin_cli;
 mod plugin_failures;
 mod plugin_runtime;
 mod shadow;
+mod state;
 mod websocket;

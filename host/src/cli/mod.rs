@@ -7,6 +7,8 @@
 //! - [`backfill`]: `sluice backfill`, a past range recomputed into side tables;
 //! - [`shadow`](mod@shadow): `sluice shadow report|promote`, a running
 //!   instance's shadow runs;
+//! - [`state`](mod@state): `sluice state`, the keyed state a pipeline's
+//!   stateful plugins keep;
 //! - [`feed`]: `sluice feed` (stdout, Kafka, or the WebSocket stand-in);
 //! - [`plugin`]: `sluice plugin test` and `sluice plugin new`;
 //! - [`schema`](mod@schema): `sluice schema`, the pipeline file's JSON Schema.
@@ -21,6 +23,7 @@ pub mod reload;
 pub mod run;
 pub mod schema;
 pub mod shadow;
+pub mod state;
 
 use crate::runtime::Runtime;
 use anyhow::Context;
@@ -87,6 +90,10 @@ pub enum Command {
     /// promotion of the candidate.
     #[command(subcommand)]
     Shadow(shadow::ShadowCommand),
+    /// The keyed state a pipeline's stateful (contract 0.3) plugins keep
+    /// with its PostgreSQL sink: per stage and partition the keys, timers
+    /// and watermark, or one key's value (`--key`).
+    State(state::StateArgs),
     /// Print the pipeline file's JSON Schema (for editors: taplo, Even Better
     /// TOML), or with --markdown the reference chapter rendered from it.
     Schema(schema::SchemaArgs),
@@ -171,6 +178,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Backfill(args) => backfill::backfill(runtime()?, &args),
         Command::Schema(args) => schema::schema(&args),
         Command::Shadow(command) => shadow::shadow(&command),
+        Command::State(args) => state::state(&args),
         Command::Top(args) => {
             let token = shadow::read_token(args.token_file.as_ref())?;
             crate::top::run(&args.addr, token.as_deref(), std::time::Duration::from_millis(args.interval_ms.max(100)))?;

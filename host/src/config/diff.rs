@@ -94,6 +94,7 @@ mod tests {
             grants: Default::default(),
             hash: "abc".into(),
             shadow: None,
+            event_time: None,
         });
         let d = diff(&running, &[pipeline("keep", "x"), pipeline("change", "other"), pipeline("new", "x")]);
         assert_eq!(d.keep, ["keep"]);

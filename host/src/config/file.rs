@@ -129,6 +129,64 @@ pub struct TransformConfig {
     #[serde(default)]
     #[schemars(with = "Option<ShadowSchema>")]
     pub shadow: Option<Spanned<Shadow>>,
+    /// Event time for a stateful (contract 0.3) plugin: a watermark per
+    /// source partition, timers that fire as it passes, and what becomes of
+    /// records behind it. Without it, the plugin's state has no clock.
+    #[serde(default)]
+    #[schemars(with = "Option<EventTimeConfig>")]
+    pub event_time: Option<Spanned<EventTimeConfig>>,
+}
+
+/// `[transforms.event_time]`: how a stateful stage tells time by its
+/// records' timestamps.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EventTimeConfig {
+    /// How far behind the newest timestamp of its partition a record may be
+    /// and still count, in ms (default 0): the partition's watermark is that
+    /// timestamp minus this, and never goes back.
+    #[serde(default)]
+    pub allowed_lateness_ms: u64,
+    /// A partition without records this long (processing time, ms) has its
+    /// watermark moved on by the time that passes, so that the last windows
+    /// of a quiet market close (default 10000; 0: never).
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// A record behind the watermark: `"dead_letter"` (default), `"drop"`
+    /// (counted in `sluice_late_records_total`), or `{ route = "SINK" }`
+    /// (passed on as it is to that sink of the pipeline).
+    #[serde(default)]
+    pub late: LateConfig,
+}
+
+fn default_idle_timeout_ms() -> u64 {
+    10_000
+}
+
+/// What becomes of a late record.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq, JsonSchema)]
+#[serde(untagged)]
+pub enum LateConfig {
+    /// `"dead_letter"` or `"drop"`.
+    Policy(LatePolicyName),
+    /// `{ route = "SINK" }`.
+    Route {
+        /// The sink the late records go to.
+        route: String,
+    },
+    #[default]
+    #[serde(skip)]
+    Default,
+}
+
+/// A late-record policy by name.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LatePolicyName {
+    /// Sent to the dead letters, the watermark in the reason.
+    DeadLetter,
+    /// Dropped and counted.
+    Drop,
 }
 
 /// A shadow run's candidate: the pipeline file's `shadow`, given as a path
@@ -242,6 +300,10 @@ pub struct LimitsConfig {
     pub log_lines_per_s: Option<u32>,
     /// Log lines the plugin may write at once above that rate (default 1000).
     pub log_burst: Option<u32>,
+    /// Keyed state a stateful (contract 0.3) plugin may hold, in MiB of keys
+    /// and values over all its partitions, plus 32 bytes per key (default
+    /// 256). A `put` past it faults the batch, and `on_plugin_failure` applies.
+    pub state_mib: Option<usize>,
 }
 
 /// Sandbox grants. Everything is denied unless listed here.

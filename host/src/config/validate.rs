@@ -57,6 +57,8 @@ pub struct TransformSpec {
     pub hash: String,
     /// A candidate version run beside this one (a shadow run).
     pub shadow: Option<ShadowSpec>,
+    /// The stage's event time (`[transforms.event_time]`), for a stateful plugin.
+    pub event_time: Option<crate::state::time::EventTime>,
 }
 
 /// A transform's shadow run, validated: the candidate and how its outputs
@@ -189,8 +191,12 @@ fn check(parsed: PipelineFile, file: &Path, runtime: Option<&Runtime>, report: &
     let mut source = parsed.source.get_ref().clone();
     source.connector_mut().check(&mut Check::new(&["source"], parsed.source.span(), dir, &connections, report));
 
-    let transforms =
-        parsed.transforms.iter().enumerate().map(|(i, t)| check_transform(i, t, dir, &name, runtime, report)).collect();
+    let transforms = parsed
+        .transforms
+        .iter()
+        .enumerate()
+        .map(|(i, t)| check_transform(i, t, dir, &name, &parsed.sinks, runtime, report))
+        .collect();
 
     if parsed.sinks.is_empty() {
         report.at(0..0, "no sinks: add at least one `[sinks.NAME]` table");
@@ -257,6 +263,7 @@ fn check_transform(
     t: &TransformConfig,
     dir: &Path,
     pipeline: &str,
+    sinks: &BTreeMap<String, toml::Spanned<crate::sinks::SinkConfig>>,
     runtime: Option<&Runtime>,
     report: &mut Reporter,
 ) -> TransformSpec {
@@ -271,6 +278,7 @@ fn check_transform(
         batch_output_bytes: t.limits.batch_output_mib.map_or(defaults.batch_output_bytes, |m| m << 20),
         log_lines_per_s: t.limits.log_lines_per_s.unwrap_or(defaults.log_lines_per_s),
         log_burst: t.limits.log_burst.unwrap_or(defaults.log_burst),
+        state_bytes: t.limits.state_mib.map_or(defaults.state_bytes, |m| m << 20),
     };
     let mut grants = Grants { network: t.grants.network, ..Grants::default() };
     for var in &t.grants.env {
@@ -300,7 +308,8 @@ fn check_transform(
         }
         grants.read_dirs.push((host, guest));
     }
-    let mut spec = TransformSpec { path, config, limits, grants, hash: String::new(), shadow: None };
+    let event_time = t.event_time.as_ref().map(|e| check_event_time(index, e, sinks, report));
+    let mut spec = TransformSpec { path, config, limits, grants, hash: String::new(), shadow: None, event_time };
     if !spec.path.is_file() {
         report.at(t.plugin.span(), format!("plugin file {} does not exist", spec.path.display()));
     } else if let Some(runtime) = runtime {
@@ -312,6 +321,37 @@ fn check_transform(
         spec.shadow = Some(check_shadow(index, shadow, &spec, dir, pipeline, runtime, report));
     }
     spec
+}
+
+fn check_event_time(
+    index: usize,
+    event: &toml::Spanned<EventTimeConfig>,
+    sinks: &BTreeMap<String, toml::Spanned<crate::sinks::SinkConfig>>,
+    report: &mut Reporter,
+) -> crate::state::time::EventTime {
+    use crate::state::time::{EventTime, LatePolicy};
+    let c = event.get_ref();
+    let late = match &c.late {
+        LateConfig::Policy(LatePolicyName::Drop) => LatePolicy::Drop,
+        LateConfig::Policy(LatePolicyName::DeadLetter) | LateConfig::Default => LatePolicy::DeadLetter,
+        LateConfig::Route { route } => {
+            if !sinks.contains_key(route) {
+                let known: Vec<&str> = sinks.keys().map(String::as_str).collect();
+                report.at(
+                    event.span(),
+                    format!(
+                        "transform {} event_time: late route {route:?} is not a sink of this pipeline (sinks: {})",
+                        index + 1,
+                        known.join(", ")
+                    ),
+                );
+            }
+            LatePolicy::Route(route.clone())
+        }
+    };
+    let lateness = i64::try_from(c.allowed_lateness_ms).unwrap_or(i64::MAX);
+    let idle = (c.idle_timeout_ms > 0).then(|| std::time::Duration::from_millis(c.idle_timeout_ms));
+    EventTime { allowed_lateness_ms: lateness, idle_timeout: idle, late }
 }
 
 fn check_shadow(

@@ -28,6 +28,9 @@ pub enum Fault {
     /// copies: `memory_mib` + `batch_output_mib`.
     #[error("copy limit exceeded: more than {limit_bytes} bytes copied out of the plugin in one call (memory_mib + batch_output_mib)")]
     CopyLimit { limit_bytes: usize },
+    /// A `state` call was refused: past `limits.state_mib`, or misused.
+    #[error("{0}")]
+    State(crate::state::StateError),
     #[error("plugin trapped: {0}")]
     Trap(String),
     #[error("plugin broke the contract: {0}")]

@@ -4,6 +4,7 @@
 
 use super::limits::Limits;
 use super::stderr::PluginStderr;
+use crate::state::{CallState, StateError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{debug, error, info, trace, warn};
@@ -21,6 +22,10 @@ pub struct HostState {
     label: Arc<str>,
     /// The instance's log budget (it outlives the store across replacements).
     log: Arc<Mutex<LogBucket>>,
+    /// The keyed state of the call running (contract 0.3), if the stage has state.
+    state: Option<CallState>,
+    /// Why a state call was refused: the trap that follows is that.
+    state_error: Option<StateError>,
 }
 
 /// Bytes of one plugin log line; the rest is cut.
@@ -123,7 +128,16 @@ impl HostState {
         label: Arc<str>,
         log: Arc<Mutex<LogBucket>>,
     ) -> Self {
-        HostState { wasi, table: ResourceTable::new(), memory: MemoryCap::new(memory_bytes), stderr, label, log }
+        HostState {
+            wasi,
+            table: ResourceTable::new(),
+            memory: MemoryCap::new(memory_bytes),
+            stderr,
+            label,
+            log,
+            state: None,
+            state_error: None,
+        }
     }
 
     /// The memory cap, for [`wasmtime::Store::limiter`].
@@ -134,6 +148,39 @@ impl HostState {
     /// Whether the memory cap refused a growth (a trap that follows is the memory limit).
     pub(super) fn memory_limit_hit(&self) -> bool {
         self.memory.hit
+    }
+
+    /// Gives the next call its state (`None`: the stage has none).
+    pub(super) fn begin_call(&mut self, state: Option<CallState>) {
+        self.state = state;
+        self.state_error = None;
+    }
+
+    /// Ends a call: its state changes, kept only if it succeeded.
+    pub(super) fn end_call(&mut self) -> Option<CallState> {
+        self.state.take()
+    }
+
+    /// Why a state call of the last call was refused, if one was.
+    pub(super) fn state_error(&self) -> Option<&StateError> {
+        self.state_error.as_ref()
+    }
+
+    /// One call of the `state` import: a refusal traps the plugin, and is
+    /// remembered so that the fault names it.
+    pub(super) fn state_call<T>(
+        &mut self,
+        call: impl FnOnce(&mut CallState) -> Result<T, StateError>,
+    ) -> wasmtime::Result<T> {
+        let result = match self.state.as_mut() {
+            Some(state) => call(state),
+            None => Err(StateError::Unavailable),
+        };
+        result.map_err(|error| {
+            let trap = wasmtime::Error::msg(error.to_string());
+            self.state_error = Some(error);
+            trap
+        })
     }
 
     /// The plugin's recent stderr.

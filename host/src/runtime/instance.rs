@@ -6,6 +6,7 @@ use super::limits::{Grants, Limits};
 use super::stderr::PluginStderr;
 use super::{Fault, Plugin, PluginError};
 use crate::record::{Output, Record, RecordRef, Results};
+use crate::state::{CallState, SharedState, StageState};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::warn;
@@ -93,6 +94,9 @@ pub struct PluginInstance {
     failing: Option<String>,
     /// How many times the instance was replaced after a fault.
     pub replacements: u64,
+    /// The stage's keyed state, for a contract 0.3 plugin: a scratch state
+    /// until a pipeline gives it the stage's ([`PluginInstance::attach_state`]).
+    state: Option<SharedState>,
 }
 
 impl PluginInstance {
@@ -118,13 +122,32 @@ impl PluginInstance {
             streak: None,
             failing: None,
             replacements: 0,
+            state: None,
         };
+        if instance.plugin.contract.has_state() {
+            instance.state = Some(StageState::scratch(instance.limits.state_bytes));
+        }
         instance.live = Some(instance.instantiate()?);
         Ok(instance)
     }
 
     pub fn plugin(&self) -> &Arc<Plugin> {
         &self.plugin
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The stage's keyed state (contract 0.3 plugins).
+    pub fn state(&self) -> Option<&SharedState> {
+        self.state.as_ref()
+    }
+
+    /// Gives this instance its stage's keyed state: its calls read and
+    /// change it (only a contract 0.3 plugin has state calls).
+    pub fn attach_state(&mut self, state: SharedState) {
+        self.state = Some(state);
     }
 
     /// This instance's version as a reload sees it: the component's hash and
@@ -197,6 +220,9 @@ impl PluginInstance {
     fn classify(&self, store: &Store<HostState>, error: wasmtime::Error) -> Fault {
         if store.data().memory_limit_hit() {
             return Fault::MemoryLimit { limit_bytes: self.limits.memory_bytes };
+        }
+        if let Some(refused) = store.data().state_error() {
+            return Fault::State(refused.clone());
         }
         let trap = error.downcast_ref::<Trap>();
         // wasmtime's hostcall fuel ran out (its error type is private).
@@ -321,11 +347,17 @@ impl PluginInstance {
         live.store.data().stderr().clear();
         let limit = self.time_limit();
         let Live { store, bindings } = &mut live;
+        let state = self.state.clone().map(|shared| CallState::new(shared, inputs.iter().map(|r| r.origin)));
+        store.data_mut().begin_call(state);
         let results = match block_on(within_limit(limit, bindings.process(store, inputs, &self.limits))) {
             Ok(results) => results,
             Err(CallError::Call(error)) => return Err(self.classify(&live.store, error)),
             Err(CallError::Contract(reason)) => return Err(Fault::Contract(reason)),
         };
+        // The call gave results: its state changes join the batch's.
+        if let Some(state) = live.store.data_mut().end_call() {
+            state.keep();
+        }
         self.live = Some(live);
         Ok(results)
     }

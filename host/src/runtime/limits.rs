@@ -23,6 +23,8 @@ pub struct Limits {
     pub log_lines_per_s: u32,
     /// Log lines the plugin may write at once, above the rate.
     pub log_burst: u32,
+    /// Keyed state the stage may hold (contract 0.3), in bytes.
+    pub state_bytes: usize,
 }
 
 impl Default for Limits {
@@ -38,6 +40,7 @@ impl Default for Limits {
             batch_output_bytes: 256 << 20,
             log_lines_per_s: 100,
             log_burst: 1_000,
+            state_bytes: 256 << 20,
         }
     }
 }

@@ -9,7 +9,9 @@ pub mod stdout;
 
 use crate::connector::{Build, Check, RunOptions};
 use crate::record::{Origin, OutputRef};
+use crate::state::{Delta, StateStore};
 use async_trait::async_trait;
+use std::sync::Arc;
 
 crate::registry! {
     /// A sink, chosen by `type`.
@@ -66,6 +68,25 @@ pub trait Sink: Send + Sync {
     /// are views (of the plugin's results buffer, mostly): a sink that keeps
     /// bytes past the call copies them.
     async fn write(&self, batch: &[OutputRef<'_>], origins: &[&Origin]) -> anyhow::Result<Vec<Rejected>>;
+
+    /// Where the pipeline's keyed state can be kept with this sink's data,
+    /// if it can (an exactly-once PostgreSQL sink).
+    fn state_store(&self) -> Option<Arc<dyn StateStore>> {
+        None
+    }
+
+    /// [`Sink::write`], with the keyed-state changes of the batch (and its
+    /// partitions' positions) made durable in the same step. Only a sink
+    /// with a [`Sink::state_store`] is asked.
+    async fn write_with_state(
+        &self,
+        batch: &[OutputRef<'_>],
+        origins: &[&Origin],
+        delta: &Delta,
+    ) -> anyhow::Result<Vec<Rejected>> {
+        let _ = (batch, origins, delta);
+        anyhow::bail!("this sink cannot keep state")
+    }
 }
 
 /// Builds the sink `name` of `pipeline` from `config`, as a pipeline

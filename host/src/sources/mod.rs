@@ -53,6 +53,22 @@ pub trait Source: Send + Sync {
 
     /// Waits until every commit made so far is durable (on shutdown).
     async fn flush_commits(&self) -> anyhow::Result<()>;
+
+    /// Changes whenever the partitions this instance owns change (a
+    /// consumer-group rebalance): keyed state loaded for the old
+    /// assignment is then read again from its store.
+    fn generation(&self) -> u64 {
+        0
+    }
+
+    /// The partitions this instance owns now, when the source knows them
+    /// before reading (a consumer group's assignment): their keyed state
+    /// is restored on assignment, so that timers fire in a partition that
+    /// stays quiet. Empty: a partition's state is restored when a batch
+    /// first holds it.
+    fn assignment(&self) -> Vec<(String, i32)> {
+        Vec::new()
+    }
 }
 
 /// A batch's record count, by default.

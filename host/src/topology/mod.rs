@@ -27,6 +27,8 @@ struct Running {
     cancel: CancellationToken,
     /// New chains for the task, applied between two batches.
     swap: mpsc::UnboundedSender<Chain>,
+    /// Whether the pipeline keeps keyed state (it has a sink for it).
+    holds_state: bool,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
@@ -80,6 +82,15 @@ impl Topology {
             let chain = tokio::task::block_in_place(|| Chain::live(&self.runtime, &spec)).with_context(|| {
                 format!("cannot load the new plugins of pipeline {} ({})", spec.name, spec.file.display())
             })?;
+            let holds_state = self.running.get(&spec.name).is_some_and(|r| r.holds_state);
+            if let (Some((index, stage)), false) = (chain.stateful().next(), holds_state) {
+                anyhow::bail!(
+                    "transform {} ({}) of pipeline {} keeps state (contract 0.3), and the running pipeline has none: restart it to give it state",
+                    index + 1,
+                    stage.plugin().name,
+                    spec.name
+                );
+            }
             chains.push((spec, chain));
         }
         let mut built = Vec::with_capacity(plan.start.len());
@@ -119,9 +130,10 @@ impl Topology {
             let cancel = CancellationToken::new();
             let (swap, swaps) = mpsc::unbounded_channel();
             info!(pipeline = %spec.name, file = %spec.file.display(), "pipeline starting");
+            let holds_state = task.holds_state();
             let handle = tokio::spawn(task.run(cancel.clone(), swaps));
             applied.started.push(spec.name.clone());
-            self.running.insert(spec.name.clone(), Running { spec, cancel, swap, task: handle });
+            self.running.insert(spec.name.clone(), Running { spec, cancel, swap, holds_state, task: handle });
         }
         Ok(applied)
     }

@@ -7,9 +7,10 @@ use crate::record::{Header, Output, OutputRef, Record, Results};
 use crate::runtime::Runtime;
 use crate::sinks::Sink;
 use crate::sources::Source;
+use crate::state::{Delta, PipelineState, StateStore};
 use crate::supervisor::{shown_versions, Refused, Supervisor, Verdict, SURGE_MIN_RECORDS};
 use crate::telemetry::telemetry;
-use crate::transforms::{Chain, ChainFailure};
+use crate::transforms::{Chain, ChainFailure, Fire};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -31,12 +32,19 @@ pub struct PipelineTask {
     chain: Chain,
     sinks: BTreeMap<String, Box<dyn Sink>>,
     dead_letter: Box<dyn Sink>,
+    /// The keyed state of the chain's stateful stages, and the sink that keeps it.
+    state: Option<(PipelineState, String)>,
 }
 
 /// A batch and what the chain made of it, on its way to the sinks.
 struct Transformed {
+    /// The source records, then the fired timers' records (offset -1).
     batch: Vec<Record>,
+    /// How many of `batch` are source records (the ones to commit).
+    sources: usize,
     results: Results<ChainFailure>,
+    /// The batch's state changes, for the state's sink.
+    delta: Option<Delta>,
     /// When the batch was read.
     read_at: Instant,
 }
@@ -62,7 +70,14 @@ impl PipelineTask {
         }
         let dead_letter = spec.dead_letter.connector().build("dead_letter", &cx)?;
         let source = spec.source.connector().build(&cx)?;
-        Ok(PipelineTask { refused: refused.clone(), spec, source, chain, sinks, dead_letter })
+        let state = state_for(&chain, &sinks)?;
+        Ok(PipelineTask { refused: refused.clone(), spec, source, chain, sinks, dead_letter, state })
+    }
+
+    /// Whether the pipeline keeps keyed state (a chain swapped in later may
+    /// keep state only if it does).
+    pub fn holds_state(&self) -> bool {
+        self.state.is_some()
     }
 
     /// Runs until `cancel`. Two stages overlap: the transform stage (its own
@@ -72,19 +87,31 @@ impl PipelineTask {
     /// A chain received on `swaps` replaces the current one between two
     /// batches: every record is transformed by exactly one version.
     pub async fn run(self, cancel: CancellationToken, swaps: mpsc::UnboundedReceiver<Chain>) -> anyhow::Result<()> {
-        let PipelineTask { refused, spec, source, chain, sinks, dead_letter } = self;
+        let PipelineTask { refused, spec, source, mut chain, sinks, dead_letter, state } = self;
         telemetry().pipeline_started(&spec.name, &sinks.keys().cloned().collect::<Vec<_>>(), &shown_versions(&chain));
         let (transformed_tx, mut transformed) = mpsc::channel::<Transformed>(1);
+        let (mut state, state_sink) = match state {
+            Some((state, sink)) => (Some(state), Some(sink)),
+            None => (None, None),
+        };
+        if let Some(state) = &mut state {
+            chain.attach_state(state);
+        }
         let versions = Supervisor::new(spec.name.clone(), chain, spec.on_plugin_failure, refused);
-        let stage = tokio::spawn(transform_stage(source.clone(), versions, swaps, cancel.clone(), transformed_tx));
-        let delivery = Delivery { spec, sinks, dead_letter };
+        let stage =
+            tokio::spawn(transform_stage(source.clone(), versions, state, swaps, cancel.clone(), transformed_tx));
+        let delivery = Delivery { spec, sinks, dead_letter, state_sink };
         let name = delivery.spec.name.clone();
-        while let Some(Transformed { batch, results, read_at }) = transformed.recv().await {
-            let dead = match delivery.deliver(&batch, results, &cancel).await {
+        while let Some(Transformed { batch, sources, results, delta, read_at }) = transformed.recv().await {
+            let dead = match delivery.deliver(&batch, results, delta.as_ref(), &cancel).await {
                 Ok(dead) => dead,
                 Err(Stopped) => break,
             };
-            if let Err(error) = source.commit(&batch).await {
+            let committed = match sources {
+                0 => Ok(()),
+                _ => source.commit(&batch[..sources]).await,
+            };
+            if let Err(error) = committed {
                 // The records are in the sinks; a lost commit only means they
                 // may be read again (at-least-once).
                 let error = format!("{error:#}");
@@ -115,23 +142,59 @@ const PROBATION_TOP_UP: Duration = Duration::from_millis(250);
 async fn transform_stage(
     source: Arc<dyn Source>,
     mut versions: Supervisor<Chain>,
+    mut state: Option<PipelineState>,
     mut swaps: mpsc::UnboundedReceiver<Chain>,
     cancel: CancellationToken,
     out: mpsc::Sender<Transformed>,
 ) -> anyhow::Result<()> {
     let pipeline = versions.pipeline().to_string();
     let mut ended = false;
+    // The read in progress, kept across idle ticks (a read is not cancelled
+    // halfway: the records it took would be lost).
+    let next_read = |source: &Arc<dyn Source>| {
+        let source = source.clone();
+        Box::pin(async move { source.next_batch().await })
+    };
+    let mut read = next_read(&source);
     while !ended {
+        let tick = state.as_ref().and_then(PipelineState::idle_tick);
         let mut batch = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
-            batch = source.next_batch() => batch?,
+            batch = &mut read => {
+                read = next_read(&source);
+                batch?
+            }
+            _ = tokio::time::sleep(tick.unwrap_or_default()), if tick.is_some() => {
+                // No batch for a while: timers of idle partitions may be due.
+                let Some(state) = &mut state else { continue };
+                if restore(state, &mut Vec::new(), &*source, &pipeline, &cancel).await.is_none() {
+                    return Ok(());
+                }
+                let (fired, results) = tokio::task::block_in_place(|| versions.current().fire(Fire::Idle(Instant::now())));
+                if fired.is_empty() {
+                    state.discard();
+                    continue;
+                }
+                info!(%pipeline, timers = fired.len(), "idle partitions' watermarks moved on: timers fired");
+                let delta = Some(state.apply(&fired));
+                report_state(&pipeline, state);
+                let read_at = Instant::now();
+                if out.send(Transformed { batch: fired, sources: 0, results, delta, read_at }).await.is_err() {
+                    return Ok(());
+                }
+                continue;
+            }
         };
         if batch.is_empty() {
             info!(%pipeline, "the source's input ended: delivering what is in hand, then stopping");
+            fire_at_end(&mut versions, state.as_ref(), &pipeline, &out).await;
             return Ok(());
         }
         let read_at = Instant::now();
-        while let Ok(new) = swaps.try_recv() {
+        while let Ok(mut new) = swaps.try_recv() {
+            if let Some(state) = &mut state {
+                new.attach_state(state);
+            }
             versions.swap_in(new);
         }
         // A new version on probation is judged on batches of at least
@@ -154,15 +217,37 @@ async fn transform_stage(
                 }
             }
         }
+        if let Some(state) = &mut state {
+            let Some(skipped) = restore(state, &mut batch, &*source, &pipeline, &cancel).await else { return Ok(()) };
+            if skipped > 0 {
+                info!(%pipeline, records = skipped, "skipped records the restored state already holds (read again after a restart or rebalance)");
+            }
+            if batch.is_empty() {
+                continue;
+            }
+        }
         let mut paused = false;
         let mut delay = Duration::from_secs(1);
-        let results = loop {
-            let results = tokio::task::block_in_place(|| versions.current().process(&batch));
+        let (results, fired) = loop {
+            // A batch run again (a rollback, a pause) starts from the state before it.
+            if let Some(state) = &state {
+                state.discard();
+            }
+            let (results, fired) = tokio::task::block_in_place(|| {
+                let mut results = versions.current().process(&batch);
+                // The timers the batch's watermarks passed fire after it.
+                let (fired, timer_results) = match &state {
+                    Some(_) => versions.current().fire(Fire::AfterBatch),
+                    None => Default::default(),
+                };
+                results.append(timer_results);
+                (results, fired)
+            });
             match versions.verdict(&results) {
-                Verdict::Deliver => break results,
+                Verdict::Deliver => break (results, fired),
                 Verdict::DeliverFailing(failing) => {
                     warn!(%pipeline, %failing, "plugin version failing; its records go to the dead letters (on_plugin_failure = dead_letter)");
-                    break results;
+                    break (results, fired);
                 }
                 Verdict::RunAgain => {}
                 Verdict::Pause(failing) => {
@@ -174,9 +259,15 @@ async fn transform_stage(
                     tokio::select! {
                         _ = cancel.cancelled() => return Ok(()),
                         _ = tokio::time::sleep(delay) => {}
-                        Some(new) = swaps.recv() => {
+                        Some(mut new) = swaps.recv() => {
+                            if let Some(state) = &mut state {
+                                new.attach_state(state);
+                            }
                             versions.replace(new);
-                            while let Ok(newer) = swaps.try_recv() {
+                            while let Ok(mut newer) = swaps.try_recv() {
+                                if let Some(state) = &mut state {
+                                    newer.attach_state(state);
+                                }
                                 versions.replace(newer);
                             }
                         }
@@ -191,12 +282,95 @@ async fn transform_stage(
         }
         versions.record(&results);
         versions.current().release_shadows();
-        if out.send(Transformed { batch, results, read_at }).await.is_err() {
+        let sources = batch.len();
+        batch.extend(fired);
+        let delta = state.as_ref().map(|state| state.apply(&batch));
+        if let Some(state) = &state {
+            report_state(&pipeline, state);
+        }
+        if out.send(Transformed { batch, sources, results, delta, read_at }).await.is_err() {
             return Ok(());
         }
     }
     info!(%pipeline, "the source's input ended: delivering what is in hand, then stopping");
+    fire_at_end(&mut versions, state.as_ref(), &pipeline, &out).await;
     Ok(())
+}
+
+/// The input ended (a file under `--until-eof`): every timer still set
+/// fires (the last windows close), and is delivered as a last batch.
+async fn fire_at_end(
+    versions: &mut Supervisor<Chain>,
+    state: Option<&PipelineState>,
+    pipeline: &str,
+    out: &mpsc::Sender<Transformed>,
+) {
+    let Some(state) = state else { return };
+    let (fired, results) = tokio::task::block_in_place(|| versions.current().fire(Fire::End));
+    if fired.is_empty() {
+        return;
+    }
+    info!(%pipeline, timers = fired.len(), "the input ended: every timer fired");
+    let delta = Some(state.apply(&fired));
+    report_state(pipeline, state);
+    let _ = out.send(Transformed { batch: fired, sources: 0, results, delta, read_at: Instant::now() }).await;
+}
+
+/// Each stateful stage's keys, bytes and watermark lag, for the metrics and `/status`.
+fn report_state(pipeline: &str, state: &PipelineState) {
+    for (stage, keys, bytes, lag) in state.sizes() {
+        telemetry().state_size(pipeline, stage as usize, keys, bytes, lag);
+    }
+}
+
+/// Readies `state` for `batch` ([`PipelineState::prepare`]), retrying
+/// while its store cannot be read (backing off to 10 s); `None` on `cancel`.
+async fn restore(
+    state: &mut PipelineState,
+    batch: &mut Vec<Record>,
+    source: &dyn Source,
+    pipeline: &str,
+    cancel: &CancellationToken,
+) -> Option<usize> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match state.prepare(batch, source.generation(), &source.assignment()).await {
+            Ok(skipped) => return Some(skipped),
+            Err(error) => {
+                let error = format!("{error:#}");
+                warn!(%pipeline, %error, retry_in = ?delay, "cannot restore the plugins' state; retrying");
+                telemetry().error(pipeline, &format!("cannot restore state: {error}"));
+                tokio::select! {
+                    _ = cancel.cancelled() => return None,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// The state of `chain`'s stateful stages and the sink that keeps it: the
+/// pipeline's one sink with a [`Sink::state_store`] (an exactly-once
+/// PostgreSQL sink). `None` when no stage keeps state.
+fn state_for(
+    chain: &Chain,
+    sinks: &BTreeMap<String, Box<dyn Sink>>,
+) -> anyhow::Result<Option<(PipelineState, String)>> {
+    let Some((index, stage)) = chain.stateful().next() else { return Ok(None) };
+    let stores: Vec<(&String, Arc<dyn StateStore>)> =
+        sinks.iter().filter_map(|(name, sink)| sink.state_store().map(|store| (name, store))).collect();
+    let what = format!("transform {} ({}) keeps state (contract 0.3)", index + 1, stage.plugin().name);
+    match &stores[..] {
+        [(name, store)] => Ok(Some((PipelineState::new(store.clone()), name.to_string()))),
+        [] => anyhow::bail!(
+            "{what}: the pipeline needs an exactly-once postgres sink to keep it with the rows and offsets, and has none"
+        ),
+        several => anyhow::bail!(
+            "{what}: the pipeline has several exactly-once postgres sinks ({}); which one keeps the state cannot be chosen yet: keep one",
+            several.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+        ),
+    }
 }
 
 /// Routes a transformed batch to the sinks and the dead-letter destination.
@@ -204,6 +378,8 @@ struct Delivery {
     spec: Pipeline,
     sinks: BTreeMap<String, Box<dyn Sink>>,
     dead_letter: Box<dyn Sink>,
+    /// The sink that keeps the state: written last, with the batch's changes.
+    state_sink: Option<String>,
 }
 
 impl Delivery {
@@ -211,6 +387,7 @@ impl Delivery {
         &self,
         batch: &[Record],
         results: Results<ChainFailure>,
+        delta: Option<&Delta>,
         cancel: &CancellationToken,
     ) -> Result<usize, Stopped> {
         // Returns how many records were dead-lettered.
@@ -245,6 +422,10 @@ impl Delivery {
             }
         }
 
+        // With state, the state's sink is written last, with the state's
+        // changes: once it has them, every other sink has the batch.
+        let state_sink = self.state_sink.as_deref().zip(delta);
+        let mut state_write = state_sink.map(|(name, _)| (name, routed.remove(name).unwrap_or_default()));
         let writes = routed.iter().map(|(name, (owners, outputs))| {
             let sink = &self.sinks[*name];
             let pipeline = &pipeline;
@@ -263,6 +444,18 @@ impl Delivery {
         for rejected in futures::future::try_join_all(writes).await? {
             for (i, reason) in rejected {
                 dead.push((i, dead_letter(&pipeline, &batch[i], "sink", &reason)));
+            }
+        }
+        if let (Some((name, (owners, outputs))), Some(delta)) = (state_write.take(), delta) {
+            let sink = &self.sinks[name];
+            let origins: Vec<_> = owners.iter().map(|&i| &batch[i].origin).collect();
+            let rejected = retry(&pipeline, name, cancel, || sink.write_with_state(&outputs, &origins, delta)).await?;
+            telemetry().written(&pipeline, name, outputs.len() - rejected.len());
+            for r in rejected {
+                dead.push((
+                    owners[r.index],
+                    dead_letter(&pipeline, &batch[owners[r.index]], "sink", &format!("sink {name}: {}", r.reason)),
+                ));
             }
         }
 
@@ -486,6 +679,7 @@ mod tests {
             )]
             .into(),
             dead_letter: Box::new(MemorySink { name: "dead", refuses: false, log: log.clone() }),
+            state: None,
         };
         let (_swap, swaps) = mpsc::unbounded_channel();
         task.run(CancellationToken::new(), swaps).await.unwrap();

@@ -1,9 +1,11 @@
 //! A chain of plugin instances: the outputs of one are the inputs of the next.
 
 use crate::config::{Pipeline, TransformSpec};
-use crate::record::{Output, Outputs, Record, RecordRef, Results};
+use crate::record::{Origin, Output, Outputs, Record, RecordRef, Results};
 use crate::runtime::{Plugin, PluginError, PluginInstance, Runtime};
 use crate::shadow::{Place, Shadow};
+use crate::state::time::{EventTime, LatePolicy};
+use crate::state::{lock, PipelineState};
 use crate::telemetry::telemetry;
 
 /// Why a source record produced nothing: which plugin failed it, and how.
@@ -38,6 +40,8 @@ impl std::fmt::Display for VersionFailing {
 
 pub struct Chain {
     stages: Vec<PluginInstance>,
+    /// Each stage's event time (`[transforms.event_time]`).
+    event: Vec<Option<EventTime>>,
     /// Each stage's shadow run, if it has one (see [`crate::shadow`]).
     shadows: Vec<Option<Shadow>>,
     pipeline: String,
@@ -54,7 +58,8 @@ impl Chain {
                 PluginInstance::new(plugin, s.config.clone(), s.limits.clone(), s.grants.clone(), pipeline)
             })
             .collect::<Result<_, _>>()?;
-        Ok(Chain { stages, shadows: Vec::new(), pipeline: pipeline.to_string() })
+        let event = specs.iter().map(|s| s.event_time.clone()).collect();
+        Ok(Chain { stages, event, shadows: Vec::new(), pipeline: pipeline.to_string() })
     }
 
     /// The chain of a live pipeline: [`Chain::new`], with each stage's
@@ -82,6 +87,62 @@ impl Chain {
 
     pub fn stages(&self) -> &[PluginInstance] {
         &self.stages
+    }
+
+    /// The stages that keep keyed state (contract 0.3), by index.
+    pub fn stateful(&self) -> impl Iterator<Item = (usize, &PluginInstance)> {
+        self.stages.iter().enumerate().filter(|(_, s)| s.plugin().contract.has_state())
+    }
+
+    /// Gives each stateful stage its state in `state` (a swapped-in version
+    /// takes over the state of the stage it replaces).
+    pub fn attach_state(&mut self, state: &mut PipelineState) {
+        for (index, stage) in self.stages.iter_mut().enumerate() {
+            if stage.plugin().contract.has_state() {
+                let event = self.event.get(index).cloned().flatten();
+                let shared = state.stage(index as u32, stage.limits().state_bytes, event);
+                stage.attach_state(shared);
+            }
+        }
+    }
+
+    /// Fires the timers of every stage with event time whose watermark the
+    /// batch just run moved past them (see [`Fire`]). Each fired timer is a
+    /// record of its own (origin offset -1, its key, its time, no value),
+    /// run through its stage and the stages after it. Returns the records
+    /// and their results, for delivery after the batch's.
+    pub fn fire(&mut self, when: Fire) -> (Vec<Record>, Results<ChainFailure>) {
+        let mut records = Vec::new();
+        let mut results = Results::default();
+        for index in 0..self.stages.len() {
+            let Some(shared) = self.stages[index].state().cloned() else { continue };
+            let due = {
+                let mut state = lock(&shared);
+                if state.event_time().is_none() {
+                    continue;
+                }
+                if let Fire::Idle(now) = when {
+                    state.observe_idle(now);
+                }
+                state.take_due(when == Fire::End)
+            };
+            if due.is_empty() {
+                continue;
+            }
+            let timers: Vec<Record> = due
+                .into_iter()
+                .map(|((topic, partition), at, key)| Record {
+                    key: Some(key.into()),
+                    timestamp: Some(at),
+                    origin: Origin { topic, partition, offset: TIMER_OFFSET },
+                    ..Record::default()
+                })
+                .collect();
+            let views: Vec<RecordRef> = timers.iter().map(Record::view).collect();
+            results.append(self.run_from(index, &views));
+            records.extend(timers);
+        }
+        (records, results)
     }
 
     /// The first stage whose version was found failing by the last
@@ -120,7 +181,7 @@ impl Chain {
             return results;
         }
         let accepted: Vec<RecordRef> = batch.iter().filter(|r| r.rejected.is_none()).map(Record::view).collect();
-        let results = self.run(&accepted);
+        let results = self.run_from(0, &accepted);
         if accepted.len() == batch.len() {
             return results;
         }
@@ -136,31 +197,36 @@ impl Chain {
         Results::from_parts(outputs, records)
     }
 
-    /// Runs `inputs` through every stage (there is at least one). Each
+    /// Runs `inputs` through stage `start` and every stage after it. Each
     /// stage reads the outputs of the one before where they are, as
-    /// [`RecordRef`]s with the origin of their source record.
-    fn run(&mut self, inputs: &[RecordRef<'_>]) -> Results<ChainFailure> {
+    /// [`RecordRef`]s with the origin of their source record. Shadows are
+    /// offered the source batch's inputs only (`start` 0).
+    fn run_from(&mut self, start: usize, inputs: &[RecordRef<'_>]) -> Results<ChainFailure> {
         let failure = |stage: &PluginInstance, error| ChainFailure { plugin: stage.plugin().name.clone(), error };
         let pipeline = &self.pipeline;
-        let timed = |stage: &mut PluginInstance, inputs: &[RecordRef<'_>]| {
+        let timed = |stage: &mut PluginInstance, event: Option<&EventTime>, inputs: &[RecordRef<'_>]| {
             let started = std::time::Instant::now();
-            let results = stage.transform_views(inputs);
+            let results = call(stage, event, inputs, pipeline);
             telemetry().plugin_call(pipeline, &stage.plugin().name, started.elapsed().as_secs_f64());
             results
         };
-        let mut shadows = self.shadows.iter_mut();
+        let mut shadows = self.shadows.iter_mut().skip(start);
         let mut offer = |inputs: &[RecordRef<'_>], results: &Results<String>| {
             if let Some(shadow) = shadows.next().and_then(Option::as_mut) {
-                shadow.offer(inputs, results);
+                if start == 0 {
+                    shadow.offer(inputs, results);
+                }
             }
         };
-        let Some((first, rest)) = self.stages.split_first_mut() else {
+        let mut events = self.event.iter().skip(start).map(Option::as_ref);
+        let Some((first, rest)) = self.stages.get_mut(start..).and_then(|s| s.split_first_mut()) else {
             return Results::default();
         };
-        let first_results = timed(first, inputs);
+        let first_results = timed(first, events.next().flatten(), inputs);
         offer(inputs, &first_results);
         let mut results = first_results.map_err(|e| failure(first, e));
         for stage in rest {
+            let event = events.next().flatten();
             let prev = std::mem::take(&mut results);
             // This stage's inputs: the outputs so far, in order, each with
             // its source record's origin.
@@ -174,13 +240,115 @@ impl Chain {
                         at += n;
                     }
                 }
-                let results = timed(stage, &next);
+                let results = timed(stage, event, &next);
                 offer(&next, &results);
                 results.into_parts()
             };
             results = combine(prev, new, per_input, |error| failure(stage, error));
         }
         results
+    }
+}
+
+/// When [`Chain::fire`] looks for due timers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fire {
+    /// After a batch: at the watermarks it moved.
+    AfterBatch,
+    /// No batch for a while: partitions idle at this instant move their
+    /// watermarks on first.
+    Idle(std::time::Instant),
+    /// The input ended (a file under `--until-eof`): every timer is due.
+    End,
+}
+
+/// The origin offset of a fired timer's record: no source record has it.
+pub const TIMER_OFFSET: i64 = -1;
+
+/// One stage's call on `inputs`. With event time, the records behind their
+/// partition's watermark do not reach the plugin (the stage's late policy
+/// decides their result), and the others move the watermarks; fired timers
+/// (offset -1) are neither.
+fn call(
+    stage: &mut PluginInstance,
+    event: Option<&EventTime>,
+    inputs: &[RecordRef<'_>],
+    pipeline: &str,
+) -> Results<String> {
+    let (Some(event), Some(shared)) = (event, stage.state().cloned()) else { return stage.transform_views(inputs) };
+    let counts = |r: &RecordRef| r.origin.offset >= 0 && r.timestamp.is_some();
+    let late: Vec<Option<i64>> = {
+        let state = lock(&shared);
+        inputs
+            .iter()
+            .map(|r| {
+                let ts = r.timestamp.filter(|_| counts(r))?;
+                let partition = (r.origin.topic.clone(), r.origin.partition);
+                state.is_late(&partition, ts).then(|| state.watermark(&partition).unwrap_or(i64::MIN))
+            })
+            .collect()
+    };
+    let observe = |on_time: &mut dyn Iterator<Item = &RecordRef<'_>>| {
+        let mut newest: std::collections::HashMap<(std::sync::Arc<str>, i32), i64> = Default::default();
+        for r in on_time.filter(|r| counts(r)) {
+            let ts = r.timestamp.unwrap_or(i64::MIN);
+            let at = newest.entry((r.origin.topic.clone(), r.origin.partition)).or_insert(ts);
+            *at = (*at).max(ts);
+        }
+        let mut state = lock(&shared);
+        for (partition, ts) in newest {
+            state.observe(&partition, ts);
+        }
+    };
+    if late.iter().all(Option::is_none) {
+        let results = stage.transform_views(inputs);
+        observe(&mut inputs.iter());
+        return results;
+    }
+    let on_time: Vec<RecordRef> = inputs.iter().zip(&late).filter(|(_, l)| l.is_none()).map(|(r, _)| *r).collect();
+    let mut ran = stage.transform_views(&on_time).into_records().into_iter();
+    observe(&mut on_time.iter());
+    let plugin = stage.plugin().name.clone();
+    let mut results = Results::with_owned_capacity(inputs.len(), inputs.len());
+    for (r, late) in inputs.iter().zip(late) {
+        let Some(watermark) = late else {
+            match ran.next().unwrap_or_else(|| Err("plugin returned no result".to_string())) {
+                Ok(outputs) => results.push_ok(outputs),
+                Err(error) => results.push_err(error),
+            }
+            continue;
+        };
+        telemetry().late_record(pipeline, &plugin, late_policy_name(&event.late));
+        let ts = r.timestamp.unwrap_or_default();
+        match &event.late {
+            LatePolicy::Drop => results.push_ok([]),
+            LatePolicy::DeadLetter => results.push_err(format!(
+                "late record: timestamp {ts} is {} ms behind the watermark {watermark} of {}/{} (allowed_lateness_ms = {})",
+                watermark.saturating_sub(ts),
+                r.origin.topic,
+                r.origin.partition,
+                event.allowed_lateness_ms
+            )),
+            LatePolicy::Route(route) => {
+                results.push_ok([Output {
+                    key: r.key.map(|k| k.to_vec().into()),
+                    value: r.value.to_vec().into(),
+                    headers: r.headers.to_vec(),
+                    timestamp: r.timestamp,
+                    route: Some(route.clone()),
+                }]);
+            }
+        }
+    }
+    results
+}
+
+/// The `policy` label of `sluice_late_records_total`.
+fn late_policy_name(policy: &LatePolicy) -> &'static str {
+    match policy {
+        LatePolicy::Drop => "drop",
+        LatePolicy::DeadLetter => "dead_letter",
+        LatePolicy::Route(_) => "route",
     }
 }
 

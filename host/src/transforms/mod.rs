@@ -2,4 +2,4 @@
 
 pub mod chain;
 
-pub use chain::{Chain, ChainFailure, VersionFailing};
+pub use chain::{Chain, ChainFailure, Fire, VersionFailing};

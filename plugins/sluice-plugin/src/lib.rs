@@ -36,6 +36,11 @@
 //! [`RecordView`] and writes its outputs straight into the results buffer
 //! through [`Outputs`]. With the `contract-0-1` feature the same code builds
 //! a 0.1 component (`wit/0.1/transform.wit`), for hosts that predate 0.2.
+//!
+//! With the `state` feature it builds a contract 0.3 component
+//! (`wit/0.3/transform.wit`), and [`state`] keeps values by key across
+//! batches, restarts and rebalances, per source partition, committed with
+//! the pipeline's rows and offsets.
 
 use std::collections::BTreeMap;
 use std::fmt::Display;
@@ -44,14 +49,46 @@ use std::str::FromStr;
 pub mod abi;
 pub use abi::{collect, Headers, OriginView, OutputMeta, Outputs, RecordView};
 
+#[cfg(all(feature = "contract-0-1", feature = "state"))]
+compile_error!("keyed state needs contract 0.3: the `state` and `contract-0-1` features exclude each other");
+
+#[cfg(feature = "state")]
+pub mod state;
+#[cfg(feature = "state")]
+pub mod window;
+
+/// A fired timer (see [`state::set_timer`]): its key, its time, and the
+/// partition it was set in.
+#[cfg(feature = "state")]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timer {
+    pub key: Vec<u8>,
+    /// Milliseconds since the Unix epoch.
+    pub at: i64,
+    /// The partition (its offset is -1).
+    pub origin: Origin,
+}
+
 /// Bindings generated from `wit/transform.wit` (contract 0.2). Plugin
 /// authors do not need them; they are public for [`export_transform!`].
-#[cfg(not(feature = "contract-0-1"))]
+#[cfg(not(any(feature = "contract-0-1", feature = "state")))]
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
         world: "transformer",
         path: "../../wit",
+        pub_export_macro: true,
+        default_bindings_module: "sluice_plugin::bindings",
+    });
+}
+
+/// Bindings generated from `wit/0.3/transform.wit` (contract 0.3: 0.2 with keyed state).
+#[cfg(all(feature = "state", not(feature = "contract-0-1")))]
+#[doc(hidden)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        world: "transformer",
+        path: "../../wit/0.3",
         pub_export_macro: true,
         default_bindings_module: "sluice_plugin::bindings",
     });
@@ -201,6 +238,15 @@ pub trait Transform: Sized + 'static {
     /// message; it does not stop the pipeline.
     fn process(&mut self, record: Record) -> Result<Vec<Output>, String>;
 
+    /// A timer set with [`state::set_timer`] fired: the watermark of its
+    /// partition passed its time. Its outputs go on like a record's; an
+    /// `Err` dead-letters the timer. The default emits nothing.
+    #[cfg(feature = "state")]
+    fn on_timer(&mut self, timer: Timer) -> Result<Vec<Output>, String> {
+        let _ = timer;
+        Ok(Vec::new())
+    }
+
     /// Transforms one borrowed record, writing its outputs into `out`. The
     /// default copies the record, calls [`Transform::process`] and writes
     /// what it returns; override it to read and write without copying. An
@@ -282,10 +328,38 @@ pub mod __rt {
             let result = match (slot.as_mut(), batch.get(i)) {
                 (None, _) => Err("plugin used before init".to_string()),
                 (Some(_), Err(e)) => panic!("{e}"),
-                (Some(transform), Ok(record)) => transform.process_view(record, &mut out),
+                (Some(transform), Ok(record)) => {
+                    #[cfg(feature = "state")]
+                    {
+                        crate::state::batch::begin_record(i as u32, record.origin.topic, record.origin.partition);
+                        if record.origin.offset < 0 {
+                            // A fired timer (contract 0.3).
+                            let timer = Timer {
+                                key: record.key.unwrap_or_default().to_vec(),
+                                at: record.timestamp.unwrap_or_default(),
+                                origin: Origin {
+                                    topic: record.origin.topic.to_string(),
+                                    partition: record.origin.partition,
+                                    offset: record.origin.offset,
+                                },
+                            };
+                            transform.on_timer(timer).map(|outputs| outputs.into_iter().for_each(|o| out.push(o)))
+                        } else {
+                            transform.process_view(record, &mut out)
+                        }
+                    }
+                    #[cfg(not(feature = "state"))]
+                    transform.process_view(record, &mut out)
+                }
             };
+            #[cfg(feature = "state")]
+            if result.is_err() {
+                crate::state::batch::undo_record();
+            }
             out.end_record(result);
         }
+        #[cfg(feature = "state")]
+        crate::state::batch::end();
         let buf = out.finish();
         LAST_RESULTS.set(buf.len());
         buf
@@ -359,7 +433,7 @@ macro_rules! export_transform {
     };
 }
 
-/// Contract 0.2's entry points (see [`export_transform!`]).
+/// Contract 0.2's (and 0.3's) entry points (see [`export_transform!`]).
 #[cfg(not(feature = "contract-0-1"))]
 #[doc(hidden)]
 #[macro_export]

@@ -562,3 +562,53 @@ impl Drop for PrivatePostgres {
 fn is_root() -> bool {
     Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
 }
+
+/// A paced feed: `frames` produced to `topic` in chunks of `chunk`, with
+/// `pause` after each, on a task of its own.
+pub fn paced_feed(
+    addr: &str,
+    topic: &'static str,
+    frames: Vec<Vec<u8>>,
+    chunk: usize,
+    pause: Duration,
+) -> tokio::task::JoinHandle<()> {
+    let addr = addr.to_string();
+    tokio::spawn(async move {
+        for part in frames.chunks(chunk) {
+            produce_to(&addr, topic, part, &[]).await;
+            tokio::time::sleep(pause).await;
+        }
+    })
+}
+
+/// `kills` times: waits until `progress` grows, lets a random 0.2–1.5 s
+/// pass (seeded by `seed`), kills `sluice` with SIGKILL and starts it
+/// again on `files`. Returns the last one started.
+pub async fn kill_9_while_progressing<F, Fut>(
+    mut sluice: SluiceProcess,
+    files: &[&Path],
+    brokers: &str,
+    kills: usize,
+    seed: u64,
+    mut progress: F,
+) -> SluiceProcess
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = i64>,
+{
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for kill in 1..=kills {
+        let before = progress().await;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while progress().await <= before {
+            assert!(Instant::now() < deadline, "no progress before kill {kill}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(200..1500))).await;
+        sluice.kill9();
+        eprintln!("kill -9 #{kill} at {}", progress().await);
+        sluice = SluiceProcess::run(files, brokers);
+    }
+    sluice
+}

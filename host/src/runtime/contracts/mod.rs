@@ -6,6 +6,7 @@
 
 mod v01;
 mod v02;
+mod v03;
 
 use super::host_state::HostState;
 use super::limits::Limits;
@@ -20,6 +21,15 @@ pub enum Contract {
     V01,
     /// `sluice:transform/batch@0.2.0`: `process(list<u8>) -> list<u8>`.
     V02,
+    /// `sluice:transform/batch@0.3.0`: 0.2 with keyed state (`state` import).
+    V03,
+}
+
+impl Contract {
+    /// Whether components of this contract keep keyed state.
+    pub fn has_state(self) -> bool {
+        self == Contract::V03
+    }
 }
 
 impl std::fmt::Display for Contract {
@@ -27,6 +37,7 @@ impl std::fmt::Display for Contract {
         f.write_str(match self {
             Contract::V01 => "0.1",
             Contract::V02 => "0.2",
+            Contract::V03 => "0.3",
         })
     }
 }
@@ -34,25 +45,31 @@ impl std::fmt::Display for Contract {
 /// Adds every contract's host imports to `linker`.
 pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     v01::add_to_linker(linker)?;
-    v02::add_to_linker(linker)
+    v02::add_to_linker(linker)?;
+    v03::add_to_linker(linker)
 }
 
 /// A linked component, ready to instantiate, of the contract it exports.
 pub(crate) enum Pre {
     V01(v01::Pre),
     V02(v02::Pre),
+    V03(v03::Pre),
 }
 
 impl Pre {
-    /// Decides the component's contract from its exports: 0.2 first; a
-    /// component exporting neither is refused with both reasons.
+    /// Decides the component's contract from its exports: 0.3 first, then
+    /// 0.2; a component exporting none is refused with each reason.
     pub(crate) fn link(linked: InstancePre<HostState>) -> anyhow::Result<Pre> {
+        let v03_error = match v03::Pre::new(linked.clone()) {
+            Ok(pre) => return Ok(Pre::V03(pre)),
+            Err(error) => error,
+        };
         match v02::Pre::new(linked.clone()) {
             Ok(pre) => Ok(Pre::V02(pre)),
             Err(v02_error) => match v01::Pre::new(linked) {
                 Ok(pre) => Ok(Pre::V01(pre)),
                 Err(v01_error) => Err(anyhow::anyhow!(
-                    "it exports neither contract: sluice:transform/batch@0.2.0 ({v02_error:#}) nor sluice:transform/transform@0.1.0 ({v01_error:#})"
+                    "it exports none of the contracts: sluice:transform/batch@0.3.0 ({v03_error:#}), sluice:transform/batch@0.2.0 ({v02_error:#}), sluice:transform/transform@0.1.0 ({v01_error:#})"
                 )),
             },
         }
@@ -62,6 +79,7 @@ impl Pre {
         match self {
             Pre::V01(_) => Contract::V01,
             Pre::V02(_) => Contract::V02,
+            Pre::V03(_) => Contract::V03,
         }
     }
 
@@ -69,6 +87,7 @@ impl Pre {
         match self {
             Pre::V01(pre) => pre.engine(),
             Pre::V02(pre) => pre.engine(),
+            Pre::V03(pre) => pre.engine(),
         }
     }
 
@@ -77,6 +96,7 @@ impl Pre {
         Ok(match self {
             Pre::V01(pre) => Bound::V01(pre.instantiate_async(store).await?),
             Pre::V02(pre) => Bound::V02(v02::Bound::new(pre.instantiate_async(store).await?)),
+            Pre::V03(pre) => Bound::V03(v03::Bound::new(pre.instantiate_async(store).await?)),
         })
     }
 }
@@ -85,6 +105,7 @@ impl Pre {
 pub(crate) enum Bound {
     V01(v01::Bound),
     V02(v02::Bound),
+    V03(v03::Bound),
 }
 
 /// Why a call did not give results.
@@ -111,6 +132,7 @@ impl Bound {
         match self {
             Bound::V01(bindings) => bindings.sluice_transform_transform().call_init(store, config).await,
             Bound::V02(bound) => bound.init(store, config).await,
+            Bound::V03(bound) => bound.init(store, config).await,
         }
     }
 
@@ -125,6 +147,7 @@ impl Bound {
         match self {
             Bound::V01(bindings) => v01::process(bindings, store, inputs, limits).await,
             Bound::V02(bound) => bound.process(store, inputs, limits).await,
+            Bound::V03(bound) => bound.process(store, inputs, limits).await,
         }
     }
 }

@@ -79,7 +79,7 @@ impl Bound {
 }
 
 /// `inputs` as one batch buffer.
-fn encode<'e>(encoder: &'e mut Encoder, inputs: &[RecordRef<'_>]) -> Result<&'e [u8], sluice_abi::TooLarge> {
+pub(super) fn encode<'e>(encoder: &'e mut Encoder, inputs: &[RecordRef<'_>]) -> Result<&'e [u8], sluice_abi::TooLarge> {
     encoder.encode(inputs.iter().map(|r| RecordIn {
         key: r.key,
         value: r.value,
@@ -96,7 +96,7 @@ fn encode<'e>(encoder: &'e mut Encoder, inputs: &[RecordRef<'_>]) -> Result<&'e 
 ///
 /// Keys and values are not copied: the outputs are checked ranges of
 /// `buf`, which the results keep.
-fn decode(buf: &Bytes, inputs: usize, limits: &Limits) -> Result<Results<String>, String> {
+pub(super) fn decode(buf: &Bytes, inputs: usize, limits: &Limits) -> Result<Results<String>, String> {
     let results = sluice_abi::Results::parse(buf, inputs).map_err(|e| e.0)?;
     let output_table = results.outputs();
     // The common batch: every record ok, every output plain, and all of them

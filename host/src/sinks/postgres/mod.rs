@@ -5,11 +5,13 @@
 //! - [`client`]: connecting, with libpq's TLS modes;
 //! - [`rows`]: converting output JSON into typed column values that
 //!   PostgreSQL accepts, or a rejection;
-//! - [`sink`]: the DDL, the COPY and the offsets.
+//! - [`sink`]: the DDL, the COPY and the offsets;
+//! - [`state`]: plugins' keyed state, written with the rows and offsets.
 
 pub mod client;
 pub mod rows;
 pub mod sink;
+pub mod state;
 
 pub use sink::PostgresSink;
 
@@ -89,18 +91,21 @@ pub struct ColumnConfig {
     /// transaction that stores the source offsets (so each record counts
     /// once). `replace` (default: the newest value), `sum`, `min`, `max`,
     /// `first` or `last` (the value of the row whose `by` column is the
-    /// smallest or the largest, ties to the smallest or largest value).
+    /// smallest or the largest, ties to the smallest or largest value), or
+    /// `weighted_mean` (the mean weighted by the `by` column, which merges
+    /// by `sum`: a VWAP by the volume).
     #[serde(default)]
     pub merge: Merge,
     /// With `merge = "first"` or `"last"`: the column that orders the rows
     /// (e.g. an event time); it must itself merge by `min` (for `first`) or
-    /// `max` (for `last`), so that the stored row remembers it.
+    /// `max` (for `last`), so that the stored row remembers it. With
+    /// `merge = "weighted_mean"`: the weight column, merging by `sum`.
     pub by: Option<String>,
 }
 
 /// How an upsert combines a column's values for one key.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum Merge {
     /// The newest value replaces the stored one.
     #[default]
@@ -115,6 +120,9 @@ pub enum Merge {
     First,
     /// The value of the row last by `by`.
     Last,
+    /// The mean of the values weighted by `by` (which merges by `sum`):
+    /// e.g. a VWAP weighted by the volume (`double precision`).
+    WeightedMean,
 }
 
 impl Merge {
@@ -126,6 +134,7 @@ impl Merge {
             Merge::Sum => matches!(kind, BigInt | Double),
             Merge::Min | Merge::Max => matches!(kind, BigInt | Double | Timestamptz | Text),
             Merge::First | Merge::Last => kind != TextArray,
+            Merge::WeightedMean => kind == Double,
         }
     }
 
@@ -137,6 +146,7 @@ impl Merge {
             Merge::Max => "max",
             Merge::First => "first",
             Merge::Last => "last",
+            Merge::WeightedMean => "weighted_mean",
         }
     }
 }
@@ -183,9 +193,21 @@ impl PostgresSinkConfig {
                         None => cx.error(format!("column {:?}: `by` column {by:?} is not among `columns`", c.name)),
                     }
                 }
-                (_, Some(_)) => {
-                    cx.error(format!("column {:?}: `by` goes with merge = \"first\" or \"last\" only", c.name))
+                (Merge::WeightedMean, None) => {
+                    cx.error(format!("column {:?} merges by weighted_mean: say which column weighs with `by`", c.name))
                 }
+                (Merge::WeightedMean, Some(by)) => match self.columns.iter().find(|o| &o.name == by) {
+                    Some(o) if o.merge == Merge::Sum => {}
+                    Some(_) => cx.error(format!(
+                        "column {:?} merges by weighted_mean of {by:?}: {by:?} must merge by sum",
+                        c.name
+                    )),
+                    None => cx.error(format!("column {:?}: `by` column {by:?} is not among `columns`", c.name)),
+                },
+                (_, Some(_)) => cx.error(format!(
+                    "column {:?}: `by` goes with merge = \"first\", \"last\" or \"weighted_mean\" only",
+                    c.name
+                )),
                 _ => {}
             }
         }

@@ -20,13 +20,16 @@
 
 use super::client::{connect, target, Target};
 use super::rows::{excerpt, pg_type, Rows};
+use super::state::{state_table, PgStateStore, StateStatements};
 use super::{Merge, PostgresSinkConfig};
 use crate::record::{Origin, OutputRef};
 use crate::sinks::{Rejected, Sink};
+use crate::state::{Delta, StateStore};
 use anyhow::Context;
 use async_trait::async_trait;
 use futures::pin_mut;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use tokio::sync::Mutex;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::DbError;
@@ -49,6 +52,8 @@ pub struct PostgresSink {
     types: Vec<Type>,
     table: String,
     column_list: String,
+    /// Where plugins' keyed state is read back from, when exactly-once.
+    state_store: Option<Arc<PgStateStore>>,
 }
 
 /// `a.b` → `"a"."b"`, with quotes doubled.
@@ -66,6 +71,16 @@ impl PostgresSink {
         let table = quote_ident(&config.table);
         let column_list = config.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
         let offsets = config.exactly_once.then(|| quote_ident(&offsets_table(&config)));
+        let state_store = config.exactly_once.then(|| {
+            Arc::new(PgStateStore {
+                target: target.clone(),
+                pipeline: pipeline.to_string(),
+                sink: name.to_string(),
+                offsets_table: offsets_table(&config),
+                state_table: state_table(&offsets_table(&config)),
+                client: Mutex::new(None),
+            })
+        });
         Ok(PostgresSink {
             config,
             pipeline: pipeline.to_string(),
@@ -76,6 +91,7 @@ impl PostgresSink {
             types,
             table,
             column_list,
+            state_store,
         })
     }
 
@@ -160,7 +176,7 @@ impl PostgresSink {
             ))
         };
         let commit = merge.as_ref().map_or_else(|| "COMMIT".to_string(), |merge| format!("{merge}; COMMIT"));
-        Ok(Prepared { copy, offsets, commit, merge })
+        Ok(Prepared { copy, offsets, commit, merge, state: None })
     }
 
     /// Creates the table (with `create_table`) and the offsets table (with
@@ -201,10 +217,17 @@ impl PostgresSink {
                         &[&self.pipeline, &self.name],
                     )
                     .await?;
+                // The plugins' state belongs to those rows too.
+                let state = state_table(&offsets_table(&self.config));
+                let has_state: bool = tx.query_one("SELECT to_regclass($1) IS NOT NULL", &[&state]).await?.get(0);
+                if has_state {
+                    tx.execute(&format!("DELETE FROM {} WHERE pipeline = $1", quote_ident(&state)), &[&self.pipeline])
+                        .await?;
+                }
                 if forgotten > 0 {
                     info!(
                         pipeline = %self.pipeline, sink = %self.name, table = %self.config.table, partitions = forgotten,
-                        "created the table: forgot the source offsets stored with the rows of the old one"
+                        "created the table: forgot the source offsets stored with the rows of the old one (and the plugins' state)"
                     );
                 }
             }
@@ -262,6 +285,14 @@ impl PostgresSink {
                          THEN EXCLUDED.{col} ELSE sluice_old.{col} END"
                     ),
                 ),
+                Merge::WeightedMean => (
+                    format!("sum({col} * {by}) / NULLIF(sum({by}), 0)"),
+                    format!(
+                        "CASE WHEN COALESCE(sluice_old.{by}, 0) + COALESCE(EXCLUDED.{by}, 0) = 0 THEN EXCLUDED.{col} \
+                         ELSE (COALESCE(sluice_old.{col} * sluice_old.{by}, 0) + COALESCE(EXCLUDED.{col} * EXCLUDED.{by}, 0)) \
+                         / (COALESCE(sluice_old.{by}, 0) + COALESCE(EXCLUDED.{by}, 0)) END"
+                    ),
+                ),
             };
             select.push(format!("{staged} AS {col}"));
             updates.push(format!("{col} = {combined}"));
@@ -297,9 +328,10 @@ impl PostgresSink {
         prepared: &Prepared,
         rows: &Rows<'_>,
         origins: &[&Origin],
+        delta: Option<&Delta>,
     ) -> anyhow::Result<usize> {
         let mut keep = vec![true; rows.len()];
-        let Positions { topics, partitions, nexts } = positions(origins);
+        let Positions { topics, partitions, nexts } = positions(origins, delta);
         let key: [&(dyn ToSql + Sync); 4] = [&self.pipeline, &self.name, &topics, &partitions];
         let advance: [&(dyn ToSql + Sync); 5] = [&self.pipeline, &self.name, &topics, &partitions, &nexts];
         let sink = match &prepared.offsets {
@@ -343,8 +375,13 @@ impl PostgresSink {
         let writer = BinaryCopyInWriter::new(sink, &self.types);
         pin_mut!(writer);
         put_rows(writer.as_mut(), rows, (0..rows.len()).filter(|&i| keep[i])).await?;
-        let (copied, committed) = futures::join!(writer.finish(), client.batch_execute(&prepared.commit));
+        let (copied, state, committed) = futures::join!(
+            writer.finish(),
+            self.write_state(client, prepared, delta),
+            client.batch_execute(&prepared.commit)
+        );
         copied?;
+        state?;
         committed?;
         Ok(keep.iter().filter(|k| !**k).count())
     }
@@ -363,8 +400,9 @@ impl PostgresSink {
         prepared: &Prepared,
         rows: &Rows<'_>,
         origins: &[&Origin],
+        delta: Option<&Delta>,
     ) -> anyhow::Result<(usize, Vec<(usize, String)>)> {
-        let Positions { topics, partitions, nexts } = positions(origins);
+        let Positions { topics, partitions, nexts } = positions(origins, delta);
         let key: [&(dyn ToSql + Sync); 4] = [&self.pipeline, &self.name, &topics, &partitions];
         let advance: [&(dyn ToSql + Sync); 5] = [&self.pipeline, &self.name, &topics, &partitions, &nexts];
         let mut keep = vec![true; rows.len()];
@@ -403,8 +441,24 @@ impl PostgresSink {
                 }
             }
         }
+        self.write_state(client, prepared, delta).await?;
         client.batch_execute("COMMIT").await?;
         Ok((rows.len() - kept.len(), refused))
+    }
+
+    /// The batch's keyed-state changes, in the transaction under way.
+    async fn write_state(
+        &self,
+        client: &Client,
+        prepared: &Prepared,
+        delta: Option<&Delta>,
+    ) -> Result<(), tokio_postgres::Error> {
+        match (delta, &prepared.state) {
+            (Some(delta), Some(statements)) if !delta.changes.is_empty() => {
+                statements.write(client, &self.pipeline, delta).await
+            }
+            _ => Ok(()),
+        }
     }
 
     /// COPYs rows `which` of `rows` (an upsert's merged, and its staging
@@ -450,11 +504,17 @@ struct Positions<'a> {
     nexts: Vec<i64>,
 }
 
-fn positions<'a>(origins: &[&'a Origin]) -> Positions<'a> {
+fn positions<'a>(origins: &[&'a Origin], delta: Option<&'a Delta>) -> Positions<'a> {
     let mut next = BTreeMap::new();
-    for o in origins {
+    // A fired timer's output (offset -1) comes from no source record.
+    for o in origins.iter().filter(|o| o.offset >= 0) {
         let at = next.entry((&*o.topic, o.partition)).or_insert(0_i64);
         *at = (*at).max(o.offset + 1);
+    }
+    // With state: every partition of the batch, rows or not.
+    for ((topic, partition), n) in delta.map(|d| &d.positions[..]).unwrap_or_default() {
+        let at = next.entry((&**topic, *partition)).or_insert(0_i64);
+        *at = (*at).max(*n);
     }
     Positions {
         topics: next.keys().map(|(t, _)| *t).collect(),
@@ -468,7 +528,9 @@ fn positions<'a>(origins: &[&'a Origin]) -> Positions<'a> {
 fn mark_written(keep: &mut [bool], origins: &[&Origin], locked: &[tokio_postgres::Row]) {
     let stored: HashMap<(&str, i32), i64> = locked.iter().map(|row| ((row.get(0), row.get(1)), row.get(2))).collect();
     for (keep, o) in keep.iter_mut().zip(origins) {
-        *keep = o.offset >= stored.get(&(&*o.topic, o.partition)).copied().unwrap_or(0);
+        // A fired timer's output (offset -1) is written once by the state:
+        // the timer is deleted in the transaction that writes it.
+        *keep = o.offset < 0 || o.offset >= stored.get(&(&*o.topic, o.partition)).copied().unwrap_or(0);
     }
 }
 
@@ -508,6 +570,8 @@ struct Prepared {
     commit: String,
     /// An upsert's merge of the staging table into the table.
     merge: Option<String>,
+    /// The state changes' statements, prepared on the first batch with changes.
+    state: Option<StateStatements>,
 }
 
 /// The offsets table's statements, for `exactly_once`.
@@ -532,6 +596,32 @@ fn offsets_table(config: &PostgresSinkConfig) -> String {
 #[async_trait]
 impl Sink for PostgresSink {
     async fn write(&self, batch: &[OutputRef<'_>], origins: &[&Origin]) -> anyhow::Result<Vec<Rejected>> {
+        self.write_batch(batch, origins, None).await
+    }
+
+    fn state_store(&self) -> Option<Arc<dyn StateStore>> {
+        self.state_store.clone().map(|store| store as Arc<dyn StateStore>)
+    }
+
+    async fn write_with_state(
+        &self,
+        batch: &[OutputRef<'_>],
+        origins: &[&Origin],
+        delta: &Delta,
+    ) -> anyhow::Result<Vec<Rejected>> {
+        anyhow::ensure!(self.state_store.is_some(), "sink {} is not exactly-once: it cannot keep state", self.name);
+        self.write_batch(batch, origins, Some(delta)).await
+    }
+}
+
+impl PostgresSink {
+    /// Writes `batch` (and `delta`, the batch's state changes) in one transaction.
+    async fn write_batch(
+        &self,
+        batch: &[OutputRef<'_>],
+        origins: &[&Origin],
+        delta: Option<&Delta>,
+    ) -> anyhow::Result<Vec<Rejected>> {
         let mut rows = Rows::with_capacity(batch.len(), self.config.columns.len());
         let mut row_origins = Vec::with_capacity(batch.len());
         // Each row's index in the batch.
@@ -546,17 +636,24 @@ impl Sink for PostgresSink {
                 Err(reason) => rejected.push(Rejected { index, reason }),
             }
         }
-        if rows.is_empty() {
+        if rows.is_empty() && delta.is_none_or(Delta::is_empty) {
             return Ok(rejected);
         }
         let mut guard = self.client.lock().await;
         // Out of the slot while it writes: if this future is dropped
         // mid-transaction, so is the connection, and the server rolls back.
-        let (client, prepared) = match guard.take() {
+        let (client, mut prepared) = match guard.take() {
             Some(connection) if !connection.0.is_closed() => connection,
             _ => self.connect().await?,
         };
-        let skipped = match self.copy(&client, &prepared, &rows, &row_origins).await {
+        if prepared.state.is_none() && delta.is_some_and(|d| !d.changes.is_empty()) {
+            let table = state_table(&offsets_table(&self.config));
+            let statements = StateStatements::prepare(&client, &table)
+                .await
+                .with_context(|| format!("cannot prepare the statements that write the state table {table}"))?;
+            prepared.state = Some(statements);
+        }
+        let skipped = match self.copy(&client, &prepared, &rows, &row_origins, delta).await {
             Ok(skipped) => skipped,
             Err(error) if refused_data(&error).is_some() => {
                 // A value PostgreSQL refuses that the conversion let through
@@ -568,7 +665,7 @@ impl Sink for PostgresSink {
                 );
                 client.batch_execute("ROLLBACK").await.context("cannot roll back the refused batch")?;
                 let (skipped, refused) = self
-                    .copy_sifting(&client, &prepared, &rows, &row_origins)
+                    .copy_sifting(&client, &prepared, &rows, &row_origins, delta)
                     .await
                     .with_context(|| format!("cannot write {} rows to {}", rows.len(), self.config.table))?;
                 rejected.extend(refused.into_iter().map(|(row, reason)| Rejected { index: row_index[row], reason }));

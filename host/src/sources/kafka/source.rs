@@ -49,6 +49,8 @@ pub struct GroupContext {
     last_commit: Mutex<Option<TopicPartitionList>>,
     /// The partitions this instance owns now, as `topic/partition`.
     assignment: Arc<Mutex<Vec<(String, i32)>>>,
+    /// Counts the rebalances ([`Source::generation`]).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 fn partitions(list: &TopicPartitionList) -> Vec<(String, i32)> {
@@ -93,6 +95,7 @@ impl ConsumerContext for GroupContext {
     }
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         match rebalance {
             Rebalance::Assign(list) => {
                 let now = partitions(list);
@@ -168,6 +171,7 @@ impl KafkaSource {
             events: ClientEvents::new(pipeline, Role::Source, config.brokers()),
             last_commit: Mutex::new(None),
             assignment: Arc::default(),
+            generation: Default::default(),
         };
         let consumer: StreamConsumer<GroupContext> =
             client.create_with_context(context).context("cannot create the Kafka consumer")?;
@@ -347,5 +351,13 @@ impl Source for KafkaSource {
                 .context("cannot commit consumer offsets"),
             None => Ok(()),
         }
+    }
+
+    fn generation(&self) -> u64 {
+        self.consumer.context().generation.load(Ordering::SeqCst)
+    }
+
+    fn assignment(&self) -> Vec<(String, i32)> {
+        KafkaSource::assignment(self)
     }
 }

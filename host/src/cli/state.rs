@@ -1,0 +1,149 @@
+//! `sluice state PIPELINE`: the keyed state a pipeline's stateful plugins
+//! keep in its exactly-once PostgreSQL sink's `sluice_state`, read from the
+//! store (the pipeline need not run): per stage and partition its keys, its
+//! timers and its clock, or with `--key` one key's value.
+
+use crate::state::time::stored;
+use crate::state::{Filter, Stored};
+use clap::Args;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Args)]
+pub struct StateArgs {
+    /// The pipeline file.
+    pub pipeline: PathBuf,
+    /// Only this stage (the transform's index in the file, from 0).
+    #[arg(long)]
+    pub stage: Option<u32>,
+    /// Only this source partition.
+    #[arg(long)]
+    pub partition: Option<i32>,
+    /// Only this key (as UTF-8): its value and its timers.
+    #[arg(long)]
+    pub key: Option<String>,
+}
+
+pub fn state(args: &StateArgs) -> anyhow::Result<ExitCode> {
+    let spec = match crate::config::load_pipeline(&args.pipeline, None) {
+        Ok(spec) => spec,
+        Err(errors) => {
+            super::print_config_errors(&errors);
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let dir = spec.file.parent().unwrap_or(std::path::Path::new(".")).to_path_buf();
+    let filter = Filter { stage: args.stage, partition: args.partition, key: args.key.clone().map(String::into_bytes) };
+    let rows = super::tokio_runtime()?.block_on(async {
+        let mut stores = Vec::new();
+        for (name, config) in &spec.sinks {
+            let sink = crate::sinks::build(name, config, &spec.name, &dir).await?;
+            if let Some(store) = sink.state_store() {
+                stores.push((name.clone(), store));
+            }
+        }
+        let [(_, store)] = &stores[..] else {
+            anyhow::bail!(
+                "pipeline {} has {} exactly-once postgres sinks: the state is kept by exactly one",
+                spec.name,
+                stores.len()
+            );
+        };
+        store.scan(&filter).await
+    })?;
+    print!("{}", render(&rows, args.key.is_some()));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The stored keys as text: one line per entry, timer and clock, a summary
+/// line per stage and partition; with `values`, each entry's value too.
+pub fn render(rows: &[Stored], values: bool) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let mut at = 0;
+    while at < rows.len() {
+        let (stage, partition) = (rows[at].stage, &rows[at].partition);
+        let end = rows[at..]
+            .iter()
+            .position(|r| r.stage != stage || &r.partition != partition)
+            .map_or(rows.len(), |n| at + n);
+        let group = &rows[at..end];
+        let entries: Vec<&Stored> = group.iter().filter(|r| r.key.first() == Some(&stored::ENTRY)).collect();
+        let timers = group.iter().filter(|r| r.key.first() == Some(&stored::TIMER)).count();
+        let bytes: usize = entries.iter().map(|r| r.key.len() - 1 + r.value.len()).sum();
+        let clock = group.iter().find(|r| r.key.first() == Some(&stored::CLOCK)).map(|r| stored::parse_clock(&r.value));
+        let _ = write!(
+            out,
+            "stage {stage} {}/{}: {} keys ({bytes} bytes), {timers} timers",
+            partition.0,
+            partition.1,
+            entries.len()
+        );
+        match clock {
+            Some((watermark, newest)) => {
+                let _ = writeln!(out, ", watermark {}, newest timestamp {}", time(watermark), time(newest));
+            }
+            None => out.push('\n'),
+        }
+        for r in group {
+            match r.key.first() {
+                Some(&stored::ENTRY) if values => {
+                    let _ = writeln!(out, "  {} = {}", show(&r.key[1..]), show(&r.value));
+                }
+                Some(&stored::ENTRY) => {
+                    let _ = writeln!(out, "  {} ({} bytes)", show(&r.key[1..]), r.value.len());
+                }
+                Some(&stored::TIMER) => {
+                    if let Some((at, key)) = stored::parse_timer(&r.key) {
+                        let _ = writeln!(out, "  timer {} at {}", show(&key), time(Some(at)));
+                    }
+                }
+                _ => {}
+            }
+        }
+        at = end;
+    }
+    if rows.is_empty() {
+        out.push_str("no state stored\n");
+    }
+    out
+}
+
+/// Bytes as text: UTF-8 with NUL and other control characters escaped.
+fn show(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes)
+        .chars()
+        .map(|c| if c.is_control() { c.escape_debug().to_string() } else { c.to_string() })
+        .collect()
+}
+
+/// Milliseconds since the Unix epoch as RFC 3339 (`-` for none).
+fn time(ms: Option<i64>) -> String {
+    let Some(ms) = ms else { return "-".to_string() };
+    let at = std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_millis(ms.max(0) as u64));
+    at.map_or_else(|| ms.to_string(), |t| humantime::format_rfc3339_millis(t).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_timers_and_the_clock_are_shown_per_partition() {
+        let p = ("raw".into(), 0);
+        let row = |key: Vec<u8>, value: &[u8]| Stored { stage: 1, partition: p.clone(), key, value: value.to_vec() };
+        let rows = [
+            row(stored::entry(b"A\x0060000"), br#"{"trades":2}"#),
+            row(stored::timer(120_000, b"A\x0060000"), b""),
+            row(vec![stored::CLOCK], &stored::clock(Some(61_000), Some(62_000))),
+        ];
+        let text = render(&rows, true);
+        assert!(
+            text.starts_with("stage 1 raw/0: 1 keys (19 bytes), 1 timers, watermark 1970-01-01T00:01:01.000Z"),
+            "{text}"
+        );
+        assert!(text.contains("  A\\060000 = {\"trades\":2}"), "{text}");
+        assert!(text.contains("timer A\\060000 at 1970-01-01T00:02:00.000Z"), "{text}");
+        assert_eq!(render(&[], false), "no state stored\n");
+    }
+}

@@ -1,0 +1,757 @@
+//! Keyed state of stateful plugins (contract 0.3, `wit/0.3/transform.wit`).
+//!
+//! Each stateful stage of a pipeline has one [`StageState`]: per source
+//! partition, the entries as of the batches handed to delivery, and the
+//! source offset they include records up to. A plugin call reads through
+//! its own changes, then those of earlier calls of the same batch, then the
+//! entries; its writes land in the call's changes ([`CallState`]). A call
+//! that faults is forgotten; a batch whose results are delivered is applied
+//! ([`StageState::apply`]) and its [`Delta`] goes to the state's store (the
+//! exactly-once PostgreSQL sink, in the transaction of the batch's rows and
+//! offsets); a batch that is run again (a rollback) is discarded.
+//!
+//! A partition is loaded from the store ([`StateStore::load`]) the first
+//! time a batch holds it, and forgotten when the source's assignment
+//! changes (a rebalance), so that it is read again as committed.
+
+pub mod time;
+
+use crate::record::Record;
+use async_trait::async_trait;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use time::{idle_watermark, stored, Clock, EventTime, Seen};
+
+/// A source partition: the scope of a stage's state.
+pub type Partition = (Arc<str>, i32);
+
+/// A partition's state as its store holds it: the stored keys (see
+/// [`time::stored`]: plugin entries, timers and the clock) and their values.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub entries: HashMap<Vec<u8>, Vec<u8>>,
+    /// The offset after the last record the entries include: a record below
+    /// it was applied (and its rows written) before.
+    pub next_offset: i64,
+}
+
+/// Where a pipeline's state is kept: read per partition on assignment,
+/// written with each batch (see [`crate::sinks::Sink::write_with_state`]).
+#[async_trait]
+pub trait StateStore: Send + Sync {
+    /// Stage `stage`'s entries for `partition`, and how far they go.
+    async fn load(&self, stage: u32, partition: &Partition) -> anyhow::Result<Loaded>;
+
+    /// Every stored key of the pipeline that `filter` lets through, in
+    /// order (for `sluice state`).
+    async fn scan(&self, filter: &Filter) -> anyhow::Result<Vec<Stored>>;
+}
+
+/// Which stored keys [`StateStore::scan`] returns: `None` is any.
+#[derive(Debug, Default, Clone)]
+pub struct Filter {
+    pub stage: Option<u32>,
+    pub partition: Option<i32>,
+    /// A plugin key: its entry and its timers.
+    pub key: Option<Vec<u8>>,
+}
+
+/// One stored key (see [`time::stored`]) and its value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    pub stage: u32,
+    pub partition: Partition,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+/// What one delivered batch changed, for the store: per stage and
+/// partition, each key's new value (`None`: deleted), and every partition
+/// of the batch with the offset after its last record (the store moves the
+/// partition's stored offset there even when no row came of it).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Delta {
+    pub changes: Vec<Change>,
+    pub positions: Vec<(Partition, i64)>,
+}
+
+/// One stored key's change (see [`time::stored`] for the keys).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub stage: u32,
+    pub partition: Partition,
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+}
+
+impl Delta {
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty() && self.positions.is_empty()
+    }
+}
+
+/// Why a state call was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    #[error("state limit of {limit_mib} MiB reached (limits.state_mib): the stage's state would hold {bytes} bytes")]
+    Limit { limit_mib: u64, bytes: usize },
+    #[error("state call names record {index}, but the batch has {len} records")]
+    NoRecord { index: u32, len: usize },
+    #[error("this instance has no state")]
+    Unavailable,
+    #[error("set-timer needs event time: add [transforms.event_time] to the stage in the pipeline file")]
+    NoEventTime,
+}
+
+/// A partition's entries, the offset they go to, and its clock.
+#[derive(Debug, Default)]
+struct PartitionState {
+    entries: HashMap<Vec<u8>, Vec<u8>>,
+    next_offset: i64,
+    clock: Clock,
+    /// When the partition last had a record (for `idle_timeout`).
+    seen: Option<Seen>,
+}
+
+/// Changes not yet applied: per partition, each key's new value.
+type Changes = HashMap<Partition, HashMap<Vec<u8>, Option<Vec<u8>>>>;
+
+/// A batch's changes to the clocks: timers set and fired, watermarks moved.
+#[derive(Debug, Default)]
+struct ClockChanges {
+    set: Vec<(Partition, i64, Vec<u8>)>,
+    fired: Vec<(Partition, i64, Vec<u8>)>,
+    /// Per partition: the new (watermark, newest timestamp).
+    marks: HashMap<Partition, (Option<i64>, Option<i64>)>,
+}
+
+/// One stateful stage's state.
+#[derive(Debug)]
+pub struct StageState {
+    stage: u32,
+    partitions: HashMap<Partition, PartitionState>,
+    /// The changes of the batch being run (its calls that succeeded).
+    pending: Changes,
+    pending_clocks: ClockChanges,
+    /// The stage's event time, if it has one.
+    event: Option<EventTime>,
+    /// Bytes of keys and values in `partitions`.
+    bytes: usize,
+    /// How `pending` changes `bytes`.
+    pending_delta: isize,
+    limit_bytes: usize,
+    /// Kept by nobody (a shadow candidate, `sluice plugin test`): a call's
+    /// changes are applied at once.
+    scratch: bool,
+}
+
+/// Bytes a key and its value count for: their lengths, plus a fixed cost
+/// for the entry itself (so that a million empty keys count too).
+fn entry_bytes(key: &[u8], value: &[u8]) -> usize {
+    key.len() + value.len() + 32
+}
+
+impl StageState {
+    pub fn new(stage: u32, limit_bytes: usize) -> Self {
+        StageState {
+            stage,
+            partitions: HashMap::new(),
+            pending: Changes::new(),
+            pending_clocks: ClockChanges::default(),
+            event: None,
+            bytes: 0,
+            pending_delta: 0,
+            limit_bytes,
+            scratch: false,
+        }
+    }
+
+    /// A state no store keeps, for an instance outside a pipeline (a
+    /// shadow candidate, `sluice plugin test`): it starts empty, and each
+    /// call's changes are applied when it returns.
+    pub fn scratch(limit_bytes: usize) -> SharedState {
+        Arc::new(Mutex::new(StageState { scratch: true, ..StageState::new(0, limit_bytes) }))
+    }
+
+    pub fn stage(&self) -> u32 {
+        self.stage
+    }
+
+    /// Keys held, across partitions.
+    pub fn keys(&self) -> usize {
+        self.partitions.values().map(|p| p.entries.len()).sum()
+    }
+
+    /// Bytes held (keys, values and a fixed cost per entry).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn set_limit(&mut self, limit_bytes: usize) {
+        self.limit_bytes = limit_bytes;
+    }
+
+    pub fn set_event_time(&mut self, event: Option<EventTime>) {
+        self.event = event;
+    }
+
+    pub fn event_time(&self) -> Option<&EventTime> {
+        self.event.as_ref()
+    }
+
+    pub fn is_loaded(&self, partition: &Partition) -> bool {
+        self.partitions.contains_key(partition)
+    }
+
+    /// Takes `partition` as the store has it.
+    pub fn restore(&mut self, partition: Partition, loaded: Loaded) {
+        if let Some(old) = self.partitions.remove(&partition) {
+            self.bytes -= old.entries.iter().map(|(k, v)| entry_bytes(k, v)).sum::<usize>();
+            self.bytes -= old.clock.timer_bytes();
+        }
+        let mut state = PartitionState { next_offset: loaded.next_offset, ..PartitionState::default() };
+        for (key, value) in loaded.entries {
+            match key.first() {
+                Some(&stored::ENTRY) => {
+                    state.entries.insert(key[1..].to_vec(), value);
+                }
+                Some(&stored::TIMER) => {
+                    if let Some(timer) = stored::parse_timer(&key) {
+                        state.clock.timers.insert(timer);
+                    }
+                }
+                Some(&stored::CLOCK) => {
+                    (state.clock.watermark, state.clock.max_ts) = stored::parse_clock(&value);
+                }
+                _ => {}
+            }
+        }
+        self.bytes += state.entries.iter().map(|(k, v)| entry_bytes(k, v)).sum::<usize>();
+        self.bytes += state.clock.timer_bytes();
+        // Idle from now on, until a record comes.
+        state.seen = state.clock.max_ts.map(|max_ts| Seen { at: Instant::now(), max_ts });
+        self.partitions.insert(partition, state);
+    }
+
+    /// The watermark of `partition`, with the batch's moves.
+    pub fn watermark(&self, partition: &Partition) -> Option<i64> {
+        match self.pending_clocks.marks.get(partition) {
+            Some((mark, _)) => *mark,
+            None => self.partitions.get(partition).and_then(|p| p.clock.watermark),
+        }
+    }
+
+    /// Whether a record of `partition` at `ts` is behind its watermark.
+    pub fn is_late(&self, partition: &Partition, ts: i64) -> bool {
+        self.watermark(partition).is_some_and(|w| ts < w)
+    }
+
+    /// Records of `partition` up to `max_ts` were run: its watermark moves.
+    pub fn observe(&mut self, partition: &Partition, max_ts: i64) {
+        let Some(event) = &self.event else { return };
+        let lateness = event.allowed_lateness_ms;
+        let mut clock = self.partitions.get(partition).map(|p| p.clock.clone()).unwrap_or_default();
+        if let Some((mark, max)) = self.pending_clocks.marks.get(partition) {
+            (clock.watermark, clock.max_ts) = (*mark, *max);
+        }
+        let moved = clock.advanced(max_ts, lateness);
+        self.pending_clocks.marks.insert(partition.clone(), moved);
+    }
+
+    /// Idle partitions (no record for `idle_timeout`) move their watermark on with the clock.
+    pub fn observe_idle(&mut self, now: Instant) {
+        let Some(event) = &self.event else { return };
+        let mut moves = Vec::new();
+        for (partition, state) in &self.partitions {
+            let Some(mark) = state.seen.and_then(|seen| idle_watermark(seen, now, event)) else { continue };
+            if state.clock.watermark.is_none_or(|w| mark > w) && !self.pending_clocks.marks.contains_key(partition) {
+                moves.push((partition.clone(), (Some(mark), state.clock.max_ts)));
+            }
+        }
+        self.pending_clocks.marks.extend(moves);
+    }
+
+    /// The timers due at the watermarks the batch moved, in time order per
+    /// partition; they count as fired (removed) with the batch. With `end`
+    /// (the input ended: nothing more will come), every timer is due, and
+    /// the watermarks stay as they are.
+    pub fn take_due(&mut self, end: bool) -> Vec<(Partition, i64, Vec<u8>)> {
+        let mut due = Vec::new();
+        let mut partitions: Vec<&Partition> = self.pending_clocks.marks.keys().collect();
+        partitions.extend(self.pending_clocks.set.iter().map(|(p, _, _)| p));
+        if end {
+            partitions.extend(self.partitions.keys());
+        }
+        partitions.sort();
+        partitions.dedup();
+        for partition in partitions {
+            let mark = if end { Some(i64::MAX) } else { self.watermark(partition) };
+            let Some(mark) = mark else { continue };
+            let mut timers = self.partitions.get(partition).map(|p| p.clock.timers.clone()).unwrap_or_default();
+            for (p, at, key) in &self.pending_clocks.set {
+                if p == partition {
+                    timers.insert((*at, key.clone()));
+                }
+            }
+            for (p, at, key) in &self.pending_clocks.fired {
+                if p == partition {
+                    timers.remove(&(*at, key.clone()));
+                }
+            }
+            for (at, key) in timers.into_iter().take_while(|(at, _)| *at <= mark) {
+                due.push((partition.clone(), at, key));
+            }
+        }
+        due.sort_by(|a, b| (a.1, &a.0, &a.2).cmp(&(b.1, &b.0, &b.2)));
+        self.pending_clocks.fired.extend(due.iter().cloned());
+        due
+    }
+
+    /// Partitions with records, or timers, for [`crate::telemetry`]: (partition, watermark).
+    pub fn watermarks(&self) -> Vec<(Partition, Option<i64>)> {
+        self.partitions.iter().map(|(p, s)| (p.clone(), s.clock.watermark)).collect()
+    }
+
+    /// The offset after the last record `partition`'s entries include.
+    pub fn next_offset(&self, partition: &Partition) -> Option<i64> {
+        self.partitions.get(partition).map(|p| p.next_offset)
+    }
+
+    /// Forgets every partition (the assignment changed): each is loaded
+    /// again from the store when a batch next holds it.
+    pub fn forget(&mut self) {
+        self.partitions.clear();
+        self.discard();
+        self.bytes = 0;
+    }
+
+    fn read(&self, partition: &Partition, key: &[u8], call: &Changes) -> Option<Vec<u8>> {
+        for changes in [call, &self.pending] {
+            if let Some(value) = changes.get(partition).and_then(|c| c.get(key)) {
+                return value.clone();
+            }
+        }
+        self.partitions.get(partition).and_then(|p| p.entries.get(key)).cloned()
+    }
+
+    /// [`Self::read`]'s length, without a copy.
+    fn read_len(&self, partition: &Partition, key: &[u8], call: &Changes) -> Option<usize> {
+        for changes in [call, &self.pending] {
+            if let Some(value) = changes.get(partition).and_then(|c| c.get(key)) {
+                return value.as_ref().map(Vec::len);
+            }
+        }
+        self.partitions.get(partition).and_then(|p| p.entries.get(key)).map(Vec::len)
+    }
+
+    /// Keeps a call's changes with the batch's.
+    fn keep(&mut self, call: Changes, delta: isize, timers: Vec<(Partition, i64, Vec<u8>)>) {
+        self.pending_clocks.set.extend(timers);
+        self.pending_delta += delta;
+        for (partition, keys) in call {
+            self.pending.entry(partition).or_default().extend(keys);
+        }
+    }
+
+    /// Forgets the changes of the batch being run (it is run again).
+    pub fn discard(&mut self) {
+        self.pending.clear();
+        self.pending_clocks = ClockChanges::default();
+        self.pending_delta = 0;
+    }
+
+    /// Applies the batch's changes, and moves each partition of the batch
+    /// past its last record; returns the stored keys' changes for the store.
+    pub fn apply(&mut self, positions: &[(Partition, i64)]) -> Vec<Change> {
+        let mut out = Vec::new();
+        let stage = self.stage;
+        self.pending_delta = 0;
+        for (partition, keys) in std::mem::take(&mut self.pending) {
+            let state = self.partitions.entry(partition.clone()).or_default();
+            for (key, value) in keys {
+                if let Some(old) = state.entries.get(&key) {
+                    self.bytes -= entry_bytes(&key, old);
+                }
+                match &value {
+                    Some(v) => {
+                        self.bytes += entry_bytes(&key, v);
+                        state.entries.insert(key.clone(), v.clone());
+                    }
+                    None => {
+                        state.entries.remove(&key);
+                    }
+                }
+                out.push(Change { stage, partition: partition.clone(), key: stored::entry(&key), value });
+            }
+        }
+        let ClockChanges { set, fired, marks } = std::mem::take(&mut self.pending_clocks);
+        for (partition, at, key) in set {
+            let state = self.partitions.entry(partition.clone()).or_default();
+            if state.clock.timers.insert((at, key.clone())) {
+                self.bytes += key.len() + 40;
+                out.push(Change { stage, partition, key: stored::timer(at, &key), value: Some(Vec::new()) });
+            }
+        }
+        for (partition, at, key) in fired {
+            let state = self.partitions.entry(partition.clone()).or_default();
+            if state.clock.timers.remove(&(at, key.clone())) {
+                self.bytes -= key.len() + 40;
+            }
+            out.push(Change { stage, partition, key: stored::timer(at, &key), value: None });
+        }
+        for (partition, (mark, max)) in marks {
+            let state = self.partitions.entry(partition.clone()).or_default();
+            if (state.clock.watermark, state.clock.max_ts) != (mark, max) {
+                (state.clock.watermark, state.clock.max_ts) = (mark, max);
+                out.push(Change { stage, partition, key: vec![stored::CLOCK], value: Some(stored::clock(mark, max)) });
+            }
+        }
+        let now = Instant::now();
+        for (partition, next) in positions {
+            let state = self.partitions.entry(partition.clone()).or_default();
+            state.next_offset = state.next_offset.max(*next);
+            if let Some(max_ts) = state.clock.max_ts {
+                state.seen = Some(Seen { at: now, max_ts });
+            }
+        }
+        out
+    }
+}
+
+/// A stage's state, shared by the stage's instances (an instance replaced
+/// after a fault, a version swapped in or rolled back take it over).
+pub type SharedState = Arc<Mutex<StageState>>;
+
+/// The state of one plugin call: the stage's state, the partition of each
+/// record of the call's batch, and the call's changes.
+pub struct CallState {
+    shared: SharedState,
+    scopes: Vec<Partition>,
+    changes: Changes,
+    /// How `changes` change the stage's bytes.
+    delta: isize,
+    timers: Vec<(Partition, i64, Vec<u8>)>,
+}
+
+impl CallState {
+    /// The state of a call on `inputs` (their origins are the scopes).
+    pub fn new<'a>(shared: SharedState, origins: impl Iterator<Item = &'a crate::record::Origin>) -> Self {
+        let scopes = origins.map(|o| (o.topic.clone(), o.partition)).collect();
+        CallState { shared, scopes, changes: Changes::new(), delta: 0, timers: Vec::new() }
+    }
+
+    fn scope(&self, index: u32) -> Result<&Partition, StateError> {
+        self.scopes.get(index as usize).ok_or(StateError::NoRecord { index, len: self.scopes.len() })
+    }
+
+    pub fn get(&self, index: u32, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+        let partition = self.scope(index)?;
+        let shared = lock(&self.shared);
+        Ok(shared.read(partition, key, &self.changes))
+    }
+
+    /// Stores `value` under `key` (`None`: deletes it). Refused past the limit.
+    pub fn put(&mut self, index: u32, key: Vec<u8>, value: Option<Vec<u8>>) -> Result<(), StateError> {
+        let partition = self.scope(index)?.clone();
+        let shared = lock(&self.shared);
+        let old = shared.read_len(&partition, &key, &self.changes).map_or(0, |len| len + key.len() + 32);
+        let new = value.as_ref().map_or(0, |v| entry_bytes(&key, v));
+        let delta = self.delta + new as isize - old as isize;
+        let bytes = (shared.bytes as isize + shared.pending_delta + delta).max(0) as usize;
+        if new > old && bytes > shared.limit_bytes {
+            return Err(StateError::Limit { limit_mib: (shared.limit_bytes >> 20) as u64, bytes });
+        }
+        drop(shared);
+        self.delta = delta;
+        self.changes.entry(partition).or_default().insert(key, value);
+        Ok(())
+    }
+
+    /// Asks for a fired timer of `key` once the record's partition's
+    /// watermark reaches `at`.
+    pub fn set_timer(&mut self, index: u32, key: Vec<u8>, at: i64) -> Result<(), StateError> {
+        let partition = self.scope(index)?.clone();
+        if lock(&self.shared).event.is_none() {
+            return Err(StateError::NoEventTime);
+        }
+        self.timers.push((partition, at, key));
+        Ok(())
+    }
+
+    /// The watermark of the record's partition.
+    pub fn watermark(&self, index: u32) -> Result<Option<i64>, StateError> {
+        let partition = self.scope(index)?;
+        Ok(lock(&self.shared).watermark(partition))
+    }
+
+    /// The call succeeded: its changes join the batch's.
+    pub fn keep(self) {
+        let mut shared = lock(&self.shared);
+        shared.keep(self.changes, self.delta, self.timers);
+        if shared.scratch {
+            shared.apply(&[]);
+        }
+    }
+}
+
+/// Every partition of `batch` with the offset after its last record (a
+/// fired timer, offset -1, is not a source record: it moves nothing).
+pub fn positions(batch: &[Record]) -> Vec<(Partition, i64)> {
+    let mut next: HashMap<Partition, i64> = HashMap::new();
+    for r in batch.iter().filter(|r| r.origin.offset >= 0) {
+        let at = next.entry((r.origin.topic.clone(), r.origin.partition)).or_insert(0);
+        *at = (*at).max(r.origin.offset + 1);
+    }
+    let mut positions: Vec<_> = next.into_iter().collect();
+    positions.sort();
+    positions
+}
+
+/// The state of a pipeline's stateful stages, and the store it is kept in.
+pub struct PipelineState {
+    stages: std::collections::BTreeMap<u32, SharedState>,
+    store: Arc<dyn StateStore>,
+    /// The source's assignment generation the loaded partitions belong to.
+    generation: u64,
+}
+
+impl PipelineState {
+    pub fn new(store: Arc<dyn StateStore>) -> Self {
+        PipelineState { stages: Default::default(), store, generation: 0 }
+    }
+
+    /// Stage `stage`'s state (made empty the first time), limited to
+    /// `limit_bytes`, with `event` time.
+    pub fn stage(&mut self, stage: u32, limit_bytes: usize, event: Option<EventTime>) -> SharedState {
+        let shared =
+            self.stages.entry(stage).or_insert_with(|| Arc::new(Mutex::new(StageState::new(stage, limit_bytes))));
+        let mut state = lock(shared);
+        state.set_limit(limit_bytes);
+        state.set_event_time(event);
+        drop(state);
+        shared.clone()
+    }
+
+    /// Every stage's state.
+    pub fn stages(&self) -> impl Iterator<Item = &SharedState> {
+        self.stages.values()
+    }
+
+    /// Readies the state for `batch`: after a rebalance (`generation`
+    /// changed) every partition is forgotten; a partition no stage holds
+    /// yet is loaded from the store. Records the loaded state already
+    /// includes (read again after a restart or rebalance) are taken out of
+    /// `batch`: their rows were written with that state. Returns how many.
+    pub async fn prepare(
+        &mut self,
+        batch: &mut Vec<Record>,
+        generation: u64,
+        assigned: &[(String, i32)],
+    ) -> anyhow::Result<usize> {
+        if generation != self.generation {
+            self.generation = generation;
+            self.stages.values().for_each(|s| lock(s).forget());
+        }
+        let mut partitions: Vec<Partition> = positions(batch).into_iter().map(|(p, _)| p).collect();
+        partitions.extend(assigned.iter().map(|(t, p)| (Arc::from(t.as_str()), *p)));
+        partitions.sort();
+        partitions.dedup();
+        for partition in partitions {
+            for shared in self.stages.values() {
+                let stage = lock(shared).stage();
+                if !lock(shared).is_loaded(&partition) {
+                    let loaded = self.store.load(stage, &partition).await?;
+                    tracing::info!(stage, topic = %partition.0, partition = partition.1, keys = loaded.entries.len(), next_offset = loaded.next_offset, "state restored");
+                    lock(shared).restore(partition.clone(), loaded);
+                }
+            }
+        }
+        // Every stage's state goes to the same offset: the one the store
+        // keeps with it. A record below it was applied before.
+        let Some(first) = self.stages.values().next() else { return Ok(0) };
+        let state = lock(first);
+        let before = batch.len();
+        batch.retain(|r| {
+            r.origin.offset >= state.next_offset(&(r.origin.topic.clone(), r.origin.partition)).unwrap_or(0)
+        });
+        Ok(before - batch.len())
+    }
+
+    /// How often to look for idle partitions: half the shortest
+    /// `idle_timeout` of the stages with event time (at least 100 ms).
+    pub fn idle_tick(&self) -> Option<std::time::Duration> {
+        let shortest = self.stages.values().filter_map(|s| lock(s).event_time().and_then(|e| e.idle_timeout)).min()?;
+        Some((shortest / 2).max(std::time::Duration::from_millis(100)))
+    }
+
+    /// Per stage: (index, keys, bytes, watermark lag in seconds behind the
+    /// clock of its slowest partition, with event time).
+    pub fn sizes(&self) -> Vec<(u32, usize, usize, Option<f64>)> {
+        let now_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        self.stages
+            .values()
+            .map(|s| {
+                let state = lock(s);
+                let lag = state.event_time().and_then(|_| {
+                    let slowest = state.watermarks().into_iter().filter_map(|(_, w)| w).min()?;
+                    Some(now_ms.saturating_sub(slowest) as f64 / 1e3)
+                });
+                (state.stage(), state.keys(), state.bytes(), lag)
+            })
+            .collect()
+    }
+
+    /// The batch is run again (a rollback): its changes are forgotten.
+    pub fn discard(&self) {
+        self.stages.values().for_each(|s| lock(s).discard());
+    }
+
+    /// The batch's results go to delivery: its changes are applied, and
+    /// returned for the store with the batch's positions.
+    pub fn apply(&self, batch: &[Record]) -> Delta {
+        let positions = positions(batch);
+        let changes = self.stages.values().flat_map(|s| lock(s).apply(&positions)).collect();
+        Delta { changes, positions }
+    }
+}
+
+/// `shared`, locked (a panic while it was held leaves it usable: every
+/// change is applied whole or not at all).
+pub fn lock(shared: &SharedState) -> std::sync::MutexGuard<'_, StageState> {
+    shared.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Origin;
+
+    fn origin(partition: i32) -> Origin {
+        Origin { topic: "t".into(), partition, offset: 0 }
+    }
+
+    fn call(shared: &SharedState, partitions: &[i32]) -> CallState {
+        let origins: Vec<Origin> = partitions.iter().map(|p| origin(*p)).collect();
+        CallState::new(shared.clone(), origins.iter())
+    }
+
+    #[test]
+    fn reads_see_the_calls_changes_then_the_batchs_then_the_entries() {
+        let shared: SharedState = Arc::new(Mutex::new(StageState::new(0, 1 << 20)));
+        shared.lock().unwrap().restore(
+            ("t".into(), 0),
+            Loaded { entries: [(stored::entry(b"k"), b"stored".to_vec())].into(), next_offset: 5 },
+        );
+        let mut first = call(&shared, &[0, 1]);
+        assert_eq!(first.get(0, b"k").unwrap(), Some(b"stored".to_vec()));
+        assert_eq!(first.get(1, b"k").unwrap(), None, "partition 1 is another scope");
+        first.put(0, b"k".to_vec(), Some(b"one".to_vec())).unwrap();
+        first.put(1, b"k".to_vec(), Some(b"p1".to_vec())).unwrap();
+        assert_eq!(first.get(0, b"k").unwrap(), Some(b"one".to_vec()));
+        first.keep();
+        let mut second = call(&shared, &[0]);
+        assert_eq!(second.get(0, b"k").unwrap(), Some(b"one".to_vec()), "an earlier call of the batch");
+        second.put(0, b"k".to_vec(), None).unwrap();
+        assert_eq!(second.get(0, b"k").unwrap(), None);
+        drop(second); // faulted: forgotten
+        assert_eq!(call(&shared, &[0]).get(0, b"k").unwrap(), Some(b"one".to_vec()));
+        assert!(matches!(call(&shared, &[0]).get(3, b"k"), Err(StateError::NoRecord { index: 3, len: 1 })));
+
+        let mut state = shared.lock().unwrap();
+        let mut changes = state.apply(&[(("t".into(), 0), 9), (("t".into(), 1), 3)]);
+        changes.sort_by_key(|c| c.partition.1);
+        assert_eq!(changes.len(), 2);
+        assert_eq!(changes[0].value.as_deref(), Some(&b"one"[..]));
+        assert_eq!(changes[0].key, stored::entry(b"k"));
+        assert_eq!(state.next_offset(&("t".into(), 0)), Some(9));
+        assert_eq!(state.next_offset(&("t".into(), 1)), Some(3));
+        assert_eq!(state.keys(), 2);
+        assert_eq!(state.bytes(), entry_bytes(b"k", b"one") + entry_bytes(b"k", b"p1"));
+    }
+
+    #[test]
+    fn a_discarded_batch_leaves_the_state_as_it_was() {
+        let shared: SharedState = Arc::new(Mutex::new(StageState::new(0, 1 << 20)));
+        let mut c = call(&shared, &[0]);
+        c.put(0, b"a".to_vec(), Some(b"1".to_vec())).unwrap();
+        c.keep();
+        shared.lock().unwrap().discard();
+        assert_eq!(call(&shared, &[0]).get(0, b"a").unwrap(), None);
+        assert!(shared.lock().unwrap().apply(&[]).is_empty());
+    }
+
+    #[test]
+    fn the_limit_counts_what_the_batch_would_hold() {
+        let limit = 3 * entry_bytes(b"k0", &[0; 10]);
+        let shared: SharedState = Arc::new(Mutex::new(StageState::new(0, limit)));
+        let mut c = call(&shared, &[0]);
+        for i in 0..3 {
+            c.put(0, format!("k{i}").into_bytes(), Some(vec![0; 10])).unwrap();
+        }
+        // Overwriting a key does not grow the state; a fourth key does.
+        c.put(0, b"k0".to_vec(), Some(vec![1; 10])).unwrap();
+        let error = c.put(0, b"k3".to_vec(), Some(vec![0; 10])).unwrap_err();
+        assert!(matches!(error, StateError::Limit { .. }), "{error}");
+        assert!(error.to_string().contains("limits.state_mib"), "{error}");
+    }
+
+    fn event(lateness: i64) -> Option<EventTime> {
+        Some(EventTime { allowed_lateness_ms: lateness, idle_timeout: None, late: time::LatePolicy::Drop })
+    }
+
+    /// Timers fire once the batch's watermark passes them, are gone after
+    /// the batch is applied, come back with a restore, and a discarded
+    /// batch fires nothing.
+    #[test]
+    fn timers_fire_at_the_watermark_and_are_stored_with_it() {
+        let shared: SharedState = Arc::new(Mutex::new(StageState::new(0, 1 << 20)));
+        shared.lock().unwrap().set_event_time(event(1_000));
+        let p: Partition = ("t".into(), 0);
+        let mut c = call(&shared, &[0]);
+        c.set_timer(0, b"w1".to_vec(), 60_000).unwrap();
+        c.set_timer(0, b"w2".to_vec(), 120_000).unwrap();
+        c.keep();
+        let mut state = shared.lock().unwrap();
+        state.observe(&p, 59_500);
+        assert_eq!(state.watermark(&p), Some(58_500));
+        assert!(state.take_due(false).is_empty(), "58.5 s has not reached 60 s");
+        state.observe(&p, 61_000);
+        assert_eq!(state.take_due(false), vec![(p.clone(), 60_000, b"w1".to_vec())]);
+        assert!(state.take_due(false).is_empty(), "fired once");
+        assert!(state.is_late(&p, 59_999) && !state.is_late(&p, 60_000));
+        let changes = state.apply(&[(p.clone(), 10)]);
+        let stored: HashMap<Vec<u8>, Option<Vec<u8>>> = changes.into_iter().map(|c| (c.key, c.value)).collect();
+        assert_eq!(stored.get(&time::stored::timer(60_000, b"w1")), Some(&None), "the fired timer is deleted");
+        assert_eq!(stored.get(&time::stored::timer(120_000, b"w2")), Some(&Some(vec![])));
+        assert_eq!(
+            stored.get(&vec![time::stored::CLOCK]),
+            Some(&Some(time::stored::clock(Some(60_000), Some(61_000))))
+        );
+
+        // Restored from what was stored, the clock and the timer are back.
+        let entries: HashMap<Vec<u8>, Vec<u8>> = stored.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect();
+        let mut restored = StageState::new(0, 1 << 20);
+        restored.set_event_time(event(1_000));
+        restored.restore(p.clone(), Loaded { entries, next_offset: 10 });
+        assert_eq!(restored.watermark(&p), Some(60_000));
+        restored.observe(&p, 200_000);
+        assert_eq!(restored.take_due(false), vec![(p.clone(), 120_000, b"w2".to_vec())]);
+        restored.discard();
+        assert_eq!(restored.watermark(&p), Some(60_000), "a discarded batch moves nothing");
+        assert_eq!(restored.take_due(true), vec![(p, 120_000, b"w2".to_vec())], "the end fires every timer");
+    }
+
+    #[test]
+    fn positions_are_past_each_partitions_last_record() {
+        let batch: Vec<Record> = [(0, 4), (1, 2), (0, 7), (1, -1)]
+            .iter()
+            .map(|&(p, o)| Record {
+                origin: Origin { topic: "t".into(), partition: p, offset: o },
+                ..Record::default()
+            })
+            .collect();
+        assert_eq!(positions(&batch), vec![(("t".into(), 0), 8), (("t".into(), 1), 3)]);
+    }
+}

@@ -1,0 +1,496 @@
+//! Keyed state (contract 0.3): the `symbol-totals` plugin keeps running
+//! totals per symbol in the state of each source partition. Its changes
+//! are committed with the rows and the offsets, so the totals count every
+//! trade exactly once through replays and kill -9s; a put past
+//! `limits.state_mib` fails the batch; a stateful stage without a sink to
+//! keep its state is refused.
+
+use crate::common;
+
+use common::services::*;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// Per symbol: (trades, volume), computed from the frames.
+fn expected_totals(frames: &[Vec<u8>]) -> BTreeMap<String, (i64, f64)> {
+    let mut totals: BTreeMap<String, (i64, f64)> = BTreeMap::new();
+    for frame in frames {
+        let Ok(trades) = trade_flattener::flatten(frame) else { continue };
+        for trade in trades {
+            let v: serde_json::Value = serde_json::from_slice(&trade.value).unwrap();
+            let t = totals.entry(v["symbol"].as_str().unwrap().to_string()).or_default();
+            t.0 += 1;
+            t.1 += v["volume"].as_f64().unwrap();
+        }
+    }
+    totals
+}
+
+/// Per symbol, the totals summed over the partitions' rows.
+async fn stored_totals(client: &tokio_postgres::Client, table: &str) -> BTreeMap<String, (i64, f64)> {
+    let rows = client
+        .query(&format!("SELECT symbol, sum(trades)::bigint, sum(volume) FROM {table} GROUP BY symbol"), &[])
+        .await
+        .unwrap_or_default();
+    rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect()
+}
+
+async fn trades_in(client: &tokio_postgres::Client, table: &str) -> i64 {
+    match client.query_one(&format!("SELECT coalesce(sum(trades), 0)::bigint FROM {table}"), &[]).await {
+        Ok(row) => row.get(0),
+        Err(_) => 0,
+    }
+}
+
+fn assert_totals(stored: &BTreeMap<String, (i64, f64)>, want: &BTreeMap<String, (i64, f64)>) {
+    assert_eq!(stored.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "one total per symbol");
+    for (symbol, (trades, volume)) in stored {
+        let (want_trades, want_volume) = want[symbol];
+        assert_eq!(*trades, want_trades, "{symbol}: every trade counted exactly once");
+        assert!(
+            (volume - want_volume).abs() <= 1e-9 * want_volume.abs().max(1.0),
+            "{symbol}: volume {volume} vs {want_volume}"
+        );
+    }
+}
+
+/// The totals pipeline over `source` into `table`, with `extra` after the transform.
+fn totals_pipeline(source: &str, table: &str, extra: &str, dead_letter: &str) -> String {
+    format!(
+        r#"
+name = "totals"
+{source}
+[[transforms]]
+plugin = "{flattener}"
+[[transforms]]
+plugin = "{totals}"
+{extra}
+[sinks.pg]
+type = "postgres"
+url = "{PG_URL}"
+table = "{table}"
+create_table = true
+upsert_key = ["symbol", "partition"]
+columns = [
+  {{ name = "symbol", type = "text" }},
+  {{ name = "partition", type = "bigint" }},
+  {{ name = "trades", type = "bigint" }},
+  {{ name = "volume", type = "double precision" }},
+  {{ name = "last_price", type = "double precision" }},
+  {{ name = "last_ts", type = "timestamptz" }},
+]
+{dead_letter}
+"#,
+        flattener = common::plugin_path("trade_flattener").display(),
+        totals = common::plugin_path("symbol_totals").display(),
+    )
+}
+
+fn run_until_eof(file: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("--cache-dir")
+        .arg(common::test_cache_dir())
+        .args(["run", "--admin-addr", "off", "--until-eof"])
+        .arg(file)
+        .output()
+        .unwrap()
+}
+
+/// A capture read twice: the second run restores the state, skips every
+/// record it holds, and changes nothing; the state table holds each
+/// symbol's totals as the rows do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn totals_from_a_replayed_capture_are_exact_and_a_replay_changes_none() {
+    let pg = PgSchema::create("state_replay").await;
+    let table = format!("{}.totals", pg.name);
+    let frames = common::trades::generated(2_000, 71);
+    let want = expected_totals(&frames);
+    let dir = tempfile::tempdir().unwrap();
+    let text: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied().chain([b'\n'])).collect();
+    std::fs::write(dir.path().join("feed.jsonl"), text).unwrap();
+    let source = "[source]\ntype = \"file\"\npath = \"feed.jsonl\"\nbatch_max_records = 97";
+    let file =
+        write_pipeline(dir.path(), "totals", &totals_pipeline(source, &table, "", "[dead_letter]\ntype = \"stdout\""));
+    for replay in 1..=2 {
+        let out = run_until_eof(&file);
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "replay {replay}: {}\n{log}", out.status);
+        assert_totals(&stored_totals(&pg.client, &table).await, &want);
+        if replay == 2 {
+            assert!(log.contains("state restored"), "{log}");
+            assert!(log.contains("skipped records the restored state already holds"), "{log}");
+        }
+    }
+    // The state holds what the rows say: one entry per symbol and partition.
+    let state = pg
+        .client
+        .query(&format!("SELECT convert_from(substring(key from 2), 'UTF8'), convert_from(value, 'UTF8') FROM {}.sluice_state WHERE pipeline = 'totals' AND stage = 1 AND get_byte(key, 0) = 0", pg.name), &[])
+        .await
+        .unwrap();
+    let held: BTreeMap<String, i64> = state
+        .iter()
+        .map(|r| {
+            let value: serde_json::Value = serde_json::from_str(&r.get::<_, String>(1)).unwrap();
+            (r.get(0), value["trades"].as_i64().unwrap())
+        })
+        .collect();
+    let rows: BTreeMap<String, i64> = want.iter().map(|(s, (n, _))| (s.clone(), *n)).collect();
+    assert_eq!(held, rows, "the state's counts are the rows' counts (one partition)");
+
+    // `sluice state` reads the same from the store.
+    let state = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .arg("state")
+            .arg(&file)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let all = state(&["--stage", "1"]);
+    assert!(all.starts_with("stage 1 ") && all.contains("/0: 6 keys"), "{all}");
+    let aapl = state(&["--key", "AAPL"]);
+    assert!(aapl.contains(&format!("  AAPL = {{\"trades\":{},", rows["AAPL"])), "{aapl}");
+}
+
+/// A paced feed over two partitions, and three kill -9s: the totals
+/// (state, rows and offsets committed together) count every trade once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn totals_over_two_partitions_stay_exact_through_kill_9s() {
+    let broker = Broker::start();
+    broker.create_topic("trades_raw", 2).await;
+    broker.create_topic("totals_dlq", 1).await;
+    let pg = PgSchema::create("state_kill").await;
+    let table = format!("{}.totals", pg.name);
+    let frames = common::trades::generated(10_000, 72);
+    let want = expected_totals(&frames);
+    let trades: i64 = want.values().map(|t| t.0).sum();
+    let source = r#"[source]
+type = "kafka"
+brokers = "${SLUICE_BROKERS}"
+topics = ["trades_raw"]
+group = "g-totals"
+instance_id = "totals-a"
+batch_max_records = 300"#;
+    let dead_letter = "[dead_letter]\ntype = \"kafka\"\nbrokers = \"${SLUICE_BROKERS}\"\ntopic = \"totals_dlq\"";
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_pipeline(dir.path(), "totals", &totals_pipeline(source, &table, "", dead_letter));
+    let feed = paced_feed(&broker.addr, "trades_raw", frames, 400, Duration::from_secs(1));
+    let sluice = SluiceProcess::run(&[&file], &broker.addr);
+    let mut sluice =
+        kill_9_while_progressing(sluice, &[&file], &broker.addr, 3, 8, || trades_in(&pg.client, &table)).await;
+    feed.await.unwrap();
+    let all = wait_until(WAIT, || async { trades_in(&pg.client, &table).await >= trades }).await;
+    assert!(all, "trades counted: {} of {trades}", trades_in(&pg.client, &table).await);
+    tokio::time::sleep(Duration::from_secs(2)).await; // a double count would land now
+    assert_eq!(sluice.stop(), Some(0));
+    assert_totals(&stored_totals(&pg.client, &table).await, &want);
+    assert!(sluice.log_count("state restored") > 0, "the restarts restored the state");
+}
+
+/// Past `limits.state_mib` a put faults the batch: with `on_plugin_failure
+/// = "dead_letter"` the records go to the dead letters, the limit is the
+/// reason logged, and nothing reaches the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_past_the_state_limit_fails_its_records_with_the_reason() {
+    let pg = PgSchema::create("state_limit").await;
+    let table = format!("{}.totals", pg.name);
+    let dir = tempfile::tempdir().unwrap();
+    let frames = common::trades::generated(20, 73);
+    let text: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied().chain([b'\n'])).collect();
+    std::fs::write(dir.path().join("feed.jsonl"), text).unwrap();
+    let source = "on_plugin_failure = \"dead_letter\"\n[source]\ntype = \"file\"\npath = \"feed.jsonl\"";
+    let limits = "[transforms.limits]\nstate_mib = 0";
+    let file = write_pipeline(
+        dir.path(),
+        "totals",
+        &totals_pipeline(source, &table, limits, "[dead_letter]\ntype = \"stdout\""),
+    );
+    let out = run_until_eof(&file);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("state limit of 0 MiB reached (limits.state_mib)"), "{log}");
+    // Every frame is dead-lettered (the stdout dead letters print the values).
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), frames.len());
+    assert_eq!(trades_in(&pg.client, &table).await, 0);
+}
+
+/// A stateful stage needs an exactly-once PostgreSQL sink to keep its state.
+#[test]
+fn a_stateful_stage_without_a_state_sink_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("feed.jsonl"), "{}\n").unwrap();
+    let text = format!(
+        "name = \"nostate\"\n[source]\ntype = \"file\"\npath = \"feed.jsonl\"\n[[transforms]]\nplugin = \"{}\"\n[sinks.out]\ntype = \"stdout\"\n[dead_letter]\ntype = \"stdout\"\n",
+        common::plugin_path("symbol_totals").display()
+    );
+    let file = write_pipeline(dir.path(), "nostate", &text);
+    let out = run_until_eof(&file);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{log}");
+    assert!(
+        log.contains(
+            "transform 1 (symbol_totals) keeps state (contract 0.3): the pipeline needs an exactly-once postgres sink"
+        ),
+        "{log}"
+    );
+}
+
+/// `(open, high, low, close, volume, vwap, trades)` of a candle.
+type Candle = (f64, f64, f64, f64, f64, f64, i64);
+
+/// The candles of `frames` by (symbol, window start), computed here: open
+/// and close by time, ties to the lowest open and the highest close.
+fn expected_candles(frames: &[Vec<u8>], window_ms: i64) -> BTreeMap<(String, i64), Candle> {
+    // (open, high, low, close, volume, turnover, trades, first_ts, last_ts)
+    type Acc = (f64, f64, f64, f64, f64, f64, i64, i64, i64);
+    let mut acc: BTreeMap<(String, i64), Acc> = BTreeMap::new();
+    for frame in frames {
+        let Ok(trades) = trade_flattener::flatten(frame) else { continue };
+        for trade in trades {
+            let v: serde_json::Value = serde_json::from_slice(&trade.value).unwrap();
+            let (symbol, p, vol, ts) = (
+                v["symbol"].as_str().unwrap().to_string(),
+                v["price"].as_f64().unwrap(),
+                v["volume"].as_f64().unwrap(),
+                v["ts"].as_i64().unwrap(),
+            );
+            let start = ts - ts.rem_euclid(window_ms);
+            let c = acc.entry((symbol, start)).or_insert((p, p, p, p, 0.0, 0.0, 0, ts, ts));
+            if (ts, p) < (c.7, c.0) {
+                (c.7, c.0) = (ts, p);
+            }
+            if (ts, p) > (c.8, c.3) {
+                (c.8, c.3) = (ts, p);
+            }
+            c.1 = c.1.max(p);
+            c.2 = c.2.min(p);
+            c.4 += vol;
+            c.5 += p * vol;
+            c.6 += 1;
+        }
+    }
+    acc.into_iter().map(|(k, c)| (k, (c.0, c.1, c.2, c.3, c.4, c.5 / c.4, c.6))).collect()
+}
+
+async fn stored_candles(client: &tokio_postgres::Client, table: &str) -> BTreeMap<(String, i64), Candle> {
+    let sql = format!(
+        "SELECT symbol, (extract(epoch from window_start) * 1000)::bigint, open, high, low, close, volume, vwap, trades FROM {table}"
+    );
+    let rows = client.query(&sql, &[]).await.unwrap_or_default();
+    rows.iter()
+        .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3), r.get(4), r.get(5), r.get(6), r.get(7), r.get(8))))
+        .collect()
+}
+
+async fn candle_trades(client: &tokio_postgres::Client, table: &str) -> i64 {
+    match client.query_one(&format!("SELECT coalesce(sum(trades), 0)::bigint FROM {table}"), &[]).await {
+        Ok(row) => row.get(0),
+        Err(_) => 0,
+    }
+}
+
+/// Exactly, but for the sums (volume, VWAP): to 1e-9 relative.
+fn assert_candles(stored: &BTreeMap<(String, i64), Candle>, want: &BTreeMap<(String, i64), Candle>) {
+    assert_eq!(stored.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "one candle per symbol and window");
+    for (key, s) in stored {
+        let w = &want[key];
+        assert_eq!(
+            (s.0, s.1, s.2, s.3, s.6),
+            (w.0, w.1, w.2, w.3, w.6),
+            "candle {key:?}: open, high, low, close, trades"
+        );
+        for (what, a, b) in [("volume", s.4, w.4), ("vwap", s.5, w.5)] {
+            assert!((a - b).abs() <= 1e-9 * b.abs().max(1.0), "candle {key:?}: {what} {a} vs {b}");
+        }
+    }
+}
+
+/// The flagship: flattener → ohlc-candles (event time) → `candles`, the
+/// partitions' partial candles merged by the sink's rules.
+fn ohlc_pipeline(source: &str, table: &str, event_time: &str, dead_letter: &str, extra_sinks: &str) -> String {
+    format!(
+        r#"
+name = "ohlc"
+{source}
+[[transforms]]
+plugin = "{flattener}"
+[[transforms]]
+plugin = "{candles}"
+config = {{ window_ms = 10000 }}
+[transforms.event_time]
+{event_time}
+[sinks.pg]
+type = "postgres"
+url = "{PG_URL}"
+table = "{table}"
+create_table = true
+upsert_key = ["symbol", "window_start"]
+columns = [
+  {{ name = "symbol", type = "text" }},
+  {{ name = "window_start", type = "timestamptz" }},
+  {{ name = "open", type = "double precision", merge = "first", by = "first_ts" }},
+  {{ name = "high", type = "double precision", merge = "max" }},
+  {{ name = "low", type = "double precision", merge = "min" }},
+  {{ name = "close", type = "double precision", merge = "last", by = "last_ts" }},
+  {{ name = "volume", type = "double precision", merge = "sum" }},
+  {{ name = "vwap", type = "double precision", merge = "weighted_mean", by = "volume" }},
+  {{ name = "trades", type = "bigint", merge = "sum" }},
+  {{ name = "first_ts", type = "timestamptz", merge = "min" }},
+  {{ name = "last_ts", type = "timestamptz", merge = "max" }},
+]
+{extra_sinks}
+{dead_letter}
+"#,
+        flattener = common::plugin_path("trade_flattener").display(),
+        candles = common::plugin_path("ohlc_candles").display(),
+    )
+}
+
+/// Candles emitted once per window and partition, through three kill -9s
+/// over two partitions; the last windows close by `idle_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ohlc_candles_over_two_partitions_are_exact_through_kill_9s() {
+    let broker = Broker::start();
+    broker.create_topic("trades_raw", 2).await;
+    broker.create_topic("ohlc_dlq", 1).await;
+    let pg = PgSchema::create("ohlc_kill").await;
+    let table = format!("{}.candles", pg.name);
+    let frames = common::trades::generated(10_000, 74);
+    let want = expected_candles(&frames, 10_000);
+    let trades: i64 = want.values().map(|c| c.6).sum();
+    let source = r#"[source]
+type = "kafka"
+brokers = "${SLUICE_BROKERS}"
+topics = ["trades_raw"]
+group = "g-ohlc"
+instance_id = "ohlc-a"
+batch_max_records = 300"#;
+    let dead_letter = "[dead_letter]\ntype = \"kafka\"\nbrokers = \"${SLUICE_BROKERS}\"\ntopic = \"ohlc_dlq\"";
+    let dir = tempfile::tempdir().unwrap();
+    let event_time = "allowed_lateness_ms = 0\nidle_timeout_ms = 4000";
+    let file = write_pipeline(dir.path(), "ohlc", &ohlc_pipeline(source, &table, event_time, dead_letter, ""));
+    let feed = paced_feed(&broker.addr, "trades_raw", frames, 400, Duration::from_secs(1));
+    let sluice = SluiceProcess::run(&[&file], &broker.addr);
+    let mut sluice =
+        kill_9_while_progressing(sluice, &[&file], &broker.addr, 3, 9, || candle_trades(&pg.client, &table)).await;
+    feed.await.unwrap();
+    // The last window of each partition closes once it has been idle.
+    let all = wait_until(WAIT, || async { candle_trades(&pg.client, &table).await >= trades }).await;
+    assert!(all, "trades in candles: {} of {trades}", candle_trades(&pg.client, &table).await);
+    tokio::time::sleep(Duration::from_secs(2)).await; // a double count would land now
+    assert_eq!(sluice.stop(), Some(0));
+    assert_candles(&stored_candles(&pg.client, &table).await, &want);
+    assert!(sluice.log_count("idle partitions' watermarks moved on") > 0);
+    assert!(broker.consume("ohlc_dlq", 0, Duration::from_secs(2)).is_empty(), "no late record, no dead letter");
+}
+
+/// Frames a capture file holds for the late-record tests: two on time,
+/// then one 49 s behind the watermark (with 1 s of lateness), then one on
+/// time again; one frame a batch.
+fn late_capture(dir: &std::path::Path) {
+    let frame = |t: i64, p: f64| format!(r#"{{"type":"trade","data":[{{"s":"A","p":{p},"t":{t},"v":1.0,"c":[]}}]}}"#);
+    let lines = [frame(100_000, 1.0), frame(200_000, 2.0), frame(150_000, 3.0), frame(201_000, 4.0)];
+    std::fs::write(dir.join("late.jsonl"), lines.join("\n") + "\n").unwrap();
+}
+
+/// A late record under each policy: dropped, dead-lettered with the
+/// watermark in the reason, or routed to a sink as it is; the candles hold
+/// the on-time trades only, and the input's end closes the last window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_record_goes_where_its_policy_says() {
+    let source = "[source]\ntype = \"file\"\npath = \"late.jsonl\"\nbatch_max_records = 1";
+    for (policy, late) in [("drop", "\"drop\""), ("dead_letter", "\"dead_letter\""), ("route", "{ route = \"late\" }")]
+    {
+        let pg = PgSchema::create(&format!("ohlc_late_{policy}")).await;
+        let table = format!("{}.candles", pg.name);
+        let dir = tempfile::tempdir().unwrap();
+        late_capture(dir.path());
+        let event_time = format!("allowed_lateness_ms = 1000\nlate = {late}");
+        let late_sink = if policy == "route" { "[sinks.late]\ntype = \"stdout\"" } else { "" };
+        let source = format!("default_sink = \"pg\"\n{source}");
+        let source = source.as_str();
+        let text = ohlc_pipeline(source, &table, &event_time, "[dead_letter]\ntype = \"stdout\"", late_sink);
+        let file = write_pipeline(dir.path(), "ohlc", &text);
+        let out = run_until_eof(&file);
+        let (stdout, log) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{policy}: {log}");
+        let candles = stored_candles(&pg.client, &table).await;
+        let trades: Vec<(i64, i64)> = candles.iter().map(|((_, start), c)| (*start, c.6)).collect();
+        assert_eq!(trades, [(100_000, 1), (200_000, 2)], "{policy}: the on-time trades, every window closed");
+        match policy {
+            "drop" => assert_eq!(stdout.trim(), "", "dropped: no dead letter"),
+            "dead_letter" => {
+                assert_eq!(stdout.lines().count(), 1, "{stdout}");
+                assert!(stdout.contains(r#""t":150000"#), "the frame is dead-lettered: {stdout}");
+            }
+            _ => {
+                let routed: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+                assert_eq!((routed["ts"].as_i64(), routed["price"].as_f64()), (Some(150_000), Some(3.0)), "{stdout}");
+            }
+        }
+    }
+}
+
+/// `plugin` with a custom section appended: the same code, a new version
+/// (another hash), as a rebuild would give.
+fn rebuilt(plugin: &std::path::Path, dir: &std::path::Path, tag: &str) -> std::path::PathBuf {
+    let mut bytes = std::fs::read(plugin).unwrap();
+    let name = format!("sluice-test-{tag}");
+    let payload_len = 1 + name.len();
+    bytes.extend([0u8, payload_len as u8, name.len() as u8]);
+    bytes.extend(name.as_bytes());
+    let out = dir.join(format!("ohlc_candles_{tag}.wasm"));
+    std::fs::write(&out, bytes).unwrap();
+    out
+}
+
+/// Hot swaps mid-window under a paced feed: each new version takes over
+/// the state (open windows, timers, watermarks), and the candles are exact:
+/// no gap, no double count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_swaps_mid_window_hand_the_state_over() {
+    let broker = Broker::start();
+    broker.create_topic("trades_raw", 2).await;
+    broker.create_topic("ohlc_dlq", 1).await;
+    let pg = PgSchema::create("ohlc_swap").await;
+    let table = format!("{}.candles", pg.name);
+    let frames = common::trades::generated(6_000, 75);
+    let want = expected_candles(&frames, 10_000);
+    let trades: i64 = want.values().map(|c| c.6).sum();
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("ohlc_candles.wasm");
+    std::fs::copy(common::plugin_path("ohlc_candles"), &live).unwrap();
+    let source = r#"[source]
+type = "kafka"
+brokers = "${SLUICE_BROKERS}"
+topics = ["trades_raw"]
+group = "g-ohlc-swap"
+batch_max_records = 200"#;
+    let dead_letter = "[dead_letter]\ntype = \"kafka\"\nbrokers = \"${SLUICE_BROKERS}\"\ntopic = \"ohlc_dlq\"";
+    let text = ohlc_pipeline(source, &table, "idle_timeout_ms = 3000", dead_letter, "")
+        .replace(&common::plugin_path("ohlc_candles").display().to_string(), &live.display().to_string());
+    let file = write_pipeline(dir.path(), "ohlc", &text);
+    let mut sluice = SluiceProcess::run(&[&file], &broker.addr);
+    let feed = paced_feed(&broker.addr, "trades_raw", frames, 200, Duration::from_millis(300));
+    assert!(wait_until(WAIT, || async { candle_trades(&pg.client, &table).await > 0 }).await, "no candle");
+    for swap in 0..3 {
+        let before = sluice.log_count("plugin swap ready");
+        let version = rebuilt(&common::plugin_path("ohlc_candles"), dir.path(), &format!("v{swap}"));
+        let aside = dir.path().join("incoming.wasm");
+        std::fs::copy(&version, &aside).unwrap();
+        std::fs::rename(&aside, &live).unwrap();
+        assert!(sluice.wait_log("plugin swap ready", before).await, "swap {swap} was not applied");
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+    }
+    feed.await.unwrap();
+    let all = wait_until(WAIT, || async { candle_trades(&pg.client, &table).await >= trades }).await;
+    assert!(all, "trades in candles: {} of {trades}", candle_trades(&pg.client, &table).await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(sluice.stop(), Some(0));
+    assert_candles(&stored_candles(&pg.client, &table).await, &want);
+    assert!(sluice.log_count("reload applied") >= 3, "three swaps");
+}
