@@ -494,3 +494,58 @@ batch_max_records = 200"#;
     assert_candles(&stored_candles(&pg.client, &table).await, &want);
     assert!(sluice.log_count("reload applied") >= 3, "three swaps");
 }
+
+/// The last `partitions assigned` line of `p`'s log: how many partitions it owns.
+fn owned(p: &SluiceProcess) -> Option<usize> {
+    std::fs::read_to_string(&p.log)
+        .unwrap_or_default()
+        .lines()
+        .rev()
+        .find(|l| l.contains("partitions assigned"))
+        .map(|l| l.matches("trades_raw/").count())
+}
+
+/// Two instances in one group share the partitions and each keeps the state
+/// of its own; one stops mid-feed (a scale-down), the survivor restores the
+/// state of the partitions it is given, and the candles are exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_the_state_and_the_survivor_takes_it_over() {
+    let broker = Broker::start();
+    broker.create_topic("trades_raw", 4).await;
+    broker.create_topic("ohlc_dlq", 1).await;
+    let pg = PgSchema::create("ohlc_two").await;
+    let table = format!("{}.candles", pg.name);
+    let frames = common::trades::generated(8_000, 76);
+    let want = expected_candles(&frames, 10_000);
+    let trades: i64 = want.values().map(|c| c.6).sum();
+    let source = r#"[source]
+type = "kafka"
+brokers = "${SLUICE_BROKERS}"
+topics = ["trades_raw"]
+group = "g-ohlc-two"
+batch_max_records = 200
+properties = { "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "500" }"#;
+    let dead_letter = "[dead_letter]\ntype = \"kafka\"\nbrokers = \"${SLUICE_BROKERS}\"\ntopic = \"ohlc_dlq\"";
+    let dir = tempfile::tempdir().unwrap();
+    let text = ohlc_pipeline(source, &table, "idle_timeout_ms = 3000", dead_letter, "");
+    let file = write_pipeline(dir.path(), "ohlc", &text);
+    let mut a = SluiceProcess::run(&[&file], &broker.addr);
+    let mut b = SluiceProcess::run(&[&file], &broker.addr);
+    let shared = wait_until(WAIT, || async {
+        matches!((owned(&a), owned(&b)), (Some(x), Some(y)) if x > 0 && y > 0 && x + y == 4)
+    })
+    .await;
+    assert!(shared, "both instances own partitions");
+    let feed = paced_feed(&broker.addr, "trades_raw", frames, 400, Duration::from_millis(700));
+    assert!(wait_until(WAIT, || async { candle_trades(&pg.client, &table).await > 0 }).await, "no candle");
+    let assigned_before = b.log_count("partitions assigned");
+    assert_eq!(a.stop(), Some(0), "a graceful stop: the last batches are committed first");
+    assert!(b.wait_log("partitions assigned", assigned_before).await, "the survivor is given the partitions");
+    feed.await.unwrap();
+    let all = wait_until(WAIT, || async { candle_trades(&pg.client, &table).await >= trades }).await;
+    assert!(all, "trades in candles: {} of {trades}", candle_trades(&pg.client, &table).await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(b.stop(), Some(0));
+    assert_candles(&stored_candles(&pg.client, &table).await, &want);
+    assert!(b.log_count("state restored") >= 4, "the survivor restored every partition's state");
+}

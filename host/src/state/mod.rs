@@ -521,6 +521,12 @@ impl PipelineState {
         PipelineState { stages: Default::default(), store, generation: 0 }
     }
 
+    /// Whether the source's assignment changed since the state was loaded
+    /// (its partitions are then forgotten and loaded again).
+    pub fn is_stale(&self, generation: u64) -> bool {
+        generation != self.generation
+    }
+
     /// Stage `stage`'s state (made empty the first time), limited to
     /// `limit_bytes`, with `event` time.
     pub fn stage(&mut self, stage: u32, limit_bytes: usize, event: Option<EventTime>) -> SharedState {

@@ -45,6 +45,9 @@ struct Transformed {
     results: Results<ChainFailure>,
     /// The batch's state changes, for the state's sink.
     delta: Option<Delta>,
+    /// A barrier (with an empty batch): answered once every batch before
+    /// it is delivered and committed.
+    delivered: Option<tokio::sync::oneshot::Sender<()>>,
     /// When the batch was read.
     read_at: Instant,
 }
@@ -102,7 +105,11 @@ impl PipelineTask {
             tokio::spawn(transform_stage(source.clone(), versions, state, swaps, cancel.clone(), transformed_tx));
         let delivery = Delivery { spec, sinks, dead_letter, state_sink };
         let name = delivery.spec.name.clone();
-        while let Some(Transformed { batch, sources, results, delta, read_at }) = transformed.recv().await {
+        while let Some(Transformed { batch, sources, results, delta, delivered, read_at }) = transformed.recv().await {
+            if let Some(delivered) = delivered {
+                let _ = delivered.send(());
+                continue;
+            }
             let dead = match delivery.deliver(&batch, results, delta.as_ref(), &cancel).await {
                 Ok(dead) => dead,
                 Err(Stopped) => break,
@@ -167,7 +174,7 @@ async fn transform_stage(
             _ = tokio::time::sleep(tick.unwrap_or_default()), if tick.is_some() => {
                 // No batch for a while: timers of idle partitions may be due.
                 let Some(state) = &mut state else { continue };
-                if restore(state, &mut Vec::new(), &*source, &pipeline, &cancel).await.is_none() {
+                if restore(state, &mut Vec::new(), &*source, &pipeline, &cancel, &out).await.is_none() {
                     return Ok(());
                 }
                 let (fired, results) = tokio::task::block_in_place(|| versions.current().fire(Fire::Idle(Instant::now())));
@@ -179,7 +186,7 @@ async fn transform_stage(
                 let delta = Some(state.apply(&fired));
                 report_state(&pipeline, state);
                 let read_at = Instant::now();
-                if out.send(Transformed { batch: fired, sources: 0, results, delta, read_at }).await.is_err() {
+                if out.send(Transformed { batch: fired, sources: 0, results, delta, delivered: None, read_at }).await.is_err() {
                     return Ok(());
                 }
                 continue;
@@ -218,7 +225,9 @@ async fn transform_stage(
             }
         }
         if let Some(state) = &mut state {
-            let Some(skipped) = restore(state, &mut batch, &*source, &pipeline, &cancel).await else { return Ok(()) };
+            let Some(skipped) = restore(state, &mut batch, &*source, &pipeline, &cancel, &out).await else {
+                return Ok(());
+            };
             if skipped > 0 {
                 info!(%pipeline, records = skipped, "skipped records the restored state already holds (read again after a restart or rebalance)");
             }
@@ -288,7 +297,7 @@ async fn transform_stage(
         if let Some(state) = &state {
             report_state(&pipeline, state);
         }
-        if out.send(Transformed { batch, sources, results, delta, read_at }).await.is_err() {
+        if out.send(Transformed { batch, sources, results, delta, delivered: None, read_at }).await.is_err() {
             return Ok(());
         }
     }
@@ -313,7 +322,9 @@ async fn fire_at_end(
     info!(%pipeline, timers = fired.len(), "the input ended: every timer fired");
     let delta = Some(state.apply(&fired));
     report_state(pipeline, state);
-    let _ = out.send(Transformed { batch: fired, sources: 0, results, delta, read_at: Instant::now() }).await;
+    let _ = out
+        .send(Transformed { batch: fired, sources: 0, results, delta, delivered: None, read_at: Instant::now() })
+        .await;
 }
 
 /// Each stateful stage's keys, bytes and watermark lag, for the metrics and `/status`.
@@ -324,14 +335,33 @@ fn report_state(pipeline: &str, state: &PipelineState) {
 }
 
 /// Readies `state` for `batch` ([`PipelineState::prepare`]), retrying
-/// while its store cannot be read (backing off to 10 s); `None` on `cancel`.
+/// while its store cannot be read (backing off to 10 s); `None` on `cancel`
+/// (or when the delivery stage is gone).
 async fn restore(
     state: &mut PipelineState,
     batch: &mut Vec<Record>,
     source: &dyn Source,
     pipeline: &str,
     cancel: &CancellationToken,
+    out: &mpsc::Sender<Transformed>,
 ) -> Option<usize> {
+    // After a rebalance the state is read again from the store: first every
+    // batch in flight is committed, or the store would be read without it
+    // (and a timer it fired would fire again).
+    if state.is_stale(source.generation()) {
+        let (delivered, done) = tokio::sync::oneshot::channel();
+        let barrier = Transformed {
+            batch: Vec::new(),
+            sources: 0,
+            results: Results::default(),
+            delta: None,
+            delivered: Some(delivered),
+            read_at: Instant::now(),
+        };
+        if out.send(barrier).await.is_err() || done.await.is_err() {
+            return None;
+        }
+    }
     let mut delay = Duration::from_millis(100);
     loop {
         match state.prepare(batch, source.generation(), &source.assignment()).await {
