@@ -549,3 +549,84 @@ properties = { "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "500" }"
     assert_candles(&stored_candles(&pg.client, &table).await, &want);
     assert!(b.log_count("state restored") >= 4, "the survivor restored every partition's state");
 }
+
+/// The property behind the candles: any partitioning of a multiset of
+/// trades, each part folded into partial candles (`ohlc-candles`' fold) and
+/// the partials merged by the PostgreSQL sink's rules in any order and
+/// batching, gives the candles of one pass over all the trades. Ties on the
+/// timestamp and repeated prices are frequent by construction.
+#[test]
+fn any_partitioning_merged_by_the_sinks_rules_gives_the_one_pass_candles() {
+    use ohlc_candles::Candle;
+    use proptest::prelude::*;
+    use sluice::record::{Origin, Output, OutputRef};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let pg = rt.block_on(PgSchema::create("ohlc_prop"));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("x"), "").unwrap();
+    let case = std::sync::atomic::AtomicUsize::new(0);
+    // (symbol, 10 s slot, ms in slot, price, volume in hundredths, part)
+    let trades = prop::collection::vec((0..2usize, 0..18i64, 0..3i64, 0..5usize, 1..1000u32, 0..4usize), 1..60);
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(24));
+    runner
+        .run(&(trades, 1..4usize), |(trades, batches)| {
+            let n = case.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let table = format!("{}.c{n}", pg.name);
+            let one_pass = |which: &dyn Fn(usize) -> bool| {
+                let mut candles: BTreeMap<(String, i64), Candle> = BTreeMap::new();
+                for (i, &(symbol, slot, ms, price, volume, _)) in trades.iter().enumerate() {
+                    if which(i) {
+                        let ts = 1_700_000_000_000 + slot * 10_000 + ms;
+                        let key = (format!("S{symbol}"), ts - ts.rem_euclid(60_000));
+                        candles.entry(key).or_default().add(10.0 + price as f64, f64::from(volume) / 100.0, ts);
+                    }
+                }
+                candles
+            };
+            let want = one_pass(&|_| true);
+            // Each part's partial candles, as ohlc-candles emits them.
+            let mut rows: Vec<Vec<u8>> = Vec::new();
+            for part in 0..4 {
+                for ((symbol, start), c) in one_pass(&|i| trades[i].5 == part) {
+                    rows.push(
+                        serde_json::json!({"symbol": symbol, "window_start": start, "open": c.open, "high": c.high,
+                            "low": c.low, "close": c.close, "volume": c.volume, "vwap": c.vwap(), "trades": c.trades,
+                            "first_ts": c.first_ts, "last_ts": c.last_ts})
+                        .to_string()
+                        .into_bytes(),
+                    );
+                }
+            }
+            rows.reverse();
+            let sink_toml = ohlc_pipeline(
+                "[source]\ntype = \"file\"\npath = \"x\"",
+                &table,
+                "",
+                "[dead_letter]\ntype = \"stdout\"",
+                "",
+            )
+            .replace("create_table = true", "create_table = true\nexactly_once = false");
+            let file = write_pipeline(dir.path(), "prop", &sink_toml);
+            let spec = sluice::config::load_pipeline(&file, None).unwrap();
+            let stored = rt.block_on(async {
+                let sink = sluice::sinks::build("pg", &spec.sinks["pg"], "prop", dir.path()).await.unwrap();
+                let origin = Origin { topic: "t".into(), partition: 0, offset: 0 };
+                let per_batch = rows.len().div_ceil(batches);
+                for chunk in rows.chunks(per_batch) {
+                    let outputs: Vec<Output> =
+                        chunk.iter().map(|v| Output { value: v.clone().into(), ..Output::default() }).collect();
+                    let views: Vec<OutputRef> = outputs.iter().map(Output::view).collect();
+                    let origins: Vec<&Origin> = views.iter().map(|_| &origin).collect();
+                    assert!(sink.write(&views, &origins).await.unwrap().is_empty());
+                }
+                stored_candles(&pg.client, &table).await
+            });
+            let want: BTreeMap<(String, i64), crate::state::Candle> = want
+                .into_iter()
+                .map(|(k, c)| (k, (c.open, c.high, c.low, c.close, c.volume, c.vwap(), c.trades as i64)))
+                .collect();
+            assert_candles(&stored, &want);
+            Ok(())
+        })
+        .unwrap();
+}
