@@ -630,3 +630,43 @@ fn any_partitioning_merged_by_the_sinks_rules_gives_the_one_pass_candles() {
         })
         .unwrap();
 }
+
+/// PostgreSQL down for 10 s mid-run: the batch waits (the sink retries;
+/// nothing is read further), the state stays as it was before the batch,
+/// and the candles come out exact once the database is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_down_for_ten_seconds_still_gives_exact_candles() {
+    let pg = PrivatePostgres::start();
+    let client = pg.client().await;
+    let broker = Broker::start();
+    broker.create_topic("trades_raw", 2).await;
+    broker.create_topic("ohlc_dlq", 1).await;
+    let frames = common::trades::generated(6_000, 77);
+    let want = expected_candles(&frames, 10_000);
+    let trades: i64 = want.values().map(|c| c.6).sum();
+    let source = r#"[source]
+type = "kafka"
+brokers = "${SLUICE_BROKERS}"
+topics = ["trades_raw"]
+group = "g-ohlc-pg"
+batch_max_records = 200"#;
+    let dead_letter = "[dead_letter]\ntype = \"kafka\"\nbrokers = \"${SLUICE_BROKERS}\"\ntopic = \"ohlc_dlq\"";
+    let dir = tempfile::tempdir().unwrap();
+    let text =
+        ohlc_pipeline(source, "public.candles", "idle_timeout_ms = 3000", dead_letter, "").replace(PG_URL, &pg.url());
+    let file = write_pipeline(dir.path(), "ohlc", &text);
+    let mut sluice = SluiceProcess::run(&[&file], &broker.addr);
+    let feed = paced_feed(&broker.addr, "trades_raw", frames, 300, Duration::from_millis(500));
+    assert!(wait_until(WAIT, || async { candle_trades(&client, "public.candles").await > 0 }).await, "no candle");
+    pg.stop_server();
+    assert!(sluice.wait_log("sink write failed; retrying", 0).await, "the outage is logged and retried");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    pg.start_server();
+    let client = pg.client().await;
+    feed.await.unwrap();
+    let all = wait_until(WAIT, || async { candle_trades(&client, "public.candles").await >= trades }).await;
+    assert!(all, "trades in candles: {} of {trades}", candle_trades(&client, "public.candles").await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(sluice.stop(), Some(0));
+    assert_candles(&stored_candles(&client, "public.candles").await, &want);
+}
