@@ -28,6 +28,20 @@ pub struct Origin {
     pub offset: i64,
 }
 
+impl Origin {
+    /// The origin of a fired timer's record (contract 0.3) in `partition`:
+    /// offset -1, which no source record has.
+    pub fn timer(topic: Arc<str>, partition: i32) -> Self {
+        Origin { topic, partition, offset: -1 }
+    }
+
+    /// Whether a source record is at this origin (not a fired timer): only
+    /// those move offsets, and only their rows are checked against them.
+    pub fn is_source(&self) -> bool {
+        self.offset >= 0
+    }
+}
+
 /// One record read from a source.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Record {

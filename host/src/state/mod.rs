@@ -326,23 +326,15 @@ impl StageState {
         self.bytes = 0;
     }
 
-    fn read(&self, partition: &Partition, key: &[u8], call: &Changes) -> Option<Vec<u8>> {
+    /// `key`'s value as the call sees it: its own changes, then the
+    /// batch's, then the entries.
+    fn read<'a>(&'a self, partition: &Partition, key: &[u8], call: &'a Changes) -> Option<&'a Vec<u8>> {
         for changes in [call, &self.pending] {
             if let Some(value) = changes.get(partition).and_then(|c| c.get(key)) {
-                return value.clone();
+                return value.as_ref();
             }
         }
-        self.partitions.get(partition).and_then(|p| p.entries.get(key)).cloned()
-    }
-
-    /// [`Self::read`]'s length, without a copy.
-    fn read_len(&self, partition: &Partition, key: &[u8], call: &Changes) -> Option<usize> {
-        for changes in [call, &self.pending] {
-            if let Some(value) = changes.get(partition).and_then(|c| c.get(key)) {
-                return value.as_ref().map(Vec::len);
-            }
-        }
-        self.partitions.get(partition).and_then(|p| p.entries.get(key)).map(Vec::len)
+        self.partitions.get(partition).and_then(|p| p.entries.get(key))
     }
 
     /// Keeps a call's changes with the batch's.
@@ -448,14 +440,14 @@ impl CallState {
     pub fn get(&self, index: u32, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
         let partition = self.scope(index)?;
         let shared = lock(&self.shared);
-        Ok(shared.read(partition, key, &self.changes))
+        Ok(shared.read(partition, key, &self.changes).cloned())
     }
 
     /// Stores `value` under `key` (`None`: deletes it). Refused past the limit.
     pub fn put(&mut self, index: u32, key: Vec<u8>, value: Option<Vec<u8>>) -> Result<(), StateError> {
         let partition = self.scope(index)?.clone();
         let shared = lock(&self.shared);
-        let old = shared.read_len(&partition, &key, &self.changes).map_or(0, |len| len + key.len() + 32);
+        let old = shared.read(&partition, &key, &self.changes).map_or(0, |v| entry_bytes(&key, v));
         let new = value.as_ref().map_or(0, |v| entry_bytes(&key, v));
         let delta = self.delta + new as isize - old as isize;
         let bytes = (shared.bytes as isize + shared.pending_delta + delta).max(0) as usize;
@@ -499,7 +491,7 @@ impl CallState {
 /// fired timer, offset -1, is not a source record: it moves nothing).
 pub fn positions(batch: &[Record]) -> Vec<(Partition, i64)> {
     let mut next: HashMap<Partition, i64> = HashMap::new();
-    for r in batch.iter().filter(|r| r.origin.offset >= 0) {
+    for r in batch.iter().filter(|r| r.origin.is_source()) {
         let at = next.entry((r.origin.topic.clone(), r.origin.partition)).or_insert(0);
         *at = (*at).max(r.origin.offset + 1);
     }
@@ -565,8 +557,11 @@ impl PipelineState {
         partitions.dedup();
         for partition in partitions {
             for shared in self.stages.values() {
-                let stage = lock(shared).stage();
-                if !lock(shared).is_loaded(&partition) {
+                let (stage, loaded) = {
+                    let state = lock(shared);
+                    (state.stage(), state.is_loaded(&partition))
+                };
+                if !loaded {
                     let loaded = self.store.load(stage, &partition).await?;
                     tracing::info!(stage, topic = %partition.0, partition = partition.1, keys = loaded.entries.len(), next_offset = loaded.next_offset, "state restored");
                     lock(shared).restore(partition.clone(), loaded);

@@ -183,10 +183,7 @@ async fn transform_stage(
                     continue;
                 }
                 info!(%pipeline, timers = fired.len(), "idle partitions' watermarks moved on: timers fired");
-                let delta = Some(state.apply(&fired));
-                report_state(&pipeline, state);
-                let read_at = Instant::now();
-                if out.send(Transformed { batch: fired, sources: 0, results, delta, delivered: None, read_at }).await.is_err() {
+                if !send_timers(state, fired, results, &pipeline, &out).await {
                     return Ok(());
                 }
                 continue;
@@ -320,11 +317,22 @@ async fn fire_at_end(
         return;
     }
     info!(%pipeline, timers = fired.len(), "the input ended: every timer fired");
+    send_timers(state, fired, results, pipeline, out).await;
+}
+
+/// Hands fired timers' records, without a source batch, to delivery with
+/// their state changes; `false` when the delivery stage is gone.
+async fn send_timers(
+    state: &PipelineState,
+    fired: Vec<Record>,
+    results: Results<ChainFailure>,
+    pipeline: &str,
+    out: &mpsc::Sender<Transformed>,
+) -> bool {
     let delta = Some(state.apply(&fired));
     report_state(pipeline, state);
-    let _ = out
-        .send(Transformed { batch: fired, sources: 0, results, delta, delivered: None, read_at: Instant::now() })
-        .await;
+    let timers = Transformed { batch: fired, sources: 0, results, delta, delivered: None, read_at: Instant::now() };
+    out.send(timers).await.is_ok()
 }
 
 /// Each stateful stage's keys, bytes and watermark lag, for the metrics and `/status`.

@@ -138,7 +138,7 @@ impl Chain {
                 .map(|((topic, partition), at, key)| Record {
                     key: Some(key.into()),
                     timestamp: Some(at),
-                    origin: Origin { topic, partition, offset: TIMER_OFFSET },
+                    origin: Origin::timer(topic, partition),
                     ..Record::default()
                 })
                 .collect();
@@ -267,9 +267,6 @@ pub enum Fire {
     End,
 }
 
-/// The origin offset of a fired timer's record: no source record has it.
-pub const TIMER_OFFSET: i64 = -1;
-
 /// One stage's call on `inputs`. With event time, the records behind their
 /// partition's watermark do not reach the plugin (the stage's late policy
 /// decides their result), and the others move the watermarks; fired timers
@@ -281,7 +278,7 @@ fn call(
     pipeline: &str,
 ) -> Results<String> {
     let (Some(event), Some(shared)) = (event, stage.state().cloned()) else { return stage.transform_views(inputs) };
-    let counts = |r: &RecordRef| r.origin.offset >= 0 && r.timestamp.is_some();
+    let counts = |r: &RecordRef| r.origin.is_source() && r.timestamp.is_some();
     let late: Vec<Option<i64>> = {
         let state = lock(&shared);
         inputs

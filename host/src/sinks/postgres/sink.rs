@@ -507,7 +507,7 @@ struct Positions<'a> {
 fn positions<'a>(origins: &[&'a Origin], delta: Option<&'a Delta>) -> Positions<'a> {
     let mut next = BTreeMap::new();
     // A fired timer's output (offset -1) comes from no source record.
-    for o in origins.iter().filter(|o| o.offset >= 0) {
+    for o in origins.iter().filter(|o| o.is_source()) {
         let at = next.entry((&*o.topic, o.partition)).or_insert(0_i64);
         *at = (*at).max(o.offset + 1);
     }
@@ -530,7 +530,7 @@ fn mark_written(keep: &mut [bool], origins: &[&Origin], locked: &[tokio_postgres
     for (keep, o) in keep.iter_mut().zip(origins) {
         // A fired timer's output (offset -1) is written once by the state:
         // the timer is deleted in the transaction that writes it.
-        *keep = o.offset < 0 || o.offset >= stored.get(&(&*o.topic, o.partition)).copied().unwrap_or(0);
+        *keep = !o.is_source() || o.offset >= stored.get(&(&*o.topic, o.partition)).copied().unwrap_or(0);
     }
 }
 

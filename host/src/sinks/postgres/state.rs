@@ -126,13 +126,16 @@ pub struct PgStateStore {
 }
 
 impl PgStateStore {
-    /// The open connection, or a new one.
-    async fn client(&self) -> anyhow::Result<tokio::sync::MutexGuard<'_, Option<Client>>> {
+    /// The open connection (or a new one), out of its slot while it is
+    /// used: the caller puts it back when its work succeeded, so that a
+    /// connection left in a failed transaction is dropped.
+    async fn take_client(&self) -> anyhow::Result<(tokio::sync::MutexGuard<'_, Option<Client>>, Client)> {
         let mut guard = self.client.lock().await;
-        if guard.as_ref().is_none_or(Client::is_closed) {
-            *guard = Some(self.connect().await?);
-        }
-        Ok(guard)
+        let client = match guard.take() {
+            Some(client) if !client.is_closed() => client,
+            _ => self.connect().await?,
+        };
+        Ok((guard, client))
     }
 
     async fn connect(&self) -> anyhow::Result<Client> {
@@ -158,8 +161,7 @@ impl PgStateStore {
 #[async_trait]
 impl StateStore for PgStateStore {
     async fn scan(&self, filter: &Filter) -> anyhow::Result<Vec<Stored>> {
-        let guard = self.client().await?;
-        let client = guard.as_ref().ok_or_else(|| anyhow::anyhow!("no connection"))?;
+        let (mut guard, client) = self.take_client().await?;
         let stage = filter.stage.map(|s| s as i32);
         let entry = filter.key.as_ref().map(|k| stored::entry(k));
         let rows = client
@@ -175,6 +177,7 @@ impl StateStore for PgStateStore {
             )
             .await
             .with_context(|| format!("cannot read the state table {}", self.state_table))?;
+        *guard = Some(client);
         Ok(rows
             .into_iter()
             .map(|row| Stored {
@@ -187,11 +190,7 @@ impl StateStore for PgStateStore {
     }
 
     async fn load(&self, stage: u32, partition: &Partition) -> anyhow::Result<Loaded> {
-        let mut guard = self.client.lock().await;
-        let client = match guard.take() {
-            Some(client) if !client.is_closed() => client,
-            _ => self.connect().await?,
-        };
+        let (mut guard, client) = self.take_client().await?;
         let read = async {
             client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
             let offsets = quote_ident(&self.offsets_table);
