@@ -121,12 +121,10 @@ impl Chain {
                 if state.event_time().is_none() {
                     continue;
                 }
-                // A partition may be idle while others are busy: after a
-                // batch too, the ones it did not hold may move on.
-                match when {
-                    Fire::Idle(now) => state.observe_idle(now),
-                    Fire::AfterBatch => state.observe_idle(std::time::Instant::now()),
-                    Fire::End => {}
+                // Only when no batch comes: a partition missing from the
+                // batches of a pipeline held back (a sink down) is not idle.
+                if let Fire::Idle(now) = when {
+                    state.observe_idle(now);
                 }
                 state.take_due(when == Fire::End)
             };
@@ -257,8 +255,7 @@ impl Chain {
 /// When [`Chain::fire`] looks for due timers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fire {
-    /// After a batch: at the watermarks it moved (and those of partitions
-    /// idle meanwhile).
+    /// After a batch: at the watermarks it moved.
     AfterBatch,
     /// No batch for a while: partitions idle at this instant move their
     /// watermarks on first.
