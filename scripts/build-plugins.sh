@@ -7,7 +7,8 @@
 # Output: target/wasm32-wasip2/release/<name>.wasm for every plugin (contract
 # 0.2), plus <name>_v01.wasm of the flattener and chaos built against contract
 # 0.1 (the host serves both; the tests and `--bench flatten` compare them),
-# and trade_flattener_rounding.wasm (feature round-prices: a shadow candidate).
+# trade_flattener_rounding.wasm (feature round-prices: a shadow candidate),
+# and ohlc_candles_{json_state,no_migrate,failing}.wasm (state-version tests).
 # The flattener's builds are then optimised by Binaryen's wasm-opt (below).
 # Each Python/JavaScript plugin's native unit tests run before it is built.
 set -euo pipefail
@@ -43,6 +44,12 @@ cp "$out/trade_flattener.wasm" "$out/trade_flattener_rounding.wasm"
 cargo build --release --target wasm32-wasip2 -p trade-flattener -p symbol-router -p candles -p chaos -p raw-echo "$@"
 # Stateful plugins (contract 0.3) on their own: built with the others, the
 # SDK's `state` feature would be unified into every plugin of the build.
+# First ohlc-candles' test builds (see its crate docs): state version 0
+# (JSON), version 1 without a migrate, and a build that fails.
+for feature in json-state no-migrate failing; do
+  cargo build --release --target wasm32-wasip2 -p ohlc-candles --features "$feature" "$@"
+  cp "$out/ohlc_candles.wasm" "$out/ohlc_candles_${feature//-/_}.wasm"
+done
 cargo build --release --target wasm32-wasip2 -p symbol-totals -p ohlc-candles "$@"
 
 # Python: componentize-py embeds CPython and the app module into a component.

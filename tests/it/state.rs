@@ -388,13 +388,68 @@ batch_max_records = 300"#;
     assert!(broker.consume("ohlc_dlq", 0, Duration::from_secs(2)).is_empty(), "no late record, no dead letter");
 }
 
+/// A Finnhub frame of one trade.
+fn trade_frame(symbol: &str, price: f64, t: i64) -> Vec<u8> {
+    format!(r#"{{"type":"trade","data":[{{"s":"{symbol}","p":{price},"t":{t},"v":1.0,"c":[]}}]}}"#).into_bytes()
+}
+
+/// A quiet partition closes its last window by `idle_timeout` while the
+/// other partition stays busy (its batches come every 200 ms, so the
+/// pipeline is never without a batch for long): QUIET's candle is stored
+/// while BUSY's feed still runs, and every candle is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_partition_closes_its_window_while_another_stays_busy() {
+    let broker = Broker::start();
+    broker.create_topic("trades_raw", 2).await;
+    let pg = PgSchema::create("ohlc_quiet").await;
+    let table = format!("{}.candles", pg.name);
+    let t0: i64 = 1_700_000_000_000;
+    // QUIET: three trades just before its window ends, in partition 1.
+    let quiet: Vec<Vec<u8>> = (0..3).map(|i| trade_frame("QUIET", 10.0 + i as f64, t0 + 9_990 + i)).collect();
+    // BUSY: 15 s of trades in partition 0, 50 ms of event time apart.
+    let busy: Vec<Vec<u8>> = (0..300).map(|i| trade_frame("BUSY", 100.0 + (i % 7) as f64, t0 + 50 * i)).collect();
+    let mut frames = quiet.clone();
+    frames.extend(busy.iter().cloned());
+    let want = expected_candles(&frames, 10_000);
+    let source = "[source]\ntype = \"kafka\"\nbrokers = \"${SLUICE_BROKERS}\"\ntopics = [\"trades_raw\"]\ngroup = \"g-ohlc-quiet\"";
+    let dir = tempfile::tempdir().unwrap();
+    let event_time = "allowed_lateness_ms = 0\nidle_timeout_ms = 2000";
+    let text = ohlc_pipeline(source, &table, event_time, "[dead_letter]\ntype = \"stdout\"", "");
+    let file = write_pipeline(dir.path(), "ohlc", &text);
+    let mut sluice = SluiceProcess::run(&[&file], &broker.addr);
+    produce_at(&broker.addr, "trades_raw", 1, &quiet).await;
+    let addr = broker.addr.clone();
+    let feed = tokio::spawn(async move {
+        for chunk in busy.chunks(4) {
+            produce_at(&addr, "trades_raw", 0, chunk).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let quiet_closed = || async {
+        // (The sink creates the table with its first batch.)
+        let rows = pg.client.query(&format!("SELECT 1 FROM {table} WHERE symbol = 'QUIET'"), &[]).await;
+        rows.is_ok_and(|rows| !rows.is_empty())
+    };
+    assert!(wait_until(Duration::from_secs(12), quiet_closed).await, "QUIET's window did not close while BUSY ran");
+    assert!(!feed.is_finished(), "BUSY's feed ended first: the test did not keep the other partition busy");
+    let ticks = sluice.log_count("idle partitions' watermarks moved on");
+    assert_eq!(ticks, 0, "QUIET closed on an idle tick (no batch for 1 s), not after a batch of BUSY's");
+    feed.await.unwrap();
+    let trades: i64 = want.values().map(|c| c.6).sum();
+    let all = wait_until(WAIT, || async { candle_trades(&pg.client, &table).await >= trades }).await;
+    assert!(all, "trades in candles: {} of {trades}", candle_trades(&pg.client, &table).await);
+    assert_eq!(sluice.stop(), Some(0));
+    assert_candles(&stored_candles(&pg.client, &table).await, &want);
+}
+
 /// Frames a capture file holds for the late-record tests: two on time,
 /// then one 49 s behind the watermark (with 1 s of lateness), then one on
 /// time again; one frame a batch.
 fn late_capture(dir: &std::path::Path) {
-    let frame = |t: i64, p: f64| format!(r#"{{"type":"trade","data":[{{"s":"A","p":{p},"t":{t},"v":1.0,"c":[]}}]}}"#);
-    let lines = [frame(100_000, 1.0), frame(200_000, 2.0), frame(150_000, 3.0), frame(201_000, 4.0)];
-    std::fs::write(dir.join("late.jsonl"), lines.join("\n") + "\n").unwrap();
+    let frames = [(100_000, 1.0), (200_000, 2.0), (150_000, 3.0), (201_000, 4.0)].map(|(t, p)| trade_frame("A", p, t));
+    let mut text = frames.join(&b'\n');
+    text.push(b'\n');
+    std::fs::write(dir.join("late.jsonl"), text).unwrap();
 }
 
 /// A late record under each policy: dropped, dead-lettered with the
@@ -448,51 +503,190 @@ fn rebuilt(plugin: &std::path::Path, dir: &std::path::Path, tag: &str) -> std::p
     out
 }
 
+/// A paced feed into `trades_raw` (2 partitions) and the flagship
+/// pipeline, whose candles plugin is a file of its own (`live`) to deploy
+/// new builds onto, with what the candles must come out as.
+struct SwapRig {
+    broker: Broker,
+    pg: PgSchema,
+    table: String,
+    want: BTreeMap<(String, i64), Candle>,
+    trades: i64,
+    /// Holds the pipeline file and the plugin builds.
+    dir: tempfile::TempDir,
+    live: std::path::PathBuf,
+    file: std::path::PathBuf,
+}
+
+impl SwapRig {
+    /// `frames` generated frames (seed `seed`); the pipeline runs `build`
+    /// as its candles plugin, in consumer group `g-{name}`.
+    async fn new(name: &str, frames: usize, seed: u64, build: &std::path::Path) -> (SwapRig, Vec<Vec<u8>>) {
+        let broker = Broker::start();
+        broker.create_topic("trades_raw", 2).await;
+        broker.create_topic("ohlc_dlq", 1).await;
+        let pg = PgSchema::create(name).await;
+        let table = format!("{}.candles", pg.name);
+        let frames = common::trades::generated(frames, seed);
+        let want = expected_candles(&frames, 10_000);
+        let trades: i64 = want.values().map(|c| c.6).sum();
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("ohlc_candles.wasm");
+        std::fs::copy(build, &live).unwrap();
+        let source = format!(
+            "[source]\ntype = \"kafka\"\nbrokers = \"${{SLUICE_BROKERS}}\"\ntopics = [\"trades_raw\"]\ngroup = \"g-{name}\"\nbatch_max_records = 200"
+        );
+        let dead_letter = "[dead_letter]\ntype = \"kafka\"\nbrokers = \"${SLUICE_BROKERS}\"\ntopic = \"ohlc_dlq\"";
+        let text = ohlc_pipeline(&source, &table, "idle_timeout_ms = 3000", dead_letter, "")
+            .replace(&common::plugin_path("ohlc_candles").display().to_string(), &live.display().to_string());
+        let file = write_pipeline(dir.path(), "ohlc", &text);
+        (SwapRig { broker, pg, table, want, trades, dir, live, file }, frames)
+    }
+
+    fn run(&self) -> SluiceProcess {
+        SluiceProcess::run(&[&self.file], &self.broker.addr)
+    }
+
+    /// Puts `build` in place of the live plugin file (a rename, as a deploy does).
+    fn deploy(&self, build: &std::path::Path) {
+        let aside = self.live.with_extension("incoming");
+        std::fs::copy(build, &aside).unwrap();
+        std::fs::rename(&aside, &self.live).unwrap();
+    }
+
+    async fn candle_trades(&self) -> i64 {
+        candle_trades(&self.pg.client, &self.table).await
+    }
+
+    /// Waits for the feed, then for every trade to be in a closed candle;
+    /// stops `sluice` and checks the candles.
+    async fn finish(&self, feed: tokio::task::JoinHandle<()>, mut sluice: SluiceProcess) -> SluiceProcess {
+        feed.await.unwrap();
+        let all = wait_until(WAIT, || async { self.candle_trades().await >= self.trades }).await;
+        assert!(all, "trades in candles: {} of {}", self.candle_trades().await, self.trades);
+        tokio::time::sleep(Duration::from_secs(2)).await; // a double count would land now
+        assert_eq!(sluice.stop(), Some(0));
+        assert_candles(&stored_candles(&self.pg.client, &self.table).await, &self.want);
+        assert!(self.broker.consume("ohlc_dlq", 0, Duration::from_secs(2)).is_empty(), "nothing dead-lettered");
+        sluice
+    }
+}
+
 /// Hot swaps mid-window under a paced feed: each new version takes over
 /// the state (open windows, timers, watermarks), and the candles are exact:
 /// no gap, no double count.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_swaps_mid_window_hand_the_state_over() {
-    let broker = Broker::start();
-    broker.create_topic("trades_raw", 2).await;
-    broker.create_topic("ohlc_dlq", 1).await;
-    let pg = PgSchema::create("ohlc_swap").await;
-    let table = format!("{}.candles", pg.name);
-    let frames = common::trades::generated(6_000, 75);
-    let want = expected_candles(&frames, 10_000);
-    let trades: i64 = want.values().map(|c| c.6).sum();
-    let dir = tempfile::tempdir().unwrap();
-    let live = dir.path().join("ohlc_candles.wasm");
-    std::fs::copy(common::plugin_path("ohlc_candles"), &live).unwrap();
-    let source = r#"[source]
-type = "kafka"
-brokers = "${SLUICE_BROKERS}"
-topics = ["trades_raw"]
-group = "g-ohlc-swap"
-batch_max_records = 200"#;
-    let dead_letter = "[dead_letter]\ntype = \"kafka\"\nbrokers = \"${SLUICE_BROKERS}\"\ntopic = \"ohlc_dlq\"";
-    let text = ohlc_pipeline(source, &table, "idle_timeout_ms = 3000", dead_letter, "")
-        .replace(&common::plugin_path("ohlc_candles").display().to_string(), &live.display().to_string());
-    let file = write_pipeline(dir.path(), "ohlc", &text);
-    let mut sluice = SluiceProcess::run(&[&file], &broker.addr);
-    let feed = paced_feed(&broker.addr, "trades_raw", frames, 200, Duration::from_millis(300));
-    assert!(wait_until(WAIT, || async { candle_trades(&pg.client, &table).await > 0 }).await, "no candle");
+    let (rig, frames) = SwapRig::new("ohlc_swap", 6_000, 75, &common::plugin_path("ohlc_candles")).await;
+    let sluice = rig.run();
+    let feed = paced_feed(&rig.broker.addr, "trades_raw", frames, 200, Duration::from_millis(300));
+    assert!(wait_until(WAIT, || async { rig.candle_trades().await > 0 }).await, "no candle");
     for swap in 0..3 {
         let before = sluice.log_count("plugin swap ready");
-        let version = rebuilt(&common::plugin_path("ohlc_candles"), dir.path(), &format!("v{swap}"));
-        let aside = dir.path().join("incoming.wasm");
-        std::fs::copy(&version, &aside).unwrap();
-        std::fs::rename(&aside, &live).unwrap();
+        rig.deploy(&rebuilt(&common::plugin_path("ohlc_candles"), rig.dir.path(), &format!("v{swap}")));
         assert!(sluice.wait_log("plugin swap ready", before).await, "swap {swap} was not applied");
         tokio::time::sleep(Duration::from_millis(1_500)).await;
     }
-    feed.await.unwrap();
-    let all = wait_until(WAIT, || async { candle_trades(&pg.client, &table).await >= trades }).await;
-    assert!(all, "trades in candles: {} of {trades}", candle_trades(&pg.client, &table).await);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(sluice.stop(), Some(0));
-    assert_candles(&stored_candles(&pg.client, &table).await, &want);
+    let sluice = rig.finish(feed, sluice).await;
     assert!(sluice.log_count("reload applied") >= 3, "three swaps");
+}
+
+/// Stored state entries of `schema`'s pipeline `ohlc` by value length, and
+/// the partitions' state versions.
+async fn state_shapes(client: &tokio_postgres::Client, schema: &str) -> (BTreeMap<i32, i64>, BTreeMap<Vec<u8>, i64>) {
+    let lengths = client
+        .query(
+            &format!("SELECT length(value), count(*) FROM {schema}.sluice_state WHERE pipeline = 'ohlc' AND get_byte(key, 0) = 0 GROUP BY 1"),
+            &[],
+        )
+        .await
+        .unwrap();
+    let versions = client
+        .query(
+            &format!("SELECT value, count(*) FROM {schema}.sluice_state WHERE pipeline = 'ohlc' AND key = '\\x03'::bytea GROUP BY 1"),
+            &[],
+        )
+        .await
+        .unwrap();
+    (lengths.iter().map(|r| (r.get(0), r.get(1))).collect(), versions.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// State versions across hot swaps mid-window, under a paced feed. The
+/// pipeline starts on the version 0 build (candles kept as JSON). A
+/// version 1 build without a migrate is refused, with the reason, and the
+/// running version goes on. The version 1 build (binary candles, a migrate
+/// from 0) takes the open windows over, each partition converted in a
+/// batch. A build that corrupts the candles it keeps and fails most trades
+/// is rolled back, its batches' state changes discarded. The candles are
+/// exact, and a restart on a version 0 build is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_versions_migrate_or_are_refused_and_a_failing_version_rolls_back() {
+    let build = |name: &str| common::plugin_path(name);
+    let (rig, frames) = SwapRig::new("ohlc_versions", 10_000, 76, &build("ohlc_candles_json_state")).await;
+    let mut sluice = rig.run();
+    let feed = paced_feed(&rig.broker.addr, "trades_raw", frames, 100, Duration::from_millis(300));
+    assert!(wait_until(WAIT, || async { rig.candle_trades().await > 0 }).await, "no candle");
+    let (lengths, versions) = state_shapes(&rig.pg.client, &rig.pg.name).await;
+    assert!(lengths.keys().all(|len| *len != 72) && versions.is_empty(), "version 0 keeps JSON: {lengths:?}");
+
+    // Version 1 without a migrate: refused, the running version goes on.
+    let rejected = sluice.log_count("reload rejected");
+    rig.deploy(&build("ohlc_candles_no_migrate"));
+    assert!(sluice.wait_log("reload rejected", rejected).await, "the swap without a migrate was applied");
+    let log = std::fs::read_to_string(&sluice.log).unwrap();
+    let reason = log.lines().rev().find(|l| l.contains("reload rejected")).unwrap();
+    assert!(
+        reason.contains("cannot take over the stage's state")
+            && reason.contains("keeps state version 1, and the pipeline's state holds version 0: it has no migrate"),
+        "{reason}"
+    );
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+
+    // Version 1 with its migrate: swapped in mid-window, state converted.
+    let ready = sluice.log_count("plugin swap ready");
+    rig.deploy(&build("ohlc_candles"));
+    assert!(sluice.wait_log("plugin swap ready", ready).await, "the migrating version was not swapped in");
+    assert!(sluice.wait_log("state migrated", 0).await, "no partition's state was migrated");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+
+    // A failing build: rolled back, what it changed discarded.
+    let rolled = sluice.log_count("plugin version rolled back");
+    rig.deploy(&build("ohlc_candles_failing"));
+    assert!(sluice.wait_log("plugin version rolled back", rolled).await, "the failing version was not rolled back");
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+
+    // Stopped mid-feed, the open windows are stored as version 1 keeps them.
+    assert_eq!(sluice.stop(), Some(0));
+    assert!(!feed.is_finished(), "the feed ended before the stop: slow it down");
+    let migrations = sluice.log_count("state migrated");
+    assert!((1..=2).contains(&migrations), "each partition holding entries converted once: {migrations}");
+    let (lengths, versions) = state_shapes(&rig.pg.client, &rig.pg.name).await;
+    assert!(!lengths.is_empty() && lengths.keys().all(|len| *len == 72), "open candles are version 1's: {lengths:?}");
+    assert_eq!(versions.keys().collect::<Vec<_>>(), [&1u32.to_le_bytes().to_vec()], "{versions:?}");
+
+    // A start on the version 0 build is refused: it cannot read them.
+    rig.deploy(&build("ohlc_candles_json_state"));
+    let out = std::process::Command::new("timeout")
+        .arg("60")
+        .arg(env!("CARGO_BIN_EXE_sluice"))
+        .arg("--cache-dir")
+        .arg(common::test_cache_dir())
+        .args(["run", "--admin-addr", "off"])
+        .arg(&rig.file)
+        .env("SLUICE_BROKERS", &rig.broker.addr)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a version 0 build started on version 1 state: {stderr}");
+    assert!(
+        stderr.contains("transform 2 (ohlc_candles) cannot take over the stage's state: it keeps state version 0, and the pipeline's state holds version 1: it has no migrate"),
+        "{stderr}"
+    );
+
+    // The version 1 build restores them and finishes the feed exactly.
+    rig.deploy(&build("ohlc_candles"));
+    let sluice = rig.finish(feed, rig.run()).await;
+    assert_eq!(sluice.log_count("state migrated"), 0, "restored as version 1");
 }
 
 /// The last `partitions assigned` line of `p`'s log: how many partitions it owns.

@@ -79,6 +79,9 @@ pub fn render(rows: &[Stored], values: bool) -> String {
             partition.1,
             entries.len()
         );
+        if let Some(version) = group.iter().find(|r| r.key.first() == Some(&stored::VERSION)) {
+            let _ = write!(out, ", state version {}", stored::parse_version(&version.value));
+        }
         match clock {
             Some((watermark, newest)) => {
                 let _ = writeln!(out, ", watermark {}, newest timestamp {}", time(watermark), time(newest));

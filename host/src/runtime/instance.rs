@@ -6,10 +6,10 @@ use super::limits::{Grants, Limits};
 use super::stderr::PluginStderr;
 use super::{Fault, Plugin, PluginError};
 use crate::record::{Output, Record, RecordRef, Results};
-use crate::state::{CallState, SharedState, StageState};
+use crate::state::{CallState, SharedState, StageState, StateError, StateVersion};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tracing::warn;
+use tracing::{info, warn};
 use wasmtime::{Store, Trap};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
@@ -97,6 +97,8 @@ pub struct PluginInstance {
     /// The stage's keyed state, for a contract 0.3 plugin: a scratch state
     /// until a pipeline gives it the stage's ([`PluginInstance::attach_state`]).
     state: Option<SharedState>,
+    /// The version of the state the plugin keeps (read once, at start).
+    state_version: StateVersion,
 }
 
 impl PluginInstance {
@@ -123,12 +125,26 @@ impl PluginInstance {
             failing: None,
             replacements: 0,
             state: None,
+            state_version: StateVersion::default(),
         };
         if instance.plugin.contract.has_state() {
             instance.state = Some(StageState::scratch(instance.limits.state_bytes));
         }
-        instance.live = Some(instance.instantiate()?);
+        let mut live = instance.instantiate()?;
+        if instance.plugin.contract.has_state() {
+            let asked = block_on(within_limit(instance.init_limit(), live.bindings.state_version(&mut live.store)));
+            instance.state_version = asked.map_err(|error| PluginError::InitFault {
+                plugin: instance.plugin.name.clone(),
+                fault: instance.classify(&live.store, error),
+            })?;
+        }
+        instance.live = Some(live);
         Ok(instance)
+    }
+
+    /// The version of the state the plugin keeps, and those it migrates from.
+    pub fn state_version(&self) -> &StateVersion {
+        &self.state_version
     }
 
     pub fn plugin(&self) -> &Arc<Plugin> {
@@ -347,7 +363,17 @@ impl PluginInstance {
         live.store.data().stderr().clear();
         let limit = self.time_limit();
         let Live { store, bindings } = &mut live;
-        let state = self.state.clone().map(|shared| CallState::new(shared, inputs.iter().map(|r| r.origin)));
+        let mut state = self.state.clone().map(|shared| CallState::new(shared, inputs.iter().map(|r| r.origin)));
+        if let Some(state) = &mut state {
+            if let Err(fault) = self.migrate(store, bindings, state) {
+                // A refused or failed conversion leaves the instance sound;
+                // a trap or a limit replaces it.
+                if matches!(fault, Fault::State(_)) {
+                    self.live = Some(live);
+                }
+                return Err(fault);
+            }
+        }
         store.data_mut().begin_call(state);
         let results = match block_on(within_limit(limit, bindings.process(store, inputs, &self.limits))) {
             Ok(results) => results,
@@ -360,6 +386,37 @@ impl PluginInstance {
         }
         self.live = Some(live);
         Ok(results)
+    }
+}
+
+impl PluginInstance {
+    /// Converts the state of the call's partitions kept by another version
+    /// with the plugin's `migrate`, into the call's changes (so that a call
+    /// that faults, or a batch run again, converts nothing). Each partition
+    /// gets the init limit (a partition may hold many keys).
+    fn migrate(&self, store: &mut Store<HostState>, bindings: &Bound, state: &mut CallState) -> Result<(), Fault> {
+        let version = &self.state_version;
+        for old in state.unmigrated(version.current) {
+            let (topic, partition, from, to) =
+                (old.partition.0.to_string(), old.partition.1, old.from, version.current);
+            if !version.migrates_from.contains(&from) {
+                return Err(Fault::State(StateError::NoMigrate { topic, partition, from, to }));
+            }
+            let started = Instant::now();
+            let migrated = match block_on(within_limit(self.init_limit(), bindings.migrate(store, from, &old.entries)))
+            {
+                Ok(Ok(migrated)) => migrated,
+                Ok(Err(reason)) => {
+                    return Err(Fault::State(StateError::Migrate { topic, partition, from, to, reason }))
+                }
+                Err(CallError::Call(error)) => return Err(self.classify(store, error)),
+                Err(CallError::Contract(reason)) => return Err(Fault::Contract(reason)),
+            };
+            let (keys, now) = (old.entries.len(), migrated.len());
+            state.migrated(old, migrated, to).map_err(Fault::State)?;
+            info!(plugin = %self.label, %topic, partition, from, to, keys, now, ms = started.elapsed().as_secs_f64() * 1e3, "state migrated");
+        }
+        Ok(())
     }
 }
 

@@ -69,6 +69,15 @@ pub trait Source: Send + Sync {
     fn assignment(&self) -> Vec<(String, i32)> {
         Vec::new()
     }
+
+    /// Whether the last batch closed because nothing more was waiting to be
+    /// read (not because it was full, nor at its time limit): a partition
+    /// missing from it then has no record in hand, and event time may take
+    /// it for idle while the others stay busy. `false` when the source
+    /// cannot tell: idle partitions then move on only when no batch comes.
+    fn drained(&self) -> bool {
+        false
+    }
 }
 
 /// A batch's record count, by default.

@@ -46,6 +46,11 @@ pub trait StateStore: Send + Sync {
     /// Every stored key of the pipeline that `filter` lets through, in
     /// order (for `sluice state`).
     async fn scan(&self, filter: &Filter) -> anyhow::Result<Vec<Stored>>;
+
+    /// The state versions ([`time::stored::VERSION`]) of stage `stage`'s
+    /// partitions that hold entries, in every partition (those other
+    /// instances own too).
+    async fn versions(&self, stage: u32) -> anyhow::Result<std::collections::BTreeSet<u32>>;
 }
 
 /// Which stored keys [`StateStore::scan`] returns: `None` is any.
@@ -102,6 +107,45 @@ pub enum StateError {
     Unavailable,
     #[error("set-timer needs event time: add [transforms.event_time] to the stage in the pipeline file")]
     NoEventTime,
+    #[error("the state of {topic}/{partition} is version {from}, and this plugin keeps version {to} without a migrate from {from}")]
+    NoMigrate { topic: String, partition: i32, from: u32, to: u32 },
+    #[error("migrating the state of {topic}/{partition} from version {from} to {to} failed: {reason}")]
+    Migrate { topic: String, partition: i32, from: u32, to: u32, reason: String },
+}
+
+/// The version of the state a plugin keeps, and the versions it converts
+/// from (contract 0.3's `schema`; a plugin without it keeps version 0).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StateVersion {
+    pub current: u32,
+    pub migrates_from: Vec<u32>,
+}
+
+impl StateVersion {
+    /// Whether a plugin of this version can take over state holding the
+    /// versions `held` (the same version, or one it migrates from); the
+    /// reason when it cannot.
+    pub fn takes_over(&self, held: &std::collections::BTreeSet<u32>) -> Result<(), String> {
+        let unreadable: Vec<String> = held
+            .iter()
+            .filter(|v| **v != self.current && !self.migrates_from.contains(v))
+            .map(u32::to_string)
+            .collect();
+        if unreadable.is_empty() {
+            return Ok(());
+        }
+        let from = match self.migrates_from.as_slice() {
+            [] => "it has no migrate".to_string(),
+            versions => {
+                format!("it migrates from {}", versions.iter().map(u32::to_string).collect::<Vec<_>>().join(", "))
+            }
+        };
+        Err(format!(
+            "it keeps state version {}, and the pipeline's state holds version {}: {from} (declare the versions it converts in its migrate, or keep the state version)",
+            self.current,
+            unreadable.join(", ")
+        ))
+    }
 }
 
 /// A partition's entries, the offset they go to, and its clock.
@@ -112,6 +156,8 @@ struct PartitionState {
     clock: Clock,
     /// When the partition last had a record (for `idle_timeout`).
     seen: Option<Seen>,
+    /// The state version of its entries (stored under [`stored::VERSION`]).
+    version: u32,
 }
 
 /// Changes not yet applied: per partition, each key's new value.
@@ -134,6 +180,8 @@ pub struct StageState {
     /// The changes of the batch being run (its calls that succeeded).
     pending: Changes,
     pending_clocks: ClockChanges,
+    /// Partitions the batch migrated, and to which version.
+    pending_versions: HashMap<Partition, u32>,
     /// The stage's event time, if it has one.
     event: Option<EventTime>,
     /// Bytes of keys and values in `partitions`.
@@ -159,6 +207,7 @@ impl StageState {
             partitions: HashMap::new(),
             pending: Changes::new(),
             pending_clocks: ClockChanges::default(),
+            pending_versions: HashMap::new(),
             event: None,
             bytes: 0,
             pending_delta: 0,
@@ -224,6 +273,7 @@ impl StageState {
                 Some(&stored::CLOCK) => {
                     (state.clock.watermark, state.clock.max_ts) = stored::parse_clock(&value);
                 }
+                Some(&stored::VERSION) => state.version = stored::parse_version(&value),
                 _ => {}
             }
         }
@@ -346,9 +396,33 @@ impl StageState {
         }
     }
 
+    /// The state version of `partition`'s entries, with the batch's migrations.
+    pub fn version(&self, partition: &Partition) -> u32 {
+        match self.pending_versions.get(partition) {
+            Some(version) => *version,
+            None => self.partitions.get(partition).map_or(0, |p| p.version),
+        }
+    }
+
+    /// `partition`'s entries as the batch sees them (for a migration).
+    fn current_entries(&self, partition: &Partition) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut entries: HashMap<&Vec<u8>, &Vec<u8>> =
+            self.partitions.get(partition).map(|p| p.entries.iter().collect()).unwrap_or_default();
+        for (key, value) in self.pending.get(partition).into_iter().flatten() {
+            match value {
+                Some(value) => entries.insert(key, value),
+                None => entries.remove(key),
+            };
+        }
+        let mut entries: Vec<(Vec<u8>, Vec<u8>)> = entries.into_iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        entries.sort();
+        entries
+    }
+
     /// Forgets the changes of the batch being run (it is run again).
     pub fn discard(&mut self) {
         self.pending.clear();
+        self.pending_versions.clear();
         self.pending_clocks = ClockChanges::default();
         self.pending_delta = 0;
     }
@@ -376,6 +450,11 @@ impl StageState {
                 }
                 out.push(Change { stage, partition: partition.clone(), key: stored::entry(&key), value });
             }
+        }
+        for (partition, version) in std::mem::take(&mut self.pending_versions) {
+            let state = self.partitions.entry(partition.clone()).or_default();
+            state.version = version;
+            out.push(Change { stage, partition, key: vec![stored::VERSION], value: Some(stored::version(version)) });
         }
         let ClockChanges { set, fired, marks } = std::mem::take(&mut self.pending_clocks);
         for (partition, at, key) in set {
@@ -424,13 +503,69 @@ pub struct CallState {
     /// How `changes` change the stage's bytes.
     delta: isize,
     timers: Vec<(Partition, i64, Vec<u8>)>,
+    /// Partitions the call migrated, and to which version.
+    versions: Vec<(Partition, u32)>,
+}
+
+/// A partition whose state a plugin must convert before it runs on it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unmigrated {
+    pub partition: Partition,
+    /// The version its entries are kept in.
+    pub from: u32,
+    pub entries: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 impl CallState {
     /// The state of a call on `inputs` (their origins are the scopes).
     pub fn new<'a>(shared: SharedState, origins: impl Iterator<Item = &'a crate::record::Origin>) -> Self {
         let scopes = origins.map(|o| (o.topic.clone(), o.partition)).collect();
-        CallState { shared, scopes, changes: Changes::new(), delta: 0, timers: Vec::new() }
+        CallState { shared, scopes, changes: Changes::new(), delta: 0, timers: Vec::new(), versions: Vec::new() }
+    }
+
+    /// The call's partitions whose state is not of version `current`, with
+    /// their entries. A partition without entries just takes `current`.
+    pub fn unmigrated(&mut self, current: u32) -> Vec<Unmigrated> {
+        let mut partitions: Vec<&Partition> = self.scopes.iter().collect();
+        partitions.sort();
+        partitions.dedup();
+        let shared = lock(&self.shared);
+        let mut out = Vec::new();
+        let mut empty = Vec::new();
+        for partition in partitions {
+            let from = shared.version(partition);
+            if from == current {
+                continue;
+            }
+            let entries = shared.current_entries(partition);
+            if entries.is_empty() {
+                empty.push((partition.clone(), current));
+            } else {
+                out.push(Unmigrated { partition: partition.clone(), from, entries });
+            }
+        }
+        drop(shared);
+        self.versions.extend(empty);
+        out
+    }
+
+    /// `migrated` (the plugin's conversion of `from`'s entries to version
+    /// `current`) replaces them in the call's changes.
+    pub fn migrated(
+        &mut self,
+        from: Unmigrated,
+        migrated: Vec<(Vec<u8>, Vec<u8>)>,
+        current: u32,
+    ) -> Result<(), StateError> {
+        let index = self.scopes.iter().position(|p| *p == from.partition).unwrap_or_default() as u32;
+        for (key, _) in from.entries {
+            self.put(index, key, None)?;
+        }
+        for (key, value) in migrated {
+            self.put(index, key, Some(value))?;
+        }
+        self.versions.push((from.partition, current));
+        Ok(())
     }
 
     fn scope(&self, index: u32) -> Result<&Partition, StateError> {
@@ -480,6 +615,7 @@ impl CallState {
     /// The call succeeded: its changes join the batch's.
     pub fn keep(self) {
         let mut shared = lock(&self.shared);
+        shared.pending_versions.extend(self.versions);
         shared.keep(self.changes, self.delta, self.timers);
         if shared.scratch {
             shared.apply(&[]);
@@ -511,6 +647,11 @@ pub struct PipelineState {
 impl PipelineState {
     pub fn new(store: Arc<dyn StateStore>) -> Self {
         PipelineState { stages: Default::default(), store, generation: 0 }
+    }
+
+    /// Where the state is kept.
+    pub fn store(&self) -> Arc<dyn StateStore> {
+        self.store.clone()
     }
 
     /// Whether the source's assignment changed since the state was loaded
@@ -742,6 +883,64 @@ mod tests {
         restored.discard();
         assert_eq!(restored.watermark(&p), Some(60_000), "a discarded batch moves nothing");
         assert_eq!(restored.take_due(true), vec![(p, 120_000, b"w2".to_vec())], "the end fires every timer");
+    }
+
+    #[test]
+    fn a_version_takes_over_the_state_it_keeps_or_migrates_from() {
+        let v1 = StateVersion { current: 1, migrates_from: vec![0] };
+        assert!(v1.takes_over(&[0, 1].into()).is_ok());
+        assert!(v1.takes_over(&[].into()).is_ok(), "no state yet");
+        let error = v1.takes_over(&[2].into()).unwrap_err();
+        assert!(error.contains("holds version 2: it migrates from 0"), "{error}");
+        let bare = StateVersion { current: 1, migrates_from: vec![] };
+        let error = bare.takes_over(&[0].into()).unwrap_err();
+        assert!(error.contains("keeps state version 1") && error.contains("it has no migrate"), "{error}");
+    }
+
+    /// A call converts the entries of its partitions kept by another
+    /// version into its changes: a faulted call or a discarded batch leaves
+    /// them as they were; an applied one stores them with the version.
+    #[test]
+    fn a_migration_is_part_of_the_batch_that_made_it() {
+        let shared: SharedState = Arc::new(Mutex::new(StageState::new(0, 1 << 20)));
+        let entries = [(stored::entry(b"a"), b"old-a".to_vec()), (stored::entry(b"b"), b"old-b".to_vec())];
+        shared.lock().unwrap().restore(("t".into(), 0), Loaded { entries: entries.into(), next_offset: 3 });
+        let migrate = |shared: &SharedState| {
+            let mut c = call(shared, &[0, 1]);
+            let todo = c.unmigrated(1);
+            assert_eq!(todo.len(), 1, "partition 1 holds nothing: it just takes version 1");
+            assert_eq!((todo[0].from, todo[0].entries.len()), (0, 2));
+            let old = todo.into_iter().next().unwrap();
+            // Version 1 renames a to A, and drops b.
+            c.migrated(old, vec![(b"A".to_vec(), b"new-a".to_vec())], 1).unwrap();
+            c
+        };
+        drop(migrate(&shared)); // the call faulted
+        assert_eq!(call(&shared, &[0]).unmigrated(1).len(), 1, "nothing was converted");
+        migrate(&shared).keep();
+        assert_eq!(shared.lock().unwrap().version(&("t".into(), 0)), 1);
+        assert!(call(&shared, &[0]).unmigrated(1).is_empty(), "converted once per batch");
+        shared.lock().unwrap().discard();
+        assert_eq!(shared.lock().unwrap().version(&("t".into(), 0)), 0, "a discarded batch converted nothing");
+
+        migrate(&shared).keep();
+        let c = call(&shared, &[0]);
+        assert_eq!((c.get(0, b"A").unwrap(), c.get(0, b"a").unwrap()), (Some(b"new-a".to_vec()), None));
+        let changes = shared.lock().unwrap().apply(&[(("t".into(), 0), 4)]);
+        let stored: HashMap<(i32, Vec<u8>), Option<Vec<u8>>> =
+            changes.into_iter().map(|c| ((c.partition.1, c.key), c.value)).collect();
+        assert_eq!(stored.get(&(0, vec![stored::VERSION])), Some(&Some(stored::version(1))));
+        assert_eq!(stored.get(&(1, vec![stored::VERSION])), Some(&Some(stored::version(1))));
+        assert_eq!(stored.get(&(0, stored::entry(b"a"))), Some(&None));
+        assert_eq!(stored.get(&(0, stored::entry(b"b"))), Some(&None));
+        assert_eq!(stored.get(&(0, stored::entry(b"A"))), Some(&Some(b"new-a".to_vec())));
+
+        // Restored from the store, the partition is version 1.
+        let kept: HashMap<Vec<u8>, Vec<u8>> =
+            stored.into_iter().filter(|((p, _), _)| *p == 0).filter_map(|((_, k), v)| v.map(|v| (k, v))).collect();
+        let mut restored = StageState::new(0, 1 << 20);
+        restored.restore(("t".into(), 0), Loaded { entries: kept, next_offset: 4 });
+        assert_eq!((restored.version(&("t".into(), 0)), restored.keys()), (1, 1));
     }
 
     #[test]

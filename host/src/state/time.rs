@@ -93,6 +93,18 @@ pub mod stored {
     /// timestamp (8 bytes each, little-endian; `i64::MIN`: none).
     pub const CLOCK: u8 = 2;
 
+    /// The state version of the partition's entries: the byte alone;
+    /// value = the version (4 bytes, little-endian). Absent: version 0.
+    pub const VERSION: u8 = 3;
+
+    pub fn version(version: u32) -> Vec<u8> {
+        version.to_le_bytes().to_vec()
+    }
+
+    pub fn parse_version(value: &[u8]) -> u32 {
+        value.get(..4).and_then(|b| b.try_into().ok()).map_or(0, u32::from_le_bytes)
+    }
+
     pub fn entry(key: &[u8]) -> Vec<u8> {
         let mut k = Vec::with_capacity(key.len() + 1);
         k.push(ENTRY);

@@ -15,7 +15,7 @@ use crate::runtime::Runtime;
 use crate::supervisor::Refused;
 use crate::transforms::Chain;
 use anyhow::Context;
-use pipeline::PipelineTask;
+use pipeline::{check_state_versions, HeldState, PipelineTask};
 use std::collections::BTreeMap;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -27,8 +27,8 @@ struct Running {
     cancel: CancellationToken,
     /// New chains for the task, applied between two batches.
     swap: mpsc::UnboundedSender<Chain>,
-    /// Whether the pipeline keeps keyed state (it has a sink for it).
-    holds_state: bool,
+    /// The keyed state the pipeline keeps (it has a sink for it), if any.
+    state: Option<HeldState>,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
@@ -82,14 +82,18 @@ impl Topology {
             let chain = tokio::task::block_in_place(|| Chain::live(&self.runtime, &spec)).with_context(|| {
                 format!("cannot load the new plugins of pipeline {} ({})", spec.name, spec.file.display())
             })?;
-            let holds_state = self.running.get(&spec.name).is_some_and(|r| r.holds_state);
-            if let (Some((index, stage)), false) = (chain.stateful().next(), holds_state) {
-                anyhow::bail!(
+            let held = self.running.get(&spec.name).and_then(|r| r.state.as_ref());
+            match (chain.stateful().next(), held) {
+                (Some((index, stage)), None) => anyhow::bail!(
                     "transform {} ({}) of pipeline {} keeps state (contract 0.3), and the running pipeline has none: restart it to give it state",
                     index + 1,
                     stage.plugin().name,
                     spec.name
-                );
+                ),
+                (Some(_), Some(held)) => check_state_versions(&chain, &*held.store, &held.versions)
+                    .await
+                    .with_context(|| format!("cannot swap the plugins of pipeline {} ({})", spec.name, spec.file.display()))?,
+                (None, _) => {}
             }
             chains.push((spec, chain));
         }
@@ -117,7 +121,11 @@ impl Topology {
                     "plugin swap ready; live from the next batch"
                 );
             }
+            let versions = chain.state_versions();
             if running.swap.send(chain).is_ok() {
+                if let Some(held) = &mut running.state {
+                    held.versions = versions;
+                }
                 running.spec = spec;
                 applied.swapped.push(running.spec.name.clone());
             }
@@ -130,10 +138,10 @@ impl Topology {
             let cancel = CancellationToken::new();
             let (swap, swaps) = mpsc::unbounded_channel();
             info!(pipeline = %spec.name, file = %spec.file.display(), "pipeline starting");
-            let holds_state = task.holds_state();
+            let state = task.held_state();
             let handle = tokio::spawn(task.run(cancel.clone(), swaps));
             applied.started.push(spec.name.clone());
-            self.running.insert(spec.name.clone(), Running { spec, cancel, swap, holds_state, task: handle });
+            self.running.insert(spec.name.clone(), Running { spec, cancel, swap, state, task: handle });
         }
         Ok(applied)
     }

@@ -74,13 +74,17 @@ impl PipelineTask {
         let dead_letter = spec.dead_letter.connector().build("dead_letter", &cx)?;
         let source = spec.source.connector().build(&cx)?;
         let state = state_for(&chain, &sinks)?;
+        if let Some((state, _)) = &state {
+            check_state_versions(&chain, &*state.store(), &BTreeMap::new()).await?;
+        }
         Ok(PipelineTask { refused: refused.clone(), spec, source, chain, sinks, dead_letter, state })
     }
 
-    /// Whether the pipeline keeps keyed state (a chain swapped in later may
-    /// keep state only if it does).
-    pub fn holds_state(&self) -> bool {
-        self.state.is_some()
+    /// The keyed state the pipeline keeps, if any (a chain swapped in later
+    /// may keep state only if it does, of versions it can take over).
+    pub fn held_state(&self) -> Option<HeldState> {
+        let (state, _) = self.state.as_ref()?;
+        Some(HeldState { store: state.store(), versions: self.chain.state_versions() })
     }
 
     /// Runs until `cancel`. Two stages overlap: the transform stage (its own
@@ -243,7 +247,7 @@ async fn transform_stage(
                 let mut results = versions.current().process(&batch);
                 // The timers the batch's watermarks passed fire after it.
                 let (fired, timer_results) = match &state {
-                    Some(_) => versions.current().fire(Fire::AfterBatch),
+                    Some(_) => versions.current().fire(Fire::AfterBatch(source.drained().then(Instant::now))),
                     None => Default::default(),
                 };
                 results.append(timer_results);
@@ -386,6 +390,37 @@ async fn restore(
             }
         }
     }
+}
+
+/// The keyed state of a running pipeline, as a reload sees it.
+pub struct HeldState {
+    pub store: Arc<dyn StateStore>,
+    /// Each stateful stage's state version, as the chain last swapped in keeps it.
+    pub versions: BTreeMap<u32, u32>,
+}
+
+/// Whether each stateful stage of `chain` can take over its state: the
+/// versions `store` holds for it (in every partition), and the one
+/// `running` keeps in memory. A stage whose plugin keeps another version
+/// and has no migrate from it is refused, with the reason: a start fails,
+/// and so does a reload (the running chain goes on).
+pub async fn check_state_versions(
+    chain: &Chain,
+    store: &dyn StateStore,
+    running: &BTreeMap<u32, u32>,
+) -> anyhow::Result<()> {
+    for (index, stage) in chain.stateful() {
+        let mut held = store.versions(index as u32).await?;
+        held.extend(running.get(&(index as u32)));
+        if let Err(reason) = stage.state_version().takes_over(&held) {
+            anyhow::bail!(
+                "transform {} ({}) cannot take over the stage's state: {reason}",
+                index + 1,
+                stage.plugin().name
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The state of `chain`'s stateful stages and the sink that keeps it: the

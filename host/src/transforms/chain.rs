@@ -94,6 +94,11 @@ impl Chain {
         self.stages.iter().enumerate().filter(|(_, s)| s.plugin().contract.has_state())
     }
 
+    /// Each stateful stage's state version (the version its plugin keeps).
+    pub fn state_versions(&self) -> std::collections::BTreeMap<u32, u32> {
+        self.stateful().map(|(index, stage)| (index as u32, stage.state_version().current)).collect()
+    }
+
     /// Gives each stateful stage its state in `state` (a swapped-in version
     /// takes over the state of the stage it replaces).
     pub fn attach_state(&mut self, state: &mut PipelineState) {
@@ -121,9 +126,10 @@ impl Chain {
                 if state.event_time().is_none() {
                     continue;
                 }
-                // Only when no batch comes: a partition missing from the
-                // batches of a pipeline held back (a sink down) is not idle.
-                if let Fire::Idle(now) = when {
+                // Not after a batch that was full: a partition missing from
+                // it may have records waiting (a backlog, as after a sink
+                // was down and the pipeline held back).
+                if let Fire::Idle(now) | Fire::AfterBatch(Some(now)) = when {
                     state.observe_idle(now);
                 }
                 state.take_due(when == Fire::End)
@@ -255,8 +261,10 @@ impl Chain {
 /// When [`Chain::fire`] looks for due timers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fire {
-    /// After a batch: at the watermarks it moved.
-    AfterBatch,
+    /// After a batch: at the watermarks it moved. With an instant (the
+    /// source had nothing more waiting: see [`crate::sources::Source::drained`]),
+    /// the partitions the batch did not hold that are idle at it move on too.
+    AfterBatch(Option<std::time::Instant>),
     /// No batch for a while: partitions idle at this instant move their
     /// watermarks on first.
     Idle(std::time::Instant),

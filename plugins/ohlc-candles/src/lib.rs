@@ -18,10 +18,21 @@
 //!
 //! Config `window_ms`: the window (default 60000, one minute). The stage
 //! needs `[transforms.event_time]`.
+//!
+//! # State versions
+//!
+//! State version 1 keeps an open candle as 72 bytes ([`Binary`]: nine
+//! little-endian words), read and written for every trade without a JSON
+//! round trip; version 0 kept it as JSON, and [`Transform::migrate`]
+//! converts it, so a pipeline running a version 0 build swaps to this one
+//! with its open windows. Test builds (features): `json-state` is the
+//! version 0 build; `no-migrate` keeps version 1 without a migrate (a swap
+//! to it from version 0 state is refused); `failing` corrupts the candles
+//! it keeps and fails two trades in three (its batches are rolled back).
 
 use serde::{Deserialize, Serialize};
-use sluice_plugin::window::Tumbling;
-use sluice_plugin::{export_transform, Config, Output, Record, Timer, Transform};
+use sluice_plugin::window::{Codec, Tumbling};
+use sluice_plugin::{export_transform, Config, Output, Record, StateEntry, Timer, Transform};
 
 pub struct OhlcCandles {
     window: Tumbling,
@@ -81,7 +92,70 @@ impl Candle {
     }
 }
 
+/// Version 1's encoding of a [`Candle`]: nine little-endian words (open,
+/// high, low, close, volume, turnover as `f64`; trades as `u64`; first and
+/// last timestamps as `i64`).
+pub struct Binary;
+
+impl Codec<Candle> for Binary {
+    fn encode(&self, c: &Candle) -> Result<Vec<u8>, String> {
+        let mut out = Vec::with_capacity(72);
+        for word in [c.open, c.high, c.low, c.close, c.volume, c.turnover] {
+            out.extend_from_slice(&word.to_le_bytes());
+        }
+        out.extend_from_slice(&c.trades.to_le_bytes());
+        out.extend_from_slice(&c.first_ts.to_le_bytes());
+        out.extend_from_slice(&c.last_ts.to_le_bytes());
+        Ok(out)
+    }
+
+    fn decode(&self, bytes: &[u8]) -> Result<Candle, String> {
+        let words: Vec<[u8; 8]> = bytes.chunks(8).filter_map(|w| w.try_into().ok()).collect();
+        let [open, high, low, close, volume, turnover, trades, first_ts, last_ts] = words[..] else {
+            return Err(format!("a candle is 72 bytes, not {} (state version 1)", bytes.len()));
+        };
+        let f = f64::from_le_bytes;
+        Ok(Candle {
+            open: f(open),
+            high: f(high),
+            low: f(low),
+            close: f(close),
+            volume: f(volume),
+            turnover: f(turnover),
+            trades: u64::from_le_bytes(trades),
+            first_ts: i64::from_le_bytes(first_ts),
+            last_ts: i64::from_le_bytes(last_ts),
+        })
+    }
+}
+
+/// Version 0's encoding of a [`Candle`]: JSON.
+pub use sluice_plugin::window::Json;
+
+#[cfg(feature = "json-state")]
+type Kept = Json;
+#[cfg(feature = "json-state")]
+const KEPT: Kept = Json;
+#[cfg(not(feature = "json-state"))]
+type Kept = Binary;
+#[cfg(not(feature = "json-state"))]
+const KEPT: Kept = Binary;
+
 impl Transform for OhlcCandles {
+    const STATE_VERSION: u32 = if cfg!(feature = "json-state") { 0 } else { 1 };
+    const MIGRATES_FROM: &'static [u32] =
+        if cfg!(any(feature = "json-state", feature = "no-migrate")) { &[] } else { &[0] };
+
+    /// Version 0 (JSON) to version 1 (binary); a key that is not a
+    /// window's stays as it is.
+    fn migrate(from: u32, key: Vec<u8>, value: Vec<u8>) -> Result<Option<StateEntry>, String> {
+        if from != 0 || sluice_plugin::window::parse_key(&key).is_none() {
+            return Ok(Some((key, value)));
+        }
+        let candle: Candle = Json.decode(&value).map_err(|e| format!("a version 0 candle: {e}"))?;
+        Ok(Some((key, Binary.encode(&candle)?)))
+    }
+
     fn init(config: &Config) -> Result<Self, String> {
         config.reject_unknown(&["window_ms"])?;
         let window_ms = config.parse::<i64>("window_ms")?.unwrap_or(60_000);
@@ -93,12 +167,21 @@ impl Transform for OhlcCandles {
 
     fn process(&mut self, record: Record) -> Result<Vec<Output>, String> {
         let t: Trade = serde_json::from_slice(&record.value).map_err(|e| format!("not a flattened trade: {e}"))?;
-        self.window.update(&t.symbol, t.ts, |c: &mut Candle| c.add(t.price, t.volume, t.ts))?;
+        self.window.update_with(&KEPT, &t.symbol, t.ts, |c: &mut Candle| c.add(t.price, t.volume, t.ts))?;
+        #[cfg(feature = "failing")]
+        {
+            // A broken build: every candle it touches is corrupted, and two
+            // trades in three fail.
+            self.window.update_with(&KEPT, &t.symbol, t.ts, |c: &mut Candle| c.high = 1e12)?;
+            if t.ts % 3 != 0 {
+                return Err("failing build".to_string());
+            }
+        }
         Ok(Vec::new())
     }
 
     fn on_timer(&mut self, timer: Timer) -> Result<Vec<Output>, String> {
-        let Some(w) = self.window.close::<Candle>(&timer)? else { return Ok(Vec::new()) };
+        let Some(w) = self.window.close_with::<Candle>(&KEPT, &timer)? else { return Ok(Vec::new()) };
         let c = &w.value;
         let value = serde_json::json!({
             "symbol": w.key,
@@ -168,6 +251,21 @@ mod tests {
         let b = fold(&[4, 3, 2, 1, 0]);
         assert_eq!((a.open, a.close, a.high, a.low, a.trades), (b.open, b.close, b.high, b.low, b.trades));
         assert_eq!((a.open, a.close), (5.0, 6.0));
+    }
+
+    #[test]
+    fn a_version_0_candle_migrates_to_the_binary_encoding() {
+        let mut c = Candle::default();
+        c.add(10.5, 2.0, 61_000);
+        c.add(9.25, 1.0, 62_000);
+        let key = b"A\x0060000".to_vec();
+        let json = serde_json::to_vec(&c).unwrap();
+        let (k, v) = OhlcCandles::migrate(0, key.clone(), json).unwrap().unwrap();
+        assert_eq!((k, Binary.decode(&v).unwrap()), (key, c));
+        assert!(OhlcCandles::migrate(0, b"A\x001".to_vec(), b"not json".to_vec()).is_err());
+        let other = (b"not a window".to_vec(), b"x".to_vec());
+        assert_eq!(OhlcCandles::migrate(0, other.0.clone(), other.1.clone()).unwrap(), Some(other));
+        assert!(Binary.decode(&[0; 71]).unwrap_err().contains("72 bytes"));
     }
 
     #[test]

@@ -69,6 +69,10 @@ pub struct Timer {
     pub origin: Origin,
 }
 
+/// A state entry: its key and its value (see [`Transform::migrate`]).
+#[cfg(feature = "state")]
+pub type StateEntry = (Vec<u8>, Vec<u8>);
+
 /// Bindings generated from `wit/transform.wit` (contract 0.2). Plugin
 /// authors do not need them; they are public for [`export_transform!`].
 #[cfg(not(any(feature = "contract-0-1", feature = "state")))]
@@ -82,12 +86,13 @@ pub mod bindings {
     });
 }
 
-/// Bindings generated from `wit/0.3/transform.wit` (contract 0.3: 0.2 with keyed state).
+/// Bindings generated from `wit/0.3/transform.wit` (contract 0.3: 0.2 with
+/// keyed state, and the state's version).
 #[cfg(all(feature = "state", not(feature = "contract-0-1")))]
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
-        world: "transformer",
+        world: "versioned-transformer",
         path: "../../wit/0.3",
         pub_export_macro: true,
         default_bindings_module: "sluice_plugin::bindings",
@@ -247,6 +252,31 @@ pub trait Transform: Sized + 'static {
         Ok(Vec::new())
     }
 
+    /// The version of the state this build reads and writes. Change it when
+    /// the state's keys or values change shape, and convert the state of
+    /// the versions before in [`Transform::migrate`]: the host then runs a
+    /// swap to this build only if it migrates from every version the
+    /// pipeline's state holds, and refuses it (with the reason) otherwise.
+    #[cfg(feature = "state")]
+    const STATE_VERSION: u32 = 0;
+
+    /// The state versions [`Transform::migrate`] converts from.
+    #[cfg(feature = "state")]
+    const MIGRATES_FROM: &'static [u32] = &[];
+
+    /// Converts one entry kept by state version `from` (one of
+    /// [`Transform::MIGRATES_FROM`]) into this version's shape: `Some((key,
+    /// value))` keeps it (the key may change), `None` deletes it. Called
+    /// without an instance (`init` has not run) for each entry of a
+    /// partition before the first batch that holds it; an `Err` fails that
+    /// batch, and the pipeline's `on_plugin_failure` applies. Timers keep
+    /// their keys.
+    #[cfg(feature = "state")]
+    fn migrate(from: u32, key: Vec<u8>, value: Vec<u8>) -> Result<Option<StateEntry>, String> {
+        let _ = (key, value);
+        Err(format!("no migrate from state version {from}"))
+    }
+
     /// Transforms one borrowed record, writing its outputs into `out`. The
     /// default copies the record, calls [`Transform::process`] and writes
     /// what it returns; override it to read and write without copying. An
@@ -365,6 +395,23 @@ pub mod __rt {
         buf
     }
 
+    /// Contract 0.3's `schema`: every entry of a partition through
+    /// [`Transform::migrate`]; the first error fails them all.
+    #[cfg(feature = "state")]
+    pub fn migrate<T: Transform>(from: u32, entries: Vec<StateEntry>) -> Result<Vec<StateEntry>, String> {
+        if !T::MIGRATES_FROM.contains(&from) {
+            return Err(format!(
+                "no migrate from state version {from} (this build keeps version {})",
+                T::STATE_VERSION
+            ));
+        }
+        let mut out = Vec::with_capacity(entries.len());
+        for (key, value) in entries {
+            out.extend(T::migrate(from, key, value)?);
+        }
+        Ok(out)
+    }
+
     #[cfg(feature = "contract-0-1")]
     pub use v01::*;
 
@@ -450,7 +497,44 @@ macro_rules! __export_contract {
                 __SLUICE_STATE.with(|state| $crate::__rt::process::<$transform>(state, &batch))
             }
         }
+
+        $crate::__export_schema!($transform);
     };
+}
+
+/// Contract 0.3's `schema` export (see [`Transform::STATE_VERSION`]).
+#[cfg(feature = "state")]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_schema {
+    ($transform:ty) => {
+        impl $crate::bindings::exports::sluice::transform::schema::Guest for __SluiceGuest {
+            fn state_version() -> $crate::bindings::exports::sluice::transform::schema::Versions {
+                $crate::bindings::exports::sluice::transform::schema::Versions {
+                    current: <$transform as $crate::Transform>::STATE_VERSION,
+                    migrates_from: <$transform as $crate::Transform>::MIGRATES_FROM.to_vec(),
+                }
+            }
+
+            fn migrate(
+                from: u32,
+                entries: ::std::vec::Vec<(::std::vec::Vec<u8>, ::std::vec::Vec<u8>)>,
+            ) -> ::std::result::Result<
+                ::std::vec::Vec<(::std::vec::Vec<u8>, ::std::vec::Vec<u8>)>,
+                ::std::string::String,
+            > {
+                $crate::__rt::migrate::<$transform>(from, entries)
+            }
+        }
+    };
+}
+
+/// Without state, no `schema` export.
+#[cfg(not(feature = "state"))]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_schema {
+    ($transform:ty) => {};
 }
 
 /// Contract 0.1's entry points (see [`export_transform!`]).

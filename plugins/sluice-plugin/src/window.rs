@@ -68,25 +68,70 @@ impl Tumbling {
     where
         A: Serialize + DeserializeOwned + Default,
     {
+        self.update_with(&Json, key, ts, fold)
+    }
+
+    /// [`Tumbling::update`], with the aggregate kept in state as `codec`
+    /// encodes it.
+    pub fn update_with<A: Default>(
+        &self,
+        codec: &impl Codec<A>,
+        key: &str,
+        ts: i64,
+        fold: impl FnOnce(&mut A),
+    ) -> Result<(), String> {
         let start = self.start(ts);
         let skey = Self::state_key(key, start);
-        let mut value: A = state::get_json(&skey)?.unwrap_or_default();
+        let mut value = match state::get(&skey) {
+            Some(bytes) => codec.decode(&bytes).map_err(|e| format!("window {key:?} at {start}: {e}"))?,
+            None => A::default(),
+        };
         fold(&mut value);
-        state::put_json(&skey, &value)?;
+        state::put(&skey, codec.encode(&value).map_err(|e| format!("window {key:?} at {start}: {e}"))?);
         state::set_timer(&skey, start.saturating_add(self.size_ms));
         Ok(())
     }
 
     /// The window `timer` closes, taken out of the state; `None` if the
     /// timer is not one of this helper's or its window is gone.
-    pub fn close<A: DeserializeOwned>(&self, timer: &Timer) -> Result<Option<Window<A>>, String> {
-        let Some((key, start)) = std::str::from_utf8(&timer.key).ok().and_then(|k| k.rsplit_once('\0')) else {
-            return Ok(None);
-        };
-        let Ok(start) = start.parse::<i64>() else { return Ok(None) };
-        let Some(value) = state::get_json::<A>(&timer.key)? else { return Ok(None) };
+    pub fn close<A: Serialize + DeserializeOwned>(&self, timer: &Timer) -> Result<Option<Window<A>>, String> {
+        self.close_with(&Json, timer)
+    }
+
+    /// [`Tumbling::close`] of an aggregate kept as `codec` encodes it.
+    pub fn close_with<A>(&self, codec: &impl Codec<A>, timer: &Timer) -> Result<Option<Window<A>>, String> {
+        let Some((key, start)) = parse_key(&timer.key) else { return Ok(None) };
+        let Some(bytes) = state::get(&timer.key) else { return Ok(None) };
+        let value = codec.decode(&bytes).map_err(|e| format!("window {key:?} at {start}: {e}"))?;
         state::delete(&timer.key);
         Ok(Some(Window { key: key.to_string(), start, end: start.saturating_add(self.size_ms), value }))
+    }
+}
+
+/// A window's state key split into its key and start (see [`Tumbling`]);
+/// `None` for a key that is not a window's.
+pub fn parse_key(state_key: &[u8]) -> Option<(&str, i64)> {
+    let (key, start) = std::str::from_utf8(state_key).ok()?.rsplit_once('\0')?;
+    Some((key, start.parse().ok()?))
+}
+
+/// How a window's aggregate is kept in state: its bytes.
+pub trait Codec<A> {
+    fn encode(&self, value: &A) -> Result<Vec<u8>, String>;
+    fn decode(&self, bytes: &[u8]) -> Result<A, String>;
+}
+
+/// JSON, through serde: the codec of [`Tumbling::update`] and [`Tumbling::close`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Json;
+
+impl<A: Serialize + DeserializeOwned> Codec<A> for Json {
+    fn encode(&self, value: &A) -> Result<Vec<u8>, String> {
+        serde_json::to_vec(value).map_err(|e| e.to_string())
+    }
+
+    fn decode(&self, bytes: &[u8]) -> Result<A, String> {
+        serde_json::from_slice(bytes).map_err(|e| e.to_string())
     }
 }
 

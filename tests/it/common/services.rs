@@ -227,6 +227,15 @@ pub async fn produce_to(addr: &str, topic: &str, values: &[Vec<u8>], properties:
     }
 }
 
+/// Produces `values` to partition `partition` of `topic`.
+pub async fn produce_at(addr: &str, topic: &str, partition: i32, values: &[Vec<u8>]) {
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", addr).create().unwrap();
+    for v in values {
+        let record = FutureRecord::<(), [u8]>::to(topic).partition(partition).payload(v);
+        producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e).unwrap();
+    }
+}
+
 /// One past the last offset of each partition among `messages` (0: none).
 pub fn end_offsets(messages: &[OwnedMessage], partitions: i32) -> Vec<i64> {
     (0..partitions)

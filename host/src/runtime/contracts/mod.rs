@@ -11,6 +11,7 @@ mod v03;
 use super::host_state::HostState;
 use super::limits::Limits;
 use crate::record::{RecordRef, Results};
+use crate::state::StateVersion;
 use wasmtime::component::{InstancePre, Linker};
 use wasmtime::Store;
 
@@ -96,7 +97,7 @@ impl Pre {
         Ok(match self {
             Pre::V01(pre) => Bound::V01(pre.instantiate_async(store).await?),
             Pre::V02(pre) => Bound::V02(v02::Bound::new(pre.instantiate_async(store).await?)),
-            Pre::V03(pre) => Bound::V03(v03::Bound::new(pre.instantiate_async(store).await?)),
+            Pre::V03(pre) => Bound::V03(pre.instantiate(store).await?),
         })
     }
 }
@@ -133,6 +134,28 @@ impl Bound {
             Bound::V01(bindings) => bindings.sluice_transform_transform().call_init(store, config).await,
             Bound::V02(bound) => bound.init(store, config).await,
             Bound::V03(bound) => bound.init(store, config).await,
+        }
+    }
+
+    /// The state version the plugin keeps (contract 0.3's optional
+    /// `schema`; version 0, migrating none, without it or state).
+    pub(crate) async fn state_version(&self, store: &mut Store<HostState>) -> wasmtime::Result<StateVersion> {
+        match self {
+            Bound::V03(bound) => bound.state_version(store).await,
+            _ => Ok(StateVersion::default()),
+        }
+    }
+
+    /// The plugin's `migrate` of one partition's entries kept by version `from`.
+    pub(crate) async fn migrate(
+        &self,
+        store: &mut Store<HostState>,
+        from: u32,
+        entries: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<Result<Vec<(Vec<u8>, Vec<u8>)>, String>, CallError> {
+        match self {
+            Bound::V03(bound) => bound.migrate(store, from, entries).await.map_err(CallError::Call),
+            _ => Ok(Err("a contract 0.1 or 0.2 plugin keeps no state".to_string())),
         }
     }
 

@@ -8,8 +8,9 @@ use super::CallError;
 use crate::record::{RecordRef, Results};
 use crate::runtime::host_state::HostState;
 use crate::runtime::limits::Limits;
+use crate::state::StateVersion;
 use sluice_abi::Encoder;
-use wasmtime::component::{HasSelf, Linker};
+use wasmtime::component::{HasSelf, InstancePre, Linker};
 use wasmtime::Store;
 
 mod bindings {
@@ -28,7 +29,41 @@ mod bindings {
     });
 }
 
-pub(crate) type Pre = bindings::TransformerPre<HostState>;
+/// The optional `schema` export (the state's version and `migrate`).
+mod schema {
+    wasmtime::component::bindgen!({
+        world: "schema-export",
+        path: "../wit/0.3",
+        exports: { default: async },
+    });
+}
+
+/// A linked 0.3 component: its exports' indices, found once.
+pub(crate) struct Pre {
+    instance_pre: InstancePre<HostState>,
+    indices: bindings::TransformerIndices,
+    /// `None`: the component keeps state version 0 and migrates none.
+    schema: Option<schema::SchemaExportIndices>,
+}
+
+impl Pre {
+    pub(super) fn new(instance_pre: InstancePre<HostState>) -> wasmtime::Result<Self> {
+        let indices = bindings::TransformerIndices::new(&instance_pre)?;
+        let schema = schema::SchemaExportIndices::new(&instance_pre).ok();
+        Ok(Pre { instance_pre, indices, schema })
+    }
+
+    pub(super) fn engine(&self) -> &wasmtime::Engine {
+        self.instance_pre.engine()
+    }
+
+    pub(super) async fn instantiate(&self, store: &mut Store<HostState>) -> wasmtime::Result<Bound> {
+        let instance = self.instance_pre.instantiate_async(&mut *store).await?;
+        let bindings = self.indices.load(&mut *store, &instance)?;
+        let schema = self.schema.as_ref().map(|s| s.load(&mut *store, &instance)).transpose()?;
+        Ok(Bound { bindings, schema, encoder: Encoder::default() })
+    }
+}
 
 pub(super) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     bindings::Transformer::add_to_linker::<_, HasSelf<_>>(linker, |state| state)
@@ -73,12 +108,29 @@ impl bindings::sluice::transform::state::Host for HostState {
 /// A 0.3 instance's exports and its batch buffer.
 pub(crate) struct Bound {
     bindings: bindings::Transformer,
+    schema: Option<schema::SchemaExport>,
     encoder: Encoder,
 }
 
 impl Bound {
-    pub(super) fn new(bindings: bindings::Transformer) -> Self {
-        Bound { bindings, encoder: Encoder::default() }
+    /// The state version the plugin keeps, and those it migrates from.
+    pub(super) async fn state_version(&self, store: &mut Store<HostState>) -> wasmtime::Result<StateVersion> {
+        let Some(schema) = &self.schema else { return Ok(StateVersion::default()) };
+        let v = schema.sluice_transform_schema().call_state_version(store).await?;
+        Ok(StateVersion { current: v.current, migrates_from: v.migrates_from })
+    }
+
+    /// The plugin's `migrate` of one partition's entries kept by version `from`.
+    pub(super) async fn migrate(
+        &self,
+        store: &mut Store<HostState>,
+        from: u32,
+        entries: &[(Vec<u8>, Vec<u8>)],
+    ) -> wasmtime::Result<Result<Vec<(Vec<u8>, Vec<u8>)>, String>> {
+        match &self.schema {
+            Some(schema) => schema.sluice_transform_schema().call_migrate(store, from, entries).await,
+            None => Ok(Err("the plugin exports no sluice:transform/schema (no migrate)".to_string())),
+        }
     }
 
     pub(super) async fn init(

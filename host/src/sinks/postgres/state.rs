@@ -189,6 +189,29 @@ impl StateStore for PgStateStore {
             .collect())
     }
 
+    async fn versions(&self, stage: u32) -> anyhow::Result<std::collections::BTreeSet<u32>> {
+        let (mut guard, client) = self.take_client().await?;
+        let table = quote_ident(&self.state_table);
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT DISTINCT v.value FROM (SELECT DISTINCT topic, partition FROM {table} \
+                     WHERE pipeline = $1 AND stage = $2 AND get_byte(key, 0) = {entry}) e \
+                     LEFT JOIN {table} v ON v.pipeline = $1 AND v.stage = $2 AND v.topic = e.topic \
+                     AND v.partition = e.partition AND v.key = $3",
+                    entry = stored::ENTRY
+                ),
+                &[&self.pipeline, &(stage as i32), &vec![stored::VERSION]],
+            )
+            .await
+            .with_context(|| format!("cannot read the state versions from {}", self.state_table))?;
+        *guard = Some(client);
+        Ok(rows
+            .into_iter()
+            .map(|row| row.get::<_, Option<Vec<u8>>>(0).map_or(0, |v| stored::parse_version(&v)))
+            .collect())
+    }
+
     async fn load(&self, stage: u32, partition: &Partition) -> anyhow::Result<Loaded> {
         let (mut guard, client) = self.take_client().await?;
         let read = async {

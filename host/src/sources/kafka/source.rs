@@ -134,6 +134,8 @@ pub struct KafkaSource {
     /// a pipeline restarting on reload builds its new source while the old
     /// one still runs, and two members of one group would split the partitions.
     subscribed: AtomicBool,
+    /// The last batch closed with nothing more waiting ([`Source::drained`]).
+    drained: AtomicBool,
     brokers: String,
     /// Subscribed topics the broker did not have at the last check.
     missing: Mutex<Vec<String>>,
@@ -179,6 +181,7 @@ impl KafkaSource {
             consumer,
             topics: config.topics.clone(),
             subscribed: AtomicBool::new(false),
+            drained: AtomicBool::new(false),
             brokers: config.brokers().to_string(),
             missing: Mutex::default(),
             topics_found: AtomicBool::new(false),
@@ -311,6 +314,7 @@ impl Source for KafkaSource {
         // is waiting (a trickle goes out at once; a backlog, which
         // librdkafka prefetches, still fills whole batches) or its time is up.
         let deadline = std::time::Instant::now() + self.max_wait;
+        let mut drained = false;
         while batch.len() < self.max_records && std::time::Instant::now() < deadline {
             match futures::FutureExt::now_or_never(self.consumer.recv()) {
                 Some(Ok(m)) => batch.push(to_record(&m, &mut topic)),
@@ -318,9 +322,13 @@ impl Source for KafkaSource {
                     warn!(pipeline = %self.pipeline, %error, "kafka consumer error");
                     break;
                 }
-                None => break,
+                None => {
+                    drained = true;
+                    break;
+                }
             }
         }
+        self.drained.store(drained, Ordering::SeqCst);
         Ok(batch)
     }
 
@@ -355,6 +363,10 @@ impl Source for KafkaSource {
 
     fn generation(&self) -> u64 {
         self.consumer.context().generation.load(Ordering::SeqCst)
+    }
+
+    fn drained(&self) -> bool {
+        self.drained.load(Ordering::SeqCst)
     }
 
     fn assignment(&self) -> Vec<(String, i32)> {
