@@ -2,7 +2,7 @@
 # Builds every plugin under plugins/ as a WebAssembly component, in its own
 # language, installing the toolchains a fresh machine lacks:
 #   Rust       (trade-flattener, symbol-router, candles, symbol-totals, ohlc-candles, chaos, raw-echo): the wasm32-wasip2 target, by rustup
-#   Python     (py-enrich): componentize-py, from PyPI, in the venv .tools/python
+#   Python     (py-enrich, py-candles): componentize-py, from PyPI, in the venv .tools/python
 #   JavaScript (js-router): jco + componentize-js + esbuild, from npm (package-lock.json)
 # Output: target/wasm32-wasip2/release/<name>.wasm for every plugin (contract
 # 0.2), plus <name>_v01.wasm of the flattener and chaos built against contract
@@ -60,9 +60,12 @@ if ! "$py/bin/componentize-py" --version 2>/dev/null | grep -qx "componentize-py
   "$py/bin/pip" install --quiet --disable-pip-version-check "componentize-py==$componentize_py_version"
 fi
 quietly "sluice-plugin-py: unit tests" env -C plugins/sluice-plugin-py python3 -m unittest
-for plugin in py-enrich; do
+# py-candles keeps state: it is built against contract 0.3 (wit/0.3).
+for plugin in py-enrich py-candles; do
+  wit=wit
+  [ "$plugin" = py-candles ] && wit=wit/0.3
   quietly "$plugin: unit tests" env -C "plugins/$plugin" PYTHONPATH=../sluice-plugin-py python3 -m unittest
-  quietly "$plugin: componentize-py" "$py/bin/componentize-py" -d wit -w transformer componentize \
+  quietly "$plugin: componentize-py" "$py/bin/componentize-py" -d "$wit" -w transformer componentize \
     -p "plugins/$plugin" -p plugins/sluice-plugin-py app -o "$out/${plugin//-/_}.wasm"
 done
 

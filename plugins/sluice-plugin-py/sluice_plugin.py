@@ -21,16 +21,32 @@ Build with ``componentize-py -d wit -w transformer componentize app -o app.wasm`
 (``build.sh`` does it). Because the class is plain Python, ``python3 -m
 unittest`` tests it natively: this module imports nothing from the component
 bindings until it runs inside the sandbox.
+
+Keyed state (contract 0.3): build against ``wit/0.3`` instead
+(``componentize-py -d wit/0.3 -w transformer ...``) and use :class:`state`
+in ``process``: values by key, per source partition, committed with the
+pipeline's rows and offsets; ``state.set_timer(key, at)`` calls the class's
+``on_timer(self, timer: Timer)`` once the partition's watermark reaches
+``at``. ``plugins/py-candles`` is the 1-minute candles in Python.
 """
 
 from __future__ import annotations
 
+import json
 import struct
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
-__all__ = ["Config", "Header", "Output", "Record", "export", "log"]
+__all__ = ["Config", "Header", "Output", "Record", "Timer", "export", "log", "state"]
+
+# The host's state calls (contract 0.3), imported now: componentize-py keeps
+# only the modules imported while it builds the component. Natively, and in
+# a 0.2 component, there are none.
+try:
+    from wit_world.imports import state as _host_state
+except ImportError:
+    _host_state = None
 
 
 @dataclass
@@ -68,6 +84,17 @@ class Output:
     timestamp: Optional[int] = None
     #: A named sink of the pipeline; ``None`` is the default sink.
     route: Optional[str] = None
+
+
+@dataclass
+class Timer:
+    """A timer set with :meth:`state.set_timer` that fired: its partition's
+    watermark reached ``at`` (ms since the Unix epoch)."""
+
+    key: bytes
+    at: int
+    topic: str = ""
+    partition: int = 0
 
 
 class Config(dict):
@@ -126,6 +153,156 @@ class log:
         log._emit("ERROR", message)
 
 
+class state:
+    """Keyed state (contract 0.3) of the source partition of the record
+    being processed. Values are bytes (``get_json``/``put_json`` for JSON);
+    what a record that raises changed is undone; a batch that traps or is
+    rolled back changes nothing. A batch reads each key from the host once
+    and hands each changed key back once, at its end. Natively (unit tests)
+    the state is a dict, and :meth:`take_timers` returns the timers set."""
+
+    # The batch's cache: per partition, the record index the host calls
+    # name, and key -> [value or None, dirty].
+    _scopes: dict = {}
+    _current: Optional[tuple] = None
+    _timers: list = []
+    _undo: list = []
+    # Natively: the store and the timers set.
+    _native: dict = {}
+    _native_timers: list = []
+    _timers_before: int = 0
+
+    @staticmethod
+    def _host():
+        """The host's state calls in the sandbox; ``None`` natively."""
+        if sys.platform != "wasi":
+            return None
+        if _host_state is None:
+            raise RuntimeError("keyed state needs contract 0.3: build with componentize-py -d wit/0.3")
+        return _host_state
+
+    @staticmethod
+    def _entry(key: bytes) -> list:
+        scope = state._scopes.get(state._current) if state._current is not None else None
+        if scope is None:  # outside a batch: straight through
+            return [state._read(0, key), False]
+        entries = scope["entries"]
+        if key not in entries:
+            entries[key] = [state._read(scope["record"], key), False]
+        return entries[key]
+
+    @staticmethod
+    def _read(record: int, key: bytes) -> Optional[bytes]:
+        host = state._host()
+        return state._native.get(key) if host is None else host.get(record, key)
+
+    @staticmethod
+    def get(key: Union[bytes, str]) -> Optional[bytes]:
+        """The value stored under ``key``, or ``None``."""
+        return state._entry(_bytes(key))[0]
+
+    @staticmethod
+    def put(key: Union[bytes, str], value: Union[bytes, str]) -> None:
+        """Stores ``value`` under ``key``."""
+        state._set(_bytes(key), _bytes(value))
+
+    @staticmethod
+    def delete(key: Union[bytes, str]) -> None:
+        """Removes ``key``."""
+        state._set(_bytes(key), None)
+
+    @staticmethod
+    def _set(key: bytes, value: Optional[bytes]) -> None:
+        scope = state._scopes.get(state._current) if state._current is not None else None
+        if scope is None:
+            return state._write(0, key, value)
+        entry = state._entry(key)
+        state._undo.append((scope, key, list(entry)))
+        entry[0], entry[1] = value, True
+
+    @staticmethod
+    def _write(record: int, key: bytes, value: Optional[bytes]) -> None:
+        host = state._host()
+        if host is None:
+            if value is None:
+                state._native.pop(key, None)
+            else:
+                state._native[key] = value
+        elif value is None:
+            host.delete(record, key)
+        else:
+            host.put(record, key, value)
+
+    @staticmethod
+    def get_json(key: Union[bytes, str]):
+        """:meth:`get`, decoded from JSON."""
+        value = state.get(key)
+        return None if value is None else json.loads(value)
+
+    @staticmethod
+    def put_json(key: Union[bytes, str], value) -> None:
+        """:meth:`put`, encoded as JSON."""
+        state.put(key, json.dumps(value, separators=(",", ":")))
+
+    @staticmethod
+    def set_timer(key: Union[bytes, str], at: int) -> None:
+        """Asks for ``on_timer`` with ``key`` once the watermark of the
+        current record's partition reaches ``at`` (ms). Needs the stage's
+        ``[transforms.event_time]``."""
+        key = _bytes(key)
+        scope = state._scopes.get(state._current) if state._current is not None else None
+        if scope is not None:
+            state._timers.append((scope["record"], key, at))
+        elif state._host() is None:
+            state._native_timers.append((key, at))
+        else:
+            state._host().set_timer(0, key, at)
+
+    @staticmethod
+    def watermark() -> Optional[int]:
+        """The watermark of the current record's partition (ms), or ``None``."""
+        host = state._host()
+        if host is None:
+            return None
+        scope = state._scopes.get(state._current) if state._current is not None else None
+        return host.watermark(scope["record"] if scope else 0)
+
+    @staticmethod
+    def take_timers() -> list:
+        """Natively: the ``(key, at)`` timers set so far, taken."""
+        timers, state._native_timers = state._native_timers, []
+        return timers
+
+    @staticmethod
+    def _begin(index: int, topic: str, partition: int) -> None:
+        scope = (topic, partition)
+        if scope not in state._scopes:
+            state._scopes[scope] = {"record": index, "entries": {}}
+        state._current = scope
+        state._undo = []
+        state._timers_before = len(state._timers)
+
+    @staticmethod
+    def _undo_record() -> None:
+        del state._timers[state._timers_before :]
+        for scope, key, before in reversed(state._undo):
+            scope["entries"][key] = before
+        state._undo = []
+
+    @staticmethod
+    def _end() -> None:
+        for record, key, at in state._timers:
+            if state._host() is None:
+                state._native_timers.append((key, at))
+            else:
+                state._host().set_timer(record, key, at)
+        for scope in state._scopes.values():
+            for key, (value, dirty) in scope["entries"].items():
+                if dirty:
+                    state._write(scope["record"], key, value)
+        state._scopes, state._current, state._timers, state._undo = {}, None, [], []
+
+
 def _describe(error: BaseException) -> str:
     """The message a rejected config or a dead letter carries: a plain
     ``ValueError``'s message as is, anything else prefixed with its type
@@ -178,16 +355,17 @@ def _write(o: "Output", payload: bytearray, outputs: list, headers: list) -> Non
     payload += value
 
 
-def _process(process, buf: bytes) -> bytes:
-    """One batch: decode the records, run ``process`` on each, encode the results."""
+def _process(process, buf: bytes, on_timer=None, stateful: bool = False) -> bytes:
+    """One batch: decode the records, run ``process`` on each (``on_timer``
+    on a fired timer, with ``stateful``), encode the results."""
     magic, count, topic_count, header_count, records_at, topics_at, headers_at, _ = _HEADER.unpack_from(buf, 0)
     if magic != _BATCH_MAGIC:
         raise RuntimeError("malformed batch from the host")
     topics = [buf[o : o + n].decode() for o, n in _RANGE.iter_unpack(buf[topics_at : topics_at + 8 * topic_count])]
     in_headers = list(_HEADER_ENTRY.iter_unpack(buf[headers_at : headers_at + 16 * header_count])) if header_count else ()
     payload, results, outputs, headers = bytearray(32), [], [], []
-    for flags, topic, partition, first, n, _, offset, ts, key_at, key_len, value_at, value_len in _RECORD.iter_unpack(
-        buf[records_at : records_at + 56 * count]
+    for index, (flags, topic, partition, first, n, _, offset, ts, key_at, key_len, value_at, value_len) in enumerate(
+        _RECORD.iter_unpack(buf[records_at : records_at + 56 * count])
     ):
         record = Record(
             buf[value_at : value_at + value_len],
@@ -199,8 +377,14 @@ def _process(process, buf: bytes) -> bytes:
             offset,
         )
         mark = (len(payload), len(outputs), len(headers))
+        if stateful:
+            state._begin(index, record.topic, partition)
         try:
-            result = process(record)
+            if stateful and offset < 0:  # a fired timer (contract 0.3)
+                timer = Timer(record.key or b"", record.timestamp or 0, record.topic, partition)
+                result = on_timer(timer) if on_timer is not None else None
+            else:
+                result = process(record)
             if result is None:
                 results.append((0, 0, 0))
             elif isinstance(result, Output):
@@ -211,10 +395,14 @@ def _process(process, buf: bytes) -> bytes:
                     _write(o, payload, outputs, headers)
                 results.append((0, len(outputs) - mark[1], 0))
         except Exception as error:  # this record goes to the dead letters
+            if stateful:
+                state._undo_record()
             del payload[mark[0] :], outputs[mark[1] :], headers[mark[2] :]
             message = _describe(error).encode()
             results.append((1, len(payload), len(message)))
             payload += message
+    if stateful:
+        state._end()
     results_at = len(payload)
     payload += b"".join([_RESULT.pack(*r) for r in results])
     outputs_at = len(payload)
@@ -229,11 +417,13 @@ def _bytes(value: Union[bytes, str]) -> bytes:
     return value.encode() if isinstance(value, str) else bytes(value)
 
 
-def export(plugin: type) -> type:
+def export(plugin: type, stateful: bool = False) -> type:
     """Wraps ``plugin`` (a class as described in the module docs) as the
     component's ``batch`` export. Assign the result to ``Transform`` in the
     app module; the export is also bound to the name componentize-py looks
-    for (``Batch``, after the WIT interface) in that module."""
+    for (``Batch``, after the WIT interface) in that module. A class with
+    ``on_timer``, or ``stateful=True``, keeps state (build against
+    ``wit/0.3``)."""
 
     class Batch:
         instance = None
@@ -250,7 +440,8 @@ def export(plugin: type) -> type:
             instance = Batch.instance
             if instance is None:
                 raise RuntimeError("plugin used before init")
-            return _process(instance.process, batch)
+            on_timer = getattr(instance, "on_timer", None)
+            return _process(instance.process, batch, on_timer, stateful or on_timer is not None)
 
     Batch.__name__ = Batch.__qualname__ = f"Batch[{plugin.__name__}]"
     module = sys.modules.get(plugin.__module__)

@@ -9,7 +9,7 @@ import sluice_plugin as sdk
 from sluice_plugin import Header, Output
 
 
-def encode(records):
+def encode(records, offset=9):
     """A batch in the layout of wit/transform.wit: (value, key, headers, timestamp, topic)."""
     topics = sorted({r[4] for r in records})
     header_count = sum(len(r[2]) for r in records)
@@ -30,7 +30,7 @@ def encode(records):
             n, hvr = put(name.encode()), put(hv)
             header_table += struct.pack("<4I", *n, *hvr)
         flags = (key is not None) | (ts is not None) << 1
-        table += struct.pack("<IIiIIIqqIIII", flags, topics.index(topic), 3, first, len(headers), 0, 9, ts or 0, *k, *v)
+        table += struct.pack("<IIiIIIqqIIII", flags, topics.index(topic), 3, first, len(headers), 0, offset, ts or 0, *k, *v)
         first += len(headers)
     topic_table = b"".join(struct.pack("<2I", *put(t.encode())) for t in topics)
     head = struct.pack("<8I", sdk._BATCH_MAGIC, len(records), len(topics), header_count, records_at, topics_at, headers_at, 0)
@@ -88,6 +88,42 @@ class ContractTest(unittest.TestCase):
 
     def test_an_empty_batch(self):
         self.assertEqual(decode(sdk._process(Mirror().process, encode([]))), [])
+
+
+class Counter:
+    """Counts records per key in state, and emits the count when its timer fires."""
+
+    def process(self, record):
+        n = (sdk.state.get_json(record.key) or 0) + 1
+        sdk.state.put_json(record.key, n)
+        if record.value == b"fail":
+            raise ValueError("asked to fail")
+        sdk.state.set_timer(record.key, 100)
+        return None
+
+    def on_timer(self, timer):
+        n = sdk.state.get_json(timer.key)
+        sdk.state.delete(timer.key)
+        return Output(str(n), key=timer.key, timestamp=timer.at)
+
+
+class StateTest(unittest.TestCase):
+    def setUp(self):
+        sdk.state._native.clear()
+        sdk.state.take_timers()
+
+    def test_a_batch_keeps_its_changes_and_undoes_a_failed_records(self):
+        records = [(b"", b"a", [], 1, "t"), (b"", b"a", [], 2, "t"), (b"fail", b"a", [], 3, "t"), (b"", b"b", [], 4, "t")]
+        results = decode(sdk._process(Counter().process, encode(records), Counter().on_timer, True))
+        self.assertEqual([ok for ok, _ in results], [True, True, False, True])
+        self.assertEqual(sdk.state._native, {b"a": b"2", b"b": b"1"}, "the failed record's count is undone")
+        self.assertEqual(sorted(set(sdk.state.take_timers())), [(b"a", 100), (b"b", 100)])
+
+    def test_a_fired_timer_goes_to_on_timer(self):
+        sdk.state.put_json(b"a", 7)
+        results = decode(sdk._process(Counter().process, encode([(b"", b"a", [], 100, "t")], offset=-1), Counter().on_timer, True))
+        self.assertEqual(results, [(True, [(b"a", b"7", [], 100, None)])])
+        self.assertEqual(sdk.state._native, {}, "deleted when emitted")
 
 
 if __name__ == "__main__":
