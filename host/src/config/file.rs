@@ -304,6 +304,11 @@ pub struct LimitsConfig {
     /// and values over all its partitions, plus 32 bytes per key (default
     /// 256). A `put` past it faults the batch, and `on_plugin_failure` applies.
     pub state_mib: Option<usize>,
+    /// Keyed state: a key not written for this long (processing time, ms)
+    /// is deleted, from memory before the stage's next batch or idle tick
+    /// and from the store with its next commit (default 0: never). Timers
+    /// stay. Each key then costs 40 bytes more against `state_mib`.
+    pub state_ttl_ms: Option<u64>,
 }
 
 /// Sandbox grants. Everything is denied unless listed here.

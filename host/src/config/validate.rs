@@ -279,6 +279,7 @@ fn check_transform(
         log_lines_per_s: t.limits.log_lines_per_s.unwrap_or(defaults.log_lines_per_s),
         log_burst: t.limits.log_burst.unwrap_or(defaults.log_burst),
         state_bytes: t.limits.state_mib.map_or(defaults.state_bytes, |m| m << 20),
+        state_ttl: t.limits.state_ttl_ms.filter(|ms| *ms > 0).map(std::time::Duration::from_millis),
     };
     let mut grants = Grants { network: t.grants.network, ..Grants::default() };
     for var in &t.grants.env {

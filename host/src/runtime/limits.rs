@@ -1,6 +1,7 @@
 //! What a plugin instance may use ([`Limits`]) and reach ([`Grants`]).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Resource limits of one plugin instance. The defaults are safe for any plugin.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +26,9 @@ pub struct Limits {
     pub log_burst: u32,
     /// Keyed state the stage may hold (contract 0.3), in bytes.
     pub state_bytes: usize,
+    /// How long a key of the stage's state lives after its last write
+    /// (processing time); `None`: for ever.
+    pub state_ttl: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -41,6 +45,7 @@ impl Default for Limits {
             log_lines_per_s: 100,
             log_burst: 1_000,
             state_bytes: 256 << 20,
+            state_ttl: None,
         }
     }
 }

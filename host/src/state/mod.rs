@@ -158,6 +158,38 @@ struct PartitionState {
     seen: Option<Seen>,
     /// The state version of its entries (stored under [`stored::VERSION`]).
     version: u32,
+    /// With a key TTL: each entry's deadline (ms since the Unix epoch),
+    /// and the same in deadline order.
+    deadlines: HashMap<Vec<u8>, i64>,
+    expiry: std::collections::BTreeSet<(i64, Vec<u8>)>,
+}
+
+impl PartitionState {
+    /// Sets (or, with `None`, drops) `key`'s deadline; returns the change
+    /// of the stage's bytes.
+    fn set_deadline(&mut self, key: &[u8], deadline: Option<i64>) -> isize {
+        let mut delta = 0;
+        if let Some(old) = self.deadlines.remove(key) {
+            self.expiry.remove(&(old, key.to_vec()));
+            delta -= deadline_bytes(key) as isize;
+        }
+        if let Some(at) = deadline {
+            self.deadlines.insert(key.to_vec(), at);
+            self.expiry.insert((at, key.to_vec()));
+            delta += deadline_bytes(key) as isize;
+        }
+        delta
+    }
+}
+
+/// Bytes a key's deadline counts for (it is indexed twice).
+fn deadline_bytes(key: &[u8]) -> usize {
+    2 * key.len() + 40
+}
+
+/// Milliseconds since the Unix epoch, now.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Changes not yet applied: per partition, each key's new value.
@@ -182,6 +214,10 @@ pub struct StageState {
     pending_clocks: ClockChanges,
     /// Partitions the batch migrated, and to which version.
     pending_versions: HashMap<Partition, u32>,
+    /// How long a key lives after its last write (ms); `None`: for ever.
+    ttl_ms: Option<i64>,
+    /// Keys expired since the last applied batch, for the store.
+    expired: Vec<Change>,
     /// The stage's event time, if it has one.
     event: Option<EventTime>,
     /// Bytes of keys and values in `partitions`.
@@ -208,6 +244,8 @@ impl StageState {
             pending: Changes::new(),
             pending_clocks: ClockChanges::default(),
             pending_versions: HashMap::new(),
+            ttl_ms: None,
+            expired: Vec::new(),
             event: None,
             bytes: 0,
             pending_delta: 0,
@@ -241,6 +279,45 @@ impl StageState {
         self.limit_bytes = limit_bytes;
     }
 
+    pub fn set_ttl(&mut self, ttl: Option<std::time::Duration>) {
+        self.ttl_ms = ttl.map(|t| t.as_millis() as i64);
+    }
+
+    /// Deletes the keys whose TTL ran out by `now` (ms since the Unix
+    /// epoch) from memory; the store forgets them with the next applied
+    /// batch. Returns how many.
+    pub fn expire(&mut self, now: i64) -> usize {
+        if self.ttl_ms.is_none() {
+            return 0;
+        }
+        let mut count = 0;
+        for (partition, state) in &mut self.partitions {
+            while let Some((at, key)) = state.expiry.first().cloned() {
+                if at > now {
+                    break;
+                }
+                self.bytes = self.bytes.saturating_add_signed(state.set_deadline(&key, None));
+                if let Some(value) = state.entries.remove(&key) {
+                    self.bytes -= entry_bytes(&key, &value);
+                }
+                self.expired.push(Change {
+                    stage: self.stage,
+                    partition: partition.clone(),
+                    key: stored::entry(&key),
+                    value: None,
+                });
+                self.expired.push(Change {
+                    stage: self.stage,
+                    partition: partition.clone(),
+                    key: stored::deadline(&key),
+                    value: None,
+                });
+                count += 1;
+            }
+        }
+        count
+    }
+
     pub fn set_event_time(&mut self, event: Option<EventTime>) {
         self.event = event;
     }
@@ -258,6 +335,7 @@ impl StageState {
         if let Some(old) = self.partitions.remove(&partition) {
             self.bytes -= old.entries.iter().map(|(k, v)| entry_bytes(k, v)).sum::<usize>();
             self.bytes -= old.clock.timer_bytes();
+            self.bytes -= old.deadlines.keys().map(|k| deadline_bytes(k)).sum::<usize>();
         }
         let mut state = PartitionState { next_offset: loaded.next_offset, ..PartitionState::default() };
         for (key, value) in loaded.entries {
@@ -274,6 +352,10 @@ impl StageState {
                     (state.clock.watermark, state.clock.max_ts) = stored::parse_clock(&value);
                 }
                 Some(&stored::VERSION) => state.version = stored::parse_version(&value),
+                Some(&stored::DEADLINE) => {
+                    let at = value.get(..8).and_then(|b| b.try_into().ok()).map_or(0, i64::from_le_bytes);
+                    self.bytes += state.set_deadline(&key[1..], Some(at)) as usize;
+                }
                 _ => {}
             }
         }
@@ -373,6 +455,9 @@ impl StageState {
     pub fn forget(&mut self) {
         self.partitions.clear();
         self.discard();
+        // Not ours to write any more: the store keeps them, and they expire
+        // again wherever the partition is loaded.
+        self.expired.clear();
         self.bytes = 0;
     }
 
@@ -430,9 +515,16 @@ impl StageState {
     /// Applies the batch's changes, and moves each partition of the batch
     /// past its last record; returns the stored keys' changes for the store.
     pub fn apply(&mut self, positions: &[(Partition, i64)]) -> Vec<Change> {
-        let mut out = Vec::new();
+        self.apply_at(positions, now_ms())
+    }
+
+    /// [`StageState::apply`] at `now` (ms since the Unix epoch): a key
+    /// written lives until its TTL from then.
+    fn apply_at(&mut self, positions: &[(Partition, i64)], now: i64) -> Vec<Change> {
+        let mut out = std::mem::take(&mut self.expired);
         let stage = self.stage;
         self.pending_delta = 0;
+        let deadline = self.ttl_ms.map(|ttl| now.saturating_add(ttl));
         for (partition, keys) in std::mem::take(&mut self.pending) {
             let state = self.partitions.entry(partition.clone()).or_default();
             for (key, value) in keys {
@@ -447,6 +539,19 @@ impl StageState {
                     None => {
                         state.entries.remove(&key);
                     }
+                }
+                // A key written lives until its TTL from now; a key deleted
+                // has no deadline.
+                let at = value.as_ref().and(deadline);
+                if at.is_some() || state.deadlines.contains_key(&key) {
+                    self.bytes = self.bytes.saturating_add_signed(state.set_deadline(&key, at));
+                    let stored_at = at.map(|at| at.to_le_bytes().to_vec());
+                    out.push(Change {
+                        stage,
+                        partition: partition.clone(),
+                        key: stored::deadline(&key),
+                        value: stored_at,
+                    });
                 }
                 out.push(Change { stage, partition: partition.clone(), key: stored::entry(&key), value });
             }
@@ -660,13 +765,15 @@ impl PipelineState {
         generation != self.generation
     }
 
-    /// Stage `stage`'s state (made empty the first time), limited to
-    /// `limit_bytes`, with `event` time.
-    pub fn stage(&mut self, stage: u32, limit_bytes: usize, event: Option<EventTime>) -> SharedState {
+    /// Stage `stage`'s state (made empty the first time), with its
+    /// `limits` (size, key TTL) and `event` time.
+    pub fn stage(&mut self, stage: u32, limits: &crate::runtime::Limits, event: Option<EventTime>) -> SharedState {
+        let limit_bytes = limits.state_bytes;
         let shared =
             self.stages.entry(stage).or_insert_with(|| Arc::new(Mutex::new(StageState::new(stage, limit_bytes))));
         let mut state = lock(shared);
         state.set_limit(limit_bytes);
+        state.set_ttl(limits.state_ttl);
         state.set_event_time(event);
         drop(state);
         shared.clone()
@@ -709,6 +816,14 @@ impl PipelineState {
                 }
             }
         }
+        // Keys past their TTL are gone before the batch reads any.
+        let now = now_ms();
+        for shared in self.stages.values() {
+            let expired = lock(shared).expire(now);
+            if expired > 0 {
+                tracing::debug!(keys = expired, "state keys expired (limits.state_ttl_ms)");
+            }
+        }
         // Every stage's state goes to the same offset: the one the store
         // keeps with it. A record below it was applied before.
         let Some(first) = self.stages.values().next() else { return Ok(0) };
@@ -720,10 +835,17 @@ impl PipelineState {
         Ok(before - batch.len())
     }
 
-    /// How often to look for idle partitions: half the shortest
-    /// `idle_timeout` of the stages with event time (at least 100 ms).
+    /// How often to look for idle partitions and expired keys: half the
+    /// shortest `idle_timeout` of the stages with event time, a quarter of
+    /// the shortest key TTL (at least 100 ms).
     pub fn idle_tick(&self) -> Option<std::time::Duration> {
-        let shortest = self.stages.values().filter_map(|s| lock(s).event_time().and_then(|e| e.idle_timeout)).min()?;
+        let idle = self.stages.values().filter_map(|s| lock(s).event_time().and_then(|e| e.idle_timeout));
+        // A key TTL is checked on the ticks too (a quarter of it, at most 10 s).
+        let ttl = self.stages.values().filter_map(|s| {
+            let ttl = lock(s).ttl_ms?;
+            Some(std::time::Duration::from_millis(ttl as u64 / 2).min(std::time::Duration::from_secs(20)))
+        });
+        let shortest = idle.chain(ttl).min()?;
         Some((shortest / 2).max(std::time::Duration::from_millis(100)))
     }
 
@@ -941,6 +1063,70 @@ mod tests {
         let mut restored = StageState::new(0, 1 << 20);
         restored.restore(("t".into(), 0), Loaded { entries: kept, next_offset: 4 });
         assert_eq!((restored.version(&("t".into(), 0)), restored.keys()), (1, 1));
+    }
+
+    /// With a TTL, a key written gets a deadline (stored beside it); past
+    /// it the key is deleted from memory at once and from the store with
+    /// the next applied batch; a rewrite moves the deadline; restored
+    /// deadlines expire too.
+    #[test]
+    fn keys_past_their_ttl_are_deleted() {
+        let shared: SharedState = Arc::new(Mutex::new(StageState::new(0, 1 << 20)));
+        shared.lock().unwrap().set_ttl(Some(std::time::Duration::from_secs(60)));
+        let p: Partition = ("t".into(), 0);
+        let mut c = call(&shared, &[0]);
+        c.put(0, b"old".to_vec(), Some(b"1".to_vec())).unwrap();
+        c.put(0, b"new".to_vec(), Some(b"2".to_vec())).unwrap();
+        c.keep();
+        let written = 1_000_000;
+        let changes = shared.lock().unwrap().apply_at(&[(p.clone(), 1)], written);
+        let deadline = |changes: &[Change], key: &[u8]| {
+            changes.iter().find(|c| c.key == stored::deadline(key)).map(|c| c.value.clone())
+        };
+        let at = deadline(&changes, b"old").flatten().map(|v| i64::from_le_bytes(v[..8].try_into().unwrap()));
+        assert_eq!(at, Some(written + 60_000));
+        let bytes = shared.lock().unwrap().bytes();
+        assert_eq!(
+            bytes,
+            entry_bytes(b"old", b"1") + entry_bytes(b"new", b"2") + deadline_bytes(b"old") + deadline_bytes(b"new")
+        );
+
+        // `new` is written again 30 s later; at 61 s, `old` is gone.
+        let mut c = call(&shared, &[0]);
+        c.put(0, b"new".to_vec(), Some(b"3".to_vec())).unwrap();
+        c.keep();
+        let mut state = shared.lock().unwrap();
+        state.apply_at(&[(p.clone(), 2)], written + 30_000);
+        assert_eq!(state.expire(written + 59_000), 0);
+        assert_eq!(state.expire(written + 61_000), 1, "old expired, new was rewritten");
+        assert_eq!(state.keys(), 1);
+        assert_eq!(state.bytes(), entry_bytes(b"new", b"3") + deadline_bytes(b"new"));
+        drop(state);
+        assert_eq!(call(&shared, &[0]).get(0, b"old").unwrap(), None);
+        let changes = shared.lock().unwrap().apply(&[(p.clone(), 3)]);
+        assert!(changes.iter().any(|c| c.key == stored::entry(b"old") && c.value.is_none()), "{changes:?}");
+        assert_eq!(deadline(&changes, b"old"), Some(None), "its deadline is deleted too");
+
+        // Restored, a stored deadline expires as it would have.
+        let mut restored = StageState::new(0, 1 << 20);
+        restored.set_ttl(Some(std::time::Duration::from_secs(60)));
+        let entries = [(stored::entry(b"k"), b"v".to_vec()), (stored::deadline(b"k"), 1_000i64.to_le_bytes().to_vec())];
+        restored.restore(p.clone(), Loaded { entries: entries.into(), next_offset: 0 });
+        assert_eq!((restored.keys(), restored.expire(999), restored.expire(1_000)), (1, 0, 1));
+        assert_eq!(restored.bytes(), 0);
+        // A deleted key drops its deadline.
+        let shared: SharedState = Arc::new(Mutex::new(StageState::new(0, 1 << 20)));
+        shared.lock().unwrap().set_ttl(Some(std::time::Duration::from_secs(1)));
+        let mut c = call(&shared, &[0]);
+        c.put(0, b"k".to_vec(), Some(b"v".to_vec())).unwrap();
+        c.keep();
+        shared.lock().unwrap().apply(&[]);
+        let mut c = call(&shared, &[0]);
+        c.put(0, b"k".to_vec(), None).unwrap();
+        c.keep();
+        let changes = shared.lock().unwrap().apply(&[]);
+        assert_eq!(deadline(&changes, b"k"), Some(None));
+        assert_eq!(shared.lock().unwrap().bytes(), 0);
     }
 
     #[test]

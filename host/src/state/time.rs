@@ -97,6 +97,17 @@ pub mod stored {
     /// value = the version (4 bytes, little-endian). Absent: version 0.
     pub const VERSION: u8 = 3;
 
+    /// A key's deadline under a TTL: the byte, then the plugin's key;
+    /// value = the deadline (ms since the Unix epoch, 8 bytes little-endian).
+    pub const DEADLINE: u8 = 4;
+
+    pub fn deadline(key: &[u8]) -> Vec<u8> {
+        let mut k = Vec::with_capacity(key.len() + 1);
+        k.push(DEADLINE);
+        k.extend_from_slice(key);
+        k
+    }
+
     pub fn version(version: u32) -> Vec<u8> {
         version.to_le_bytes().to_vec()
     }

@@ -105,7 +105,7 @@ impl Chain {
         for (index, stage) in self.stages.iter_mut().enumerate() {
             if stage.plugin().contract.has_state() {
                 let event = self.event.get(index).cloned().flatten();
-                let shared = state.stage(index as u32, stage.limits().state_bytes, event);
+                let shared = state.stage(index as u32, stage.limits(), event);
                 stage.attach_state(shared);
             }
         }
