@@ -481,6 +481,11 @@ impl StageState {
         }
     }
 
+    /// The state versions of the partitions held that have entries.
+    pub fn versions_held(&self) -> std::collections::BTreeSet<u32> {
+        self.partitions.values().filter(|p| !p.entries.is_empty()).map(|p| p.version).collect()
+    }
+
     /// The state version of `partition`'s entries, with the batch's migrations.
     pub fn version(&self, partition: &Partition) -> u32 {
         match self.pending_versions.get(partition) {
@@ -782,6 +787,11 @@ impl PipelineState {
     /// Every stage's state.
     pub fn stages(&self) -> impl Iterator<Item = &SharedState> {
         self.stages.values()
+    }
+
+    /// Every stage's state, by index (shared: a reload reads it).
+    pub fn stage_states(&self) -> std::collections::BTreeMap<u32, SharedState> {
+        self.stages.clone()
     }
 
     /// Readies the state for `batch`: after a rebalance (`generation`

@@ -90,7 +90,7 @@ impl Topology {
                     stage.plugin().name,
                     spec.name
                 ),
-                (Some(_), Some(held)) => check_state_versions(&chain, &*held.store, &held.versions)
+                (Some(_), Some(held)) => check_state_versions(&chain, &*held.store, &held.stages)
                     .await
                     .with_context(|| format!("cannot swap the plugins of pipeline {} ({})", spec.name, spec.file.display()))?,
                 (None, _) => {}
@@ -121,11 +121,7 @@ impl Topology {
                     "plugin swap ready; live from the next batch"
                 );
             }
-            let versions = chain.state_versions();
             if running.swap.send(chain).is_ok() {
-                if let Some(held) = &mut running.state {
-                    held.versions = versions;
-                }
                 running.spec = spec;
                 applied.swapped.push(running.spec.name.clone());
             }

@@ -7,7 +7,7 @@ use crate::record::{Header, Output, OutputRef, Record, Results};
 use crate::runtime::Runtime;
 use crate::sinks::Sink;
 use crate::sources::Source;
-use crate::state::{Delta, PipelineState, StateStore};
+use crate::state::{lock, Delta, PipelineState, SharedState, StateStore};
 use crate::supervisor::{shown_versions, Refused, Supervisor, Verdict, SURGE_MIN_RECORDS};
 use crate::telemetry::telemetry;
 use crate::transforms::{Chain, ChainFailure, Fire};
@@ -73,9 +73,11 @@ impl PipelineTask {
         }
         let dead_letter = spec.dead_letter.connector().build("dead_letter", &cx)?;
         let source = spec.source.connector().build(&cx)?;
-        let state = state_for(&chain, &sinks)?;
-        if let Some((state, _)) = &state {
+        let mut chain = chain;
+        let mut state = state_for(&chain, &sinks)?;
+        if let Some((state, _)) = &mut state {
             check_state_versions(&chain, &*state.store(), &BTreeMap::new()).await?;
+            chain.attach_state(state);
         }
         Ok(PipelineTask { refused: refused.clone(), spec, source, chain, sinks, dead_letter, state })
     }
@@ -84,7 +86,7 @@ impl PipelineTask {
     /// may keep state only if it does, of versions it can take over).
     pub fn held_state(&self) -> Option<HeldState> {
         let (state, _) = self.state.as_ref()?;
-        Some(HeldState { store: state.store(), versions: self.chain.state_versions() })
+        Some(HeldState { store: state.store(), stages: state.stage_states() })
     }
 
     /// Runs until `cancel`. Two stages overlap: the transform stage (its own
@@ -94,16 +96,13 @@ impl PipelineTask {
     /// A chain received on `swaps` replaces the current one between two
     /// batches: every record is transformed by exactly one version.
     pub async fn run(self, cancel: CancellationToken, swaps: mpsc::UnboundedReceiver<Chain>) -> anyhow::Result<()> {
-        let PipelineTask { refused, spec, source, mut chain, sinks, dead_letter, state } = self;
+        let PipelineTask { refused, spec, source, chain, sinks, dead_letter, state } = self;
         telemetry().pipeline_started(&spec.name, &sinks.keys().cloned().collect::<Vec<_>>(), &shown_versions(&chain));
         let (transformed_tx, mut transformed) = mpsc::channel::<Transformed>(1);
-        let (mut state, state_sink) = match state {
+        let (state, state_sink) = match state {
             Some((state, sink)) => (Some(state), Some(sink)),
             None => (None, None),
         };
-        if let Some(state) = &mut state {
-            chain.attach_state(state);
-        }
         let versions = Supervisor::new(spec.name.clone(), chain, spec.on_plugin_failure, refused);
         let stage =
             tokio::spawn(transform_stage(source.clone(), versions, state, swaps, cancel.clone(), transformed_tx));
@@ -395,23 +394,25 @@ async fn restore(
 /// The keyed state of a running pipeline, as a reload sees it.
 pub struct HeldState {
     pub store: Arc<dyn StateStore>,
-    /// Each stateful stage's state version, as the chain last swapped in keeps it.
-    pub versions: BTreeMap<u32, u32>,
+    /// Each stateful stage's state in memory, by index.
+    pub stages: BTreeMap<u32, SharedState>,
 }
 
 /// Whether each stateful stage of `chain` can take over its state: the
-/// versions `store` holds for it (in every partition), and the one
-/// `running` keeps in memory. A stage whose plugin keeps another version
-/// and has no migrate from it is refused, with the reason: a start fails,
-/// and so does a reload (the running chain goes on).
+/// versions `store` holds for it (in every partition that has entries),
+/// and those of the partitions `memory` holds. A stage whose plugin keeps
+/// another version and has no migrate from it is refused, with the reason:
+/// a start fails, and so does a reload (the running chain goes on).
 pub async fn check_state_versions(
     chain: &Chain,
     store: &dyn StateStore,
-    running: &BTreeMap<u32, u32>,
+    memory: &BTreeMap<u32, SharedState>,
 ) -> anyhow::Result<()> {
     for (index, stage) in chain.stateful() {
         let mut held = store.versions(index as u32).await?;
-        held.extend(running.get(&(index as u32)));
+        if let Some(shared) = memory.get(&(index as u32)) {
+            held.extend(lock(shared).versions_held());
+        }
         if let Err(reason) = stage.state_version().takes_over(&held) {
             anyhow::bail!(
                 "transform {} ({}) cannot take over the stage's state: {reason}",

@@ -94,11 +94,6 @@ impl Chain {
         self.stages.iter().enumerate().filter(|(_, s)| s.plugin().contract.has_state())
     }
 
-    /// Each stateful stage's state version (the version its plugin keeps).
-    pub fn state_versions(&self) -> std::collections::BTreeMap<u32, u32> {
-        self.stateful().map(|(index, stage)| (index as u32, stage.state_version().current)).collect()
-    }
-
     /// Gives each stateful stage its state in `state` (a swapped-in version
     /// takes over the state of the stage it replaces).
     pub fn attach_state(&mut self, state: &mut PipelineState) {

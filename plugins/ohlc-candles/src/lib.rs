@@ -32,7 +32,7 @@
 
 use serde::{Deserialize, Serialize};
 use sluice_plugin::window::{Codec, Tumbling};
-use sluice_plugin::{export_transform, Config, Output, Record, StateEntry, Timer, Transform};
+use sluice_plugin::{export_transform, Config, Output, Outputs, Record, RecordView, StateEntry, Timer, Transform};
 
 pub struct OhlcCandles {
     window: Tumbling,
@@ -141,6 +141,25 @@ type Kept = Binary;
 #[cfg(not(feature = "json-state"))]
 const KEPT: Kept = Binary;
 
+impl OhlcCandles {
+    /// Folds one flattened trade into its candle.
+    fn add(&mut self, value: &[u8]) -> Result<(), String> {
+        let t: Trade = serde_json::from_slice(value).map_err(|e| format!("not a flattened trade: {e}"))?;
+        self.window.update_with(&KEPT, &t.symbol, t.ts, |c: &mut Candle| c.add(t.price, t.volume, t.ts))?;
+        #[cfg(feature = "failing")]
+        {
+            // A broken build: every candle it touches is corrupted, and two
+            // trades in three fail.
+            self.window.update_with(&KEPT, &t.symbol, t.ts, |c: &mut Candle| c.high = 1e12)?;
+            if t.ts % 3 != 0 {
+                return Err("failing build".to_string());
+            }
+        }
+
+        Ok(())
+    }
+}
+
 impl Transform for OhlcCandles {
     const STATE_VERSION: u32 = if cfg!(feature = "json-state") { 0 } else { 1 };
     const MIGRATES_FROM: &'static [u32] =
@@ -166,18 +185,13 @@ impl Transform for OhlcCandles {
     }
 
     fn process(&mut self, record: Record) -> Result<Vec<Output>, String> {
-        let t: Trade = serde_json::from_slice(&record.value).map_err(|e| format!("not a flattened trade: {e}"))?;
-        self.window.update_with(&KEPT, &t.symbol, t.ts, |c: &mut Candle| c.add(t.price, t.volume, t.ts))?;
-        #[cfg(feature = "failing")]
-        {
-            // A broken build: every candle it touches is corrupted, and two
-            // trades in three fail.
-            self.window.update_with(&KEPT, &t.symbol, t.ts, |c: &mut Candle| c.high = 1e12)?;
-            if t.ts % 3 != 0 {
-                return Err("failing build".to_string());
-            }
-        }
+        self.add(&record.value)?;
         Ok(Vec::new())
+    }
+
+    /// [`Transform::process`] on the borrowed record (no copy of it).
+    fn process_view(&mut self, record: RecordView<'_>, _out: &mut Outputs) -> Result<(), String> {
+        self.add(record.value)
     }
 
     fn on_timer(&mut self, timer: Timer) -> Result<Vec<Output>, String> {

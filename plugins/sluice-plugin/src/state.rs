@@ -47,8 +47,10 @@ struct Scope {
 #[derive(Default)]
 struct Cache {
     scopes: Vec<Scope>,
-    /// Timers asked for by the batch: (scope, key, time).
+    /// Timers asked for by the batch: (scope, key, time), each once (a
+    /// window's timer is asked for by every record of the window).
     timers: Vec<(usize, Vec<u8>, i64)>,
+    timer_set: std::collections::HashSet<(usize, Vec<u8>, i64)>,
     /// Timers asked for before the record being processed.
     timers_before: usize,
     /// The scope of the record being processed; `None` outside a batch.
@@ -87,7 +89,12 @@ pub fn set_timer(key: &[u8], at: i64) {
     CACHE.with(|cache| {
         let mut cache = cache.borrow_mut();
         match cache.current {
-            Some(scope) => cache.timers.push((scope, key.to_vec(), at)),
+            Some(scope) => {
+                let timer = (scope, key.to_vec(), at);
+                if cache.timer_set.insert(timer.clone()) {
+                    cache.timers.push(timer);
+                }
+            }
             None => host::set_timer(0, key, at),
         }
     })
@@ -179,7 +186,9 @@ pub mod batch {
         CACHE.with(|cache| {
             let mut cache = cache.borrow_mut();
             let before = cache.timers_before;
-            cache.timers.truncate(before);
+            for timer in cache.timers.drain(before..).collect::<Vec<_>>() {
+                cache.timer_set.remove(&timer);
+            }
             while let Some((scope, key, before)) = cache.undo.pop() {
                 let entries = &mut cache.scopes[scope].entries;
                 match before {
@@ -194,6 +203,7 @@ pub mod batch {
     pub fn end() {
         CACHE.with(|cache| {
             let mut cache = cache.borrow_mut();
+            cache.timer_set.clear();
             for (scope, key, at) in std::mem::take(&mut cache.timers) {
                 host::set_timer(cache.scopes[scope].record, &key, at);
             }
@@ -282,6 +292,21 @@ pub mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_timer_asked_for_by_many_records_is_handed_over_once() {
+        testing::take_timers();
+        batch::begin_record(0, "t", 0);
+        set_timer(b"w", 60);
+        batch::begin_record(1, "t", 0);
+        set_timer(b"w", 60);
+        set_timer(b"x", 60);
+        batch::undo_record(); // x is undone; w stays, record 0 asked for it
+        batch::begin_record(2, "t", 0);
+        set_timer(b"w", 120);
+        batch::end();
+        assert_eq!(testing::take_timers(), [(b"w".to_vec(), 60), (b"w".to_vec(), 120)]);
+    }
 
     #[test]
     fn a_batch_reads_its_own_writes_and_a_failed_record_is_undone() {
