@@ -3,7 +3,7 @@
 # language, installing the toolchains a fresh machine lacks:
 #   Rust       (trade-flattener, symbol-router, candles, symbol-totals, ohlc-candles, chaos, raw-echo): the wasm32-wasip2 target, by rustup
 #   Python     (py-enrich, py-candles): componentize-py, from PyPI, in the venv .tools/python
-#   JavaScript (js-router): jco + componentize-js + esbuild, from npm (package-lock.json)
+#   JavaScript (js-router, js-candles): jco + componentize-js + esbuild, from npm (package-lock.json)
 # Output: target/wasm32-wasip2/release/<name>.wasm for every plugin (contract
 # 0.2), plus <name>_v01.wasm of the flattener and chaos built against contract
 # 0.1 (the host serves both; the tests and `--bench flatten` compare them),
@@ -71,7 +71,7 @@ done
 
 # JavaScript: esbuild bundles the plugin with its npm dependencies (the SDK
 # among them), jco componentize embeds it with the StarlingMonkey engine.
-for plugin in js-router; do
+for plugin in js-router js-candles; do
   dir=plugins/$plugin
   if [ ! -d "$dir/node_modules" ] || [ "$dir/package-lock.json" -nt "$dir/node_modules/.package-lock.json" ]; then
     npm ci --prefix "$dir" --no-audit --no-fund --loglevel=error

@@ -27,6 +27,19 @@
 // Build with `componentize-js --wit wit -n transformer -o app.wasm index.js`
 // (`build.sh` does it). The class and this module import nothing from the
 // component, so `node --test` tests them natively.
+//
+// Keyed state (contract 0.3): build against `wit/0.3`, pass the `state`
+// import as the third argument, and use `state` in `process`:
+//
+//     import { log } from "sluice:transform/log@0.3.0";
+//     import * as host from "sluice:transform/state@0.3.0";
+//     export const batch = exportTransform(MyTransform, log, host);
+//
+// `state.get(key)`, `put(key, value)`, `delete(key)`, `getJSON`, `putJSON`
+// and `setTimer(key, at)` work on the state of the current record's source
+// partition, committed with the pipeline's rows and offsets; a class with
+// `onTimer(timer)` gets each timer when its partition's watermark reaches
+// it. `plugins/js-candles` is the 1-minute candles in JavaScript.
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -94,6 +107,134 @@ export class Config extends Map {
 
 let hostLog = undefined;
 
+/** The host's state calls (contract 0.3), when the component has them. */
+let hostState = undefined;
+
+/** The batch's state cache: per partition (`topic/partition`), the record
+ * index the host calls name and key -> { value, dirty }; the timers asked
+ * for (each once); and what the current record changed, to undo. */
+const cache = { scopes: new Map(), current: undefined, timers: new Map(), undo: [], timersBefore: [] };
+
+/** Natively (unit tests): the store and the timers set. */
+const native = { store: new Map(), timers: [] };
+
+const keyString = (key) => String.fromCharCode(...key);
+
+/** Keyed state of the current record's source partition (see the top of
+ * this file). Keys and values are strings or Uint8Arrays; values come back
+ * as Uint8Arrays. What a record that throws changed is undone. */
+export const state = {
+  get(key) {
+    return entry(bytes(key)).value;
+  },
+  put(key, value) {
+    set(bytes(key), bytes(value));
+  },
+  delete(key) {
+    set(bytes(key), undefined);
+  },
+  getJSON(key) {
+    const value = state.get(key);
+    return value === undefined ? undefined : JSON.parse(decoder.decode(value));
+  },
+  putJSON(key, value) {
+    state.put(key, JSON.stringify(value));
+  },
+  /** Asks for `onTimer` with `key` once the watermark of the current
+   * record's partition reaches `at` (ms, a Number or BigInt). */
+  setTimer(key, at) {
+    const k = bytes(key), when = BigInt(at), scope = cache.current;
+    if (scope === undefined) return hostState ? hostState.setTimer(0, k, when) : void native.timers.push([k, when]);
+    const id = `${scope.record}:${when}:${keyString(k)}`;
+    if (!cache.timers.has(id)) {
+      cache.timers.set(id, [scope.record, k, when]);
+      cache.timersBefore.push(id);
+    }
+  },
+  /** The watermark of the current record's partition (ms, a BigInt), or undefined. */
+  watermark() {
+    return hostState ? hostState.watermark(cache.current ? cache.current.record : 0) : undefined;
+  },
+  /** Natively: the `[key, at]` timers set so far, taken. */
+  takeTimers() {
+    const timers = native.timers;
+    native.timers = [];
+    return timers;
+  },
+  /** Natively: the stored values (a Map from key strings), for tests. */
+  nativeStore: native.store,
+};
+
+function entry(key) {
+  const scope = cache.current;
+  if (scope === undefined) return { value: read(0, key) };
+  const k = keyString(key);
+  let e = scope.entries.get(k);
+  if (e === undefined) {
+    e = { key, value: read(scope.record, key), dirty: false };
+    scope.entries.set(k, e);
+  }
+  return e;
+}
+
+function read(record, key) {
+  if (hostState) return hostState.get(record, key) ?? undefined;
+  return native.store.get(keyString(key));
+}
+
+function set(key, value) {
+  const scope = cache.current;
+  if (scope === undefined) return store(0, key, value);
+  const e = entry(key);
+  cache.undo.push([e, e.value, e.dirty]);
+  e.value = value;
+  e.dirty = true;
+}
+
+function store(record, key, value) {
+  if (hostState) {
+    if (value === undefined) hostState.delete(record, key);
+    else hostState.put(record, key, value);
+  } else if (value === undefined) native.store.delete(keyString(key));
+  else native.store.set(keyString(key), value);
+}
+
+function beginRecord(index, topic, partition) {
+  const id = `${topic}/${partition}`;
+  let scope = cache.scopes.get(id);
+  if (scope === undefined) {
+    scope = { record: index, entries: new Map() };
+    cache.scopes.set(id, scope);
+  }
+  cache.current = scope;
+  cache.undo = [];
+  cache.timersBefore = [];
+}
+
+function undoRecord() {
+  for (const id of cache.timersBefore) cache.timers.delete(id);
+  for (let i = cache.undo.length - 1; i >= 0; i--) {
+    const [e, value, dirty] = cache.undo[i];
+    e.value = value;
+    e.dirty = dirty;
+  }
+  cache.undo = [];
+}
+
+function endBatch() {
+  for (const [record, key, at] of cache.timers.values()) {
+    if (hostState) hostState.setTimer(record, key, at);
+    else native.timers.push([key, at]);
+  }
+  for (const scope of cache.scopes.values()) {
+    for (const e of scope.entries.values()) if (e.dirty) store(scope.record, e.key, e.value);
+  }
+  cache.scopes.clear();
+  cache.timers.clear();
+  cache.current = undefined;
+  cache.undo = [];
+}
+
 /** Log lines from inside the plugin. In the sandbox they go to the host's
  * log, tagged with the pipeline and plugin; natively (unit tests) to stderr. */
 export const log = {
@@ -110,12 +251,14 @@ function emit(level, msg) {
 
 /** Wraps `Plugin` (a class as described above) as the component's `batch`
  * export (contract 0.2; `transform` for 0.1); `logImport` is the `log`
- * function imported from `sluice:transform/log`. */
-export function exportTransform(Plugin, logImport = undefined) {
+ * function imported from `sluice:transform/log`, `stateImport` the
+ * `sluice:transform/state@0.3.0` module (contract 0.3: keyed state). */
+export function exportTransform(Plugin, logImport = undefined, stateImport = undefined) {
   let instance = undefined;
   return {
     init(entries) {
       if (logImport) hostLog = logImport;
+      if (stateImport) hostState = stateImport;
       try {
         instance = new Plugin(new Config(entries));
       } catch (error) {
@@ -127,7 +270,7 @@ export function exportTransform(Plugin, logImport = undefined) {
     // Contract 0.2: one batch buffer in, one results buffer out.
     process(buf) {
       if (instance === undefined) throw new Error("plugin used before init");
-      return processBuffer(instance, buf);
+      return processBuffer(instance, buf, stateImport !== undefined || typeof instance.onTimer === "function");
     },
 
     // Contract 0.1: records lifted field by field.
@@ -196,7 +339,7 @@ class Growable {
 
 // The tables are read and written as Uint32Arrays (copied once, so aligned):
 // in an interpreter, an element access costs much less than a DataView call.
-function processBuffer(instance, buf) {
+function processBuffer(instance, buf, stateful = false) {
   const view = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
   const u32 = (at) => view.getUint32(at, true);
   if (u32(0) !== BATCH_MAGIC) throw new Error("malformed batch from the host");
@@ -232,8 +375,12 @@ function processBuffer(instance, buf) {
     record.partition = records[r + 2] | 0;
     record.offset = view.getBigInt64(recordsAt + 56 * i + 24, true);
     const mark = out.len, outputsMark = outputs.len, headersMark = headers.len;
+    if (stateful) beginRecord(i, record.topic, record.partition);
     try {
-      const result = instance.process(record);
+      const result = stateful && record.offset < 0n
+        // A fired timer (contract 0.3).
+        ? (instance.onTimer ? instance.onTimer({ key: record.key ?? new Uint8Array(), at: record.timestamp ?? 0n, topic: record.topic, partition: record.partition }) : undefined)
+        : instance.process(record);
       if (result === null || result === undefined) {
         // no outputs: results[3 * i .. 3 * i + 2] stay 0
       } else if (!Array.isArray(result)) {
@@ -244,6 +391,7 @@ function processBuffer(instance, buf) {
         results[3 * i + 1] = (outputs.len - outputsMark) / 12;
       }
     } catch (error) {
+      if (stateful) undoRecord();
       out.len = mark;
       outputs.len = outputsMark;
       headers.len = headersMark;
@@ -253,6 +401,7 @@ function processBuffer(instance, buf) {
       results[3 * i + 2] = text.length;
     }
   }
+  if (stateful) endBatch();
   const resultsAt = out.put(new Uint8Array(results.buffer));
   const outputsAt = out.put(outputs.bytes());
   const tablesAt = out.put(headers.bytes());

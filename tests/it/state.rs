@@ -428,33 +428,36 @@ batch_max_records = 300"#;
     assert!(broker.consume("ohlc_dlq", 0, Duration::from_secs(2)).is_empty(), "no late record, no dead letter");
 }
 
-/// The candles in Python (`plugins/py-candles`, built against contract
-/// 0.3 with the Python SDK's state): a capture replayed to its end gives
-/// the candles computed from the feed, every column.
+/// The candles in Python (`plugins/py-candles`) and JavaScript
+/// (`plugins/js-candles`), built against contract 0.3 with their SDKs'
+/// state: a capture replayed to its end gives the candles computed from
+/// the feed, every column.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn python_candles_from_a_capture_are_exact() {
-    let pg = PgSchema::create("py_candles").await;
-    let table = format!("{}.candles", pg.name);
+async fn python_and_javascript_candles_from_a_capture_are_exact() {
     let frames = common::trades::generated(2_000, 77);
     let want = expected_candles(&frames, 10_000);
-    let dir = tempfile::tempdir().unwrap();
-    let mut capture = frames.join(&b'\n');
-    capture.push(b'\n');
-    std::fs::write(dir.path().join("capture.jsonl"), capture).unwrap();
-    let source = "[source]\ntype = \"file\"\npath = \"capture.jsonl\"";
-    let text = ohlc_pipeline(source, &table, "allowed_lateness_ms = 0", "[dead_letter]\ntype = \"stdout\"", "")
-        .replace(
-            &common::plugin_path("ohlc_candles").display().to_string(),
-            &common::plugin_path("py_candles").display().to_string(),
-        );
-    let file = write_pipeline(dir.path(), "ohlc", &text);
-    let out = run_until_eof(&file);
-    let (stdout, log) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{log}");
-    let dead = stdout.lines().count();
-    assert_eq!(dead, 0, "dead letters, the first: {:?}", stdout.lines().next());
-    assert!(log.contains("plugin=py_candles") && log.contains("contract=0.3"), "{log}");
-    assert_candles(&stored_candles(&pg.client, &table).await, &want);
+    for plugin in ["py_candles", "js_candles"] {
+        let pg = PgSchema::create(plugin).await;
+        let table = format!("{}.candles", pg.name);
+        let dir = tempfile::tempdir().unwrap();
+        let mut capture = frames.join(&b'\n');
+        capture.push(b'\n');
+        std::fs::write(dir.path().join("capture.jsonl"), capture).unwrap();
+        let source = "[source]\ntype = \"file\"\npath = \"capture.jsonl\"";
+        let text = ohlc_pipeline(source, &table, "allowed_lateness_ms = 0", "[dead_letter]\ntype = \"stdout\"", "")
+            .replace(
+                &common::plugin_path("ohlc_candles").display().to_string(),
+                &common::plugin_path(plugin).display().to_string(),
+            );
+        let file = write_pipeline(dir.path(), "ohlc", &text);
+        let out = run_until_eof(&file);
+        let (stdout, log) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{plugin}: {log}");
+        let dead = stdout.lines().count();
+        assert_eq!(dead, 0, "{plugin}: dead letters, the first: {:?}", stdout.lines().next());
+        assert!(log.contains(&format!("plugin={plugin}")) && log.contains("contract=0.3"), "{log}");
+        assert_candles(&stored_candles(&pg.client, &table).await, &want);
+    }
 }
 
 /// A Finnhub frame of one trade.
