@@ -71,12 +71,14 @@ pub trait Source: Send + Sync {
     }
 
     /// Whether the last batch closed because nothing more was waiting to be
-    /// read (not because it was full, nor at its time limit): a partition
-    /// missing from it then has no record in hand, and event time may take
-    /// it for idle while the others stay busy. `false` when the source
-    /// cannot tell: idle partitions then move on only when no batch comes.
-    fn drained(&self) -> bool {
-        false
+    /// read (`Some(true)`: a partition missing from it has no record in
+    /// hand, and event time may take it for idle while the others stay
+    /// busy), or was full or timed out (`Some(false)`: a missing partition
+    /// may have records waiting, and its idle time starts over). `None`
+    /// when the source cannot tell: idle partitions then move on only when
+    /// no batch comes.
+    fn drained(&self) -> Option<bool> {
+        None
     }
 }
 

@@ -404,6 +404,16 @@ impl StageState {
         self.pending_clocks.marks.extend(moves);
     }
 
+    /// The batch was full (its source had more waiting): a partition it did
+    /// not hold may have records waiting too, so its idle time starts over.
+    pub fn hold_idle(&mut self, now: Instant) {
+        for (partition, state) in &mut self.partitions {
+            if let (Some(seen), false) = (&mut state.seen, self.pending_clocks.marks.contains_key(partition)) {
+                seen.at = now;
+            }
+        }
+    }
+
     /// The timers due at the watermarks the batch moved, in time order per
     /// partition; they count as fired (removed) with the batch. With `end`
     /// (the input ended: nothing more will come), every timer is due, and
@@ -1137,6 +1147,29 @@ mod tests {
         let changes = shared.lock().unwrap().apply(&[]);
         assert_eq!(deadline(&changes, b"k"), Some(None));
         assert_eq!(shared.lock().unwrap().bytes(), 0);
+    }
+
+    /// A partition missing from a full batch may have records waiting: its
+    /// idle time starts over, and only quiet past `idle_timeout` from then
+    /// moves its watermark.
+    #[test]
+    fn a_full_batch_holds_the_partitions_it_missed_back_from_idle() {
+        let mut state = StageState::new(0, 1 << 20);
+        let idle = Some(std::time::Duration::from_secs(5));
+        state.set_event_time(Some(EventTime {
+            allowed_lateness_ms: 0,
+            idle_timeout: idle,
+            late: time::LatePolicy::Drop,
+        }));
+        let p: Partition = ("t".into(), 1);
+        let entries = [(vec![time::stored::CLOCK], time::stored::clock(Some(10_000), Some(10_000)))];
+        state.restore(p.clone(), Loaded { entries: entries.into(), next_offset: 0 });
+        let at = Instant::now();
+        state.hold_idle(at + std::time::Duration::from_secs(4));
+        state.observe_idle(at + std::time::Duration::from_secs(6));
+        assert_eq!(state.watermark(&p), Some(10_000), "quiet for 2 s since the full batch");
+        state.observe_idle(at + std::time::Duration::from_secs(11));
+        assert_eq!(state.watermark(&p), Some(12_000), "quiet for 7 s: 2 s past the timeout");
     }
 
     #[test]

@@ -246,7 +246,9 @@ async fn transform_stage(
                 let mut results = versions.current().process(&batch);
                 // The timers the batch's watermarks passed fire after it.
                 let (fired, timer_results) = match &state {
-                    Some(_) => versions.current().fire(Fire::AfterBatch(source.drained().then(Instant::now))),
+                    Some(_) => {
+                        versions.current().fire(Fire::AfterBatch { at: Instant::now(), drained: source.drained() })
+                    }
                     None => Default::default(),
                 };
                 results.append(timer_results);

@@ -124,8 +124,10 @@ impl Chain {
                 // Not after a batch that was full: a partition missing from
                 // it may have records waiting (a backlog, as after a sink
                 // was down and the pipeline held back).
-                if let Fire::Idle(now) | Fire::AfterBatch(Some(now)) = when {
-                    state.observe_idle(now);
+                match when {
+                    Fire::Idle(now) | Fire::AfterBatch { at: now, drained: Some(true) } => state.observe_idle(now),
+                    Fire::AfterBatch { at: now, drained: Some(false) } => state.hold_idle(now),
+                    _ => {}
                 }
                 state.take_due(when == Fire::End)
             };
@@ -256,10 +258,12 @@ impl Chain {
 /// When [`Chain::fire`] looks for due timers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fire {
-    /// After a batch: at the watermarks it moved. With an instant (the
-    /// source had nothing more waiting: see [`crate::sources::Source::drained`]),
-    /// the partitions the batch did not hold that are idle at it move on too.
-    AfterBatch(Option<std::time::Instant>),
+    /// After a batch, at this instant: at the watermarks it moved. When the
+    /// source had nothing more waiting (`drained`: see
+    /// [`crate::sources::Source::drained`]), the partitions the batch did
+    /// not hold that are idle move on too; when it had more, their idle
+    /// time starts over.
+    AfterBatch { at: std::time::Instant, drained: Option<bool> },
     /// No batch for a while: partitions idle at this instant move their
     /// watermarks on first.
     Idle(std::time::Instant),

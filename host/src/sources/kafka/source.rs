@@ -365,8 +365,8 @@ impl Source for KafkaSource {
         self.consumer.context().generation.load(Ordering::SeqCst)
     }
 
-    fn drained(&self) -> bool {
-        self.drained.load(Ordering::SeqCst)
+    fn drained(&self) -> Option<bool> {
+        Some(self.drained.load(Ordering::SeqCst))
     }
 
     fn assignment(&self) -> Vec<(String, i32)> {
