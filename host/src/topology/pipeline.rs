@@ -411,7 +411,17 @@ pub async fn check_state_versions(
     memory: &BTreeMap<u32, SharedState>,
 ) -> anyhow::Result<()> {
     for (index, stage) in chain.stateful() {
-        let mut held = store.versions(index as u32).await?;
+        // A store that cannot be read now (the database down) does not stop
+        // a start or a swap: each partition is checked again when loaded,
+        // and a version that cannot read it fails its batches with the reason.
+        let mut held = match store.versions(index as u32).await {
+            Ok(held) => held,
+            Err(error) => {
+                let error = format!("{error:#}");
+                warn!(%error, stage = index, "cannot read the state versions from the store; each partition is checked when it is loaded");
+                Default::default()
+            }
+        };
         if let Some(shared) = memory.get(&(index as u32)) {
             held.extend(lock(shared).versions_held());
         }
