@@ -377,8 +377,7 @@ impl PluginInstance {
         store.data_mut().begin_call(state);
         let results = match block_on(within_limit(limit, bindings.process(store, inputs, &self.limits))) {
             Ok(results) => results,
-            Err(CallError::Call(error)) => return Err(self.classify(&live.store, error)),
-            Err(CallError::Contract(reason)) => return Err(Fault::Contract(reason)),
+            Err(error) => return Err(self.fault(&live.store, error)),
         };
         // The call gave results: its state changes join the batch's.
         if let Some(state) = live.store.data_mut().end_call() {
@@ -390,6 +389,14 @@ impl PluginInstance {
 }
 
 impl PluginInstance {
+    /// The fault a call that gave no results ended with.
+    fn fault(&self, store: &Store<HostState>, error: CallError) -> Fault {
+        match error {
+            CallError::Call(error) => self.classify(store, error),
+            CallError::Contract(reason) => Fault::Contract(reason),
+        }
+    }
+
     /// Converts the state of the call's partitions kept by another version
     /// with the plugin's `migrate`, into the call's changes (so that a call
     /// that faults, or a batch run again, converts nothing). Each partition
@@ -409,8 +416,7 @@ impl PluginInstance {
                 Ok(Err(reason)) => {
                     return Err(Fault::State(StateError::Migrate { topic, partition, from, to, reason }))
                 }
-                Err(CallError::Call(error)) => return Err(self.classify(store, error)),
-                Err(CallError::Contract(reason)) => return Err(Fault::Contract(reason)),
+                Err(error) => return Err(self.fault(store, error)),
             };
             let (keys, now) = (old.entries.len(), migrated.len());
             state.migrated(old, migrated, to).map_err(Fault::State)?;

@@ -353,8 +353,7 @@ impl StageState {
                 }
                 Some(&stored::VERSION) => state.version = stored::parse_version(&value),
                 Some(&stored::DEADLINE) => {
-                    let at = value.get(..8).and_then(|b| b.try_into().ok()).map_or(0, i64::from_le_bytes);
-                    self.bytes += state.set_deadline(&key[1..], Some(at)) as usize;
+                    self.bytes += state.set_deadline(&key[1..], Some(stored::parse_deadline(&value))) as usize;
                 }
                 _ => {}
             }
@@ -560,7 +559,7 @@ impl StageState {
                 let at = value.as_ref().and(deadline);
                 if at.is_some() || state.deadlines.contains_key(&key) {
                     self.bytes = self.bytes.saturating_add_signed(state.set_deadline(&key, at));
-                    let stored_at = at.map(|at| at.to_le_bytes().to_vec());
+                    let stored_at = at.map(stored::deadline_value);
                     out.push(Change {
                         stage,
                         partition: partition.clone(),
@@ -646,17 +645,24 @@ impl CallState {
     /// The call's partitions whose state is not of version `current`, with
     /// their entries. A partition without entries just takes `current`.
     pub fn unmigrated(&mut self, current: u32) -> Vec<Unmigrated> {
-        let mut partitions: Vec<&Partition> = self.scopes.iter().collect();
-        partitions.sort();
-        partitions.dedup();
         let shared = lock(&self.shared);
-        let mut out = Vec::new();
-        let mut empty = Vec::new();
-        for partition in partitions {
-            let from = shared.version(partition);
-            if from == current {
+        // One version lookup per run of records from the same partition; a
+        // partition to convert is listed once.
+        let mut stale: Vec<(&Partition, u32)> = Vec::new();
+        let mut previous = None;
+        for partition in &self.scopes {
+            if previous == Some(partition) {
                 continue;
             }
+            previous = Some(partition);
+            let from = shared.version(partition);
+            if from != current && !stale.iter().any(|(p, _)| *p == partition) {
+                stale.push((partition, from));
+            }
+        }
+        let mut out = Vec::new();
+        let mut empty = Vec::new();
+        for (partition, from) in stale {
             let entries = shared.current_entries(partition);
             if entries.is_empty() {
                 empty.push((partition.clone(), current));
@@ -857,23 +863,21 @@ impl PipelineState {
 
     /// How often to look for idle partitions and expired keys: half the
     /// shortest `idle_timeout` of the stages with event time, a quarter of
-    /// the shortest key TTL (at least 100 ms).
+    /// the shortest key TTL, at most 10 s (at least 100 ms).
     pub fn idle_tick(&self) -> Option<std::time::Duration> {
-        let idle = self.stages.values().filter_map(|s| lock(s).event_time().and_then(|e| e.idle_timeout));
-        // A key TTL is checked on the ticks too (a quarter of it, at most 10 s).
-        let ttl = self.stages.values().filter_map(|s| {
-            let ttl = lock(s).ttl_ms?;
-            Some(std::time::Duration::from_millis(ttl as u64 / 2).min(std::time::Duration::from_secs(20)))
-        });
-        let shortest = idle.chain(ttl).min()?;
-        Some((shortest / 2).max(std::time::Duration::from_millis(100)))
+        use std::time::Duration;
+        let idle = self.stages.values().filter_map(|s| Some(lock(s).event_time()?.idle_timeout? / 2));
+        let ttl = self
+            .stages
+            .values()
+            .filter_map(|s| Some((Duration::from_millis(lock(s).ttl_ms? as u64) / 4).min(Duration::from_secs(10))));
+        Some(idle.chain(ttl).min()?.max(Duration::from_millis(100)))
     }
 
     /// Per stage: (index, keys, bytes, watermark lag in seconds behind the
     /// clock of its slowest partition, with event time).
     pub fn sizes(&self) -> Vec<(u32, usize, usize, Option<f64>)> {
-        let now_ms =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let now_ms = now_ms();
         self.stages
             .values()
             .map(|s| {
@@ -1103,7 +1107,7 @@ mod tests {
         let deadline = |changes: &[Change], key: &[u8]| {
             changes.iter().find(|c| c.key == stored::deadline(key)).map(|c| c.value.clone())
         };
-        let at = deadline(&changes, b"old").flatten().map(|v| i64::from_le_bytes(v[..8].try_into().unwrap()));
+        let at = deadline(&changes, b"old").flatten().map(|v| stored::parse_deadline(&v));
         assert_eq!(at, Some(written + 60_000));
         let bytes = shared.lock().unwrap().bytes();
         assert_eq!(
@@ -1130,7 +1134,7 @@ mod tests {
         // Restored, a stored deadline expires as it would have.
         let mut restored = StageState::new(0, 1 << 20);
         restored.set_ttl(Some(std::time::Duration::from_secs(60)));
-        let entries = [(stored::entry(b"k"), b"v".to_vec()), (stored::deadline(b"k"), 1_000i64.to_le_bytes().to_vec())];
+        let entries = [(stored::entry(b"k"), b"v".to_vec()), (stored::deadline(b"k"), stored::deadline_value(1_000))];
         restored.restore(p.clone(), Loaded { entries: entries.into(), next_offset: 0 });
         assert_eq!((restored.keys(), restored.expire(999), restored.expire(1_000)), (1, 0, 1));
         assert_eq!(restored.bytes(), 0);

@@ -108,6 +108,14 @@ pub mod stored {
         k
     }
 
+    pub fn deadline_value(at: i64) -> Vec<u8> {
+        at.to_le_bytes().to_vec()
+    }
+
+    pub fn parse_deadline(value: &[u8]) -> i64 {
+        value.get(..8).and_then(|b| b.try_into().ok()).map_or(0, i64::from_le_bytes)
+    }
+
     pub fn version(version: u32) -> Vec<u8> {
         version.to_le_bytes().to_vec()
     }

@@ -60,7 +60,7 @@ impl PipelineTask {
         options: &RunOptions,
         refused: &Refused,
     ) -> anyhow::Result<Self> {
-        let chain = tokio::task::block_in_place(|| Chain::live(runtime, &spec))?;
+        let mut chain = tokio::task::block_in_place(|| Chain::live(runtime, &spec))?;
         for stage in chain.stages() {
             let p = stage.plugin();
             info!(pipeline = %spec.name, plugin = %p.name, version = %p.short_hash(), contract = %p.contract, cache_hit = p.cache_hit, "plugin ready");
@@ -73,7 +73,6 @@ impl PipelineTask {
         }
         let dead_letter = spec.dead_letter.connector().build("dead_letter", &cx)?;
         let source = spec.source.connector().build(&cx)?;
-        let mut chain = chain;
         let mut state = state_for(&chain, &sinks)?;
         if let Some((state, _)) = &mut state {
             check_state_versions(&chain, &*state.store(), &BTreeMap::new()).await?;
