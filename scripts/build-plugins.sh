@@ -60,14 +60,18 @@ if ! "$py/bin/componentize-py" --version 2>/dev/null | grep -qx "componentize-py
   "$py/bin/pip" install --quiet --disable-pip-version-check "componentize-py==$componentize_py_version"
 fi
 quietly "sluice-plugin-py: unit tests" env -C plugins/sluice-plugin-py python3 -m unittest
-# py-candles keeps state: it is built against contract 0.3 (wit/0.3).
+# py-candles keeps state of a declared version: it is built against contract
+# 0.3 (wit/0.3), world versioned-transformer; py_candles_json_state.wasm is its
+# earlier build (state version 0), for the test of a migrating hot swap.
 for plugin in py-enrich py-candles; do
-  wit=wit
-  [ "$plugin" = py-candles ] && wit=wit/0.3
+  wit=wit world=transformer
+  [ "$plugin" = py-candles ] && wit=wit/0.3 world=versioned-transformer
   quietly "$plugin: unit tests" env -C "plugins/$plugin" PYTHONPATH=../sluice-plugin-py python3 -m unittest
-  quietly "$plugin: componentize-py" "$py/bin/componentize-py" -d "$wit" -w transformer componentize \
+  quietly "$plugin: componentize-py" "$py/bin/componentize-py" -d "$wit" -w "$world" componentize \
     -p "plugins/$plugin" -p plugins/sluice-plugin-py app -o "$out/${plugin//-/_}.wasm"
 done
+quietly "py-candles (json-state): componentize-py" "$py/bin/componentize-py" -d wit/0.3 -w versioned-transformer \
+  componentize -p plugins/py-candles -p plugins/sluice-plugin-py app_json_state -o "$out/py_candles_json_state.wasm"
 
 # JavaScript: esbuild bundles the plugin with its npm dependencies (the SDK
 # among them), jco componentize embeds it with the StarlingMonkey engine.
@@ -78,7 +82,7 @@ for plugin in js-router js-candles; do
   fi
   quietly "$plugin: unit tests" npm run --prefix "$dir" test
   quietly "$plugin: build" npm run --prefix "$dir" build
-  cp "$dir/dist/${plugin//-/_}.wasm" "$out/"
+  cp "$dir"/dist/*.wasm "$out/"
 done
 
 # Binaryen's wasm-opt -O3 on the trade flattener: 8-11% less time per frame

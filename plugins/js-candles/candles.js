@@ -11,11 +11,39 @@
 //
 // Config `window_ms`: the window (default 60000). The stage needs
 // `[transforms.event_time]`.
+//
+// State version 1 keeps an open candle as 72 bytes (open, high, low, close,
+// volume, turnover as little-endian doubles; trades, first and last
+// timestamp as 64-bit integers), the shape of the Rust `ohlc-candles`;
+// `migrate` converts the JSON objects of version 0 (`json-state.js`, the
+// earlier build), so a hot swap from it keeps the open windows.
 import { state } from "sluice-plugin";
 
 const decoder = new TextDecoder();
+const FLOATS = ["open", "high", "low", "close", "volume", "turnover"];
+const INTEGERS = ["trades", "first_ts", "last_ts"];
+
+/** A candle in version 1's 72 bytes. */
+export function pack(c) {
+  const view = new DataView(new ArrayBuffer(72));
+  FLOATS.forEach((f, i) => view.setFloat64(8 * i, c[f], true));
+  INTEGERS.forEach((f, i) => view.setBigInt64(48 + 8 * i, BigInt(c[f]), true));
+  return new Uint8Array(view.buffer);
+}
+
+/** Version 1's 72 bytes as a candle. */
+export function unpack(bytes) {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const c = {};
+  FLOATS.forEach((f, i) => (c[f] = view.getFloat64(8 * i, true)));
+  INTEGERS.forEach((f, i) => (c[f] = Number(view.getBigInt64(48 + 8 * i, true))));
+  return c;
+}
 
 export default class Candles {
+  static STATE_VERSION = 1;
+  static MIGRATES_FROM = [0];
+
   constructor(config) {
     config.rejectUnknown("window_ms");
     this.window = config.number("window_ms", 60000);
@@ -28,7 +56,7 @@ export default class Candles {
     const { symbol, price, volume, ts } = record.json();
     const start = ts - (((ts % this.window) + this.window) % this.window);
     const key = `${symbol}\0${start}`;
-    const c = state.getJSON(key) ?? {
+    const c = this.load(key) ?? {
       open: price, high: price, low: price, close: price, volume: 0, turnover: 0, trades: 0, first_ts: ts, last_ts: ts,
     };
     if (ts < c.first_ts || (ts === c.first_ts && price < c.open)) [c.first_ts, c.open] = [ts, price];
@@ -38,13 +66,13 @@ export default class Candles {
     c.volume += volume;
     c.turnover += price * volume;
     c.trades += 1;
-    state.putJSON(key, c);
+    this.store(key, c);
     state.setTimer(key, start + this.window);
     return null;
   }
 
   onTimer(timer) {
-    const c = state.getJSON(timer.key);
+    const c = this.load(timer.key);
     if (c === undefined) return null;
     state.delete(timer.key);
     const [symbol, start] = decoder.decode(timer.key).split("\0");
@@ -54,5 +82,20 @@ export default class Candles {
       volume: c.volume, vwap, trades: c.trades, first_ts: c.first_ts, last_ts: c.last_ts,
     };
     return { value: JSON.stringify(candle), key: symbol, timestamp: BigInt(start) };
+  }
+
+  /** The open candle under `key`, or undefined. */
+  load(key) {
+    const raw = state.get(key);
+    return raw === undefined ? undefined : unpack(raw);
+  }
+
+  store(key, c) {
+    state.put(key, pack(c));
+  }
+
+  /** A version-0 candle (a JSON object) in this version's 72 bytes. */
+  migrate(fromVersion, key, value) {
+    return [key, pack(JSON.parse(decoder.decode(value)))];
   }
 }

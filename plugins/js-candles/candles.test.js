@@ -27,3 +27,22 @@ test("the config is checked", () => {
   assert.throws(() => new Candles(new Config([["window_ms", "0"]])));
   assert.throws(() => new Candles(new Config([["size", "1"]])));
 });
+
+test("a JSON candle of version 0 migrates to the same candle", async () => {
+  const { migrate } = await import("sluice-plugin");
+  const { default: JsonStateCandles } = await import("./json-state.js");
+  const old = new JsonStateCandles(new Config([]));
+  old.process(trade("A", 10, 1, 60500));
+  old.process(trade("A", 12, 0.5, 61000));
+  const entries = [...state.nativeStore.entries()].map(([k, v]) => [Uint8Array.from(k, (ch) => ch.charCodeAt(0)), v]);
+  assert.equal(JSON.parse(new TextDecoder().decode(entries[0][1])).trades, 2, "version 0 keeps JSON");
+  const current = new Candles(new Config([]));
+  const migrated = migrate(Candles, current, 0, entries);
+  assert.equal(migrated[0][1].length, 72, "version 1 keeps 72 bytes");
+  state.nativeStore.clear();
+  for (const [k, v] of migrated) state.nativeStore.set(String.fromCharCode(...k), v);
+  current.process(trade("A", 9, 1, 62000));
+  const c = JSON.parse(current.onTimer({ key: entries[0][0], at: 120000n }).value);
+  assert.deepEqual([c.open, c.high, c.low, c.close, c.trades, c.volume], [10, 12, 9, 9, 3, 2.5]);
+  assert.throws(() => migrate(Candles, current, 3, []), /no migrate from state version 3 \(this build keeps version 1\)/);
+});

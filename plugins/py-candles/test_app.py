@@ -3,7 +3,9 @@
 import json
 import unittest
 
+import sluice_plugin
 from app import Candles
+from app_json_state import JsonStateCandles
 from sluice_plugin import Config, Record, Timer, state
 
 
@@ -35,6 +37,21 @@ class CandlesTest(unittest.TestCase):
             Candles(Config({"window_ms": "0"}))
         with self.assertRaises(ValueError):
             Candles(Config({"size": "1"}))
+
+    def test_a_json_candle_of_version_0_migrates_to_the_same_candle(self):
+        old = JsonStateCandles(Config({}))
+        for price, volume, ts in [(10.0, 1.0, 60_500), (12.0, 0.5, 61_000)]:
+            old.process(trade("A", price, volume, ts))
+        entries = list(state._native.items())
+        self.assertEqual(json.loads(entries[0][1])["trades"], 2, "version 0 keeps JSON")
+        new = Candles(Config({}))
+        state._native.clear()
+        state._native.update(sluice_plugin.migrate(Candles, new, 0, entries))
+        self.assertEqual(len(state._native[entries[0][0]]), 72, "version 1 keeps 72 bytes")
+        new.process(trade("A", 9.0, 1.0, 62_000))
+        c = json.loads(new.on_timer(Timer(entries[0][0], 120_000)).value)
+        self.assertEqual((c["open"], c["high"], c["low"], c["close"], c["trades"]), (10.0, 12.0, 9.0, 9.0, 3))
+        self.assertAlmostEqual(c["volume"], 2.5)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,19 @@
 // partition, committed with the pipeline's rows and offsets; a class with
 // `onTimer(timer)` gets each timer when its partition's watermark reaches
 // it. `plugins/js-candles` is the 1-minute candles in JavaScript.
+//
+// State versions: a class that changes the shape of its state declares
+// `static STATE_VERSION = 1` (default 0), `static MIGRATES_FROM = [0]` and
+// `migrate(fromVersion, key, value)`, which returns the entry in the new
+// shape (`[key, value]`), or `null` to drop it, and throws to refuse it.
+// Export its schema beside the batch and build with the world
+// `versioned-transformer`:
+//
+//     export const schema = exportSchema(MyTransform);
+//
+// A hot swap hands the stage's state to the new version, which converts
+// each partition's entries before its first batch that holds the partition;
+// a version that converts none of the state's versions is refused.
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -260,7 +273,7 @@ export function exportTransform(Plugin, logImport = undefined, stateImport = und
       if (logImport) hostLog = logImport;
       if (stateImport) hostState = stateImport;
       try {
-        instance = new Plugin(new Config(entries));
+        instance = live.instance = new Plugin(new Config(entries));
       } catch (error) {
         // A thrown value becomes the `err` of `result<_, string>`.
         throw message(error);
@@ -300,6 +313,53 @@ export function exportTransform(Plugin, logImport = undefined, stateImport = und
       return results;
     },
   };
+}
+
+/** The instance `init` made, for `migrate`. */
+const live = { instance: undefined };
+
+/** Contract 0.3's `schema` export for `Plugin` (world `versioned-transformer`):
+ * its state version and its `migrate`. */
+export function exportSchema(Plugin) {
+  return {
+    stateVersion() {
+      // A typed array: componentize-js lowers a list<u32> from one.
+      return { current: stateVersion(Plugin), migratesFrom: Uint32Array.from(migratesFrom(Plugin)) };
+    },
+    migrate(oldVersion, entries) {
+      try {
+        return migrate(Plugin, live.instance, oldVersion, entries);
+      } catch (error) {
+        // A thrown value becomes the `err` of `result<_, string>`.
+        throw message(error);
+      }
+    },
+  };
+}
+
+/** The state version `Plugin` keeps (`static STATE_VERSION`, default 0). */
+export function stateVersion(Plugin) {
+  return Plugin.STATE_VERSION ?? 0;
+}
+
+/** The state versions `Plugin` converts (`static MIGRATES_FROM`). */
+export function migratesFrom(Plugin) {
+  return [...(Plugin.MIGRATES_FROM ?? [])];
+}
+
+/** One partition's entries kept by `fromVersion`, in the shape of
+ * `Plugin`'s state version: each through `instance.migrate`. */
+export function migrate(Plugin, instance, fromVersion, entries) {
+  if (!migratesFrom(Plugin).includes(fromVersion)) {
+    throw new Error(`no migrate from state version ${fromVersion} (this build keeps version ${stateVersion(Plugin)})`);
+  }
+  if (instance === undefined) throw new Error("plugin used before init");
+  const out = [];
+  for (const [key, value] of entries) {
+    const entry = instance.migrate(fromVersion, bytes(key), bytes(value));
+    if (entry !== null && entry !== undefined) out.push([bytes(entry[0]), bytes(entry[1])]);
+  }
+  return out;
 }
 
 // Contract 0.2's layouts (wit/transform.wit): little-endian tables of fixed

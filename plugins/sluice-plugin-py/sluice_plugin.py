@@ -28,6 +28,15 @@ in ``process``: values by key, per source partition, committed with the
 pipeline's rows and offsets; ``state.set_timer(key, at)`` calls the class's
 ``on_timer(self, timer: Timer)`` once the partition's watermark reaches
 ``at``. ``plugins/py-candles`` is the 1-minute candles in Python.
+
+State versions: a class that changes the shape of its state sets
+``STATE_VERSION = N`` (default 0), ``MIGRATES_FROM = (0, ...)`` and
+``migrate(self, from_version, key, value)``, which returns the entry in
+the new shape (``(key, value)``), or ``None`` to drop it, and raises to
+refuse it. A hot swap hands the stage's state to the new version, which
+converts each partition's entries before its first batch that holds the
+partition; a version that converts none of the state's versions is refused
+with the reason. Build it with ``-w versioned-transformer``.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
-__all__ = ["Config", "Header", "Output", "Record", "Timer", "export", "log", "state"]
+__all__ = ["Config", "Header", "Output", "Record", "Timer", "export", "log", "migrate", "state"]
 
 # The host's state calls (contract 0.3), imported now: componentize-py keeps
 # only the modules imported while it builds the component. Natively, and in
@@ -47,6 +56,10 @@ try:
     from wit_world.imports import state as _host_state
 except ImportError:
     _host_state = None
+try:
+    from wit_world.exports.schema import Versions as _Versions
+except ImportError:
+    _Versions = None
 
 
 @dataclass
@@ -443,8 +456,52 @@ def export(plugin: type, stateful: bool = False) -> type:
             on_timer = getattr(instance, "on_timer", None)
             return _process(instance.process, batch, on_timer, stateful or on_timer is not None)
 
+    class Schema:
+        """Contract 0.3's ``schema`` export (``-w versioned-transformer``)."""
+
+        def state_version(self):
+            return _Versions(current=state_version(plugin), migrates_from=list(migrates_from(plugin)))
+
+        def migrate(self, old_version: int, entries: list) -> list:
+            from componentize_py_types import Err
+
+            try:
+                return migrate(plugin, Batch.instance, old_version, entries)
+            except Exception as error:  # the plugin refuses an entry
+                raise Err(_describe(error))
+
     Batch.__name__ = Batch.__qualname__ = f"Batch[{plugin.__name__}]"
+    Schema.__name__ = Schema.__qualname__ = f"Schema[{plugin.__name__}]"
     module = sys.modules.get(plugin.__module__)
     if module is not None:
         module.Batch = Batch
+        module.Schema = Schema
     return Batch
+
+
+def state_version(plugin: type) -> int:
+    """The state version ``plugin`` keeps (``STATE_VERSION``, default 0)."""
+    return int(getattr(plugin, "STATE_VERSION", 0))
+
+
+def migrates_from(plugin: type) -> tuple:
+    """The state versions ``plugin`` converts (``MIGRATES_FROM``)."""
+    return tuple(int(v) for v in getattr(plugin, "MIGRATES_FROM", ()))
+
+
+def migrate(plugin: type, instance, from_version: int, entries: list) -> list:
+    """One partition's entries kept by ``from_version``, in the shape of
+    ``plugin``'s state version: each through ``instance.migrate``."""
+    if from_version not in migrates_from(plugin):
+        raise ValueError(
+            f"no migrate from state version {from_version} (this build keeps version {state_version(plugin)})"
+        )
+    if instance is None:
+        raise RuntimeError("plugin used before init")
+    out = []
+    for key, value in entries:
+        entry = instance.migrate(from_version, bytes(key), bytes(value))
+        if entry is not None:
+            new_key, new_value = entry
+            out.append((_bytes(new_key), _bytes(new_value)))
+    return out

@@ -126,5 +126,35 @@ class StateTest(unittest.TestCase):
         self.assertEqual(sdk.state._native, {}, "deleted when emitted")
 
 
+
+class CounterV1(Counter):
+    """Counter with its counts as 8-byte big-endian integers: state version 1."""
+
+    STATE_VERSION = 1
+    MIGRATES_FROM = (0,)
+
+    def migrate(self, from_version, key, value):
+        if key == b"drop":
+            return None
+        if not value.isdigit():
+            raise ValueError(f"not a count: {value!r}")
+        return key, int(value).to_bytes(8, "big")
+
+
+class MigrateTest(unittest.TestCase):
+    def test_each_entry_is_converted_or_dropped(self):
+        entries = [(b"a", b"2"), (b"drop", b"5"), (b"b", b"10")]
+        out = sdk.migrate(CounterV1, CounterV1(), 0, entries)
+        self.assertEqual(out, [(b"a", (2).to_bytes(8, "big")), (b"b", (10).to_bytes(8, "big"))])
+        self.assertEqual((sdk.state_version(CounterV1), sdk.migrates_from(CounterV1)), (1, (0,)))
+        self.assertEqual((sdk.state_version(Counter), sdk.migrates_from(Counter)), (0, ()))
+
+    def test_a_version_it_does_not_convert_or_a_bad_entry_is_refused(self):
+        with self.assertRaisesRegex(ValueError, "no migrate from state version 3 \\(this build keeps version 1\\)"):
+            sdk.migrate(CounterV1, CounterV1(), 3, [])
+        with self.assertRaisesRegex(ValueError, "not a count"):
+            sdk.migrate(CounterV1, CounterV1(), 0, [(b"a", b"x")])
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -51,7 +51,7 @@ fn every_error_is_reported_with_its_place() {
     assert_eq!(code, 1);
     let lines: Vec<&str> = stderr.lines().collect();
     let expected = [
-        "unknown-key.toml:1:1: unknown field `colour`, expected one of `name`, `source`, `transforms`, `sinks`, `default_sink`, `dead_letter`, `on_plugin_failure`, `connections`",
+        "unknown-key.toml:1:1: unknown field `colour`, expected one of `name`, `source`, `transforms`, `sinks`, `default_sink`, `dead_letter`, `on_plugin_failure`, `state`, `connections`",
         "bad-sink-key.toml:5:1: unknown field `format`, there are no fields",
         "env.toml:3:12: environment variable `SLUICE_TEST_UNSET` is not set (write `${SLUICE_TEST_UNSET:-default}` for a default)",
         "semantic.toml:7:10: plugin trade_flattener rejected its config: unknown config key(s): symbols (this plugin takes no config)",
@@ -155,6 +155,40 @@ topic = "dlq"
     }
     for secret in ["hunter2-secret", "pg-secret-value"] {
         assert!(!stderr.contains(secret), "check shows a secret:\n{stderr}");
+    }
+}
+
+/// `[state]` says one place that can keep the state: a sink that has
+/// transactions, or a database of its own behind a source that can replay.
+#[test]
+fn state_errors_are_reported_at_their_place() {
+    let pg = "[sinks.pg]\ntype = \"postgres\"\nurl = \"postgres://u@10.255.255.1/db\"\ntable = \"t\"\ncolumns = [{ name = \"a\", type = \"text\" }]\n";
+    let out = "[sinks.out]\ntype = \"stdout\"\n";
+    let websocket = "[source]\ntype = \"websocket\"\nurl = \"ws://127.0.0.1:9/\"\n";
+    let (code, _, stderr) = check(&[
+        ("stdout.toml", format!("default_sink = \"pg\"\n{SOURCE}{pg}{out}{DLQ}[state]\nsink = \"out\"\n")),
+        ("unknown.toml", format!("{SOURCE}{out}{DLQ}[state]\nsink = \"rows\"\n")),
+        ("neither.toml", format!("{SOURCE}{out}{DLQ}[state]\n")),
+        (
+            "both.toml",
+            format!("{SOURCE}{pg}{DLQ}[state]\nsink = \"pg\"\n[state.postgres]\nurl = \"postgres://u@h/db\"\n"),
+        ),
+        ("tls.toml", format!("{SOURCE}{out}{DLQ}[state.postgres]\nurl = \"postgres://u@h/db?sslmode=verify_full\"\n")),
+        ("replay.toml", format!("{websocket}{out}{DLQ}[state.postgres]\nurl = \"postgres://u@h/db\"\n")),
+        ("ws-sink.toml", format!("{websocket}{pg}{DLQ}[state]\nsink = \"pg\"\n")),
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    let expected = [
+        "stdout.toml:16:8: [state]: sink \"out\" cannot keep the state: a stdout sink has no transactions; keep it in `[state.postgres]`",
+        "unknown.toml:10:8: [state]: \"rows\" is not a sink of this pipeline (sinks: out)",
+        "neither.toml:9:1: [state]: say where the state is kept: `sink = \"NAME\"` (an exactly-once postgres sink) or a `[state.postgres]` table",
+        "both.toml:12:1: [state.postgres]: say one of `state.sink` and `[state.postgres]`, not both",
+        "tls.toml:10:7: [state.postgres]: sslmode \"verify_full\" is not one of disable, prefer, require, verify-ca, verify-full",
+        "replay.toml:8:2: [state.postgres]: a websocket source cannot read anything again",
+        "ws-sink.toml:12:8: [state]: sink \"pg\" cannot keep the state: behind a source that cannot read anything again it is not exactly-once",
+    ];
+    for want in expected {
+        assert!(stderr.lines().any(|l| l.starts_with(want)), "missing {want:?} in:\n{stderr}");
     }
 }
 

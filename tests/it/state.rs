@@ -191,6 +191,114 @@ batch_max_records = 300"#;
     assert!(sluice.log_count("state restored") > 0, "the restarts restored the state");
 }
 
+/// `[state.postgres]`: the totals into a Kafka topic, their state and
+/// offsets in a database of their own, through three kill -9s over two
+/// partitions. The sink is at-least-once (a batch cut between the topic's
+/// ack and the state's commit is written again), but the state counts each
+/// trade once: per symbol and partition, the outputs are the running
+/// totals 1, 2, … n with no gap, a repeated one equal to the first, and
+/// the last ones sum to the feed's totals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_in_a_database_of_its_own_counts_each_trade_once_through_kill_9s() {
+    let broker = Broker::start();
+    broker.create_topic("trades_raw", 2).await;
+    broker.create_topic("totals_out", 1).await;
+    broker.create_topic("totals_dlq", 1).await;
+    let pg = PgSchema::create("state_own").await;
+    let frames = common::trades::generated(8_000, 75);
+    let records = frames.len() as i64;
+    let want = expected_totals(&frames);
+    let trades: i64 = want.values().map(|t| t.0).sum();
+    let text = format!(
+        r#"
+name = "totals_kafka"
+[source]
+type = "kafka"
+brokers = "${{SLUICE_BROKERS}}"
+topics = ["trades_raw"]
+group = "g-totals-kafka"
+instance_id = "totals-kafka-a"
+batch_max_records = 300
+[[transforms]]
+plugin = "{flattener}"
+[[transforms]]
+plugin = "{totals}"
+[sinks.out]
+type = "kafka"
+brokers = "${{SLUICE_BROKERS}}"
+topic = "totals_out"
+[dead_letter]
+type = "kafka"
+brokers = "${{SLUICE_BROKERS}}"
+topic = "totals_dlq"
+[state.postgres]
+url = "{PG_URL}"
+offsets_table = "{schema}.offsets"
+"#,
+        flattener = common::plugin_path("trade_flattener").display(),
+        totals = common::plugin_path("symbol_totals").display(),
+        schema = pg.name,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_pipeline(dir.path(), "totals_kafka", &text);
+    // How far the state store's commits go, over both partitions.
+    let committed = || async {
+        let sql =
+            format!("SELECT coalesce(sum(next_offset), 0)::bigint FROM {}.offsets WHERE sink = '[state]'", pg.name);
+        pg.client.query_one(&sql, &[]).await.map_or(0, |row| row.get::<_, i64>(0))
+    };
+    let feed = paced_feed(&broker.addr, "trades_raw", frames, 400, Duration::from_secs(1));
+    let sluice = SluiceProcess::run(&[&file], &broker.addr);
+    let mut sluice = kill_9_while_progressing(sluice, &[&file], &broker.addr, 3, 10, committed).await;
+    feed.await.unwrap();
+    let all = wait_until(WAIT, || async { committed().await >= records }).await;
+    assert!(all, "records committed with the state: {} of {records}", committed().await);
+    assert_eq!(sluice.stop(), Some(0));
+    assert!(sluice.log_count("state restored") > 0, "the restarts restored the state");
+
+    // Per (symbol, partition): each running total, as first written.
+    let mut seen: BTreeMap<(String, i64), BTreeMap<i64, serde_json::Value>> = BTreeMap::new();
+    let outputs = broker.consume("totals_out", trades as usize, WAIT);
+    for m in &outputs {
+        let v: serde_json::Value = serde_json::from_slice(rdkafka::Message::payload(m).unwrap()).unwrap();
+        let key = (v["symbol"].as_str().unwrap().to_string(), v["partition"].as_i64().unwrap());
+        let n = v["trades"].as_i64().unwrap();
+        let first = seen.entry(key.clone()).or_default().entry(n).or_insert_with(|| v.clone());
+        assert_eq!(*first, v, "{key:?}: total {n} written twice with other values: the state counted a trade twice");
+    }
+    let mut totals: BTreeMap<String, (i64, f64)> = BTreeMap::new();
+    for ((symbol, partition), by_count) in &seen {
+        let n = by_count.len() as i64;
+        assert_eq!(
+            by_count.keys().copied().collect::<Vec<_>>(),
+            (1..=n).collect::<Vec<_>>(),
+            "{symbol}/{partition}: every running total, no gap"
+        );
+        let last = &by_count[&n];
+        let t = totals.entry(symbol.clone()).or_default();
+        t.0 += n;
+        t.1 += last["volume"].as_f64().unwrap();
+    }
+    assert_totals(&totals, &want);
+    eprintln!(
+        "{} outputs for {trades} trades (at-least-once: {} written again)",
+        outputs.len(),
+        outputs.len() as i64 - trades
+    );
+
+    // `sluice state` reads the same store.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("state")
+        .arg(&file)
+        .args(["--stage", "1"])
+        .env("SLUICE_BROKERS", &broker.addr)
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(listed.contains("stage 1 trades_raw/0: ") && listed.contains("stage 1 trades_raw/1: "), "{listed}");
+}
+
 /// Past `limits.state_mib` a put faults the batch: with `on_plugin_failure
 /// = "dead_letter"` the records go to the dead letters, the limit is the
 /// reason logged, and nothing reaches the table.
@@ -759,6 +867,40 @@ async fn state_versions_migrate_or_are_refused_and_a_failing_version_rolls_back(
     rig.deploy(&build("ohlc_candles"));
     let sluice = rig.finish(feed, rig.run()).await;
     assert_eq!(sluice.log_count("state migrated"), 0, "restored as version 1");
+}
+
+/// State versions in the Python and JavaScript SDKs: the pipeline starts
+/// on the candles' earlier build (state version 0, JSON candles) under a
+/// paced feed; the current build (version 1, 72 binary bytes, a `migrate`
+/// from 0 written with the SDK) is swapped in mid-window and converts the
+/// open windows. The candles are exact, and the state is version 1's.
+async fn the_candles_migrate_their_state_in_a_hot_swap(name: &str, earlier: &str, current: &str) {
+    let (rig, frames) = SwapRig::new(name, 3_000, 77, &common::plugin_path(earlier)).await;
+    let sluice = rig.run();
+    let feed = paced_feed(&rig.broker.addr, "trades_raw", frames, 100, Duration::from_millis(300));
+    assert!(wait_until(WAIT, || async { rig.candle_trades().await > 0 }).await, "no candle");
+    let (lengths, versions) = state_shapes(&rig.pg.client, &rig.pg.name).await;
+    assert!(lengths.keys().all(|len| *len != 72) && versions.is_empty(), "version 0 keeps JSON: {lengths:?}");
+
+    let ready = sluice.log_count("plugin swap ready");
+    rig.deploy(&common::plugin_path(current));
+    assert!(sluice.wait_log("plugin swap ready", ready).await, "the migrating version was not swapped in");
+    assert!(sluice.wait_log("state migrated", 0).await, "no partition's state was migrated");
+    let sluice = rig.finish(feed, sluice).await;
+    let migrations = sluice.log_count("state migrated");
+    assert!((1..=2).contains(&migrations), "each partition holding entries converted once: {migrations}");
+    let (_, versions) = state_shapes(&rig.pg.client, &rig.pg.name).await;
+    assert!(versions.keys().all(|v| *v == 1u32.to_le_bytes()), "stored as version 1: {versions:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_plugin_migrates_its_state_in_a_hot_swap() {
+    the_candles_migrate_their_state_in_a_hot_swap("py_versions", "py_candles_json_state", "py_candles").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_javascript_plugin_migrates_its_state_in_a_hot_swap() {
+    the_candles_migrate_their_state_in_a_hot_swap("js_versions", "js_candles_json_state", "js_candles").await;
 }
 
 /// The last `partitions assigned` line of `p`'s log: how many partitions it owns.

@@ -1,10 +1,12 @@
 //! `sluice state PIPELINE`: the keyed state a pipeline's stateful plugins
-//! keep in its exactly-once PostgreSQL sink's `sluice_state`, read from the
-//! store (the pipeline need not run): per stage and partition its keys, its
+//! keep in `sluice_state` (beside its exactly-once PostgreSQL sink's rows,
+//! or in its `[state.postgres]` database), read from the store (the
+//! pipeline need not run): per stage and partition its keys, its
 //! timers and its clock, or with `--key` one key's value.
 
 use crate::state::time::stored;
 use crate::state::{Filter, Stored};
+use crate::topology::pipeline::Keeper;
 use clap::Args;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,21 +37,12 @@ pub fn state(args: &StateArgs) -> anyhow::Result<ExitCode> {
     let dir = spec.file.parent().unwrap_or(std::path::Path::new(".")).to_path_buf();
     let filter = Filter { stage: args.stage, partition: args.partition, key: args.key.clone().map(String::into_bytes) };
     let rows = super::tokio_runtime()?.block_on(async {
-        let mut stores = Vec::new();
+        let mut sinks = std::collections::BTreeMap::new();
         for (name, config) in &spec.sinks {
-            let sink = crate::sinks::build(name, config, &spec.name, &dir).await?;
-            if let Some(store) = sink.state_store() {
-                stores.push((name.clone(), store));
-            }
+            sinks.insert(name.clone(), crate::sinks::build(name, config, &spec.name, &dir).await?);
         }
-        let [(_, store)] = &stores[..] else {
-            anyhow::bail!(
-                "pipeline {} has {} exactly-once postgres sinks: the state is kept by exactly one",
-                spec.name,
-                stores.len()
-            );
-        };
-        store.scan(&filter).await
+        let keeper = Keeper::of(&spec, &sinks, &dir)?;
+        keeper.store(&sinks)?.scan(&filter).await
     })?;
     print!("{}", render(&rows, args.key.is_some()));
     Ok(ExitCode::SUCCESS)

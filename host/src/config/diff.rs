@@ -69,6 +69,7 @@ mod tests {
             sinks: [("out".to_string(), SinkConfig::Stdout(StdoutSinkConfig {}))].into(),
             default_sink: "out".into(),
             dead_letter: SinkConfig::Stdout(StdoutSinkConfig {}),
+            state: None,
         }
     }
 

@@ -79,12 +79,35 @@ pub struct PipelineFile {
     /// `dead_letter` (dead-letter the records and go on).
     #[serde(default)]
     pub on_plugin_failure: OnPluginFailure,
+    /// Where the keyed state of stateful (contract 0.3) plugins is kept,
+    /// with the source offsets it goes to. Default: the pipeline's one
+    /// exactly-once postgres sink, in the transactions of its rows.
+    #[serde(default)]
+    #[schemars(with = "Option<StateConfig>")]
+    pub state: Option<Spanned<StateConfig>>,
     /// Named connections (a Kafka cluster with its TLS and SASL settings),
     /// referenced by `connection = "NAME"` from the source, the Kafka sinks
     /// and the dead-letter section.
     #[serde(default)]
     #[schemars(with = "BTreeMap<String, ConnectionConfig>")]
     pub connections: BTreeMap<String, Spanned<ConnectionConfig>>,
+}
+
+/// `[state]`: where stateful plugins' keyed state is kept. Say one of
+/// `sink` and `postgres`.
+#[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// The exactly-once postgres sink whose transactions keep the state,
+    /// with its rows and offsets (exactly once for that sink's rows): for a
+    /// pipeline with several such sinks.
+    pub sink: Option<String>,
+    /// A PostgreSQL database of the state's own: each batch's state changes
+    /// and source offsets commit there in one transaction, once every sink
+    /// has the batch. The state counts each record once through crashes;
+    /// the sinks are at-least-once (a batch a crash cut between a sink's
+    /// write and the state's commit is written again).
+    pub postgres: Option<crate::sinks::postgres::keeper::PostgresStateConfig>,
 }
 
 /// The policy for a failing plugin version.

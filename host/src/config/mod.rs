@@ -14,5 +14,5 @@ pub mod watcher;
 
 pub use file::*;
 pub use validate::{
-    load_dir_or_files, load_pipeline, parse_pipeline, ConfigError, Pipeline, ShadowSpec, TransformSpec,
+    load_dir_or_files, load_pipeline, parse_pipeline, ConfigError, Pipeline, ShadowSpec, StateSpec, TransformSpec,
 };

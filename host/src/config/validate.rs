@@ -42,6 +42,18 @@ pub struct Pipeline {
     pub default_sink: String,
     pub dead_letter: SinkConfig,
     pub on_plugin_failure: OnPluginFailure,
+    /// Where stateful plugins' state is kept (`[state]`); `None`: the one
+    /// exactly-once postgres sink.
+    pub state: Option<StateSpec>,
+}
+
+/// A pipeline's `[state]`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StateSpec {
+    /// With this exactly-once postgres sink's rows.
+    Sink(String),
+    /// In a database of its own.
+    Postgres(crate::sinks::postgres::keeper::PostgresStateConfig),
 }
 
 /// One transform of a validated pipeline.
@@ -245,6 +257,8 @@ fn check(parsed: PipelineFile, file: &Path, runtime: Option<&Runtime>, report: &
         );
     }
 
+    let state = parsed.state.as_ref().and_then(|state| check_state(state, &sinks, &source, dir, &connections, report));
+
     Pipeline {
         name,
         file: file.to_path_buf(),
@@ -255,6 +269,62 @@ fn check(parsed: PipelineFile, file: &Path, runtime: Option<&Runtime>, report: &
         default_sink,
         dead_letter,
         on_plugin_failure: parsed.on_plugin_failure,
+        state,
+    }
+}
+
+/// Checks `[state]`: one place to keep the state, which can keep it.
+fn check_state(
+    state: &toml::Spanned<StateConfig>,
+    sinks: &BTreeMap<String, SinkConfig>,
+    source: &SourceConfig,
+    dir: &Path,
+    connections: &BTreeMap<String, crate::connector::KafkaConnection>,
+    report: &mut Reporter,
+) -> Option<StateSpec> {
+    let table: &[&str] = if state.get_ref().postgres.is_some() { &["state", "postgres"] } else { &["state"] };
+    let mut cx = Check::new(table, state.span(), dir, connections, report);
+    match state.get_ref() {
+        StateConfig { sink: Some(_), postgres: Some(_) } => {
+            cx.error("say one of `state.sink` and `[state.postgres]`, not both");
+            None
+        }
+        StateConfig { sink: None, postgres: None } => {
+            cx.error("say where the state is kept: `sink = \"NAME\"` (an exactly-once postgres sink) or a `[state.postgres]` table");
+            None
+        }
+        StateConfig { sink: Some(name), postgres: None } => {
+            match sinks.get(name) {
+                Some(SinkConfig::Postgres(pg)) if pg.exactly_once => {}
+                Some(SinkConfig::Postgres(_)) if !source.connector().replays() => cx.error_at(
+                    &["sink"],
+                    format!("sink {name:?} cannot keep the state: behind a source that cannot read anything again it is not exactly-once"),
+                ),
+                Some(SinkConfig::Postgres(_)) => cx.error_at(
+                    &["sink"],
+                    format!("sink {name:?} cannot keep the state: it is not exactly-once (exactly_once = false)"),
+                ),
+                Some(other) => cx.error_at(
+                    &["sink"],
+                    format!("sink {name:?} cannot keep the state: a {} sink has no transactions; keep it in `[state.postgres]`", other.kind()),
+                ),
+                None => {
+                    let known: Vec<&str> = sinks.keys().map(String::as_str).collect();
+                    cx.error_at(&["sink"], format!("{name:?} is not a sink of this pipeline (sinks: {})", known.join(", ")))
+                }
+            }
+            Some(StateSpec::Sink(name.clone()))
+        }
+        StateConfig { sink: None, postgres: Some(pg) } => {
+            pg.check(&mut cx);
+            if !source.connector().replays() {
+                cx.error(format!(
+                    "a {} source cannot read anything again: state kept with its offsets could not be restored to match them",
+                    source.kind()
+                ));
+            }
+            Some(StateSpec::Postgres(pg.clone()))
+        }
     }
 }
 

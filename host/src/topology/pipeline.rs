@@ -1,7 +1,7 @@
 //! One pipeline's task: read a batch, run the chain, route outputs to sinks,
 //! dead-letter failures, and commit the source only once every sink has it.
 
-use crate::config::Pipeline;
+use crate::config::{Pipeline, StateSpec};
 use crate::connector::{Build, RunOptions};
 use crate::record::{Header, Output, OutputRef, Record, Results};
 use crate::runtime::Runtime;
@@ -11,6 +11,7 @@ use crate::state::{lock, Delta, PipelineState, SharedState, StateStore};
 use crate::supervisor::{shown_versions, Refused, Supervisor, Verdict, SURGE_MIN_RECORDS};
 use crate::telemetry::telemetry;
 use crate::transforms::{Chain, ChainFailure, Fire};
+use anyhow::Context;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -32,8 +33,60 @@ pub struct PipelineTask {
     chain: Chain,
     sinks: BTreeMap<String, Box<dyn Sink>>,
     dead_letter: Box<dyn Sink>,
-    /// The keyed state of the chain's stateful stages, and the sink that keeps it.
-    state: Option<(PipelineState, String)>,
+    /// The keyed state of the chain's stateful stages, and what keeps it.
+    state: Option<(PipelineState, Keeper)>,
+}
+
+/// What keeps a pipeline's keyed state with the source offsets it goes to:
+/// one of its sinks (an exactly-once postgres sink, in the transactions of
+/// its rows), or a store of its own (`[state.postgres]`).
+pub enum Keeper {
+    Sink(String),
+    Own(Box<dyn Sink>),
+}
+
+impl Keeper {
+    /// Where the pipeline `spec` keeps its state: as `[state]` says, else
+    /// its one exactly-once postgres sink. `sinks` are the pipeline's,
+    /// built; `dir` anchors a store's relative paths.
+    pub fn of(
+        spec: &Pipeline,
+        sinks: &BTreeMap<String, Box<dyn Sink>>,
+        dir: &std::path::Path,
+    ) -> anyhow::Result<Keeper> {
+        match &spec.state {
+            Some(StateSpec::Postgres(config)) => Ok(Keeper::Own(config.build(&spec.name, dir)?)),
+            Some(StateSpec::Sink(name)) => Ok(Keeper::Sink(name.clone())),
+            None => {
+                let keepers: Vec<&String> =
+                    sinks.iter().filter(|(_, sink)| sink.state_store().is_some()).map(|(name, _)| name).collect();
+                match &keepers[..] {
+                    [name] => Ok(Keeper::Sink(name.to_string())),
+                    [] => anyhow::bail!(
+                        "the pipeline needs an exactly-once postgres sink to keep it with the rows and offsets, or a `[state.postgres]` table, and has neither"
+                    ),
+                    several => anyhow::bail!(
+                        "the pipeline has several exactly-once postgres sinks ({}): say which one keeps the state with `[state] sink = \"NAME\"`",
+                        several.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", ")
+                    ),
+                }
+            }
+        }
+    }
+
+    /// The store the state is read back from.
+    pub fn store(&self, sinks: &BTreeMap<String, Box<dyn Sink>>) -> anyhow::Result<Arc<dyn StateStore>> {
+        let sink = match self {
+            Keeper::Own(keeper) => Some(&**keeper),
+            Keeper::Sink(name) => sinks.get(name).map(|s| &**s),
+        };
+        sink.and_then(|s| s.state_store()).ok_or_else(|| match self {
+            Keeper::Sink(name) => {
+                anyhow::anyhow!("sink {name} cannot keep state: it is not an exactly-once postgres sink")
+            }
+            Keeper::Own(_) => anyhow::anyhow!("the state store has no reader"),
+        })
+    }
 }
 
 /// A batch and what the chain made of it, on its way to the sinks.
@@ -73,7 +126,7 @@ impl PipelineTask {
         }
         let dead_letter = spec.dead_letter.connector().build("dead_letter", &cx)?;
         let source = spec.source.connector().build(&cx)?;
-        let mut state = state_for(&chain, &sinks)?;
+        let mut state = state_for(&chain, &spec, &sinks, dir)?;
         if let Some((state, _)) = &mut state {
             check_state_versions(&chain, &*state.store(), &BTreeMap::new()).await?;
             chain.attach_state(state);
@@ -98,14 +151,14 @@ impl PipelineTask {
         let PipelineTask { refused, spec, source, chain, sinks, dead_letter, state } = self;
         telemetry().pipeline_started(&spec.name, &sinks.keys().cloned().collect::<Vec<_>>(), &shown_versions(&chain));
         let (transformed_tx, mut transformed) = mpsc::channel::<Transformed>(1);
-        let (state, state_sink) = match state {
-            Some((state, sink)) => (Some(state), Some(sink)),
+        let (state, keeper) = match state {
+            Some((state, keeper)) => (Some(state), Some(keeper)),
             None => (None, None),
         };
         let versions = Supervisor::new(spec.name.clone(), chain, spec.on_plugin_failure, refused);
         let stage =
             tokio::spawn(transform_stage(source.clone(), versions, state, swaps, cancel.clone(), transformed_tx));
-        let delivery = Delivery { spec, sinks, dead_letter, state_sink };
+        let delivery = Delivery { spec, sinks, dead_letter, keeper };
         let name = delivery.spec.name.clone();
         while let Some(Transformed { batch, sources, results, delta, delivered, read_at }) = transformed.recv().await {
             if let Some(delivered) = delivered {
@@ -435,27 +488,19 @@ pub async fn check_state_versions(
     Ok(())
 }
 
-/// The state of `chain`'s stateful stages and the sink that keeps it: the
-/// pipeline's one sink with a [`Sink::state_store`] (an exactly-once
-/// PostgreSQL sink). `None` when no stage keeps state.
+/// The state of `chain`'s stateful stages and what keeps it (see
+/// [`Keeper::of`]). `None` when no stage keeps state.
 fn state_for(
     chain: &Chain,
+    spec: &Pipeline,
     sinks: &BTreeMap<String, Box<dyn Sink>>,
-) -> anyhow::Result<Option<(PipelineState, String)>> {
+    dir: &std::path::Path,
+) -> anyhow::Result<Option<(PipelineState, Keeper)>> {
     let Some((index, stage)) = chain.stateful().next() else { return Ok(None) };
-    let stores: Vec<(&String, Arc<dyn StateStore>)> =
-        sinks.iter().filter_map(|(name, sink)| sink.state_store().map(|store| (name, store))).collect();
-    let what = format!("transform {} ({}) keeps state (contract 0.3)", index + 1, stage.plugin().name);
-    match &stores[..] {
-        [(name, store)] => Ok(Some((PipelineState::new(store.clone()), name.to_string()))),
-        [] => anyhow::bail!(
-            "{what}: the pipeline needs an exactly-once postgres sink to keep it with the rows and offsets, and has none"
-        ),
-        several => anyhow::bail!(
-            "{what}: the pipeline has several exactly-once postgres sinks ({}); which one keeps the state cannot be chosen yet: keep one",
-            several.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
-        ),
-    }
+    let what = || format!("transform {} ({}) keeps state (contract 0.3)", index + 1, stage.plugin().name);
+    let keeper = Keeper::of(spec, sinks, dir).with_context(what)?;
+    let store = keeper.store(sinks).with_context(what)?;
+    Ok(Some((PipelineState::new(store), keeper)))
 }
 
 /// Routes a transformed batch to the sinks and the dead-letter destination.
@@ -463,8 +508,8 @@ struct Delivery {
     spec: Pipeline,
     sinks: BTreeMap<String, Box<dyn Sink>>,
     dead_letter: Box<dyn Sink>,
-    /// The sink that keeps the state: written last, with the batch's changes.
-    state_sink: Option<String>,
+    /// What keeps the state: written last, with the batch's changes.
+    keeper: Option<Keeper>,
 }
 
 impl Delivery {
@@ -507,10 +552,13 @@ impl Delivery {
             }
         }
 
-        // With state, the state's sink is written last, with the state's
+        // With state, the state's keeper is written last, with the state's
         // changes: once it has them, every other sink has the batch.
-        let state_sink = self.state_sink.as_deref().zip(delta);
-        let mut state_write = state_sink.map(|(name, _)| (name, routed.remove(name).unwrap_or_default()));
+        let keeper = self.keeper.as_ref().zip(delta);
+        let mut state_write = keeper.map(|(keeper, _)| match keeper {
+            Keeper::Sink(name) => (name.as_str(), &*self.sinks[name], routed.remove(name.as_str()).unwrap_or_default()),
+            Keeper::Own(store) => ("state store", &**store, Default::default()),
+        });
         let writes = routed.iter().map(|(name, (owners, outputs))| {
             let sink = &self.sinks[*name];
             let pipeline = &pipeline;
@@ -531,11 +579,12 @@ impl Delivery {
                 dead.push((i, dead_letter(&pipeline, &batch[i], "sink", &reason)));
             }
         }
-        if let (Some((name, (owners, outputs))), Some(delta)) = (state_write.take(), delta) {
-            let sink = &self.sinks[name];
+        if let (Some((name, sink, (owners, outputs))), Some(delta)) = (state_write.take(), delta) {
             let origins: Vec<_> = owners.iter().map(|&i| &batch[i].origin).collect();
             let rejected = retry(&pipeline, name, cancel, || sink.write_with_state(&outputs, &origins, delta)).await?;
-            telemetry().written(&pipeline, name, outputs.len() - rejected.len());
+            if self.sinks.contains_key(name) {
+                telemetry().written(&pipeline, name, outputs.len() - rejected.len());
+            }
             for r in rejected {
                 dead.push((
                     owners[r.index],

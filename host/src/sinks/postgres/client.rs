@@ -22,7 +22,7 @@
 //! roots, which trust any public CA for any name) goes with `verify-full`
 //! only, which it makes the default (as libpq 16).
 
-use super::PostgresSinkConfig;
+use crate::secrets::Secret;
 use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslVerifyMode};
 use postgres_openssl::MakeTlsConnector;
 use std::fmt;
@@ -199,22 +199,39 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The connection target of a PostgreSQL sink: its URL and TLS options, the
-/// sink's own options taking precedence. `dir` anchors relative file paths;
-/// libpq's default root file is looked for under `$HOME`.
-pub fn target(sink: &PostgresSinkConfig, dir: &std::path::Path) -> Result<Target, Vec<TargetError>> {
+/// How a pipeline file says to reach a PostgreSQL server: a connection
+/// string and libpq's TLS options (a postgres sink's, or `[state.postgres]`).
+pub struct Server<'a> {
+    pub url: &'a str,
+    pub password: Option<&'a Secret>,
+    pub sslmode: &'a Option<String>,
+    pub sslrootcert: &'a Option<String>,
+    pub sslcert: &'a Option<String>,
+    pub sslkey: &'a Option<String>,
+}
+
+/// A config that names a PostgreSQL server.
+pub trait ServerConfig {
+    fn server(&self) -> Server<'_>;
+}
+
+/// The connection target of a config's server: its URL and TLS options, the
+/// config's own options taking precedence over the URL's. `dir` anchors
+/// relative file paths; libpq's default root file is looked for under `$HOME`.
+pub fn target(from: &impl ServerConfig, dir: &std::path::Path) -> Result<Target, Vec<TargetError>> {
     let home = std::env::var_os("HOME").map(PathBuf::from);
-    target_with_home(sink, dir, home.as_deref())
+    target_with_home(from, dir, home.as_deref())
 }
 
 /// [`target`], with `home` for `$HOME`.
 pub fn target_with_home(
-    sink: &PostgresSinkConfig,
+    from: &impl ServerConfig,
     dir: &std::path::Path,
     home: Option<&std::path::Path>,
 ) -> Result<Target, Vec<TargetError>> {
+    let server = from.server();
     let mut errors = Vec::new();
-    let (rest, from_url) = split_tls_options(&sink.url);
+    let (rest, from_url) = split_tls_options(server.url);
     let mut config = match tokio_postgres::Config::from_str(&rest) {
         Ok(config) => config,
         Err(e) => {
@@ -223,7 +240,7 @@ pub fn target_with_home(
             tokio_postgres::Config::new()
         }
     };
-    if let Some(password) = &sink.password {
+    if let Some(password) = server.password {
         config.password(password.expose().as_bytes());
     }
     if let Some(password) = config.get_password() {
@@ -236,7 +253,7 @@ pub fn target_with_home(
             None => url_option(key).map(|v| ("url", v)),
         }
     };
-    let explicit_mode = option(&sink.sslmode, "sslmode").and_then(|(place, raw)| match raw.parse::<SslMode>() {
+    let explicit_mode = option(server.sslmode, "sslmode").and_then(|(place, raw)| match raw.parse::<SslMode>() {
         Ok(mode) => Some(mode),
         Err(message) => {
             errors.push(TargetError { option: place, message });
@@ -251,7 +268,7 @@ pub fn target_with_home(
         }
         path
     };
-    let mut root = option(&sink.sslrootcert, "sslrootcert").map(|(place, raw)| match raw.as_str() {
+    let mut root = option(server.sslrootcert, "sslrootcert").map(|(place, raw)| match raw.as_str() {
         "system" => RootCert::System,
         _ => RootCert::File(file(place, "sslrootcert", raw, &mut errors)),
     });
@@ -279,8 +296,8 @@ pub fn target_with_home(
             });
         }
     }
-    let cert = option(&sink.sslcert, "sslcert").map(|(place, raw)| file(place, "sslcert", raw, &mut errors));
-    let key = option(&sink.sslkey, "sslkey").map(|(place, raw)| file(place, "sslkey", raw, &mut errors));
+    let cert = option(server.sslcert, "sslcert").map(|(place, raw)| file(place, "sslcert", raw, &mut errors));
+    let key = option(server.sslkey, "sslkey").map(|(place, raw)| file(place, "sslkey", raw, &mut errors));
     if cert.is_some() != key.is_some() {
         errors.push(TargetError {
             option: "sslcert",
@@ -389,7 +406,7 @@ pub async fn connect(
 mod tests {
     use super::*;
 
-    fn sink(url: &str) -> PostgresSinkConfig {
+    fn sink(url: &str) -> super::super::PostgresSinkConfig {
         let text = format!("url = {url:?}\ntable = \"t\"\ncolumns = [{{ name = \"a\", type = \"text\" }}]\n");
         toml::from_str(&text).unwrap()
     }

@@ -6,9 +6,12 @@
 //! - [`rows`]: converting output JSON into typed column values that
 //!   PostgreSQL accepts, or a rejection;
 //! - [`sink`]: the DDL, the COPY and the offsets;
-//! - [`state`]: plugins' keyed state, written with the rows and offsets.
+//! - [`state`]: plugins' keyed state, written with the rows and offsets;
+//! - [`keeper`]: `[state.postgres]`, the keyed state and offsets in a
+//!   database of their own, for pipelines without an exactly-once sink.
 
 pub mod client;
+pub mod keeper;
 pub mod rows;
 pub mod sink;
 pub mod state;
@@ -147,6 +150,19 @@ impl Merge {
             Merge::First => "first",
             Merge::Last => "last",
             Merge::WeightedMean => "weighted_mean",
+        }
+    }
+}
+
+impl client::ServerConfig for PostgresSinkConfig {
+    fn server(&self) -> client::Server<'_> {
+        client::Server {
+            url: &self.url,
+            password: self.password.as_ref(),
+            sslmode: &self.sslmode,
+            sslrootcert: &self.sslrootcert,
+            sslcert: &self.sslcert,
+            sslkey: &self.sslkey,
         }
     }
 }

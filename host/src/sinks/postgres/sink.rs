@@ -56,6 +56,30 @@ pub struct PostgresSink {
     state_store: Option<Arc<PgStateStore>>,
 }
 
+/// Creates the offsets table `name` (and its schema) when missing, in the
+/// transaction under way: keyed by pipeline, sink (or `[state]` for a
+/// state store of its own), topic and partition.
+pub(super) async fn create_offsets_table(
+    client: &impl tokio_postgres::GenericClient,
+    name: &str,
+) -> anyhow::Result<()> {
+    let offsets = quote_ident(name);
+    let exists: bool = client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&offsets]).await?.get(0);
+    if exists {
+        return Ok(());
+    }
+    let mut sql = String::new();
+    if let Some((schema, _)) = name.rsplit_once('.') {
+        sql.push_str(&format!("CREATE SCHEMA IF NOT EXISTS {};\n", quote_ident(schema)));
+    }
+    sql.push_str(&format!(
+        "CREATE TABLE IF NOT EXISTS {offsets} (pipeline text NOT NULL, sink text NOT NULL, topic text NOT NULL, \
+         partition integer NOT NULL, next_offset bigint NOT NULL, updated_at timestamptz NOT NULL DEFAULT now(), \
+         PRIMARY KEY (pipeline, sink, topic, partition))"
+    ));
+    client.batch_execute(&sql).await.with_context(|| format!("cannot create the offsets table {name}"))
+}
+
 /// `a.b` → `"a"."b"`, with quotes doubled.
 pub fn quote_ident(name: &str) -> String {
     name.split('.').map(|part| format!("\"{}\"", part.replace('"', "\"\""))).collect::<Vec<_>>().join(".")
@@ -197,19 +221,7 @@ impl PostgresSink {
         }
         if let Some(offsets) = &self.offsets {
             let name = offsets_table(&self.config);
-            let exists: bool = tx.query_one("SELECT to_regclass($1) IS NOT NULL", &[offsets]).await?.get(0);
-            if !exists {
-                let mut sql = String::new();
-                if let Some((schema, _)) = name.rsplit_once('.') {
-                    sql.push_str(&format!("CREATE SCHEMA IF NOT EXISTS {};\n", quote_ident(schema)));
-                }
-                sql.push_str(&format!(
-                    "CREATE TABLE IF NOT EXISTS {offsets} (pipeline text NOT NULL, sink text NOT NULL, topic text NOT NULL, \
-                     partition integer NOT NULL, next_offset bigint NOT NULL, updated_at timestamptz NOT NULL DEFAULT now(), \
-                     PRIMARY KEY (pipeline, sink, topic, partition))"
-                ));
-                tx.batch_execute(&sql).await.with_context(|| format!("cannot create the offsets table {name}"))?;
-            }
+            create_offsets_table(&tx, &name).await?;
             if created {
                 let forgotten = tx
                     .execute(

@@ -147,15 +147,21 @@ impl PgStateStore {
             }
         });
         client.batch_execute("SET client_min_messages TO warning").await?;
-        client
-            .batch_execute(&format!(
-                "SELECT pg_advisory_lock(hashtext('sluice state table'));\n{};\nSELECT pg_advisory_unlock(hashtext('sluice state table'))",
-                create_sql(&self.state_table)
-            ))
-            .await
-            .with_context(|| format!("cannot create the state table {}", self.state_table))?;
+        create_state_table(&client, &self.state_table).await?;
         Ok(client)
     }
+}
+
+/// Creates the state table `name` (and its schema) when missing, under an
+/// advisory lock (instances starting together).
+pub(super) async fn create_state_table(client: &Client, name: &str) -> anyhow::Result<()> {
+    client
+        .batch_execute(&format!(
+            "SELECT pg_advisory_lock(hashtext('sluice state table'));\n{};\nSELECT pg_advisory_unlock(hashtext('sluice state table'))",
+            create_sql(name)
+        ))
+        .await
+        .with_context(|| format!("cannot create the state table {name}"))
 }
 
 #[async_trait]

@@ -1,0 +1,234 @@
+//! `[state.postgres]`: a PostgreSQL database that keeps a pipeline's keyed
+//! state with the source offsets it goes to, for a pipeline whose sinks
+//! cannot keep it (Kafka, stdout, a postgres sink that is not exactly-once).
+//!
+//! Each batch's state changes and its partitions' positions commit in one
+//! transaction there, once every sink has the batch (the delivery writes the
+//! [`StateKeeper`] last). A restart restores each partition's state as of
+//! that commit and skips the records it includes, so the state counts each
+//! record once; a sink's writes between its own ack and the commit are
+//! written again after a crash (at-least-once for the sinks).
+//!
+//! The tables are the exactly-once sink's: the offsets table, under the
+//! sink name [`STATE_KEEPER`], and `sluice_state` beside it.
+
+use super::client::{connect, target, Server, ServerConfig, Target};
+use super::sink::{create_offsets_table, quote_ident};
+use super::state::{create_state_table, state_table, PgStateStore, StateStatements};
+use crate::connector::Check;
+use crate::record::{Origin, OutputRef};
+use crate::secrets::Secret;
+use crate::sinks::{Rejected, Sink};
+use crate::state::{Delta, StateStore};
+use anyhow::Context;
+use async_trait::async_trait;
+use schemars::JsonSchema;
+use serde::Deserialize;
+use std::sync::Arc;
+use tokio::sync::Mutex;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Statement};
+use tracing::{info, warn};
+
+/// The offsets table's `sink` column for positions a state store of its
+/// own keeps (a sink's name cannot be mistaken for it: no sink writes it).
+pub const STATE_KEEPER: &str = "[state]";
+
+/// `[state.postgres]`: a PostgreSQL database of the state's own. Each
+/// batch's state changes and source offsets commit there in one
+/// transaction, once every sink has the batch.
+#[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresStateConfig {
+    /// Connection string, as a URL (`postgres://user@host:5432/db?sslmode=verify-full`)
+    /// or libpq's `key=value` form, with the postgres sink's TLS options.
+    pub url: String,
+    /// Password, when it is not in `url`: best from `${VAR}` or `${file:/path}`.
+    #[schemars(with = "Option<String>")]
+    pub password: Option<Secret>,
+    /// TLS mode, as the postgres sink's `sslmode` (libpq's modes).
+    pub sslmode: Option<String>,
+    /// PEM file of the CA certificates to trust, or `system` (with `verify-full`).
+    pub sslrootcert: Option<String>,
+    /// PEM file of this client's certificate, for mutual TLS.
+    pub sslcert: Option<String>,
+    /// PEM file of this client's private key, for mutual TLS.
+    pub sslkey: Option<String>,
+    /// The table of the source offsets the state goes to (optionally
+    /// `schema.table`), created if missing; the state goes in
+    /// `sluice_state` beside it. Default: `sluice_offsets`.
+    pub offsets_table: Option<String>,
+}
+
+impl ServerConfig for PostgresStateConfig {
+    fn server(&self) -> Server<'_> {
+        Server {
+            url: &self.url,
+            password: self.password.as_ref(),
+            sslmode: &self.sslmode,
+            sslrootcert: &self.sslrootcert,
+            sslcert: &self.sslcert,
+            sslkey: &self.sslkey,
+        }
+    }
+}
+
+impl PostgresStateConfig {
+    /// Checks the connection options (what `sluice check` verifies).
+    pub fn check(&self, cx: &mut Check<'_>) {
+        if let Err(errors) = target(self, cx.dir()) {
+            for e in errors {
+                cx.error_at_first(&[&[e.option], &["url"]], e.message);
+            }
+        }
+    }
+
+    fn offsets_table(&self) -> String {
+        self.offsets_table.clone().unwrap_or_else(|| "sluice_offsets".to_string())
+    }
+
+    /// The keeper of `pipeline`'s state; `dir` anchors relative certificate paths.
+    pub fn build(&self, pipeline: &str, dir: &std::path::Path) -> anyhow::Result<Box<dyn Sink>> {
+        let target = target(self, dir).map_err(|errors| {
+            anyhow::anyhow!("{}", errors.iter().map(|e| e.message.as_str()).collect::<Vec<_>>().join("; "))
+        })?;
+        let offsets_table = self.offsets_table();
+        let state_table = state_table(&offsets_table);
+        let store = Arc::new(PgStateStore {
+            target: target.clone(),
+            pipeline: pipeline.to_string(),
+            sink: STATE_KEEPER.to_string(),
+            offsets_table: offsets_table.clone(),
+            state_table: state_table.clone(),
+            client: Mutex::new(None),
+        });
+        Ok(Box::new(StateKeeper {
+            pipeline: pipeline.to_string(),
+            target,
+            offsets_table,
+            state_table,
+            store,
+            client: Mutex::new(None),
+        }))
+    }
+}
+
+/// Writes a pipeline's state changes and positions into a database of
+/// their own: a [`Sink`] that takes no records, only
+/// [`Sink::write_with_state`].
+pub struct StateKeeper {
+    pipeline: String,
+    target: Target,
+    offsets_table: String,
+    state_table: String,
+    store: Arc<PgStateStore>,
+    client: Mutex<Option<(Client, Prepared)>>,
+}
+
+/// The keeper's statements, prepared once per connection.
+struct Prepared {
+    /// Moves the batch's partitions' offsets on (never back), adding a
+    /// partition's row the first time.
+    advance: Statement,
+    state: StateStatements,
+}
+
+impl StateKeeper {
+    async fn connect(&self) -> anyhow::Result<(Client, Prepared)> {
+        let (client, connection) = connect(&self.target).await?;
+        let pipeline = self.pipeline.clone();
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                warn!(%pipeline, %error, "postgres state store connection closed");
+            }
+        });
+        client.batch_execute("SET client_min_messages TO warning").await?;
+        client
+            .batch_execute("SELECT pg_advisory_lock(hashtext('sluice offsets table'))")
+            .await
+            .context("cannot lock the offsets table's creation")?;
+        let created = create_offsets_table(&client, &self.offsets_table).await;
+        client.batch_execute("SELECT pg_advisory_unlock(hashtext('sluice offsets table'))").await?;
+        created?;
+        create_state_table(&client, &self.state_table).await?;
+        let offsets = quote_ident(&self.offsets_table);
+        let advance = client
+            .prepare(&format!(
+                "INSERT INTO {offsets} AS o (pipeline, sink, topic, partition, next_offset) \
+                 SELECT $1, $2, t, p, n FROM unnest($3::text[], $4::int4[], $5::int8[]) AS u(t, p, n) \
+                 ON CONFLICT (pipeline, sink, topic, partition) \
+                 DO UPDATE SET next_offset = GREATEST(o.next_offset, EXCLUDED.next_offset), updated_at = now()"
+            ))
+            .await
+            .with_context(|| {
+                format!("cannot prepare the statement that moves the offsets in {}", self.offsets_table)
+            })?;
+        let state = StateStatements::prepare(&client, &self.state_table).await.with_context(|| {
+            format!("cannot prepare the statements that write the state table {}", self.state_table)
+        })?;
+        info!(pipeline = %self.pipeline, endpoint = %self.target.endpoint, table = %self.state_table, "postgres state store connected");
+        Ok((client, Prepared { advance, state }))
+    }
+
+    /// One transaction, in one round trip: `BEGIN`, the positions, the
+    /// changes and `COMMIT` go out together. Any error drops the connection
+    /// (the server rolls back) and the delivery retries the batch.
+    async fn commit(&self, client: &Client, prepared: &Prepared, delta: &Delta) -> anyhow::Result<()> {
+        let topics: Vec<&str> = delta.positions.iter().map(|((t, _), _)| &**t).collect();
+        let partitions: Vec<i32> = delta.positions.iter().map(|((_, p), _)| *p).collect();
+        let nexts: Vec<i64> = delta.positions.iter().map(|(_, n)| *n).collect();
+        let advance: [&(dyn ToSql + Sync); 5] = [&self.pipeline, &STATE_KEEPER, &topics, &partitions, &nexts];
+        let (begun, moved, written, committed) = futures::join!(
+            client.batch_execute("BEGIN"),
+            client.execute(&prepared.advance, &advance),
+            async {
+                if delta.changes.is_empty() {
+                    return Ok(());
+                }
+                prepared.state.write(client, &self.pipeline, delta).await
+            },
+            client.batch_execute("COMMIT")
+        );
+        begun?;
+        moved?;
+        written?;
+        committed?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Sink for StateKeeper {
+    async fn write(&self, batch: &[OutputRef<'_>], _origins: &[&Origin]) -> anyhow::Result<Vec<Rejected>> {
+        anyhow::ensure!(batch.is_empty(), "the state store takes no records ({} given)", batch.len());
+        Ok(Vec::new())
+    }
+
+    fn state_store(&self) -> Option<Arc<dyn StateStore>> {
+        Some(self.store.clone())
+    }
+
+    async fn write_with_state(
+        &self,
+        batch: &[OutputRef<'_>],
+        origins: &[&Origin],
+        delta: &Delta,
+    ) -> anyhow::Result<Vec<Rejected>> {
+        self.write(batch, origins).await?;
+        if delta.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut guard = self.client.lock().await;
+        // Out of the slot while it writes: a connection left mid-transaction
+        // (an error, this future dropped) is not reused.
+        let (client, prepared) = match guard.take() {
+            Some(connection) if !connection.0.is_closed() => connection,
+            _ => self.connect().await?,
+        };
+        self.commit(&client, &prepared, delta)
+            .await
+            .with_context(|| format!("cannot commit the state to {} ({})", self.state_table, self.target.endpoint))?;
+        *guard = Some((client, prepared));
+        Ok(Vec::new())
+    }
+}
