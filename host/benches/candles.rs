@@ -36,7 +36,7 @@ async fn replay(runtime: &Runtime, file: &Path) -> anyhow::Result<f64> {
     topology.apply(vec![pipeline]).await?;
     while !topology.is_empty() {
         tokio::time::sleep(Duration::from_millis(10)).await;
-        anyhow::ensure!(topology.reap() == 0, "the pipeline failed");
+        anyhow::ensure!(topology.reap().await == 0, "the pipeline failed");
     }
     Ok(started.elapsed().as_secs_f64())
 }

@@ -299,6 +299,75 @@ offsets_table = "{schema}.offsets"
     assert!(listed.contains("stage 1 trades_raw/0: ") && listed.contains("stage 1 trades_raw/1: "), "{listed}");
 }
 
+/// The fence, against PostgreSQL: a batch commits its state only if the
+/// store still holds each of its partitions at the offset the batch's state
+/// started from. A batch computed from a partition another instance has
+/// committed past since (the last batch of an old owner, or the first of a
+/// new owner that read the state before the old owner's last commit) is
+/// refused with [`sluice::state::Fenced`], nothing of it written, whether
+/// the state is kept by an exactly-once postgres sink or by a
+/// `[state.postgres]` database; a fired timer's batch (no record moves the
+/// offset) is fenced too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_from_a_partition_committed_since_is_fenced() {
+    use sluice::record::{Origin, Output};
+    use sluice::state::{Change, Delta, Fenced};
+    let pg = PgSchema::create("state_fence").await;
+    let dir = tempfile::tempdir().unwrap();
+    let sink_config: sluice::sinks::SinkConfig = toml::from_str(&format!(
+        "type = \"postgres\"\nurl = \"{PG_URL}\"\ntable = \"{}.t\"\ncreate_table = true\ncolumns = [{{ name = \"v\", type = \"text\" }}]\n",
+        pg.name
+    ))
+    .unwrap();
+    let state_config: sluice::sinks::postgres::keeper::PostgresStateConfig =
+        toml::from_str(&format!("url = \"{PG_URL}\"\noffsets_table = \"{}.offsets\"\n", pg.name)).unwrap();
+    let keepers = [
+        ("sink", sluice::sinks::build("pg", &sink_config, "fence_sink", dir.path()).await.unwrap()),
+        ("store", state_config.build("fence_store", dir.path()).unwrap()),
+    ];
+    let topic: std::sync::Arc<str> = "in".into();
+    let partition = (topic.clone(), 0);
+    let delta = |from: i64, to: Option<i64>, value: &str| Delta {
+        changes: vec![Change {
+            stage: 1,
+            partition: partition.clone(),
+            key: b"\0k".to_vec(),
+            value: Some(value.into()),
+        }],
+        positions: to.map(|to| (partition.clone(), to)).into_iter().collect(),
+        fences: vec![(partition.clone(), from)],
+    };
+    for (which, keeper) in &keepers {
+        // Rows only for the sink (the store takes none): records 0..3.
+        let outputs: Vec<Output> =
+            (0..3).map(|o| Output { value: format!(r#"{{"v":"{o}"}}"#).into(), ..Output::default() }).collect();
+        let origins: Vec<Origin> = (0..3).map(|o| Origin { topic: topic.clone(), partition: 0, offset: o }).collect();
+        let (outputs, origins) = if *which == "sink" { (outputs, origins) } else { (Vec::new(), Vec::new()) };
+        let views: Vec<_> = outputs.iter().map(Output::view).collect();
+        let refs: Vec<&Origin> = origins.iter().collect();
+        keeper.write_with_state(&views, &refs, &delta(0, Some(3), "first")).await.unwrap();
+        // Computed from offset 0 again: another instance's batch, late.
+        let error = keeper.write_with_state(&[], &[], &delta(0, Some(2), "stale")).await.unwrap_err();
+        let fenced =
+            error.chain().find_map(|e| e.downcast_ref::<Fenced>()).unwrap_or_else(|| panic!("{which}: {error:#}"));
+        assert_eq!((fenced.expected, fenced.stored), (0, 3), "{which}");
+        // A fired timer's batch from the stale state: fenced too.
+        let error = keeper.write_with_state(&[], &[], &delta(0, None, "timer")).await.unwrap_err();
+        assert!(error.chain().any(|e| e.is::<Fenced>()), "{which}: {error:#}");
+        // From where the store is: committed.
+        keeper.write_with_state(&[], &[], &delta(3, Some(5), "second")).await.unwrap();
+        let store = keeper.state_store().unwrap();
+        let loaded = store.load(1, &partition).await.unwrap();
+        assert_eq!(loaded.next_offset, 5, "{which}");
+        assert_eq!(
+            loaded.entries.get(b"\0k".as_slice()).map(Vec::as_slice),
+            Some(b"second".as_slice()),
+            "{which}: nothing of a fenced batch"
+        );
+    }
+    assert_eq!(pg.count("t").await, 3, "the sink's rows: the first batch's only");
+}
+
 /// Past `limits.state_mib` a put faults the batch: with `on_plugin_failure
 /// = "dead_letter"` the records go to the dead letters, the limit is the
 /// reason logged, and nothing reaches the table.
@@ -683,6 +752,26 @@ fn rebuilt(plugin: &std::path::Path, dir: &std::path::Path, tag: &str) -> std::p
     out
 }
 
+/// A broker with `trades_raw` (`partitions`) and `ohlc_dlq`, a schema named
+/// after `name`, its `candles` table's name, `frames` generated frames
+/// (seed `seed`), the candles they make and their trades.
+async fn candle_services(
+    name: &str,
+    partitions: i32,
+    frames: usize,
+    seed: u64,
+) -> (Broker, PgSchema, String, Vec<Vec<u8>>, BTreeMap<(String, i64), Candle>, i64) {
+    let broker = Broker::start();
+    broker.create_topic("trades_raw", partitions).await;
+    broker.create_topic("ohlc_dlq", 1).await;
+    let pg = PgSchema::create(name).await;
+    let table = format!("{}.candles", pg.name);
+    let frames = common::trades::generated(frames, seed);
+    let want = expected_candles(&frames, 10_000);
+    let trades: i64 = want.values().map(|c| c.6).sum();
+    (broker, pg, table, frames, want, trades)
+}
+
 /// A paced feed into `trades_raw` (2 partitions) and the flagship
 /// pipeline, whose candles plugin is a file of its own (`live`) to deploy
 /// new builds onto, with what the candles must come out as.
@@ -702,14 +791,7 @@ impl SwapRig {
     /// `frames` generated frames (seed `seed`); the pipeline runs `build`
     /// as its candles plugin, in consumer group `g-{name}`.
     async fn new(name: &str, frames: usize, seed: u64, build: &std::path::Path) -> (SwapRig, Vec<Vec<u8>>) {
-        let broker = Broker::start();
-        broker.create_topic("trades_raw", 2).await;
-        broker.create_topic("ohlc_dlq", 1).await;
-        let pg = PgSchema::create(name).await;
-        let table = format!("{}.candles", pg.name);
-        let frames = common::trades::generated(frames, seed);
-        let want = expected_candles(&frames, 10_000);
-        let trades: i64 = want.values().map(|c| c.6).sum();
+        let (broker, pg, table, frames, want, trades) = candle_services(name, 2, frames, seed).await;
         let dir = tempfile::tempdir().unwrap();
         let live = dir.path().join("ohlc_candles.wasm");
         std::fs::copy(build, &live).unwrap();
@@ -913,30 +995,43 @@ fn owned(p: &SluiceProcess) -> Option<usize> {
         .map(|l| l.matches("trades_raw/").count())
 }
 
+/// The flagship pipeline for several instances in one group, over four
+/// partitions, with what the candles must come out as.
+struct GroupRig {
+    broker: Broker,
+    pg: PgSchema,
+    table: String,
+    frames: Vec<Vec<u8>>,
+    want: BTreeMap<(String, i64), Candle>,
+    trades: i64,
+    /// Holds the pipeline file.
+    dir: tempfile::TempDir,
+    file: std::path::PathBuf,
+}
+
+impl GroupRig {
+    /// `frames` generated frames (seed `seed`), consumer group `g-{name}`,
+    /// batches of at most `batch` records.
+    async fn new(name: &str, frames: usize, seed: u64, batch: usize) -> GroupRig {
+        let (broker, pg, table, frames, want, trades) = candle_services(name, 4, frames, seed).await;
+        let source = format!(
+            "[source]\ntype = \"kafka\"\nbrokers = \"${{SLUICE_BROKERS}}\"\ntopics = [\"trades_raw\"]\ngroup = \"g-{name}\"\nbatch_max_records = {batch}\nproperties = {{ \"session.timeout.ms\" = \"6000\", \"heartbeat.interval.ms\" = \"500\" }}"
+        );
+        let dead_letter = "[dead_letter]\ntype = \"kafka\"\nbrokers = \"${SLUICE_BROKERS}\"\ntopic = \"ohlc_dlq\"";
+        let dir = tempfile::tempdir().unwrap();
+        let text = ohlc_pipeline(&source, &table, "idle_timeout_ms = 3000", dead_letter, "");
+        let file = write_pipeline(dir.path(), "ohlc", &text);
+        GroupRig { broker, pg, table, frames, want, trades, dir, file }
+    }
+}
+
 /// Two instances in one group share the partitions and each keeps the state
 /// of its own; one stops mid-feed (a scale-down), the survivor restores the
 /// state of the partitions it is given, and the candles are exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_share_the_state_and_the_survivor_takes_it_over() {
-    let broker = Broker::start();
-    broker.create_topic("trades_raw", 4).await;
-    broker.create_topic("ohlc_dlq", 1).await;
-    let pg = PgSchema::create("ohlc_two").await;
-    let table = format!("{}.candles", pg.name);
-    let frames = common::trades::generated(8_000, 76);
-    let want = expected_candles(&frames, 10_000);
-    let trades: i64 = want.values().map(|c| c.6).sum();
-    let source = r#"[source]
-type = "kafka"
-brokers = "${SLUICE_BROKERS}"
-topics = ["trades_raw"]
-group = "g-ohlc-two"
-batch_max_records = 200
-properties = { "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "500" }"#;
-    let dead_letter = "[dead_letter]\ntype = \"kafka\"\nbrokers = \"${SLUICE_BROKERS}\"\ntopic = \"ohlc_dlq\"";
-    let dir = tempfile::tempdir().unwrap();
-    let text = ohlc_pipeline(source, &table, "idle_timeout_ms = 3000", dead_letter, "");
-    let file = write_pipeline(dir.path(), "ohlc", &text);
+    let GroupRig { broker, pg, table, frames, want, trades, dir: _dir, file } =
+        GroupRig::new("ohlc_two", 8_000, 76, 200).await;
     let mut a = SluiceProcess::run(&[&file], &broker.addr);
     let mut b = SluiceProcess::run(&[&file], &broker.addr);
     let shared = wait_until(WAIT, || async {
@@ -956,6 +1051,91 @@ properties = { "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "500" }"
     assert_eq!(b.stop(), Some(0));
     assert_candles(&stored_candles(&pg.client, &table).await, &want);
     assert!(b.log_count("state restored") >= 4, "the survivor restored every partition's state");
+}
+
+/// Graceful hand-overs back and forth under a paced feed: a second
+/// instance joins the group (the first hands it partitions while its last
+/// batches may still be committing) and leaves again (it hands them back),
+/// three times. A new owner that read a partition's state before the old
+/// owner's last commit is fenced off and starts again, so no trade counts
+/// twice and no timer fires twice: the candles are exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_hand_overs_back_and_forth_keep_the_candles_exact() {
+    let GroupRig { broker, pg, table, frames, want, trades, dir: _dir, file } =
+        GroupRig::new("ohlc_handover", 10_000, 78, 100).await;
+    let mut a = SluiceProcess::run(&[&file], &broker.addr);
+    assert!(wait_until(WAIT, || async { owned(&a) == Some(4) }).await, "the first instance owns every partition");
+    let feed = paced_feed(&broker.addr, "trades_raw", frames, 250, Duration::from_millis(600));
+    assert!(wait_until(WAIT, || async { candle_trades(&pg.client, &table).await > 0 }).await, "no candle");
+    let mut fences = 0;
+    for round in 1..=3 {
+        let mut b = SluiceProcess::run(&[&file], &broker.addr);
+        let shared = wait_until(WAIT, || async {
+            matches!((owned(&a), owned(&b)), (Some(x), Some(y)) if x > 0 && y > 0 && x + y == 4)
+        })
+        .await;
+        assert!(shared, "round {round}: both instances own partitions");
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let before = a.log_count("partitions assigned");
+        assert_eq!(b.stop(), Some(0), "round {round}: a graceful stop");
+        assert!(a.wait_log("partitions assigned", before).await, "round {round}: the partitions come back");
+        fences += b.log_count("state fenced");
+    }
+    feed.await.unwrap();
+    let all = wait_until(WAIT, || async { candle_trades(&pg.client, &table).await >= trades }).await;
+    assert!(all, "trades in candles: {} of {trades}", candle_trades(&pg.client, &table).await);
+    tokio::time::sleep(Duration::from_secs(2)).await; // a double count would land now
+    assert_eq!(a.stop(), Some(0));
+    fences += a.log_count("state fenced");
+    eprintln!("batches fenced off: {fences}");
+    assert_candles(&stored_candles(&pg.client, &table).await, &want);
+    assert!(broker.consume("ohlc_dlq", 0, Duration::from_secs(2)).is_empty(), "nothing dead-lettered");
+}
+
+/// A fence broken mid-feed: as if another instance had committed one more
+/// record of each partition (the offsets row moved on under the running
+/// instance), the instance's next batch is refused, the pipeline starts
+/// again on its own, restores the state as committed, and goes on. The
+/// candles are exact for every trade but those of the records the "other
+/// instance" took: none counts twice, none of the rest is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_pipeline_starts_again_and_goes_on_exactly() {
+    let (rig, frames) = SwapRig::new("ohlc_fenced", 4_000, 79, &common::plugin_path("ohlc_candles")).await;
+    let sluice = rig.run();
+    let records = frames.len();
+    let feed = paced_feed(&rig.broker.addr, "trades_raw", frames, 100, Duration::from_millis(300));
+    assert!(wait_until(WAIT, || async { rig.candle_trades().await > 0 }).await, "no candle");
+    let sql = format!(
+        "UPDATE {}.sluice_offsets SET next_offset = next_offset + 1 WHERE pipeline = 'ohlc' RETURNING partition, next_offset",
+        rig.pg.name
+    );
+    let taken: Vec<(i32, i64)> =
+        rig.pg.client.query(&sql, &[]).await.unwrap().iter().map(|r| (r.get(0), r.get::<_, i64>(1) - 1)).collect();
+    assert_eq!(taken.len(), 2, "both partitions committed before the move");
+    assert!(sluice.wait_log("state fenced", 0).await, "the next batch was not fenced");
+    assert!(
+        sluice.wait_log("pipeline starting again after a state fence", 0).await,
+        "the pipeline did not start again"
+    );
+    // Every trade but those of the records taken.
+    let kept: Vec<Vec<u8>> = rig
+        .broker
+        .consume("trades_raw", records, WAIT)
+        .iter()
+        .filter(|m| !taken.contains(&(rdkafka::Message::partition(*m), rdkafka::Message::offset(*m))))
+        .map(|m| rdkafka::Message::payload(m).unwrap_or_default().to_vec())
+        .collect();
+    assert_eq!(kept.len(), records - 2);
+    let want = expected_candles(&kept, 10_000);
+    let trades: i64 = want.values().map(|c| c.6).sum();
+    feed.await.unwrap();
+    let all = wait_until(WAIT, || async { rig.candle_trades().await >= trades }).await;
+    assert!(all, "trades in candles: {} of {trades}", rig.candle_trades().await);
+    tokio::time::sleep(Duration::from_secs(2)).await; // a double count would land now
+    let mut sluice = sluice;
+    assert_eq!(sluice.stop(), Some(0));
+    assert_candles(&stored_candles(&rig.pg.client, &rig.table).await, &want);
+    assert!(sluice.log_count("state restored") >= 4, "restored at the start and again after the fence");
 }
 
 /// The property behind the candles: any partitioning of a multiset of

@@ -95,7 +95,7 @@ pub fn backfill(runtime: Runtime, args: &BackfillArgs) -> anyhow::Result<ExitCod
                 _ = tick.tick() => {}
             }
             progress.maybe_log(&topology);
-            let failed = topology.reap();
+            let failed = topology.reap().await;
             if topology.is_empty() {
                 let s = crate::telemetry::telemetry().state(&name);
                 let secs = started.elapsed().as_secs_f64();

@@ -135,7 +135,7 @@ pub fn run(runtime: Runtime, run: &RunArgs) -> anyhow::Result<ExitCode> {
                 }
                 _ = tick.tick() => {
                     progress.maybe_log(&topology);
-                    failed += topology.reap();
+                    failed += topology.reap().await;
                     if topology.is_empty() {
                         return Ok(if failed == 0 && run.until_eof { ExitCode::SUCCESS } else { ExitCode::FAILURE });
                     }

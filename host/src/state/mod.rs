@@ -79,6 +79,43 @@ pub struct Stored {
 pub struct Delta {
     pub changes: Vec<Change>,
     pub positions: Vec<(Partition, i64)>,
+    /// The fence: every partition the batch holds (records or fired
+    /// timers), with the offset its state went to before the batch. The
+    /// store commits the batch only if it still holds each partition at
+    /// that offset; else another instance committed the partition since
+    /// this one read it ([`Fenced`]).
+    pub fences: Vec<(Partition, i64)>,
+}
+
+/// A batch's state was computed from a partition's state that another
+/// instance has moved on since (a consumer-group hand-over in which the
+/// old owner's last batch committed after the new owner read the state):
+/// committing it would apply records twice, or fire a timer again. The
+/// batch is not committed; the pipeline starts again and reads the state
+/// as committed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the state of {topic}/{partition} was committed up to offset {stored} by another instance, and this batch was computed from it at offset {expected}: another instance owns the partition now (a rebalance)")]
+pub struct Fenced {
+    pub topic: String,
+    pub partition: i32,
+    pub expected: i64,
+    pub stored: i64,
+}
+
+impl Delta {
+    /// The first fence `stored` breaks: `stored` gives a partition's
+    /// offset in the store (`None`: none stored, which is 0).
+    pub fn fenced(&self, stored: impl Fn(&str, i32) -> Option<i64>) -> Option<Fenced> {
+        self.fences.iter().find_map(|((topic, partition), expected)| {
+            let stored = stored(topic, *partition).unwrap_or(0);
+            (stored != *expected).then(|| Fenced {
+                topic: topic.to_string(),
+                partition: *partition,
+                expected: *expected,
+                stored,
+            })
+        })
+    }
 }
 
 /// One stored key's change (see [`time::stored`] for the keys).
@@ -92,7 +129,7 @@ pub struct Change {
 
 impl Delta {
     pub fn is_empty(&self) -> bool {
-        self.changes.is_empty() && self.positions.is_empty()
+        self.changes.is_empty() && self.positions.is_empty() && self.fences.is_empty()
     }
 }
 
@@ -900,8 +937,20 @@ impl PipelineState {
     /// returned for the store with the batch's positions.
     pub fn apply(&self, batch: &[Record]) -> Delta {
         let positions = positions(batch);
+        // Each partition's offset before the batch: the same in every stage.
+        let fences = match self.stages.values().next() {
+            Some(first) => {
+                let first = lock(first);
+                let mut held: Vec<Partition> =
+                    batch.iter().map(|r| (r.origin.topic.clone(), r.origin.partition)).collect();
+                held.sort();
+                held.dedup();
+                held.into_iter().map(|p| (p.clone(), first.next_offset(&p).unwrap_or(0))).collect()
+            }
+            None => Vec::new(),
+        };
         let changes = self.stages.values().flat_map(|s| lock(s).apply(&positions)).collect();
-        Delta { changes, positions }
+        Delta { changes, positions, fences }
     }
 }
 

@@ -47,6 +47,8 @@ pub struct Topology {
     /// Plugin versions rolled back, refused on every later reload.
     refused: Refused,
     running: BTreeMap<String, Running>,
+    /// Pipelines a state fence stopped, to start again.
+    fenced: Vec<Pipeline>,
 }
 
 impl Topology {
@@ -56,7 +58,7 @@ impl Topology {
 
     /// A topology whose pipelines run as `options` say (`--until-eof`).
     pub fn with_options(runtime: Runtime, options: RunOptions) -> Self {
-        Topology { runtime, options, refused: Refused::default(), running: BTreeMap::new() }
+        Topology { runtime, options, refused: Refused::default(), running: BTreeMap::new(), fenced: Vec::new() }
     }
 
     /// Moves the running set to `wanted`. Everything new (pipelines to
@@ -161,8 +163,11 @@ impl Topology {
 
     /// Removes pipelines whose task ended on its own, logging why; returns
     /// how many failed (a pipeline whose source reached the end of its
-    /// input, under `--until-eof`, finished: it did not fail).
-    pub fn reap(&mut self) -> usize {
+    /// input, under `--until-eof`, finished: it did not fail). A pipeline
+    /// a state fence stopped ([`crate::state::Fenced`]) did not fail: it
+    /// starts again, reading its state as committed (retried on each call
+    /// until it starts).
+    pub async fn reap(&mut self) -> usize {
         let done: Vec<String> =
             self.running.iter().filter(|(_, r)| r.task.is_finished()).map(|(k, _)| k.clone()).collect();
         let mut failed = 0;
@@ -171,6 +176,10 @@ impl Topology {
                 match futures::FutureExt::now_or_never(r.task) {
                     Some(Ok(Ok(()))) if self.options.until_eof => {
                         info!(pipeline = %name, "pipeline finished: its input ended (--until-eof)")
+                    }
+                    Some(Ok(Err(e))) if e.chain().any(|c| c.is::<crate::state::Fenced>()) => {
+                        info!(pipeline = %name, "pipeline starting again after a state fence");
+                        self.fenced.push(r.spec);
                     }
                     Some(Ok(Err(e))) => {
                         failed += 1;
@@ -187,11 +196,21 @@ impl Topology {
                 }
             }
         }
+        if !self.fenced.is_empty() {
+            let wanted: Vec<Pipeline> = self.pipelines().chain(&self.fenced).cloned().collect();
+            match self.apply(wanted).await {
+                Ok(_) => self.fenced.clear(),
+                Err(e) => {
+                    error!(error = %format!("{e:#}"), "cannot start again the pipelines a state fence stopped; retrying")
+                }
+            }
+        }
         failed
     }
 
+    /// Whether no pipeline runs (or waits to start again).
     pub fn is_empty(&self) -> bool {
-        self.running.is_empty()
+        self.running.is_empty() && self.fenced.is_empty()
     }
 
     /// Stops every pipeline gracefully.

@@ -7,7 +7,7 @@ use crate::record::{Header, Output, OutputRef, Record, Results};
 use crate::runtime::Runtime;
 use crate::sinks::Sink;
 use crate::sources::Source;
-use crate::state::{lock, Delta, PipelineState, SharedState, StateStore};
+use crate::state::{lock, Delta, Fenced, PipelineState, SharedState, StateStore};
 use crate::supervisor::{shown_versions, Refused, Supervisor, Verdict, SURGE_MIN_RECORDS};
 use crate::telemetry::telemetry;
 use crate::transforms::{Chain, ChainFailure, Fire};
@@ -20,11 +20,18 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-/// The pipeline was asked to stop while a batch could not be delivered: the
-/// batch stays uncommitted and is read again on the next start.
+/// Why a batch was not delivered: it stays uncommitted and is read again
+/// on the next start.
 #[derive(Debug, thiserror::Error)]
-#[error("stopped before the batch was delivered")]
-pub struct Stopped;
+pub enum Stopped {
+    /// The pipeline was asked to stop while a sink could not take it.
+    #[error("stopped before the batch was delivered")]
+    Cancelled,
+    /// Its state was computed from a partition another instance has
+    /// committed since: the pipeline must start again (see [`Fenced`]).
+    #[error(transparent)]
+    Fenced(#[from] Fenced),
+}
 
 pub struct PipelineTask {
     refused: Refused,
@@ -156,8 +163,11 @@ impl PipelineTask {
             None => (None, None),
         };
         let versions = Supervisor::new(spec.name.clone(), chain, spec.on_plugin_failure, refused);
+        // The transform stage stops with the pipeline, or alone on a fence.
+        let stage_cancel = cancel.child_token();
         let stage =
-            tokio::spawn(transform_stage(source.clone(), versions, state, swaps, cancel.clone(), transformed_tx));
+            tokio::spawn(transform_stage(source.clone(), versions, state, swaps, stage_cancel.clone(), transformed_tx));
+        let mut fenced = None;
         let delivery = Delivery { spec, sinks, dead_letter, keeper };
         let name = delivery.spec.name.clone();
         while let Some(Transformed { batch, sources, results, delta, delivered, read_at }) = transformed.recv().await {
@@ -167,7 +177,13 @@ impl PipelineTask {
             }
             let dead = match delivery.deliver(&batch, results, delta.as_ref(), &cancel).await {
                 Ok(dead) => dead,
-                Err(Stopped) => break,
+                Err(Stopped::Cancelled) => break,
+                Err(Stopped::Fenced(fence)) => {
+                    warn!(pipeline = %name, error = %fence, "state fenced: the batch is not committed, and the pipeline starts again to read the state as committed");
+                    stage_cancel.cancel();
+                    fenced = Some(fence);
+                    break;
+                }
             };
             let committed = match sources {
                 0 => Ok(()),
@@ -187,6 +203,9 @@ impl PipelineTask {
         let flushed = source.flush_commits().await;
         telemetry().pipeline_stopped(&name);
         flushed?;
+        if let Some(fence) = fenced {
+            return Err(fence.into());
+        }
         stage.map_err(|e| anyhow::anyhow!("transform stage panicked: {e}"))?
     }
 }
@@ -645,11 +664,15 @@ where
                 return Ok(value);
             }
             Err(error) => {
+                // A broken fence holds on every retry.
+                if let Some(fence) = error.chain().find_map(|e| e.downcast_ref::<Fenced>()) {
+                    return Err(Stopped::Fenced(fence.clone()));
+                }
                 let error = format!("{error:#}");
                 warn!(%pipeline, %sink, %error, retry_in = ?delay, "sink write failed; retrying");
                 telemetry().sink_failed(pipeline, sink, &error);
                 tokio::select! {
-                    _ = cancel.cancelled() => return Err(Stopped),
+                    _ = cancel.cancelled() => return Err(Stopped::Cancelled),
                     _ = tokio::time::sleep(delay) => {}
                 }
                 delay = (delay * 2).min(Duration::from_secs(10));

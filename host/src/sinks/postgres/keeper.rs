@@ -9,6 +9,11 @@
 //! record once; a sink's writes between its own ack and the commit are
 //! written again after a crash (at-least-once for the sinks).
 //!
+//! The commit is fenced: it goes through only if the store still holds
+//! each of the batch's partitions at the offset the batch's state started
+//! from, so an instance that lost a partition to another cannot commit
+//! over the other's state.
+//!
 //! The tables are the exactly-once sink's: the offsets table, under the
 //! sink name [`STATE_KEEPER`], and `sluice_state` beside it.
 
@@ -24,6 +29,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use schemars::JsonSchema;
 use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use tokio::sync::Mutex;
 use tokio_postgres::types::ToSql;
@@ -127,10 +133,15 @@ pub struct StateKeeper {
 
 /// The keeper's statements, prepared once per connection.
 struct Prepared {
-    /// Moves the batch's partitions' offsets on (never back), adding a
-    /// partition's row the first time.
+    /// Adds a row at offset 0 for each partition that has none.
+    add: Statement,
+    /// Locks and reads the batch's partitions' rows.
+    lock: Statement,
+    /// Moves them on (never back).
     advance: Statement,
     state: StateStatements,
+    /// The partitions whose rows this connection has added (or found).
+    added: std::collections::HashSet<(String, i32)>,
 }
 
 impl StateKeeper {
@@ -152,34 +163,67 @@ impl StateKeeper {
         created?;
         create_state_table(&client, &self.state_table).await?;
         let offsets = quote_ident(&self.offsets_table);
-        let advance = client
-            .prepare(&format!(
-                "INSERT INTO {offsets} AS o (pipeline, sink, topic, partition, next_offset) \
-                 SELECT $1, $2, t, p, n FROM unnest($3::text[], $4::int4[], $5::int8[]) AS u(t, p, n) \
-                 ON CONFLICT (pipeline, sink, topic, partition) \
-                 DO UPDATE SET next_offset = GREATEST(o.next_offset, EXCLUDED.next_offset), updated_at = now()"
-            ))
-            .await
-            .with_context(|| {
-                format!("cannot prepare the statement that moves the offsets in {}", self.offsets_table)
-            })?;
+        let prepare = |sql: String| {
+            let client = &client;
+            async move {
+                client.prepare(&sql).await.with_context(|| {
+                    format!("cannot prepare the statements that move the offsets in {}", self.offsets_table)
+                })
+            }
+        };
+        let add = prepare(format!(
+            "INSERT INTO {offsets} (pipeline, sink, topic, partition, next_offset) \
+             SELECT $1, $2, t, p, 0 FROM unnest($3::text[], $4::int4[]) AS u(t, p) ON CONFLICT DO NOTHING"
+        ))
+        .await?;
+        let lock = prepare(format!(
+            "SELECT topic, partition, next_offset FROM {offsets} \
+             WHERE pipeline = $1 AND sink = $2 AND topic = ANY($3) AND partition = ANY($4) FOR UPDATE"
+        ))
+        .await?;
+        let advance = prepare(format!(
+            "UPDATE {offsets} o SET next_offset = GREATEST(o.next_offset, u.n), updated_at = now() \
+             FROM unnest($3::text[], $4::int4[], $5::int8[]) AS u(t, p, n) \
+             WHERE o.pipeline = $1 AND o.sink = $2 AND o.topic = u.t AND o.partition = u.p"
+        ))
+        .await?;
         let state = StateStatements::prepare(&client, &self.state_table).await.with_context(|| {
             format!("cannot prepare the statements that write the state table {}", self.state_table)
         })?;
         info!(pipeline = %self.pipeline, endpoint = %self.target.endpoint, table = %self.state_table, "postgres state store connected");
-        Ok((client, Prepared { advance, state }))
+        Ok((client, Prepared { add, lock, advance, state, added: Default::default() }))
     }
 
-    /// One transaction, in one round trip: `BEGIN`, the positions, the
-    /// changes and `COMMIT` go out together. Any error drops the connection
-    /// (the server rolls back) and the delivery retries the batch.
-    async fn commit(&self, client: &Client, prepared: &Prepared, delta: &Delta) -> anyhow::Result<()> {
-        let topics: Vec<&str> = delta.positions.iter().map(|((t, _), _)| &**t).collect();
-        let partitions: Vec<i32> = delta.positions.iter().map(|((_, p), _)| *p).collect();
-        let nexts: Vec<i64> = delta.positions.iter().map(|(_, n)| *n).collect();
+    /// One transaction, in two round trips: `BEGIN` and the lock of the
+    /// batch's partitions' offsets; then, once the fence holds (each
+    /// partition is where the batch's state started), the offsets' move,
+    /// the changes and `COMMIT` together. Any error drops the connection
+    /// (the server rolls back) and the delivery retries the batch; a broken
+    /// fence is not retried ([`crate::state::Fenced`]).
+    async fn commit(&self, client: &Client, prepared: &mut Prepared, delta: &Delta) -> anyhow::Result<()> {
+        // Every partition of the batch: its position, or where its fence is.
+        let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+        for ((topic, partition), n) in delta.positions.iter().chain(&delta.fences) {
+            let at = next.entry((&**topic, *partition)).or_insert(0);
+            *at = (*at).max(*n);
+        }
+        let topics: Vec<&str> = next.keys().map(|(t, _)| *t).collect();
+        let partitions: Vec<i32> = next.keys().map(|(_, p)| *p).collect();
+        let nexts: Vec<i64> = next.values().copied().collect();
+        let key: [&(dyn ToSql + Sync); 4] = [&self.pipeline, &STATE_KEEPER, &topics, &partitions];
+        if next.keys().any(|(t, p)| !prepared.added.contains(&(t.to_string(), *p))) {
+            client.execute(&prepared.add, &key).await?;
+            prepared.added.extend(next.keys().map(|(t, p)| (t.to_string(), *p)));
+        }
+        let (begun, locked) = futures::join!(client.batch_execute("BEGIN"), client.query(&prepared.lock, &key));
+        begun?;
+        let stored: HashMap<(String, i32), i64> =
+            locked?.iter().map(|row| ((row.get(0), row.get(1)), row.get(2))).collect();
+        if let Some(fenced) = delta.fenced(|topic, partition| stored.get(&(topic.to_string(), partition)).copied()) {
+            return Err(fenced.into());
+        }
         let advance: [&(dyn ToSql + Sync); 5] = [&self.pipeline, &STATE_KEEPER, &topics, &partitions, &nexts];
-        let (begun, moved, written, committed) = futures::join!(
-            client.batch_execute("BEGIN"),
+        let (moved, written, committed) = futures::join!(
             client.execute(&prepared.advance, &advance),
             async {
                 if delta.changes.is_empty() {
@@ -189,7 +233,6 @@ impl StateKeeper {
             },
             client.batch_execute("COMMIT")
         );
-        begun?;
         moved?;
         written?;
         committed?;
@@ -221,11 +264,11 @@ impl Sink for StateKeeper {
         let mut guard = self.client.lock().await;
         // Out of the slot while it writes: a connection left mid-transaction
         // (an error, this future dropped) is not reused.
-        let (client, prepared) = match guard.take() {
+        let (client, mut prepared) = match guard.take() {
             Some(connection) if !connection.0.is_closed() => connection,
             _ => self.connect().await?,
         };
-        self.commit(&client, &prepared, delta)
+        self.commit(&client, &mut prepared, delta)
             .await
             .with_context(|| format!("cannot commit the state to {} ({})", self.state_table, self.target.endpoint))?;
         *guard = Some((client, prepared));

@@ -20,11 +20,11 @@
 
 use super::client::{connect, target, Target};
 use super::rows::{excerpt, pg_type, Rows};
-use super::state::{state_table, PgStateStore, StateStatements};
+use super::state::{create_state_table, state_table, PgStateStore, StateStatements};
 use super::{Merge, PostgresSinkConfig};
 use crate::record::{Origin, OutputRef};
 use crate::sinks::{Rejected, Sink};
-use crate::state::{Delta, StateStore};
+use crate::state::{Delta, Fenced, StateStore};
 use anyhow::Context;
 use async_trait::async_trait;
 use futures::pin_mut;
@@ -377,6 +377,7 @@ impl PostgresSink {
                         added = true;
                         continue;
                     }
+                    check_fence(delta, &locked)?;
                     mark_written(&mut keep, origins, &locked);
                     break sink;
                 }
@@ -424,6 +425,7 @@ impl PostgresSink {
         client.batch_execute("BEGIN").await?;
         if let Some(statements) = &prepared.offsets {
             let locked = client.query(&statements.lock, &key).await?;
+            check_fence(delta, &locked)?;
             client.execute(&statements.advance, &advance).await?;
             mark_written(&mut keep, origins, &locked);
         }
@@ -523,8 +525,10 @@ fn positions<'a>(origins: &[&'a Origin], delta: Option<&'a Delta>) -> Positions<
         let at = next.entry((&*o.topic, o.partition)).or_insert(0_i64);
         *at = (*at).max(o.offset + 1);
     }
-    // With state: every partition of the batch, rows or not.
-    for ((topic, partition), n) in delta.map(|d| &d.positions[..]).unwrap_or_default() {
+    // With state: every partition of the batch, rows or not, and those its
+    // fence names (a fired timer's: locked and checked, not moved).
+    let delta_positions = delta.map(|d| d.positions.iter().chain(&d.fences));
+    for ((topic, partition), n) in delta_positions.into_iter().flatten() {
         let at = next.entry((&**topic, *partition)).or_insert(0_i64);
         *at = (*at).max(*n);
     }
@@ -532,6 +536,19 @@ fn positions<'a>(origins: &[&'a Origin], delta: Option<&'a Delta>) -> Positions<
         topics: next.keys().map(|(t, _)| *t).collect(),
         partitions: next.keys().map(|(_, p)| *p).collect(),
         nexts: next.values().copied().collect(),
+    }
+}
+
+/// Refuses a batch whose state was computed from a partition's state that
+/// another instance has committed past since ([`Fenced`]): `locked` are
+/// the offsets table's rows of the batch's partitions, read under lock
+/// before anything moved them.
+fn check_fence(delta: Option<&Delta>, locked: &[tokio_postgres::Row]) -> Result<(), Fenced> {
+    let Some(delta) = delta else { return Ok(()) };
+    let stored: HashMap<(&str, i32), i64> = locked.iter().map(|row| ((row.get(0), row.get(1)), row.get(2))).collect();
+    match delta.fenced(|topic, partition| stored.get(&(topic, partition)).copied()) {
+        Some(fenced) => Err(fenced),
+        None => Ok(()),
     }
 }
 
@@ -660,6 +677,9 @@ impl PostgresSink {
         };
         if prepared.state.is_none() && delta.is_some_and(|d| !d.changes.is_empty()) {
             let table = state_table(&offsets_table(&self.config));
+            // The store creates it when it first loads a partition; a sink
+            // does not count on that.
+            create_state_table(&client, &table).await?;
             let statements = StateStatements::prepare(&client, &table)
                 .await
                 .with_context(|| format!("cannot prepare the statements that write the state table {table}"))?;
