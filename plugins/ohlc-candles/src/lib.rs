@@ -110,10 +110,14 @@ impl Codec<Candle> for Binary {
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<Candle, String> {
-        let words: Vec<[u8; 8]> = bytes.chunks(8).filter_map(|w| w.try_into().ok()).collect();
-        let [open, high, low, close, volume, turnover, trades, first_ts, last_ts] = words[..] else {
-            return Err(format!("a candle is 72 bytes, not {} (state version 1)", bytes.len()));
+        let words: &[u8; 72] =
+            bytes.try_into().map_err(|_| format!("a candle is 72 bytes, not {} (state version 1)", bytes.len()))?;
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&words[8 * i..8 * i + 8]);
+            w
         };
+        let [open, high, low, close, volume, turnover, trades, first_ts, last_ts] = std::array::from_fn(word);
         let f = f64::from_le_bytes;
         Ok(Candle {
             open: f(open),

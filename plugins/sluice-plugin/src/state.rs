@@ -24,8 +24,8 @@
 //! Natively (`cargo test`), the state is a map in the test's thread, so the
 //! plugin's logic can be tested across records and batches without a host.
 
+use hashbrown::{Equivalent, HashMap, HashSet};
 use std::cell::RefCell;
-use std::collections::HashMap;
 
 /// One key's value as the batch sees it.
 #[derive(Clone)]
@@ -50,13 +50,27 @@ struct Cache {
     /// Timers asked for by the batch: (scope, key, time), each once (a
     /// window's timer is asked for by every record of the window).
     timers: Vec<(usize, Vec<u8>, i64)>,
-    timer_set: std::collections::HashSet<(usize, Vec<u8>, i64)>,
+    timer_set: HashSet<(usize, Vec<u8>, i64)>,
     /// Timers asked for before the record being processed.
     timers_before: usize,
     /// The scope of the record being processed; `None` outside a batch.
     current: Option<usize>,
-    /// What the record being processed changed: (scope, key, entry before).
-    undo: Vec<(usize, Vec<u8>, Option<Entry>)>,
+    /// What the record being processed changed: (scope, the key's bytes in
+    /// `undo_keys`, its entry before; `None`: it was not cached).
+    undo: Vec<(usize, std::ops::Range<usize>, Option<Entry>)>,
+    /// The keys `undo` names, end to end (one buffer, kept across records).
+    undo_keys: Vec<u8>,
+}
+
+/// A timer of [`Cache::timer_set`], looked up by a borrowed key: it hashes
+/// as the tuple does.
+#[derive(Hash)]
+struct TimerRef<'a>(usize, &'a [u8], i64);
+
+impl Equivalent<(usize, Vec<u8>, i64)> for TimerRef<'_> {
+    fn equivalent(&self, timer: &(usize, Vec<u8>, i64)) -> bool {
+        self.0 == timer.0 && self.1 == timer.1.as_slice() && self.2 == timer.2
+    }
 }
 
 thread_local! {
@@ -65,10 +79,15 @@ thread_local! {
 
 /// The value stored under `key` in the current record's partition.
 pub fn get(key: &[u8]) -> Option<Vec<u8>> {
+    read(key, |value| value.map(<[u8]>::to_vec))
+}
+
+/// `f` of the value stored under `key` (borrowed: [`get`] without a copy).
+pub(crate) fn read<R>(key: &[u8], f: impl FnOnce(Option<&[u8]>) -> R) -> R {
     CACHE.with(|cache| {
         let mut cache = cache.borrow_mut();
-        let Some(scope) = cache.current else { return host::get(0, key) };
-        cache.entry(scope, key).value.clone()
+        let Some(scope) = cache.current else { return f(host::get(0, key).as_deref()) };
+        f(cache.entry(scope, key).value.as_deref())
     })
 }
 
@@ -90,9 +109,11 @@ pub fn set_timer(key: &[u8], at: i64) {
         let mut cache = cache.borrow_mut();
         match cache.current {
             Some(scope) => {
-                let timer = (scope, key.to_vec(), at);
-                if cache.timer_set.insert(timer.clone()) {
-                    cache.timers.push(timer);
+                // A window's timer is asked for by each of its records: the
+                // look-up copies nothing.
+                if !cache.timer_set.contains(&TimerRef(scope, key, at)) {
+                    cache.timer_set.insert((scope, key.to_vec(), at));
+                    cache.timers.push((scope, key.to_vec(), at));
                 }
             }
             None => host::set_timer(0, key, at),
@@ -138,9 +159,18 @@ fn set(key: &[u8], value: Option<Vec<u8>>) {
                 None => host::delete(0, key),
             };
         };
-        let before = cache.entry(scope, key).clone();
-        cache.undo.push((scope, key.to_vec(), Some(before)));
-        cache.scopes[scope].entries.insert(key.to_vec(), Entry { value, dirty: true });
+        let cache = &mut *cache;
+        let at = cache.undo_keys.len();
+        cache.undo_keys.extend_from_slice(key);
+        let entry = Entry { value, dirty: true };
+        let before = match cache.scopes[scope].entries.get_mut(key) {
+            Some(cached) => Some(std::mem::replace(cached, entry)),
+            None => {
+                cache.scopes[scope].entries.insert(key.to_vec(), entry);
+                None
+            }
+        };
+        cache.undo.push((scope, at..at + key.len(), before));
     })
 }
 
@@ -148,11 +178,9 @@ impl Cache {
     /// `key`'s entry in `scope`, read from the host the first time.
     fn entry(&mut self, scope: usize, key: &[u8]) -> &Entry {
         let s = &mut self.scopes[scope];
-        if !s.entries.contains_key(key) {
-            let value = host::get(s.record, key);
-            s.entries.insert(key.to_vec(), Entry { value, dirty: false });
-        }
-        &s.entries[key]
+        let record = s.record;
+        // One look-up; the key is copied only the first time.
+        s.entries.entry_ref(key).or_insert_with(|| Entry { value: host::get(record, key), dirty: false })
     }
 }
 
@@ -166,6 +194,7 @@ pub mod batch {
         CACHE.with(|cache| {
             let mut cache = cache.borrow_mut();
             cache.undo.clear();
+            cache.undo_keys.clear();
             cache.timers_before = cache.timers.len();
             let found = cache.scopes.iter().position(|s| s.partition == partition && s.topic == topic);
             let scope = found.unwrap_or_else(|| {
@@ -185,17 +214,22 @@ pub mod batch {
     pub fn undo_record() {
         CACHE.with(|cache| {
             let mut cache = cache.borrow_mut();
+            let cache = &mut *cache;
             let before = cache.timers_before;
-            for timer in cache.timers.drain(before..).collect::<Vec<_>>() {
+            for timer in cache.timers.drain(before..) {
                 cache.timer_set.remove(&timer);
             }
+            // Newest first: a key written twice ends as it was before both.
             while let Some((scope, key, before)) = cache.undo.pop() {
+                let key = &cache.undo_keys[key];
                 let entries = &mut cache.scopes[scope].entries;
                 match before {
-                    Some(entry) => entries.insert(key, entry),
-                    None => entries.remove(&key),
+                    Some(entry) => entries.insert(key.to_vec(), entry),
+                    // Not cached before: read from the host again if asked.
+                    None => entries.remove(key),
                 };
             }
+            cache.undo_keys.clear();
         })
     }
 
@@ -219,6 +253,7 @@ pub mod batch {
             }
             cache.current = None;
             cache.undo.clear();
+            cache.undo_keys.clear();
         })
     }
 }
@@ -327,5 +362,22 @@ mod tests {
         put_json(b"j", &vec![1, 2]).unwrap();
         assert_eq!(get_json::<Vec<u8>>(b"j"), Ok(Some(vec![1, 2])));
         assert!(get_json::<Vec<u8>>(b"n").unwrap_err().contains("key \"n\""));
+    }
+
+    #[test]
+    fn a_failed_records_blind_writes_are_undone_to_the_stored_value() {
+        put(b"blind", b"stored".to_vec());
+        batch::begin_record(0, "t", 0);
+        // Written without a read (not cached yet), twice, then undone.
+        put(b"blind", b"one".to_vec());
+        put(b"blind", b"two".to_vec());
+        delete(b"fresh");
+        batch::undo_record();
+        assert_eq!(get(b"blind").as_deref(), Some(&b"stored"[..]), "read from the store again");
+        assert_eq!(get(b"fresh"), None);
+        batch::begin_record(1, "t", 0);
+        put(b"blind", b"three".to_vec());
+        batch::end();
+        assert_eq!(host::get(0, b"blind").as_deref(), Some(&b"three"[..]));
     }
 }

@@ -176,15 +176,33 @@ fn fold_window<A: Default>(
     end: i64,
     fold: impl FnOnce(&mut A),
 ) -> Result<(), String> {
-    let skey = format!("{key}\0{start}").into_bytes();
-    let mut value = match state::get(&skey) {
-        Some(bytes) => codec.decode(&bytes).map_err(|e| format!("window {key:?} at {start}: {e}"))?,
-        None => A::default(),
-    };
-    fold(&mut value);
-    state::put(&skey, codec.encode(&value).map_err(|e| format!("window {key:?} at {start}: {e}"))?);
-    state::set_timer(&skey, end);
-    Ok(())
+    WINDOW_KEY.with(|skey| {
+        // One buffer for the state key, reused record after record.
+        let mut skey = skey.borrow_mut();
+        skey.clear();
+        write_window_key(&mut skey, key, start);
+        let mut value = state::read(&skey, |stored| match stored {
+            Some(bytes) => codec.decode(bytes).map_err(|e| format!("window {key:?} at {start}: {e}")),
+            None => Ok(A::default()),
+        })?;
+        fold(&mut value);
+        state::put(&skey, codec.encode(&value).map_err(|e| format!("window {key:?} at {start}: {e}"))?);
+        state::set_timer(&skey, end);
+        Ok(())
+    })
+}
+
+thread_local! {
+    static WINDOW_KEY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `key`, a NUL, `start` in decimal: a window's state key (see [`parse_key`]).
+fn write_window_key(out: &mut Vec<u8>, key: &str, start: i64) {
+    use std::io::Write;
+    out.extend_from_slice(key.as_bytes());
+    out.push(0);
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "{start}");
 }
 
 /// The window of `size` that `timer` closes, taken out of the state.
