@@ -267,13 +267,12 @@ function emit(level, msg) {
  * function imported from `sluice:transform/log`, `stateImport` the
  * `sluice:transform/state@0.3.0` module (contract 0.3: keyed state). */
 export function exportTransform(Plugin, logImport = undefined, stateImport = undefined) {
-  let instance = undefined;
   return {
     init(entries) {
       if (logImport) hostLog = logImport;
       if (stateImport) hostState = stateImport;
       try {
-        instance = live.instance = new Plugin(new Config(entries));
+        live.instance = new Plugin(new Config(entries));
       } catch (error) {
         // A thrown value becomes the `err` of `result<_, string>`.
         throw message(error);
@@ -282,12 +281,14 @@ export function exportTransform(Plugin, logImport = undefined, stateImport = und
 
     // Contract 0.2: one batch buffer in, one results buffer out.
     process(buf) {
+      const instance = live.instance;
       if (instance === undefined) throw new Error("plugin used before init");
       return processBuffer(instance, buf, stateImport !== undefined || typeof instance.onTimer === "function");
     },
 
     // Contract 0.1: records lifted field by field.
     processBatch(batch) {
+      const instance = live.instance;
       if (instance === undefined) {
         return batch.map(() => ({ tag: "err", val: "plugin used before init" }));
       }
@@ -315,7 +316,7 @@ export function exportTransform(Plugin, logImport = undefined, stateImport = und
   };
 }
 
-/** The instance `init` made, for `migrate`. */
+/** The plugin instance `init` made (one per component). */
 const live = { instance: undefined };
 
 /** Contract 0.3's `schema` export for `Plugin` (world `versioned-transformer`):

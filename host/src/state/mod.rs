@@ -937,18 +937,20 @@ impl PipelineState {
     /// returned for the store with the batch's positions.
     pub fn apply(&self, batch: &[Record]) -> Delta {
         let positions = positions(batch);
-        // Each partition's offset before the batch: the same in every stage.
-        let fences = match self.stages.values().next() {
-            Some(first) => {
-                let first = lock(first);
-                let mut held: Vec<Partition> =
-                    batch.iter().map(|r| (r.origin.topic.clone(), r.origin.partition)).collect();
-                held.sort();
-                held.dedup();
-                held.into_iter().map(|p| (p.clone(), first.next_offset(&p).unwrap_or(0))).collect()
+        // Each partition the batch holds (records or fired timers), at the
+        // offset its state went to before the batch: the same in every stage.
+        let mut fences: Vec<(Partition, i64)> = Vec::new();
+        if let Some(first) = self.stages.values().next() {
+            let first = lock(first);
+            for r in batch {
+                let held = |(p, _): &(Partition, i64)| p.1 == r.origin.partition && p.0 == r.origin.topic;
+                if !fences.iter().rev().any(held) {
+                    let partition = (r.origin.topic.clone(), r.origin.partition);
+                    let from = first.next_offset(&partition).unwrap_or(0);
+                    fences.push((partition, from));
+                }
             }
-            None => Vec::new(),
-        };
+        }
         let changes = self.stages.values().flat_map(|s| lock(s).apply(&positions)).collect();
         Delta { changes, positions, fences }
     }

@@ -601,7 +601,8 @@ impl Delivery {
         if let (Some((name, sink, (owners, outputs))), Some(delta)) = (state_write.take(), delta) {
             let origins: Vec<_> = owners.iter().map(|&i| &batch[i].origin).collect();
             let rejected = retry(&pipeline, name, cancel, || sink.write_with_state(&outputs, &origins, delta)).await?;
-            if self.sinks.contains_key(name) {
+            // A store of its own is no sink of the pipeline's: it writes no records.
+            if matches!(self.keeper, Some(Keeper::Sink(_))) {
                 telemetry().written(&pipeline, name, outputs.len() - rejected.len());
             }
             for r in rejected {

@@ -378,6 +378,21 @@ pub fn connector(tls: &Tls) -> anyhow::Result<MakeTlsConnector> {
 }
 
 /// Connects to `target`; the error names the endpoint and the cause, never the password.
+/// A connection to `target` for `pipeline`'s `what` (the logs name it),
+/// driven by a task of its own, with PostgreSQL's notices below warnings
+/// left out (`IF NOT EXISTS` notices would fill the log on every reconnect).
+pub async fn open(target: &Target, pipeline: &str, what: &'static str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = connect(target).await?;
+    let pipeline = pipeline.to_string();
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::warn!(%pipeline, %error, "postgres {what} connection closed");
+        }
+    });
+    client.batch_execute("SET client_min_messages TO warning").await?;
+    Ok(client)
+}
+
 pub async fn connect(
     target: &Target,
 ) -> anyhow::Result<(

@@ -17,8 +17,8 @@
 //! The tables are the exactly-once sink's: the offsets table, under the
 //! sink name [`STATE_KEEPER`], and `sluice_state` beside it.
 
-use super::client::{connect, target, Server, ServerConfig, Target};
-use super::sink::{create_offsets_table, quote_ident};
+use super::client::{open, target, Server, ServerConfig, Target};
+use super::sink::{check_fence, create_offsets_table, positions, quote_ident, stored_offsets, Positions};
 use super::state::{create_state_table, state_table, PgStateStore, StateStatements};
 use crate::connector::Check;
 use crate::record::{Origin, OutputRef};
@@ -29,12 +29,11 @@ use anyhow::Context;
 use async_trait::async_trait;
 use schemars::JsonSchema;
 use serde::Deserialize;
-use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use tokio::sync::Mutex;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
-use tracing::{info, warn};
+use tracing::info;
 
 /// The offsets table's `sink` column for positions a state store of its
 /// own keeps (a sink's name cannot be mistaken for it: no sink writes it).
@@ -146,14 +145,7 @@ struct Prepared {
 
 impl StateKeeper {
     async fn connect(&self) -> anyhow::Result<(Client, Prepared)> {
-        let (client, connection) = connect(&self.target).await?;
-        let pipeline = self.pipeline.clone();
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                warn!(%pipeline, %error, "postgres state store connection closed");
-            }
-        });
-        client.batch_execute("SET client_min_messages TO warning").await?;
+        let client = open(&self.target, &self.pipeline, "state store").await?;
         client
             .batch_execute("SELECT pg_advisory_lock(hashtext('sluice offsets table'))")
             .await
@@ -202,26 +194,16 @@ impl StateKeeper {
     /// fence is not retried ([`crate::state::Fenced`]).
     async fn commit(&self, client: &Client, prepared: &mut Prepared, delta: &Delta) -> anyhow::Result<()> {
         // Every partition of the batch: its position, or where its fence is.
-        let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
-        for ((topic, partition), n) in delta.positions.iter().chain(&delta.fences) {
-            let at = next.entry((&**topic, *partition)).or_insert(0);
-            *at = (*at).max(*n);
-        }
-        let topics: Vec<&str> = next.keys().map(|(t, _)| *t).collect();
-        let partitions: Vec<i32> = next.keys().map(|(_, p)| *p).collect();
-        let nexts: Vec<i64> = next.values().copied().collect();
+        let Positions { topics, partitions, nexts } = positions(&[], Some(delta));
         let key: [&(dyn ToSql + Sync); 4] = [&self.pipeline, &STATE_KEEPER, &topics, &partitions];
-        if next.keys().any(|(t, p)| !prepared.added.contains(&(t.to_string(), *p))) {
+        let held = || topics.iter().zip(&partitions).map(|(t, p)| (t.to_string(), *p));
+        if held().any(|partition| !prepared.added.contains(&partition)) {
             client.execute(&prepared.add, &key).await?;
-            prepared.added.extend(next.keys().map(|(t, p)| (t.to_string(), *p)));
+            prepared.added.extend(held());
         }
         let (begun, locked) = futures::join!(client.batch_execute("BEGIN"), client.query(&prepared.lock, &key));
         begun?;
-        let stored: HashMap<(String, i32), i64> =
-            locked?.iter().map(|row| ((row.get(0), row.get(1)), row.get(2))).collect();
-        if let Some(fenced) = delta.fenced(|topic, partition| stored.get(&(topic.to_string(), partition)).copied()) {
-            return Err(fenced.into());
-        }
+        check_fence(Some(delta), &stored_offsets(&locked?))?;
         let advance: [&(dyn ToSql + Sync); 5] = [&self.pipeline, &STATE_KEEPER, &topics, &partitions, &nexts];
         let (moved, written, committed) = futures::join!(
             client.execute(&prepared.advance, &advance),

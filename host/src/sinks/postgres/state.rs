@@ -5,7 +5,7 @@
 //! is read back, with the offset its state goes to, by [`PgStateStore`],
 //! over a connection of its own (a load happens on assignment only).
 
-use super::client::{connect, Target};
+use super::client::{open, Target};
 use super::sink::quote_ident;
 use crate::state::time::stored;
 use crate::state::{Delta, Filter, Loaded, Partition, StateStore, Stored};
@@ -14,7 +14,6 @@ use async_trait::async_trait;
 use tokio::sync::Mutex;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
-use tracing::warn;
 
 /// The state table's name: `sluice_state` beside the offsets table.
 pub fn state_table(offsets_table: &str) -> String {
@@ -139,14 +138,7 @@ impl PgStateStore {
     }
 
     async fn connect(&self) -> anyhow::Result<Client> {
-        let (client, connection) = connect(&self.target).await?;
-        let pipeline = self.pipeline.clone();
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                warn!(%pipeline, %error, "postgres state connection closed");
-            }
-        });
-        client.batch_execute("SET client_min_messages TO warning").await?;
+        let client = open(&self.target, &self.pipeline, "state reader").await?;
         create_state_table(&client, &self.state_table).await?;
         Ok(client)
     }
