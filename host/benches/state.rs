@@ -81,6 +81,7 @@ async fn main() -> anyhow::Result<()> {
     let mut candles = plugin(&runtime, "ohlc_candles")?;
     let shared = StageState::scratch(1 << 30);
     lock(&shared).set_event_time(Some(EventTime {
+        max_ahead_ms: i64::MAX,
         allowed_lateness_ms: 3_600_000,
         idle_timeout: None,
         late: LatePolicy::Drop,

@@ -412,8 +412,21 @@ async fn shadow_action(
     };
     let path = std::path::PathBuf::from(&file);
     let verb = action.verb();
+    // What the caller gives is checked before the file is touched.
+    if let ShadowAction::Start(plugin) = &action {
+        if let Err(why) = candidate_is_a_file(&path, plugin) {
+            return (StatusCode::UNPROCESSABLE_ENTITY, format!("cannot {verb}: {why}\n"));
+        }
+    }
+    let before = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(error) => {
+            return (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot {verb}: cannot read {file}: {error}\n"))
+        }
+    };
+    let edited = path.clone();
     let (action, plugin) = match tokio::task::spawn_blocking(move || {
-        let result = action.apply(&path, stage - 1);
+        let result = action.apply(&edited, stage - 1);
         (action, result)
     })
     .await
@@ -430,8 +443,32 @@ async fn shadow_action(
     }
     let done = action.done(&name, stage, &plugin);
     info!(pipeline = %name, stage, %plugin, %file, action = verb, "shadow action by request: pipeline file rewritten, reloading");
-    let (code, reload) = reload_handler(State(state)).await;
+    let (code, reload) = reload_handler(State(state.clone())).await;
+    if code != StatusCode::OK {
+        // The edit did not take: the file goes back to what it was, so
+        // that a restart runs what runs now.
+        if let Err(error) = crate::shadow::edit::restore(&path, &before) {
+            warn!(pipeline = %name, %file, error = %format!("{error:#}"), "cannot put the pipeline file back after a failed shadow action");
+        } else {
+            let _ = reload_handler(State(state)).await;
+        }
+        return (code, format!("cannot {verb}: {file} is left as it was; {reload}"));
+    }
     (code, format!("{done} ({file} rewritten); {reload}"))
+}
+
+/// Whether the candidate `plugin` (absolute, or relative to the pipeline
+/// file `file`) names a regular file, with no control characters.
+fn candidate_is_a_file(file: &std::path::Path, plugin: &str) -> Result<(), String> {
+    if plugin.is_empty() || plugin.chars().any(char::is_control) {
+        return Err("\"plugin\" must be a path without control characters".into());
+    }
+    let dir = file.parent().unwrap_or(std::path::Path::new("."));
+    match std::fs::metadata(dir.join(plugin)) {
+        Ok(meta) if meta.is_file() => Ok(()),
+        Ok(_) => Err(format!("plugin {plugin:?} is not a regular file")),
+        Err(error) => Err(format!("plugin {plugin:?}: {error}")),
+    }
 }
 
 async fn reload_handler(State(state): State<AppState>) -> (StatusCode, String) {

@@ -156,6 +156,24 @@ pub enum Position {
 }
 
 impl Position {
+    /// Why a range from `from` to `to` is empty for certain, if it is:
+    /// `latest` before anything, anything before `earliest`, a time after
+    /// a later one, an offset after the end's for the same partition.
+    pub fn empty_range(from: &Position, to: &Position) -> Option<String> {
+        match (from, to) {
+            (Position::Latest, _) => Some("--from latest: the range starts at its end (give a time or offsets)".into()),
+            (_, Position::Earliest) => Some("--to earliest: the range ends before its first record".into()),
+            (Position::Time(a), Position::Time(b)) if a >= b => {
+                Some(format!("--from {from} is not before --to {to} (the end is exclusive)"))
+            }
+            (Position::Offsets(a), Position::Offsets(b)) => a.iter().find_map(|(p, o)| {
+                let end = b.iter().find(|(q, _)| q == p).map(|(_, e)| *e)?;
+                (*o >= end).then(|| format!("partition {p}: --from offset {o} is not before --to offset {end}"))
+            }),
+            _ => None,
+        }
+    }
+
     /// The timestamp, when the position is one.
     pub fn time(&self) -> Option<i64> {
         match self {
@@ -334,5 +352,20 @@ mod tests {
         for bad in ["0:x", "0:1,0:2", "-1:5", "0:1,"] {
             assert!(bad.parse::<Position>().unwrap_err().contains("PARTITION:OFFSET"), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_range_that_is_empty_for_certain_is_named() {
+        let p = |s: &str| s.parse::<Position>().unwrap();
+        let empty = |from: &str, to: &str| Position::empty_range(&p(from), &p(to));
+        assert!(empty("2020-01-02T00:00:00Z", "2020-01-01T00:00:00Z").unwrap().contains("is not before --to"));
+        assert!(empty("1000", "1000").is_some(), "the end is exclusive");
+        assert!(empty("0:10,1:5", "1:5").unwrap().contains("partition 1"));
+        assert!(empty("latest", "latest").is_some());
+        assert!(empty("earliest", "earliest").is_some());
+        assert_eq!(empty("earliest", "latest"), None);
+        assert_eq!(empty("1000", "2000"), None);
+        assert_eq!(empty("0:10", "1:5"), None, "another partition: read to latest");
+        assert_eq!(empty("1000", "0:5"), None, "a time and offsets: resolved per partition");
     }
 }

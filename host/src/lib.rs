@@ -18,6 +18,7 @@
 //!   and the JSON Schema and reference chapter generated from the structures;
 //! - [`feed`]: a Finnhub-style trade feed generator (demo, tests, benchmarks)
 //!   and a stand-in for Finnhub's WebSocket;
+//! - [`crash`]: crash points (`SLUICE_CRASH_AT`) for the tests of the windows between two writes;
 //! - [`connector`]: what every source and sink is given (`Check` when a
 //!   file is read, `Build` when a pipeline starts) and the `registry!` that lists them;
 //! - [`sources`]: where records come from, one folder each behind
@@ -63,6 +64,7 @@ pub mod cli;
 pub mod clients;
 pub mod config;
 pub mod connector;
+pub mod crash;
 pub mod feed;
 pub mod record;
 pub mod runtime;

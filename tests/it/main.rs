@@ -10,6 +10,7 @@ mod backfill;
 mod candles;
 mod connectivity;
 mod contracts;
+mod delivery;
 mod faults;
 mod file_source;
 mod fuzz_config;

@@ -276,3 +276,66 @@ fn bad_shadow_settings_are_reported_at_their_line() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("unknown field `smaple`"), "{stderr}");
 }
+
+/// `POST path` with a JSON body: (status, body).
+fn post_json(addr: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    parse_response(&response)
+}
+
+/// What an admin caller gives is never expanded and never leaves the file
+/// broken: a candidate path with `${SECRET}` or `${file:/dev/zero}` is
+/// refused before the file is touched, without the secret in the answer;
+/// a candidate that exists but fails to load leaves the file as it was; a
+/// symlinked pipeline file stays a link, its target edited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_actions_write_what_they_are_given_as_a_literal_and_undo_a_failed_edit() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.jsonl"), "{\"type\":\"trade\",\"data\":[]}\n").unwrap();
+    let text = format!(
+        "[source]\ntype = \"file\"\npath = \"in.jsonl\"\n[[transforms]]\nplugin = \"{}\"\n[sinks.out]\ntype = \"stdout\"\n[dead_letter]\ntype = \"stdout\"\n",
+        plugin_path("trade_flattener").display()
+    );
+    let real = dir.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    std::fs::write(real.join("in.jsonl"), "{\"type\":\"trade\",\"data\":[]}\n").unwrap();
+    let target = write_pipeline(&real, "p", &text);
+    let file = dir.path().join("p.toml");
+    std::os::unix::fs::symlink(&target, &file).unwrap();
+    let secret = "s3cr3t-value-31415";
+    let mut sluice = SluiceProcess::run_with(&[&file], "127.0.0.1:9", &[("SECRET", secret)]);
+    let addr = sluice.admin_addr().await;
+    assert!(sluice.wait_log("plugin ready", 0).await);
+    for plugin in ["/opt/${SECRET}.wasm", "${file:/dev/zero}", "/nonexistent/x.wasm"] {
+        let body = serde_json::json!({ "plugin": plugin }).to_string();
+        let (code, answer) = post_json(&addr, "/pipelines/p/shadow/start", &body);
+        assert_eq!(code, 422, "{plugin}: {answer}");
+        assert!(!answer.contains(secret), "{plugin}: the secret leaked: {answer}");
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), text, "{plugin}: the file is untouched");
+    }
+    // A file that is there but is no component: the edit is undone.
+    let junk = dir.path().join("${SECRET}.wasm");
+    std::fs::write(&junk, "not a component").unwrap();
+    let body = serde_json::json!({ "plugin": junk.display().to_string() }).to_string();
+    let (code, answer) = post_json(&addr, "/pipelines/p/shadow/start", &body);
+    assert_eq!(code, 422, "{answer}");
+    assert!(!answer.contains(secret) && answer.contains("left as it was"), "{answer}");
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), text, "the failed edit is undone");
+    // A real candidate: the link stays a link, its target says so.
+    let candidate = plugin_path("trade_flattener_rounding");
+    let body = serde_json::json!({ "plugin": candidate.display().to_string() }).to_string();
+    let (code, answer) = post_json(&addr, "/pipelines/p/shadow/start", &body);
+    assert_eq!(code, 200, "{answer}");
+    assert!(std::fs::symlink_metadata(&file).unwrap().file_type().is_symlink(), "still a link");
+    assert!(std::fs::read_to_string(&target).unwrap().contains(&format!("shadow = \"{}\"", candidate.display())));
+    sluice.stop();
+}

@@ -299,6 +299,62 @@ offsets_table = "{schema}.offsets"
     assert!(listed.contains("stage 1 trades_raw/0: ") && listed.contains("stage 1 trades_raw/1: "), "{listed}");
 }
 
+/// A sink that creates its table forgets the offsets stored for it (they
+/// belong to the rows of an old table of that name), and the state with
+/// them only when the state is kept with that sink: a new sink added beside
+/// the state's keeper leaves the state alone; the keeper's table created
+/// again forgets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_sink_beside_the_states_keeper_leaves_the_state_alone() {
+    use sluice::record::{Origin, Output};
+    use sluice::state::{Change, Delta};
+    let pg = PgSchema::create("state_new_sink").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = |table: &str| -> sluice::sinks::SinkConfig {
+        toml::from_str(&format!(
+            "type = \"postgres\"\nurl = \"{PG_URL}\"\ntable = \"{}.{table}\"\ncreate_table = true\ncolumns = [{{ name = \"v\", type = \"text\" }}]\n",
+            pg.name
+        ))
+        .unwrap()
+    };
+    let topic: std::sync::Arc<str> = "in".into();
+    let partition = (topic.clone(), 0);
+    let outputs: Vec<Output> = vec![Output { value: r#"{"v":"x"}"#.into(), ..Output::default() }];
+    let origins = [Origin { topic: topic.clone(), partition: 0, offset: 0 }];
+    let views: Vec<_> = outputs.iter().map(Output::view).collect();
+    let refs: Vec<&Origin> = origins.iter().collect();
+    let a = sluice::sinks::build("a", &config("a"), "totals", dir.path()).await.unwrap();
+    a.keeps_state();
+    let delta = Delta {
+        changes: vec![Change {
+            stage: 1,
+            partition: partition.clone(),
+            key: b"\0MSFT".to_vec(),
+            value: Some(b"2".to_vec()),
+        }],
+        positions: vec![(partition.clone(), 1)],
+        fences: vec![(partition.clone(), 0)],
+    };
+    a.write_committed(&views, &refs, Some(&delta), &()).await.unwrap();
+    async fn state_rows(pg: &PgSchema) -> i64 {
+        let sql = format!("SELECT count(*) FROM {}.sluice_state", pg.name);
+        pg.client.query_one(&sql, &[]).await.unwrap().get(0)
+    }
+    assert_eq!(state_rows(&pg).await, 1);
+    // A new sink b of the same pipeline, beside the keeper: its table is created.
+    let b = sluice::sinks::build("b", &config("b"), "totals", dir.path()).await.unwrap();
+    b.write_committed(&views, &refs, None, &()).await.unwrap();
+    assert_eq!(pg.count("b").await, 1);
+    assert_eq!(state_rows(&pg).await, 1, "the state kept with sink a is still there");
+    // The keeper's table dropped and created again: its offsets and the state go.
+    pg.client.batch_execute(&format!("DROP TABLE {}.a", pg.name)).await.unwrap();
+    let a = sluice::sinks::build("a", &config("a"), "totals", dir.path()).await.unwrap();
+    a.keeps_state();
+    a.write_committed(&views, &refs, None, &()).await.unwrap();
+    assert_eq!(pg.count("a").await, 1, "the record is written again into the new table");
+    assert_eq!(state_rows(&pg).await, 0, "the state went with the keeper's offsets");
+}
+
 /// The fence, against PostgreSQL: a batch commits its state only if the
 /// store still holds each of its partitions at the offset the batch's state
 /// started from. A batch computed from a partition another instance has
@@ -345,17 +401,17 @@ async fn a_batch_from_a_partition_committed_since_is_fenced() {
         let (outputs, origins) = if *which == "sink" { (outputs, origins) } else { (Vec::new(), Vec::new()) };
         let views: Vec<_> = outputs.iter().map(Output::view).collect();
         let refs: Vec<&Origin> = origins.iter().collect();
-        keeper.write_with_state(&views, &refs, &delta(0, Some(3), "first")).await.unwrap();
+        keeper.write_committed(&views, &refs, Some(&delta(0, Some(3), "first")), &()).await.unwrap();
         // Computed from offset 0 again: another instance's batch, late.
-        let error = keeper.write_with_state(&[], &[], &delta(0, Some(2), "stale")).await.unwrap_err();
+        let error = keeper.write_committed(&[], &[], Some(&delta(0, Some(2), "stale")), &()).await.unwrap_err();
         let fenced =
             error.chain().find_map(|e| e.downcast_ref::<Fenced>()).unwrap_or_else(|| panic!("{which}: {error:#}"));
         assert_eq!((fenced.expected, fenced.stored), (0, 3), "{which}");
         // A fired timer's batch from the stale state: fenced too.
-        let error = keeper.write_with_state(&[], &[], &delta(0, None, "timer")).await.unwrap_err();
+        let error = keeper.write_committed(&[], &[], Some(&delta(0, None, "timer")), &()).await.unwrap_err();
         assert!(error.chain().any(|e| e.is::<Fenced>()), "{which}: {error:#}");
         // From where the store is: committed.
-        keeper.write_with_state(&[], &[], &delta(3, Some(5), "second")).await.unwrap();
+        keeper.write_committed(&[], &[], Some(&delta(3, Some(5), "second")), &()).await.unwrap();
         let store = keeper.state_store().unwrap();
         let loaded = store.load(1, &partition).await.unwrap();
         assert_eq!(loaded.next_offset, 5, "{which}");
@@ -737,6 +793,56 @@ async fn a_late_record_goes_where_its_policy_says() {
             }
         }
     }
+}
+
+/// A trade stamped in the year 2100 (a clock gone wrong) among trades of
+/// now: it goes to the dead letters as ahead of time and does not move the
+/// watermark, so the trades after it are on time, before and after a
+/// restart, and no candle is stored for 2100.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_far_future_timestamp_does_not_poison_its_partition() {
+    let pg = PgSchema::create("ohlc_future").await;
+    let table = format!("{}.candles", pg.name);
+    let dir = tempfile::tempdir().unwrap();
+    let far = 4_102_444_800_000_i64; // 2100-01-01
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let window = now - now % 10_000 - 30_000; // the pipeline's windows are 10 s
+    let write = |name: &str, trades: &[(i64, f64)]| {
+        let frames: Vec<Vec<u8>> = trades.iter().map(|&(t, p)| trade_frame("A", p, t)).collect();
+        let mut text = frames.join(&b'\n');
+        text.push(b'\n');
+        std::fs::write(dir.path().join(name), text).unwrap();
+    };
+    write("in.jsonl", &[(window, 1.0), (far, 99.0), (window + 1_000, 2.0), (window + 2_000, 3.0)]);
+    let source = "default_sink = \"pg\"\n[source]\ntype = \"file\"\npath = \"in.jsonl\"\nbatch_max_records = 1";
+    let text = ohlc_pipeline(source, &table, "", "[dead_letter]\ntype = \"stdout\"", "");
+    let file = write_pipeline(dir.path(), "ohlc", &text);
+    let out = run_until_eof(&file);
+    let (stdout, log) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{log}");
+    assert_eq!(stdout.lines().count(), 1, "only the 2100 trade is dead-lettered: {stdout}");
+    assert!(stdout.contains(&far.to_string()), "{stdout}");
+    let candles = stored_candles(&pg.client, &table).await;
+    let trades: Vec<(i64, i64)> = candles.iter().map(|((_, start), c)| (*start, c.6)).collect();
+    assert_eq!(trades, [(window, 3)], "the trades of now, in one window; none for 2100");
+    // The same file again, with two more trades of the next window: a
+    // restart finds a watermark of now, not of 2100.
+    write(
+        "in.jsonl",
+        &[
+            (window, 1.0),
+            (far, 99.0),
+            (window + 1_000, 2.0),
+            (window + 2_000, 3.0),
+            (window + 10_000, 4.0),
+            (window + 11_000, 5.0),
+        ],
+    );
+    let out = run_until_eof(&file);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let candles = stored_candles(&pg.client, &table).await;
+    let trades: Vec<(i64, i64)> = candles.iter().map(|((_, start), c)| (*start, c.6)).collect();
+    assert_eq!(trades, [(window, 3), (window + 10_000, 2)], "the new trades are on time after the restart");
 }
 
 /// `plugin` with a custom section appended: the same code, a new version

@@ -65,6 +65,9 @@ fn parse_position(raw: &str) -> Result<Position, String> {
 }
 
 pub fn backfill(runtime: Runtime, args: &BackfillArgs) -> anyhow::Result<ExitCode> {
+    if let Some(why) = Position::empty_range(&args.from, &args.to) {
+        anyhow::bail!("the range is empty: {why}");
+    }
     let live = match crate::config::load_pipeline(&args.pipeline, Some(&runtime)) {
         Ok(p) => p,
         Err(errors) => {
@@ -72,7 +75,7 @@ pub fn backfill(runtime: Runtime, args: &BackfillArgs) -> anyhow::Result<ExitCod
             return Ok(ExitCode::FAILURE);
         }
     };
-    let pipeline = side_pipeline(&runtime, live, args)?;
+    let pipeline = side_pipeline(&runtime, live.clone(), args)?;
     let options = RunOptions {
         until_eof: true,
         range: Some(Range { from: args.from.clone(), to: args.to.clone(), max_rate: args.max_rate }),
@@ -80,6 +83,7 @@ pub fn backfill(runtime: Runtime, args: &BackfillArgs) -> anyhow::Result<ExitCod
     tracing::info!(pipeline = %pipeline.name, from = %args.from, to = %args.to, "backfill starting");
     let started = Instant::now();
     tokio_runtime()?.block_on(async move {
+        not_into_live_tables(&live, &pipeline).await?;
         let mut topology = crate::topology::Topology::with_options(runtime, options);
         let name = pipeline.name.clone();
         topology.apply(vec![pipeline]).await?;
@@ -148,6 +152,28 @@ fn side_pipeline(runtime: &Runtime, mut pipeline: Pipeline, args: &BackfillArgs)
     }
     pipeline.name = format!("{}.backfill.{}.{}..{}", pipeline.name, targets.join("+"), args.from, args.to);
     Ok(pipeline)
+}
+
+/// Refuses a backfill whose postgres sink would write into its live table
+/// under another spelling (`public.t` for `t`): the names are resolved as
+/// PostgreSQL does, in the sink's database.
+async fn not_into_live_tables(live: &Pipeline, side: &Pipeline) -> anyhow::Result<()> {
+    let dir = live.file.parent().unwrap_or(std::path::Path::new("."));
+    for (name, sink) in &side.sinks {
+        if let (Some(SinkConfig::Postgres(live_pg)), SinkConfig::Postgres(side_pg)) = (live.sinks.get(name), sink) {
+            let same = crate::sinks::postgres::same_table(live_pg, dir, &live_pg.table, &side_pg.table)
+                .await
+                .with_context(|| format!("sink {name:?}: cannot tell whether {:?} is the live table", side_pg.table))?;
+            anyhow::ensure!(
+                !same,
+                "{}: --into: sink {name:?}: {:?} is the live table {:?}; a backfill writes beside it",
+                live.file.display(),
+                side_pg.table,
+                live_pg.table
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Points each sink at its `--into` target; returns the targets.

@@ -2,7 +2,9 @@
 //! files, so that secrets and addresses come from the environment or from
 //! mounted secret files (Docker, Kubernetes). `$` not followed by `{` is kept,
 //! and so is a `${…}` in a comment: only values are expanded, so a
-//! commented-out line reads no file and needs no variable.
+//! commented-out line reads no file and needs no variable. `$${` is a
+//! literal `${` (what Sluice writes for a value given to it, such as a
+//! shadow's path from the admin API: it is never expanded).
 //!
 //! A value is written into the TOML text as the place it stands in needs: in
 //! a `"…"` string its quotes and backslashes are escaped, so a password with
@@ -116,9 +118,40 @@ fn encode(value: &str, place: Place) -> Result<String, String> {
     }
 }
 
-/// Reads a secret file: its content without one trailing line break.
+/// The most a secret file may hold: a secret, not a data set.
+pub const MAX_SECRET_FILE_BYTES: u64 = 64 << 10;
+
+/// `text` with every `${` written as `$${`: a value Sluice writes into a
+/// pipeline file that must stay as given (never expanded).
+pub fn literal(text: &str) -> String {
+    text.replace("${", "$${")
+}
+
+/// Reads a secret file: its content without one trailing line break. Only
+/// a regular file is read, and at most [`MAX_SECRET_FILE_BYTES`].
 fn read_secret_file(path: &str) -> Result<String, String> {
-    let raw = std::fs::read_to_string(path).map_err(|e| format!("cannot read secret file {path}: {e}"))?;
+    use std::io::Read;
+    let cannot = |e: std::io::Error| format!("cannot read secret file {path}: {e}");
+    // Looked at before it is opened: opening a FIFO would wait for a writer.
+    if !std::fs::metadata(path).map_err(cannot)?.is_file() {
+        return Err(format!("secret file {path} is not a regular file"));
+    }
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    let meta = file.metadata().map_err(cannot)?;
+    if !meta.is_file() {
+        return Err(format!("secret file {path} is not a regular file"));
+    }
+    if meta.len() > MAX_SECRET_FILE_BYTES {
+        return Err(format!(
+            "secret file {path} holds {} bytes, more than a secret's {MAX_SECRET_FILE_BYTES}",
+            meta.len()
+        ));
+    }
+    let mut raw = String::new();
+    file.take(MAX_SECRET_FILE_BYTES + 1).read_to_string(&mut raw).map_err(cannot)?;
+    if raw.len() as u64 > MAX_SECRET_FILE_BYTES {
+        return Err(format!("secret file {path} holds more than a secret's {MAX_SECRET_FILE_BYTES} bytes"));
+    }
     let value = raw.strip_suffix('\n').map(|v| v.strip_suffix('\r').unwrap_or(v)).unwrap_or(&raw);
     if value.is_empty() {
         return Err(format!("secret file {path} is empty"));
@@ -138,6 +171,14 @@ pub fn expand(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<Exp
     for (index, line) in text.split_inclusive('\n').enumerate() {
         let mut rest = line;
         while let Some(start) = rest.find("${") {
+            if rest[..start].ends_with('$') {
+                // `$${`: a literal `${`, expanded never.
+                out.push_str(&rest[..start - 1]);
+                out.push_str("${");
+                place = advance(place, &rest[..start]);
+                rest = &rest[start + 2..];
+                continue;
+            }
             let Some(len) = rest[start..].find('}') else { break };
             out.push_str(&rest[..start]);
             place = advance(place, &rest[..start]);
@@ -273,5 +314,21 @@ mod tests {
             err[0].message
         );
         assert!(err[1].message.ends_with("is empty"), "{}", err[1].message);
+    }
+
+    #[test]
+    fn a_doubled_dollar_is_a_literal_and_secret_files_are_bounded_regular_files() {
+        let env = |name: &str| (name == "SECRET").then(|| "s3cr3t".to_string());
+        let text = format!("p = \"{}\"\n", literal("/opt/${SECRET}.wasm"));
+        assert_eq!(text, "p = \"/opt/$${SECRET}.wasm\"\n");
+        assert_eq!(expand(&text, env).unwrap().text, "p = \"/opt/${SECRET}.wasm\"\n", "written as given, not expanded");
+        assert_eq!(expand("p = \"${SECRET}\"\n", env).unwrap().text, "p = \"s3cr3t\"\n");
+        let errors = expand("p = \"${file:/dev/zero}\"\n", env).unwrap_err();
+        assert!(errors[0].message.contains("not a regular file"), "{errors:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'x'; MAX_SECRET_FILE_BYTES as usize + 1]).unwrap();
+        let errors = expand(&format!("p = \"${{file:{}}}\"\n", big.display()), env).unwrap_err();
+        assert!(errors[0].message.contains("more than a secret's"), "{errors:?}");
     }
 }

@@ -175,6 +175,13 @@ pub struct EventTimeConfig {
     /// of a quiet market close (default 10000; 0: never).
     #[serde(default = "default_idle_timeout_ms")]
     pub idle_timeout_ms: u64,
+    /// How far ahead of the processing clock (this host's time) a record's
+    /// timestamp may be, in ms (default 3600000: one hour). A record further
+    /// ahead (a clock gone wrong, a bad field) is given to the `late` policy
+    /// and does not move the watermark, which would otherwise leave every
+    /// later record of its partition late, for good.
+    #[serde(default = "default_max_ahead_ms")]
+    pub max_ahead_ms: u64,
     /// A record behind the watermark: `"dead_letter"` (default), `"drop"`
     /// (counted in `sluice_late_records_total`), or `{ route = "SINK" }`
     /// (passed on as it is to that sink of the pipeline).
@@ -184,6 +191,10 @@ pub struct EventTimeConfig {
 
 fn default_idle_timeout_ms() -> u64 {
     10_000
+}
+
+fn default_max_ahead_ms() -> u64 {
+    3_600_000
 }
 
 /// What becomes of a late record.

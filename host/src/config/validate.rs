@@ -422,7 +422,8 @@ fn check_event_time(
     };
     let lateness = i64::try_from(c.allowed_lateness_ms).unwrap_or(i64::MAX);
     let idle = (c.idle_timeout_ms > 0).then(|| std::time::Duration::from_millis(c.idle_timeout_ms));
-    EventTime { allowed_lateness_ms: lateness, idle_timeout: idle, late }
+    let max_ahead_ms = i64::try_from(c.max_ahead_ms).unwrap_or(i64::MAX);
+    EventTime { allowed_lateness_ms: lateness, idle_timeout: idle, late, max_ahead_ms }
 }
 
 fn check_shadow(

@@ -23,12 +23,18 @@ pub fn promote(file: &Path, stage: usize) -> anyhow::Result<String> {
 }
 
 /// Gives transform `stage` of `file` the candidate `plugin` (replacing a
-/// shadow it has); returns the path written.
+/// shadow it has); returns the path given. The path is written as a
+/// literal: a `${…}` in it is never expanded ([`crate::config::env::literal`]).
 pub fn start(file: &Path, stage: usize, plugin: &str) -> anyhow::Result<String> {
     edit(file, stage, |table| {
-        table.insert("shadow", toml_edit::value(plugin));
+        table.insert("shadow", toml_edit::value(crate::config::env::literal(plugin)));
         Ok(plugin.to_string())
     })
+}
+
+/// Puts `text` (the file as it was before an edit) back into `file`.
+pub fn restore(file: &Path, text: &str) -> anyhow::Result<()> {
+    replace(file, text)
 }
 
 /// Removes transform `stage`'s shadow from `file`; returns its candidate.
@@ -57,8 +63,15 @@ fn edit(
     let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let (new_text, plugin) =
         edit_text(&text, stage, change).with_context(|| format!("{}: transform {}", file.display(), stage + 1))?;
-    // Written beside it, then renamed over it: a reader sees the old file or
-    // the new one, never half of it.
+    replace(file, &new_text)?;
+    Ok(plugin)
+}
+
+/// Replaces the text of `file` (of the file a symlink points to, which
+/// stays a link): written beside it, then renamed over it, so that a reader
+/// sees the old file or the new one, never half of it.
+fn replace(file: &Path, new_text: &str) -> anyhow::Result<()> {
+    let file = &std::fs::canonicalize(file).with_context(|| format!("cannot resolve {}", file.display()))?;
     let dir = file.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir)
         .with_context(|| format!("cannot write beside {} (is its folder writable?)", file.display()))?;
@@ -67,7 +80,7 @@ fn edit(
         let _ = std::fs::set_permissions(tmp.path(), meta.permissions());
     }
     tmp.persist(file).with_context(|| format!("cannot replace {}", file.display()))?;
-    Ok(plugin)
+    Ok(())
 }
 
 /// [`promote`] on the file's text: the new text and the new plugin path.

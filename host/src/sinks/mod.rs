@@ -75,17 +75,50 @@ pub trait Sink: Send + Sync {
         None
     }
 
-    /// [`Sink::write`], with the keyed-state changes of the batch (and its
-    /// partitions' positions) made durable in the same step. Only a sink
-    /// with a [`Sink::state_store`] is asked.
-    async fn write_with_state(
+    /// Whether a write commits the source positions of its records with
+    /// the data (an exactly-once sink): a restart then skips what it passed,
+    /// so what it refuses must be kept (dead-lettered) before it commits,
+    /// through [`Refusals`]. The pipeline writes such sinks after the others.
+    fn commits_positions(&self) -> bool {
+        false
+    }
+
+    /// Marks this sink as the one the pipeline's keyed state is kept with:
+    /// the state goes with its positions (forgotten with them).
+    fn keeps_state(&self) {}
+
+    /// [`Sink::write`] for a pipeline: with `delta` (the batch's keyed-state
+    /// changes and its partitions' positions, for the sink that keeps the
+    /// state) made durable in the same step, and the refused records handed
+    /// to `refusals` before anything commits past them. A sink that commits
+    /// no positions returns its refusals for the caller to keep.
+    async fn write_committed(
         &self,
         batch: &[OutputRef<'_>],
         origins: &[&Origin],
-        delta: &Delta,
+        delta: Option<&Delta>,
+        refusals: &dyn Refusals,
     ) -> anyhow::Result<Vec<Rejected>> {
-        let _ = (batch, origins, delta);
-        anyhow::bail!("this sink cannot keep state")
+        let _ = refusals;
+        anyhow::ensure!(delta.is_none(), "this sink cannot keep state");
+        self.write(batch, origins).await
+    }
+}
+
+/// Where a sink that commits source positions with its data
+/// ([`Sink::commits_positions`]) puts the records it refuses before it
+/// commits: the pipeline's dead letters. An `Err` means they may not be
+/// kept: the sink must not commit (the caller retries the batch).
+#[async_trait]
+pub trait Refusals: Send + Sync {
+    async fn keep(&self, refused: &[Rejected]) -> anyhow::Result<()>;
+}
+
+/// No keeper: the refusals are returned to the caller only (tests, tools).
+#[async_trait]
+impl Refusals for () {
+    async fn keep(&self, _refused: &[Rejected]) -> anyhow::Result<()> {
+        Ok(())
     }
 }
 

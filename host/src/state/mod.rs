@@ -37,7 +37,7 @@ pub struct Loaded {
 }
 
 /// Where a pipeline's state is kept: read per partition on assignment,
-/// written with each batch (see [`crate::sinks::Sink::write_with_state`]).
+/// written with each batch (see [`crate::sinks::Sink::write_committed`]).
 #[async_trait]
 pub trait StateStore: Send + Sync {
     /// Stage `stage`'s entries for `partition`, and how far they go.
@@ -225,7 +225,7 @@ fn deadline_bytes(key: &[u8]) -> usize {
 }
 
 /// Milliseconds since the Unix epoch, now.
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
@@ -1037,7 +1037,12 @@ mod tests {
     }
 
     fn event(lateness: i64) -> Option<EventTime> {
-        Some(EventTime { allowed_lateness_ms: lateness, idle_timeout: None, late: time::LatePolicy::Drop })
+        Some(EventTime {
+            allowed_lateness_ms: lateness,
+            idle_timeout: None,
+            late: time::LatePolicy::Drop,
+            max_ahead_ms: i64::MAX,
+        })
     }
 
     /// Timers fire once the batch's watermark passes them, are gone after
@@ -1212,6 +1217,7 @@ mod tests {
         let mut state = StageState::new(0, 1 << 20);
         let idle = Some(std::time::Duration::from_secs(5));
         state.set_event_time(Some(EventTime {
+            max_ahead_ms: i64::MAX,
             allowed_lateness_ms: 0,
             idle_timeout: idle,
             late: time::LatePolicy::Drop,

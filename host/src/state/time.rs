@@ -16,6 +16,9 @@ pub struct EventTime {
     /// the time that passed; `None`: never.
     pub idle_timeout: Option<Duration>,
     pub late: LatePolicy,
+    /// How far ahead of the processing clock a record's timestamp may be:
+    /// a record further ahead goes to `late` without moving the watermark.
+    pub max_ahead_ms: i64,
 }
 
 /// What becomes of a record behind its partition's watermark.
@@ -186,6 +189,7 @@ mod tests {
     #[test]
     fn an_idle_partition_moves_on_with_the_clock() {
         let event = EventTime {
+            max_ahead_ms: i64::MAX,
             allowed_lateness_ms: 1_000,
             idle_timeout: Some(Duration::from_secs(5)),
             late: LatePolicy::Drop,

@@ -5,7 +5,7 @@ use crate::config::{Pipeline, StateSpec};
 use crate::connector::{Build, RunOptions};
 use crate::record::{Header, Output, OutputRef, Record, Results};
 use crate::runtime::Runtime;
-use crate::sinks::Sink;
+use crate::sinks::{Refusals, Rejected, Sink};
 use crate::sources::Source;
 use crate::state::{lock, Delta, Fenced, PipelineState, SharedState, StateStore};
 use crate::supervisor::{shown_versions, Refused, Supervisor, Verdict, SURGE_MIN_RECORDS};
@@ -189,6 +189,7 @@ impl PipelineTask {
                 0 => Ok(()),
                 _ => source.commit(&batch[..sources]).await,
             };
+            crate::crash::point("source-committed");
             if let Err(error) = committed {
                 // The records are in the sinks; a lost commit only means they
                 // may be read again (at-least-once).
@@ -519,6 +520,9 @@ fn state_for(
     let what = || format!("transform {} ({}) keeps state (contract 0.3)", index + 1, stage.plugin().name);
     let keeper = Keeper::of(spec, sinks, dir).with_context(what)?;
     let store = keeper.store(sinks).with_context(what)?;
+    if let Keeper::Sink(name) = &keeper {
+        sinks[name].keeps_state();
+    }
     Ok(Some((PipelineState::new(store), keeper)))
 }
 
@@ -531,7 +535,26 @@ struct Delivery {
     keeper: Option<Keeper>,
 }
 
+/// A batch's dead letters, each with the index of its source record.
+type Dead = Vec<(usize, Output)>;
+
 impl Delivery {
+    /// Writes a transformed batch: returns how many records were
+    /// dead-lettered. Each dead letter is durable before any position that
+    /// passes its record commits (a restart would skip the record):
+    /// 1. the sinks that commit no positions (Kafka, stdout, an
+    ///    at-least-once postgres sink) write the batch;
+    /// 2. the dead letters known then (the source's, the plugins', the
+    ///    router's, those sinks' refusals) are written;
+    /// 3. the sinks that commit positions with their data (exactly-once
+    ///    postgres) write theirs, each handing its refusals to the dead
+    ///    letters before it commits ([`Refusals`]);
+    /// 4. last, the state's keeper, with the batch's state changes: once it
+    ///    has them, every other sink has the batch.
+    ///
+    /// A crash between two steps runs the batch again: the dead letters
+    /// are at-least-once (their headers name the origin), the rows of an
+    /// exactly-once sink exactly once.
     async fn deliver(
         &self,
         batch: &[Record],
@@ -539,18 +562,16 @@ impl Delivery {
         delta: Option<&Delta>,
         cancel: &CancellationToken,
     ) -> Result<usize, Stopped> {
-        // Returns how many records were dead-lettered.
-        let pipeline = self.spec.name.clone();
+        let pipeline = self.spec.name.as_str();
         let mut routed: BTreeMap<&str, (Vec<usize>, Vec<OutputRef>)> = BTreeMap::new();
-        // Dead letters, with the index of their source record.
-        let mut dead: Vec<(usize, Output)> = Vec::new();
+        let mut dead: Dead = Vec::new();
         let (outputs, per_record) = (results.outputs(), results.records());
         let mut next = 0;
         for (i, result) in per_record.iter().enumerate() {
             let n = match result {
                 Ok(n) => *n,
                 Err(failure) => {
-                    dead.push((i, dead_letter(&pipeline, &batch[i], &failure.plugin, &failure.error)));
+                    dead.push((i, dead_letter(pipeline, &batch[i], &failure.plugin, &failure.error)));
                     continue;
                 }
             };
@@ -559,7 +580,7 @@ impl Delivery {
             if let Some(route) = mine.clone().filter_map(|o| o.route).find(|r| !self.sinks.contains_key(*r)) {
                 let known: Vec<&str> = self.sinks.keys().map(String::as_str).collect();
                 let error = format!("unknown route {route:?} (sinks: {})", known.join(", "));
-                dead.push((i, dead_letter(&pipeline, &batch[i], "router", &error)));
+                dead.push((i, dead_letter(pipeline, &batch[i], "router", &error)));
                 continue;
             }
             for out in mine {
@@ -571,81 +592,157 @@ impl Delivery {
             }
         }
 
-        // With state, the state's keeper is written last, with the state's
-        // changes: once it has them, every other sink has the batch.
-        let keeper = self.keeper.as_ref().zip(delta);
-        let mut state_write = keeper.map(|(keeper, _)| match keeper {
-            Keeper::Sink(name) => (name.as_str(), &*self.sinks[name], routed.remove(name.as_str()).unwrap_or_default()),
-            Keeper::Own(store) => ("state store", &**store, Default::default()),
+        // The state's keeper is written last, with the state's changes.
+        let keeper = self.keeper.as_ref().zip(delta).map(|(keeper, delta)| match keeper {
+            Keeper::Sink(name) => {
+                (name.as_str(), &*self.sinks[name], routed.remove(name.as_str()).unwrap_or_default(), delta)
+            }
+            Keeper::Own(store) => ("state store", &**store, Default::default(), delta),
         });
-        let writes = routed.iter().map(|(name, (owners, outputs))| {
+        let (committing, plain): (Vec<_>, Vec<_>) =
+            routed.iter().partition(|(name, _)| self.sinks[**name].commits_positions());
+
+        // 1. The sinks that commit no positions.
+        let writes = plain.into_iter().map(|(name, (owners, outputs))| {
             let sink = &self.sinks[*name];
-            let pipeline = &pipeline;
             let origins: Vec<_> = owners.iter().map(|&i| &batch[i].origin).collect();
             async move {
                 let rejected = retry(pipeline, name, cancel, || sink.write(outputs, &origins)).await?;
                 telemetry().written(pipeline, name, outputs.len() - rejected.len());
-                Ok::<_, Stopped>(
-                    rejected
-                        .into_iter()
-                        .map(|r| (owners[r.index], format!("sink {name}: {}", r.reason)))
-                        .collect::<Vec<_>>(),
-                )
+                Ok::<_, Stopped>(self.refused(batch, name, owners, &rejected))
             }
         });
-        for rejected in futures::future::try_join_all(writes).await? {
-            for (i, reason) in rejected {
-                dead.push((i, dead_letter(&pipeline, &batch[i], "sink", &reason)));
-            }
+        for refused in futures::future::try_join_all(writes).await? {
+            dead.extend(refused);
         }
-        if let (Some((name, sink, (owners, outputs))), Some(delta)) = (state_write.take(), delta) {
-            let origins: Vec<_> = owners.iter().map(|&i| &batch[i].origin).collect();
-            let rejected = retry(&pipeline, name, cancel, || sink.write_with_state(&outputs, &origins, delta)).await?;
-            // A store of its own is no sink of the pipeline's: it writes no records.
-            if matches!(self.keeper, Some(Keeper::Sink(_))) {
-                telemetry().written(&pipeline, name, outputs.len() - rejected.len());
-            }
-            for r in rejected {
-                dead.push((
-                    owners[r.index],
-                    dead_letter(&pipeline, &batch[owners[r.index]], "sink", &format!("sink {name}: {}", r.reason)),
-                ));
-            }
-        }
-
-        let written = dead.len();
+        // 2. The dead letters known so far.
+        let mut count = dead.len();
         if !dead.is_empty() {
-            let dlq = &self.dead_letter;
-            let origins: Vec<_> = dead.iter().map(|(i, _)| &batch[*i].origin).collect();
-            let dead: Vec<Output> = dead.into_iter().map(|(_, out)| out).collect();
-            let views: Vec<OutputRef> = dead.iter().map(Output::view).collect();
-            let write_all = || async {
-                let rejected = dlq.write(&views, &origins).await?;
-                if rejected.is_empty() {
-                    return Ok(());
-                }
-                // A dead letter the destination refuses for good (too large):
-                // its value is cut to a head, and the headers keep the origin,
-                // so the record can still be found in the source topic.
-                let cut: Vec<Output> = rejected.iter().map(|r| truncated(&dead[r.index], &r.reason)).collect();
-                let cut_origins: Vec<_> = rejected.iter().map(|r| origins[r.index]).collect();
-                for r in &rejected {
-                    error!(%pipeline, reason = %r.reason, bytes = dead[r.index].value.len(), "dead letter refused; writing it truncated");
-                }
-                let cut: Vec<OutputRef> = cut.iter().map(Output::view).collect();
-                let refused = dlq.write(&cut, &cut_origins).await?;
-                anyhow::ensure!(
-                    refused.is_empty(),
-                    "the dead-letter destination refused truncated records: {:?}",
-                    refused
-                );
-                Ok(())
-            };
-            retry(&pipeline, "dead_letter", cancel, write_all).await?;
-            telemetry().written(&pipeline, "dead_letter", written);
-            debug!(%pipeline, records = written, "dead-lettered");
+            retry(pipeline, "dead_letter", cancel, || self.write_dead(batch, &dead)).await?;
+            telemetry().written(pipeline, "dead_letter", dead.len());
+            debug!(%pipeline, records = dead.len(), "dead-lettered");
         }
-        Ok(written)
+        crate::crash::point("dead-letters-written");
+        // 3. The sinks that commit positions, then 4. the state's keeper.
+        let writes = committing.into_iter().map(|(name, (owners, outputs))| {
+            self.write_committing(batch, name, &*self.sinks[*name], owners, outputs, None, cancel)
+        });
+        count += futures::future::try_join_all(writes).await?.into_iter().sum::<usize>();
+        if let Some((name, sink, (owners, outputs), delta)) = &keeper {
+            count += self.write_committing(batch, name, *sink, owners, outputs, Some(*delta), cancel).await?;
+        }
+        crate::crash::point("delivered");
+        Ok(count)
+    }
+
+    /// Writes `outputs` (of the source records `owners`) to `sink`, which
+    /// commits their positions (with `delta`, for the state's keeper): its
+    /// refusals are dead-lettered before it commits. Returns how many it refused.
+    #[allow(clippy::too_many_arguments)]
+    async fn write_committing(
+        &self,
+        batch: &[Record],
+        name: &str,
+        sink: &dyn Sink,
+        owners: &[usize],
+        outputs: &[OutputRef<'_>],
+        delta: Option<&Delta>,
+        cancel: &CancellationToken,
+    ) -> Result<usize, Stopped> {
+        let pipeline = self.spec.name.as_str();
+        let origins: Vec<_> = owners.iter().map(|&i| &batch[i].origin).collect();
+        let refusals = DeadLetterRefusals { delivery: self, batch, sink: name, owners, kept: Default::default() };
+        let rejected =
+            retry(pipeline, name, cancel, || sink.write_committed(outputs, &origins, delta, &refusals)).await?;
+        if !outputs.is_empty() {
+            telemetry().written(pipeline, name, outputs.len() - rejected.len());
+        }
+        // What the sink did not hand over before committing (a sink of
+        // another kind): written now.
+        let kept = std::mem::take(&mut *lock_kept(&refusals.kept));
+        let late: Dead = self
+            .refused(batch, name, owners, &rejected)
+            .into_iter()
+            .zip(&rejected)
+            .filter(|(_, r)| !kept.contains(&r.index))
+            .map(|(dead, _)| dead)
+            .collect();
+        if !late.is_empty() {
+            retry(pipeline, "dead_letter", cancel, || self.write_dead(batch, &late)).await?;
+        }
+        if !rejected.is_empty() {
+            telemetry().written(pipeline, "dead_letter", rejected.len());
+        }
+        Ok(rejected.len())
+    }
+
+    /// The dead letters of the records `sink` refused (`owners[i]` is the
+    /// source record of the sink's `i`th output).
+    fn refused(&self, batch: &[Record], sink: &str, owners: &[usize], rejected: &[Rejected]) -> Dead {
+        rejected
+            .iter()
+            .map(|r| {
+                let i = owners[r.index];
+                (i, dead_letter(&self.spec.name, &batch[i], "sink", &format!("sink {sink}: {}", r.reason)))
+            })
+            .collect()
+    }
+
+    /// One attempt at writing `dead` to the dead-letter destination. A
+    /// dead letter it refuses for good (too large) is written again with
+    /// its value cut to a head; the headers keep the origin, so the record
+    /// can still be found in the source.
+    async fn write_dead(&self, batch: &[Record], dead: &[(usize, Output)]) -> anyhow::Result<()> {
+        let pipeline = &self.spec.name;
+        let origins: Vec<_> = dead.iter().map(|(i, _)| &batch[*i].origin).collect();
+        let views: Vec<OutputRef> = dead.iter().map(|(_, out)| out.view()).collect();
+        let rejected = self.dead_letter.write(&views, &origins).await?;
+        if rejected.is_empty() {
+            return Ok(());
+        }
+        let cut: Vec<Output> = rejected.iter().map(|r| truncated(&dead[r.index].1, &r.reason)).collect();
+        let cut_origins: Vec<_> = rejected.iter().map(|r| origins[r.index]).collect();
+        for r in &rejected {
+            error!(%pipeline, reason = %r.reason, bytes = dead[r.index].1.value.len(), "dead letter refused; writing it truncated");
+        }
+        let cut: Vec<OutputRef> = cut.iter().map(Output::view).collect();
+        let refused = self.dead_letter.write(&cut, &cut_origins).await?;
+        anyhow::ensure!(refused.is_empty(), "the dead-letter destination refused truncated records: {:?}", refused);
+        Ok(())
+    }
+}
+
+/// What a sink that commits positions refuses, dead-lettered before it
+/// commits; `kept` remembers which of its outputs are, so that a retry of
+/// the batch writes each dead letter once.
+struct DeadLetterRefusals<'a> {
+    delivery: &'a Delivery,
+    batch: &'a [Record],
+    sink: &'a str,
+    owners: &'a [usize],
+    kept: std::sync::Mutex<std::collections::BTreeSet<usize>>,
+}
+
+fn lock_kept(
+    kept: &std::sync::Mutex<std::collections::BTreeSet<usize>>,
+) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<usize>> {
+    kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[async_trait::async_trait]
+impl Refusals for DeadLetterRefusals<'_> {
+    async fn keep(&self, refused: &[Rejected]) -> anyhow::Result<()> {
+        let new: Vec<Rejected> = {
+            let kept = lock_kept(&self.kept);
+            refused.iter().filter(|r| !kept.contains(&r.index)).cloned().collect()
+        };
+        if new.is_empty() {
+            return Ok(());
+        }
+        let dead = self.delivery.refused(self.batch, self.sink, self.owners, &new);
+        self.delivery.write_dead(self.batch, &dead).await.context("the dead-letter destination")?;
+        lock_kept(&self.kept).extend(new.iter().map(|r| r.index));
+        Ok(())
     }
 }
 

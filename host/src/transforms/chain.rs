@@ -283,14 +283,21 @@ fn call(
 ) -> Results<String> {
     let (Some(event), Some(shared)) = (event, stage.state().cloned()) else { return stage.transform_views(inputs) };
     let counts = |r: &RecordRef| r.origin.is_source() && r.timestamp.is_some();
-    let late: Vec<Option<i64>> = {
+    // A record too far ahead of the processing clock is out of time too.
+    let horizon = crate::state::now_ms().saturating_add(event.max_ahead_ms);
+    let late: Vec<Option<OutOfTime>> = {
         let state = lock(&shared);
         inputs
             .iter()
             .map(|r| {
                 let ts = r.timestamp.filter(|_| counts(r))?;
+                if ts > horizon {
+                    return Some(OutOfTime::Ahead(horizon));
+                }
                 let partition = (r.origin.topic.clone(), r.origin.partition);
-                state.is_late(&partition, ts).then(|| state.watermark(&partition).unwrap_or(i64::MIN))
+                state
+                    .is_late(&partition, ts)
+                    .then(|| OutOfTime::Behind(state.watermark(&partition).unwrap_or(i64::MIN)))
             })
             .collect()
     };
@@ -317,7 +324,7 @@ fn call(
     let plugin = stage.plugin().name.clone();
     let mut results = Results::with_owned_capacity(inputs.len(), inputs.len());
     for (r, late) in inputs.iter().zip(late) {
-        let Some(watermark) = late else {
+        let Some(late) = late else {
             match ran.next().unwrap_or_else(|| Err("plugin returned no result".to_string())) {
                 Ok(outputs) => results.push_ok(outputs),
                 Err(error) => results.push_err(error),
@@ -328,13 +335,22 @@ fn call(
         let ts = r.timestamp.unwrap_or_default();
         match &event.late {
             LatePolicy::Drop => results.push_ok([]),
-            LatePolicy::DeadLetter => results.push_err(format!(
-                "late record: timestamp {ts} is {} ms behind the watermark {watermark} of {}/{} (allowed_lateness_ms = {})",
-                watermark.saturating_sub(ts),
-                r.origin.topic,
-                r.origin.partition,
-                event.allowed_lateness_ms
-            )),
+            LatePolicy::DeadLetter => results.push_err(match late {
+                OutOfTime::Behind(watermark) => format!(
+                    "late record: timestamp {ts} is {} ms behind the watermark {watermark} of {}/{} (allowed_lateness_ms = {})",
+                    watermark.saturating_sub(ts),
+                    r.origin.topic,
+                    r.origin.partition,
+                    event.allowed_lateness_ms
+                ),
+                OutOfTime::Ahead(horizon) => format!(
+                    "record ahead of time: timestamp {ts} is {} ms ahead of the processing clock, more than max_ahead_ms = {} (it does not move the watermark of {}/{})",
+                    ts.saturating_sub(horizon.saturating_sub(event.max_ahead_ms)),
+                    event.max_ahead_ms,
+                    r.origin.topic,
+                    r.origin.partition
+                ),
+            }),
             LatePolicy::Route(route) => {
                 results.push_ok([Output {
                     key: r.key.map(|k| k.to_vec().into()),
@@ -347,6 +363,15 @@ fn call(
         }
     }
     results
+}
+
+/// Why a record of a stage with event time does not reach the plugin.
+#[derive(Clone, Copy)]
+enum OutOfTime {
+    /// Behind its partition's watermark (this one).
+    Behind(i64),
+    /// Ahead of the processing clock by more than `max_ahead_ms` (past this horizon).
+    Ahead(i64),
 }
 
 /// The `policy` label of `sluice_late_records_total`.

@@ -23,7 +23,7 @@ use super::state::{create_state_table, state_table, PgStateStore, StateStatement
 use crate::connector::Check;
 use crate::record::{Origin, OutputRef};
 use crate::secrets::Secret;
-use crate::sinks::{Rejected, Sink};
+use crate::sinks::{Refusals, Rejected, Sink};
 use crate::state::{Delta, StateStore};
 use anyhow::Context;
 use async_trait::async_trait;
@@ -120,7 +120,7 @@ impl PostgresStateConfig {
 
 /// Writes a pipeline's state changes and positions into a database of
 /// their own: a [`Sink`] that takes no records, only
-/// [`Sink::write_with_state`].
+/// [`Sink::write_committed`].
 pub struct StateKeeper {
     pipeline: String,
     target: Target,
@@ -233,16 +233,22 @@ impl Sink for StateKeeper {
         Some(self.store.clone())
     }
 
-    async fn write_with_state(
+    fn commits_positions(&self) -> bool {
+        true
+    }
+
+    /// Commits `delta` (it takes no records, so it refuses none).
+    async fn write_committed(
         &self,
         batch: &[OutputRef<'_>],
         origins: &[&Origin],
-        delta: &Delta,
+        delta: Option<&Delta>,
+        _refusals: &dyn Refusals,
     ) -> anyhow::Result<Vec<Rejected>> {
         self.write(batch, origins).await?;
-        if delta.is_empty() {
+        let Some(delta) = delta.filter(|delta| !delta.is_empty()) else {
             return Ok(Vec::new());
-        }
+        };
         let mut guard = self.client.lock().await;
         // Out of the slot while it writes: a connection left mid-transaction
         // (an error, this future dropped) is not reused.

@@ -18,6 +18,26 @@ pub mod state;
 
 pub use sink::PostgresSink;
 
+/// Whether tables `a` and `b` of `config`'s database are one table as
+/// PostgreSQL resolves their names: an unqualified name is in the schema
+/// the connection creates tables in (`current_schema()`, from the search
+/// path), and each part is compared as Sluice quotes it (exactly). So
+/// `t` and `public.t` are one table on a default search path, and `T`
+/// and `t` are two. `dir` anchors relative certificate paths.
+pub async fn same_table(config: &PostgresSinkConfig, dir: &std::path::Path, a: &str, b: &str) -> anyhow::Result<bool> {
+    let target = client::target(config, dir).map_err(|errors| {
+        anyhow::anyhow!("{}", errors.iter().map(|e| e.message.as_str()).collect::<Vec<_>>().join("; "))
+    })?;
+    let client = client::open(&target, "backfill", "check").await?;
+    let schema: Option<String> = client.query_one("SELECT current_schema()", &[]).await?.get(0);
+    let schema = schema.unwrap_or_else(|| "public".to_string());
+    let resolved = |name: &str| match name.rsplit_once('.') {
+        Some((s, t)) => (s.to_string(), t.to_string()),
+        None => (schema.clone(), name.to_string()),
+    };
+    Ok(resolved(a) == resolved(b))
+}
+
 use super::{Connector, Sink};
 use crate::connector::{Build, Check};
 use crate::secrets::Secret;

@@ -23,7 +23,7 @@ use super::rows::{excerpt, pg_type, Rows};
 use super::state::{create_state_table, state_table, PgStateStore, StateStatements};
 use super::{Merge, PostgresSinkConfig};
 use crate::record::{Origin, OutputRef};
-use crate::sinks::{Rejected, Sink};
+use crate::sinks::{Refusals, Rejected, Sink};
 use crate::state::{Delta, Fenced, StateStore};
 use anyhow::Context;
 use async_trait::async_trait;
@@ -54,6 +54,9 @@ pub struct PostgresSink {
     column_list: String,
     /// Where plugins' keyed state is read back from, when exactly-once.
     state_store: Option<Arc<PgStateStore>>,
+    /// Whether the pipeline's keyed state is kept with this sink's offsets
+    /// ([`Sink::keeps_state`]): forgotten with them.
+    keeps_state: std::sync::atomic::AtomicBool,
 }
 
 /// Creates the offsets table `name` (and its schema) when missing, in the
@@ -116,6 +119,7 @@ impl PostgresSink {
             table,
             column_list,
             state_store,
+            keeps_state: Default::default(),
         })
     }
 
@@ -221,10 +225,12 @@ impl PostgresSink {
                         &[&self.pipeline, &self.name],
                     )
                     .await?;
-                // The plugins' state belongs to those rows too.
+                // The plugins' state goes to those offsets, when it is kept
+                // with this sink (and only then: another sink's table is no
+                // reason to forget it).
                 let state = state_table(&offsets_table(&self.config));
                 let has_state: bool = tx.query_one("SELECT to_regclass($1) IS NOT NULL", &[&state]).await?.get(0);
-                if has_state {
+                if has_state && forgotten > 0 && self.keeps_state.load(std::sync::atomic::Ordering::Relaxed) {
                     tx.execute(&format!("DELETE FROM {} WHERE pipeline = $1", quote_ident(&state)), &[&self.pipeline])
                         .await?;
                 }
@@ -381,6 +387,7 @@ impl PostgresSink {
         let writer = BinaryCopyInWriter::new(sink, &self.types);
         pin_mut!(writer);
         put_rows(writer.as_mut(), rows, (0..rows.len()).filter(|&i| keep[i])).await?;
+        crate::crash::point("postgres-before-commit");
         let (copied, state, committed) = futures::join!(
             writer.finish(),
             self.write_state(client, prepared, delta),
@@ -389,6 +396,7 @@ impl PostgresSink {
         copied?;
         state?;
         committed?;
+        crate::crash::point("postgres-committed");
         Ok(keep.iter().filter(|k| !**k).count())
     }
 
@@ -397,9 +405,11 @@ impl PostgresSink {
     /// written under a savepoint, and a range PostgreSQL refuses is halved
     /// until each refused row stands alone. Returns how many rows were
     /// skipped as written before, and the refused rows (indices in `rows`)
-    /// with PostgreSQL's reason. About 2·k·log2(n) round trips for k refused
-    /// rows of n; the conversion refuses what it can know beforehand, so
-    /// this path is rare.
+    /// with PostgreSQL's reason (made by `refused` from a row's index and
+    /// the reason), handed to `refusals` before the commit. About
+    /// 2·k·log2(n) round trips for k refused rows of n; the conversion
+    /// refuses what it can know beforehand, so this path is rare.
+    #[allow(clippy::too_many_arguments)]
     async fn copy_sifting(
         &self,
         client: &Client,
@@ -407,7 +417,9 @@ impl PostgresSink {
         rows: &Rows<'_>,
         origins: &[&Origin],
         delta: Option<&Delta>,
-    ) -> anyhow::Result<(usize, Vec<(usize, String)>)> {
+        refused: &(dyn Fn(usize, String) -> Rejected + Sync),
+        refusals: &dyn Refusals,
+    ) -> anyhow::Result<(usize, Vec<Rejected>)> {
         let Positions { topics, partitions, nexts } = positions(origins, delta);
         let key: [&(dyn ToSql + Sync); 4] = [&self.pipeline, &self.name, &topics, &partitions];
         let advance: [&(dyn ToSql + Sync); 5] = [&self.pipeline, &self.name, &topics, &partitions, &nexts];
@@ -424,7 +436,7 @@ impl PostgresSink {
             mark_written(&mut keep, origins, &stored);
         }
         let kept: Vec<usize> = (0..rows.len()).filter(|&i| keep[i]).collect();
-        let mut refused = Vec::new();
+        let mut sifted = Vec::new();
         // Ranges of `kept` still to write, the next one last (so the rows
         // keep their order: an upsert's last row per key wins).
         let mut ranges = Vec::new();
@@ -440,7 +452,7 @@ impl PostgresSink {
                     let reason = refused_data(&error).map(refused_reason).ok_or(error)?;
                     client.batch_execute("ROLLBACK TO SAVEPOINT sluice_rows").await?;
                     if range.len() == 1 {
-                        refused.push((kept[range.start], reason));
+                        sifted.push(refused(kept[range.start], reason));
                     } else {
                         let mid = range.start + range.len() / 2;
                         ranges.push(mid..range.end);
@@ -450,8 +462,15 @@ impl PostgresSink {
             }
         }
         self.write_state(client, prepared, delta).await?;
+        // The offsets about to commit pass the refused records: they are
+        // dead-lettered first (a crash between the two writes them again).
+        if !sifted.is_empty() {
+            refusals.keep(&sifted).await.context("cannot dead-letter the rows PostgreSQL refuses")?;
+        }
+        crate::crash::point("postgres-before-commit");
         client.batch_execute("COMMIT").await?;
-        Ok((rows.len() - kept.len(), refused))
+        crate::crash::point("postgres-committed");
+        Ok((rows.len() - kept.len(), sifted))
     }
 
     /// The batch's keyed-state changes, in the transaction under way.
@@ -561,15 +580,22 @@ fn mark_written(keep: &mut [bool], origins: &[&Origin], stored: &StoredOffsets<'
     }
 }
 
-/// The error PostgreSQL gave for a value it refuses (SQLSTATE class 22,
-/// data exception, or 23, integrity constraint violation), if that is
-/// what `error` is: no retry can write that value.
+/// The error PostgreSQL gave for a row it refuses, if that is what `error`
+/// is: no retry can write that row. What an error means for the batch is
+/// told by its SQLSTATE class:
+/// - data: 22 (data exception), 23 (integrity constraint violation), P0 (a
+///   PL/pgSQL `RAISE`, as a trigger that checks rows does) and 54 (a
+///   program limit, e.g. an index row too large): the rows PostgreSQL
+///   refuses are sifted out and dead-lettered, the rest committed;
+/// - anything else (the server unreachable or restarting, a missing table
+///   or privilege): the batch is written again later, with back-off, and
+///   the sink is reported failing until it goes through.
 fn refused_data(error: &anyhow::Error) -> Option<&DbError> {
     error
         .chain()
         .filter_map(|e| e.downcast_ref::<tokio_postgres::Error>())
         .filter_map(tokio_postgres::Error::as_db_error)
-        .find(|db| matches!(db.code().code().get(..2), Some("22" | "23")))
+        .find(|db| matches!(db.code().code().get(..2), Some("22" | "23" | "P0" | "54")))
 }
 
 /// A refused row's reason: PostgreSQL's message, code, column and detail.
@@ -623,31 +649,46 @@ fn offsets_table(config: &PostgresSinkConfig) -> String {
 #[async_trait]
 impl Sink for PostgresSink {
     async fn write(&self, batch: &[OutputRef<'_>], origins: &[&Origin]) -> anyhow::Result<Vec<Rejected>> {
-        self.write_batch(batch, origins, None).await
+        self.write_batch(batch, origins, None, &()).await
     }
 
     fn state_store(&self) -> Option<Arc<dyn StateStore>> {
         self.state_store.clone().map(|store| store as Arc<dyn StateStore>)
     }
 
-    async fn write_with_state(
+    fn commits_positions(&self) -> bool {
+        self.offsets.is_some()
+    }
+
+    fn keeps_state(&self) {
+        self.keeps_state.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    async fn write_committed(
         &self,
         batch: &[OutputRef<'_>],
         origins: &[&Origin],
-        delta: &Delta,
+        delta: Option<&Delta>,
+        refusals: &dyn Refusals,
     ) -> anyhow::Result<Vec<Rejected>> {
-        anyhow::ensure!(self.state_store.is_some(), "sink {} is not exactly-once: it cannot keep state", self.name);
-        self.write_batch(batch, origins, Some(delta)).await
+        anyhow::ensure!(
+            delta.is_none() || self.state_store.is_some(),
+            "sink {} is not exactly-once: it cannot keep state",
+            self.name
+        );
+        self.write_batch(batch, origins, delta, refusals).await
     }
 }
 
 impl PostgresSink {
-    /// Writes `batch` (and `delta`, the batch's state changes) in one transaction.
+    /// Writes `batch` (and `delta`, the batch's state changes) in one
+    /// transaction; what it refuses goes to `refusals` before it commits.
     async fn write_batch(
         &self,
         batch: &[OutputRef<'_>],
         origins: &[&Origin],
         delta: Option<&Delta>,
+        refusals: &dyn Refusals,
     ) -> anyhow::Result<Vec<Rejected>> {
         let mut rows = Rows::with_capacity(batch.len(), self.config.columns.len());
         let mut row_origins = Vec::with_capacity(batch.len());
@@ -665,6 +706,10 @@ impl PostgresSink {
         }
         if rows.is_empty() && delta.is_none_or(Delta::is_empty) {
             return Ok(rejected);
+        }
+        // Refused before the transaction: kept before it commits past them.
+        if !rejected.is_empty() {
+            refusals.keep(&rejected).await.context("cannot dead-letter the records the sink refuses")?;
         }
         let mut guard = self.client.lock().await;
         // Out of the slot while it writes: if this future is dropped
@@ -694,11 +739,12 @@ impl PostgresSink {
                     "postgres refused a value of the batch; writing it again row range by row range to find the rows it refuses"
                 );
                 client.batch_execute("ROLLBACK").await.context("cannot roll back the refused batch")?;
+                let refused = |row: usize, reason: String| Rejected { index: row_index[row], reason };
                 let (skipped, refused) = self
-                    .copy_sifting(&client, &prepared, &rows, &row_origins, delta)
+                    .copy_sifting(&client, &prepared, &rows, &row_origins, delta, &refused, refusals)
                     .await
                     .with_context(|| format!("cannot write {} rows to {}", rows.len(), self.config.table))?;
-                rejected.extend(refused.into_iter().map(|(row, reason)| Rejected { index: row_index[row], reason }));
+                rejected.extend(refused);
                 rejected.sort_by_key(|r| r.index);
                 skipped
             }

@@ -2,6 +2,7 @@
 //! the file grows.
 
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -15,8 +16,24 @@ pub struct Line {
     pub cut: bool,
 }
 
+/// What became of the file a path named when it was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// The path names it still, at least as long as what was read.
+    Same,
+    /// It is shorter than what was read: truncated (and maybe written again).
+    Truncated,
+    /// The path names another file now (a rename over it, a rotation).
+    Replaced,
+    /// The path names nothing now (deleted, or renamed away).
+    Gone,
+}
+
 pub struct LineReader {
     path: PathBuf,
+    /// The file's identity (device, inode), as opened: the path may come
+    /// to name another file (replaced by a rename), this one stays open.
+    id: (u64, u64),
     reader: BufReader<tokio::fs::File>,
     cap: usize,
     /// Bytes of the file consumed so far.
@@ -34,8 +51,10 @@ const READ_BUFFER: usize = 256 << 10;
 impl LineReader {
     pub async fn open(path: &Path, cap: usize) -> io::Result<LineReader> {
         let file = tokio::fs::File::open(path).await?;
+        let meta = file.metadata().await?;
         Ok(LineReader {
             path: path.to_path_buf(),
+            id: (meta.dev(), meta.ino()),
             reader: BufReader::with_capacity(READ_BUFFER, file),
             cap,
             consumed: 0,
@@ -45,9 +64,24 @@ impl LineReader {
         })
     }
 
-    /// Whether the file is now shorter than what was read of it.
-    pub async fn truncated(&self) -> bool {
-        tokio::fs::metadata(&self.path).await.is_ok_and(|m| m.len() < self.consumed)
+    /// The path the file is followed by (it was renamed to `path`).
+    pub fn renamed(&mut self, path: &Path) {
+        self.path = path.to_path_buf();
+    }
+
+    /// The open file's identity: (device, inode).
+    pub fn id(&self) -> (u64, u64) {
+        self.id
+    }
+
+    /// What became of the file behind the path since it was opened.
+    pub async fn fate(&self) -> Fate {
+        match tokio::fs::metadata(&self.path).await {
+            Ok(m) if (m.dev(), m.ino()) != self.id => Fate::Replaced,
+            Ok(m) if m.len() < self.consumed => Fate::Truncated,
+            Ok(_) => Fate::Same,
+            Err(_) => Fate::Gone,
+        }
     }
 
     /// The next whole line, or none when the file has no more yet. With
