@@ -93,6 +93,16 @@ impl<'a> Check<'a> {
         self.error_at_first(&[key], message);
     }
 
+    /// Reports `key` (a number, `value`) at its place unless it is within
+    /// `range`: every numeric setting has one, so that a value that cannot
+    /// work (0 records a batch, 10^15 of them) is refused by `sluice check`
+    /// instead of failing the run.
+    pub fn range(&mut self, key: &str, value: u64, range: std::ops::RangeInclusive<u64>) {
+        if !range.contains(&value) {
+            self.error_at(&[key], out_of_range(key, value, &range));
+        }
+    }
+
     /// Reports `message` at the first of `keys` written in the table, or at the table.
     pub fn error_at_first(&mut self, keys: &[&[&str]], message: impl std::fmt::Display) {
         let span = keys.iter().find_map(|key| self.report.span_of(&self.path(key))).unwrap_or(self.span.clone());
@@ -117,6 +127,15 @@ impl<'a> Check<'a> {
         self.table.iter().map(String::as_str).chain(key.iter().copied()).collect()
     }
 }
+
+/// The message for a setting `key` whose `value` is outside `range`.
+pub fn out_of_range(key: &str, value: u64, range: &std::ops::RangeInclusive<u64>) -> String {
+    format!("`{key}` = {value} is out of its range, {} to {}", range.start(), range.end())
+}
+
+/// The most records a batch may hold (a batch is held in memory twice:
+/// read, then transformed).
+pub const MAX_BATCH_RECORDS: u64 = 1_000_000;
 
 /// What a connector is built with when its pipeline starts.
 #[derive(Debug, Clone)]

@@ -281,3 +281,40 @@ async fn a_kubernetes_style_secret_rotation_is_seen_within_seconds() {
     assert_eq!(reread[0].secret_files.len(), 1);
     assert_eq!(std::fs::read_to_string(secrets.join("token")).unwrap(), "second-token-2222");
 }
+
+/// A pipeline folder mounted from a ConfigMap: `p.toml -> ..data/p.toml`,
+/// rotated by pointing `..data` at a new folder. No event names `p.toml`,
+/// yet the watcher reports it, for a folder given to `sluice run` and for
+/// the file given by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_rotation_of_the_pipeline_files_is_seen_within_seconds() {
+    use std::os::unix::fs::symlink;
+    let text = |name: &str| {
+        format!("name = \"{name}\"\n[source]\ntype = \"websocket\"\nurl = \"ws://127.0.0.1:9/\"\n[sinks.out]\ntype = \"stdout\"\n[dead_letter]\ntype = \"stdout\"\n")
+    };
+    for given_by_name in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let mount = dir.path().join("pipelines");
+        std::fs::create_dir_all(mount.join("..2026_12_01_a")).unwrap();
+        std::fs::write(mount.join("..2026_12_01_a/p.toml"), text("first")).unwrap();
+        symlink("..2026_12_01_a", mount.join("..data")).unwrap();
+        symlink("..data/p.toml", mount.join("p.toml")).unwrap();
+        let given = if given_by_name { mount.join("p.toml") } else { mount.clone() };
+        let pipelines = sluice::config::load_dir_or_files(std::slice::from_ref(&given), None).unwrap();
+        assert_eq!(pipelines[0].name, "first");
+        let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
+        let _watcher = sluice::config::watcher::Watcher::new(std::slice::from_ref(&given), &pipelines, tx).unwrap();
+
+        std::fs::create_dir_all(mount.join("..2026_12_02_b")).unwrap();
+        std::fs::write(mount.join("..2026_12_02_b/p.toml"), text("second")).unwrap();
+        symlink("..2026_12_02_b", mount.join("..data_tmp")).unwrap();
+        std::fs::rename(mount.join("..data_tmp"), mount.join("..data")).unwrap();
+        std::fs::remove_dir_all(mount.join("..2026_12_01_a")).unwrap();
+
+        let seen = tokio::time::timeout(Duration::from_secs(5), changes.recv()).await;
+        let changed = seen.unwrap_or_else(|_| panic!("given by name: {given_by_name}: no change within 5 s")).unwrap();
+        assert_eq!(changed.file_name().unwrap(), "p.toml", "{changed:?}");
+        let reread = sluice::config::load_dir_or_files(&[given], None).unwrap();
+        assert_eq!(reread[0].name, "second");
+    }
+}

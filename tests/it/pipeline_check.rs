@@ -69,6 +69,42 @@ fn every_error_is_reported_with_its_place() {
     assert!(stderr.ends_with(&format!("sluice: {} error(s) in pipeline files\n", lines.len() - 1)), "{stderr}");
 }
 
+/// Every numeric setting has a range: a value that cannot work (a batch of
+/// 10^15 records, 2^44 MiB that would wrap, no time at all) is refused by
+/// `sluice check` at its place, not by the run.
+#[test]
+fn numbers_out_of_their_range_are_reported_at_their_place() {
+    let flattener = common::plugin_path("trade_flattener");
+    let (code, _, stderr) = check(&[
+        (
+            "batch.toml",
+            format!("[source]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:9092\"\ntopics = [\"in\"]\nbatch_max_records = 1000000000000000\n[sinks.out]\ntype = \"stdout\"\n{DLQ}"),
+        ),
+        (
+            "limits.toml",
+            format!(
+                "{SOURCE}[[transforms]]\nplugin = \"{}\"\n[[transforms]]\nplugin = \"{}\"\n[transforms.limits]\ncpu_ms = 0\nmemory_mib = 17592186044416\nstate_mib = 17592186044416\n[sinks.out]\ntype = \"stdout\"\n{DLQ}",
+                flattener.display(),
+                flattener.display()
+            ),
+        ),
+        (
+            "file.toml",
+            format!("[source]\ntype = \"file\"\npath = \"*.jsonl\"\nmax_line_bytes = 0\n[sinks.out]\ntype = \"stdout\"\n{DLQ}"),
+        ),
+    ]);
+    assert_eq!(code, 1);
+    for want in [
+        "batch.toml:5:21: [source]: `batch_max_records` = 1000000000000000 is out of its range, 1 to 1000000",
+        "limits.toml:10:10: transform 2 limits: `cpu_ms` = 0 is out of its range, 1 to 3600000",
+        "limits.toml:11:14: transform 2 limits: `memory_mib` = 17592186044416 is out of its range, 1 to 4096",
+        "limits.toml:12:13: transform 2 limits: `state_mib` = 17592186044416 is out of its range, 1 to 1048576",
+        "file.toml:4:18: [source]: `max_line_bytes` = 0 is out of its range, 1 to 1073741824",
+    ] {
+        assert!(stderr.lines().any(|l| l.starts_with(want)), "missing {want:?} in:\n{stderr}");
+    }
+}
+
 #[test]
 fn connection_and_tls_errors_are_reported_at_their_place_without_connecting() {
     let dir = tempfile::tempdir().unwrap();
@@ -185,7 +221,7 @@ fn state_errors_are_reported_at_their_place() {
         "both.toml:12:1: [state.postgres]: say one of `state.sink` and `[state.postgres]`, not both",
         "tls.toml:10:7: [state.postgres]: sslmode \"verify_full\" is not one of disable, prefer, require, verify-ca, verify-full",
         "replay.toml:8:2: [state.postgres]: a websocket source cannot read anything again",
-        "ws-sink.toml:12:8: [state]: sink \"pg\" cannot keep the state: behind a source that cannot read anything again it is not exactly-once",
+        "ws-sink.toml:12:8: [state]: sink \"pg\" cannot keep the state: a websocket source cannot read anything again, so state kept with its offsets could not be restored to match them",
     ];
     for want in expected {
         assert!(stderr.lines().any(|l| l.starts_with(want)), "missing {want:?} in:\n{stderr}");

@@ -339,3 +339,33 @@ async fn shadow_actions_write_what_they_are_given_as_a_literal_and_undo_a_failed
     assert!(std::fs::read_to_string(&target).unwrap().contains(&format!("shadow = \"{}\"", candidate.display())));
     sluice.stop();
 }
+
+/// A shadow of a stateful stage with event time (the candles, which set a
+/// timer per window) runs: its timers are taken, not refused as "set-timer
+/// needs event time" (which dropped every such shadow).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_of_a_stage_with_timers_runs() {
+    let pg = PgSchema::create("shadow_timers").await;
+    let table = format!("{}.candles", pg.name);
+    let dir = tempfile::tempdir().unwrap();
+    let frames: Vec<Vec<u8>> =
+        (0..50).map(|i| crate::state::trade_frame("A", 1.0 + i as f64, 1_700_000_000_000 + i * 1_000)).collect();
+    std::fs::write(dir.path().join("in.jsonl"), frames.join(&b'\n')).unwrap();
+    let source = "default_sink = \"pg\"\n[source]\ntype = \"file\"\npath = \"in.jsonl\"\nbatch_max_records = 5";
+    let candles = plugin_path("ohlc_candles").display().to_string();
+    let text = crate::state::ohlc_pipeline(source, &table, "", "[dead_letter]\ntype = \"stdout\"", "").replacen(
+        &format!("plugin = \"{candles}\""),
+        &format!("plugin = \"{candles}\"\nshadow = \"{candles}\""),
+        1,
+    );
+    let file = write_pipeline(dir.path(), "ohlc", &text);
+    let mut sluice = SluiceProcess::run(&[&file], "127.0.0.1:9");
+    let addr = sluice.admin_addr().await;
+    assert!(wait_until(Duration::from_secs(60), || async { pg.count("candles").await > 0 }).await, "no candle");
+    let (code, body) = http(&addr, "GET", "/pipelines/ohlc/shadow");
+    assert_eq!(code, 200, "{body}");
+    let reports: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let state = reports[0]["state"].as_str().unwrap_or_default().to_string();
+    assert!(state.starts_with("running"), "{body}");
+    assert_eq!(sluice.stop(), Some(0));
+}

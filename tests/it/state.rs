@@ -150,8 +150,8 @@ async fn totals_from_a_replayed_capture_are_exact_and_a_replay_changes_none() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     };
-    let all = state(&["--stage", "1"]);
-    assert!(all.starts_with("stage 1 ") && all.contains("/0: 6 keys"), "{all}");
+    let all = state(&["--stage", "2"]);
+    assert!(all.starts_with("transform 2 ") && all.contains(": 6 keys"), "{all}");
     let aapl = state(&["--key", "AAPL"]);
     assert!(aapl.contains(&format!("  AAPL = {{\"trades\":{},", rows["AAPL"])), "{aapl}");
 }
@@ -290,13 +290,13 @@ offsets_table = "{schema}.offsets"
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
         .arg("state")
         .arg(&file)
-        .args(["--stage", "1"])
+        .args(["--stage", "2"])
         .env("SLUICE_BROKERS", &broker.addr)
         .output()
         .unwrap();
     let listed = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(listed.contains("stage 1 trades_raw/0: ") && listed.contains("stage 1 trades_raw/1: "), "{listed}");
+    assert!(listed.contains("transform 2 trades_raw/0: ") && listed.contains("transform 2 trades_raw/1: "), "{listed}");
 }
 
 /// A sink that creates its table forgets the offsets stored for it (they
@@ -353,6 +353,30 @@ async fn a_new_sink_beside_the_states_keeper_leaves_the_state_alone() {
     a.write_committed(&views, &refs, None, &()).await.unwrap();
     assert_eq!(pg.count("a").await, 1, "the record is written again into the new table");
     assert_eq!(state_rows(&pg).await, 0, "the state went with the keeper's offsets");
+}
+
+/// Instances of one pipeline starting together make the state table once:
+/// each reads the store at once, and none fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_starting_together_make_the_state_table_once() {
+    let dir = tempfile::tempdir().unwrap();
+    for round in 0..5 {
+        let pg = PgSchema::create(&format!("state_race{round}")).await;
+        let config: sluice::sinks::SinkConfig = toml::from_str(&format!(
+            "type = \"postgres\"\nurl = \"{PG_URL}\"\ntable = \"{}.t\"\ncreate_table = true\ncolumns = [{{ name = \"v\", type = \"text\" }}]\n",
+            pg.name
+        ))
+        .unwrap();
+        let mut stores = Vec::new();
+        for _ in 0..4 {
+            stores.push(sluice::sinks::build("pg", &config, "race", dir.path()).await.unwrap().state_store().unwrap());
+        }
+        let all = sluice::state::Filter::default();
+        let scans = stores.iter().map(|s| s.scan(&all));
+        for scanned in futures::future::join_all(scans).await {
+            assert!(scanned.is_ok(), "round {round}: {:#}", scanned.unwrap_err());
+        }
+    }
 }
 
 /// The fence, against PostgreSQL: a batch commits its state only if the
@@ -584,7 +608,13 @@ fn assert_candles(stored: &BTreeMap<(String, i64), Candle>, want: &BTreeMap<(Str
 
 /// The flagship: flattener → ohlc-candles (event time) → `candles`, the
 /// partitions' partial candles merged by the sink's rules.
-fn ohlc_pipeline(source: &str, table: &str, event_time: &str, dead_letter: &str, extra_sinks: &str) -> String {
+pub(crate) fn ohlc_pipeline(
+    source: &str,
+    table: &str,
+    event_time: &str,
+    dead_letter: &str,
+    extra_sinks: &str,
+) -> String {
     format!(
         r#"
 name = "ohlc"
@@ -694,7 +724,7 @@ async fn python_and_javascript_candles_from_a_capture_are_exact() {
 }
 
 /// A Finnhub frame of one trade.
-fn trade_frame(symbol: &str, price: f64, t: i64) -> Vec<u8> {
+pub(crate) fn trade_frame(symbol: &str, price: f64, t: i64) -> Vec<u8> {
     format!(r#"{{"type":"trade","data":[{{"s":"{symbol}","p":{price},"t":{t},"v":1.0,"c":[]}}]}}"#).into_bytes()
 }
 
@@ -897,6 +927,17 @@ impl SwapRig {
     /// `frames` generated frames (seed `seed`); the pipeline runs `build`
     /// as its candles plugin, in consumer group `g-{name}`.
     async fn new(name: &str, frames: usize, seed: u64, build: &std::path::Path) -> (SwapRig, Vec<Vec<u8>>) {
+        SwapRig::with_idle(name, frames, seed, build, 3_000).await
+    }
+
+    /// [`SwapRig::new`], with the candles' `idle_timeout_ms`.
+    async fn with_idle(
+        name: &str,
+        frames: usize,
+        seed: u64,
+        build: &std::path::Path,
+        idle_ms: u64,
+    ) -> (SwapRig, Vec<Vec<u8>>) {
         let (broker, pg, table, frames, want, trades) = candle_services(name, 2, frames, seed).await;
         let dir = tempfile::tempdir().unwrap();
         let live = dir.path().join("ohlc_candles.wasm");
@@ -905,7 +946,7 @@ impl SwapRig {
             "[source]\ntype = \"kafka\"\nbrokers = \"${{SLUICE_BROKERS}}\"\ntopics = [\"trades_raw\"]\ngroup = \"g-{name}\"\nbatch_max_records = 200"
         );
         let dead_letter = "[dead_letter]\ntype = \"kafka\"\nbrokers = \"${SLUICE_BROKERS}\"\ntopic = \"ohlc_dlq\"";
-        let text = ohlc_pipeline(&source, &table, "idle_timeout_ms = 3000", dead_letter, "")
+        let text = ohlc_pipeline(&source, &table, &format!("idle_timeout_ms = {idle_ms}"), dead_letter, "")
             .replace(&common::plugin_path("ohlc_candles").display().to_string(), &live.display().to_string());
         let file = write_pipeline(dir.path(), "ohlc", &text);
         (SwapRig { broker, pg, table, want, trades, dir, live, file }, frames)
@@ -1063,16 +1104,22 @@ async fn state_versions_migrate_or_are_refused_and_a_failing_version_rolls_back(
 /// from 0 written with the SDK) is swapped in mid-window and converts the
 /// open windows. The candles are exact, and the state is version 1's.
 async fn the_candles_migrate_their_state_in_a_hot_swap(name: &str, earlier: &str, current: &str) {
-    let (rig, frames) = SwapRig::new(name, 3_000, 77, &common::plugin_path(earlier)).await;
+    // The feed holds at its middle until the swap is ready, however long the
+    // reload takes (15 s seen on a loaded machine): the idle timeout is
+    // longer than that, so the open windows wait for it too.
+    let (rig, frames) = SwapRig::with_idle(name, 3_000, 77, &common::plugin_path(earlier), 45_000).await;
+    let (first, rest) = frames.split_at(frames.len() / 2);
     let sluice = rig.run();
-    let feed = paced_feed(&rig.broker.addr, "trades_raw", frames, 100, Duration::from_millis(300));
+    let feed = paced_feed(&rig.broker.addr, "trades_raw", first.to_vec(), 100, Duration::from_millis(300));
     assert!(wait_until(WAIT, || async { rig.candle_trades().await > 0 }).await, "no candle");
+    feed.await.unwrap();
     let (lengths, versions) = state_shapes(&rig.pg.client, &rig.pg.name).await;
     assert!(lengths.keys().all(|len| *len != 72) && versions.is_empty(), "version 0 keeps JSON: {lengths:?}");
 
     let ready = sluice.log_count("plugin swap ready");
     rig.deploy(&common::plugin_path(current));
     assert!(sluice.wait_log("plugin swap ready", ready).await, "the migrating version was not swapped in");
+    let feed = paced_feed(&rig.broker.addr, "trades_raw", rest.to_vec(), 100, Duration::from_millis(300));
     assert!(sluice.wait_log("state migrated", 0).await, "no partition's state was migrated");
     let sluice = rig.finish(feed, sluice).await;
     let migrations = sluice.log_count("state migrated");

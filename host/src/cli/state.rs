@@ -15,8 +15,8 @@ use std::process::ExitCode;
 pub struct StateArgs {
     /// The pipeline file.
     pub pipeline: PathBuf,
-    /// Only this stage (the transform's index in the file, from 0).
-    #[arg(long)]
+    /// Only this transform (1-based, as `shadow` and `backfill` count).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub stage: Option<u32>,
     /// Only this source partition.
     #[arg(long)]
@@ -35,7 +35,8 @@ pub fn state(args: &StateArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let dir = spec.file.parent().unwrap_or(std::path::Path::new(".")).to_path_buf();
-    let filter = Filter { stage: args.stage, partition: args.partition, key: args.key.clone().map(String::into_bytes) };
+    let stage = args.stage.map(|n| n - 1);
+    let filter = Filter { stage, partition: args.partition, key: args.key.clone().map(String::into_bytes) };
     let rows = super::tokio_runtime()?.block_on(async {
         let mut sinks = std::collections::BTreeMap::new();
         for (name, config) in &spec.sinks {
@@ -67,7 +68,8 @@ pub fn render(rows: &[Stored], values: bool) -> String {
         let clock = group.iter().find(|r| r.key.first() == Some(&stored::CLOCK)).map(|r| stored::parse_clock(&r.value));
         let _ = write!(
             out,
-            "stage {stage} {}/{}: {} keys ({bytes} bytes), {timers} timers",
+            "transform {} {}/{}: {} keys ({bytes} bytes), {timers} timers",
+            stage + 1,
             partition.0,
             partition.1,
             entries.len()
@@ -135,7 +137,7 @@ mod tests {
         ];
         let text = render(&rows, true);
         assert!(
-            text.starts_with("stage 1 raw/0: 1 keys (19 bytes), 1 timers, watermark 1970-01-01T00:01:01.000Z"),
+            text.starts_with("transform 2 raw/0: 1 keys (19 bytes), 1 timers, watermark 1970-01-01T00:01:01.000Z"),
             "{text}"
         );
         assert!(text.contains("  A\\060000 = {\"trades\":2}"), "{text}");

@@ -117,18 +117,31 @@ struct Reporter<'a> {
 }
 
 impl Reporter<'_> {
-    /// The span of the value at `path` (keys from the top of the file), if written.
+    /// The span of the value at `path` (keys from the top of the file; a
+    /// number indexes an array, as `transforms`), if written.
     fn span_of(&self, path: &[&str]) -> Option<Range<usize>> {
-        let mut table = self.doc.as_ref()?.get_ref();
+        let mut table = Some(self.doc.as_ref()?.get_ref());
+        let mut array = None;
         let mut span = None;
-        for (i, key) in path.iter().enumerate() {
-            let value = table.get(*key)?;
+        for key in path {
+            let value = match (key.parse::<usize>(), array) {
+                (Ok(i), Some(items)) => <[_]>::get(items, i)?,
+                _ => table?.get(*key)?,
+            };
             span = Some(value.span());
-            if i + 1 < path.len() {
-                table = value.get_ref().as_table()?;
-            }
+            table = value.get_ref().as_table();
+            array = value.get_ref().as_array().map(|a| &a[..]);
         }
         span
+    }
+
+    /// Reports `value` at `path` (said as `place`) unless it is within `range`.
+    fn range(&mut self, place: &str, path: &[&str], value: Option<u64>, range: std::ops::RangeInclusive<u64>) {
+        let Some(value) = value.filter(|v| !range.contains(v)) else { return };
+        let key = path.last().copied().unwrap_or_default();
+        let span = self.span_of(path).unwrap_or(0..0);
+        let message = crate::connector::out_of_range(key, value, &range);
+        self.at(span, format!("{place}: {message}"));
     }
 
     fn at(&mut self, span: Range<usize>, message: impl Into<String>) {
@@ -219,11 +232,6 @@ fn check(parsed: PipelineFile, file: &Path, runtime: Option<&Runtime>, report: &
         resolved.connector_mut().check(&mut Check::new(&["sinks", sink_name], sink.span(), dir, &connections, report));
         sinks.insert(sink_name.clone(), resolved);
     }
-    if !source.connector().replays() {
-        for sink in sinks.values_mut() {
-            sink.connector_mut().source_cannot_replay();
-        }
-    }
     let default_sink = match &parsed.default_sink {
         Some(d) if parsed.sinks.contains_key(d.get_ref()) => d.get_ref().clone(),
         Some(d) => {
@@ -295,11 +303,11 @@ fn check_state(
         }
         StateConfig { sink: Some(name), postgres: None } => {
             match sinks.get(name) {
-                Some(SinkConfig::Postgres(pg)) if pg.exactly_once => {}
                 Some(SinkConfig::Postgres(_)) if !source.connector().replays() => cx.error_at(
                     &["sink"],
-                    format!("sink {name:?} cannot keep the state: behind a source that cannot read anything again it is not exactly-once"),
+                    format!("sink {name:?} cannot keep the state: a {} source cannot read anything again, so state kept with its offsets could not be restored to match them", source.kind()),
                 ),
+                Some(SinkConfig::Postgres(pg)) if pg.exactly_once => {}
                 Some(SinkConfig::Postgres(_)) => cx.error_at(
                     &["sink"],
                     format!("sink {name:?} cannot keep the state: it is not exactly-once (exactly_once = false)"),
@@ -340,6 +348,34 @@ fn check_transform(
     let path = dir.join(t.plugin.get_ref());
     let config = plugin_config(&t.config);
     let defaults = Limits::default();
+    // Every limit has a range (the memory of a 32-bit WebAssembly instance is 4 GiB at most).
+    let at = index.to_string();
+    let l = &t.limits;
+    let n = |v: Option<usize>| v.map(|v| v as u64);
+    for (key, value, range) in [
+        ("cpu_ms", l.cpu_ms, 1..=3_600_000),
+        ("memory_mib", n(l.memory_mib), 1..=4096),
+        ("output_mib", n(l.output_mib), 1..=4096),
+        ("max_outputs", n(l.max_outputs), 1..=100_000_000),
+        ("batch_output_mib", n(l.batch_output_mib), 1..=65_536),
+        ("log_lines_per_s", l.log_lines_per_s.map(u64::from), 0..=1_000_000),
+        ("log_burst", l.log_burst.map(u64::from), 0..=1_000_000),
+        ("state_mib", n(l.state_mib), 1..=1_048_576),
+        ("state_ttl_ms", l.state_ttl_ms, 0..=3_153_600_000_000),
+    ] {
+        report.range(&format!("transform {} limits", index + 1), &["transforms", &at, "limits", key], value, range);
+    }
+    if let Some(event) = &t.event_time {
+        let e = event.get_ref();
+        for (key, value, range) in [
+            ("allowed_lateness_ms", e.allowed_lateness_ms, 0..=3_153_600_000_000),
+            ("idle_timeout_ms", e.idle_timeout_ms, 0..=3_153_600_000_000),
+            ("max_ahead_ms", e.max_ahead_ms, 1..=3_153_600_000_000),
+        ] {
+            let place = format!("transform {} event_time", index + 1);
+            report.range(&place, &["transforms", &at, "event_time", key], Some(value), range);
+        }
+    }
     let limits = Limits {
         cpu_ms: t.limits.cpu_ms.unwrap_or(defaults.cpu_ms),
         memory_bytes: t.limits.memory_mib.map_or(defaults.memory_bytes, |m| m << 20),

@@ -3,10 +3,12 @@
 //! parent folders are watched, not the files, so editors' atomic renames and
 //! cargo's re-linking are seen; callers debounce.
 //!
-//! A secret file may be a symbolic link that is swapped rather than written:
-//! Kubernetes mounts `token -> ..data/token` and rotates by pointing `..data`
-//! at a new folder. So any change in a secret's folder makes the watcher
-//! resolve the secret again, and a new target is the secret's change.
+//! A secret file, and a pipeline file, may be a symbolic link that is
+//! swapped rather than written: Kubernetes mounts a ConfigMap or a Secret
+//! as `p.toml -> ..data/p.toml` and rotates by pointing `..data` at a new
+//! folder. So any change in such a file's folder makes the watcher resolve
+//! it again (and list a pipeline folder's `*.toml` again), and a new target
+//! is the file's change.
 
 use super::Pipeline;
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
@@ -22,8 +24,17 @@ struct Interest {
     files: BTreeSet<PathBuf>,
     /// Folders given to `sluice run`: any `*.toml` in them.
     pipeline_dirs: BTreeSet<PathBuf>,
-    /// Secret files, with the file each resolves to (through symbolic links).
-    secrets: BTreeMap<PathBuf, Option<PathBuf>>,
+    /// Secret and pipeline files, with the file each resolves to (through
+    /// symbolic links), and what it held then (a rotation may leave the
+    /// target's path as it was and change what it points through).
+    resolved: BTreeMap<PathBuf, Option<(PathBuf, std::time::SystemTime)>>,
+}
+
+/// Where `path` leads through symbolic links, and when that was modified.
+fn resolve(path: &Path) -> Option<(PathBuf, std::time::SystemTime)> {
+    let target = path.canonicalize().ok()?;
+    let modified = std::fs::metadata(&target).and_then(|m| m.modified()).ok()?;
+    Some((target, modified))
 }
 
 impl Interest {
@@ -36,12 +47,25 @@ impl Interest {
         {
             changed.push(path.to_path_buf());
         }
-        for (secret, target) in &mut self.secrets {
-            if secret.parent() == path.parent() && secret != path {
-                let now = secret.canonicalize().ok();
+        // A pipeline folder's `*.toml` files may be links into a folder swapped under them.
+        if let Some(dir) = path.parent().filter(|d| self.pipeline_dirs.contains(*d)) {
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                for entry in entries.flatten() {
+                    let file = entry.path();
+                    if file.extension().is_some_and(|e| e == "toml") {
+                        self.resolved.entry(file).or_insert(None);
+                    }
+                }
+            }
+        }
+        for (file, target) in &mut self.resolved {
+            if file.parent() == path.parent() && file != path {
+                let now = resolve(file);
                 if now != *target {
                     *target = now;
-                    changed.push(secret.clone());
+                    if !changed.contains(file) {
+                        changed.push(file.clone());
+                    }
                 }
             }
         }
@@ -92,6 +116,14 @@ impl Watcher {
         for path in &self.paths {
             if path.is_dir() {
                 if let Ok(dir) = path.canonicalize() {
+                    if let Ok(entries) = std::fs::read_dir(&dir) {
+                        for file in entries.flatten().map(|e| e.path()) {
+                            if file.extension().is_some_and(|e| e == "toml") {
+                                let target = resolve(&file);
+                                interest.resolved.insert(file, target);
+                            }
+                        }
+                    }
                     interest.pipeline_dirs.insert(dir);
                 }
             } else {
@@ -99,12 +131,13 @@ impl Watcher {
             }
         }
         for p in pipelines {
-            interest.files.insert(normalize(&p.file));
+            let file = normalize(&p.file);
+            interest.resolved.insert(file.clone(), resolve(&file));
+            interest.files.insert(file);
             interest.files.extend(p.transforms.iter().map(|t| normalize(&t.path)));
             interest.files.extend(p.transforms.iter().filter_map(|t| t.shadow.as_ref()).map(|s| normalize(&s.path)));
             for secret in p.secret_files.iter().map(|f| normalize(f)) {
-                let target = secret.canonicalize().ok();
-                interest.secrets.insert(secret.clone(), target);
+                interest.resolved.insert(secret.clone(), resolve(&secret));
                 interest.files.insert(secret);
             }
         }

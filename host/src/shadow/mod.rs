@@ -87,6 +87,13 @@ impl Shadow {
         let candidate = Plugin::load(runtime, &spec.path).and_then(|p| {
             PluginInstance::new(p, spec.config.clone(), live.limits.clone(), live.grants.clone(), &context)
         });
+        // A stateful candidate's scratch state tells time as the live
+        // stage does: its timers are taken, not refused.
+        if let Ok(candidate) = &candidate {
+            if let Some(state) = candidate.state() {
+                crate::state::lock(state).set_event_time(live.event_time.clone());
+            }
+        }
         match candidate {
             Err(error) => {
                 warn!(pipeline = %place.pipeline, candidate = %spec.path.display(), %error, "shadow candidate cannot start; the live path runs on");

@@ -39,11 +39,6 @@ pub trait Connector: Send + Sync {
     /// it (relative paths, a named connection).
     fn check(&mut self, cx: &mut Check<'_>);
 
-    /// Said when the pipeline's source cannot read anything again (a
-    /// WebSocket): a sink that would skip what a source reads twice writes
-    /// records as they come instead.
-    fn source_cannot_replay(&mut self) {}
-
     /// The running sink `name`, for a pipeline starting.
     fn build(&self, name: &str, cx: &Build<'_>) -> anyhow::Result<Box<dyn Sink>>;
 }

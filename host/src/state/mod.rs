@@ -219,6 +219,11 @@ impl PartitionState {
     }
 }
 
+/// Bytes a timer counts for.
+pub(crate) fn timer_bytes(key: &[u8]) -> usize {
+    key.len() + 40
+}
+
 /// Bytes a key's deadline counts for (it is indexed twice).
 fn deadline_bytes(key: &[u8]) -> usize {
     2 * key.len() + 40
@@ -310,6 +315,16 @@ impl StageState {
     /// Bytes held (keys, values and a fixed cost per entry).
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// Whether the stage may hold what it holds, plus the batch's pending
+    /// changes, plus a call's `delta`: a call that `grows` past the limit is refused.
+    fn within_limit(&self, delta: isize, grows: bool) -> Result<(), StateError> {
+        let bytes = (self.bytes as isize + self.pending_delta + delta).max(0) as usize;
+        if grows && bytes > self.limit_bytes {
+            return Err(StateError::Limit { limit_mib: (self.limit_bytes >> 20) as u64, bytes });
+        }
+        Ok(())
     }
 
     pub fn set_limit(&mut self, limit_bytes: usize) {
@@ -616,14 +631,14 @@ impl StageState {
         for (partition, at, key) in set {
             let state = self.partitions.entry(partition.clone()).or_default();
             if state.clock.timers.insert((at, key.clone())) {
-                self.bytes += key.len() + 40;
+                self.bytes += timer_bytes(&key);
                 out.push(Change { stage, partition, key: stored::timer(at, &key), value: Some(Vec::new()) });
             }
         }
         for (partition, at, key) in fired {
             let state = self.partitions.entry(partition.clone()).or_default();
             if state.clock.timers.remove(&(at, key.clone())) {
-                self.bytes -= key.len() + 40;
+                self.bytes -= timer_bytes(&key);
             }
             out.push(Change { stage, partition, key: stored::timer(at, &key), value: None });
         }
@@ -741,17 +756,20 @@ impl CallState {
         Ok(shared.read(partition, key, &self.changes).cloned())
     }
 
-    /// Stores `value` under `key` (`None`: deletes it). Refused past the limit.
+    /// Stores `value` under `key` (`None`: deletes it). Refused past the
+    /// limit. Deleting a key that is not there changes nothing, and is not
+    /// held: a call cannot make the host hold more than the limit lets it
+    /// write.
     pub fn put(&mut self, index: u32, key: Vec<u8>, value: Option<Vec<u8>>) -> Result<(), StateError> {
         let partition = self.scope(index)?.clone();
         let shared = lock(&self.shared);
         let old = shared.read(&partition, &key, &self.changes).map_or(0, |v| entry_bytes(&key, v));
+        if value.is_none() && old == 0 && !self.changes.get(&partition).is_some_and(|c| c.contains_key(&key)) {
+            return Ok(());
+        }
         let new = value.as_ref().map_or(0, |v| entry_bytes(&key, v));
         let delta = self.delta + new as isize - old as isize;
-        let bytes = (shared.bytes as isize + shared.pending_delta + delta).max(0) as usize;
-        if new > old && bytes > shared.limit_bytes {
-            return Err(StateError::Limit { limit_mib: (shared.limit_bytes >> 20) as u64, bytes });
-        }
+        shared.within_limit(delta, new > old)?;
         drop(shared);
         self.delta = delta;
         self.changes.entry(partition).or_default().insert(key, value);
@@ -762,9 +780,15 @@ impl CallState {
     /// watermark reaches `at`.
     pub fn set_timer(&mut self, index: u32, key: Vec<u8>, at: i64) -> Result<(), StateError> {
         let partition = self.scope(index)?.clone();
-        if lock(&self.shared).event.is_none() {
+        let shared = lock(&self.shared);
+        if shared.event.is_none() {
             return Err(StateError::NoEventTime);
         }
+        // A timer is held until it fires: it counts against the limit.
+        let delta = self.delta + timer_bytes(&key) as isize;
+        shared.within_limit(delta, true)?;
+        drop(shared);
+        self.delta = delta;
         self.timers.push((partition, at, key));
         Ok(())
     }
@@ -1034,6 +1058,29 @@ mod tests {
         let error = c.put(0, b"k3".to_vec(), Some(vec![0; 10])).unwrap_err();
         assert!(matches!(error, StateError::Limit { .. }), "{error}");
         assert!(error.to_string().contains("limits.state_mib"), "{error}");
+    }
+
+    /// Timers count against the limit, and deleting keys that are not
+    /// there holds nothing.
+    #[test]
+    fn timers_count_and_deletes_of_absent_keys_are_not_held() {
+        let limit = 10 * timer_bytes(&[0; 100]);
+        let shared: SharedState = Arc::new(Mutex::new(StageState::new(0, limit)));
+        shared.lock().unwrap().set_event_time(event(0));
+        let mut c = call(&shared, &[0]);
+        for i in 0..10u8 {
+            c.set_timer(0, vec![i; 100], 1_000).unwrap();
+        }
+        let error = c.set_timer(0, vec![11; 100], 1_000).unwrap_err();
+        assert!(matches!(error, StateError::Limit { .. }), "{error}");
+        let mut c = call(&shared, &[0]);
+        for i in 0..1_000u32 {
+            c.put(0, i.to_le_bytes().repeat(1_000), None).unwrap();
+        }
+        assert!(c.changes.is_empty(), "nothing held for keys that are not there");
+        c.put(0, b"k".to_vec(), Some(b"v".to_vec())).unwrap();
+        c.put(0, b"k".to_vec(), None).unwrap();
+        assert_eq!(c.changes.values().map(HashMap::len).sum::<usize>(), 1, "a key put then deleted in one call");
     }
 
     fn event(lateness: i64) -> Option<EventTime> {

@@ -61,7 +61,7 @@ impl Clock {
 
     /// The bytes the timers take (for the state's limit).
     pub fn timer_bytes(&self) -> usize {
-        self.timers.iter().map(|(_, key)| key.len() + 40).sum()
+        self.timers.iter().map(|(_, key)| super::timer_bytes(key)).sum()
     }
 }
 

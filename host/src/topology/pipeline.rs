@@ -518,6 +518,12 @@ fn state_for(
 ) -> anyhow::Result<Option<(PipelineState, Keeper)>> {
     let Some((index, stage)) = chain.stateful().next() else { return Ok(None) };
     let what = || format!("transform {} ({}) keeps state (contract 0.3)", index + 1, stage.plugin().name);
+    anyhow::ensure!(
+        spec.source.connector().replays(),
+        "{}: a {} source cannot read anything again, so its state could not be restored to match what was read",
+        what(),
+        spec.source.kind()
+    );
     let keeper = Keeper::of(spec, sinks, dir).with_context(what)?;
     let store = keeper.store(sinks).with_context(what)?;
     if let Keeper::Sink(name) = &keeper {

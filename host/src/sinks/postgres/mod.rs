@@ -87,8 +87,10 @@ pub struct PostgresSinkConfig {
     /// Exactly-once: each batch's rows and the source offsets they came from
     /// are committed in one transaction (into `offsets_table`), and rows of
     /// records read again after a crash, restart or rebalance are skipped.
-    /// `false`: at-least-once, one statement fewer per batch. Always `false`
-    /// behind a WebSocket source, which cannot read anything again.
+    /// `false`: at-least-once, one statement fewer per batch. Behind a
+    /// WebSocket source (which cannot read anything again) the offsets are
+    /// those of the run's frames: a batch written again after an ambiguous
+    /// `COMMIT` stores no row twice (one offsets row per run).
     #[serde(default = "default_true")]
     pub exactly_once: bool,
     /// The table holding the source offsets of the rows written, keyed by
@@ -316,10 +318,6 @@ impl Connector for PostgresSinkConfig {
     /// Exactly-once stores the source offsets with the rows and skips what
     /// a source reads again; a source that cannot read again (whose offsets
     /// restart with each connection) has its rows written as they come.
-    fn source_cannot_replay(&mut self) {
-        self.exactly_once = false;
-    }
-
     fn build(&self, name: &str, cx: &Build<'_>) -> anyhow::Result<Box<dyn Sink>> {
         Ok(Box::new(PostgresSink::new(self.clone(), name, cx.pipeline, cx.dir)?))
     }

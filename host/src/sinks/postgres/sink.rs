@@ -71,7 +71,9 @@ pub(super) async fn create_offsets_table(
     if exists {
         return Ok(());
     }
-    let mut sql = String::new();
+    // Under a lock held to the end of the transaction (the caller's, or
+    // these statements' own): instances starting together make it once.
+    let mut sql = String::from("SELECT pg_advisory_xact_lock(hashtext('sluice offsets table'));\n");
     if let Some((schema, _)) = name.rsplit_once('.') {
         sql.push_str(&format!("CREATE SCHEMA IF NOT EXISTS {};\n", quote_ident(schema)));
     }

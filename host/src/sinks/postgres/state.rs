@@ -145,13 +145,13 @@ impl PgStateStore {
 }
 
 /// Creates the state table `name` (and its schema) when missing, under an
-/// advisory lock (instances starting together).
+/// advisory lock held to the end of the statements' transaction: an
+/// instance starting at the same time waits, then finds the table made
+/// (a lock released before the commit would let it try to make it again:
+/// "duplicate key value violates unique constraint pg_type_typname_nsp_index").
 pub(super) async fn create_state_table(client: &Client, name: &str) -> anyhow::Result<()> {
     client
-        .batch_execute(&format!(
-            "SELECT pg_advisory_lock(hashtext('sluice state table'));\n{};\nSELECT pg_advisory_unlock(hashtext('sluice state table'))",
-            create_sql(name)
-        ))
+        .batch_execute(&format!("SELECT pg_advisory_xact_lock(hashtext('sluice state table'));\n{}", create_sql(name)))
         .await
         .with_context(|| format!("cannot create the state table {name}"))
 }

@@ -116,9 +116,9 @@ impl Connector for FileSourceConfig {
         } else if !path.is_file() {
             cx.error_at(&["path"], format!("file {} does not exist", path.display()));
         }
-        if self.batch_max_records == 0 || self.max_line_bytes == 0 {
-            cx.error("`batch_max_records` and `max_line_bytes` must be at least 1");
-        }
+        cx.range("batch_max_records", self.batch_max_records as u64, 1..=crate::connector::MAX_BATCH_RECORDS);
+        cx.range("max_line_bytes", self.max_line_bytes as u64, 1..=1 << 30);
+        cx.range("poll_ms", self.poll_ms, 1..=3_600_000);
     }
 
     fn build(&self, cx: &Build<'_>) -> anyhow::Result<Arc<dyn Source>> {

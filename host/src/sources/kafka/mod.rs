@@ -84,9 +84,8 @@ impl Connector for KafkaSourceConfig {
         if self.topics.is_empty() {
             cx.error("`topics` is empty");
         }
-        if self.batch_max_records == 0 {
-            cx.error("`batch_max_records` must be at least 1");
-        }
+        cx.range("batch_max_records", self.batch_max_records as u64, 1..=crate::connector::MAX_BATCH_RECORDS);
+        cx.range("batch_max_ms", self.batch_max_ms, 1..=600_000);
         if self.properties.contains_key("enable.auto.commit") {
             cx.error_at(
                 &["properties", "enable.auto.commit"],

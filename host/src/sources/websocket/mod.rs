@@ -100,15 +100,13 @@ impl Connector for WebSocketSourceConfig {
                 cx.error_at(&["subscribe"], format!("subscribe message {} must be a string or a table", i + 1));
             }
         }
-        if self.batch_max_records == 0
-            || self.buffer_records == 0
-            || self.buffer_bytes == 0
-            || self.max_message_bytes == 0
-        {
-            cx.error(
-                "`batch_max_records`, `buffer_records`, `buffer_bytes` and `max_message_bytes` must be at least 1",
-            );
-        }
+        cx.range("batch_max_records", self.batch_max_records as u64, 1..=crate::connector::MAX_BATCH_RECORDS);
+        cx.range("batch_max_ms", self.batch_max_ms, 1..=600_000);
+        cx.range("buffer_records", self.buffer_records as u64, 1..=crate::connector::MAX_BATCH_RECORDS);
+        cx.range("buffer_bytes", self.buffer_bytes as u64, 1..=16 << 30);
+        cx.range("max_message_bytes", self.max_message_bytes as u64, 1..=1 << 30);
+        cx.range("ping_secs", self.ping_secs, 0..=86_400);
+        cx.range("idle_timeout_secs", self.idle_timeout_secs, 0..=86_400);
     }
 
     /// A WebSocket cannot replay, and its offsets restart with each connection.

@@ -141,8 +141,20 @@ impl WebSocketSource {
             return;
         }
         let Some(tx) = self.sender.lock().ok().and_then(|mut s| s.take()) else { return };
-        let connection =
-            Connection { config: self.config.clone(), pipeline: self.pipeline.clone(), tx, bytes: self.bytes.clone() };
+        // The records' origin: the host and this run's own id, numbered
+        // across reconnects, so that an exactly-once sink's offsets make a
+        // batch written again after an ambiguous commit (the connection to
+        // the database lost during COMMIT) skip the rows it has, while no
+        // later run's records are ever taken for this one's.
+        let topic = format!("{}#{:016x}", host_of(&self.config.url), rand::random::<u64>()).into();
+        let connection = Connection {
+            config: self.config.clone(),
+            pipeline: self.pipeline.clone(),
+            tx,
+            bytes: self.bytes.clone(),
+            topic,
+            next_offset: std::sync::atomic::AtomicI64::new(0),
+        };
         let handle = tokio::spawn(connection.run());
         if let Ok(mut task) = self.task.lock() {
             *task = Some(handle);
@@ -197,6 +209,10 @@ struct Connection {
     pipeline: String,
     tx: mpsc::Sender<Buffered>,
     bytes: Arc<Semaphore>,
+    /// The records' origin topic: `HOST#RUN`, one per source started.
+    topic: std::sync::Arc<str>,
+    /// The next frame's offset, counted across reconnects.
+    next_offset: std::sync::atomic::AtomicI64,
 }
 
 /// Why a connection ended or could not start.
@@ -358,8 +374,8 @@ impl Connection {
                 return Err(failed("cannot send a subscribe message", &format!("{e}{said}")));
             }
         }
-        let topic: std::sync::Arc<str> = host_of(&self.config.url).into();
-        let mut offset = 0i64;
+        let topic = self.topic.clone();
+        let next = || self.next_offset.fetch_add(1, Ordering::Relaxed);
         let idle = (self.config.idle_timeout_secs > 0).then(|| Duration::from_secs(self.config.idle_timeout_secs));
         let mut ping =
             (self.config.ping_secs > 0).then(|| tokio::time::interval(Duration::from_secs(self.config.ping_secs)));
@@ -392,7 +408,7 @@ impl Connection {
                     );
                     let record = Record {
                         timestamp: Some(now_ms()),
-                        origin: Origin { topic: topic.clone(), partition: 0, offset },
+                        origin: Origin { topic: topic.clone(), partition: 0, offset: next() },
                         rejected: Some(reason.clone()),
                         ..Record::default()
                     };
@@ -412,10 +428,9 @@ impl Connection {
             };
             let mut record = Record {
                 timestamp: Some(now_ms()),
-                origin: Origin { topic: topic.clone(), partition: 0, offset },
+                origin: Origin { topic: topic.clone(), partition: 0, offset: next() },
                 ..Record::default()
             };
-            offset += 1;
             if value.len() > self.config.max_message_bytes {
                 record.rejected = Some(format!(
                     "websocket frame of {} bytes is over max_message_bytes ({}); cut to its first {} bytes",
