@@ -100,3 +100,36 @@ type = "stdout"
         );
     }
 }
+
+/// A `BEFORE INSERT` trigger that raises (SQLSTATE P0001) for one row is a
+/// refusal of that row, not an outage: the row is dead-lettered with
+/// PostgreSQL's message, the others are stored, and the run ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_that_raises_dead_letters_its_row_instead_of_retrying_forever() {
+    let pg = PgSchema::create("trigger").await;
+    pg.client
+        .batch_execute(&format!(
+            "CREATE TABLE {s}.t (s text);
+             CREATE FUNCTION {s}.no_bad() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN IF NEW.s = 'bad' THEN RAISE EXCEPTION 'no bad rows here'; END IF; RETURN NEW; END $$;
+             CREATE TRIGGER no_bad BEFORE INSERT ON {s}.t FOR EACH ROW EXECUTE FUNCTION {s}.no_bad();",
+            s = pg.name
+        ))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.jsonl"), "{\"s\":\"a\"}\n{\"s\":\"bad\"}\n{\"s\":\"c\"}\n").unwrap();
+    let pipeline = write_pipeline(
+        dir.path(),
+        "trigger",
+        &format!(
+            "[source]\ntype = \"file\"\npath = \"in.jsonl\"\nformat = \"json\"\n[sinks.pg]\ntype = \"postgres\"\nurl = \"{PG_URL}\"\ntable = \"{}.t\"\ncolumns = [{{ name = \"s\", type = \"text\" }}]\n[dead_letter]\ntype = \"stdout\"\n",
+            pg.name
+        ),
+    );
+    let (code, dead, log) = run_to_end(&pipeline, &[]);
+    assert_eq!(code, Some(0), "{log}");
+    assert_eq!(dead.lines().collect::<Vec<_>>(), ["{\"s\":\"bad\"}"], "{log}");
+    assert!(log.contains("no bad rows here") || log.contains("refused a value"), "{log}");
+    assert_eq!(pg.count("t").await, 2);
+}

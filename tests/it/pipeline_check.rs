@@ -98,7 +98,7 @@ fn numbers_out_of_their_range_are_reported_at_their_place() {
         "batch.toml:5:21: [source]: `batch_max_records` = 1000000000000000 is out of its range, 1 to 1000000",
         "limits.toml:10:10: transform 2 limits: `cpu_ms` = 0 is out of its range, 1 to 3600000",
         "limits.toml:11:14: transform 2 limits: `memory_mib` = 17592186044416 is out of its range, 1 to 4096",
-        "limits.toml:12:13: transform 2 limits: `state_mib` = 17592186044416 is out of its range, 1 to 1048576",
+        "limits.toml:12:13: transform 2 limits: `state_mib` = 17592186044416 is out of its range, 0 to 1048576",
         "file.toml:4:18: [source]: `max_line_bytes` = 0 is out of its range, 1 to 1073741824",
     ] {
         assert!(stderr.lines().any(|l| l.starts_with(want)), "missing {want:?} in:\n{stderr}");

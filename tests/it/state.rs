@@ -156,6 +156,61 @@ async fn totals_from_a_replayed_capture_are_exact_and_a_replay_changes_none() {
     assert!(aapl.contains(&format!("  AAPL = {{\"trades\":{},", rows["AAPL"])), "{aapl}");
 }
 
+/// A pass-through stage inserted before a stateful one: the state stored
+/// for the stateful stage's old place would be orphaned (its totals would
+/// start again from 1), so the start is refused with the reason and the
+/// commands; `sluice state` lists the orphaned state, `--move` gives it to
+/// the stage's new place, and the totals go on from where they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_that_would_orphan_stored_state_is_refused_until_it_is_moved() {
+    let pg = PgSchema::create("state_orphan").await;
+    let table = format!("{}.totals", pg.name);
+    let dir = tempfile::tempdir().unwrap();
+    let frames: Vec<Vec<u8>> = (0..3).map(|i| trade_frame("MSFT", 300.0 + i as f64, 1_700_000_000_000 + i)).collect();
+    let write = |n: usize| {
+        let text: Vec<u8> = frames[..n].iter().flat_map(|f| f.iter().copied().chain([b'\n'])).collect();
+        std::fs::write(dir.path().join("feed.jsonl"), text).unwrap();
+    };
+    write(2);
+    let source = "[source]\ntype = \"file\"\npath = \"feed.jsonl\"";
+    let text = totals_pipeline(source, &table, "", "[dead_letter]\ntype = \"stdout\"");
+    let file = write_pipeline(dir.path(), "totals", &text);
+    let out = run_until_eof(&file);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stored_totals(&pg.client, &table).await["MSFT"].0, 2);
+
+    // A pass-through stage before the totals: their state would be orphaned.
+    let totals = format!("plugin = \"{}\"", common::plugin_path("symbol_totals").display());
+    let echo = format!("plugin = \"{}\"", common::plugin_path("raw_echo").display());
+    write_pipeline(dir.path(), "totals", &text.replacen(&totals, &format!("{echo}\n[[transforms]]\n{totals}"), 1));
+    write(3);
+    let out = run_until_eof(&file);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("holds keys of transform 2, and transform 2 is now raw_echo, which keeps no state"), "{log}");
+    assert!(log.contains("--move 2 --to 3"), "{log}");
+    assert_eq!(stored_totals(&pg.client, &table).await["MSFT"].0, 2, "nothing written");
+    let state = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .arg("--cache-dir")
+            .arg(common::test_cache_dir())
+            .arg("state")
+            .arg(&file)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert!(state(&[]).contains("transform 2's state is orphaned"), "{}", state(&[]));
+    assert!(state(&["--move", "2", "--to", "3"]).contains("to transform 3"));
+    let out = run_until_eof(&file);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows = pg.client.query(&format!("SELECT trades FROM {table} WHERE symbol = 'MSFT'"), &[]).await.unwrap();
+    let trades: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(trades, [3], "the third trade counted on from 2: {trades:?}");
+}
+
 /// A paced feed over two partitions, and three kill -9s: the totals
 /// (state, rows and offsets committed together) count every trade once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

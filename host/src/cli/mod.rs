@@ -178,7 +178,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Backfill(args) => backfill::backfill(runtime()?, &args),
         Command::Schema(args) => schema::schema(&args),
         Command::Shadow(command) => shadow::shadow(&command),
-        Command::State(args) => state::state(&args),
+        Command::State(args) => state::state(&runtime()?, &args),
         Command::Top(args) => {
             let token = shadow::read_token(args.token_file.as_ref())?;
             crate::top::run(&args.addr, token.as_deref(), std::time::Duration::from_millis(args.interval_ms.max(100)))?;

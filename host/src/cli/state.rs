@@ -2,7 +2,10 @@
 //! keep in `sluice_state` (beside its exactly-once PostgreSQL sink's rows,
 //! or in its `[state.postgres]` database), read from the store (the
 //! pipeline need not run): per stage and partition its keys, its
-//! timers and its clock, or with `--key` one key's value.
+//! timers and its clock, or with `--key` one key's value. State stored for
+//! a transform that keeps none now is listed as orphaned; `--move` gives it
+//! to the transform it belongs to now, `--drop` deletes it (with the
+//! pipeline stopped).
 
 use crate::state::time::stored;
 use crate::state::{Filter, Stored};
@@ -24,9 +27,19 @@ pub struct StateArgs {
     /// Only this key (as UTF-8): its value and its timers.
     #[arg(long)]
     pub key: Option<String>,
+    /// Moves the state stored for this transform (1-based) to `--to`: for
+    /// a stateful stage whose place in the chain changed. Stop the pipeline first.
+    #[arg(long = "move", value_name = "FROM", requires = "to", conflicts_with = "drop", value_parser = clap::value_parser!(u32).range(1..))]
+    pub move_from: Option<u32>,
+    /// Where `--move` puts the state (1-based).
+    #[arg(long, value_name = "TO", requires = "move_from", value_parser = clap::value_parser!(u32).range(1..))]
+    pub to: Option<u32>,
+    /// Deletes the state stored for this transform (1-based). Stop the pipeline first.
+    #[arg(long, value_name = "STAGE", value_parser = clap::value_parser!(u32).range(1..))]
+    pub drop: Option<u32>,
 }
 
-pub fn state(args: &StateArgs) -> anyhow::Result<ExitCode> {
+pub fn state(runtime: &crate::runtime::Runtime, args: &StateArgs) -> anyhow::Result<ExitCode> {
     let spec = match crate::config::load_pipeline(&args.pipeline, None) {
         Ok(spec) => spec,
         Err(errors) => {
@@ -37,16 +50,56 @@ pub fn state(args: &StateArgs) -> anyhow::Result<ExitCode> {
     let dir = spec.file.parent().unwrap_or(std::path::Path::new(".")).to_path_buf();
     let stage = args.stage.map(|n| n - 1);
     let filter = Filter { stage, partition: args.partition, key: args.key.clone().map(String::into_bytes) };
-    let rows = super::tokio_runtime()?.block_on(async {
+    let (rows, changed) = super::tokio_runtime()?.block_on(async {
         let mut sinks = std::collections::BTreeMap::new();
         for (name, config) in &spec.sinks {
             sinks.insert(name.clone(), crate::sinks::build(name, config, &spec.name, &dir).await?);
         }
         let keeper = Keeper::of(&spec, &sinks, &dir)?;
-        keeper.store(&sinks)?.scan(&filter).await
+        let store = keeper.store(&sinks)?;
+        let changed = match (args.move_from, args.to, args.drop) {
+            (Some(from), Some(to), _) => {
+                let rows = store.move_stage(from - 1, to - 1).await?;
+                Some(format!("moved {rows} stored rows of transform {from}'s state to transform {to}"))
+            }
+            (_, _, Some(stage)) => {
+                let rows = store.drop_stage(stage - 1).await?;
+                Some(format!("dropped {rows} stored rows of transform {stage}'s state"))
+            }
+            _ => None,
+        };
+        Ok::<_, anyhow::Error>((store.scan(&filter).await?, changed))
     })?;
+    if let Some(changed) = changed {
+        println!("{changed}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let stateful = stateful_transforms(runtime, &spec);
     print!("{}", render(&rows, args.key.is_some()));
+    let mut orphaned: Vec<u32> = rows.iter().map(|r| r.stage).filter(|s| !stateful.contains(s)).collect();
+    orphaned.dedup();
+    for stage in orphaned {
+        println!(
+            "transform {n}'s state is orphaned: transform {n} keeps no state now (`--move {n} --to N` gives it to the transform that does, `--drop {n}` deletes it)",
+            n = stage + 1
+        );
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The transforms (indices from 0) of `spec` whose plugins keep state
+/// (contract 0.3); a plugin that cannot be loaded counts as stateful (its
+/// state is not called orphaned on a guess).
+fn stateful_transforms(runtime: &crate::runtime::Runtime, spec: &crate::config::Pipeline) -> Vec<u32> {
+    spec.transforms
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| {
+            let loaded = crate::runtime::Plugin::load(runtime, &t.path);
+            !matches!(loaded, Ok(plugin) if !plugin.contract.has_state())
+        })
+        .map(|(i, _)| i as u32)
+        .collect()
 }
 
 /// The stored keys as text: one line per entry, timer and clock, a summary

@@ -360,7 +360,7 @@ fn check_transform(
         ("batch_output_mib", n(l.batch_output_mib), 1..=65_536),
         ("log_lines_per_s", l.log_lines_per_s.map(u64::from), 0..=1_000_000),
         ("log_burst", l.log_burst.map(u64::from), 0..=1_000_000),
-        ("state_mib", n(l.state_mib), 1..=1_048_576),
+        ("state_mib", n(l.state_mib), 0..=1_048_576),
         ("state_ttl_ms", l.state_ttl_ms, 0..=3_153_600_000_000),
     ] {
         report.range(&format!("transform {} limits", index + 1), &["transforms", &at, "limits", key], value, range);
@@ -488,6 +488,9 @@ fn check_shadow(
         if !(0.0..=1.0).contains(&p.max_diff_ratio) {
             bad(format!("promote_after.max_diff_ratio = {} must be from 0 to 1", p.max_diff_ratio));
         }
+    }
+    if let Some(samples) = c.samples.filter(|n| *n > 10_000) {
+        bad(crate::connector::out_of_range("samples", samples as u64, &(0..=10_000)));
     }
     if c.ignore.iter().any(|i| i.is_empty() || i.split('.').any(str::is_empty)) {
         bad("ignore holds an empty path".into());

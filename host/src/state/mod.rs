@@ -51,6 +51,18 @@ pub trait StateStore: Send + Sync {
     /// partitions that hold entries, in every partition (those other
     /// instances own too).
     async fn versions(&self, stage: u32) -> anyhow::Result<std::collections::BTreeSet<u32>>;
+
+    /// The stages (transform indices, from 0) the pipeline's store holds
+    /// keys of.
+    async fn stages(&self) -> anyhow::Result<std::collections::BTreeSet<u32>>;
+
+    /// Moves stage `from`'s stored state to stage `to` (which must hold
+    /// none), for a stage whose place in the chain changed; returns how
+    /// many rows moved.
+    async fn move_stage(&self, from: u32, to: u32) -> anyhow::Result<u64>;
+
+    /// Deletes stage `stage`'s stored state; returns how many rows went.
+    async fn drop_stage(&self, stage: u32) -> anyhow::Result<u64>;
 }
 
 /// Which stored keys [`StateStore::scan`] returns: `None` is any.

@@ -92,7 +92,7 @@ impl Topology {
                     stage.plugin().name,
                     spec.name
                 ),
-                (Some(_), Some(held)) => check_state_versions(&chain, &*held.store, &held.stages)
+                (Some(_), Some(held)) => check_state_versions(&chain, &*held.store, &held.stages, &spec.file)
                     .await
                     .with_context(|| format!("cannot swap the plugins of pipeline {} ({})", spec.name, spec.file.display()))?,
                 (None, _) => {}

@@ -135,7 +135,7 @@ impl PipelineTask {
         let source = spec.source.connector().build(&cx)?;
         let mut state = state_for(&chain, &spec, &sinks, dir)?;
         if let Some((state, _)) = &mut state {
-            check_state_versions(&chain, &*state.store(), &BTreeMap::new()).await?;
+            check_state_versions(&chain, &*state.store(), &BTreeMap::new(), &spec.file).await?;
             chain.attach_state(state);
         }
         Ok(PipelineTask { refused: refused.clone(), spec, source, chain, sinks, dead_letter, state })
@@ -481,7 +481,37 @@ pub async fn check_state_versions(
     chain: &Chain,
     store: &dyn StateStore,
     memory: &BTreeMap<u32, SharedState>,
+    file: &std::path::Path,
 ) -> anyhow::Result<()> {
+    // State stored for a place in the chain that keeps none now (a stage
+    // inserted before it, or removed) would be orphaned, and the stage that
+    // keeps it would start over: refused, with the way out.
+    match store.stages().await {
+        Ok(stored) => {
+            let stateful: Vec<u32> = chain.stateful().map(|(i, _)| i as u32).collect();
+            if let Some(orphan) = stored.iter().find(|s| !stateful.contains(s)) {
+                let now = match chain.stages().get(*orphan as usize) {
+                    Some(stage) => format!("is now {}, which keeps no state", stage.plugin().name),
+                    None => format!("is no more (the chain has {})", chain.stages().len()),
+                };
+                let file = file.display();
+                let to = match stateful.iter().find(|s| !stored.contains(s)) {
+                    Some(s) => (s + 1).to_string(),
+                    None => "N".into(),
+                };
+                anyhow::bail!(
+                    "the pipeline's stored state holds keys of transform {n}, and transform {n} {now}: starting would orphan them. \
+                     If that stage moved, move its state with `sluice state {file} --move {n} --to {to}`; \
+                     to drop it, `sluice state {file} --drop {n}`",
+                    n = orphan + 1
+                );
+            }
+        }
+        Err(error) => {
+            let error = format!("{error:#}");
+            warn!(%error, "cannot read which stages the store holds state of; each partition is checked when it is loaded");
+        }
+    }
     for (index, stage) in chain.stateful() {
         // A store that cannot be read now (the database down) does not stop
         // a start or a swap: each partition is checked again when loaded,
@@ -956,6 +986,199 @@ mod tests {
                 "flush",
             ]
         );
+    }
+
+    /// What outlives a crash: the exactly-once sink's rows and the offset
+    /// stored with them, and the dead letters (source offsets), plus the
+    /// write at which this run crashes.
+    #[derive(Default)]
+    struct Durable {
+        rows: Vec<i64>,
+        next: i64,
+        dead: Vec<i64>,
+        /// Writes so far (sink commits and dead-letter writes).
+        writes: usize,
+        /// The write that never returns (the crash), and whether it is
+        /// durable before the crash.
+        crash_at: Option<(usize, bool)>,
+        crashed: bool,
+    }
+
+    type Shared = Arc<Mutex<Durable>>;
+
+    /// One write: durable (`apply`) unless the crash comes first; at the
+    /// crash the write never returns.
+    async fn durable_write(shared: &Shared, apply: impl FnOnce(&mut Durable)) {
+        let crash = {
+            let mut d = shared.lock().unwrap();
+            d.writes += 1;
+            let crash = d.crash_at.filter(|(at, _)| *at == d.writes);
+            if crash.is_none_or(|(_, durable)| durable) {
+                apply(&mut d);
+            }
+            d.crashed |= crash.is_some();
+            crash.is_some()
+        };
+        if crash {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// An exactly-once sink: skips records below its stored offset, refuses
+    /// values starting with "refuse" and hands them to the dead letters
+    /// before it commits its rows with the offset.
+    struct CommittingSink(Shared);
+
+    #[async_trait]
+    impl Sink for CommittingSink {
+        async fn write(&self, batch: &[OutputRef<'_>], origins: &[&Origin]) -> anyhow::Result<Vec<Rejected>> {
+            self.write_committed(batch, origins, None, &()).await
+        }
+
+        fn commits_positions(&self) -> bool {
+            true
+        }
+
+        async fn write_committed(
+            &self,
+            batch: &[OutputRef<'_>],
+            origins: &[&Origin],
+            _delta: Option<&Delta>,
+            refusals: &dyn Refusals,
+        ) -> anyhow::Result<Vec<Rejected>> {
+            let stored = self.0.lock().unwrap().next;
+            let (mut rows, mut refused) = (Vec::new(), Vec::new());
+            for (index, (out, origin)) in batch.iter().zip(origins).enumerate() {
+                if origin.offset < stored {
+                    continue;
+                }
+                if out.value.starts_with(b"refuse") {
+                    refused.push(Rejected { index, reason: "refused".into() });
+                } else {
+                    rows.push(origin.offset);
+                }
+            }
+            if !refused.is_empty() {
+                refusals.keep(&refused).await?;
+            }
+            let next = origins.iter().map(|o| o.offset + 1).max().unwrap_or(stored).max(stored);
+            durable_write(&self.0, |d| {
+                d.rows.extend(rows);
+                d.next = next;
+            })
+            .await;
+            Ok(refused)
+        }
+    }
+
+    /// The dead-letter destination: keeps each dead letter's origin offset.
+    struct DeadLetters(Shared);
+
+    #[async_trait]
+    impl Sink for DeadLetters {
+        async fn write(&self, _batch: &[OutputRef<'_>], origins: &[&Origin]) -> anyhow::Result<Vec<Rejected>> {
+            let offsets: Vec<i64> = origins.iter().map(|o| o.offset).collect();
+            durable_write(&self.0, |d| d.dead.extend(offsets)).await;
+            Ok(Vec::new())
+        }
+    }
+
+    /// Runs the pipeline over `batches` (read again from the start, as a
+    /// file source is after a restart) until it ends or crashes; true when
+    /// it ended.
+    async fn run_until_end_or_crash(batches: &[Vec<Record>], shared: &Shared) -> bool {
+        let runtime = Runtime::new(None).unwrap();
+        let text = "[source]\ntype = \"kafka\"\nbrokers = \"none:9092\"\ntopics = [\"t\"]\n[sinks.pg]\ntype = \"stdout\"\n[dead_letter]\ntype = \"stdout\"\n";
+        let spec = crate::config::parse_pipeline(text, std::path::Path::new("/nonexistent/p.toml"), None).unwrap();
+        let source =
+            Arc::new(MemorySource { batches: Mutex::new(batches.iter().cloned().collect()), log: Log::default() });
+        let task = PipelineTask {
+            refused: Refused::default(),
+            spec,
+            source,
+            chain: Chain::new(&runtime, &[], "p").unwrap(),
+            sinks: [("pg".to_string(), Box::new(CommittingSink(shared.clone())) as Box<dyn Sink>)].into(),
+            dead_letter: Box::new(DeadLetters(shared.clone())),
+            state: None,
+        };
+        let (_swap, swaps) = mpsc::unbounded_channel();
+        let run = tokio::spawn(task.run(CancellationToken::new(), swaps));
+        loop {
+            if run.is_finished() {
+                run.await.unwrap().unwrap();
+                return true;
+            }
+            if shared.lock().unwrap().crashed {
+                run.abort(); // the crash: nothing after it happens
+                let _ = run.await;
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
+        /// For any batches of records the source rejects, the sink refuses
+        /// or takes, and crashes at any write (before or after it is
+        /// durable), restarted until a run ends: every record is in the
+        /// sink once or in the dead letters (at least once, one record per
+        /// origin), never both, never neither.
+        #[test]
+        fn every_record_ends_in_the_sink_once_or_in_the_dead_letters_through_crashes(
+            kinds in proptest::collection::vec(proptest::collection::vec(0..3u8, 1..6), 1..5),
+            crashes in proptest::collection::vec((1..12usize, proptest::bool::ANY), 0..4),
+        ) {
+            let mut offset = 0;
+            let batches: Vec<Vec<Record>> = kinds
+                .iter()
+                .map(|batch| {
+                    batch
+                        .iter()
+                        .map(|kind| {
+                            offset += 1;
+                            match kind {
+                                0 => record(&format!("ok-{offset}"), offset, None),
+                                1 => record(&format!("refuse-{offset}"), offset, None),
+                                _ => record(&format!("bad-{offset}"), offset, Some("not JSON")),
+                            }
+                        })
+                        .collect()
+                })
+                .collect();
+            let tokio = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            let shared: Shared = Arc::default();
+            for crash in crashes.into_iter().map(Some).chain([None]) {
+                {
+                    let mut d = shared.lock().unwrap();
+                    d.writes = 0;
+                    d.crashed = false;
+                    d.crash_at = crash;
+                }
+                if tokio.block_on(run_until_end_or_crash(&batches, &shared)) {
+                    break;
+                }
+            }
+            let d = shared.lock().unwrap();
+            let mut rows = d.rows.clone();
+            rows.sort();
+            let before = rows.len();
+            rows.dedup();
+            proptest::prop_assert_eq!(before, rows.len(), "a row written twice");
+            let mut dead = d.dead.clone();
+            dead.sort();
+            dead.dedup();
+            let mut want_rows = Vec::new();
+            let mut want_dead = Vec::new();
+            for r in batches.iter().flatten() {
+                match r.value.starts_with(b"ok") {
+                    true => want_rows.push(r.origin.offset),
+                    false => want_dead.push(r.origin.offset),
+                }
+            }
+            proptest::prop_assert_eq!(rows, want_rows);
+            proptest::prop_assert_eq!(dead, want_dead);
+        }
     }
 
     #[test]

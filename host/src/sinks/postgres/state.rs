@@ -187,6 +187,62 @@ impl StateStore for PgStateStore {
             .collect())
     }
 
+    async fn stages(&self) -> anyhow::Result<std::collections::BTreeSet<u32>> {
+        let (mut guard, client) = self.take_client().await?;
+        let rows = client
+            .query(
+                &format!("SELECT DISTINCT stage FROM {} WHERE pipeline = $1", quote_ident(&self.state_table)),
+                &[&self.pipeline],
+            )
+            .await
+            .with_context(|| format!("cannot read the state table {}", self.state_table))?;
+        *guard = Some(client);
+        Ok(rows.into_iter().map(|row| row.get::<_, i32>(0) as u32).collect())
+    }
+
+    async fn move_stage(&self, from: u32, to: u32) -> anyhow::Result<u64> {
+        let (mut guard, client) = self.take_client().await?;
+        let table = quote_ident(&self.state_table);
+        let moved = async {
+            client.batch_execute("BEGIN").await?;
+            let held: i64 = client
+                .query_one(
+                    &format!("SELECT count(*) FROM {table} WHERE pipeline = $1 AND stage = $2"),
+                    &[&self.pipeline, &(to as i32)],
+                )
+                .await?
+                .get(0);
+            if held > 0 {
+                client.batch_execute("ROLLBACK").await?;
+                anyhow::bail!("transform {} holds state already ({held} rows): drop it first", to + 1);
+            }
+            let moved = client
+                .execute(
+                    &format!("UPDATE {table} SET stage = $3 WHERE pipeline = $1 AND stage = $2"),
+                    &[&self.pipeline, &(from as i32), &(to as i32)],
+                )
+                .await?;
+            client.batch_execute("COMMIT").await?;
+            Ok(moved)
+        };
+        let moved = moved.await.with_context(|| format!("cannot move the state in {}", self.state_table))?;
+        *guard = Some(client);
+        Ok(moved)
+    }
+
+    async fn drop_stage(&self, stage: u32) -> anyhow::Result<u64> {
+        let (mut guard, client) = self.take_client().await?;
+        let dropped = client
+            .execute(
+                &format!("DELETE FROM {} WHERE pipeline = $1 AND stage = $2", quote_ident(&self.state_table)),
+                &[&self.pipeline, &(stage as i32)],
+            )
+            .await
+            .with_context(|| format!("cannot delete from {}", self.state_table))?;
+        *guard = Some(client);
+        Ok(dropped)
+    }
+
     async fn versions(&self, stage: u32) -> anyhow::Result<std::collections::BTreeSet<u32>> {
         let (mut guard, client) = self.take_client().await?;
         let table = quote_ident(&self.state_table);

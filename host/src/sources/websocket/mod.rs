@@ -15,10 +15,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// `type = "websocket"`: a live feed (e.g. Finnhub's trades). Each text or
-/// binary frame is one record; timestamp = time received; origin = the URL's
-/// host, partition 0, a per-connection sequence as offset. A WebSocket
-/// cannot replay: frames sent while disconnected are lost (at-most-once
-/// across reconnects); within a connection nothing is dropped.
+/// binary frame is one record; timestamp = time received; origin = the
+/// URL's host and this run's random id (`HOST#RUN`), partition 0, the
+/// frame's number in the run as offset. A WebSocket cannot replay: frames
+/// sent while disconnected are lost (at-most-once across reconnects);
+/// within a connection nothing is dropped.
 #[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WebSocketSourceConfig {
