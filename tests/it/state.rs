@@ -88,6 +88,20 @@ columns = [
     )
 }
 
+/// `sluice state FILE ARGS`: what it prints (it must succeed).
+fn sluice_state(file: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("--cache-dir")
+        .arg(common::test_cache_dir())
+        .arg("state")
+        .arg(file)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
 fn run_until_eof(file: &std::path::Path) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
         .arg("--cache-dir")
@@ -140,16 +154,7 @@ async fn totals_from_a_replayed_capture_are_exact_and_a_replay_changes_none() {
     assert_eq!(held, rows, "the state's counts are the rows' counts (one partition)");
 
     // `sluice state` reads the same from the store.
-    let state = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .arg("state")
-            .arg(&file)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let state = |args: &[&str]| sluice_state(&file, args);
     let all = state(&["--stage", "2"]);
     assert!(all.starts_with("transform 2 ") && all.contains(": 6 keys"), "{all}");
     let aapl = state(&["--key", "AAPL"]);
@@ -190,18 +195,7 @@ async fn a_start_that_would_orphan_stored_state_is_refused_until_it_is_moved() {
     assert!(log.contains("holds keys of transform 2, and transform 2 is now raw_echo, which keeps no state"), "{log}");
     assert!(log.contains("--move 2 --to 3"), "{log}");
     assert_eq!(stored_totals(&pg.client, &table).await["MSFT"].0, 2, "nothing written");
-    let state = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .arg("--cache-dir")
-            .arg(common::test_cache_dir())
-            .arg("state")
-            .arg(&file)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let state = |args: &[&str]| sluice_state(&file, args);
     assert!(state(&[]).contains("transform 2's state is orphaned"), "{}", state(&[]));
     assert!(state(&["--move", "2", "--to", "3"]).contains("to transform 3"));
     let out = run_until_eof(&file);
