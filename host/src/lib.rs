@@ -1,6 +1,6 @@
 //! # Sluice: a WebAssembly plugin-based stream router
 //!
-//! Sluice reads records from sources (Kafka, WebSocket), runs them through a chain of
+//! Sluice reads records from sources (Kafka, WebSocket, files), runs them through a chain of
 //! user-compiled WebAssembly transform components, and writes the results to
 //! sinks (Kafka, PostgreSQL, stdout).
 //!
@@ -12,8 +12,9 @@
 //!   sinks read as borrowed `OutputRef` views);
 //! - [`runtime`]: the wasmtime engine, the plugin loader with its compile cache,
 //!   plugin instances with time and memory limits (async calls, so that the
-//!   time limit holds inside host calls) and sandbox grants, and both
-//!   plugin contracts (0.1 typed records, 0.2 one buffer per batch);
+//!   time limit holds inside host calls) and sandbox grants, and the
+//!   plugin contracts (0.1 typed records, 0.2 one buffer per batch, 0.3
+//!   with keyed state, timers and state versions);
 //! - [`config`]: pipeline files: TOML structures, `${VAR}` expansion, validation,
 //!   and the JSON Schema and reference chapter generated from the structures;
 //! - [`feed`]: a Finnhub-style trade feed generator (demo, tests, benchmarks)
@@ -49,8 +50,8 @@
 //! - [`scaffold`]: `sluice plugin new`, the plugin skeletons in Rust, Python and JavaScript;
 //! - [`top`]: `sluice top`, the terminal dashboard over an instance's `/status`;
 //! - [`cli`]: the `sluice` command line, one module per sub-command (`run`
-//!   with its reload path, `check`, `backfill`, `shadow`, `feed`, `plugin`,
-//!   `schema`); `main.rs` only calls
+//!   with its reload path, `check`, `backfill`, `shadow`, `state`, `feed`,
+//!   `plugin`, `schema`, `top`); `main.rs` only calls
 //!   [`cli::main`].
 
 /// glibc's malloc spends a third of the WASM path's time consolidating the
