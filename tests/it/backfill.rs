@@ -138,3 +138,37 @@ async fn a_past_range_is_recomputed_into_a_side_table_exactly_once_beside_the_li
     assert_eq!(status, 2, "{text}");
     assert!(text.contains("live target"), "{text}");
 }
+
+/// A backfill never writes into the live table under another spelling of
+/// its name (`public.t` for `t`: the names are resolved as PostgreSQL
+/// does), never runs over a range that is empty for certain, and refuses a
+/// source that cannot read a range. Each is refused before anything is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_into_the_live_table_or_over_an_empty_range_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = format!("bf_live_{}_{}", std::process::id(), free_port());
+    let pipeline = |source: &str| {
+        format!(
+            "name = \"bf\"\n{source}[[transforms]]\nplugin = \"{}\"\n[sinks.pg]\ntype = \"postgres\"\nurl = \"{PG_URL}\"\ntable = \"{live}\"\n{TRADE_COLUMNS}\n[dead_letter]\ntype = \"stdout\"\n",
+            common::plugin_path("trade_flattener").display()
+        )
+    };
+    let kafka = "[source]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:9\"\ntopics = [\"in\"]\n";
+    let file = write_pipeline(dir.path(), "bf", &pipeline(kafka));
+    let log = dir.path().join("log");
+    let cases: [(&[&str], &str); 2] = [
+        (&["--from", "earliest", "--into", &format!("public.{live}")], "is the live table"),
+        (&["--from", "2020-01-02T00:00:00Z", "--to", "2020-01-01T00:00:00Z", "--into", "side"], "the range is empty"),
+    ];
+    for (args, want) in cases {
+        let code = exit_code(backfill(&file, args, "127.0.0.1:9", &log), &log);
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert_ne!(code, 0, "{args:?}: {text}");
+        assert!(text.contains(want), "{args:?}: {text}");
+    }
+    let file_source = write_pipeline(dir.path(), "bf", &pipeline("[source]\ntype = \"file\"\npath = \"bf.toml\"\n"));
+    let code = exit_code(backfill(&file_source, &["--from", "earliest", "--into", "side"], "", &log), &log);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_ne!(code, 0, "{text}");
+    assert!(text.contains("a `file` source cannot"), "{text}");
+}

@@ -16,7 +16,6 @@ use crate::config::Pipeline;
 use crate::connector::{Position, Range, RunOptions};
 use crate::runtime::Runtime;
 use crate::sinks::SinkConfig;
-use crate::sources::SourceConfig;
 use anyhow::Context;
 use clap::Args;
 use std::path::PathBuf;
@@ -126,8 +125,8 @@ pub fn backfill(runtime: Runtime, args: &BackfillArgs) -> anyhow::Result<ExitCod
 fn side_pipeline(runtime: &Runtime, mut pipeline: Pipeline, args: &BackfillArgs) -> anyhow::Result<Pipeline> {
     let file = pipeline.file.display().to_string();
     anyhow::ensure!(
-        matches!(pipeline.source, SourceConfig::Kafka(_)),
-        "{file}: a backfill reads a Kafka source's past offsets; this pipeline's source is `{}`",
+        pipeline.source.connector().reads_ranges(),
+        "{file}: a backfill reads a past range of the source's input; a `{}` source cannot",
         pipeline.source.kind()
     );
     let targets = redirect(&mut pipeline, &args.into).with_context(|| format!("{file}: --into"))?;
@@ -179,7 +178,7 @@ async fn not_into_live_tables(live: &Pipeline, side: &Pipeline) -> anyhow::Resul
 /// Points each sink at its `--into` target; returns the targets.
 fn redirect(pipeline: &mut Pipeline, into: &[String]) -> anyhow::Result<Vec<String>> {
     let names: Vec<String> =
-        pipeline.sinks.iter().filter(|(_, s)| !matches!(s, SinkConfig::Stdout(_))).map(|(n, _)| n.clone()).collect();
+        pipeline.sinks.iter().filter(|(_, s)| s.connector().target().is_some()).map(|(n, _)| n.clone()).collect();
     let mut given = std::collections::BTreeMap::new();
     for raw in into {
         let (sink, target) = match raw.split_once('=') {
@@ -199,13 +198,8 @@ fn redirect(pipeline: &mut Pipeline, into: &[String]) -> anyhow::Result<Vec<Stri
         "sink(s) {missing:?} would write into the live targets: give each a side target (SINK=TARGET)"
     );
     for (sink, target) in &given {
-        let live = match pipeline.sinks.get_mut(sink) {
-            Some(SinkConfig::Postgres(pg)) => {
-                pg.create_table = true;
-                std::mem::replace(&mut pg.table, target.clone())
-            }
-            Some(SinkConfig::Kafka(kafka)) => std::mem::replace(&mut kafka.topic, target.clone()),
-            _ => continue,
+        let Some(live) = pipeline.sinks.get_mut(sink).and_then(|s| s.connector_mut().redirect(target)) else {
+            continue;
         };
         anyhow::ensure!(live != *target, "sink {sink:?}: {target:?} is the live target; a backfill writes beside it");
     }

@@ -39,6 +39,20 @@ pub trait Connector: Send + Sync {
     /// it (relative paths, a named connection).
     fn check(&mut self, cx: &mut Check<'_>);
 
+    /// The table or topic the sink writes to; `None` for a sink with no
+    /// target to point elsewhere (stdout), which a backfill leaves as it is.
+    fn target(&self) -> Option<&str> {
+        None
+    }
+
+    /// Points the sink at `target` instead of its own (a backfill writes
+    /// beside the live pipeline); returns the live target. Only a sink
+    /// with a [`Connector::target`] is asked.
+    fn redirect(&mut self, target: &str) -> Option<String> {
+        let _ = target;
+        None
+    }
+
     /// The running sink `name`, for a pipeline starting.
     fn build(&self, name: &str, cx: &Build<'_>) -> anyhow::Result<Box<dyn Sink>>;
 }

@@ -33,6 +33,13 @@ pub trait Connector: Send + Sync {
         true
     }
 
+    /// Whether the source can read a past range of its input and end there
+    /// (`sluice backfill`, [`crate::connector::Range`]). Default: no, and a
+    /// build with a range is refused.
+    fn reads_ranges(&self) -> bool {
+        false
+    }
+
     /// The running source, for a pipeline starting.
     fn build(&self, cx: &Build<'_>) -> anyhow::Result<Arc<dyn Source>>;
 }

@@ -49,6 +49,14 @@ impl Connector for KafkaSinkConfig {
         crate::clients::kafka::resolve(cx, &mut self.brokers, &self.connection, &mut self.properties);
     }
 
+    fn target(&self) -> Option<&str> {
+        Some(&self.topic)
+    }
+
+    fn redirect(&mut self, target: &str) -> Option<String> {
+        Some(std::mem::replace(&mut self.topic, target.to_string()))
+    }
+
     fn build(&self, name: &str, cx: &Build<'_>) -> anyhow::Result<Box<dyn Sink>> {
         Ok(Box::new(KafkaSink::new(self, name, cx.pipeline)?))
     }

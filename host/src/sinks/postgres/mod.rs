@@ -297,6 +297,16 @@ fn default_true() -> bool {
 }
 
 impl Connector for PostgresSinkConfig {
+    fn target(&self) -> Option<&str> {
+        Some(&self.table)
+    }
+
+    /// A side table, made when missing.
+    fn redirect(&mut self, target: &str) -> Option<String> {
+        self.create_table = true;
+        Some(std::mem::replace(&mut self.table, target.to_string()))
+    }
+
     fn check(&mut self, cx: &mut Check<'_>) {
         if let Err(errors) = client::target(self, cx.dir()) {
             for e in errors {

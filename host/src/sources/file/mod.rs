@@ -122,6 +122,7 @@ impl Connector for FileSourceConfig {
     }
 
     fn build(&self, cx: &Build<'_>) -> anyhow::Result<Arc<dyn Source>> {
+        anyhow::ensure!(cx.options.range.is_none(), "a file source cannot read a range of its input");
         Ok(Arc::new(FileSource {
             config: self.clone(),
             until_eof: cx.options.until_eof,

@@ -79,6 +79,10 @@ impl KafkaSourceConfig {
 }
 
 impl Connector for KafkaSourceConfig {
+    fn reads_ranges(&self) -> bool {
+        true
+    }
+
     fn check(&mut self, cx: &mut Check<'_>) {
         crate::clients::kafka::resolve(cx, &mut self.brokers, &self.connection, &mut self.properties);
         if self.topics.is_empty() {

@@ -116,6 +116,7 @@ impl Connector for WebSocketSourceConfig {
     }
 
     fn build(&self, cx: &Build<'_>) -> anyhow::Result<Arc<dyn Source>> {
+        anyhow::ensure!(cx.options.range.is_none(), "a websocket source cannot read a range of its input");
         Ok(Arc::new(WebSocketSource::new(self, cx.pipeline)?))
     }
 }
