@@ -696,13 +696,8 @@ impl Delivery {
         // What the sink did not hand over before committing (a sink of
         // another kind): written now.
         let kept = std::mem::take(&mut *lock_kept(&refusals.kept));
-        let late: Dead = self
-            .refused(batch, name, owners, &rejected)
-            .into_iter()
-            .zip(&rejected)
-            .filter(|(_, r)| !kept.contains(&r.index))
-            .map(|(dead, _)| dead)
-            .collect();
+        let unkept: Vec<Rejected> = rejected.iter().filter(|r| !kept.contains(&r.index)).cloned().collect();
+        let late = self.refused(batch, name, owners, &unkept);
         if !late.is_empty() {
             retry(pipeline, "dead_letter", cancel, || self.write_dead(batch, &late)).await?;
         }

@@ -230,11 +230,16 @@ impl PostgresSink {
                 // The plugins' state goes to those offsets, when it is kept
                 // with this sink (and only then: another sink's table is no
                 // reason to forget it).
-                let state = state_table(&offsets_table(&self.config));
-                let has_state: bool = tx.query_one("SELECT to_regclass($1) IS NOT NULL", &[&state]).await?.get(0);
-                if has_state && forgotten > 0 && self.keeps_state.load(std::sync::atomic::Ordering::Relaxed) {
-                    tx.execute(&format!("DELETE FROM {} WHERE pipeline = $1", quote_ident(&state)), &[&self.pipeline])
+                if forgotten > 0 && self.keeps_state.load(std::sync::atomic::Ordering::Relaxed) {
+                    let state = state_table(&offsets_table(&self.config));
+                    let has_state: bool = tx.query_one("SELECT to_regclass($1) IS NOT NULL", &[&state]).await?.get(0);
+                    if has_state {
+                        tx.execute(
+                            &format!("DELETE FROM {} WHERE pipeline = $1", quote_ident(&state)),
+                            &[&self.pipeline],
+                        )
                         .await?;
+                    }
                 }
                 if forgotten > 0 {
                     info!(
@@ -407,8 +412,8 @@ impl PostgresSink {
     /// written under a savepoint, and a range PostgreSQL refuses is halved
     /// until each refused row stands alone. Returns how many rows were
     /// skipped as written before, and the refused rows (indices in `rows`)
-    /// with PostgreSQL's reason (made by `refused` from a row's index and
-    /// the reason), handed to `refusals` before the commit. About
+    /// with PostgreSQL's reason (indexed in the batch: `row_index[row]`),
+    /// handed to `refusals` before the commit. About
     /// 2·k·log2(n) round trips for k refused rows of n; the conversion
     /// refuses what it can know beforehand, so this path is rare.
     #[allow(clippy::too_many_arguments)]
@@ -418,8 +423,8 @@ impl PostgresSink {
         prepared: &Prepared,
         rows: &Rows<'_>,
         origins: &[&Origin],
+        row_index: &[usize],
         delta: Option<&Delta>,
-        refused: &(dyn Fn(usize, String) -> Rejected + Sync),
         refusals: &dyn Refusals,
     ) -> anyhow::Result<(usize, Vec<Rejected>)> {
         let Positions { topics, partitions, nexts } = positions(origins, delta);
@@ -454,7 +459,7 @@ impl PostgresSink {
                     let reason = refused_data(&error).map(refused_reason).ok_or(error)?;
                     client.batch_execute("ROLLBACK TO SAVEPOINT sluice_rows").await?;
                     if range.len() == 1 {
-                        sifted.push(refused(kept[range.start], reason));
+                        sifted.push(Rejected { index: row_index[kept[range.start]], reason });
                     } else {
                         let mid = range.start + range.len() / 2;
                         ranges.push(mid..range.end);
@@ -741,9 +746,8 @@ impl PostgresSink {
                     "postgres refused a value of the batch; writing it again row range by row range to find the rows it refuses"
                 );
                 client.batch_execute("ROLLBACK").await.context("cannot roll back the refused batch")?;
-                let refused = |row: usize, reason: String| Rejected { index: row_index[row], reason };
                 let (skipped, refused) = self
-                    .copy_sifting(&client, &prepared, &rows, &row_origins, delta, &refused, refusals)
+                    .copy_sifting(&client, &prepared, &rows, &row_origins, &row_index, delta, refusals)
                     .await
                     .with_context(|| format!("cannot write {} rows to {}", rows.len(), self.config.table))?;
                 rejected.extend(refused);
