@@ -13,13 +13,25 @@
 # Environment: DEMO_SECONDS of live feed (default 10), DEMO_RATE frames/s
 # (default 2000), SLUICE_PG_URL (default postgres://postgres@127.0.0.1:5432/postgres),
 # DEMO_BROKER_PORT (default 19092), DEMO_FEED_PORT (default 18765).
+# SLUICE_BROKERS naming a Kafka that answers: the demo uses it, and neither
+# installs nor starts a broker (its topics trades_raw and trades_dlq must
+# exist, or the broker must create topics on first use).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${DEMO_SECONDS:-10}
 rate=${DEMO_RATE:-2000}
 port=${DEMO_BROKER_PORT:-19092}
 feed_port=${DEMO_FEED_PORT:-18765}
-export SLUICE_BROKERS=127.0.0.1:$port
+own_broker=
+if [ -n "${SLUICE_BROKERS:-}" ]; then
+  first=${SLUICE_BROKERS%%,*}
+  if (exec 3<>"/dev/tcp/${first%:*}/${first##*:}") 2>/dev/null; then
+    own_broker=1
+  else
+    echo "== SLUICE_BROKERS=$SLUICE_BROKERS does not answer: starting a local broker instead" >&2
+  fi
+fi
+[ -n "$own_broker" ] || export SLUICE_BROKERS=127.0.0.1:$port
 export SLUICE_PG_URL=${SLUICE_PG_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 # The stand-in plays Finnhub; with a real token, leave FINNHUB_URL unset.
 export FINNHUB_URL=ws://127.0.0.1:$feed_port
@@ -28,9 +40,11 @@ export FINNHUB_TOKEN=demo-token
 # default): pipelines/trades.toml reads this for low latency against it.
 export SLUICE_FETCH_WAIT_MS=${SLUICE_FETCH_WAIT_MS:-10}
 
-scripts/install-tansu.sh
+[ -n "$own_broker" ] || scripts/install-tansu.sh
 scripts/ensure-postgres.sh
+echo "== building the plugins (WebAssembly components; about 5 minutes the first time)" >&2
 scripts/build-plugins.sh
+echo "== building sluice (release; about 20 minutes on 2 cores the first time)" >&2
 cargo build --release --locked -p sluice
 sluice=target/release/sluice
 
@@ -39,18 +53,23 @@ pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-echo "== starting the broker (tansu, in memory) on $SLUICE_BROKERS" >&2
-tansu broker --listener-url "tcp://$SLUICE_BROKERS" --advertised-listener-url "tcp://$SLUICE_BROKERS" \
-  --storage-engine memory://tansu/ >"$work/tansu.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
-for topic in trades_raw trades_dlq; do
-  tansu topic create --broker "tcp://$SLUICE_BROKERS" --partitions 3 "$topic" >/dev/null
-done
+if [ -n "$own_broker" ]; then
+  echo "== using the broker at $SLUICE_BROKERS" >&2
+else
+  echo "== starting the broker (tansu, in memory) on $SLUICE_BROKERS" >&2
+  tansu broker --listener-url "tcp://$SLUICE_BROKERS" --advertised-listener-url "tcp://$SLUICE_BROKERS" \
+    --storage-engine memory://tansu/ >"$work/tansu.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+  for topic in trades_raw trades_dlq; do
+    tansu topic create --broker "tcp://$SLUICE_BROKERS" --partitions 3 "$topic" >/dev/null
+  done
+fi
 
-# A fresh broker starts its offsets at 0 again: start from an empty table (when
-# the sink creates it, it forgets the source offsets and the plugin state
-# stored with the old rows).
+# Start from empty tables (when a sink creates its table, it forgets the
+# source offsets and the plugin state stored with the old rows): a fresh
+# broker starts its offsets at 0 again, and on a broker of your own the
+# pipelines go on from their groups' offsets there, past earlier runs' trades.
 psql "$SLUICE_PG_URL" -qc "DROP TABLE IF EXISTS trades; DROP TABLE IF EXISTS candles" 2>/dev/null
 "$sluice" check pipelines/
 

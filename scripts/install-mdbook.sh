@@ -8,5 +8,5 @@ version=0.5.4
 if command -v mdbook >/dev/null 2>&1 && mdbook --version 2>/dev/null | grep -q "v$version"; then
   exit 0
 fi
-echo "installing mdbook $version from crates.io..." >&2
+echo "installing mdbook $version from crates.io (about 2 minutes on 2 cores)..." >&2
 cargo install mdbook --locked --version "$version" --no-default-features --features search

@@ -18,5 +18,5 @@ PY
 if installed; then
   exit 0
 fi
-echo "installing tansu $version ($features) from crates.io (about 10 minutes on 2 cores)..." >&2
+echo "installing tansu $version ($features) from crates.io (about 13 minutes on 2 cores)..." >&2
 cargo install tansu --locked --force --version "$version" --features "$features"

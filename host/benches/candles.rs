@@ -18,9 +18,9 @@
 //! (`BENCH_FRAMES=N`, default 200,000 frames). Needs PostgreSQL at 127.0.0.1:5432.
 
 use sluice::config::load_pipeline;
-use sluice::connector::RunOptions;
 use sluice::feed::FeedGenerator;
 use sluice::runtime::Runtime;
+use sluice::sources::RunOptions;
 use sluice::topology::Topology;
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -119,7 +119,7 @@ async fn main() -> anyhow::Result<()> {
     )?;
     let spec = sluice::config::load_pipeline(&file, None).map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let sink = sluice::sinks::build("pg", &spec.sinks["pg"], "restore", dir.path()).await?;
-    let store = sink.state_store().ok_or_else(|| anyhow::anyhow!("no state store"))?;
+    let store = sink.state_keeper().ok_or_else(|| anyhow::anyhow!("no state store"))?.store();
     let (pg, connection) =
         tokio_postgres::connect("postgres://postgres@127.0.0.1:5432/postgres", tokio_postgres::NoTls).await?;
     tokio::spawn(connection);

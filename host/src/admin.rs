@@ -28,7 +28,7 @@
 //!   `/metrics` and `/health` alone (read-only, for Prometheus) on another
 //!   address.
 
-use crate::telemetry::{telemetry, PipelineState};
+use crate::telemetry::{telemetry, PipelineLive};
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
@@ -59,7 +59,7 @@ pub struct PipelineStatus {
     pub plugins: Vec<PluginStatus>,
     /// Live state and counters, filled in when `/status` is asked.
     #[serde(flatten)]
-    pub state: PipelineState,
+    pub state: PipelineLive,
     /// Its shadow runs, filled in when `/status` is asked.
     pub shadows: Vec<crate::shadow::ShadowReport>,
 }

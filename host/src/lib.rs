@@ -24,25 +24,31 @@
 //!   file is read, `Build` when a pipeline starts) and the `registry!` that lists them;
 //! - [`sources`]: where records come from, one folder each behind
 //!   [`sources::Connector`] and [`sources::Source`] (`kafka/`, `websocket/`, `file/`),
-//!   listed in [`sources::SourceConfig`];
+//!   listed in [`sources::SourceConfig`], and what a source is asked to read
+//!   ([`sources::RunOptions`]: to its end, or a backfill's [`sources::Range`]);
 //! - [`sinks`]: where outputs go, one folder each behind [`sinks::Connector`]
-//!   and [`sinks::Sink`] (`kafka/`, `postgres/` with its client and libpq's
-//!   sslmodes, `stdout/`), listed in [`sinks::SinkConfig`];
-//! - [`clients`]: the Kafka client the Kafka source, sinks and dead letters
-//!   share (named connections, TLS, SASL, properties checked without
-//!   connecting, connection errors classified), and TLS roots;
+//!   and [`sinks::Sink`] (`kafka/`, `postgres/`, `stdout/`), listed in
+//!   [`sinks::SinkConfig`];
+//! - [`clients`]: the clients several parts share: Kafka (the source, sinks
+//!   and dead letters: named connections, TLS, SASL, properties checked
+//!   without connecting, connection errors classified), PostgreSQL (the
+//!   postgres sink, the state store and `sluice state`: libpq's sslmodes,
+//!   and the offsets table), and TLS roots;
 //! - [`secrets`]: secret values remembered and hidden from every output;
 //! - [`transforms`]: the chain of plugin instances a batch runs through;
 //! - [`state`]: keyed state of contract 0.3 plugins: per stage and source
 //!   partition, read through a call's changes, applied when a batch is
-//!   delivered, and kept by a [`state::StateStore`] (the exactly-once
-//!   PostgreSQL sink, in the transaction of the rows and offsets);
+//!   delivered, read back from a [`state::StateStore`] and committed by a
+//!   [`state::StateKeeper`] (the exactly-once PostgreSQL sink, in the
+//!   transaction of the rows and offsets, or `[state.postgres]`);
 //! - [`shadow`]: shadow runs: a candidate version beside a live stage on the
 //!   same batches, on its own thread; the per-key diff, its report, and
 //!   promotion (the pipeline file rewritten, then the ordinary hot swap);
 //! - [`supervisor`]: plugin-version health: probation after a hot swap,
 //!   error surges, rollback, pause and refused versions;
-//! - [`topology`]: the running set of pipelines, started and changed by applying a diff;
+//! - [`topology`]: the running set of pipelines, started and changed by
+//!   applying a diff; a pipeline's task, its transform step, its delivery
+//!   and the keeper of its state;
 //! - [`telemetry`]: Prometheus metrics and the live per-pipeline state (lag, failing sinks, errors);
 //! - [`admin`]: the admin HTTP listener (`/metrics`, `/health`, `/status`,
 //!   `/reload`, a pipeline's shadow report and promotion)

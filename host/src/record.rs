@@ -567,6 +567,32 @@ impl<E> Results<E> {
     }
 }
 
+/// A record the sink can never write (e.g. a value that does not fit the
+/// table): it goes to the dead-letter destination instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// Index in the batch given to the sink.
+    pub index: usize,
+    pub reason: String,
+}
+
+/// Where a sink that commits source positions with its data
+/// (an exactly-once sink) puts the records it refuses before it
+/// commits: the pipeline's dead letters. An `Err` means they may not be
+/// kept: the sink must not commit (the caller retries the batch).
+#[async_trait::async_trait]
+pub trait Refusals: Send + Sync {
+    async fn keep(&self, refused: &[Rejected]) -> anyhow::Result<()>;
+}
+
+/// No keeper: the refusals are returned to the caller only (tests, tools).
+#[async_trait::async_trait]
+impl Refusals for () {
+    async fn keep(&self, _refused: &[Rejected]) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -218,17 +218,10 @@ pub fn redacting_stderr() -> RedactingWriter<std::io::Stderr> {
 mod tests {
 
     #[test]
-    fn a_secret_shows_as_a_mask_in_debug_and_display_and_so_do_the_configs_holding_it() {
+    fn a_secret_shows_as_a_mask_in_debug_and_display() {
         let secret = Secret::new("debug-hidden-pw-1".into());
         assert_eq!((format!("{secret:?}"), format!("{secret}")), ("***".to_string(), "***".to_string()));
         assert!(secret.matches("debug-hidden-pw-1") && !secret.matches("debug-hidden-pw-2") && !secret.matches(""));
-        let sink: crate::sinks::postgres::PostgresSinkConfig = toml::from_str(
-            "url = \"postgres://u@h/db\"\npassword = \"debug-hidden-pw-3\"\ntable = \"t\"\ncolumns = [{ name = \"a\", type = \"text\" }]\n",
-        )
-        .unwrap();
-        let shown = format!("{sink:?}");
-        assert!(!shown.contains("debug-hidden-pw-3") && shown.contains("password: Some(***)"), "{shown}");
-        assert_eq!(redact("x debug-hidden-pw-3 y"), "x *** y", "registered when read");
     }
 
     use super::*;

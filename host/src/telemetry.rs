@@ -77,9 +77,10 @@ fn seconds_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 20))
 }
 
-/// Live state of one pipeline, for `/status` and `/health`.
+/// What one pipeline is doing now (its source, sinks, plugins, counts and
+/// stateful stages), for `/status` and `/health`.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct PipelineState {
+pub struct PipelineLive {
     /// The source has joined its group and been given its partitions (maybe none).
     pub consuming: bool,
     /// Partitions this instance owns, as `topic/partition`.
@@ -143,7 +144,7 @@ pub struct Telemetry {
     pub state_bytes: Family<StageLabels, Gauge>,
     pub watermark_lag: Family<StageLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub late_records: Family<LateLabels, Counter>,
-    state: Mutex<BTreeMap<String, PipelineState>>,
+    state: Mutex<BTreeMap<String, PipelineLive>>,
     /// Sink names per pipeline.
     sinks: Mutex<BTreeMap<String, Vec<String>>>,
     /// Live (plugin, version) per pipeline.
@@ -269,14 +270,14 @@ impl Telemetry {
         out
     }
 
-    fn with_state(&self, pipeline: &str, f: impl FnOnce(&mut PipelineState)) {
+    fn with_state(&self, pipeline: &str, f: impl FnOnce(&mut PipelineLive)) {
         if let Ok(mut state) = self.state.lock() {
             f(state.entry(pipeline.to_string()).or_default());
         }
     }
 
     /// A snapshot of `pipeline`'s state, with its counters.
-    pub fn state(&self, pipeline: &str) -> PipelineState {
+    pub fn state(&self, pipeline: &str) -> PipelineLive {
         let mut s = self.state.lock().ok().and_then(|s| s.get(pipeline).cloned()).unwrap_or_default();
         let p = PipelineLabels { pipeline: pipeline.to_string() };
         s.records_in = self.records_in.get_or_create(&p).get();

@@ -1,4 +1,5 @@
 // Native unit tests of js-router: `npm test` (node --test; build.sh runs them).
+import { readFileSync } from "node:fs";
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { Config, Record, exportTransform } from "sluice-plugin";
@@ -47,43 +48,38 @@ test("a record that is not a trade fails alone, through the component glue", () 
   assert.throws(() => glue.init([["nope", "1"]]), /unknown config key/);
 });
 
-/** A batch in contract 0.2's layout (wit/transform.wit): values only, topic "t". */
-function encodeBatch(values) {
-  const enc = new TextEncoder();
-  const bodies = values.map((v) => enc.encode(v));
-  const recordsAt = 32, topicsAt = recordsAt + 56 * bodies.length, payloadAt = topicsAt + 8;
-  const size = payloadAt + 1 + bodies.reduce((n, b) => n + b.length, 0);
-  const buf = new Uint8Array(size), view = new DataView(buf.buffer);
-  [0x32424c53, bodies.length, 1, 0, recordsAt, topicsAt, payloadAt, 0].forEach((n, i) => view.setUint32(4 * i, n, true));
-  buf.set(enc.encode("t"), payloadAt);
-  view.setUint32(topicsAt, payloadAt, true);
-  view.setUint32(topicsAt + 4, 1, true);
-  let at = payloadAt + 1;
-  bodies.forEach((body, i) => {
-    const e = recordsAt + 56 * i;
-    view.setBigInt64(e + 24, BigInt(i), true);
-    view.setUint32(e + 48, at, true);
-    view.setUint32(e + 52, body.length, true);
-    buf.set(body, at);
-    at += body.length;
-  });
-  return buf;
+/** The mirror of plugins/sluice-abi/tests/golden.rs. */
+class GoldenMirror {
+  constructor() {
+    this.seen = [];
+  }
+
+  process(r) {
+    this.seen.push([r.key && [...r.key], [...r.value], r.headers.map((h) => [h.name, [...h.value]]), r.timestamp, r.topic, r.partition, r.offset]);
+    const value = new TextDecoder().decode(r.value);
+    if (value === "fail") throw new Error("asked to fail");
+    if (value === "none") return undefined;
+    return [{ value: r.value, key: r.key, headers: r.headers, timestamp: r.timestamp }, { value: "second", route: "r" }];
+  }
 }
 
-test("contract 0.2: one buffer in, one buffer out, a bad record fails alone", () => {
-  const glue = exportTransform(Router);
+test("contract 0.2: the Rust codec's golden batch decodes, and the results encode byte for byte as its writer's", () => {
+  const golden = new URL("../sluice-abi/golden/", import.meta.url);
+  const live = {};
+  const glue = exportTransform(class extends GoldenMirror {
+    constructor() {
+      super();
+      live.mirror = this;
+    }
+  });
   glue.init([]);
-  const out = glue.process(encodeBatch(["{oops", '{"symbol":"BINANCE:X"}']));
-  const view = new DataView(out.buffer, out.byteOffset, out.byteLength);
-  const u32 = (at) => view.getUint32(at, true);
-  const text = (off, len) => new TextDecoder().decode(out.subarray(off, off + len));
-  assert.equal(u32(0), 0x324f4c53);
-  assert.deepEqual([u32(4), u32(8)], [2, 1], "two results, one output");
-  const results = u32(16), outputs = u32(20);
-  assert.equal(u32(results), 1, "the first record failed");
-  assert.match(text(u32(results + 4), u32(results + 8)), /JSON|Unexpected|Expected/);
-  assert.deepEqual([u32(results + 12), u32(results + 16)], [0, 1]);
-  assert.equal(u32(outputs) & 4, 4, "a route is present");
-  assert.equal(text(u32(outputs + 40), u32(outputs + 44)), "binance");
-  assert.equal(text(u32(outputs + 32), u32(outputs + 36)), '{"symbol":"BINANCE:X"}');
+  const out = glue.process(new Uint8Array(readFileSync(new URL("batch.bin", golden))));
+  const bytes = (s) => [...new TextEncoder().encode(s)];
+  assert.deepEqual(live.mirror.seen, [
+    [bytes("k"), bytes("v0"), [["dup", bytes("1")], ["dup", []]], 5n, "tópic", 3, 9n],
+    [undefined, [], [], undefined, "t", 0, 10n],
+    [[], bytes("none"), [], -1n, "t", 0, 11n],
+    [undefined, bytes("fail"), [], undefined, "t", 1, 12n],
+  ]);
+  assert.deepEqual(Buffer.from(out), readFileSync(new URL("results.bin", golden)));
 });

@@ -2,6 +2,7 @@
 encodes it goes through ``_process`` and its results decode as the host
 decodes them (``python3 -m unittest`` in this directory)."""
 
+import pathlib
 import struct
 import unittest
 
@@ -88,6 +89,36 @@ class ContractTest(unittest.TestCase):
 
     def test_an_empty_batch(self):
         self.assertEqual(decode(sdk._process(Mirror().process, encode([]))), [])
+
+
+GOLDEN = pathlib.Path(__file__).resolve().parent.parent / "sluice-abi" / "golden"
+
+
+def golden_mirror(record):
+    """The mirror of ``plugins/sluice-abi/tests/golden.rs``."""
+    if record.value == b"fail":
+        raise ValueError("asked to fail")
+    if record.value == b"none":
+        return None
+    return [Output(record.value, record.key, record.headers, record.timestamp), Output("second", route="r")]
+
+
+class GoldenTest(unittest.TestCase):
+    def test_the_rust_codecs_golden_buffers(self):
+        """The batch the host's encoder wrote decodes here, and the mirror's
+        results encode byte for byte as the Rust SDK's writer wrote them."""
+        seen = []
+        results = sdk._process(lambda r: seen.append(r) or golden_mirror(r), (GOLDEN / "batch.bin").read_bytes())
+        self.assertEqual(
+            [(r.key, r.value, [(h.name, h.value) for h in r.headers], r.timestamp, r.topic, r.partition, r.offset) for r in seen],
+            [
+                (b"k", b"v0", [("dup", b"1"), ("dup", b"")], 5, "tópic", 3, 9),
+                (None, b"", [], None, "t", 0, 10),
+                (b"", b"none", [], -1, "t", 0, 11),
+                (None, b"fail", [], None, "t", 1, 12),
+            ],
+        )
+        self.assertEqual(results, (GOLDEN / "results.bin").read_bytes())
 
 
 class Counter:

@@ -77,7 +77,7 @@ async fn a_past_range_is_recomputed_into_a_side_table_exactly_once_beside_the_li
     let range = ["--from", &(BASE_MS + 20_000).to_string(), "--to", "2019-12-05T06:07:20Z", "--into", &side];
     assert_eq!(
         "2019-12-05T06:07:20Z".parse(),
-        Ok(sluice::connector::Position::Time(BASE_MS + 40_000)),
+        Ok(sluice::sources::Position::Time(BASE_MS + 40_000)),
         "the two ways of writing a time agree"
     );
     let status = exit_code(backfill(&file, &range, &broker.addr, &log), &log);
@@ -157,7 +157,7 @@ async fn a_backfill_into_the_live_table_or_over_an_empty_range_is_refused() {
     let file = write_pipeline(dir.path(), "bf", &pipeline(kafka));
     let log = dir.path().join("log");
     let cases: [(&[&str], &str); 2] = [
-        (&["--from", "earliest", "--into", &format!("public.{live}")], "is the live table"),
+        (&["--from", "earliest", "--into", &format!("public.{live}")], "is the live target"),
         (&["--from", "2020-01-02T00:00:00Z", "--to", "2020-01-01T00:00:00Z", "--into", "side"], "the range is empty"),
     ];
     for (args, want) in cases {

@@ -184,10 +184,11 @@ batch_max_records = 300"#;
     let sluice = SluiceProcess::run(&[&file], &broker.addr);
     let mut sluice =
         kill_9_while_progressing(sluice, &[&file], &broker.addr, 3, 7, || trades_in(&pg.client, &table)).await;
-    feed.await.unwrap();
+    let ends = feed.await.unwrap();
     let all = wait_until(WAIT, || async { trades_in(&pg.client, &table).await >= trades }).await;
     assert!(all, "trades counted: {} of {trades}", trades_in(&pg.client, &table).await);
-    tokio::time::sleep(Duration::from_secs(2)).await; // a double count would land now
+    let offsets = format!("{}.sluice_offsets", pg.name);
+    assert!(wait_committed(&pg.client, &offsets, ("candles", "pg"), "trades_raw", &ends).await, "the input committed");
     assert_eq!(sluice.stop(), Some(0));
     assert_eq!(trades_in(&pg.client, &table).await, trades, "every trade counted exactly once");
     assert_candles(&stored_candles(&pg.client, &table).await, &want);

@@ -461,7 +461,7 @@ enum Outcome {
 /// Sluice leaves the chain unchecked (no downgrade path).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sslmode_and_sslrootcert_are_as_strict_as_libpq() {
-    use sluice::sinks::postgres::client::{connect, target_with_home};
+    use sluice::clients::postgres::{connect, target_with_home};
     use Outcome::*;
     let certs = Certs::generate();
     let pg = postgres_with_tls(&certs);

@@ -215,7 +215,7 @@ fn state_errors_are_reported_at_their_place() {
     ]);
     assert_eq!(code, 1, "{stderr}");
     let expected = [
-        "stdout.toml:16:8: [state]: sink \"out\" cannot keep the state: a stdout sink has no transactions; keep it in `[state.postgres]`",
+        "stdout.toml:16:8: [state]: sink \"out\" (stdout) cannot keep the state: it has no transactions; keep it in `[state.postgres]`",
         "unknown.toml:10:8: [state]: \"rows\" is not a sink of this pipeline (sinks: out)",
         "neither.toml:9:1: [state]: say where the state is kept: `sink = \"NAME\"` (an exactly-once postgres sink) or a `[state.postgres]` table",
         "both.toml:12:1: [state.postgres]: say one of `state.sink` and `[state.postgres]`, not both",

@@ -369,3 +369,60 @@ async fn a_shadow_of_a_stage_with_timers_runs() {
     assert!(state.starts_with("running"), "{body}");
     assert_eq!(sluice.stop(), Some(0));
 }
+
+/// A shadow of a stateful stage, started on a running pipeline, starts
+/// from a copy of the live state of each partition: a candles candidate
+/// identical to the live build closes the window the live stage opened
+/// before it started with the same candle (the live stage's fired timers
+/// are handed to it as records), so it shows no difference from its first
+/// batch. From empty state its first candle would hold half the trades.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_of_a_stateful_stage_starts_from_a_copy_of_the_live_state() {
+    let pg = PgSchema::create("shadow_copy").await;
+    let table = format!("{}.candles", pg.name);
+    let dir = tempfile::tempdir().unwrap();
+    let frame = |i: i64| crate::state::trade_frame("A", 1.0 + i as f64, 1_700_000_000_000 + i * 1_000);
+    let lines =
+        |range: std::ops::Range<i64>| -> Vec<u8> { range.flat_map(|i| frame(i).into_iter().chain([b'\n'])).collect() };
+    // 25 s of trades: the windows of 0-10 s and 10-20 s close, 20-30 s is open.
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, lines(0..25)).unwrap();
+    let source = "default_sink = \"pg\"\n[source]\ntype = \"file\"\npath = \"in.jsonl\"\nbatch_max_records = 5";
+    let text = crate::state::ohlc_pipeline(source, &table, "", "[dead_letter]\ntype = \"stdout\"", "");
+    let file = write_pipeline(dir.path(), "ohlc", &text);
+    let mut sluice = SluiceProcess::run(&[&file], "127.0.0.1:9");
+    let addr = sluice.admin_addr().await;
+    let candles = || async { pg.count("candles").await };
+    assert!(wait_until(Duration::from_secs(60), || async { candles().await >= 2 }).await, "no candle");
+
+    // The same build as a candidate, started while the 20-30 s window is open.
+    let candidate = plugin_path("ohlc_candles").display().to_string();
+    let body = serde_json::json!({ "plugin": candidate, "stage": 2 }).to_string();
+    let (code, answer) = post_json(&addr, "/pipelines/ohlc/shadow/start", &body);
+    assert_eq!(code, 200, "{answer}");
+    let report = || {
+        let (code, body) = http(&addr, "GET", "/pipelines/ohlc/shadow");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()[0].clone()
+    };
+    let running = wait_until(Duration::from_secs(60), || async {
+        report()["state"].as_str().is_some_and(|s| s.starts_with("running"))
+    })
+    .await;
+    assert!(running, "{}", report());
+    let mut appended = std::fs::OpenOptions::new().append(true).open(&input).unwrap();
+    std::io::Write::write_all(&mut appended, &lines(25..45)).unwrap();
+    // Two more windows close (20-30 s and 30-40 s), both compared.
+    assert!(wait_until(Duration::from_secs(60), || async { candles().await >= 4 }).await, "no later candle");
+    let identical = || report()["counts"]["identical"].as_u64().unwrap_or(0);
+    let compared = wait_until(Duration::from_secs(60), || async { identical() >= 2 }).await;
+    let report = report();
+    assert!(compared, "{report}");
+    let counts = &report["counts"];
+    assert_eq!(
+        (&counts["different"], &counts["only_live"], &counts["only_candidate"], &counts["candidate_errors"]),
+        (&0.into(), &0.into(), &0.into(), &0.into()),
+        "{report}"
+    );
+    assert_eq!(sluice.stop(), Some(0));
+}

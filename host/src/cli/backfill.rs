@@ -13,9 +13,8 @@
 
 use super::{print_config_errors, tokio_runtime};
 use crate::config::Pipeline;
-use crate::connector::{Position, Range, RunOptions};
 use crate::runtime::Runtime;
-use crate::sinks::SinkConfig;
+use crate::sources::{Position, Range, RunOptions};
 use anyhow::Context;
 use clap::Args;
 use std::path::PathBuf;
@@ -159,18 +158,20 @@ fn side_pipeline(runtime: &Runtime, mut pipeline: Pipeline, args: &BackfillArgs)
 async fn not_into_live_tables(live: &Pipeline, side: &Pipeline) -> anyhow::Result<()> {
     let dir = live.file.parent().unwrap_or(std::path::Path::new("."));
     for (name, sink) in &side.sinks {
-        if let (Some(SinkConfig::Postgres(live_pg)), SinkConfig::Postgres(side_pg)) = (live.sinks.get(name), sink) {
-            let same = crate::sinks::postgres::same_table(live_pg, dir, &live_pg.table, &side_pg.table)
-                .await
-                .with_context(|| format!("sink {name:?}: cannot tell whether {:?} is the live table", side_pg.table))?;
-            anyhow::ensure!(
-                !same,
-                "{}: --into: sink {name:?}: {:?} is the live table {:?}; a backfill writes beside it",
-                live.file.display(),
-                side_pg.table,
-                live_pg.table
-            );
-        }
+        let Some(live_sink) = live.sinks.get(name) else { continue };
+        let (Some(live_target), Some(side_target)) = (live_sink.connector().target(), sink.connector().target()) else {
+            continue;
+        };
+        let same = live_sink
+            .connector()
+            .same_target(live_target, side_target, dir)
+            .await
+            .with_context(|| format!("sink {name:?}: cannot tell whether {side_target:?} is the live target"))?;
+        anyhow::ensure!(
+            !same,
+            "{}: --into: sink {name:?}: {side_target:?} is the live target {live_target:?}; a backfill writes beside it",
+            live.file.display()
+        );
     }
     Ok(())
 }
@@ -229,8 +230,7 @@ mod tests {
     fn one_sink_takes_the_target_and_creates_its_side_table() {
         let mut p = pipeline(PG);
         assert_eq!(redirect(&mut p, &["trades_fixed".into()]).unwrap(), vec!["trades_fixed"]);
-        let SinkConfig::Postgres(pg) = &p.sinks["rows"] else { panic!() };
-        assert_eq!((pg.table.as_str(), pg.create_table), ("trades_fixed", true));
+        assert_eq!(p.sinks["rows"].connector().target(), Some("trades_fixed"));
     }
 
     #[test]
@@ -244,7 +244,6 @@ mod tests {
         assert!(error.contains("live target"), "{error}");
         let mut p = pipeline(&format!("{PG}{KAFKA}"));
         assert_eq!(redirect(&mut p, &["rows=t2".into(), "out=o2".into()]).unwrap(), vec!["o2", "t2"]);
-        let SinkConfig::Kafka(k) = &p.sinks["out"] else { panic!() };
-        assert_eq!(k.topic, "o2");
+        assert_eq!(p.sinks["out"].connector().target(), Some("o2"));
     }
 }

@@ -80,6 +80,15 @@ fn admin_guard(run: &RunArgs) -> anyhow::Result<crate::admin::Guard> {
 pub fn run(runtime: Runtime, run: &RunArgs) -> anyhow::Result<ExitCode> {
     let args = &run.pipelines;
     let guard = admin_guard(run)?;
+    // The stop signals are taken first thing: a stop asked for while the
+    // plugins compile and the pipelines start ends the process cleanly once
+    // they have started.
+    let tokio = tokio_runtime()?;
+    let signals = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let _context = tokio.enter();
+        (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?, signal(SignalKind::hangup())?)
+    };
     let pipelines = match crate::config::load_dir_or_files(&args.paths, Some(&runtime)) {
         Ok(p) => p,
         Err(errors) => {
@@ -87,12 +96,12 @@ pub fn run(runtime: Runtime, run: &RunArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    tokio_runtime()?.block_on(async move {
-        use tokio::signal::unix::{signal, SignalKind};
+    tokio.block_on(async move {
+        let (mut interrupt, mut terminate, mut hangup) = signals;
         let (changes_tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
         let mut watcher = crate::config::watcher::Watcher::new(&args.paths, &pipelines, changes_tx)
             .context("cannot watch the pipeline and plugin files")?;
-        let options = crate::connector::RunOptions { until_eof: run.until_eof, range: None };
+        let options = crate::sources::RunOptions { until_eof: run.until_eof, range: None };
         let mut topology = crate::topology::Topology::with_options(runtime.clone(), options);
         topology.apply(pipelines).await?;
         let status = std::sync::Arc::new(std::sync::RwLock::new(crate::admin::Status::default()));
@@ -106,15 +115,13 @@ pub fn run(runtime: Runtime, run: &RunArgs) -> anyhow::Result<ExitCode> {
         if let Some(addr) = run.metrics_addr {
             crate::admin::serve_metrics(addr, status.clone()).await?;
         }
-        let mut terminate = signal(SignalKind::terminate())?;
-        let mut hangup = signal(SignalKind::hangup())?;
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
         let mut progress = Progress::new(run.progress_secs);
         let mut failed = 0;
         loop {
             let mut replies = Vec::new();
             let reason = tokio::select! {
-                _ = tokio::signal::ctrl_c() => break,
+                _ = interrupt.recv() => break,
                 _ = terminate.recv() => break,
                 _ = hangup.recv() => "SIGHUP".to_string(),
                 Some(request) = admin_requests.recv() => {

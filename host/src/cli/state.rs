@@ -7,9 +7,9 @@
 //! to the transform it belongs to now, `--drop` deletes it (with the
 //! pipeline stopped).
 
-use crate::state::time::stored;
+use crate::state::stored;
 use crate::state::{Filter, Stored};
-use crate::topology::pipeline::Keeper;
+use crate::topology::keeper::Keeper;
 use clap::Args;
 use std::path::PathBuf;
 use std::process::ExitCode;

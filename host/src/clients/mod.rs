@@ -1,10 +1,13 @@
 //! The clients that several connectors share: Kafka (the source, the Kafka
 //! sinks and the dead letters: properties, TLS and SASL, named connections,
 //! checks that need no connection, and connection errors people can act
-//! on) in [`kafka`], and [`trust`] (TLS roots for PostgreSQL and the
+//! on) in [`kafka`]; PostgreSQL (the postgres sink, the state store and
+//! `sluice state`: connections with libpq's TLS options, and the offsets
+//! table) in [`postgres`]; and [`trust`] (TLS roots for PostgreSQL and the
 //! WebSocket source).
 
 pub mod kafka;
+pub mod postgres;
 
 use anyhow::Context;
 use openssl::ssl::SslConnectorBuilder;

@@ -44,33 +44,13 @@ pub fn diff(running: &BTreeMap<String, Pipeline>, wanted: &[Pipeline]) -> Diff {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sinks::{stdout::StdoutSinkConfig, SinkConfig};
-    use crate::sources::kafka::{KafkaSourceConfig, OffsetReset};
-    use crate::sources::SourceConfig;
 
+    /// Pipeline `name`, reading `topic`.
     fn pipeline(name: &str, topic: &str) -> Pipeline {
-        Pipeline {
-            name: name.into(),
-            file: format!("{name}.toml").into(),
-            secret_files: Vec::new(),
-            on_plugin_failure: Default::default(),
-            source: SourceConfig::Kafka(KafkaSourceConfig {
-                brokers: Some("b".into()),
-                connection: None,
-                topics: vec![topic.into()],
-                group: None,
-                instance_id: None,
-                offset_reset: OffsetReset::Earliest,
-                batch_max_records: 1,
-                batch_max_ms: 1,
-                properties: Default::default(),
-            }),
-            transforms: vec![],
-            sinks: [("out".to_string(), SinkConfig::Stdout(StdoutSinkConfig {}))].into(),
-            default_sink: "out".into(),
-            dead_letter: SinkConfig::Stdout(StdoutSinkConfig {}),
-            state: None,
-        }
+        let text = format!(
+            "[source]\ntype = \"kafka\"\nbrokers = \"b\"\ntopics = [\"{topic}\"]\n[sinks.out]\ntype = \"stdout\"\n[dead_letter]\ntype = \"stdout\"\n"
+        );
+        crate::config::parse_pipeline(&text, std::path::Path::new(&format!("/nonexistent/{name}.toml")), None).unwrap()
     }
 
     #[test]

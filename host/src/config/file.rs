@@ -107,7 +107,7 @@ pub struct StateConfig {
     /// has the batch. The state counts each record once through crashes;
     /// the sinks are at-least-once (a batch a crash cut between a sink's
     /// write and the state's commit is written again).
-    pub postgres: Option<crate::sinks::postgres::keeper::PostgresStateConfig>,
+    pub postgres: Option<crate::state::postgres::PostgresStateConfig>,
 }
 
 /// The policy for a failing plugin version.

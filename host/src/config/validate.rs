@@ -53,7 +53,7 @@ pub enum StateSpec {
     /// With this exactly-once postgres sink's rows.
     Sink(String),
     /// In a database of its own.
-    Postgres(crate::sinks::postgres::keeper::PostgresStateConfig),
+    Postgres(crate::state::postgres::PostgresStateConfig),
 }
 
 /// One transform of a validated pipeline.
@@ -302,20 +302,15 @@ fn check_state(
             None
         }
         StateConfig { sink: Some(name), postgres: None } => {
-            match sinks.get(name) {
-                Some(SinkConfig::Postgres(_)) if !source.connector().replays() => cx.error_at(
+            match sinks.get(name).map(|sink| (sink.kind(), sink.connector().can_keep_state())) {
+                Some((kind, Err(why))) => {
+                    cx.error_at(&["sink"], format!("sink {name:?} ({kind}) cannot keep the state: {why}"))
+                }
+                Some(_) if !source.connector().replays() => cx.error_at(
                     &["sink"],
                     format!("sink {name:?} cannot keep the state: a {} source cannot read anything again, so state kept with its offsets could not be restored to match them", source.kind()),
                 ),
-                Some(SinkConfig::Postgres(pg)) if pg.exactly_once => {}
-                Some(SinkConfig::Postgres(_)) => cx.error_at(
-                    &["sink"],
-                    format!("sink {name:?} cannot keep the state: it is not exactly-once (exactly_once = false)"),
-                ),
-                Some(other) => cx.error_at(
-                    &["sink"],
-                    format!("sink {name:?} cannot keep the state: a {} sink has no transactions; keep it in `[state.postgres]`", other.kind()),
-                ),
+                Some(_) => {}
                 None => {
                     let known: Vec<&str> = sinks.keys().map(String::as_str).collect();
                     cx.error_at(&["sink"], format!("{name:?} is not a sink of this pipeline (sinks: {})", known.join(", ")))
@@ -384,8 +379,10 @@ fn check_transform(
         batch_output_bytes: t.limits.batch_output_mib.map_or(defaults.batch_output_bytes, |m| m << 20),
         log_lines_per_s: t.limits.log_lines_per_s.unwrap_or(defaults.log_lines_per_s),
         log_burst: t.limits.log_burst.unwrap_or(defaults.log_burst),
-        state_bytes: t.limits.state_mib.map_or(defaults.state_bytes, |m| m << 20),
-        state_ttl: t.limits.state_ttl_ms.filter(|ms| *ms > 0).map(std::time::Duration::from_millis),
+        state: crate::state::StateLimits {
+            bytes: t.limits.state_mib.map_or(defaults.state.bytes, |m| m << 20),
+            ttl: t.limits.state_ttl_ms.filter(|ms| *ms > 0).map(std::time::Duration::from_millis),
+        },
     };
     let mut grants = Grants { network: t.grants.network, ..Grants::default() };
     for var in &t.grants.env {

@@ -128,7 +128,7 @@ impl PluginInstance {
             state_version: StateVersion::default(),
         };
         if instance.plugin.contract.has_state() {
-            instance.state = Some(StageState::scratch(instance.limits.state_bytes));
+            instance.state = Some(StageState::scratch(instance.limits.state.bytes));
         }
         let mut live = instance.instantiate()?;
         if instance.plugin.contract.has_state() {

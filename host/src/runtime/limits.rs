@@ -1,7 +1,7 @@
 //! What a plugin instance may use ([`Limits`]) and reach ([`Grants`]).
 
+use crate::state::StateLimits;
 use std::path::PathBuf;
-use std::time::Duration;
 
 /// Resource limits of one plugin instance. The defaults are safe for any plugin.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,11 +24,8 @@ pub struct Limits {
     pub log_lines_per_s: u32,
     /// Log lines the plugin may write at once, above the rate.
     pub log_burst: u32,
-    /// Keyed state the stage may hold (contract 0.3), in bytes.
-    pub state_bytes: usize,
-    /// How long a key of the stage's state lives after its last write
-    /// (processing time); `None`: for ever.
-    pub state_ttl: Option<Duration>,
+    /// Keyed state the stage may hold (contract 0.3), and how long a key lives.
+    pub state: StateLimits,
 }
 
 impl Default for Limits {
@@ -44,8 +41,7 @@ impl Default for Limits {
             batch_output_bytes: 256 << 20,
             log_lines_per_s: 100,
             log_burst: 1_000,
-            state_bytes: 256 << 20,
-            state_ttl: None,
+            state: StateLimits::default(),
         }
     }
 }

@@ -28,9 +28,11 @@ pub mod report;
 use crate::config::{ShadowSpec, TransformSpec};
 use crate::record::{Bytes, Output, Record, RecordRef, Results};
 use crate::runtime::{Plugin, PluginInstance, Runtime};
+use crate::state::{Loaded, Partition, SharedState};
 use crate::telemetry::telemetry;
 use diff::{compare_record, Counts, DiffOptions};
 use report::{Report, State};
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
@@ -40,10 +42,12 @@ use tracing::{info, warn};
 pub use report::{reports, ShadowReport};
 
 /// One batch for the candidate: the stage's inputs and what the live
-/// version made of each.
+/// version made of each, and a copy of the live state of each partition
+/// the candidate is to start from (as the live stage held it before the batch).
 struct Job {
     inputs: Vec<Record>,
     live: Vec<Result<Vec<Output>, String>>,
+    seeds: Vec<(Partition, Loaded)>,
 }
 
 /// A chain stage's shadow run (the stage's side of it).
@@ -52,8 +56,13 @@ pub struct Shadow {
     /// Sampling credit: a batch runs when it reaches 1 (so `sample = 0.25`
     /// is exactly every fourth batch).
     credit: f64,
-    /// The batch offered by the last run, sent once it is delivered.
-    pending: Option<Job>,
+    /// The batches offered by the last run (its records, then the timers
+    /// it fired), sent once they are delivered.
+    pending: Vec<Job>,
+    /// The partitions whose live state the candidate holds a copy of, kept
+    /// up since by every batch of theirs: a batch it misses (skipped,
+    /// unsampled) makes it take fresh copies.
+    seeded: HashSet<Partition>,
     jobs: Option<SyncSender<Job>>,
     /// Batches sent to the candidate and not yet compared (at most [`QUEUE`]).
     queued: Arc<AtomicUsize>,
@@ -81,8 +90,15 @@ impl Shadow {
     pub fn start(runtime: &Runtime, live: &TransformSpec, live_plugin: &Plugin, place: Place) -> Option<Shadow> {
         let spec = live.shadow.clone()?;
         let report = Report::register(&place, &spec, live_plugin);
-        let mut shadow =
-            Shadow { sample: spec.sample, credit: 0.0, pending: None, jobs: None, queued: Arc::default(), report };
+        let mut shadow = Shadow {
+            sample: spec.sample,
+            credit: 0.0,
+            pending: Vec::new(),
+            seeded: HashSet::new(),
+            jobs: None,
+            queued: Arc::default(),
+            report,
+        };
         let context = format!("{}(shadow)", place.pipeline);
         let candidate = Plugin::load(runtime, &spec.path).and_then(|p| {
             PluginInstance::new(p, spec.config.clone(), live.limits.clone(), live.grants.clone(), &context)
@@ -124,23 +140,32 @@ impl Shadow {
         Some(shadow)
     }
 
-    /// The stage ran `inputs` into `live`: keep a copy for the candidate if
-    /// this batch is sampled and the candidate is free.
-    pub fn offer(&mut self, inputs: &[RecordRef<'_>], live: &Results<String>) {
-        self.pending = None;
+    /// A batch is run (again): what the last run offered is forgotten.
+    pub fn discard(&mut self) {
+        self.pending.clear();
+    }
+
+    /// The stage ran `inputs` (a batch's records, or the timers it fired)
+    /// into `live`: keep a copy for the candidate if this batch is sampled
+    /// and the candidate is free, with a copy of `state` (the live stage's)
+    /// for each partition the candidate does not hold yet.
+    pub fn offer(&mut self, inputs: &[RecordRef<'_>], live: &Results<String>, state: Option<&SharedState>) {
         if self.jobs.is_none() || inputs.is_empty() {
             return;
         }
         self.credit += self.sample;
         if self.credit < 1.0 - 1e-9 {
             self.report.batch_unsampled();
+            self.seeded.clear();
             return;
         }
         self.credit -= 1.0;
-        if self.queued.load(Ordering::Acquire) >= QUEUE {
+        if self.queued.load(Ordering::Acquire) + self.pending.len() >= QUEUE {
             self.report.batch_skipped();
+            self.seeded.clear();
             return;
         }
+        let seeds = self.seeds(inputs, state);
         let inputs = inputs.iter().map(owned).collect();
         let (outputs, mut at) = (live.outputs(), 0);
         let live = live
@@ -155,23 +180,41 @@ impl Shadow {
                 Err(e) => Err(e.clone()),
             })
             .collect();
-        self.pending = Some(Job { inputs, live });
+        self.pending.push(Job { inputs, live, seeds });
     }
 
-    /// The batch last offered was delivered: the candidate may run it.
+    /// Copies of the live state of `inputs`' partitions that the candidate
+    /// neither holds nor is about to be given.
+    fn seeds(&self, inputs: &[RecordRef<'_>], state: Option<&SharedState>) -> Vec<(Partition, Loaded)> {
+        let Some(state) = state else { return Vec::new() };
+        let mut partitions: Vec<Partition> =
+            inputs.iter().map(|r| (r.origin.topic.clone(), r.origin.partition)).collect();
+        partitions.sort();
+        partitions.dedup();
+        let pending = |p: &Partition| self.pending.iter().any(|job| job.seeds.iter().any(|(q, _)| q == p));
+        partitions.retain(|p| !self.seeded.contains(p) && !pending(p));
+        let live = crate::state::lock(state);
+        partitions.into_iter().filter_map(|p| Some((p.clone(), live.export(&p)?))).collect()
+    }
+
+    /// The batches last offered were delivered: the candidate may run them.
     pub fn release(&mut self) {
-        let (Some(job), Some(jobs)) = (self.pending.take(), &self.jobs) else { return };
-        self.queued.fetch_add(1, Ordering::AcqRel);
-        match jobs.try_send(job) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                self.queued.fetch_sub(1, Ordering::AcqRel);
-                self.report.batch_skipped();
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                // The worker ended (the candidate was dropped).
-                self.queued.fetch_sub(1, Ordering::AcqRel);
-                self.jobs = None;
+        for job in std::mem::take(&mut self.pending) {
+            let Some(jobs) = &self.jobs else { return };
+            let seeded: Vec<Partition> = job.seeds.iter().map(|(p, _)| p.clone()).collect();
+            self.queued.fetch_add(1, Ordering::AcqRel);
+            match jobs.try_send(job) {
+                Ok(()) => self.seeded.extend(seeded),
+                Err(TrySendError::Full(_)) => {
+                    self.queued.fetch_sub(1, Ordering::AcqRel);
+                    self.report.batch_skipped();
+                    self.seeded.clear();
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    // The worker ended (the candidate was dropped).
+                    self.queued.fetch_sub(1, Ordering::AcqRel);
+                    self.jobs = None;
+                }
             }
         }
     }
@@ -209,8 +252,10 @@ struct Worker {
 impl Worker {
     fn run(mut self, jobs: Receiver<Job>) {
         for job in jobs {
+            self.take_seeds(job.seeds);
             let cpu = cpu_time::ThreadTime::now();
             let results = self.candidate.transform(&job.inputs).into_records();
+            self.forget_fired(&job.inputs);
             let cpu = cpu.elapsed().as_secs_f64();
             let mut counts = Counts::default();
             let mut differences = Vec::new();
@@ -240,6 +285,26 @@ impl Worker {
                 }
             }
             self.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// The candidate's state takes the copies of the live state it starts from.
+    fn take_seeds(&mut self, seeds: Vec<(Partition, Loaded)>) {
+        let Some(state) = self.candidate.state() else { return };
+        let mut state = crate::state::lock(state);
+        for (partition, loaded) in seeds {
+            state.restore(partition, loaded);
+        }
+    }
+
+    /// The timers the live stage fired and handed over as records: the
+    /// candidate's copies of them are done with (it fires none itself).
+    fn forget_fired(&mut self, inputs: &[Record]) {
+        let Some(state) = self.candidate.state() else { return };
+        let mut state = crate::state::lock(state);
+        for r in inputs.iter().filter(|r| !r.origin.is_source()) {
+            let (Some(at), Some(key)) = (r.timestamp, &r.key) else { continue };
+            state.forget_timer(&(r.origin.topic.clone(), r.origin.partition), at, key);
         }
     }
 

@@ -7,11 +7,12 @@ pub mod kafka;
 pub mod postgres;
 pub mod stdout;
 
-use crate::connector::{Build, Check, RunOptions};
+use crate::connector::{Build, Check};
 use crate::record::{Origin, OutputRef};
-use crate::state::{Delta, StateStore};
+pub use crate::record::{Refusals, Rejected};
+use crate::state::StateKeeper;
 use async_trait::async_trait;
-use std::sync::Arc;
+use futures::future::BoxFuture;
 
 crate::registry! {
     /// A sink, chosen by `type`.
@@ -53,17 +54,27 @@ pub trait Connector: Send + Sync {
         None
     }
 
+    /// Whether `a` and `b` name one target of this sink's server (a
+    /// backfill must not write into the live one under another spelling).
+    /// Default: when they are spelled alike. `dir` anchors relative paths.
+    fn same_target<'a>(
+        &'a self,
+        a: &'a str,
+        b: &'a str,
+        dir: &'a std::path::Path,
+    ) -> BoxFuture<'a, anyhow::Result<bool>> {
+        let _ = dir;
+        Box::pin(async move { Ok(a == b) })
+    }
+
+    /// Whether the sink can keep the pipeline's keyed state with its data
+    /// (`[state] sink = NAME`); the reason when it cannot.
+    fn can_keep_state(&self) -> Result<(), String> {
+        Err("it has no transactions; keep it in `[state.postgres]`".into())
+    }
+
     /// The running sink `name`, for a pipeline starting.
     fn build(&self, name: &str, cx: &Build<'_>) -> anyhow::Result<Box<dyn Sink>>;
-}
-
-/// A record the sink can never write (e.g. a value that does not fit the
-/// table): it goes to the dead-letter destination instead.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejected {
-    /// Index in the batch given to [`Sink::write`].
-    pub index: usize,
-    pub reason: String,
 }
 
 #[async_trait]
@@ -78,12 +89,6 @@ pub trait Sink: Send + Sync {
     /// bytes past the call copies them.
     async fn write(&self, batch: &[OutputRef<'_>], origins: &[&Origin]) -> anyhow::Result<Vec<Rejected>>;
 
-    /// Where the pipeline's keyed state can be kept with this sink's data,
-    /// if it can (an exactly-once PostgreSQL sink).
-    fn state_store(&self) -> Option<Arc<dyn StateStore>> {
-        None
-    }
-
     /// Whether a write commits the source positions of its records with
     /// the data (an exactly-once sink): a restart then skips what it passed,
     /// so what it refuses must be kept (dead-lettered) before it commits,
@@ -92,42 +97,23 @@ pub trait Sink: Send + Sync {
         false
     }
 
-    /// Marks this sink as the one the pipeline's keyed state is kept with:
-    /// the state goes with its positions (forgotten with them).
-    fn keeps_state(&self) {}
+    /// The sink as a keeper of the pipeline's keyed state, if it can keep
+    /// it with its data (an exactly-once PostgreSQL sink).
+    fn state_keeper(&self) -> Option<&dyn StateKeeper> {
+        None
+    }
 
-    /// [`Sink::write`] for a pipeline: with `delta` (the batch's keyed-state
-    /// changes and its partitions' positions, for the sink that keeps the
-    /// state) made durable in the same step, and the refused records handed
-    /// to `refusals` before anything commits past them. A sink that commits
-    /// no positions returns its refusals for the caller to keep.
+    /// [`Sink::write`] for a pipeline, with the refused records handed to
+    /// `refusals` before anything commits past them. A sink that commits no
+    /// positions returns its refusals for the caller to keep.
     async fn write_committed(
         &self,
         batch: &[OutputRef<'_>],
         origins: &[&Origin],
-        delta: Option<&Delta>,
         refusals: &dyn Refusals,
     ) -> anyhow::Result<Vec<Rejected>> {
         let _ = refusals;
-        anyhow::ensure!(delta.is_none(), "this sink cannot keep state");
         self.write(batch, origins).await
-    }
-}
-
-/// Where a sink that commits source positions with its data
-/// ([`Sink::commits_positions`]) puts the records it refuses before it
-/// commits: the pipeline's dead letters. An `Err` means they may not be
-/// kept: the sink must not commit (the caller retries the batch).
-#[async_trait]
-pub trait Refusals: Send + Sync {
-    async fn keep(&self, refused: &[Rejected]) -> anyhow::Result<()>;
-}
-
-/// No keeper: the refusals are returned to the caller only (tests, tools).
-#[async_trait]
-impl Refusals for () {
-    async fn keep(&self, _refused: &[Rejected]) -> anyhow::Result<()> {
-        Ok(())
     }
 }
 
@@ -139,6 +125,5 @@ pub async fn build(
     pipeline: &str,
     dir: &std::path::Path,
 ) -> anyhow::Result<Box<dyn Sink>> {
-    let options = RunOptions::default();
-    config.connector().build(name, &Build { pipeline, dir, options: &options })
+    config.connector().build(name, &Build { pipeline, dir })
 }

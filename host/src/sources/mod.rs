@@ -5,7 +5,10 @@
 
 pub mod file;
 pub mod kafka;
+pub mod read;
 pub mod websocket;
+
+pub use read::{Position, Range, RunOptions};
 
 use crate::connector::{Build, Check};
 use crate::record::Record;
@@ -34,14 +37,14 @@ pub trait Connector: Send + Sync {
     }
 
     /// Whether the source can read a past range of its input and end there
-    /// (`sluice backfill`, [`crate::connector::Range`]). Default: no, and a
+    /// (`sluice backfill`, [`Range`]). Default: no, and a
     /// build with a range is refused.
     fn reads_ranges(&self) -> bool {
         false
     }
 
-    /// The running source, for a pipeline starting.
-    fn build(&self, cx: &Build<'_>) -> anyhow::Result<Arc<dyn Source>>;
+    /// The running source, for a pipeline starting, reading as `options` say.
+    fn build(&self, cx: &Build<'_>, options: &RunOptions) -> anyhow::Result<Arc<dyn Source>>;
 }
 
 /// A source is shared by a pipeline's two stages: the transform stage reads

@@ -4,18 +4,27 @@
 //! created) before anything running is stopped, so a set that cannot be built
 //! leaves the running one untouched.
 //!
-//! - [`pipeline`]: one pipeline's task: source → chain → sinks, dead letters, commits.
+//! - [`pipeline`]: one pipeline's task: source → chain → sinks, dead letters, commits;
+//! - [`transform`]: its transform step (read, restore state, run the chain, fire timers);
+//! - [`delivery`]: its delivery (sinks, dead letters, retries, in a crash-safe order);
+//! - [`keeper`]: what keeps its keyed state, and the checks a chain must pass to take it over;
+//! - [`dead_letter`]: the dead-letter record.
 
+pub mod dead_letter;
+pub mod delivery;
+pub mod keeper;
 pub mod pipeline;
+pub mod transform;
 
 use crate::config::diff::diff;
 use crate::config::Pipeline;
-use crate::connector::RunOptions;
 use crate::runtime::Runtime;
+use crate::sources::RunOptions;
 use crate::supervisor::Refused;
 use crate::transforms::Chain;
 use anyhow::Context;
-use pipeline::{check_state_versions, HeldState, PipelineTask};
+use keeper::{check_state_versions, HeldState};
+use pipeline::PipelineTask;
 use std::collections::BTreeMap;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;

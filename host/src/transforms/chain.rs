@@ -5,7 +5,7 @@ use crate::record::{Origin, Output, Outputs, Record, RecordRef, Results};
 use crate::runtime::{Plugin, PluginError, PluginInstance, Runtime};
 use crate::shadow::{Place, Shadow};
 use crate::state::time::{EventTime, LatePolicy};
-use crate::state::{lock, PipelineState};
+use crate::state::{lock, PipelineState, SharedState};
 use crate::telemetry::telemetry;
 
 /// Why a source record produced nothing: which plugin failed it, and how.
@@ -100,7 +100,7 @@ impl Chain {
         for (index, stage) in self.stages.iter_mut().enumerate() {
             if stage.plugin().contract.has_state() {
                 let event = self.event.get(index).cloned().flatten();
-                let shared = state.stage(index as u32, stage.limits(), event);
+                let shared = state.stage(index as u32, &stage.limits().state, event);
                 stage.attach_state(shared);
             }
         }
@@ -174,6 +174,8 @@ impl Chain {
     /// source rejected fails as the source's, without running). A later
     /// stage's output without a route keeps the route its input had.
     pub fn process(&mut self, batch: &[Record]) -> Results<ChainFailure> {
+        // A batch run (again): the shadows forget what its last run offered.
+        self.shadows.iter_mut().flatten().for_each(Shadow::discard);
         let rejected = |reason: &String| ChainFailure { plugin: "source".to_string(), error: reason.clone() };
         if self.stages.is_empty() {
             let mut results = Results::with_owned_capacity(batch.len(), batch.len());
@@ -204,8 +206,9 @@ impl Chain {
 
     /// Runs `inputs` through stage `start` and every stage after it. Each
     /// stage reads the outputs of the one before where they are, as
-    /// [`RecordRef`]s with the origin of their source record. Shadows are
-    /// offered the source batch's inputs only (`start` 0).
+    /// [`RecordRef`]s with the origin of their source record. Each stage's
+    /// shadow is offered what the stage ran (a batch's records, or the
+    /// timers fired from `start`), with the stage's state to copy from.
     fn run_from(&mut self, start: usize, inputs: &[RecordRef<'_>]) -> Results<ChainFailure> {
         let failure = |stage: &PluginInstance, error| ChainFailure { plugin: stage.plugin().name.clone(), error };
         let pipeline = &self.pipeline;
@@ -216,11 +219,9 @@ impl Chain {
             results
         };
         let mut shadows = self.shadows.iter_mut().skip(start);
-        let mut offer = |inputs: &[RecordRef<'_>], results: &Results<String>| {
+        let mut offer = |inputs: &[RecordRef<'_>], results: &Results<String>, state: Option<&SharedState>| {
             if let Some(shadow) = shadows.next().and_then(Option::as_mut) {
-                if start == 0 {
-                    shadow.offer(inputs, results);
-                }
+                shadow.offer(inputs, results, state);
             }
         };
         let mut events = self.event.iter().skip(start).map(Option::as_ref);
@@ -228,7 +229,7 @@ impl Chain {
             return Results::default();
         };
         let first_results = timed(first, events.next().flatten(), inputs);
-        offer(inputs, &first_results);
+        offer(inputs, &first_results, first.state());
         let mut results = first_results.map_err(|e| failure(first, e));
         for stage in rest {
             let event = events.next().flatten();
@@ -246,7 +247,7 @@ impl Chain {
                     }
                 }
                 let results = timed(stage, event, &next);
-                offer(&next, &results);
+                offer(&next, &results, stage.state());
                 results.into_parts()
             };
             results = combine(prev, new, per_input, |error| failure(stage, error));

@@ -64,6 +64,7 @@ pub fn record(value: impl AsRef<[u8]>, offset: i64) -> Record {
     }
 }
 
+pub mod fixture;
 pub mod hostile;
 pub mod services;
 pub mod tls;

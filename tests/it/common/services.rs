@@ -128,7 +128,7 @@ impl Broker {
     /// the records before the offset). A consumer resuming from a committed
     /// offset mid-batch would then miss records through no fault of its own.
     pub async fn produce(&self, topic: &str, values: &[Vec<u8>]) {
-        produce_to(&self.addr, topic, values, &[]).await
+        produce_to(&self.addr, topic, values, &[]).await;
     }
 
     /// Reads `topic` from the beginning until `expected` messages arrived or `timeout` passed.
@@ -210,8 +210,9 @@ impl Drop for Broker {
     }
 }
 
-/// [`Broker::produce`] to the broker at `addr`, with extra producer properties.
-pub async fn produce_to(addr: &str, topic: &str, values: &[Vec<u8>], properties: &[(&str, &str)]) {
+/// [`Broker::produce`] to the broker at `addr`, with extra producer
+/// properties; returns where each record went (partition, offset).
+pub async fn produce_to(addr: &str, topic: &str, values: &[Vec<u8>], properties: &[(&str, &str)]) -> Vec<(i32, i64)> {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", addr).set("enable.idempotence", "true").set("batch.num.messages", "1");
     for (k, v) in properties {
@@ -222,9 +223,68 @@ pub async fn produce_to(addr: &str, topic: &str, values: &[Vec<u8>], properties:
     for v in values {
         pending.push(producer.send_result(FutureRecord::<(), [u8]>::to(topic).payload(v)).map_err(|(e, _)| e).unwrap());
     }
+    let mut placed = Vec::new();
     for p in pending {
-        p.await.unwrap().map_err(|(e, _)| e).unwrap();
+        let delivered = p.await.unwrap().map_err(|(e, _)| e).unwrap();
+        placed.push((delivered.partition, delivered.offset));
     }
+    placed
+}
+
+/// One past the last offset of each partition a feed wrote to: the end of
+/// the input a pipeline must commit (Tansu's watermarks are unreliable).
+pub type Ends = std::collections::BTreeMap<i32, i64>;
+
+/// The source offsets the offsets table `table` holds for `pipeline`'s sink
+/// `sink` (`[state]` for a state store of its own), per partition of `topic`.
+pub async fn committed_offsets(
+    client: &tokio_postgres::Client,
+    table: &str,
+    pipeline: &str,
+    sink: &str,
+    topic: &str,
+) -> Ends {
+    let sql = format!("SELECT partition, next_offset FROM {table} WHERE pipeline = $1 AND sink = $2 AND topic = $3");
+    match client.query(&sql, &[&pipeline, &sink, &topic]).await {
+        Ok(rows) => rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+        Err(_) => Ends::new(), // not created yet
+    }
+}
+
+/// The barrier before asserting on a pipeline's output: waits until the
+/// offsets table holds every partition of `ends` at its end, so that
+/// every record of the input is committed with what it made (a double
+/// count or a lost record would be there by then). False after [`WAIT_COMMIT`].
+pub async fn wait_committed(
+    client: &tokio_postgres::Client,
+    table: &str,
+    (pipeline, sink): (&str, &str),
+    topic: &str,
+    ends: &Ends,
+) -> bool {
+    wait_until(WAIT_COMMIT, || async {
+        let stored = committed_offsets(client, table, pipeline, sink, topic).await;
+        ends.iter().all(|(p, end)| stored.get(p).is_some_and(|at| at >= end))
+    })
+    .await
+}
+
+/// How long [`wait_committed`] waits.
+pub const WAIT_COMMIT: Duration = Duration::from_secs(120);
+
+/// Waits until the pipeline commits a batch past `before` (the sum of the
+/// offsets [`committed_offsets`] held): the chain in place has run.
+pub async fn wait_batch_committed(
+    client: &tokio_postgres::Client,
+    table: &str,
+    (pipeline, sink): (&str, &str),
+    topic: &str,
+    before: i64,
+) -> bool {
+    wait_until(WAIT_COMMIT, || async {
+        committed_offsets(client, table, pipeline, sink, topic).await.values().sum::<i64>() > before
+    })
+    .await
 }
 
 /// Produces `values` to partition `partition` of `topic`.
@@ -367,8 +427,17 @@ impl SluiceProcess {
     }
 
     /// SIGTERM, then waits: the graceful path. Returns the exit code.
+    /// Stops the instance gracefully (SIGTERM) and returns its exit code
+    /// (`None`: killed by a signal). An instance still starting is first
+    /// waited for (its admin listener up), or for its exit: a stop is asked
+    /// of a running instance, as an operator's would be.
     pub fn stop(&mut self) -> Option<i32> {
         let mut child = self.child.take()?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while child.try_wait().unwrap().is_none() && self.log_count("admin listener ready") == 0 {
+            assert!(Instant::now() < deadline, "the instance never started (log: {})", self.log.display());
+            std::thread::sleep(Duration::from_millis(50));
+        }
         Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
         child.wait().unwrap().code()
     }
@@ -573,20 +642,26 @@ fn is_root() -> bool {
 }
 
 /// A paced feed: `frames` produced to `topic` in chunks of `chunk`, with
-/// `pause` after each, on a task of its own.
+/// `pause` after each, on a task of its own; it ends with the [`Ends`] it
+/// wrote up to.
 pub fn paced_feed(
     addr: &str,
     topic: &'static str,
     frames: Vec<Vec<u8>>,
     chunk: usize,
     pause: Duration,
-) -> tokio::task::JoinHandle<()> {
+) -> tokio::task::JoinHandle<Ends> {
     let addr = addr.to_string();
     tokio::spawn(async move {
+        let mut ends = Ends::new();
         for part in frames.chunks(chunk) {
-            produce_to(&addr, topic, part, &[]).await;
+            for (partition, offset) in produce_to(&addr, topic, part, &[]).await {
+                let end = ends.entry(partition).or_default();
+                *end = (*end).max(offset + 1);
+            }
             tokio::time::sleep(pause).await;
         }
+        ends
     })
 }
 

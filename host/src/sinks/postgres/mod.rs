@@ -2,19 +2,16 @@
 //! transaction per batch, with the source offsets in the same transaction
 //! (exactly once); optional table creation and upsert.
 //!
-//! - [`client`]: connecting, with libpq's TLS modes;
 //! - [`rows`]: converting output JSON into typed column values that
 //!   PostgreSQL accepts, or a rejection;
-//! - [`sink`]: the DDL, the COPY and the offsets;
-//! - [`state`]: plugins' keyed state, written with the rows and offsets;
-//! - [`keeper`]: `[state.postgres]`, the keyed state and offsets in a
-//!   database of their own, for pipelines without an exactly-once sink.
+//! - [`sink`]: the DDL, the COPY and the offsets, and the keyed state kept
+//!   with them (a [`crate::state::StateKeeper`]).
+//!
+//! The connection (libpq's TLS modes) and the offsets table are
+//! [`crate::clients::postgres`]'s, shared with the state store.
 
-pub mod client;
-pub mod keeper;
 pub mod rows;
 pub mod sink;
-pub mod state;
 
 pub use sink::PostgresSink;
 
@@ -25,10 +22,10 @@ pub use sink::PostgresSink;
 /// `t` and `public.t` are one table on a default search path, and `T`
 /// and `t` are two. `dir` anchors relative certificate paths.
 pub async fn same_table(config: &PostgresSinkConfig, dir: &std::path::Path, a: &str, b: &str) -> anyhow::Result<bool> {
-    let target = client::target(config, dir).map_err(|errors| {
+    let target = target(config, dir).map_err(|errors| {
         anyhow::anyhow!("{}", errors.iter().map(|e| e.message.as_str()).collect::<Vec<_>>().join("; "))
     })?;
-    let client = client::open(&target, "backfill", "check").await?;
+    let client = open(&target, "backfill", "check").await?;
     let schema: Option<String> = client.query_one("SELECT current_schema()", &[]).await?.get(0);
     let schema = schema.unwrap_or_else(|| "public".to_string());
     let resolved = |name: &str| match name.rsplit_once('.') {
@@ -39,64 +36,45 @@ pub async fn same_table(config: &PostgresSinkConfig, dir: &std::path::Path, a: &
 }
 
 use super::{Connector, Sink};
+use crate::clients::postgres::{open, target};
 use crate::connector::{Build, Check};
-use crate::secrets::Secret;
 use schemars::JsonSchema;
 use serde::Deserialize;
 
-/// `type = "postgres"`: rows into a table, one per output record, written
-/// with binary COPY in one transaction per batch. Output values must be JSON
-/// objects; each column takes the field of its `field` (default: its name).
-#[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct PostgresSinkConfig {
-    /// Connection string, as a URL (`postgres://user@host:5432/db?sslmode=verify-full`)
-    /// or libpq's `key=value` form. `sslmode`, `sslrootcert`, `sslcert` and
-    /// `sslkey` have libpq's meaning, in the URL or as the options below.
-    pub url: String,
-    /// Password, when it is not in `url`: best from `${VAR}` or `${file:/path}`.
-    #[schemars(with = "Option<String>")]
-    pub password: Option<Secret>,
-    /// TLS: `disable`, `prefer` (libpq's default: TLS if the server offers
-    /// it, unverified), `require` (TLS, unverified unless a root file is
-    /// set or `~/.postgresql/root.crt` exists), `verify-ca` (the server's
-    /// certificate chains to the root) or `verify-full` (and names the
-    /// host). `verify-*` need a root, as in libpq. Overrides the URL's.
-    pub sslmode: Option<String>,
-    /// PEM file of the CA certificates to trust (libpq's default:
-    /// `~/.postgresql/root.crt`), or `system` for the system's trusted roots,
-    /// which only `sslmode=verify-full` may use (and is then the default).
-    pub sslrootcert: Option<String>,
-    /// PEM file of this client's certificate, for mutual TLS.
-    pub sslcert: Option<String>,
-    /// PEM file of this client's private key, for mutual TLS.
-    pub sslkey: Option<String>,
-    /// Destination table (optionally `schema.table`).
-    pub table: String,
-    /// Create the table (and schema) if missing, from `columns`.
-    #[serde(default)]
-    pub create_table: bool,
-    /// The table's columns and where each takes its value from.
-    pub columns: Vec<ColumnConfig>,
-    /// Columns of a unique key: rows whose key exists are updated instead of
-    /// inserted (`INSERT … ON CONFLICT … DO UPDATE`). Empty: plain inserts.
-    /// Each other column's `merge` says how its new value combines with the
-    /// stored one (default: replaces it).
-    #[serde(default)]
-    pub upsert_key: Vec<String>,
-    /// Exactly-once: each batch's rows and the source offsets they came from
-    /// are committed in one transaction (into `offsets_table`), and rows of
-    /// records read again after a crash, restart or rebalance are skipped.
-    /// `false`: at-least-once, one statement fewer per batch. Behind a
-    /// WebSocket source (which cannot read anything again) the offsets are
-    /// those of the run's frames: a batch written again after an ambiguous
-    /// `COMMIT` stores no row twice (one offsets row per run).
-    #[serde(default = "default_true")]
-    pub exactly_once: bool,
-    /// The table holding the source offsets of the rows written, keyed by
-    /// pipeline, sink, topic and partition; created if missing. Default:
-    /// `sluice_offsets` in the schema of `table`.
-    pub offsets_table: Option<String>,
+crate::postgres_config! {
+    /// `type = "postgres"`: rows into a table, one per output record, written
+    /// with binary COPY in one transaction per batch. Output values must be JSON
+    /// objects; each column takes the field of its `field` (default: its name).
+    #[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct PostgresSinkConfig {
+        /// Destination table (optionally `schema.table`).
+        pub table: String,
+        /// Create the table (and schema) if missing, from `columns`.
+        #[serde(default)]
+        pub create_table: bool,
+        /// The table's columns and where each takes its value from.
+        pub columns: Vec<ColumnConfig>,
+        /// Columns of a unique key: rows whose key exists are updated instead of
+        /// inserted (`INSERT … ON CONFLICT … DO UPDATE`). Empty: plain inserts.
+        /// Each other column's `merge` says how its new value combines with the
+        /// stored one (default: replaces it).
+        #[serde(default)]
+        pub upsert_key: Vec<String>,
+        /// Exactly-once: each batch's rows and the source offsets they came from
+        /// are committed in one transaction (into `offsets_table`), and rows of
+        /// records read again after a crash, restart or rebalance are skipped.
+        /// `false`: at-least-once, one statement fewer per batch. Behind a
+        /// WebSocket source (which cannot read anything again) the offsets are
+        /// those of the run's frames: a batch written again after an ambiguous
+        /// `COMMIT` stores no row twice (one offsets row per run).
+        #[serde(default = "default_true")]
+        pub exactly_once: bool,
+        /// The table holding the source offsets of the rows written, keyed by
+        /// pipeline, sink, topic and partition; created if missing. Default:
+        /// `sluice_offsets` in the schema of `table`.
+        pub offsets_table: Option<String>,
+    }
 }
 
 /// One column of a PostgreSQL sink.
@@ -172,19 +150,6 @@ impl Merge {
             Merge::First => "first",
             Merge::Last => "last",
             Merge::WeightedMean => "weighted_mean",
-        }
-    }
-}
-
-impl client::ServerConfig for PostgresSinkConfig {
-    fn server(&self) -> client::Server<'_> {
-        client::Server {
-            url: &self.url,
-            password: self.password.as_ref(),
-            sslmode: &self.sslmode,
-            sslrootcert: &self.sslrootcert,
-            sslcert: &self.sslcert,
-            sslkey: &self.sslkey,
         }
     }
 }
@@ -301,6 +266,23 @@ impl Connector for PostgresSinkConfig {
         Some(&self.table)
     }
 
+    /// One table as PostgreSQL resolves the names ([`same_table`]).
+    fn same_target<'a>(
+        &'a self,
+        a: &'a str,
+        b: &'a str,
+        dir: &'a std::path::Path,
+    ) -> futures::future::BoxFuture<'a, anyhow::Result<bool>> {
+        Box::pin(same_table(self, dir, a, b))
+    }
+
+    fn can_keep_state(&self) -> Result<(), String> {
+        match self.exactly_once {
+            true => Ok(()),
+            false => Err("it is not exactly-once (exactly_once = false)".into()),
+        }
+    }
+
     /// A side table, made when missing.
     fn redirect(&mut self, target: &str) -> Option<String> {
         self.create_table = true;
@@ -308,7 +290,7 @@ impl Connector for PostgresSinkConfig {
     }
 
     fn check(&mut self, cx: &mut Check<'_>) {
-        if let Err(errors) = client::target(self, cx.dir()) {
+        if let Err(errors) = target(self, cx.dir()) {
             for e in errors {
                 // An option the sink does not set came from the URL.
                 cx.error_at_first(&[&[e.option], &["url"]], e.message);
@@ -330,5 +312,21 @@ impl Connector for PostgresSinkConfig {
     /// restart with each connection) has its rows written as they come.
     fn build(&self, name: &str, cx: &Build<'_>) -> anyhow::Result<Box<dyn Sink>> {
         Ok(Box::new(PostgresSink::new(self.clone(), name, cx.pipeline, cx.dir)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_password_shows_as_a_mask_and_is_redacted_once_read() {
+        let sink: PostgresSinkConfig = toml::from_str(
+            "url = \"postgres://u@h/db\"\npassword = \"debug-hidden-pw-3\"\ntable = \"t\"\ncolumns = [{ name = \"a\", type = \"text\" }]\n",
+        )
+        .unwrap();
+        let shown = format!("{sink:?}");
+        assert!(!shown.contains("debug-hidden-pw-3") && shown.contains("password: Some(***)"), "{shown}");
+        assert_eq!(crate::secrets::redact("x debug-hidden-pw-3 y"), "x *** y", "registered when read");
     }
 }

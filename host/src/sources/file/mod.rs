@@ -34,7 +34,7 @@
 
 mod reader;
 
-use super::{Connector, Source};
+use super::{Connector, RunOptions, Source};
 use crate::connector::{Build, Check};
 use crate::record::{Bytes, Origin, Record};
 use anyhow::Context;
@@ -121,11 +121,11 @@ impl Connector for FileSourceConfig {
         cx.range("poll_ms", self.poll_ms, 1..=3_600_000);
     }
 
-    fn build(&self, cx: &Build<'_>) -> anyhow::Result<Arc<dyn Source>> {
-        anyhow::ensure!(cx.options.range.is_none(), "a file source cannot read a range of its input");
+    fn build(&self, cx: &Build<'_>, options: &RunOptions) -> anyhow::Result<Arc<dyn Source>> {
+        anyhow::ensure!(options.range.is_none(), "a file source cannot read a range of its input");
         Ok(Arc::new(FileSource {
             config: self.clone(),
-            until_eof: cx.options.until_eof,
+            until_eof: options.until_eof,
             pipeline: cx.pipeline.to_string(),
             files: Mutex::new(Files::default()),
         }))
@@ -384,7 +384,6 @@ impl Source for FileSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::connector::RunOptions;
     use std::path::Path;
 
     fn source(path: &Path, format: FileFormat, until_eof: bool) -> Arc<dyn Source> {
@@ -396,7 +395,7 @@ mod tests {
             batch_max_records: 3,
         };
         let options = RunOptions { until_eof, range: None };
-        config.build(&Build { pipeline: "t", dir: Path::new("."), options: &options }).unwrap()
+        config.build(&Build { pipeline: "t", dir: Path::new(".") }, &options).unwrap()
     }
 
     fn values(batch: &[Record]) -> Vec<String> {
@@ -528,7 +527,7 @@ mod tests {
             batch_max_records: 10,
         };
         let options = RunOptions { until_eof: false, range: None };
-        let source = config.build(&Build { pipeline: "unreadable", dir: Path::new("."), options: &options }).unwrap();
+        let source = config.build(&Build { pipeline: "unreadable", dir: Path::new(".") }, &options).unwrap();
         let mut got = Vec::new();
         while got.len() < 2 {
             got.extend(values(&source.next_batch().await.unwrap()));

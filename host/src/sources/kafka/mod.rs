@@ -11,7 +11,7 @@ pub mod source;
 
 pub use source::KafkaSource;
 
-use super::{Connector, Source};
+use super::{Connector, RunOptions, Source};
 use crate::connector::{Build, Check};
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -98,8 +98,8 @@ impl Connector for KafkaSourceConfig {
         }
     }
 
-    fn build(&self, cx: &Build<'_>) -> anyhow::Result<Arc<dyn Source>> {
-        match &cx.options.range {
+    fn build(&self, cx: &Build<'_>, options: &RunOptions) -> anyhow::Result<Arc<dyn Source>> {
+        match &options.range {
             Some(range) => Ok(Arc::new(range::RangeSource::new(self, range, cx.pipeline)?)),
             None => Ok(Arc::new(KafkaSource::new(self, &self.group_of(cx.pipeline), cx.pipeline)?)),
         }

@@ -19,9 +19,9 @@
 
 use super::KafkaSourceConfig;
 use crate::clients::kafka::{client_config, ClientEvents, Role};
-use crate::connector::{Position, Range};
 use crate::record::Record;
 use crate::sources::Source;
+use crate::sources::{Position, Range};
 use crate::telemetry::telemetry;
 use anyhow::Context;
 use async_trait::async_trait;

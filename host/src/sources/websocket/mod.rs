@@ -7,7 +7,7 @@ pub mod source;
 
 pub use source::{display_url, request, WebSocketSource};
 
-use super::{Connector, Source};
+use super::{Connector, RunOptions, Source};
 use crate::connector::{Build, Check};
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -115,8 +115,8 @@ impl Connector for WebSocketSourceConfig {
         false
     }
 
-    fn build(&self, cx: &Build<'_>) -> anyhow::Result<Arc<dyn Source>> {
-        anyhow::ensure!(cx.options.range.is_none(), "a websocket source cannot read a range of its input");
+    fn build(&self, cx: &Build<'_>, options: &RunOptions) -> anyhow::Result<Arc<dyn Source>> {
+        anyhow::ensure!(options.range.is_none(), "a websocket source cannot read a range of its input");
         Ok(Arc::new(WebSocketSource::new(self, cx.pipeline)?))
     }
 }

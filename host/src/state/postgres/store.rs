@@ -1,13 +1,14 @@
-//! Keyed plugin state kept beside an exactly-once sink's rows: the table
-//! `sluice_state` (in the schema of the offsets table), one row per stage,
-//! partition and key. A batch's changes are written by the sink in the
-//! transaction of its rows and offsets ([`StateStatements`]); a partition
+//! Keyed plugin state in PostgreSQL, beside an exactly-once sink's rows or
+//! in a database of its own (`[state.postgres]`): the table `sluice_state`
+//! (in the schema of the offsets table), one row per stage, partition and
+//! key. A batch's changes are written by its keeper in the transaction of
+//! its offsets (and the sink's rows) ([`StateStatements`]); a partition
 //! is read back, with the offset its state goes to, by [`PgStateStore`],
 //! over a connection of its own (a load happens on assignment only).
 
-use super::client::{open, Target};
-use super::sink::quote_ident;
-use crate::state::time::stored;
+use crate::clients::postgres::offsets::quote_ident;
+use crate::clients::postgres::{open, Target};
+use crate::state::stored;
 use crate::state::{Delta, Filter, Loaded, Partition, StateStore, Stored};
 use anyhow::Context;
 use async_trait::async_trait;
@@ -115,16 +116,29 @@ struct Columns<'a> {
 /// Reads a partition's state back: its entries and the offset stored with
 /// them, in one snapshot.
 pub struct PgStateStore {
-    pub(super) target: Target,
-    pub(super) pipeline: String,
-    /// The sink's name: with the pipeline, the key of the offsets.
-    pub(super) sink: String,
-    pub(super) offsets_table: String,
-    pub(super) state_table: String,
-    pub(super) client: Mutex<Option<Client>>,
+    target: Target,
+    pipeline: String,
+    /// The sink's name (or `[state]`): with the pipeline, the key of the offsets.
+    sink: String,
+    offsets_table: String,
+    state_table: String,
+    client: Mutex<Option<Client>>,
 }
 
 impl PgStateStore {
+    /// The state of `pipeline` kept with the offsets of `sink` in
+    /// `offsets_table` (unquoted), in [`state_table`] beside it.
+    pub fn new(target: Target, pipeline: &str, sink: &str, offsets_table: &str) -> Self {
+        PgStateStore {
+            target,
+            pipeline: pipeline.to_string(),
+            sink: sink.to_string(),
+            offsets_table: offsets_table.to_string(),
+            state_table: state_table(offsets_table),
+            client: Mutex::new(None),
+        }
+    }
+
     /// The open connection (or a new one), out of its slot while it is
     /// used: the caller puts it back when its work succeeded, so that a
     /// connection left in a failed transaction is dropped.
@@ -149,7 +163,7 @@ impl PgStateStore {
 /// instance starting at the same time waits, then finds the table made
 /// (a lock released before the commit would let it try to make it again:
 /// "duplicate key value violates unique constraint pg_type_typname_nsp_index").
-pub(super) async fn create_state_table(client: &Client, name: &str) -> anyhow::Result<()> {
+pub async fn create_state_table(client: &Client, name: &str) -> anyhow::Result<()> {
     client
         .batch_execute(&format!("SELECT pg_advisory_xact_lock(hashtext('sluice state table'));\n{}", create_sql(name)))
         .await

@@ -21,6 +21,12 @@
 //! (libpq refuses them too), and `sslrootcert=system` (the system's trusted
 //! roots, which trust any public CA for any name) goes with `verify-full`
 //! only, which it makes the default (as libpq 16).
+//!
+//! One client for every part that reaches PostgreSQL: the postgres sink,
+//! the state store and keeper (`[state.postgres]`), and `sluice state`;
+//! [`offsets`] holds the offsets table they share.
+
+pub mod offsets;
 
 use crate::secrets::Secret;
 use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslVerifyMode};
@@ -197,6 +203,59 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Declares a config table that names a PostgreSQL server (a postgres
+/// sink, `[state.postgres]`): the connection fields, declared here once
+/// with their documentation (the reference and the JSON Schema are made
+/// from it), then the table's own fields, and its [`ServerConfig`].
+#[macro_export]
+macro_rules! postgres_config {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $($(#[$field_meta:meta])* pub $field:ident: $ty:ty,)*
+        }
+    ) => {
+        $(#[$meta])*
+        pub struct $name {
+            /// Connection string, as a URL (`postgres://user@host:5432/db?sslmode=verify-full`)
+            /// or libpq's `key=value` form. `sslmode`, `sslrootcert`, `sslcert` and
+            /// `sslkey` have libpq's meaning, in the URL or as the options below.
+            pub url: String,
+            /// Password, when it is not in `url`: best from `${VAR}` or `${file:/path}`.
+            #[schemars(with = "Option<String>")]
+            pub password: Option<$crate::secrets::Secret>,
+            /// TLS: `disable`, `prefer` (libpq's default: TLS if the server offers
+            /// it, unverified), `require` (TLS, unverified unless a root file is
+            /// set or `~/.postgresql/root.crt` exists), `verify-ca` (the server's
+            /// certificate chains to the root) or `verify-full` (and names the
+            /// host). `verify-*` need a root, as in libpq. Overrides the URL's.
+            pub sslmode: Option<String>,
+            /// PEM file of the CA certificates to trust (libpq's default:
+            /// `~/.postgresql/root.crt`), or `system` for the system's trusted roots,
+            /// which only `sslmode=verify-full` may use (and is then the default).
+            pub sslrootcert: Option<String>,
+            /// PEM file of this client's certificate, for mutual TLS.
+            pub sslcert: Option<String>,
+            /// PEM file of this client's private key, for mutual TLS.
+            pub sslkey: Option<String>,
+            $($(#[$field_meta])* pub $field: $ty,)*
+        }
+
+        impl $crate::clients::postgres::ServerConfig for $name {
+            fn server(&self) -> $crate::clients::postgres::Server<'_> {
+                $crate::clients::postgres::Server {
+                    url: &self.url,
+                    password: self.password.as_ref(),
+                    sslmode: &self.sslmode,
+                    sslrootcert: &self.sslrootcert,
+                    sslcert: &self.sslcert,
+                    sslkey: &self.sslkey,
+                }
+            }
+        }
+    };
 }
 
 /// How a pipeline file says to reach a PostgreSQL server: a connection
@@ -421,9 +480,17 @@ pub async fn connect(
 mod tests {
     use super::*;
 
-    fn sink(url: &str) -> super::super::PostgresSinkConfig {
-        let text = format!("url = {url:?}\ntable = \"t\"\ncolumns = [{{ name = \"a\", type = \"text\" }}]\n");
-        toml::from_str(&text).unwrap()
+    /// A config naming a server by URL alone.
+    struct Url(String, Option<String>);
+
+    impl ServerConfig for Url {
+        fn server(&self) -> Server<'_> {
+            Server { url: &self.0, password: None, sslmode: &self.1, sslrootcert: &None, sslcert: &None, sslkey: &None }
+        }
+    }
+
+    fn sink(url: &str) -> Url {
+        Url(url.to_string(), None)
     }
 
     #[test]
