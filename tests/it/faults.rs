@@ -54,14 +54,8 @@ async fn kill_9_five_times_during_a_feed_stores_every_trade_exactly_once() {
     // Static membership: a restarted instance takes its partitions back at once.
     let text = trades_pipeline_to(&table, "g-kill9", 500, "${SLUICE_PG_URL}", r#"instance_id = "kill9-a""#);
     let file = write_pipeline(dir.path(), "trades", &text);
-    let addr = broker.addr.clone();
     // A paced feed (about 30 s), so that every kill lands while it flows.
-    let feed = tokio::spawn(async move {
-        for chunk in frames.chunks(1_000) {
-            produce_to(&addr, "trades_raw", chunk, &[]).await;
-            tokio::time::sleep(Duration::from_millis(700)).await;
-        }
-    });
+    let feed = paced_feed(&broker.addr, "trades_raw", frames, 1_000, Duration::from_millis(700));
     let mut sluice = SluiceProcess::run(&[&file], &broker.addr);
     let mut rng = StdRng::seed_from_u64(5);
     for kill in 1..=5 {
@@ -75,14 +69,9 @@ async fn kill_9_five_times_during_a_feed_stores_every_trade_exactly_once() {
         eprintln!("kill -9 #{kill} at {} rows", count_rows(&pg.client, &table).await);
         sluice = SluiceProcess::run(&[&file], &broker.addr);
     }
-    feed.await.unwrap();
-    assert!(
-        wait_rows(&pg.client, &table, expected.len()).await,
-        "rows: {} of {}",
-        count_rows(&pg.client, &table).await,
-        expected.len()
-    );
-    tokio::time::sleep(Duration::from_secs(2)).await; // a duplicate would land now
+    let ends = feed.await.unwrap();
+    let offsets = format!("{}.sluice_offsets", pg.name);
+    assert!(wait_committed(&pg.client, &offsets, ("trades", "pg"), "trades_raw", &ends).await, "the input committed");
     assert_eq!(sluice.stop(), Some(0));
     let stored = stored_trades_in(&pg.client, &table).await;
     assert_eq!(stored.len(), expected.len(), "row count");

@@ -2,7 +2,8 @@
 //! changes, then those of earlier calls of the batch, then the stage's
 //! entries; its changes join the batch's only if the call succeeds.
 
-use super::stage::{entry_bytes, lock, timer_bytes, Changes, SharedState};
+use super::stage::{entry_bytes, lock, Changes, SharedState};
+use super::time::timer_bytes;
 use super::{Partition, StateError};
 
 /// The state of one plugin call: the stage's state, the partition of each

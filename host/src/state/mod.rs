@@ -6,14 +6,14 @@
 //! its own changes, then those of earlier calls of the same batch, then the
 //! entries; its writes land in the call's changes ([`CallState`]). A call
 //! that faults is forgotten; a batch whose results are delivered is applied
-//! ([`StageState::apply`]) and its [`Delta`] goes to the state's store (the
-//! exactly-once PostgreSQL sink, in the transaction of the batch's rows and
-//! offsets); a batch that is run again (a rollback) is discarded.
+//! ([`StageState::apply`]) and its [`Delta`] goes to the state's
+//! [`StateKeeper`] (the exactly-once PostgreSQL sink, in the transaction of
+//! the batch's rows and offsets, or `[state.postgres]`); a batch that is run
+//! again (a rollback) is discarded.
 //!
 //! A partition is loaded from the store ([`StateStore::load`]) the first
 //! time a batch holds it, and forgotten when the source's assignment
 //! changes (a rebalance), so that it is read again as committed.
-
 //!
 //! # Layout
 //! - [`store`]: the [`StateStore`] trait, and a batch's [`Delta`] and fence;

@@ -4,7 +4,7 @@
 
 use super::store::{Change, Loaded};
 use super::stored;
-use super::time::{idle_watermark, Clock, EventTime, Seen};
+use super::time::{idle_watermark, timer_bytes, Clock, EventTime, Seen};
 use super::{Partition, StateError};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -42,11 +42,6 @@ impl PartitionState {
         }
         delta
     }
-}
-
-/// Bytes a timer counts for.
-pub(crate) fn timer_bytes(key: &[u8]) -> usize {
-    key.len() + 40
 }
 
 /// Bytes a key's deadline counts for (it is indexed twice).

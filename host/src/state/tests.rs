@@ -1,7 +1,8 @@
 //! Unit tests of a stage's state through its calls: reads, limits, timers,
 //! migrations and TTLs.
 
-use super::stage::{deadline_bytes, entry_bytes, timer_bytes};
+use super::stage::{deadline_bytes, entry_bytes};
+use super::time::timer_bytes;
 use super::time::{self, EventTime};
 use super::*;
 use crate::record::{Origin, Record};

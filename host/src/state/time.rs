@@ -7,6 +7,11 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+/// Bytes a timer counts for (against the stage's state limit).
+pub fn timer_bytes(key: &[u8]) -> usize {
+    key.len() + 40
+}
+
 /// A stage's event-time settings, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventTime {
@@ -61,7 +66,7 @@ impl Clock {
 
     /// The bytes the timers take (for the state's limit).
     pub fn timer_bytes(&self) -> usize {
-        self.timers.iter().map(|(_, key)| super::stage::timer_bytes(key)).sum()
+        self.timers.iter().map(|(_, key)| timer_bytes(key)).sum()
     }
 }
 

@@ -5,7 +5,6 @@
 
 use super::dead_letter::{dead_letter, truncated};
 use super::keeper::Keeper;
-use super::pipeline::Stopped;
 use crate::config::Pipeline;
 use crate::record::{Origin, Output, OutputRef, Record, Refusals, Rejected, Results};
 use crate::sinks::Sink;
@@ -18,6 +17,23 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
+
+/// Why a batch was not delivered: it stays uncommitted and is read again
+/// on the next start.
+#[derive(Debug, thiserror::Error)]
+pub enum Stopped {
+    /// The pipeline was asked to stop while a sink could not take it.
+    #[error("stopped before the batch was delivered")]
+    Cancelled,
+    /// Its state was computed from a partition another instance has
+    /// committed since: the pipeline must start again (see [`Fenced`]).
+    #[error(transparent)]
+    Fenced(#[from] Fenced),
+    /// No retry can deliver it (the pipeline's wiring is wrong): the
+    /// pipeline stops with the reason.
+    #[error(transparent)]
+    Failed(anyhow::Error),
+}
 
 /// Routes a transformed batch to the sinks and the dead-letter destination.
 pub(super) struct Delivery {

@@ -4,42 +4,23 @@
 //! own task), [`super::delivery`] (sinks, dead letters, retries) and
 //! [`super::keeper`] (what keeps the keyed state).
 
-use super::delivery::Delivery;
+use super::delivery::{Delivery, Stopped};
 use super::keeper::{check_state_versions, state_for, HeldState, Keeper};
-use super::transform::TransformStep;
+use super::transform::{TransformStep, Transformed};
 use crate::config::Pipeline;
 use crate::connector::Build;
-use crate::record::{Record, Results};
 use crate::runtime::Runtime;
 use crate::sinks::Sink;
 use crate::sources::{RunOptions, Source};
-use crate::state::{Delta, Fenced, PipelineState};
+use crate::state::PipelineState;
 use crate::supervisor::{shown_versions, Refused, Supervisor};
 use crate::telemetry::telemetry;
-use crate::transforms::{Chain, ChainFailure};
+use crate::transforms::Chain;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-
-/// Why a batch was not delivered: it stays uncommitted and is read again
-/// on the next start.
-#[derive(Debug, thiserror::Error)]
-pub enum Stopped {
-    /// The pipeline was asked to stop while a sink could not take it.
-    #[error("stopped before the batch was delivered")]
-    Cancelled,
-    /// Its state was computed from a partition another instance has
-    /// committed since: the pipeline must start again (see [`Fenced`]).
-    #[error(transparent)]
-    Fenced(#[from] Fenced),
-    /// No retry can deliver it (the pipeline's wiring is wrong): the
-    /// pipeline stops with the reason.
-    #[error(transparent)]
-    Failed(anyhow::Error),
-}
 
 pub struct PipelineTask {
     refused: Refused,
@@ -50,22 +31,6 @@ pub struct PipelineTask {
     dead_letter: Box<dyn Sink>,
     /// The keyed state of the chain's stateful stages, and what keeps it.
     state: Option<(PipelineState, Keeper)>,
-}
-
-/// A batch and what the chain made of it, on its way to the sinks.
-pub(super) struct Transformed {
-    /// The source records, then the fired timers' records (offset -1).
-    pub(super) batch: Vec<Record>,
-    /// How many of `batch` are source records (the ones to commit).
-    pub(super) sources: usize,
-    pub(super) results: Results<ChainFailure>,
-    /// The batch's state changes, for the state's sink.
-    pub(super) delta: Option<Delta>,
-    /// A barrier (with an empty batch): answered once every batch before
-    /// it is delivered and committed.
-    pub(super) delivered: Option<tokio::sync::oneshot::Sender<()>>,
-    /// When the batch was read.
-    pub(super) read_at: Instant,
 }
 
 impl PipelineTask {

@@ -2,7 +2,7 @@
 //! at any write.
 
 use super::*;
-use crate::record::Origin;
+use crate::record::{Origin, Record};
 use crate::record::{OutputRef, Refusals};
 use crate::sinks::Rejected;
 use async_trait::async_trait;

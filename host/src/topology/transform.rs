@@ -8,10 +8,9 @@
 //! the state it holds, [`TransformStep::transform`] (run, fire timers,
 //! judge), then [`TransformStep::hand_on`].
 
-use super::pipeline::Transformed;
 use crate::record::{Record, Results};
 use crate::sources::Source;
-use crate::state::PipelineState;
+use crate::state::{Delta, PipelineState};
 use crate::supervisor::{Supervisor, Verdict, SURGE_MIN_RECORDS};
 use crate::telemetry::telemetry;
 use crate::transforms::{Chain, ChainFailure, Fire};
@@ -28,6 +27,22 @@ use tracing::{error, info, warn};
 /// failures of a few small batches to the dead letters before a batch is
 /// large enough to show the surge.
 const PROBATION_TOP_UP: Duration = Duration::from_millis(250);
+
+/// A batch and what the chain made of it, on its way to the sinks.
+pub(super) struct Transformed {
+    /// The source records, then the fired timers' records (offset -1).
+    pub(super) batch: Vec<Record>,
+    /// How many of `batch` are source records (the ones to commit).
+    pub(super) sources: usize,
+    pub(super) results: Results<ChainFailure>,
+    /// The batch's state changes, for the state's sink.
+    pub(super) delta: Option<Delta>,
+    /// A barrier (with an empty batch): answered once every batch before
+    /// it is delivered and committed.
+    pub(super) delivered: Option<tokio::sync::oneshot::Sender<()>>,
+    /// When the batch was read.
+    pub(super) read_at: Instant,
+}
 
 /// A read of the source in progress.
 type Read = Pin<Box<dyn Future<Output = anyhow::Result<Vec<Record>>> + Send>>;
