@@ -99,7 +99,7 @@ impl TransformStep {
             }
             let read_at = Instant::now();
             self.take_swaps();
-            let ended = self.top_up(&mut batch, read_at).await?;
+            let ended = self.top_up(&mut batch, read_at, &mut read).await?;
             if !self.ready_state(&mut batch).await {
                 return Ok(());
             }
@@ -155,16 +155,19 @@ impl TransformStep {
     }
 
     /// A new version on probation is judged on batches of at least
-    /// SURGE_MIN_RECORDS: a smaller batch waits a little for more. (The
-    /// sources only wait before their first record: a timed-out read has
-    /// taken nothing.) Returns whether the input ended meanwhile.
-    async fn top_up(&mut self, batch: &mut Vec<Record>, read_at: Instant) -> anyhow::Result<bool> {
+    /// SURGE_MIN_RECORDS: a smaller batch waits a little for more, through
+    /// `read`, the read in progress. A read is never dropped halfway: one
+    /// that has taken records when the wait ends goes on, and its batch is
+    /// the next one (dropped, its records would be skipped, and lost once a
+    /// later batch commits past them). Returns whether the input ended.
+    async fn top_up(&mut self, batch: &mut Vec<Record>, read_at: Instant, read: &mut Read) -> anyhow::Result<bool> {
         let until = read_at + PROBATION_TOP_UP;
         while self.versions.on_probation() && batch.len() < SURGE_MIN_RECORDS {
             tokio::select! {
                 _ = self.cancel.cancelled() => break,
                 _ = tokio::time::sleep_until(until.into()) => break,
-                more = self.source.next_batch() => {
+                more = read.as_mut() => {
+                    *read = self.next_read();
                     let more = more?;
                     if more.is_empty() {
                         return Ok(true);
