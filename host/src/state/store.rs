@@ -124,6 +124,12 @@ impl Delta {
         self.fenced(stored).map_or(Ok(()), Err)
     }
 
+    /// Every partition the batch holds, as an offsets table takes them:
+    /// where each goes (its position), and where each fenced one is.
+    pub fn held(&self) -> impl Iterator<Item = (&str, i32, i64)> {
+        self.positions.iter().chain(&self.fences).map(|((topic, partition), n)| (&**topic, *partition, *n))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.changes.is_empty() && self.positions.is_empty() && self.fences.is_empty()
     }

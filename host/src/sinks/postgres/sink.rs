@@ -292,7 +292,7 @@ impl PostgresSink {
         delta: Option<&Delta>,
     ) -> anyhow::Result<usize> {
         let mut keep = vec![true; rows.len()];
-        let Positions { topics, partitions, nexts } = positions(origins, state_positions(delta));
+        let Positions { topics, partitions, nexts } = positions(origins, delta.into_iter().flat_map(Delta::held));
         let key: [&(dyn ToSql + Sync); 4] = [&self.pipeline, &self.name, &topics, &partitions];
         let advance: [&(dyn ToSql + Sync); 5] = [&self.pipeline, &self.name, &topics, &partitions, &nexts];
         let sink = match &prepared.offsets {
@@ -371,7 +371,7 @@ impl PostgresSink {
         delta: Option<&Delta>,
         refusals: &dyn Refusals,
     ) -> anyhow::Result<(usize, Vec<Rejected>)> {
-        let Positions { topics, partitions, nexts } = positions(origins, state_positions(delta));
+        let Positions { topics, partitions, nexts } = positions(origins, delta.into_iter().flat_map(Delta::held));
         let key: [&(dyn ToSql + Sync); 4] = [&self.pipeline, &self.name, &topics, &partitions];
         let advance: [&(dyn ToSql + Sync); 5] = [&self.pipeline, &self.name, &topics, &partitions, &nexts];
         let mut keep = vec![true; rows.len()];
@@ -585,14 +585,6 @@ impl StateKeeper for PostgresSink {
     ) -> anyhow::Result<Vec<Rejected>> {
         self.write_batch(batch, origins, Some(delta), refusals).await
     }
-}
-
-/// The partitions a batch's state holds, for the offsets: where each goes
-/// (its positions), and where each fenced one is (a fired timer's
-/// partition: locked and checked, not moved).
-fn state_positions(delta: Option<&Delta>) -> impl Iterator<Item = (&str, i32, i64)> {
-    let all = delta.map(|d| d.positions.iter().chain(&d.fences));
-    all.into_iter().flatten().map(|((topic, partition), n)| (&**topic, *partition, *n))
 }
 
 /// Refuses a batch whose state was computed from a partition's state that

@@ -75,8 +75,7 @@ impl PgKeeper {
     /// fence is not retried ([`crate::state::Fenced`]).
     async fn commit_in(&self, client: &Client, prepared: &mut Prepared, delta: &Delta) -> anyhow::Result<()> {
         // Every partition of the batch: its position, or where its fence is.
-        let held = delta.positions.iter().chain(&delta.fences).map(|((t, p), n)| (&**t, *p, *n));
-        let Positions { topics, partitions, nexts } = positions(&[], held);
+        let Positions { topics, partitions, nexts } = positions(&[], delta.held());
         let key: [&(dyn ToSql + Sync); 4] = [&self.pipeline, &STATE_KEEPER, &topics, &partitions];
         let held = || topics.iter().zip(&partitions).map(|(t, p)| (t.to_string(), *p));
         if held().any(|partition| !prepared.added.contains(&partition)) {
