@@ -5,6 +5,10 @@
 //!   [`PROBATION_BATCHES`] batches: a batch of at least
 //!   [`SURGE_MIN_RECORDS`] records with more than half of them failing,
 //!   where the previous version failed under 5%, is an *error surge*.
+//!   Nothing the new chain makes is delivered before it is judged on that
+//!   many records: its first batch, and any later one with a failure, is
+//!   [gathered](Verdict::Gather) up to [`SURGE_MIN_RECORDS`] first (a
+//!   batch no more records join is judged as it is).
 //! - **Failing.** A chain is failing after a surge, or when one of its
 //!   stages says so (a fault streak, or record isolation over its budget:
 //!   [`crate::runtime::PluginInstance::take_failing`]).
@@ -115,6 +119,10 @@ pub enum Verdict {
     /// The failing chain was rolled back: run the batch again through the
     /// chain now current.
     RunAgain,
+    /// On probation, a batch too small to judge (the new chain's first, or
+    /// one with failures): deliver nothing, read more records into the
+    /// batch and run it again.
+    Gather,
     /// The chain is failing and there is nothing to roll back to (or the
     /// policy is `pause`): deliver nothing, wait for a new version.
     Pause(VersionFailing),
@@ -201,9 +209,19 @@ impl<C: Versioned> Supervisor<C> {
     }
 
     /// What to do with `results`, which the current chain just made of a
-    /// batch (see the module's rules). A rollback happens here.
-    pub fn verdict(&mut self, results: &Results<ChainFailure>) -> Verdict {
-        let Some(failing) = self.failing(results) else { return Verdict::Deliver };
+    /// batch (see the module's rules); `more`: whether more records can
+    /// still join the batch. A rollback happens here.
+    pub fn verdict(&mut self, results: &Results<ChainFailure>, more: bool) -> Verdict {
+        let small = results.len() < SURGE_MIN_RECORDS;
+        let judged = self.on_probation() && !(small && more);
+        let Some(failing) = self.failing(results, judged) else {
+            let unjudged = self.batches == 0 || results.errors().next().is_some();
+            let can_fail = self.policy != OnPluginFailure::DeadLetter;
+            return match self.on_probation() && small && more && unjudged && can_fail {
+                true => Verdict::Gather,
+                false => Verdict::Deliver,
+            };
+        };
         match self.policy {
             OnPluginFailure::DeadLetter => Verdict::DeliverFailing(failing),
             OnPluginFailure::Rollback if self.previous.is_some() => {
@@ -215,13 +233,14 @@ impl<C: Versioned> Supervisor<C> {
     }
 
     /// Whether the current chain is failing, after it ran `results`: a
-    /// fault streak or isolation over budget (any time), or, on probation
-    /// after a swap, an error surge against the previous version's rate.
-    fn failing(&mut self, results: &Results<ChainFailure>) -> Option<VersionFailing> {
+    /// fault streak or isolation over budget (any time), or, when `judged`
+    /// (on probation after a swap), an error surge against the previous
+    /// version's rate.
+    fn failing(&mut self, results: &Results<ChainFailure>, judged: bool) -> Option<VersionFailing> {
         if let Some(failing) = self.current.take_failing() {
             return Some(failing);
         }
-        if !self.on_probation() || results.len() < SURGE_MIN_RECORDS {
+        if !judged || results.is_empty() {
             return None;
         }
         let failed: Vec<&ChainFailure> = results.errors().collect();
@@ -338,10 +357,16 @@ mod tests {
     }
 
     /// Runs `n` records with `failed` failures through the current chain and
-    /// takes the verdict, counting the batch when it is delivered.
+    /// takes the verdict (more records can join the batch), counting the
+    /// batch when it is delivered.
     fn run(s: &mut Supervisor<Fake>, n: usize, failed: usize) -> Verdict {
+        run_batch(s, n, failed, true)
+    }
+
+    /// [`run`], saying whether `more` records can join the batch.
+    fn run_batch(s: &mut Supervisor<Fake>, n: usize, failed: usize, more: bool) -> Verdict {
         let r = results(n, failed);
-        let verdict = s.verdict(&r);
+        let verdict = s.verdict(&r, more);
         if matches!(verdict, Verdict::Deliver | Verdict::DeliverFailing(_)) {
             s.record(&r);
         }
@@ -354,7 +379,7 @@ mod tests {
         assert_eq!(run(&mut s, 100, 1), Verdict::Deliver);
         s.swap_in(Fake::new("new"));
         assert!(s.on_probation());
-        assert_eq!(run(&mut s, 5, 5), Verdict::Deliver, "too small a batch to judge");
+        assert_eq!(run(&mut s, 5, 5), Verdict::Gather, "too small a batch to judge: nothing delivered");
         assert_eq!(run(&mut s, 20, 11), Verdict::RunAgain, "55% failed against 1%: a surge");
         assert_eq!(s.current().hash, "old", "rolled back");
         assert!(!s.on_probation(), "the old version is not on probation");
@@ -364,6 +389,27 @@ mod tests {
             "{reason}"
         );
         assert_eq!(refused.reason("key-old"), None);
+    }
+
+    /// Nothing a new version makes is delivered before it is judged on
+    /// enough records: its first batch, and a later one with a failure,
+    /// gather more; a batch no more records join is judged as it is.
+    #[test]
+    fn on_probation_a_small_batch_gathers_more_before_anything_is_delivered() {
+        let (mut s, _) = supervisor(OnPluginFailure::Rollback);
+        assert_eq!(run(&mut s, 3, 0), Verdict::Deliver, "no probation before a swap");
+        s.swap_in(Fake::new("new"));
+        assert_eq!(run(&mut s, 3, 0), Verdict::Gather, "the new version's first batch waits for a sample");
+        assert_eq!(run(&mut s, 10, 0), Verdict::Deliver, "judged on 10 records");
+        assert_eq!(run(&mut s, 3, 0), Verdict::Deliver, "a small clean batch after the first");
+        assert_eq!(run(&mut s, 3, 1), Verdict::Gather, "a small batch with a failure waits for more");
+        assert_eq!(run_batch(&mut s, 3, 1, false), Verdict::Deliver, "one in three is no surge");
+        assert_eq!(run_batch(&mut s, 3, 2, false), Verdict::RunAgain, "no more came: judged on what there is");
+        assert_eq!(s.current().hash, "old", "rolled back");
+
+        let (mut s, _) = supervisor(OnPluginFailure::DeadLetter);
+        s.swap_in(Fake::new("new"));
+        assert_eq!(run(&mut s, 3, 3), Verdict::Deliver, "dead_letter delivers failures whatever the verdict");
     }
 
     #[test]
@@ -408,7 +454,7 @@ mod tests {
                 Verdict::RunAgain => "run again",
                 Verdict::Pause(_) => "pause",
                 Verdict::DeliverFailing(_) => "deliver",
-                Verdict::Deliver => "nothing",
+                Verdict::Deliver | Verdict::Gather => "nothing",
             };
             assert_eq!(got, want, "{policy:?}");
         }

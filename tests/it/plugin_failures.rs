@@ -132,6 +132,42 @@ async fn a_hot_swap_to_a_version_that_fails_every_record_is_rolled_back() {
     bad_swap_is_rolled_back("config = { mode = \"error\", trigger = \"*\" }", "rb_error").await;
 }
 
+/// A broken version swapped in on a trickle (a record at a time, slower
+/// than a batch fills) is judged on enough records before any of its
+/// output is delivered: its batches gather until the error surge shows, it
+/// is rolled back, nothing of it reaches the dead letters, and the good
+/// version stores every trade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_version_on_a_trickle_is_judged_before_any_of_its_failures_is_delivered() {
+    let (broker, pg, table) = trades_setup("rb_trickle", 1).await;
+    let broker = Arc::new(broker);
+    let dir = tempfile::tempdir().unwrap();
+    let good = "config = { mode = \"echo\" }";
+    let file = write_pipeline(dir.path(), "broken", &pipeline(&table, "g-trickle", good, ""));
+    let sluice = SluiceProcess::run(&[&file], &broker.addr);
+    let frames = with_trades(generated(60, 56));
+    let expected = expected_trades(&frames);
+    let (first, rest) = frames.split_at(20);
+    broker.produce("trades_raw", first).await;
+    let stored = expected_trades(first).len();
+    assert!(wait_until(Duration::from_secs(60), || async { count_rows(&pg.client, &table).await >= stored }).await);
+
+    let reloads = sluice.log_count("reload applied");
+    write_pipeline(
+        dir.path(),
+        "broken",
+        &pipeline(&table, "g-trickle", "config = { mode = \"error\", trigger = \"*\" }", ""),
+    );
+    assert!(sluice.wait_log("reload applied", reloads).await, "the swap was not applied; log {}", sluice.log.display());
+    paced(&broker, rest.to_vec(), 1, Duration::from_millis(400)).await.unwrap();
+    assert!(sluice.wait_log("plugin version rolled back", 0).await, "no rollback; log {}", sluice.log.display());
+    let all = wait_until(Duration::from_secs(60), || async { count_rows(&pg.client, &table).await >= expected.len() });
+    assert!(all.await, "{} of {} trades", count_rows(&pg.client, &table).await, expected.len());
+    assert_eq!(stored_trades_in(&pg.client, &table).await, expected, "every trade exactly once, by the good version");
+    let dead = broker.consume("trades_dlq", 1, Duration::from_secs(3));
+    assert!(dead.is_empty(), "the broken version's failures reached the dead letters: {} of them", dead.len());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_failing_from_the_start_pauses_until_a_good_one_is_dropped_in() {
     let (broker, pg, table) = trades_setup("pause", 1).await;

@@ -4,9 +4,10 @@
 //! results with the batch's state changes to delivery (at most one waiting).
 //!
 //! A batch goes through named steps: [`TransformStep::read`] (or an idle
-//! tick), [`TransformStep::top_up`] on probation, [`TransformStep::restore`]
-//! the state it holds, [`TransformStep::transform`] (run, fire timers,
-//! judge), then [`TransformStep::hand_on`].
+//! tick), [`TransformStep::ready_state`] (restore the state it needs),
+//! [`TransformStep::transform`] (run, fire timers, judge; on probation,
+//! [`TransformStep::gather`] more records when the batch is too small to
+//! judge), then it is handed on to delivery.
 
 use crate::record::{Record, Results};
 use crate::sources::Source;
@@ -22,11 +23,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-/// On probation, a batch too small to be judged waits this long at most for
-/// more records to join it, so that a broken version cannot slip its
-/// failures of a few small batches to the dead letters before a batch is
-/// large enough to show the surge.
-const PROBATION_TOP_UP: Duration = Duration::from_millis(250);
+/// On probation, a batch too small to judge waits this long at most for
+/// more records to join it (see [`Verdict::Gather`]): a broken version
+/// cannot slip its failures of a few small batches to the dead letters, or
+/// the state changes they made into the store, before a batch is large
+/// enough to show the surge.
+const PROBATION_GATHER: Duration = Duration::from_secs(10);
 
 /// A batch and what the chain made of it, on its way to the sinks.
 pub(super) struct Transformed {
@@ -66,6 +68,8 @@ pub(super) struct TransformStep {
     swaps: mpsc::UnboundedReceiver<Chain>,
     cancel: CancellationToken,
     out: mpsc::Sender<Transformed>,
+    /// The source's input ended (read while gathering a batch).
+    ended: bool,
 }
 
 impl TransformStep {
@@ -77,7 +81,16 @@ impl TransformStep {
         cancel: CancellationToken,
         out: mpsc::Sender<Transformed>,
     ) -> Self {
-        TransformStep { pipeline: versions.pipeline().to_string(), source, versions, state, swaps, cancel, out }
+        TransformStep {
+            pipeline: versions.pipeline().to_string(),
+            source,
+            versions,
+            state,
+            swaps,
+            cancel,
+            out,
+            ended: false,
+        }
     }
 
     /// Runs batches until `cancel`, the end of the input, or delivery is gone.
@@ -99,17 +112,16 @@ impl TransformStep {
             }
             let read_at = Instant::now();
             self.take_swaps();
-            let ended = self.top_up(&mut batch, read_at, &mut read).await?;
             if !self.ready_state(&mut batch).await {
                 return Ok(());
             }
             if !batch.is_empty() {
-                let Some(transformed) = self.transform(batch, read_at).await else { return Ok(()) };
+                let Some(transformed) = self.transform(batch, read_at, &mut read).await? else { return Ok(()) };
                 if self.out.send(transformed).await.is_err() {
                     return Ok(());
                 }
             }
-            if ended {
+            if self.ended {
                 break;
             }
         }
@@ -154,29 +166,39 @@ impl TransformStep {
         chain
     }
 
-    /// A new version on probation is judged on batches of at least
-    /// SURGE_MIN_RECORDS: a smaller batch waits a little for more, through
-    /// `read`, the read in progress. A read is never dropped halfway: one
-    /// that has taken records when the wait ends goes on, and its batch is
-    /// the next one (dropped, its records would be skipped, and lost once a
-    /// later batch commits past them). Returns whether the input ended.
-    async fn top_up(&mut self, batch: &mut Vec<Record>, read_at: Instant, read: &mut Read) -> anyhow::Result<bool> {
-        let until = read_at + PROBATION_TOP_UP;
-        while self.versions.on_probation() && batch.len() < SURGE_MIN_RECORDS {
+    /// On probation, a batch too small to judge gathers more records,
+    /// through `read`, the read in progress, until it has
+    /// SURGE_MIN_RECORDS, `until` passes, or the input ends. A read is
+    /// never dropped halfway: one that has taken records when the wait ends
+    /// goes on, and its batch is the next one (dropped, its records would
+    /// be skipped, and lost once a later batch commits past them). Returns
+    /// whether more records could still join the batch; `None` on `cancel`.
+    async fn gather(
+        &mut self,
+        batch: &mut Vec<Record>,
+        until: Instant,
+        read: &mut Read,
+    ) -> anyhow::Result<Option<bool>> {
+        while batch.len() < SURGE_MIN_RECORDS {
             tokio::select! {
-                _ = self.cancel.cancelled() => break,
+                _ = self.cancel.cancelled() => return Ok(None),
                 _ = tokio::time::sleep_until(until.into()) => break,
                 more = read.as_mut() => {
                     *read = self.next_read();
                     let more = more?;
                     if more.is_empty() {
-                        return Ok(true);
+                        self.ended = true;
+                        break;
                     }
                     batch.extend(more);
                 }
             }
         }
-        Ok(false)
+        // The whole batch again: a rebalance while waiting reloads the state.
+        if !self.ready_state(batch).await {
+            return Ok(None);
+        }
+        Ok(Some(!self.ended && Instant::now() < until))
     }
 
     /// Readies the state for `batch` (see [`restore`]), taking out the
@@ -193,23 +215,35 @@ impl TransformStep {
     }
 
     /// Runs the chain on `batch` (and the timers its watermarks pass) until
-    /// the supervisor lets the results go on; `None` on `cancel`.
-    async fn transform(&mut self, mut batch: Vec<Record>, read_at: Instant) -> Option<Transformed> {
+    /// the supervisor lets the results go on, gathering more records
+    /// through `read` when it asks; `None` on `cancel`.
+    async fn transform(
+        &mut self,
+        mut batch: Vec<Record>,
+        read_at: Instant,
+        read: &mut Read,
+    ) -> anyhow::Result<Option<Transformed>> {
         let mut paused = false;
         let mut delay = Duration::from_secs(1);
+        let until = Instant::now() + PROBATION_GATHER;
+        let mut more = !self.ended;
         let (results, fired) = loop {
             let (results, fired) = self.run_chain(&batch);
-            match self.versions.verdict(&results) {
+            match self.versions.verdict(&results, more) {
                 Verdict::Deliver => break (results, fired),
                 Verdict::DeliverFailing(failing) => {
                     warn!(pipeline = %self.pipeline, %failing, "plugin version failing; its records go to the dead letters (on_plugin_failure = dead_letter)");
                     break (results, fired);
                 }
                 Verdict::RunAgain => {}
+                Verdict::Gather => match self.gather(&mut batch, until, read).await? {
+                    Some(can_grow) => more = can_grow,
+                    None => return Ok(None),
+                },
                 Verdict::Pause(failing) => {
                     paused = true;
                     if !self.pause(&failing.to_string(), delay).await {
-                        return None;
+                        return Ok(None);
                     }
                     delay = (delay * 2).min(Duration::from_secs(30));
                 }
@@ -227,7 +261,7 @@ impl TransformStep {
         if let Some(state) = &self.state {
             report_state(&self.pipeline, state);
         }
-        Some(Transformed { batch, sources, results, delta, delivered: None, read_at })
+        Ok(Some(Transformed { batch, sources, results, delta, delivered: None, read_at }))
     }
 
     /// One run of the current chain on `batch`, from the state before it

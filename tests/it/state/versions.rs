@@ -137,10 +137,6 @@ async fn state_versions_migrate_or_are_refused_and_a_failing_version_rolls_back(
     assert!(sluice.wait_log("plugin version rolled back", rolled).await, "the failing version was not rolled back");
     let committed = rig.committed_sum().await;
     assert!(rig.batch_committed(committed).await, "no batch after the rollback");
-    // As before the barriers: a second past the rollback before the stop.
-    // A stop within a second of it once left 12 trades out of the closed
-    // candles after the restart (one run in five; the cause is not found).
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
 
     // Stopped mid-feed, the open windows are stored as version 1 keeps them.
     assert_eq!(sluice.stop(), Some(0));
