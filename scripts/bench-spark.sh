@@ -45,22 +45,7 @@ read -r _ batch_wall batch_cpu < <(grep '^batch ' "$work/spark.result")
 
 schema="bench_spark_$$"
 psql "$pg_url" -qc "CREATE SCHEMA $schema"
-cat > "$work/candles.toml" <<TOML
-name = "bench-candles"
-[source]
-type = "file"
-path = "$work/capture/feed.jsonl"
-[[transforms]]
-plugin = "$PWD/target/wasm32-wasip2/release/trade_flattener.wasm"
-[[transforms]]
-plugin = "$PWD/target/wasm32-wasip2/release/ohlc_candles.wasm"
-config = { window_ms = 60000 }
-[transforms.event_time]
-allowed_lateness_ms = 2000
-$(sed -n '/^\[sinks.pg\]/,/^\]/p' pipelines/candles.toml | sed "s#^url = .*#url = \"$pg_url\"#; s#^table = .*#table = \"$schema.candles\"#")
-[dead_letter]
-type = "stdout"
-TOML
+scripts/candles-from-file.sh bench-candles "$work/capture/feed.jsonl" "$pg_url" "$schema.candles" > "$work/candles.toml"
 echo "== Sluice (flattener → ohlc-candles → PostgreSQL, exactly once; compile cache warm)"
 "$sluice" --cache-dir "$work/cache" check "$work/candles.toml" >/dev/null
 /usr/bin/time -f "%U %S %e" -o "$work/time" \

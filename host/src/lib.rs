@@ -62,7 +62,10 @@
 
 /// glibc's malloc spends a third of the WASM path's time consolidating the
 /// per-batch buffers of the component boundary; mimalloc does not (see the
-/// `flatten` benchmark).
+/// `flatten` benchmark). It is built without its transparent-huge-page
+/// advice (`no_thp`): with it, each first touch of fresh memory zeroed a
+/// 2 MiB page, up to a tenth of a pipeline's CPU (the book's performance
+/// chapter).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -26,11 +26,15 @@ pub struct StdoutSink;
 #[async_trait]
 impl Sink for StdoutSink {
     async fn write(&self, batch: &[OutputRef<'_>], _origins: &[&Origin]) -> anyhow::Result<Vec<Rejected>> {
-        let mut out = std::io::stdout().lock();
+        // Standard output is line-buffered: written line by line, each
+        // record would be a system call. The batch goes in one write.
+        let mut lines = Vec::with_capacity(batch.iter().map(|r| r.value.len() + 1).sum());
         for record in batch {
-            out.write_all(record.value)?;
-            out.write_all(b"\n")?;
+            lines.extend_from_slice(record.value);
+            lines.push(b'\n');
         }
+        let mut out = std::io::stdout().lock();
+        out.write_all(&lines)?;
         out.flush()?;
         Ok(Vec::new())
     }
