@@ -212,15 +212,12 @@ impl<C: Versioned> Supervisor<C> {
     /// batch (see the module's rules); `more`: whether more records can
     /// still join the batch. A rollback happens here.
     pub fn verdict(&mut self, results: &Results<ChainFailure>, more: bool) -> Verdict {
-        let small = results.len() < SURGE_MIN_RECORDS;
-        let judged = self.on_probation() && !(small && more);
-        let Some(failing) = self.failing(results, judged) else {
+        let probation = self.on_probation();
+        let too_small = more && results.len() < SURGE_MIN_RECORDS;
+        let Some(failing) = self.failing(results, probation && !too_small) else {
             let unjudged = self.batches == 0 || results.errors().next().is_some();
-            let can_fail = self.policy != OnPluginFailure::DeadLetter;
-            return match self.on_probation() && small && more && unjudged && can_fail {
-                true => Verdict::Gather,
-                false => Verdict::Deliver,
-            };
+            let waits = probation && too_small && unjudged && self.policy != OnPluginFailure::DeadLetter;
+            return if waits { Verdict::Gather } else { Verdict::Deliver };
         };
         match self.policy {
             OnPluginFailure::DeadLetter => Verdict::DeliverFailing(failing),

@@ -27,14 +27,12 @@ pub struct StdoutSink;
 impl Sink for StdoutSink {
     async fn write(&self, batch: &[OutputRef<'_>], _origins: &[&Origin]) -> anyhow::Result<Vec<Rejected>> {
         // Standard output is line-buffered: written line by line, each
-        // record would be a system call. The batch goes in one write.
-        let mut lines = Vec::with_capacity(batch.iter().map(|r| r.value.len() + 1).sum());
+        // record would be a system call. Buffered, a batch takes a few.
+        let mut out = std::io::BufWriter::with_capacity(64 << 10, std::io::stdout().lock());
         for record in batch {
-            lines.extend_from_slice(record.value);
-            lines.push(b'\n');
+            out.write_all(record.value)?;
+            out.write_all(b"\n")?;
         }
-        let mut out = std::io::stdout().lock();
-        out.write_all(&lines)?;
         out.flush()?;
         Ok(Vec::new())
     }
