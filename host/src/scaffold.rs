@@ -3,9 +3,10 @@
 //!
 //! A skeleton is self-contained: the WIT contract, the language's SDK (the
 //! same files as `plugins/sluice-plugin*`, embedded at compile time), a sample
-//! transform with native unit tests, `sample.jsonl` for `sluice plugin test`,
-//! and `build.sh`, which installs the language's toolchain from its registry
-//! (rustup target, PyPI, npm), runs the unit tests and writes `NAME.wasm`.
+//! transform with native unit tests, `sample.jsonl` for `sluice plugin test`
+//! with its golden outputs, and `build.sh`, which installs the language's
+//! toolchain from its registry (rustup target, PyPI, npm), runs the unit
+//! tests, writes `NAME.wasm` and runs the golden test.
 
 use std::path::{Path, PathBuf};
 
@@ -157,7 +158,14 @@ fn files(lang: Lang) -> Vec<File> {
             file("wit/transform.wit", WIT, "the contract between Sluice and the plugin (0.2)"),
         ],
     };
-    files.extend([file("sample.jsonl", template!("common/sample.jsonl"), "input for `sluice plugin test`")]);
+    files.extend([
+        file("sample.jsonl", template!("common/sample.jsonl"), "input for `sluice plugin test`"),
+        file(
+            "sample.expected.jsonl",
+            template!("common/sample.expected.jsonl"),
+            "the sample's golden outputs (`--expect`), checked by `build.sh`",
+        ),
+    ]);
     files
 }
 

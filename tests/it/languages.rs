@@ -261,9 +261,11 @@ fn assert_same(got: &[(Trade, f64)], want: &[(Trade, f64)], what: &str) {
     }
 }
 
-/// `sluice plugin new NAME --lang LANG`, then the skeleton's `build.sh`, then
-/// `sluice plugin test` on its sample input: two outputs labelled by the
-/// config, and the line that is not JSON reported as failed (exit status 1).
+/// `sluice plugin new NAME --lang LANG`, then the skeleton's `build.sh` (which
+/// ends with the golden test), then `sluice plugin test` on its sample
+/// input: two outputs labelled by the config, and the line that is not JSON
+/// reported as failed (exit status 1); against the golden file, a changed
+/// label fails with the field that differs, and `--update` accepts it.
 fn new_plugin_builds_and_passes_plugin_test(lang: &str) {
     let work = tempfile::tempdir().unwrap();
     let name = format!("hello-{lang}");
@@ -276,6 +278,7 @@ fn new_plugin_builds_and_passes_plugin_test(lang: &str) {
     // Rust skeletons share one target folder, so the SDK's dependencies build once per run.
     let built = Command::new(dir.join("build.sh"))
         .env("CARGO_TARGET_DIR", common::root().join("target/skeletons"))
+        .env("SLUICE", sluice)
         .output()
         .unwrap();
     let log = |o: &std::process::Output| {
@@ -283,6 +286,7 @@ fn new_plugin_builds_and_passes_plugin_test(lang: &str) {
     };
     assert!(built.status.success(), "build.sh failed:\n{}", log(&built));
     assert!(log(&built).contains(&format!("built {name}.wasm")), "{}", log(&built));
+    assert!(log(&built).contains("all 3 outputs match sample.expected.jsonl"), "the golden test: {}", log(&built));
 
     let tested = Command::new(sluice)
         .arg("--cache-dir")
@@ -299,13 +303,32 @@ fn new_plugin_builds_and_passes_plugin_test(lang: &str) {
     assert_eq!(outputs[0]["value"]["symbol"], "BINANCE:BTCUSDT");
     assert!(outputs.iter().all(|o| o["value"]["label"] == "demo" && o["route"].is_null()), "{outputs:?}");
     let stderr = String::from_utf8_lossy(&tested.stderr);
-    assert!(stderr.contains("line 3: ") && stderr.contains("JSON"), "{stderr}");
+    assert!(stderr.contains("line 3: expected a JSON object"), "{stderr}");
+
+    let golden = |extra: &[&str]| {
+        let out = Command::new(sluice)
+            .arg("--cache-dir")
+            .arg(common::test_cache_dir())
+            .args(["plugin", "test", "-c", "label=other", "-i", "sample.jsonl", "--expect", "sample.expected.jsonl"])
+            .arg(format!("{name}.wasm"))
+            .args(extra)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (code, diff) = golden(&[]);
+    assert_eq!(code, Some(1), "{diff}");
+    assert!(diff.contains(&format!("line 1: differs\n    label: expected \"{name}\", got \"other\"")), "{diff}");
+    assert!(diff.contains("2 of 3 outputs differ (2 different, 0 missing, 0 unexpected)"), "{diff}");
+    assert_eq!(golden(&["--update"]).0, Some(0));
+    assert_eq!(golden(&[]), (Some(0), "all 3 outputs match sample.expected.jsonl\n".to_string()));
     assert_readme_names_every_file(&dir);
 }
 
 fn assert_readme_names_every_file(dir: &Path) {
     let readme = std::fs::read_to_string(dir.join("README.md")).unwrap();
-    for file in ["build.sh", "sample.jsonl", "wit/transform.wit"] {
+    for file in ["build.sh", "sample.jsonl", "sample.expected.jsonl", "wit/transform.wit"] {
         assert!(readme.contains(&format!("`{file}`")), "README lists {file}");
     }
 }

@@ -92,3 +92,166 @@ fn a_trapping_plugin_reports_the_line_and_goes_on() {
     assert!(stderr.contains("line 2: plugin trapped"), "{stderr}");
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// `sluice plugin test` over `input` (a file written here), with `args`.
+fn plugin_test_file(args: &[&str], input: &str) -> (Output, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("input.jsonl");
+    std::fs::write(&path, input).unwrap();
+    let mut all = vec!["-i", path.to_str().unwrap()];
+    all.extend_from_slice(args);
+    (sluice_plugin_test(&all, ""), dir)
+}
+
+fn json_lines(out: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect()
+}
+
+fn trade(symbol: &str, price: f64, ts: i64) -> String {
+    format!("{{\"symbol\":\"{symbol}\",\"price\":{price},\"volume\":1,\"ts\":{ts}}}\n")
+}
+
+/// ohlc-candles (contract 0.3) through the pipeline's transform step: event
+/// time from the `ts` field, batches of two, timers fired after the batch
+/// whose watermark passes them and the rest at the end, a late trade
+/// reported as its line; the candles as computed by hand.
+#[test]
+fn a_stateful_plugin_gets_state_event_time_and_timers() {
+    let candles = common::plugin_path("ohlc_candles");
+    let input = [
+        trade("A", 10.0, 60_500),
+        trade("B", 5.0, 61_000),
+        trade("A", 12.0, 119_000),
+        trade("A", 11.0, 120_500), // the watermark passes 120000: the first minute closes
+        trade("A", 9.0, 30_000),   // late
+        trade("A", 13.0, 121_000),
+    ]
+    .concat();
+    let (out, _dir) =
+        plugin_test_file(&[candles.to_str().unwrap(), "--json", "--event-time", "ts", "--batch-size", "2"], &input);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("line 5: late record: timestamp 30000 is 90500 ms behind the watermark 120500"),
+        "{stderr}"
+    );
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let outputs = json_lines(&out);
+    // (from a timer, its time, symbol, window start, [open, high, low, close], trades)
+    type Seen<'a> = (bool, i64, &'a str, i64, [f64; 4], u64);
+    let seen: Vec<Seen> = outputs
+        .iter()
+        .map(|o| {
+            let v = &o["value"];
+            let f = |field: &str| v[field].as_f64().unwrap();
+            (
+                o["line"].is_null(),
+                o["timer"]["at"].as_i64().unwrap(),
+                v["symbol"].as_str().unwrap(),
+                v["window_start"].as_i64().unwrap(),
+                [f("open"), f("high"), f("low"), f("close")],
+                v["trades"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (true, 120_000, "A", 60_000, [10.0, 12.0, 10.0, 12.0], 2),
+            (true, 120_000, "B", 60_000, [5.0, 5.0, 5.0, 5.0], 1),
+            (true, 180_000, "A", 120_000, [11.0, 13.0, 11.0, 13.0], 2),
+        ],
+        "{outputs:?}"
+    );
+    assert!(outputs.iter().all(|o| o["timer"]["partition"] == 0), "{outputs:?}");
+}
+
+/// `--state-out` then `--state-in`: a run over the first trades and a run
+/// over the rest from its state end where one run over all of them ends;
+/// `--partition-by` keys each record into a partition (with a state of its
+/// own) as Kafka's default partitioner would.
+#[test]
+fn state_carries_over_between_runs_and_partitions_come_from_a_field() {
+    let totals = common::plugin_path("symbol_totals");
+    let trades = [trade("A", 1.0, 1), trade("B", 2.0, 2), trade("A", 3.0, 3), trade("B", 4.0, 4), trade("A", 5.0, 5)];
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.jsonl");
+    let (state_arg, plugin) = (state.to_str().unwrap(), totals.to_str().unwrap());
+    let common_args = [plugin, "--json", "--event-time", "ts", "--partition-by", "symbol", "--partitions", "8"];
+    let run = |extra: &[&str], input: &str| {
+        let mut args = common_args.to_vec();
+        args.extend_from_slice(extra);
+        let (out, _dir) = plugin_test_file(&args, input);
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        json_lines(&out)
+    };
+    let whole = run(&[], &trades.concat());
+    run(&["--state-out", state_arg], &trades[..3].concat());
+    let saved = std::fs::read_to_string(&state).unwrap();
+    // murmur2 puts "A" in partition 2 and "B" in partition 0 of 8.
+    assert!(saved.contains(r#""partition":2,"key_hex":"0041""#), "{saved}");
+    let rest = run(&["--state-in", state_arg], &trades[3..].concat());
+    let last = |outputs: &[serde_json::Value]| outputs.last().unwrap()["value"].clone();
+    assert_eq!(last(&rest), last(&whole));
+    assert_eq!(last(&whole)["trades"], 3);
+    assert_eq!((whole[1]["value"]["partition"].clone(), whole[1]["key"].clone()), (0.into(), "B/0".into()));
+
+    let broken = dir.path().join("broken.jsonl");
+    std::fs::write(&broken, "{\"stage\":0}\n").unwrap();
+    let (out, _dir) = plugin_test_file(&[plugin, "--state-in", broken.to_str().unwrap()], "");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("broken.jsonl:1: not a state line"));
+}
+
+#[test]
+fn state_options_on_a_stateless_plugin_are_refused() {
+    let flattener = common::plugin_path("trade_flattener");
+    let out = sluice_plugin_test(&[flattener.to_str().unwrap(), "--state-out", "x.jsonl"], "");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--state-out is for a stateful plugin (contract 0.3)"), "{stderr}");
+}
+
+/// `--expect`: `--update` writes the golden file (outputs and the failing
+/// line), a run against it passes, a changed output fails with the field
+/// that differs, and `--tolerance` / `--ignore` relax the comparison.
+#[test]
+fn golden_files_pass_fail_with_a_diff_and_update() {
+    let flattener = common::plugin_path("trade_flattener");
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("frames.jsonl");
+    std::fs::write(
+        &input,
+        concat!(
+            r#"{"type":"trade","data":[{"s":"A","p":1.5,"t":3,"v":4},{"s":"B","p":2,"t":3,"v":1}]}"#,
+            "\ngarbage\n"
+        ),
+    )
+    .unwrap();
+    let golden = dir.path().join("expected.jsonl");
+    let run = |extra: &[&str]| {
+        let mut args = vec![flattener.to_str().unwrap(), "-i", input.to_str().unwrap()];
+        args.extend(["--expect", golden.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        let out = sluice_plugin_test(&args, "");
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (code, stdout) = run(&[]);
+    assert_eq!(code, Some(2), "no golden file yet: {stdout}");
+    assert_eq!(run(&["--update"]), (Some(0), format!("wrote 3 outputs to {}\n", golden.display())));
+    let written = std::fs::read_to_string(&golden).unwrap();
+    assert!(written.lines().nth(2).unwrap().starts_with(r#"{"line":2,"error":"not a Finnhub frame"#), "{written}");
+    assert_eq!(run(&[]), (Some(0), format!("all 3 outputs match {}\n", golden.display())));
+
+    std::fs::write(&golden, written.replacen(r#""price":1.5"#, r#""price":1.5000001"#, 1)).unwrap();
+    let (code, stdout) = run(&[]);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(stdout.contains("line 1, key \"A\": differs\n    price: expected 1.5000001, got 1.5\n"), "{stdout}");
+    assert!(stdout.contains("1 of 3 outputs differ (1 different, 0 missing, 0 unexpected)"), "{stdout}");
+    assert_eq!(run(&["--tolerance", "1e-6"]).0, Some(0));
+    assert_eq!(run(&["--ignore", "price"]).0, Some(0));
+
+    std::fs::write(&golden, written.lines().take(2).collect::<Vec<_>>().join("\n")).unwrap();
+    let (code, stdout) = run(&[]);
+    assert_eq!(code, Some(1));
+    assert!(stdout.contains("line 2: unexpected failure: \"not a Finnhub frame"), "{stdout}");
+}

@@ -132,7 +132,10 @@ pub(crate) fn parse_key_value(raw: &str) -> Result<(String, String), String> {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     redact_panics();
-    init_logging(cli.log_format);
+    // `plugin test` reports its inputs' failures on stderr: the plugin's
+    // own log lines go there too, the machinery's progress does not.
+    let quiet = matches!(cli.command, Command::Plugin(PluginCommand::Test(_)));
+    init_logging(cli.log_format, if quiet { "warn,sluice::runtime::host_state=trace" } else { "info" });
     match run(cli) {
         Ok(code) => code,
         Err(error) => {
@@ -152,9 +155,10 @@ fn redact_panics() {
     }));
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to stderr, filtered by `RUST_LOG`, else by `default`.
+fn init_logging(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -170,7 +174,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let cache_dir = if cli.no_cache { None } else { cli.cache_dir.or_else(Runtime::default_cache_dir) };
     let runtime = || Runtime::new(cache_dir.clone());
     match cli.command {
-        Command::Plugin(PluginCommand::Test(args)) => plugin::test(&runtime()?, args),
+        Command::Plugin(PluginCommand::Test(args)) => plugin::test(&runtime()?, *args),
         Command::Plugin(PluginCommand::New(args)) => plugin::new(args),
         Command::Feed(args) => feed::feed(args),
         Command::Check(args) => check::check(&runtime()?, &args),

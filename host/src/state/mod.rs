@@ -22,10 +22,12 @@
 //! - [`pipeline`]: every stage of a pipeline, restored and applied per batch;
 //! - [`stored`]: how entries, timers and clocks are encoded in a store;
 //! - [`time`]: event time, watermarks and timers; [`version`]: state versions;
-//! - [`postgres`]: `[state.postgres]`, the PostgreSQL store and keeper.
+//! - [`postgres`]: `[state.postgres]`, the PostgreSQL store and keeper;
+//! - [`memory`]: a store and keeper in memory (`sluice plugin test`).
 
 pub mod call;
 pub mod keeper;
+pub mod memory;
 pub mod pipeline;
 pub mod postgres;
 pub mod stage;

@@ -8,11 +8,13 @@
 //! - [`transform`]: its transform step (read, restore state, run the chain, fire timers);
 //! - [`delivery`]: its delivery (sinks, dead letters, retries, in a crash-safe order);
 //! - [`keeper`]: what keeps its keyed state, and the checks a chain must pass to take it over;
-//! - [`dead_letter`]: the dead-letter record.
+//! - [`dead_letter`]: the dead-letter record;
+//! - [`local`]: a chain run through the transform step with its state in memory (`sluice plugin test`).
 
 pub mod dead_letter;
 pub mod delivery;
 pub mod keeper;
+pub mod local;
 pub mod pipeline;
 pub mod transform;
 

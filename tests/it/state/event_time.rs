@@ -151,3 +151,62 @@ async fn a_far_future_timestamp_does_not_poison_its_partition() {
     let trades: Vec<(i64, i64)> = candles.iter().map(|((_, start), c)| (*start, c.6)).collect();
     assert_eq!(trades, [(window, 3), (window + 10_000, 2)], "the new trades are on time after the restart");
 }
+
+/// `sluice plugin test` of ohlc-candles, over what `plugin test` of the
+/// flattener makes of a capture, prints the candles the pipeline stores in
+/// PostgreSQL for the same capture (the same transform step, event time and
+/// lateness; the sums to 1e-9).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_test_prints_the_candles_the_pipeline_stores() {
+    let pg = PgSchema::create("ohlc_plugin_test").await;
+    let table = format!("{}.candles", pg.name);
+    let dir = tempfile::tempdir().unwrap();
+    let frames = common::trades::generated(2_000, 41);
+    let capture = dir.path().join("capture.jsonl");
+    std::fs::write(&capture, frames.iter().flat_map(|f| f.iter().copied().chain([b'\n'])).collect::<Vec<u8>>())
+        .unwrap();
+    let source = "[source]\ntype = \"file\"\npath = \"capture.jsonl\"";
+    let text = ohlc_pipeline(source, &table, "allowed_lateness_ms = 2000", "[dead_letter]\ntype = \"stdout\"", "");
+    let out = run_until_eof(&write_pipeline(dir.path(), "ohlc", &text));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dead: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().lines().collect();
+    let stored = stored_candles(&pg.client, &table).await;
+
+    let plugin_test = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .arg("--cache-dir")
+            .arg(common::test_cache_dir())
+            .args(["plugin", "test"])
+            .args(args)
+            .output()
+            .unwrap();
+        (out.status.code(), out.stdout, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let flattener = common::plugin_path("trade_flattener");
+    let (_, trades, failed) = plugin_test(&[flattener.to_str().unwrap(), "-i", capture.to_str().unwrap()]);
+    let trades_file = dir.path().join("trades.jsonl");
+    std::fs::write(&trades_file, trades).unwrap();
+    let candles = common::plugin_path("ohlc_candles");
+    let args = [candles.to_str().unwrap(), "-i", trades_file.to_str().unwrap(), "-c", "window_ms=10000"];
+    let (code, printed, late) =
+        plugin_test(&[&args[..], &["--json", "--event-time", "ts", "--allowed-lateness-ms", "2000"]].concat());
+    // The pipeline dead-letters the malformed frames (and a frame with a
+    // late trade whole); plugin test fails them as lines.
+    assert_eq!(failed.lines().count(), dead.len(), "malformed frames: {failed}");
+    assert_eq!((code, late.as_str()), (Some(0), ""), "no trade of the capture is late");
+    let printed: BTreeMap<(String, i64), Candle> = String::from_utf8(printed)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let o: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert!(o["line"].is_null() && o["timer"]["at"].is_i64(), "a candle comes from a timer: {o}");
+            let v = &o["value"];
+            let f = |field: &str| v[field].as_f64().unwrap();
+            let key = (v["symbol"].as_str().unwrap().to_string(), v["window_start"].as_i64().unwrap());
+            (key, (f("open"), f("high"), f("low"), f("close"), f("volume"), f("vwap"), v["trades"].as_i64().unwrap()))
+        })
+        .collect();
+    assert!(printed.len() > 10, "{} candles", printed.len());
+    assert_candles(&printed, &stored);
+    assert_candles(&printed, &expected_candles(&frames, 10_000));
+}

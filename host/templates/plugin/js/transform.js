@@ -11,7 +11,12 @@ export default class Plugin {
   }
 
   process(record) {
-    const value = record.json();
+    let value;
+    try {
+      value = record.json();
+    } catch (error) {
+      throw new Error(`expected a JSON object: ${error.message}`);
+    }
     if (value === null || typeof value !== "object" || Array.isArray(value)) {
       throw new Error(`expected a JSON object, got ${JSON.stringify(value)}`);
     }

@@ -17,7 +17,10 @@ class Plugin:
         self.label = config.get("label", "{{name}}")
 
     def process(self, record: Record):
-        value = json.loads(record.value)
+        try:
+            value = json.loads(record.value)
+        except ValueError as error:
+            raise ValueError(f"expected a JSON object: {error}") from error
         if not isinstance(value, dict):
             raise ValueError(f"expected a JSON object, got {type(value).__name__}")
         value["label"] = self.label

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Tests {{name}} natively, then builds it as a WebAssembly component: {{name}}.wasm.
+# Tests {{name}} natively, builds it as a WebAssembly component ({{name}}.wasm),
+# then runs its golden test.
 # Installs componentize-py from PyPI into .venv when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -13,3 +14,12 @@ PYTHONPATH=sdk python3 -m unittest --quiet
 .venv/bin/componentize-py -d wit -w transformer componentize -p . -p sdk app -o .{{name}}.wasm.tmp >/dev/null
 mv .{{name}}.wasm.tmp {{name}}.wasm
 echo "built {{name}}.wasm ($(wc -c < {{name}}.wasm) bytes)"
+# The golden test: the sample's outputs against sample.expected.jsonl (after a
+# change you mean, rewrite it with --update). SLUICE names the binary if it is
+# not on PATH.
+sluice="${SLUICE:-sluice}"
+if command -v "$sluice" >/dev/null 2>&1; then
+  "$sluice" plugin test {{name}}.wasm -i sample.jsonl --expect sample.expected.jsonl
+else
+  echo "sluice is not on PATH: golden test skipped (sluice plugin test {{name}}.wasm -i sample.jsonl --expect sample.expected.jsonl)"
+fi
