@@ -40,7 +40,8 @@
 //!   partition, read through a call's changes, applied when a batch is
 //!   delivered, read back from a [`state::StateStore`] and committed by a
 //!   [`state::StateKeeper`] (the exactly-once PostgreSQL sink, in the
-//!   transaction of the rows and offsets, or `[state.postgres]`);
+//!   transaction of the rows and offsets, or `[state.postgres]`, or in
+//!   memory for `sluice plugin test`);
 //! - [`shadow`]: shadow runs: a candidate version beside a live stage on the
 //!   same batches, on its own thread; the per-key diff, its report, and
 //!   promotion (the pipeline file rewritten, then the ordinary hot swap);
@@ -48,7 +49,8 @@
 //!   error surges, rollback, pause and refused versions;
 //! - [`topology`]: the running set of pipelines, started and changed by
 //!   applying a diff; a pipeline's task, its transform step, its delivery
-//!   and the keeper of its state;
+//!   and the keeper of its state; and a chain run through the same
+//!   transform step in-process (`sluice plugin test` of a stateful plugin);
 //! - [`telemetry`]: Prometheus metrics and the live per-pipeline state (lag, failing sinks, errors);
 //! - [`admin`]: the admin HTTP listener (`/metrics`, `/health`, `/status`,
 //!   `/reload`, a pipeline's shadow report and promotion)

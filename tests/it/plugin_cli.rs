@@ -255,3 +255,33 @@ fn golden_files_pass_fail_with_a_diff_and_update() {
     assert_eq!(code, Some(1));
     assert!(stdout.contains("line 2: unexpected failure: \"not a Finnhub frame"), "{stdout}");
 }
+
+/// `--trace A` with one line a batch: each line that changed a window of
+/// symbol A, the window's value before and after, its timer set, fired and
+/// cleared, and the candle it output; nothing of B.
+#[test]
+fn a_trace_follows_the_keys_of_a_prefix_line_by_line() {
+    let candles = common::plugin_path("ohlc_candles");
+    let input =
+        [trade("A", 10.0, 60_500), trade("B", 5.0, 61_000), trade("A", 12.0, 119_000), trade("A", 11.0, 120_500)]
+            .concat();
+    let args = [candles.to_str().unwrap(), "--event-time", "ts", "--batch-size", "1", "--trace", "A"];
+    let (out, _dir) = plugin_test_file(&args, &input);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let trace = String::from_utf8(out.stdout).unwrap();
+    let window = r#""A\u000060000""#;
+    for said in [
+        "batch 1: line 1: {\"symbol\":\"A\",\"price\":10,\"volume\":1,\"ts\":60500}\n".to_string(),
+        format!("  {window} (stage 1, partition 0): (none) -> 0x"),
+        format!("  timer {window} at 120000 set (stage 1, partition 0)"),
+        "batch 3: line 3: ".to_string(),
+        "batch 4: line 4: ".to_string(),
+        format!("  timer {window} at 120000 fired (partition 0)\n    output of the timer, key \"A\": {{"),
+        "(72 bytes) -> (deleted)\n".to_string(),
+        format!("  timer {window} at 120000 cleared (stage 1, partition 0)"),
+        "batch 5: no lines (timers only)\n  timer \"A\\u0000120000\" at 180000 fired".to_string(),
+    ] {
+        assert!(trace.contains(&said), "{said:?} in:\n{trace}");
+    }
+    assert!(!trace.contains("batch 2") && !trace.contains("\"B"), "B's line touched no A key:\n{trace}");
+}

@@ -3,11 +3,13 @@
 //!
 //! - [`test`]: the command, stateless and stateful;
 //! - [`input`]: its input lines, and the source a stateful run reads them from;
-//! - [`golden`]: `--expect` (a golden file compared by the shadow's diff) and `--update`.
+//! - [`golden`]: `--expect` (a golden file compared by the shadow's diff) and `--update`;
+//! - [`trace`]: `--trace`, what a stateful plugin did to some of its keys, batch by batch.
 
 pub mod golden;
 pub mod input;
 pub mod test;
+pub mod trace;
 
 use clap::{Args, Subcommand};
 use std::path::PathBuf;

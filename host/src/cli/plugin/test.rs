@@ -5,6 +5,7 @@
 
 use super::golden::Golden;
 use super::input::{Fields, Lines, LinesSource};
+use super::trace::Trace;
 use crate::cli::parse_key_value;
 use crate::record::{OutputRef, Record};
 use crate::runtime::{Grants, Limits, Plugin, PluginInstance, Runtime};
@@ -99,6 +100,12 @@ pub struct PluginTestArgs {
     /// `--state-out`).
     #[arg(long, value_name = "FILE")]
     pub state_in: Option<PathBuf>,
+    /// Stateful plugins: instead of the outputs, print what happened to the
+    /// state keys that begin with PREFIX, batch by batch: the lines, the
+    /// values before and after, the timers set and fired, and the outputs
+    /// keyed by them (`--batch-size 1`: line by line).
+    #[arg(long, value_name = "PREFIX", conflicts_with_all = ["expect", "json"])]
+    pub trace: Option<String>,
     /// Stateful plugins: write the final state to this file, one stored key
     /// per line (JSON: stage, partition, key and value in hex, and the
     /// plugin's key or timer readable).
@@ -132,6 +139,7 @@ pub fn test(runtime: &Runtime, args: PluginTestArgs) -> anyhow::Result<ExitCode>
                 ("--event-time", args.event_time.is_some()),
                 ("--partition-by", args.partition_by.is_some()),
                 ("--state-in", args.state_in.is_some()),
+                ("--trace", args.trace.is_some()),
                 ("--state-out", args.state_out.is_some()),
             ];
             if let Some((flag, _)) = stateful_only.iter().find(|(_, given)| *given) {
@@ -229,14 +237,19 @@ fn stateful(
     };
     let source = Arc::new(LinesSource::new(lines, fields, args.batch_size as usize));
     let mut failed = 0;
+    let mut trace = args.trace.as_deref().map(|prefix| Trace::new(prefix, &state));
     crate::cli::tokio_runtime()?.block_on(crate::topology::local::run_local(
         "plugin-test",
         source,
         chain,
         state.clone(),
         |ran| {
+            if let Some(trace) = &mut trace {
+                trace.batch(&ran, &state, &mut out.stdout)?;
+            }
             for (record, result) in ran.batch.iter().zip(ran.results.iter()) {
                 match result {
+                    Ok(_) if trace.is_some() => {}
                     Ok(outputs) => {
                         for output in outputs {
                             out.output(record, output)?;
