@@ -453,10 +453,7 @@ fn check_event_time(
             LatePolicy::Route(route.clone())
         }
     };
-    let lateness = i64::try_from(c.allowed_lateness_ms).unwrap_or(i64::MAX);
-    let idle = (c.idle_timeout_ms > 0).then(|| std::time::Duration::from_millis(c.idle_timeout_ms));
-    let max_ahead_ms = i64::try_from(c.max_ahead_ms).unwrap_or(i64::MAX);
-    EventTime { allowed_lateness_ms: lateness, idle_timeout: idle, late, max_ahead_ms }
+    EventTime::from_ms(c.allowed_lateness_ms, c.idle_timeout_ms, c.max_ahead_ms, late)
 }
 
 fn check_shadow(

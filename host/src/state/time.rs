@@ -26,6 +26,19 @@ pub struct EventTime {
     pub max_ahead_ms: i64,
 }
 
+impl EventTime {
+    /// From `[transforms.event_time]`'s millisecond keys (an idle timeout
+    /// of 0 is none; values past `i64::MAX` saturate).
+    pub fn from_ms(allowed_lateness_ms: u64, idle_timeout_ms: u64, max_ahead_ms: u64, late: LatePolicy) -> Self {
+        EventTime {
+            allowed_lateness_ms: i64::try_from(allowed_lateness_ms).unwrap_or(i64::MAX),
+            idle_timeout: (idle_timeout_ms > 0).then(|| Duration::from_millis(idle_timeout_ms)),
+            late,
+            max_ahead_ms: i64::try_from(max_ahead_ms).unwrap_or(i64::MAX),
+        }
+    }
+}
+
 /// What becomes of a record behind its partition's watermark.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LatePolicy {
