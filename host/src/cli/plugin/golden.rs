@@ -40,14 +40,13 @@ impl Golden {
     /// were written).
     pub fn finish(self, out: &mut dyn Write) -> anyhow::Result<bool> {
         if self.update {
-            let mut file = std::io::BufWriter::new(
-                std::fs::File::create(&self.path).with_context(|| format!("cannot write {}", self.path.display()))?,
-            );
-            for line in &self.actual {
-                file.write_all(line.as_bytes())?;
-                file.write_all(b"\n")?;
-            }
-            file.flush().with_context(|| format!("cannot write {}", self.path.display()))?;
+            super::write_replacing(&self.path, |file| {
+                for line in &self.actual {
+                    file.write_all(line.as_bytes())?;
+                    file.write_all(b"\n")?;
+                }
+                Ok(())
+            })?;
             writeln!(out, "wrote {} outputs to {}", self.actual.len(), self.path.display())?;
             return Ok(true);
         }

@@ -52,6 +52,27 @@ pub struct PluginNewArgs {
     pub dir: Option<PathBuf>,
 }
 
+/// Writes `path` with `write`: beside it, then renamed over it, so that a
+/// kill leaves the old file or the new one, never half of either.
+pub(crate) fn write_replacing(
+    path: &std::path::Path,
+    write: impl FnOnce(&mut dyn std::io::Write) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => std::path::Path::new("."),
+    };
+    let tmp =
+        tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot write beside {}", path.display()))?;
+    let mut out = std::io::BufWriter::new(tmp);
+    write(&mut out)?;
+    let tmp =
+        out.into_inner().map_err(|e| e.into_error()).with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
 pub fn new(args: PluginNewArgs) -> anyhow::Result<ExitCode> {
     let dir = args.dir.unwrap_or_else(|| PathBuf::from(&args.name));
     let written = crate::scaffold::new_plugin(&dir, &args.name, args.lang)?;
@@ -64,4 +85,24 @@ pub fn new(args: PluginNewArgs) -> anyhow::Result<ExitCode> {
         args.name
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    /// A write that stops halfway (as a kill would) leaves the old file whole.
+    #[test]
+    fn a_replacing_write_that_stops_halfway_leaves_the_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("expected.jsonl");
+        std::fs::write(&path, "old\n").unwrap();
+        let stopped = super::write_replacing(&path, |out| {
+            out.write_all(b"half")?;
+            anyhow::bail!("stopped")
+        });
+        assert!(stopped.is_err());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "old\n");
+        super::write_replacing(&path, |out| Ok(out.write_all(b"new\n")?)).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new\n");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
+    }
 }

@@ -261,11 +261,7 @@ fn stateful(
         },
     ))?;
     if let Some(path) = &args.state_out {
-        let mut file = BufWriter::new(
-            std::fs::File::create(path).with_context(|| format!("cannot write the state {}", path.display()))?,
-        );
-        state.write_json(&mut file)?;
-        file.flush().with_context(|| format!("cannot write the state {}", path.display()))?;
+        super::write_replacing(path, |file| state.write_json(file))?;
     }
     Ok(failed)
 }
