@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds every plugin under plugins/ as a WebAssembly component, in its own
 # language, installing the toolchains a fresh machine lacks:
-#   Rust       (trade-flattener, symbol-router, candles, symbol-totals, ohlc-candles, chaos, raw-echo): the wasm32-wasip2 target, by rustup
+#   Rust       (trade-flattener, symbol-router, candles, symbol-totals, ohlc-candles, window-stats, chaos, raw-echo): the wasm32-wasip2 target, by rustup
 #   Python     (py-enrich, py-candles): componentize-py, from PyPI, in the venv .tools/python
 #   JavaScript (js-router, js-candles): jco + componentize-js + esbuild, from npm (package-lock.json)
 # Output: target/wasm32-wasip2/release/<name>.wasm for every plugin (contract
@@ -50,7 +50,7 @@ for feature in json-state no-migrate failing; do
   cargo build --release --target wasm32-wasip2 -p ohlc-candles --features "$feature" "$@"
   cp "$out/ohlc_candles.wasm" "$out/ohlc_candles_${feature//-/_}.wasm"
 done
-cargo build --release --target wasm32-wasip2 -p symbol-totals -p ohlc-candles "$@"
+cargo build --release --target wasm32-wasip2 -p symbol-totals -p ohlc-candles -p window-stats "$@"
 
 # Python: componentize-py embeds CPython and the app module into a component.
 py=.tools/python

@@ -14,6 +14,6 @@ scripts/install-mdbook.sh
 scripts/ensure-postgres.sh
 cargo fmt --all --check
 scripts/build-plugins.sh
-cargo clippy --locked -p sluice-abi -p sluice-plugin -p trade-flattener -p symbol-router -p candles -p symbol-totals -p ohlc-candles -p sluice --all-targets -- -D warnings
+cargo clippy --locked -p sluice-abi -p sluice-plugin -p trade-flattener -p symbol-router -p candles -p symbol-totals -p ohlc-candles -p window-stats -p sluice --all-targets -- -D warnings
 mdbook build docs
-cargo test --locked -p sluice-abi -p sluice-plugin -p trade-flattener -p symbol-router -p candles -p symbol-totals -p ohlc-candles -p sluice "$@"
+cargo test --locked -p sluice-abi -p sluice-plugin -p trade-flattener -p symbol-router -p candles -p symbol-totals -p ohlc-candles -p window-stats -p sluice "$@"

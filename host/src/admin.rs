@@ -14,6 +14,10 @@
 //!   `…/shadow/STAGE/stop|promote`, with several): each rewrites the
 //!   pipeline file ([`crate::shadow::edit`]) and reloads it (a promotion is
 //!   then the ordinary hot swap); answers with the outcome.
+//! - `POST /pipelines/NAME/record` (JSON `{"stage": N, "records": N,
+//!   "for_ms": MS, "max_mib": M}`): records the stage's next calls; the
+//!   answer's body is the capture ([`crate::capture`]), streamed as it is
+//!   written, until a bound is reached (`sluice record`).
 //!
 //! # Protection
 //! - The `Host` header must name a loopback address (`localhost`,
@@ -198,10 +202,11 @@ pub async fn serve(
         .route("/pipelines/{name}/shadow/{stage}/stop", post(stop_stage_handler))
         .route("/pipelines/{name}/shadow/promote", post(promote_handler))
         .route("/pipelines/{name}/shadow/{stage}/promote", post(promote_stage_handler))
+        .route("/pipelines/{name}/record", post(record_handler))
         .with_state(AppState { status, reloads })
         .layer(axum::middleware::from_fn_with_state(Arc::new(guard), guarded));
     let bound = spawn(addr, app).await?;
-    info!(addr = %bound, "admin listener ready (GET /status, /metrics, /health, /pipelines/NAME/shadow; POST /reload, /pipelines/NAME/shadow/promote)");
+    info!(addr = %bound, "admin listener ready (GET /status, /metrics, /health, /pipelines/NAME/shadow; POST /reload, /pipelines/NAME/shadow/promote, /pipelines/NAME/record)");
     Ok(bound)
 }
 
@@ -469,6 +474,66 @@ fn candidate_is_a_file(file: &std::path::Path, plugin: &str) -> Result<(), Strin
         Ok(_) => Err(format!("plugin {plugin:?} is not a regular file")),
         Err(error) => Err(format!("plugin {plugin:?}: {error}")),
     }
+}
+
+/// The body of `POST /pipelines/NAME/record`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartRecording {
+    /// The transform (1-based); may be left out when there is one.
+    stage: Option<usize>,
+    /// Stop after this many input records.
+    records: Option<u64>,
+    /// Stop after this long.
+    for_ms: Option<u64>,
+    /// Stop after this many MiB of capture (default 64).
+    max_mib: Option<u64>,
+}
+
+/// Starts a recording of a stage ([`crate::capture::recorder`]); the
+/// capture is the answer's body, streamed.
+async fn record_handler(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    axum::Json(body): axum::Json<StartRecording>,
+) -> Response {
+    let transforms =
+        state.status.read().ok().and_then(|s| s.pipelines.iter().find(|p| p.name == name).map(|p| p.plugins.len()));
+    let Some(transforms) = transforms else {
+        return (StatusCode::NOT_FOUND, format!("no pipeline {name:?} runs here\n")).into_response();
+    };
+    let stage = match body.stage.or((transforms == 1).then_some(1)) {
+        Some(n) if (1..=transforms).contains(&n) => n,
+        Some(n) => {
+            return (StatusCode::CONFLICT, format!("pipeline {name} has {transforms} transform(s), not {n}\n"))
+                .into_response()
+        }
+        None => {
+            return (
+                StatusCode::CONFLICT,
+                format!("pipeline {name} has {transforms} transforms: say which one with \"stage\"\n"),
+            )
+                .into_response()
+        }
+    };
+    if body.records == Some(0) || body.for_ms == Some(0) || body.max_mib == Some(0) {
+        return (StatusCode::UNPROCESSABLE_ENTITY, "records, for_ms and max_mib must be above 0\n".to_string())
+            .into_response();
+    }
+    let bounds = crate::capture::recorder::Bounds {
+        records: body.records,
+        duration: body.for_ms.map(std::time::Duration::from_millis),
+        max_bytes: body.max_mib.unwrap_or(64).saturating_mul(1 << 20),
+    };
+    let (tx, rx) = mpsc::channel::<bytes::Bytes>(64);
+    if let Err(error) = crate::capture::recorder::start(&name, stage - 1, bounds.clone(), tx) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, format!("{error:#}\n")).into_response();
+    }
+    info!(pipeline = %name, stage, records = ?bounds.records, for_ms = ?body.for_ms, max_bytes = bounds.max_bytes, "recording requested: it starts at the stage's next batch");
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|bytes| (Ok::<_, std::convert::Infallible>(bytes), rx))
+    });
+    ([(header::CONTENT_TYPE, "application/vnd.sluice.capture")], axum::body::Body::from_stream(stream)).into_response()
 }
 
 async fn reload_handler(State(state): State<AppState>) -> (StatusCode, String) {

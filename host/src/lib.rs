@@ -42,6 +42,8 @@
 //!   [`state::StateKeeper`] (the exactly-once PostgreSQL sink, in the
 //!   transaction of the rows and offsets, or `[state.postgres]`, or in
 //!   memory for `sluice plugin test`);
+//! - [`capture`]: a live stage recorded call by call (the capture format,
+//!   the stage's recorder and its writer thread) for `sluice replay`;
 //! - [`shadow`]: shadow runs: a candidate version beside a live stage on the
 //!   same batches, on its own thread; the per-key diff, its report, and
 //!   promotion (the pipeline file rewritten, then the ordinary hot swap);
@@ -72,6 +74,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub mod admin;
+pub mod capture;
 pub mod cli;
 pub mod clients;
 pub mod config;

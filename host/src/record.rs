@@ -546,6 +546,26 @@ impl<E> Results<E> {
         (self.outputs, self.records)
     }
 
+    /// A copy of each record's outputs, or its error (a shadow's and a
+    /// recording's copy of what the live stage made).
+    pub fn per_record(&self) -> Vec<Result<Vec<Output>, E>>
+    where
+        E: Clone,
+    {
+        let mut next = 0;
+        self.records
+            .iter()
+            .map(|r| match r {
+                Ok(n) => {
+                    let mine = (next..next + n).filter_map(|i| self.outputs.to_output(i)).collect();
+                    next += n;
+                    Ok(mine)
+                }
+                Err(e) => Err(e.clone()),
+            })
+            .collect()
+    }
+
     /// A vector of owned outputs per record (for tests and `sluice plugin test`).
     pub fn into_records(self) -> Vec<Result<Vec<Output>, E>> {
         let mut next = 0;

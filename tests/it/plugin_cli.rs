@@ -285,3 +285,69 @@ fn a_trace_follows_the_keys_of_a_prefix_line_by_line() {
     }
     assert!(!trace.contains("batch 2") && !trace.contains("\"B"), "B's line touched no A key:\n{trace}");
 }
+
+fn traded(symbol: &str, volume: f64, ts: i64) -> String {
+    format!("{{\"symbol\":\"{symbol}\",\"price\":1,\"volume\":{volume},\"ts\":{ts}}}\n")
+}
+
+/// window-stats' windows as `(symbol, start, end, trades, volume)`, in the
+/// order they came out, with whether each came from a timer.
+fn windows(out: &Output) -> Vec<(bool, String, i64, i64, u64, f64)> {
+    json_lines(out)
+        .iter()
+        .map(|o| {
+            let v = &o["value"];
+            (
+                o["line"].is_null(),
+                v["symbol"].as_str().unwrap().to_string(),
+                v["start"].as_i64().unwrap(),
+                v["end"].as_i64().unwrap(),
+                v["trades"].as_u64().unwrap(),
+                v["volume"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Sliding windows of 60 s every 30 s: a trade counts in two windows; the
+/// windows the watermark passes close after the batch, the rest at the
+/// end of the input. As computed by hand.
+#[test]
+fn sliding_windows_count_each_trade_in_every_window_that_holds_it() {
+    let plugin = common::plugin_path("window_stats");
+    let input = [traded("A", 1.0, 10_000), traded("A", 2.0, 40_000), traded("A", 4.0, 70_000)].concat();
+    let args = [plugin.to_str().unwrap(), "--json", "--event-time", "ts", "-c", "kind=sliding"];
+    let (out, _dir) = plugin_test_file(&[&args[..], &["-c", "size_ms=60000", "-c", "slide_ms=30000"]].concat(), &input);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let a = |start: i64, trades: u64, volume: f64| (true, "A".to_string(), start, start + 60_000, trades, volume);
+    // One batch: its watermark (70 000) closes the windows ending at 30 000
+    // and 60 000; the input's end closes the two others.
+    assert_eq!(windows(&out), vec![a(-30_000, 1, 1.0), a(0, 2, 3.0), a(30_000, 2, 6.0), a(60_000, 1, 4.0)]);
+}
+
+/// Sessions with a 30 s gap: a late-arriving trade that falls within the
+/// gap of two of A's sessions merges them; a timer set for a session that
+/// was extended since closes nothing. As computed by hand.
+#[test]
+fn session_windows_follow_the_data_and_a_bridging_trade_merges_two() {
+    let plugin = common::plugin_path("window_stats");
+    let input = [
+        traded("A", 1.0, 0),
+        traded("A", 2.0, 50_000),   // a second session: 50 000 is past 0 + gap
+        traded("B", 8.0, 30_000),   // on time: the watermark is 20 000
+        traded("A", 4.0, 25_000),   // within the gap of both: one session [0, 50 000]
+        traded("A", 16.0, 200_000), // the watermark (170 000) closes the first sessions
+    ]
+    .concat();
+    let args = [plugin.to_str().unwrap(), "--json", "--event-time", "ts", "--allowed-lateness-ms", "30000"];
+    let config = ["-c", "kind=session", "-c", "gap_ms=30000", "--batch-size", "1"];
+    let (out, _dir) = plugin_test_file(&[&args[..], &config[..]].concat(), &input);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let w = |symbol: &str, start: i64, end: i64, trades: u64, volume: f64| {
+        (true, symbol.to_string(), start, end, trades, volume)
+    };
+    assert_eq!(
+        windows(&out),
+        vec![w("B", 30_000, 60_000, 1, 8.0), w("A", 0, 80_000, 3, 7.0), w("A", 200_000, 230_000, 1, 16.0)]
+    );
+}

@@ -11,6 +11,8 @@
 //!   stateful plugins keep;
 //! - [`feed`]: `sluice feed` (stdout, Kafka, or the WebSocket stand-in);
 //! - [`plugin`]: `sluice plugin test` and `sluice plugin new`;
+//! - [`record`]: `sluice record`, a running instance's stage recorded into
+//!   a capture; [`replay`]: `sluice replay`, a capture run again;
 //! - [`schema`](mod@schema): `sluice schema`, the pipeline file's JSON Schema.
 //!
 //! `sluice top` lives in [`crate::top`].
@@ -19,7 +21,9 @@ pub mod backfill;
 pub mod check;
 pub mod feed;
 pub mod plugin;
+pub mod record;
 pub mod reload;
+pub mod replay;
 pub mod run;
 pub mod schema;
 pub mod shadow;
@@ -94,6 +98,16 @@ pub enum Command {
     /// with its PostgreSQL sink: per stage and partition the keys, timers
     /// and watermark, or one key's value (`--key`).
     State(state::StateArgs),
+    /// Record a stage of a running pipeline (through the instance's admin
+    /// listener) into a capture file: each call's inputs, watermarks, clock
+    /// and live outputs, and the state the stage held. It stops by itself
+    /// at its bound (--records, --for, --max-mib).
+    Record(record::RecordArgs),
+    /// Run a capture (`sluice record`) again, call by call as it ran live,
+    /// through the recorded plugin version or another (--plugin): print
+    /// the outputs, compare them with the live ones (--diff), or trace the
+    /// state keys of a prefix (--trace).
+    Replay(replay::ReplayArgs),
     /// Print the pipeline file's JSON Schema (for editors: taplo, Even Better
     /// TOML), or with --markdown the reference chapter rendered from it.
     Schema(schema::SchemaArgs),
@@ -134,7 +148,7 @@ pub fn main() -> ExitCode {
     redact_panics();
     // `plugin test` reports its inputs' failures on stderr: the plugin's
     // own log lines go there too, the machinery's progress does not.
-    let quiet = matches!(cli.command, Command::Plugin(PluginCommand::Test(_)));
+    let quiet = matches!(cli.command, Command::Plugin(PluginCommand::Test(_)) | Command::Replay(_));
     init_logging(cli.log_format, if quiet { "warn,sluice::runtime::host_state=trace" } else { "info" });
     match run(cli) {
         Ok(code) => code,
@@ -182,6 +196,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Backfill(args) => backfill::backfill(runtime()?, &args),
         Command::Schema(args) => schema::schema(&args),
         Command::Shadow(command) => shadow::shadow(&command),
+        Command::Record(args) => record::record(&args),
+        Command::Replay(args) => replay::replay(&runtime()?, &args),
         Command::State(args) => state::state(&runtime()?, &args),
         Command::Top(args) => {
             let token = shadow::read_token(args.token_file.as_ref())?;

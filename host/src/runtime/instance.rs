@@ -155,6 +155,11 @@ impl PluginInstance {
         &self.limits
     }
 
+    /// The configuration `init` was given.
+    pub fn config(&self) -> &[(String, String)] {
+        &self.config
+    }
+
     /// The stage's keyed state (contract 0.3 plugins).
     pub fn state(&self) -> Option<&SharedState> {
         self.state.as_ref()
@@ -182,6 +187,13 @@ impl PluginInstance {
                 plugin: name(),
                 reason: anyhow::Error::from(reason).context(format!("cannot grant directory {}", host.display())),
             })?;
+        }
+        if let Some(clock) = &self.grants.replay_clock {
+            wasi.wall_clock(clock.clone())
+                .monotonic_clock(clock.clone())
+                .secure_random(super::limits::ReplayClock::random())
+                .insecure_random(super::limits::ReplayClock::random())
+                .insecure_random_seed(0);
         }
         if self.grants.network {
             wasi.inherit_network().allow_tcp(true).allow_udp(true).allow_ip_name_lookup(true);

@@ -2,6 +2,7 @@
 
 use crate::state::StateLimits;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Resource limits of one plugin instance. The defaults are safe for any plugin.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,4 +99,69 @@ pub struct Grants {
     pub read_dirs: Vec<(PathBuf, String)>,
     /// Whether the plugin may open sockets and resolve names.
     pub network: bool,
+    /// A replay's clock (`sluice replay`): WASI's clocks read it and its
+    /// random numbers come from a fixed seed, so that a run is repeatable.
+    pub replay_clock: Option<ReplayClock>,
 }
+
+/// The processing time of the recorded call being replayed (ms since the
+/// Unix epoch), shared by the replay and the plugin's WASI clocks.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayClock(pub std::sync::Arc<std::sync::atomic::AtomicI64>);
+
+impl ReplayClock {
+    pub fn set(&self, ms: i64) {
+        self.0.store(ms, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn ms(&self) -> i64 {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl wasmtime_wasi::HostWallClock for ReplayClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_millis(1)
+    }
+
+    fn now(&self) -> Duration {
+        Duration::from_millis(self.ms().max(0) as u64)
+    }
+}
+
+impl wasmtime_wasi::HostMonotonicClock for ReplayClock {
+    fn resolution(&self) -> u64 {
+        1_000_000
+    }
+
+    /// Nanoseconds: the recorded clock's milliseconds.
+    fn now(&self) -> u64 {
+        (self.ms().max(0) as u64).saturating_mul(1_000_000)
+    }
+}
+
+impl ReplayClock {
+    /// The random bytes a replayed plugin reads (over and over): fixed, so
+    /// that two replays read the same (splitmix64 from 0).
+    pub fn random() -> wasmtime_wasi::Deterministic {
+        let mut state = 0u64;
+        let bytes = (0..512)
+            .flat_map(|_| {
+                state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                (z ^ (z >> 31)).to_le_bytes()
+            })
+            .collect();
+        wasmtime_wasi::Deterministic::new(bytes)
+    }
+}
+
+impl PartialEq for ReplayClock {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for ReplayClock {}

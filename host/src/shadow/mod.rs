@@ -167,19 +167,7 @@ impl Shadow {
         }
         let seeds = self.seeds(inputs, state);
         let inputs = inputs.iter().map(owned).collect();
-        let (outputs, mut at) = (live.outputs(), 0);
-        let live = live
-            .records()
-            .iter()
-            .map(|r| match r {
-                Ok(n) => {
-                    let mine = (at..at + n).filter_map(|i| outputs.to_output(i)).collect();
-                    at += n;
-                    Ok(mine)
-                }
-                Err(e) => Err(e.clone()),
-            })
-            .collect();
+        let live = live.per_record();
         self.pending.push(Job { inputs, live, seeds });
     }
 

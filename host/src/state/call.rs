@@ -93,7 +93,8 @@ impl CallState {
 
     pub fn get(&self, index: u32, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
         let partition = self.scope(index)?;
-        let shared = lock(&self.shared);
+        let mut shared = lock(&self.shared);
+        shared.note(index, key, || super::stage::AccessKind::Get);
         Ok(shared.read(partition, key, &self.changes).cloned())
     }
 
@@ -103,7 +104,9 @@ impl CallState {
     /// write.
     pub fn put(&mut self, index: u32, key: Vec<u8>, value: Option<Vec<u8>>) -> Result<(), StateError> {
         let partition = self.scope(index)?.clone();
-        let shared = lock(&self.shared);
+        let mut shared = lock(&self.shared);
+        let kind = || if value.is_some() { super::stage::AccessKind::Put } else { super::stage::AccessKind::Delete };
+        shared.note(index, &key, kind);
         let old = shared.read(&partition, &key, &self.changes).map_or(0, |v| entry_bytes(&key, v));
         if value.is_none() && old == 0 && !self.changes.get(&partition).is_some_and(|c| c.contains_key(&key)) {
             return Ok(());
@@ -121,7 +124,8 @@ impl CallState {
     /// watermark reaches `at`.
     pub fn set_timer(&mut self, index: u32, key: Vec<u8>, at: i64) -> Result<(), StateError> {
         let partition = self.scope(index)?.clone();
-        let shared = lock(&self.shared);
+        let mut shared = lock(&self.shared);
+        shared.note(index, &key, || super::stage::AccessKind::SetTimer(at));
         if shared.event_time().is_none() {
             return Err(StateError::NoEventTime);
         }

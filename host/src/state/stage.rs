@@ -90,6 +90,28 @@ pub struct StageState {
     /// Kept by nobody (a shadow candidate, `sluice plugin test`): a call's
     /// changes are applied at once.
     scratch: bool,
+    /// `sluice replay --trace`: the keys beginning with this prefix, and
+    /// the calls' accesses to them since they were last taken.
+    trace: Option<(Vec<u8>, Vec<Access>)>,
+}
+
+/// A plugin's access to a traced key ([`StageState::trace_keys`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Access {
+    /// The input record the plugin named for the access (its partition's
+    /// state): the SDKs name one record of the partition for the whole
+    /// batch, so this is not the record that caused it.
+    pub input: u32,
+    pub key: Vec<u8>,
+    pub what: AccessKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessKind {
+    Get,
+    Put,
+    Delete,
+    SetTimer(i64),
 }
 
 /// Bytes a key and its value count for: their lengths, plus a fixed cost
@@ -113,6 +135,7 @@ impl StageState {
             pending_delta: 0,
             limit_bytes,
             scratch: false,
+            trace: None,
         }
     }
 
@@ -193,6 +216,25 @@ impl StageState {
             }
         }
         count
+    }
+
+    /// Notes every access to a key beginning with `prefix` from now on.
+    pub fn trace_keys(&mut self, prefix: Vec<u8>) {
+        self.trace = Some((prefix, Vec::new()));
+    }
+
+    /// The accesses to the traced keys since the last call of this.
+    pub fn take_accesses(&mut self) -> Vec<Access> {
+        self.trace.as_mut().map(|(_, a)| std::mem::take(a)).unwrap_or_default()
+    }
+
+    /// A call accessed `key` for its input `input`.
+    pub(super) fn note(&mut self, input: u32, key: &[u8], what: impl FnOnce() -> AccessKind) {
+        if let Some((prefix, accesses)) = &mut self.trace {
+            if key.starts_with(prefix) {
+                accesses.push(Access { input, key: key.to_vec(), what: what() });
+            }
+        }
     }
 
     pub fn set_event_time(&mut self, event: Option<EventTime>) {
@@ -276,6 +318,13 @@ impl StageState {
             Some((mark, _)) => *mark,
             None => self.partitions.get(partition).and_then(|p| p.clock.watermark),
         }
+    }
+
+    /// Sets `partition`'s watermark as it was at a recorded call (a
+    /// replay: `sluice replay`), whatever the batch moved.
+    pub fn set_watermark(&mut self, partition: &Partition, watermark: Option<i64>) {
+        self.pending_clocks.marks.remove(partition);
+        self.partitions.entry(partition.clone()).or_default().clock.watermark = watermark;
     }
 
     /// Whether a record of `partition` at `ts` is behind its watermark.

@@ -1,5 +1,7 @@
 //! A chain of plugin instances: the outputs of one are the inputs of the next.
 
+use crate::capture::recorder::{watermarks, Recorder};
+use crate::capture::Cause;
 use crate::config::{Pipeline, TransformSpec};
 use crate::record::{Origin, Output, Outputs, Record, RecordRef, Results};
 use crate::runtime::{Plugin, PluginError, PluginInstance, Runtime};
@@ -44,6 +46,8 @@ pub struct Chain {
     event: Vec<Option<EventTime>>,
     /// Each stage's shadow run, if it has one (see [`crate::shadow`]).
     shadows: Vec<Option<Shadow>>,
+    /// Each stage's recording, while one runs (see [`crate::capture`]).
+    recorders: Vec<Option<Recorder>>,
     pipeline: String,
 }
 
@@ -59,7 +63,8 @@ impl Chain {
             })
             .collect::<Result<_, _>>()?;
         let event = specs.iter().map(|s| s.event_time.clone()).collect();
-        Ok(Chain { stages, event, shadows: Vec::new(), pipeline: pipeline.to_string() })
+        let recorders = specs.iter().map(|_| None).collect();
+        Ok(Chain { stages, event, shadows: Vec::new(), recorders, pipeline: pipeline.to_string() })
     }
 
     /// The chain of a live pipeline: [`Chain::new`], with each stage's
@@ -80,9 +85,70 @@ impl Chain {
         Ok(chain)
     }
 
-    /// The batch last run was delivered: the shadow runs may compare it.
+    /// The batch last run was delivered: the shadow runs may compare it,
+    /// and the recordings write it.
     pub fn release_shadows(&mut self) {
         self.shadows.iter_mut().flatten().for_each(Shadow::release);
+        for recorder in &mut self.recorders {
+            if recorder.as_mut().is_some_and(|r| !r.release()) {
+                *recorder = None;
+            }
+        }
+    }
+
+    /// Takes the recordings asked of the stages from `start` on, at the
+    /// beginning of a batch (see [`crate::capture::recorder`]).
+    fn take_recordings(&mut self, start: usize) {
+        if !crate::capture::recorder::waiting() {
+            return;
+        }
+        for index in start..self.stages.len() {
+            if self.recorders.get(index).is_none_or(Option::is_some) {
+                continue;
+            }
+            let stage = &self.stages[index];
+            let event = self.event.get(index).cloned().flatten();
+            let header = || {
+                let plugin = stage.plugin();
+                let limits = stage.limits();
+                let masked: Vec<String> = stage
+                    .config()
+                    .iter()
+                    .filter(|(k, v)| crate::secrets::is_secret_key(k) || crate::secrets::redact(v) != *v)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                let config = stage
+                    .config()
+                    .iter()
+                    .map(|(k, v)| {
+                        (k.clone(), if masked.contains(k) { crate::secrets::MASK.to_string() } else { v.clone() })
+                    })
+                    .collect();
+                crate::capture::Header {
+                    format: crate::capture::FORMAT.to_string(),
+                    version: crate::capture::VERSION,
+                    pipeline: self.pipeline.clone(),
+                    stage: index + 1,
+                    plugin: crate::capture::PluginInfo {
+                        name: plugin.name.clone(),
+                        path: plugin.path.display().to_string(),
+                        hash: plugin.hash.clone(),
+                        contract: plugin.contract.to_string(),
+                    },
+                    config,
+                    masked,
+                    limits: crate::capture::LimitsInfo {
+                        cpu_ms: limits.cpu_ms,
+                        memory_bytes: limits.memory_bytes,
+                        state_bytes: limits.state.bytes,
+                        state_ttl_ms: limits.state.ttl.map(|t| t.as_millis() as u64),
+                    },
+                    event_time: event.as_ref().map(crate::capture::EventTimeInfo::new),
+                    started_at_ms: crate::state::now_ms(),
+                }
+            };
+            self.recorders[index] = Recorder::take(&self.pipeline, index, stage.state(), header);
+        }
     }
 
     pub fn stages(&self) -> &[PluginInstance] {
@@ -144,7 +210,12 @@ impl Chain {
                 })
                 .collect();
             let views: Vec<RecordRef> = timers.iter().map(Record::view).collect();
-            results.append(self.run_from(index, &views));
+            let cause = match when {
+                Fire::AfterBatch { .. } => Cause::TimersAfterBatch,
+                Fire::Idle(_) => Cause::TimersIdle,
+                Fire::End => Cause::TimersEnd,
+            };
+            results.append(self.run_from(index, &views, cause));
             records.extend(timers);
         }
         (records, results)
@@ -176,6 +247,8 @@ impl Chain {
     pub fn process(&mut self, batch: &[Record]) -> Results<ChainFailure> {
         // A batch run (again): the shadows forget what its last run offered.
         self.shadows.iter_mut().flatten().for_each(Shadow::discard);
+        self.recorders.iter_mut().flatten().for_each(Recorder::discard);
+        self.take_recordings(0);
         let rejected = |reason: &String| ChainFailure { plugin: "source".to_string(), error: reason.clone() };
         if self.stages.is_empty() {
             let mut results = Results::with_owned_capacity(batch.len(), batch.len());
@@ -188,7 +261,7 @@ impl Chain {
             return results;
         }
         let accepted: Vec<RecordRef> = batch.iter().filter(|r| r.rejected.is_none()).map(Record::view).collect();
-        let results = self.run_from(0, &accepted);
+        let results = self.run_from(0, &accepted, Cause::Batch);
         if accepted.len() == batch.len() {
             return results;
         }
@@ -209,13 +282,20 @@ impl Chain {
     /// [`RecordRef`]s with the origin of their source record. Each stage's
     /// shadow is offered what the stage ran (a batch's records, or the
     /// timers fired from `start`), with the stage's state to copy from.
-    fn run_from(&mut self, start: usize, inputs: &[RecordRef<'_>]) -> Results<ChainFailure> {
+    fn run_from(&mut self, start: usize, inputs: &[RecordRef<'_>], cause: Cause) -> Results<ChainFailure> {
         let failure = |stage: &PluginInstance, error| ChainFailure { plugin: stage.plugin().name.clone(), error };
         let pipeline = &self.pipeline;
-        let timed = |stage: &mut PluginInstance, event: Option<&EventTime>, inputs: &[RecordRef<'_>]| {
+        let mut recorders = self.recorders.iter_mut().skip(start);
+        let mut timed = |stage: &mut PluginInstance, event: Option<&EventTime>, inputs: &[RecordRef<'_>]| {
+            let recorder = recorders.next().and_then(Option::as_mut);
+            let marks = recorder.as_ref().map(|_| watermarks(stage.state(), inputs));
+            let now_ms = crate::state::now_ms();
             let started = std::time::Instant::now();
-            let results = call(stage, event, inputs, pipeline);
+            let results = call(stage, event, inputs, pipeline, now_ms);
             telemetry().plugin_call(pipeline, &stage.plugin().name, started.elapsed().as_secs_f64());
+            if let (Some(recorder), Some(marks)) = (recorder, marks) {
+                recorder.offer(cause, now_ms, marks, inputs, &results, stage.state());
+            }
             results
         };
         let mut shadows = self.shadows.iter_mut().skip(start);
@@ -275,17 +355,19 @@ pub enum Fire {
 /// One stage's call on `inputs`. With event time, the records behind their
 /// partition's watermark do not reach the plugin (the stage's late policy
 /// decides their result), and the others move the watermarks; fired timers
-/// (offset -1) are neither.
-fn call(
+/// (offset -1) are neither. `now_ms` is the processing clock (a replay
+/// gives the recorded one).
+pub(crate) fn call(
     stage: &mut PluginInstance,
     event: Option<&EventTime>,
     inputs: &[RecordRef<'_>],
     pipeline: &str,
+    now_ms: i64,
 ) -> Results<String> {
     let (Some(event), Some(shared)) = (event, stage.state().cloned()) else { return stage.transform_views(inputs) };
     let counts = |r: &RecordRef| r.origin.is_source() && r.timestamp.is_some();
     // A record too far ahead of the processing clock is out of time too.
-    let horizon = crate::state::now_ms().saturating_add(event.max_ahead_ms);
+    let horizon = now_ms.saturating_add(event.max_ahead_ms);
     let late: Vec<Option<OutOfTime>> = {
         let state = lock(&shared);
         inputs

@@ -11,6 +11,7 @@
 mod event_time;
 mod exactly_once;
 mod limits;
+mod replay;
 mod versions;
 
 use crate::common;

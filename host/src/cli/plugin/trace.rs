@@ -29,20 +29,11 @@ impl Trace {
         trace
     }
 
-    /// The plugin key a stored key is about, if it is an entry's or a timer's.
-    fn plugin_key(key: &[u8]) -> Option<&[u8]> {
-        match key.first() {
-            Some(&stored::ENTRY) => Some(&key[1..]),
-            Some(&stored::TIMER) => key.get(9..),
-            _ => None,
-        }
-    }
-
     fn traced(&self, state: &MemoryState) -> Traced {
         state
             .entries()
             .into_iter()
-            .filter(|s| Trace::plugin_key(&s.key).is_some_and(|k| k.starts_with(&self.prefix)))
+            .filter(|s| plugin_key(&s.key).is_some_and(|k| k.starts_with(&self.prefix)))
             .map(|s| ((s.stage, s.partition.0.to_string(), s.partition.1, s.key), s.value))
             .collect()
     }
@@ -85,20 +76,7 @@ impl Trace {
                 continue;
             }
             let (stage, _, partition, key) = place;
-            let whose = format!("(stage {}, partition {partition})", stage + 1);
-            match key.first() {
-                Some(&stored::TIMER) => {
-                    let (at, plugin_key) = stored::parse_timer(key).unwrap_or_default();
-                    let what = if is.is_some() { "set" } else { "cleared" };
-                    said.push(format!("  timer {} at {at} {what} {whose}", shown_key(&plugin_key)));
-                }
-                _ => said.push(format!(
-                    "  {} {whose}: {} -> {}",
-                    shown_key(&key[1..]),
-                    was.map_or_else(|| "(none)".into(), |v| shown_value(v)),
-                    is.map_or_else(|| "(deleted)".into(), |v| shown_value(v))
-                )),
-            }
+            said.push(change(key, was, is, &format!("(stage {}, partition {partition})", stage + 1)));
         }
         self.before = now;
         if said.is_empty() {
@@ -123,9 +101,36 @@ fn lines(records: &[Record]) -> String {
     }
 }
 
+/// A traced stored key that changed from `was` to `is`, `whose` it is: a
+/// timer set or cleared, or an entry's value before and after.
+pub(crate) fn change(key: &[u8], was: Option<&Vec<u8>>, is: Option<&Vec<u8>>, whose: &str) -> String {
+    match key.first() {
+        Some(&stored::TIMER) => {
+            let (at, plugin_key) = stored::parse_timer(key).unwrap_or_default();
+            let what = if is.is_some() { "set" } else { "cleared" };
+            format!("  timer {} at {at} {what} {whose}", shown_key(&plugin_key))
+        }
+        _ => format!(
+            "  {} {whose}: {} -> {}",
+            shown_key(key.get(1..).unwrap_or_default()),
+            was.map_or_else(|| "(none)".into(), |v| shown_value(v)),
+            is.map_or_else(|| "(deleted)".into(), |v| shown_value(v))
+        ),
+    }
+}
+
+/// The plugin key a stored key is about, if it is an entry's or a timer's.
+pub(crate) fn plugin_key(key: &[u8]) -> Option<&[u8]> {
+    match key.first() {
+        Some(&stored::ENTRY) => Some(&key[1..]),
+        Some(&stored::TIMER) => key.get(9..),
+        _ => None,
+    }
+}
+
 /// A key as a JSON string (`"AAPL\u000060000"`, as `--json` shows it), or
 /// hex when it is not UTF-8.
-fn shown_key(key: &[u8]) -> String {
+pub(crate) fn shown_key(key: &[u8]) -> String {
     match std::str::from_utf8(key) {
         Ok(text) => serde_json::Value::from(text).to_string(),
         Err(_) => format!("0x{}", hex::encode(key)),
@@ -134,7 +139,7 @@ fn shown_key(key: &[u8]) -> String {
 
 /// A value as JSON when it is, as text when it is UTF-8, else as hex
 /// (with its length).
-fn shown_value(value: &[u8]) -> String {
+pub(crate) fn shown_value(value: &[u8]) -> String {
     match std::str::from_utf8(value) {
         Ok(text) if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() => text.to_string(),
         Ok(text) => serde_json::Value::from(text).to_string(),

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# What recording a stage (`sluice record`) costs the live path, in CPU
+# seconds of the `sluice run` process, the recording's copies and its
+# writer thread included (the `sluice record` client, which writes the
+# capture file, and PostgreSQL are other processes, reported apart).
+#
+# The candles pipeline (file → flattener → ohlc-candles → PostgreSQL,
+# exactly once) runs without --until-eof on an empty file; in the
+# `record` runs, `sluice record --stage 2` is started first. Then one
+# generated capture is appended to the file, and the process's CPU is
+# read from /proc once it has gone quiet (the input drained). The two
+# modes alternate RUNS times; the script prints each run, the medians
+# and the overhead.
+#
+# Environment: FRAMES (default 100000), RUNS (default 3), PG_URL (default
+# the local server), SLUICE (a sluice binary; default: the release build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+frames=${FRAMES:-100000}
+runs=${RUNS:-3}
+pg_url=${PG_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+scripts/build-plugins.sh >/dev/null
+if [ -z "${SLUICE:-}" ]; then
+  cargo build --release --locked -p sluice
+  SLUICE=target/release/sluice
+fi
+work=$(mktemp -d)
+schema="bench_record_$$"
+pid=""
+trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; psql -q "$pg_url" -c "DROP SCHEMA IF EXISTS $schema CASCADE" 2>/dev/null; rm -rf "$work"' EXIT
+"$SLUICE" feed --count "$frames" --ping-every 0 > "$work/feed.jsonl"
+trades=$(grep -o '"s":' "$work/feed.jsonl" | wc -l)
+echo "capture: $frames frames, $trades trades; $runs alternating runs without and with a recording of stage 2"
+psql -q "$pg_url" -c "CREATE SCHEMA $schema"
+scripts/candles-from-file.sh bench-record "$work/input.jsonl" "$pg_url" "$schema.candles" > "$work/candles.toml"
+: > "$work/input.jsonl"
+"$SLUICE" --cache-dir "$work/cache" check "$work/candles.toml" >/dev/null
+tick=$(getconf CLK_TCK)
+cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+wait_for() {
+  for _ in $(seq 600); do
+    grep -q "$1" "$2" && return 0
+    sleep 0.1
+  done
+  echo "no \"$1\" in $2" >&2
+  tail -20 "$2" >&2
+  exit 1
+}
+one() {
+  local mode=$1 n=$2 addr
+  psql -q "$pg_url" -c "DROP TABLE IF EXISTS $schema.candles, $schema.sluice_offsets, $schema.sluice_state"
+  : > "$work/input.jsonl"
+  addr=127.0.0.1:$(port)
+  "$SLUICE" --cache-dir "$work/cache" run --admin-addr "$addr" "$work/candles.toml" 2> "$work/run-$mode-$n.log" &
+  pid=$!
+  wait_for "pipeline starting" "$work/run-$mode-$n.log"
+  local recorder=""
+  if [ "$mode" = record ]; then
+    /usr/bin/time -f "%U %S" -o "$work/client-$n" "$SLUICE" record bench-record --stage 2 --out "$work/capture-$n" \
+      --max-mib 100000 --addr "$addr" > "$work/record-$n.out" 2>&1 &
+    recorder=$!
+    wait_for "recording requested" "$work/run-$mode-$n.log"
+  fi
+  local before after last
+  before=$(cpu "$pid")
+  cat "$work/feed.jsonl" >> "$work/input.jsonl"
+  # Drained: no CPU tick spent in a whole second.
+  last=-1
+  while true; do
+    sleep 1
+    after=$(cpu "$pid")
+    [ "$after" = "$last" ] && break
+    last=$after
+  done
+  kill -TERM "$pid"
+  wait "$pid" || true
+  pid=""
+  local secs
+  secs=$(python3 -c "print(($after - $before) / $tick)")
+  echo "$mode $secs" >> "$work/times"
+  if [ -n "$recorder" ]; then
+    wait "$recorder" || { cat "$work/record-$n.out" >&2; exit 1; }
+    echo "run $n: $mode $secs CPU s; $(cat "$work/record-$n.out"); capture $(du -m "$work/capture-$n" | cut -f1) MiB; client $(cat "$work/client-$n") user/system s"
+    rm -f "$work/capture-$n"
+  else
+    echo "run $n: $mode $secs CPU s"
+  fi
+}
+for n in $(seq "$runs"); do
+  one plain "$n"
+  one record "$n"
+done
+python3 - "$work/times" "$trades" <<'PY'
+import statistics, sys
+cpu = {}
+for line in open(sys.argv[1]):
+    mode, secs = line.split()
+    cpu.setdefault(mode, []).append(float(secs))
+trades = int(sys.argv[2])
+for mode in ("plain", "record"):
+    runs = cpu[mode]
+    print(f"{mode:7} CPU s: median {statistics.median(runs):.2f} ({min(runs):.2f}-{max(runs):.2f}); "
+          f"{statistics.median(runs) / trades * 1e6:.2f} us per trade")
+print(f"recording's cost to the live path (medians): {statistics.median(cpu['record']) / statistics.median(cpu['plain']) * 100 - 100:+.1f}%")
+PY
