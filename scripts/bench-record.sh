@@ -4,6 +4,11 @@
 # writer thread included (the `sluice record` client, which writes the
 # capture file, and PostgreSQL are other processes, reported apart).
 #
+# The process's CPU is also split: the recording's writer thread (which
+# encodes the capture: its own cost, as a shadow's candidate thread is)
+# and the rest, the live path (the stage copies each call's inputs and
+# outputs; a tokio worker sends the capture's bytes).
+#
 # The candles pipeline (file → flattener → ohlc-candles → PostgreSQL,
 # exactly once) runs without --until-eof on an empty file; in the
 # `record` runs, `sluice record --stage 2` is started first. Then one
@@ -37,6 +42,14 @@ scripts/candles-from-file.sh bench-record "$work/input.jsonl" "$pg_url" "$schema
 "$SLUICE" --cache-dir "$work/cache" check "$work/candles.toml" >/dev/null
 tick=$(getconf CLK_TCK)
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# CPU ticks of the process's recording writer threads (named record-…).
+writer_cpu() {
+  local sum=0 t
+  for t in /proc/"$1"/task/*; do
+    case "$(cat "$t/comm" 2>/dev/null)" in record-*) sum=$((sum + $(awk '{print $14 + $15}' "$t/stat"))) ;; esac
+  done
+  echo "$sum"
+}
 port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 wait_for() {
   for _ in $(seq 600); do
@@ -62,7 +75,7 @@ one() {
     recorder=$!
     wait_for "recording requested" "$work/run-$mode-$n.log"
   fi
-  local before after last
+  local before after last writer
   before=$(cpu "$pid")
   cat "$work/feed.jsonl" >> "$work/input.jsonl"
   # Drained: no CPU tick spent in a whole second.
@@ -73,12 +86,15 @@ one() {
     [ "$after" = "$last" ] && break
     last=$after
   done
+  writer=$(writer_cpu "$pid")
   kill -TERM "$pid"
   wait "$pid" || true
   pid=""
   local secs
   secs=$(python3 -c "print(($after - $before) / $tick)")
   echo "$mode $secs" >> "$work/times"
+  [ "$mode" = record ] && echo "live $(python3 -c "print(($after - $before - $writer) / $tick)")" >> "$work/times"
+  [ "$mode" = record ] && echo "writer $(python3 -c "print($writer / $tick)")" >> "$work/times"
   if [ -n "$recorder" ]; then
     wait "$recorder" || { cat "$work/record-$n.out" >&2; exit 1; }
     echo "run $n: $mode $secs CPU s; $(cat "$work/record-$n.out"); capture $(du -m "$work/capture-$n" | cut -f1) MiB; client $(cat "$work/client-$n") user/system s"
@@ -98,9 +114,11 @@ for line in open(sys.argv[1]):
     mode, secs = line.split()
     cpu.setdefault(mode, []).append(float(secs))
 trades = int(sys.argv[2])
-for mode in ("plain", "record"):
+for mode in ("plain", "record", "live", "writer"):
     runs = cpu[mode]
     print(f"{mode:7} CPU s: median {statistics.median(runs):.2f} ({min(runs):.2f}-{max(runs):.2f}); "
           f"{statistics.median(runs) / trades * 1e6:.2f} us per trade")
-print(f"recording's cost to the live path (medians): {statistics.median(cpu['record']) / statistics.median(cpu['plain']) * 100 - 100:+.1f}%")
+plain = statistics.median(cpu['plain'])
+print(f"recording's cost, the whole process (medians): {statistics.median(cpu['record']) / plain * 100 - 100:+.1f}%")
+print(f"recording's cost to the live path, the writer thread left out (medians): {statistics.median(cpu['live']) / plain * 100 - 100:+.1f}%")
 PY

@@ -83,6 +83,21 @@ pub struct RecordRef<'a> {
     pub origin: &'a Origin,
 }
 
+impl RecordRef<'_> {
+    /// The record, owned: its bytes copied, its topic shared (for a thread
+    /// of its own: a shadow's candidate, a recording's writer).
+    pub fn to_record(&self) -> Record {
+        Record {
+            key: self.key.map(Bytes::copy_from_slice),
+            value: Bytes::copy_from_slice(self.value),
+            headers: self.headers.to_vec(),
+            timestamp: self.timestamp,
+            origin: self.origin.clone(),
+            rejected: None,
+        }
+    }
+}
+
 impl<'a> OutputRef<'a> {
     /// The output as the next stage's input, from the source record at `origin`.
     pub fn as_input(&self, origin: &'a Origin) -> RecordRef<'a> {

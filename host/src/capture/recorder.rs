@@ -15,8 +15,9 @@
 //! - The writer keeps the bounds (records, time, bytes) and writes the
 //!   [`End`] entry; when it ends, the stage drops its recorder.
 
-use super::{frame, Call, CallResult, Cause, End, Entry, Header, InputRecord, OutputRecord, StateEntry, Watermark};
+use super::{frame, Cause, End, Entry, Header, StateEntry, Watermark};
 use crate::record::{Bytes, RecordRef, Results};
+use crate::record::{Output, Record};
 use crate::state::{lock, Partition, SharedState};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -41,7 +42,7 @@ pub struct Bounds {
 /// What goes to the writer: the header, or the entries of a delivered batch.
 enum Item {
     Header(Box<Header>),
-    Entries(Vec<Entry>),
+    Entries(Vec<Pending>),
 }
 
 /// A recording asked for, until the stage takes it.
@@ -152,11 +153,15 @@ impl Writer {
             };
             let mut gone = false;
             for entry in &entries {
-                if let Entry::Call(call) = entry {
-                    self.calls += 1;
-                    self.records += call.inputs.len() as u64;
-                }
-                if !self.send(frame(entry)) {
+                let bytes = match entry {
+                    Pending::State(state) => frame(state),
+                    Pending::Call(call) => {
+                        self.calls += 1;
+                        self.records += call.inputs.len() as u64;
+                        frame(&view::Call(call))
+                    }
+                };
+                if !self.send(bytes) {
                     gone = true;
                     break;
                 }
@@ -194,7 +199,7 @@ pub struct Recorder {
     /// Set by the writer when the recording is over.
     done: Arc<AtomicBool>,
     /// The entries of the batch being run, sent once it is delivered.
-    pending: Vec<Entry>,
+    pending: Vec<Pending>,
     /// Partitions whose state the capture holds (sent).
     seeded: HashSet<Partition>,
     seq: u64,
@@ -271,27 +276,20 @@ impl Recorder {
                 }
             }
         }
-        let outputs = results
-            .per_record()
-            .into_iter()
-            .map(|r| match r {
-                Ok(outputs) => CallResult::Ok(outputs.iter().map(OutputRecord::new).collect()),
-                Err(e) => CallResult::Error(e),
-            })
-            .collect();
-        self.pending.push(Entry::Call(Call {
+        // The live path only copies the bytes; the writer thread encodes them.
+        self.pending.push(Pending::Call(PendingCall {
             seq: 0,
             cause,
             now_ms,
             watermarks,
-            inputs: inputs.iter().map(InputRecord::new).collect(),
-            outputs,
+            inputs: inputs.iter().map(RecordRef::to_record).collect(),
+            outputs: results.per_record(),
         }));
     }
 
     fn pending_partitions(&self) -> impl Iterator<Item = Partition> + '_ {
         self.pending.iter().filter_map(|e| match e {
-            Entry::State(s) => Some((Arc::from(s.topic.as_str()), s.partition)),
+            Pending::State(Entry::State(s)) => Some((Arc::from(s.topic.as_str()), s.partition)),
             _ => None,
         })
     }
@@ -313,7 +311,7 @@ impl Recorder {
         let seeded: Vec<Partition> = self.pending_partitions().collect();
         let mut entries = std::mem::take(&mut self.pending);
         for entry in &mut entries {
-            if let Entry::Call(call) = entry {
+            if let Pending::Call(call) = entry {
                 call.seq = self.seq;
                 self.seq += 1;
             }
@@ -336,16 +334,166 @@ impl Recorder {
     }
 }
 
-fn state_entry(partition: &Partition, loaded: crate::state::Loaded) -> Entry {
+/// An entry of a batch, as the stage hands it to the writer.
+enum Pending {
+    /// A partition's state (an [`Entry::State`]).
+    State(Entry),
+    Call(PendingCall),
+}
+
+/// A call as the stage saw it: copies of its inputs and of the live
+/// results, encoded by the writer thread as a [`super::Call`].
+struct PendingCall {
+    seq: u64,
+    cause: Cause,
+    now_ms: i64,
+    watermarks: Vec<Watermark>,
+    inputs: Vec<Record>,
+    outputs: Vec<Result<Vec<Output>, String>>,
+}
+
+/// [`PendingCall`] serialised as the format's `{"call": …}` entry, from
+/// the bytes where they are (no owned copy of the entry is built).
+mod view {
+    use super::PendingCall;
+    use crate::record::{Header, Output, Record};
+    use serde::ser::{SerializeMap, SerializeSeq, SerializeStruct};
+    use serde::{Serialize, Serializer};
+
+    pub struct Call<'a>(pub &'a PendingCall);
+
+    impl Serialize for Call<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let c = self.0;
+            let mut map = s.serialize_map(Some(1))?;
+            map.serialize_entry("call", &Body(c))?;
+            map.end()
+        }
+    }
+
+    struct Body<'a>(&'a PendingCall);
+
+    impl Serialize for Body<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let c = self.0;
+            let mut st = s.serialize_struct("Call", 6)?;
+            st.serialize_field("seq", &c.seq)?;
+            st.serialize_field("cause", &c.cause)?;
+            st.serialize_field("now_ms", &c.now_ms)?;
+            st.serialize_field("watermarks", &c.watermarks)?;
+            st.serialize_field("inputs", &Seq(&c.inputs, Input))?;
+            st.serialize_field("outputs", &Seq(&c.outputs, Outcome))?;
+            st.end()
+        }
+    }
+
+    /// A slice serialised item by item through `F`.
+    struct Seq<'a, T, F>(&'a [T], F);
+
+    trait Item<T> {
+        fn item<S: Serializer>(&self, value: &T, s: S) -> Result<S::Ok, S::Error>;
+    }
+
+    struct With<'a, T, F>(&'a T, &'a F);
+
+    impl<T, F: Item<T>> Serialize for With<'_, T, F> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            self.1.item(self.0, s)
+        }
+    }
+
+    impl<T, F: Item<T>> Serialize for Seq<'_, T, F> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut seq = s.serialize_seq(Some(self.0.len()))?;
+            for value in self.0 {
+                seq.serialize_element(&With(value, &self.1))?;
+            }
+            seq.end()
+        }
+    }
+
+    /// Bytes as the format's `Data`: a string when they are UTF-8, else `{"hex": …}`.
+    struct Data<'a>(&'a [u8]);
+
+    impl Serialize for Data<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            match std::str::from_utf8(self.0) {
+                Ok(text) => s.serialize_str(text),
+                Err(_) => {
+                    let mut map = s.serialize_map(Some(1))?;
+                    map.serialize_entry("hex", &hex::encode(self.0))?;
+                    map.end()
+                }
+            }
+        }
+    }
+
+    struct Headers<'a>(&'a [Header]);
+
+    impl Serialize for Headers<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut seq = s.serialize_seq(Some(self.0.len()))?;
+            for h in self.0 {
+                seq.serialize_element(&(h.name.as_str(), Data(&h.value)))?;
+            }
+            seq.end()
+        }
+    }
+
+    struct Input;
+
+    impl Item<Record> for Input {
+        fn item<S: Serializer>(&self, r: &Record, s: S) -> Result<S::Ok, S::Error> {
+            let mut st = s.serialize_struct("InputRecord", 7)?;
+            st.serialize_field("topic", &*r.origin.topic)?;
+            st.serialize_field("partition", &r.origin.partition)?;
+            st.serialize_field("offset", &r.origin.offset)?;
+            st.serialize_field("key", &r.key.as_deref().map(Data))?;
+            st.serialize_field("value", &Data(&r.value))?;
+            st.serialize_field("headers", &Headers(&r.headers))?;
+            st.serialize_field("timestamp", &r.timestamp)?;
+            st.end()
+        }
+    }
+
+    struct Outcome;
+
+    impl Item<Result<Vec<Output>, String>> for Outcome {
+        fn item<S: Serializer>(&self, r: &Result<Vec<Output>, String>, s: S) -> Result<S::Ok, S::Error> {
+            let mut map = s.serialize_map(Some(1))?;
+            match r {
+                Ok(outputs) => map.serialize_entry("ok", &Seq(outputs, OutputItem))?,
+                Err(error) => map.serialize_entry("error", error)?,
+            }
+            map.end()
+        }
+    }
+
+    struct OutputItem;
+
+    impl Item<Output> for OutputItem {
+        fn item<S: Serializer>(&self, o: &Output, s: S) -> Result<S::Ok, S::Error> {
+            let mut st = s.serialize_struct("OutputRecord", 5)?;
+            st.serialize_field("key", &o.key.as_deref().map(Data))?;
+            st.serialize_field("value", &Data(&o.value))?;
+            st.serialize_field("headers", &Headers(&o.headers))?;
+            st.serialize_field("timestamp", &o.timestamp)?;
+            st.serialize_field("route", &o.route)?;
+            st.end()
+        }
+    }
+}
+
+fn state_entry(partition: &Partition, loaded: crate::state::Loaded) -> Pending {
     let mut entries: Vec<(String, String)> =
         loaded.entries.iter().map(|(k, v)| (hex::encode(k), hex::encode(v))).collect();
     entries.sort();
-    Entry::State(StateEntry {
+    Pending::State(Entry::State(StateEntry {
         topic: partition.0.to_string(),
         partition: partition.1,
         next_offset: loaded.next_offset,
         entries,
-    })
+    }))
 }
 
 /// The watermark of each partition of `inputs` in `state`, now.
@@ -364,7 +512,7 @@ pub fn watermarks(state: Option<&SharedState>, inputs: &[RecordRef<'_>]) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capture::{Capture, Entry};
+    use crate::capture::{CallResult, Capture, Entry};
     use crate::record::{Origin, Output, Record};
 
     #[test]

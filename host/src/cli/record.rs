@@ -59,9 +59,17 @@ pub fn record(args: &RecordArgs) -> anyhow::Result<ExitCode> {
     let mut file = std::fs::File::create(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     let mut reader = response.body_mut().as_reader();
     let mut buf = vec![0; 64 << 10];
+    // A connection cut (the instance stopped or killed) ends the capture
+    // where it is: what came is kept, and read up to its last whole entry.
+    let mut cut = None;
     loop {
-        let n =
-            std::io::Read::read(&mut reader, &mut buf).with_context(|| format!("reading the capture from {url}"))?;
+        let n = match std::io::Read::read(&mut reader, &mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                cut = Some(e);
+                break;
+            }
+        };
         if n == 0 {
             break;
         }
@@ -72,10 +80,19 @@ pub fn record(args: &RecordArgs) -> anyhow::Result<ExitCode> {
         eprintln!("sluice: the recording ended before the stage ran a batch: nothing was recorded");
         return Ok(ExitCode::FAILURE);
     }
+    if let Some(e) = &cut {
+        eprintln!("sluice: the connection to {} was cut ({e}): the capture ends there", args.instance.addr);
+    }
     let capture = Capture::read(&args.out)?;
+    if let Some((at, len)) = capture.truncated {
+        eprintln!(
+            "sluice: {}: its last {len} bytes (from byte {at}) are a partial entry, left out on reading",
+            args.out.display()
+        );
+    }
     let h = &capture.header;
     let records: usize = capture.calls().map(|c| c.inputs.len()).sum();
-    let end = capture.end().map_or("the instance went away before its end", |e| e.reason.as_str());
+    let end = capture.end().map_or("the connection ended before the recording's end", |e| e.reason.as_str());
     println!(
         "recorded {} call(s), {records} record(s) of transform {} of {} ({} {}) into {}: {end}",
         capture.calls().count(),

@@ -26,7 +26,7 @@ pub mod edit;
 pub mod report;
 
 use crate::config::{ShadowSpec, TransformSpec};
-use crate::record::{Bytes, Output, Record, RecordRef, Results};
+use crate::record::{Output, Record, RecordRef, Results};
 use crate::runtime::{Plugin, PluginInstance, Runtime};
 use crate::state::{Loaded, Partition, SharedState};
 use crate::telemetry::telemetry;
@@ -166,7 +166,7 @@ impl Shadow {
             return;
         }
         let seeds = self.seeds(inputs, state);
-        let inputs = inputs.iter().map(owned).collect();
+        let inputs = inputs.iter().map(RecordRef::to_record).collect();
         let live = live.per_record();
         self.pending.push(Job { inputs, live, seeds });
     }
@@ -212,18 +212,6 @@ impl Drop for Shadow {
     fn drop(&mut self) {
         // The worker ends with its channel; the report stays readable.
         self.report.stopped();
-    }
-}
-
-/// An input record, owned, for the candidate's thread.
-fn owned(r: &RecordRef<'_>) -> Record {
-    Record {
-        key: r.key.map(Bytes::copy_from_slice),
-        value: Bytes::copy_from_slice(r.value),
-        headers: r.headers.to_vec(),
-        timestamp: r.timestamp,
-        origin: r.origin.clone(),
-        rejected: None,
     }
 }
 

@@ -21,6 +21,7 @@
 //! | `many`        | returns `many` empty outputs              |
 //! | `log`         | logs `log_lines` lines, then echoes it    |
 //! | `mirror`      | (every record) echoes it whole: key, value, headers, timestamp |
+//! | `clock`       | returns `{"wall_ms": …, "random": …}`: WASI's wall clock and a random number |
 //!
 //! `trigger = "*"` misbehaves on every record (a broken version).
 //! Config `marker` (optional) is prepended to every echoed value, so hot-reload
@@ -57,7 +58,7 @@ impl Transform for Chaos {
             "init-trap" => panic!("chaos: trapping in init as asked"),
             "init-reject" => Err("chaos: config rejected as asked".to_string()),
             "echo" | "mirror" | "trap" | "loop" | "alloc" | "error" | "fs" | "net" | "read" | "sleep" | "big"
-            | "many" | "log" => Ok(Chaos {
+            | "many" | "log" | "clock" => Ok(Chaos {
                 mode,
                 marker: config.get("marker").unwrap_or_default().to_string(),
                 addr: config.get("addr").unwrap_or("127.0.0.1:9").to_string(),
@@ -117,6 +118,15 @@ impl Transform for Chaos {
                     return Ok(vec![Output::new(got)]);
                 }
                 "sleep" => std::thread::sleep(std::time::Duration::from_secs(self.sleep_s)),
+                "clock" => {
+                    use std::hash::BuildHasher;
+                    let wall_ms = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64);
+                    // Seeded from WASI's random numbers.
+                    let random = std::collections::hash_map::RandomState::new().hash_one(0u8);
+                    return Ok(vec![Output::new(format!("{{\"wall_ms\":{wall_ms},\"random\":{random}}}"))]);
+                }
                 "big" => return Ok(vec![Output::new(vec![b'x'; self.big_mib << 20])]),
                 "many" => return Ok((0..self.many).map(|_| Output::new(Vec::new())).collect()),
                 "log" => {

@@ -145,3 +145,51 @@ async fn a_recorded_candles_stage_replays_exactly_deterministically_and_shows_a_
     let same = sluice(&["replay", cap, "--plugin", copy.to_str().unwrap(), "--diff"]);
     assert_eq!(same.status.code(), Some(0), "{}{}", text(&same.stdout), text(&same.stderr));
 }
+
+/// A plugin that reads WASI's wall clock and random numbers (chaos `clock`
+/// mode, a stateless stage) replays to the same bytes every time: its clock
+/// reads the call's recorded processing time, its random numbers a fixed
+/// seed. Live, they were the real ones, so `--diff` shows them differ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_reads_the_clock_and_random_numbers_replays_to_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let feed = dir.path().join("feed.jsonl");
+    std::fs::write(&feed, "").unwrap();
+    let text_of = format!(
+        "name = \"clock\"\n[source]\ntype = \"file\"\npath = \"feed.jsonl\"\n[[transforms]]\nplugin = \"{}\"\n\
+         config = {{ mode = \"clock\", trigger = \"*\" }}\n[sinks.out]\ntype = \"stdout\"\n[dead_letter]\ntype = \"stdout\"\n",
+        common::plugin_path("chaos").display()
+    );
+    let file = write_pipeline(dir.path(), "clock", &text_of);
+    let mut run = SluiceProcess::run(&[&file], "127.0.0.1:9");
+    let admin = run.admin_addr().await;
+    let capture = dir.path().join("clock.capture");
+    let cap = capture.to_str().unwrap();
+    let mut record = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    record.args(["record", "clock", "--out", cap, "--records", "30", "--addr", &admin]);
+    let recording = tokio::task::spawn_blocking(move || record.output());
+    assert!(run.wait_log("recording requested", 0).await);
+    for chunk in 0..5 {
+        let lines: Vec<Vec<u8>> = (0..10).map(|i| format!("{{\"n\":{}}}", chunk * 10 + i).into_bytes()).collect();
+        append(&feed, &lines);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let recorded = recording.await.unwrap().unwrap();
+    assert!(recorded.status.success(), "{}{}", text(&recorded.stdout), text(&recorded.stderr));
+    assert_eq!(run.stop(), Some(0));
+
+    let read = sluice::capture::Capture::read(&capture).unwrap();
+    let (a, b) = (sluice(&["replay", cap, "--json"]), sluice(&["replay", cap, "--json"]));
+    assert!(a.status.success(), "{}", text(&a.stderr));
+    assert_eq!(a.stdout, b.stdout, "two replays, the same bytes");
+    let outputs: Vec<serde_json::Value> = text(&a.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let inputs: usize = read.calls().map(|c| c.inputs.len()).sum();
+    assert_eq!(outputs.len(), inputs);
+    for o in &outputs {
+        let call = read.calls().find(|c| c.seq == o["call"].as_u64().unwrap()).unwrap();
+        assert_eq!(o["value"]["wall_ms"].as_i64(), Some(call.now_ms), "the clock is the call's: {o}");
+    }
+    let diff = sluice(&["replay", cap, "--diff"]);
+    assert_eq!(diff.status.code(), Some(1), "live, the clock was the real one: {}", text(&diff.stdout));
+    assert!(text(&diff.stdout).contains("wall_ms"), "{}", text(&diff.stdout));
+}
