@@ -98,6 +98,18 @@ one() {
   if [ -n "$recorder" ]; then
     wait "$recorder" || { cat "$work/record-$n.out" >&2; exit 1; }
     echo "run $n: $mode $secs CPU s; $(cat "$work/record-$n.out"); capture $(du -m "$work/capture-$n" | cut -f1) MiB; client $(cat "$work/client-$n") user/system s"
+    # The capture replayed (checked exact against the live outputs): its speed.
+    /usr/bin/time -f "%e %U %S" -o "$work/replay-$n" "$SLUICE" --cache-dir "$work/cache" replay "$work/capture-$n" --diff > "$work/replay-$n.out"
+    python3 - "$work/capture-$n" "$work/replay-$n" "$work/replay-$n.out" <<'PY'
+import os, re, sys
+size = os.path.getsize(sys.argv[1])
+wall, user, system = map(float, open(sys.argv[2]).read().split())
+report = open(sys.argv[3]).read()
+records = int(re.search(r"(\d+) input records", report).group(1))
+print(f"  replay --diff: {records} records in {wall:.2f} s = {records / wall:,.0f} records/s "
+      f"({(user + system) / records * 1e6:.2f} us CPU a record); no differences: {'no differences' in report}; "
+      f"capture {size / records * 1000 / 1024:.0f} KiB per 1,000 records")
+PY
     rm -f "$work/capture-$n"
   else
     echo "run $n: $mode $secs CPU s"

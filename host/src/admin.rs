@@ -527,7 +527,11 @@ async fn record_handler(
     };
     let (tx, rx) = mpsc::channel::<bytes::Bytes>(64);
     if let Err(error) = crate::capture::recorder::start(&name, stage - 1, bounds.clone(), tx) {
-        return (StatusCode::INTERNAL_SERVER_ERROR, format!("{error:#}\n")).into_response();
+        let code = match error.is::<crate::capture::recorder::Busy>() {
+            true => StatusCode::CONFLICT,
+            false => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        return (code, format!("{error:#}\n")).into_response();
     }
     info!(pipeline = %name, stage, records = ?bounds.records, for_ms = ?body.for_ms, max_bytes = bounds.max_bytes, "recording requested: it starts at the stage's next batch");
     let stream = futures::stream::unfold(rx, |mut rx| async move {

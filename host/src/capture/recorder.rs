@@ -60,6 +60,12 @@ struct Request {
 static WAITING: AtomicUsize = AtomicUsize::new(0);
 static REQUESTS: Mutex<Vec<Request>> = Mutex::new(Vec::new());
 static IDS: AtomicU64 = AtomicU64::new(0);
+/// The stages with a recording asked for or running: one at a time each.
+static ACTIVE: Mutex<Vec<(String, usize)>> = Mutex::new(Vec::new());
+
+fn active() -> std::sync::MutexGuard<'static, Vec<(String, usize)>> {
+    ACTIVE.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 fn requests() -> std::sync::MutexGuard<'static, Vec<Request>> {
     REQUESTS.lock().unwrap_or_else(|p| p.into_inner())
@@ -83,32 +89,68 @@ fn withdraw(id: u64) {
 /// Asks stage `stage` (0-based) of `pipeline` for a recording within
 /// `bounds`; the framed capture goes to `out` as it is written. The
 /// recording ends at its bounds, when `out`'s receiver is dropped, or when
-/// the stage goes away (a hot swap, the pipeline stopped).
+/// the stage goes away (a hot swap, the pipeline stopped). A stage is
+/// recorded by one recording at a time: [`Busy`] while another runs.
 pub fn start(
     pipeline: &str,
     stage: usize,
     bounds: Bounds,
     out: tokio::sync::mpsc::Sender<Bytes>,
 ) -> anyhow::Result<()> {
+    {
+        let mut active = active();
+        if active.iter().any(|(p, s)| p == pipeline && *s == stage) {
+            return Err(Busy { pipeline: pipeline.to_string(), stage: stage + 1 }.into());
+        }
+        active.push((pipeline.to_string(), stage));
+    }
     let (items, rx) = sync_channel(QUEUE);
     let id = IDS.fetch_add(1, Ordering::AcqRel);
     let stop = Arc::new(Mutex::new(None));
     let done = Arc::new(AtomicBool::new(false));
-    let writer = Writer { id, rx, out, bounds, stop: stop.clone(), done: done.clone(), calls: 0, records: 0, bytes: 0 };
+    let writer = Writer {
+        id,
+        pipeline: pipeline.to_string(),
+        stage,
+        rx,
+        out,
+        bounds,
+        stop: stop.clone(),
+        done: done.clone(),
+        calls: 0,
+        records: 0,
+        bytes: 0,
+    };
     requests().push(Request { id, pipeline: pipeline.to_string(), stage, items, stop, done });
     WAITING.fetch_add(1, Ordering::AcqRel);
     let spawned =
         std::thread::Builder::new().name(format!("record-{pipeline}-{}", stage + 1)).spawn(move || writer.run());
     if let Err(error) = spawned {
         withdraw(id);
+        release_stage(pipeline, stage);
         anyhow::bail!("cannot start the recording's thread: {error}");
     }
     Ok(())
 }
 
+/// A recording of the stage is already asked for or running.
+#[derive(Debug, thiserror::Error)]
+#[error("transform {stage} of {pipeline} is already being recorded: one recording at a time")]
+pub struct Busy {
+    pub pipeline: String,
+    /// 1-based.
+    pub stage: usize,
+}
+
+fn release_stage(pipeline: &str, stage: usize) {
+    active().retain(|(p, s)| !(p == pipeline && *s == stage));
+}
+
 /// The writer thread: frames what the stage sends and keeps the bounds.
 struct Writer {
     id: u64,
+    pipeline: String,
+    stage: usize,
     rx: Receiver<Item>,
     out: tokio::sync::mpsc::Sender<Bytes>,
     bounds: Bounds,
@@ -179,6 +221,7 @@ impl Writer {
         // The stage drops its recorder when it next delivers a batch.
         self.done.store(true, Ordering::Release);
         withdraw(self.id);
+        release_stage(&self.pipeline, self.stage);
         if started {
             let end = End { reason: format!("stopped: {reason}"), calls: self.calls, records: self.records };
             self.send(frame(&Entry::End(end)));
@@ -519,7 +562,10 @@ mod tests {
     fn a_recording_sends_delivered_batches_once_and_ends_at_its_record_bound() {
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);
         let bounds = Bounds { records: Some(3), duration: None, max_bytes: 1 << 20 };
-        start("unit-recording", 1, bounds, tx).unwrap();
+        start("unit-recording", 1, bounds.clone(), tx).unwrap();
+        let (busy, _) = tokio::sync::mpsc::channel(1);
+        let refused = start("unit-recording", 1, bounds, busy).unwrap_err();
+        assert!(refused.is::<Busy>(), "one recording of a stage at a time: {refused}");
         assert!(Recorder::take("unit-recording", 0, None, crate::capture::tests::header).is_none(), "another stage");
         let mut recorder = Recorder::take("unit-recording", 1, None, crate::capture::tests::header).unwrap();
         assert!(Recorder::take("unit-recording", 1, None, crate::capture::tests::header).is_none(), "taken once");
@@ -555,7 +601,29 @@ mod tests {
         assert!(end.reason.contains("record bound"), "{}", end.reason);
         assert_eq!((end.calls, end.records), (2, 4));
         assert!(matches!(capture.entries.last(), Some(Entry::End(_))));
-        // The stage learns that the recording is over, and drops it.
+        // The stage learns that the recording is over, and drops it; the
+        // stage may be recorded again.
         assert!(!recorder.release());
+        let (again, _) = tokio::sync::mpsc::channel(1);
+        let bounds = Bounds { records: None, duration: Some(Duration::from_millis(1)), max_bytes: 1 };
+        start("unit-recording", 1, bounds, again).unwrap();
+    }
+
+    #[test]
+    fn a_recording_stops_at_its_size_bound() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        start("unit-size", 0, Bounds { records: None, duration: None, max_bytes: 1 }, tx).unwrap();
+        let mut recorder = Recorder::take("unit-size", 0, None, crate::capture::tests::header).unwrap();
+        let record = Record { value: "x".into(), ..Record::default() };
+        let mut results = Results::<String>::default();
+        results.push_err("e".to_string());
+        recorder.offer(Cause::Batch, 1, Vec::new(), &[record.view()], &results, None);
+        assert!(recorder.release());
+        let mut bytes = Vec::new();
+        while let Some(chunk) = rx.blocking_recv() {
+            bytes.extend_from_slice(&chunk);
+        }
+        let end = Capture::parse(&bytes).unwrap().end().cloned().unwrap();
+        assert!(end.reason.contains("size bound (--max-mib)"), "{}", end.reason);
     }
 }

@@ -51,10 +51,9 @@ pub fn record(args: &RecordArgs) -> anyhow::Result<ExitCode> {
     let mut response =
         request.send(body.to_string()).with_context(|| format!("POST {url}: is `sluice run` listening there?"))?;
     if response.status().as_u16() != 200 {
-        let code = response.status().as_u16();
+        // Refused (no such pipeline or stage, one already recorded): exit 2.
         let text = response.body_mut().read_to_string().unwrap_or_default();
-        eprintln!("sluice: {code}: {}", text.trim_end());
-        return Ok(ExitCode::FAILURE);
+        anyhow::bail!("{}", text.trim_end());
     }
     let mut file = std::fs::File::create(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     let mut reader = response.body_mut().as_reader();

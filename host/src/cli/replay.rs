@@ -129,6 +129,14 @@ impl Replay {
                 short(&plugin.hash)
             );
         }
+        if header.plugin.contract == "0.3" && !plugin.contract.has_state() {
+            anyhow::bail!(
+                "the capture is of a stateful stage ({} keeps state, contract 0.3), and {} (contract {}) keeps none: it cannot take the stage's place",
+                header.plugin.name,
+                path.display(),
+                plugin.contract
+            );
+        }
         let mut config = header.config.clone();
         for (key, value) in &args.config {
             match config.iter_mut().find(|(k, _)| k == key) {

@@ -53,11 +53,15 @@ async fn a_recorded_candles_stage_replays_exactly_deterministically_and_shows_a_
     // Unknown pipelines and stages are refused, before anything is recorded.
     let capture = dir.path().join("candles.capture");
     let cap = capture.to_str().unwrap();
-    let refused = sluice(&["record", "nope", "--out", cap, "--records", "10", "--addr", &admin]);
-    assert_eq!(refused.status.code(), Some(1));
-    assert!(text(&refused.stderr).contains("no pipeline \"nope\""), "{}", text(&refused.stderr));
-    let refused = sluice(&["record", "ohlc", "--out", cap, "--records", "10", "--addr", &admin]);
-    assert!(text(&refused.stderr).contains("2 transforms: say which one"), "{}", text(&refused.stderr));
+    for (args, why) in [
+        (&["nope", "--stage", "1"][..], "no pipeline \"nope\""),
+        (&["ohlc"][..], "2 transforms: say which one"),
+        (&["ohlc", "--stage", "3"][..], "has 2 transform(s), not 3"),
+    ] {
+        let refused = sluice(&[&["record"][..], args, &["--out", cap, "--records", "10", "--addr", &admin]].concat());
+        assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));
+        assert!(text(&refused.stderr).contains(why), "{}", text(&refused.stderr));
+    }
 
     let recording = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["record", "ohlc", "--stage", "2", "--out", cap, "--records", "4000", "--addr", &admin])
@@ -66,6 +70,9 @@ async fn a_recorded_candles_stage_replays_exactly_deterministically_and_shows_a_
         .spawn()
         .unwrap();
     assert!(run.wait_log("recording requested", 0).await);
+    let busy = sluice(&["record", "ohlc", "--stage", "2", "--out", cap, "--records", "10", "--addr", &admin]);
+    assert_eq!(busy.status.code(), Some(2));
+    assert!(text(&busy.stderr).contains("already being recorded"), "{}", text(&busy.stderr));
     // The feed grows in steps, so that calls, batches and timers interleave.
     for chunk in frames[1_000..].chunks(250) {
         append(&feed, chunk);
@@ -138,6 +145,25 @@ async fn a_recorded_candles_stage_replays_exactly_deterministically_and_shows_a_
     assert!(story.contains("wrote \"BINANCE:BTCUSDT\\u0000"), "{story}");
     assert!(story.contains("timer \"BINANCE:BTCUSDT\\u0000") && story.contains(" fired"), "{story}");
     assert!(story.contains("output of "), "{story}");
+
+    // What cannot be replayed is named, with exit status 2.
+    let garbage = dir.path().join("garbage.capture");
+    std::fs::write(&garbage, b"\x05\x00\x00\x00hello, not a capture").unwrap();
+    let mut newer = serde_json::to_value(&read.header).unwrap();
+    newer["version"] = 2.into();
+    let newer = serde_json::to_vec(&newer).unwrap();
+    let future = dir.path().join("future.capture");
+    std::fs::write(&future, [&(newer.len() as u32).to_le_bytes()[..], &newer].concat()).unwrap();
+    let flattener = common::plugin_path("trade_flattener");
+    for (args, why) in [
+        (vec![garbage.to_str().unwrap()], "this is not a capture, or it is corrupt"),
+        (vec![future.to_str().unwrap()], "capture format version 2: this build reads version 1"),
+        (vec![cap, "--plugin", flattener.to_str().unwrap()], "keeps none: it cannot take the stage's place"),
+    ] {
+        let refused = sluice(&[&["replay"][..], &args].concat());
+        assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));
+        assert!(text(&refused.stderr).contains(why), "{}", text(&refused.stderr));
+    }
 
     // Another file of the same version (a copy, as on a laptop) replays the same.
     let copy = dir.path().join("ohlc_copy.wasm");
