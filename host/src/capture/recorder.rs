@@ -60,6 +60,8 @@ struct Request {
 static WAITING: AtomicUsize = AtomicUsize::new(0);
 static REQUESTS: Mutex<Vec<Request>> = Mutex::new(Vec::new());
 static IDS: AtomicU64 = AtomicU64::new(0);
+/// Writer threads still sending.
+static WRITERS: AtomicUsize = AtomicUsize::new(0);
 /// The stages with a recording asked for or running: one at a time each.
 static ACTIVE: Mutex<Vec<(String, usize)>> = Mutex::new(Vec::new());
 
@@ -69,6 +71,16 @@ fn active() -> std::sync::MutexGuard<'static, Vec<(String, usize)>> {
 
 fn requests() -> std::sync::MutexGuard<'static, Vec<Request>> {
     REQUESTS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Waits, at most `limit`, for the recordings' writers to send their
+/// last entries (a graceful stop, once the pipelines are stopped: each
+/// recording ends with its `end` entry).
+pub async fn drain(limit: Duration) {
+    let until = Instant::now() + limit;
+    while WRITERS.load(Ordering::Acquire) > 0 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Whether any recording waits for its stage (one atomic load: the check
@@ -123,9 +135,11 @@ pub fn start(
     };
     requests().push(Request { id, pipeline: pipeline.to_string(), stage, items, stop, done });
     WAITING.fetch_add(1, Ordering::AcqRel);
+    WRITERS.fetch_add(1, Ordering::AcqRel);
     let spawned =
         std::thread::Builder::new().name(format!("record-{pipeline}-{}", stage + 1)).spawn(move || writer.run());
     if let Err(error) = spawned {
+        WRITERS.fetch_sub(1, Ordering::AcqRel);
         withdraw(id);
         release_stage(pipeline, stage);
         anyhow::bail!("cannot start the recording's thread: {error}");
@@ -227,6 +241,13 @@ impl Writer {
             self.send(frame(&Entry::End(end)));
         }
         tracing::info!(recording = self.id, calls = self.calls, records = self.records, bytes = self.bytes, %reason, "recording ended");
+        // What is sent is taken by the reader's connection before the
+        // thread counts as done (a graceful stop waits for it).
+        let until = Instant::now() + Duration::from_secs(2);
+        while !self.out.is_closed() && self.out.capacity() < self.out.max_capacity() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        WRITERS.fetch_sub(1, Ordering::AcqRel);
     }
 
     fn send(&mut self, bytes: Vec<u8>) -> bool {

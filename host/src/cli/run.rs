@@ -157,6 +157,8 @@ pub fn run(runtime: Runtime, run: &RunArgs) -> anyhow::Result<ExitCode> {
         }
         tracing::info!("shutting down: finishing in-flight batches");
         topology.shutdown().await;
+        // A recording's reader gets its last entries.
+        crate::capture::recorder::drain(std::time::Duration::from_secs(3)).await;
         Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
     })
 }

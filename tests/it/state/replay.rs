@@ -202,7 +202,18 @@ async fn a_plugin_that_reads_the_clock_and_random_numbers_replays_to_the_same_by
     }
     let recorded = recording.await.unwrap().unwrap();
     assert!(recorded.status.success(), "{}{}", text(&recorded.stdout), text(&recorded.stderr));
+    // A recording running when the instance stops gracefully gets its end.
+    let stopped = dir.path().join("stopped.capture");
+    let mut record = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    record.args(["record", "clock", "--out", stopped.to_str().unwrap(), "--for", "120s", "--addr", &admin]);
+    let second = tokio::task::spawn_blocking(move || record.output());
+    assert!(run.wait_log("recording requested", 1).await);
+    append(&feed, &[b"{\"n\":-1}".to_vec()]);
+    assert!(wait_until(WAIT, || async { std::fs::metadata(&stopped).is_ok_and(|m| m.len() > 0) }).await);
     assert_eq!(run.stop(), Some(0));
+    let second = second.await.unwrap().unwrap();
+    assert!(second.status.success(), "{}", text(&second.stderr));
+    assert!(text(&second.stdout).contains("stopped: the stage went away"), "{}", text(&second.stdout));
 
     let read = sluice::capture::Capture::read(&capture).unwrap();
     let (a, b) = (sluice(&["replay", cap, "--json"]), sluice(&["replay", cap, "--json"]));
@@ -216,6 +227,6 @@ async fn a_plugin_that_reads_the_clock_and_random_numbers_replays_to_the_same_by
         assert_eq!(o["value"]["wall_ms"].as_i64(), Some(call.now_ms), "the clock is the call's: {o}");
     }
     let diff = sluice(&["replay", cap, "--diff"]);
-    assert_eq!(diff.status.code(), Some(1), "live, the clock was the real one: {}", text(&diff.stdout));
-    assert!(text(&diff.stdout).contains("wall_ms"), "{}", text(&diff.stdout));
+    assert_eq!(diff.status.code(), Some(1), "live, the random numbers were others: {}", text(&diff.stdout));
+    assert!(text(&diff.stdout).contains("random: "), "{}", text(&diff.stdout));
 }
