@@ -132,7 +132,8 @@ impl EventTimeInfo {
 pub enum Entry {
     /// A partition's state as the stage held it before the calls that
     /// follow (at the start, each partition the stage held; later, a
-    /// partition the first time a call reads it).
+    /// partition the first time a call reads it, or after the stage
+    /// loaded it again: a rebalance gave it back).
     State(StateEntry),
     /// One call of the stage.
     Call(Call),

@@ -19,7 +19,7 @@ use super::{frame, Cause, End, Entry, Header, StateEntry, Watermark};
 use crate::record::{Bytes, RecordRef, Results};
 use crate::record::{Output, Record};
 use crate::state::{lock, Partition, SharedState};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -210,7 +210,7 @@ impl Writer {
             let mut gone = false;
             for entry in &entries {
                 let bytes = match entry {
-                    Pending::State(state) => frame(state),
+                    Pending::State(state, _) => frame(state),
                     Pending::Call(call) => {
                         self.calls += 1;
                         self.records += call.inputs.len() as u64;
@@ -264,8 +264,10 @@ pub struct Recorder {
     done: Arc<AtomicBool>,
     /// The entries of the batch being run, sent once it is delivered.
     pending: Vec<Pending>,
-    /// Partitions whose state the capture holds (sent).
-    seeded: HashSet<Partition>,
+    /// Partitions whose state the capture holds (sent), with the restore
+    /// of the stage's state it was copied from: a partition loaded again
+    /// (a rebalance gave it back, maybe changed elsewhere) is copied again.
+    seeded: HashMap<Partition, Option<u64>>,
     seq: u64,
 }
 
@@ -293,7 +295,7 @@ impl Recorder {
             stop: request.stop,
             done: request.done,
             pending: Vec::new(),
-            seeded: HashSet::new(),
+            seeded: HashMap::new(),
             seq: 0,
         };
         if recorder.items.try_send(Item::Header(Box::new(header()))).is_err() {
@@ -303,7 +305,8 @@ impl Recorder {
             let state = lock(state);
             for (partition, _) in state.watermarks() {
                 if let Some(loaded) = state.export(&partition) {
-                    recorder.pending.push(state_entry(&partition, loaded));
+                    let load = state.loaded(&partition);
+                    recorder.pending.push(state_entry(&partition, loaded, load));
                 }
             }
         }
@@ -331,12 +334,13 @@ impl Recorder {
                 inputs.iter().map(|r| (r.origin.topic.clone(), r.origin.partition)).collect();
             partitions.sort();
             partitions.dedup();
-            let pending: HashSet<Partition> = self.pending_partitions().collect();
-            partitions.retain(|p| !self.seeded.contains(p) && !pending.contains(p));
+            let pending: HashSet<Partition> = self.pending_partitions().map(|(p, _)| p).collect();
             let state = lock(state);
+            partitions.retain(|p| self.seeded.get(p) != Some(&state.loaded(p)) && !pending.contains(p));
             for partition in partitions {
                 if let Some(loaded) = state.export(&partition) {
-                    self.pending.push(state_entry(&partition, loaded));
+                    let load = state.loaded(&partition);
+                    self.pending.push(state_entry(&partition, loaded, load));
                 }
             }
         }
@@ -351,9 +355,10 @@ impl Recorder {
         }));
     }
 
-    fn pending_partitions(&self) -> impl Iterator<Item = Partition> + '_ {
+    /// The partitions whose state the pending entries copy, with the load.
+    fn pending_partitions(&self) -> impl Iterator<Item = (Partition, Option<u64>)> + '_ {
         self.pending.iter().filter_map(|e| match e {
-            Pending::State(Entry::State(s)) => Some((Arc::from(s.topic.as_str()), s.partition)),
+            Pending::State(Entry::State(s), load) => Some(((Arc::from(s.topic.as_str()), s.partition), *load)),
             _ => None,
         })
     }
@@ -372,7 +377,7 @@ impl Recorder {
         if self.pending.is_empty() {
             return true;
         }
-        let seeded: Vec<Partition> = self.pending_partitions().collect();
+        let seeded: Vec<(Partition, Option<u64>)> = self.pending_partitions().collect();
         let mut entries = std::mem::take(&mut self.pending);
         for entry in &mut entries {
             if let Pending::Call(call) = entry {
@@ -400,8 +405,8 @@ impl Recorder {
 
 /// An entry of a batch, as the stage hands it to the writer.
 enum Pending {
-    /// A partition's state (an [`Entry::State`]).
-    State(Entry),
+    /// A partition's state (an [`Entry::State`]), from which load of it.
+    State(Entry, Option<u64>),
     Call(PendingCall),
 }
 
@@ -548,16 +553,19 @@ mod view {
     }
 }
 
-fn state_entry(partition: &Partition, loaded: crate::state::Loaded) -> Pending {
+fn state_entry(partition: &Partition, loaded: crate::state::Loaded, load: Option<u64>) -> Pending {
     let mut entries: Vec<(String, String)> =
         loaded.entries.iter().map(|(k, v)| (hex::encode(k), hex::encode(v))).collect();
     entries.sort();
-    Pending::State(Entry::State(StateEntry {
-        topic: partition.0.to_string(),
-        partition: partition.1,
-        next_offset: loaded.next_offset,
-        entries,
-    }))
+    Pending::State(
+        Entry::State(StateEntry {
+            topic: partition.0.to_string(),
+            partition: partition.1,
+            next_offset: loaded.next_offset,
+            entries,
+        }),
+        load,
+    )
 }
 
 /// The watermark of each partition of `inputs` in `state`, now.
@@ -628,6 +636,53 @@ mod tests {
         let (again, _) = tokio::sync::mpsc::channel(1);
         let bounds = Bounds { records: None, duration: Some(Duration::from_millis(1)), max_bytes: 1 };
         start("unit-recording", 1, bounds, again).unwrap();
+    }
+
+    /// After a rebalance the stage loads a partition again (another
+    /// instance may have changed it): the capture copies it again.
+    #[test]
+    fn a_partition_loaded_again_is_copied_again() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        start("unit-reload", 0, Bounds { records: None, duration: None, max_bytes: 1 << 20 }, tx).unwrap();
+        let state = crate::state::StageState::scratch(1 << 20);
+        let partition: Partition = ("t".into(), 0);
+        let loaded = |v: &[u8]| crate::state::Loaded {
+            entries: [(crate::state::stored::entry(b"k"), v.to_vec())].into_iter().collect(),
+            next_offset: 0,
+        };
+        lock(&state).restore(partition.clone(), loaded(b"1"));
+        let mut recorder = Recorder::take("unit-reload", 0, Some(&state), crate::capture::tests::header).unwrap();
+        let record = Record {
+            value: "x".into(),
+            origin: Origin { topic: "t".into(), partition: 0, offset: 0 },
+            ..Record::default()
+        };
+        let mut results = Results::<String>::default();
+        results.push_ok([]);
+        for _ in 0..2 {
+            recorder.offer(Cause::Batch, 1, Vec::new(), &[record.view()], &results, Some(&state));
+            assert!(recorder.release());
+        }
+        lock(&state).restore(partition, loaded(b"2"));
+        recorder.offer(Cause::Batch, 2, Vec::new(), &[record.view()], &results, Some(&state));
+        assert!(recorder.release());
+        drop(recorder);
+        let mut bytes = Vec::new();
+        while let Some(chunk) = rx.blocking_recv() {
+            bytes.extend_from_slice(&chunk);
+        }
+        let capture = Capture::parse(&bytes).unwrap();
+        let copies: Vec<String> = capture
+            .entries
+            .iter()
+            .filter_map(|e| match e {
+                Entry::State(s) => Some(s.entries[0].1.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(copies, vec!["31".to_string(), "32".to_string()], "copied at the start, and again after the reload");
+        assert_eq!(capture.calls().count(), 3);
+        assert!(capture.end().unwrap().reason.contains("the stage went away"));
     }
 
     #[test]

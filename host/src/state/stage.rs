@@ -24,6 +24,8 @@ struct PartitionState {
     /// and the same in deadline order.
     deadlines: HashMap<Vec<u8>, i64>,
     expiry: std::collections::BTreeSet<(i64, Vec<u8>)>,
+    /// Which restore of the stage loaded it ([`StageState::loaded`]).
+    load: u64,
 }
 
 impl PartitionState {
@@ -93,6 +95,8 @@ pub struct StageState {
     /// `sluice replay --trace`: the keys beginning with this prefix, and
     /// the calls' accesses to them since they were last taken.
     trace: Option<(Vec<u8>, Vec<Access>)>,
+    /// Restores so far (each partition keeps the number of its own).
+    loads: u64,
 }
 
 /// A plugin's access to a traced key ([`StageState::trace_keys`]).
@@ -136,6 +140,7 @@ impl StageState {
             limit_bytes,
             scratch: false,
             trace: None,
+            loads: 0,
         }
     }
 
@@ -256,7 +261,9 @@ impl StageState {
             self.bytes -= old.clock.timer_bytes();
             self.bytes -= old.deadlines.keys().map(|k| deadline_bytes(k)).sum::<usize>();
         }
-        let mut state = PartitionState { next_offset: loaded.next_offset, ..PartitionState::default() };
+        self.loads += 1;
+        let mut state =
+            PartitionState { next_offset: loaded.next_offset, load: self.loads, ..PartitionState::default() };
         for (key, value) in loaded.entries {
             match key.first() {
                 Some(&stored::ENTRY) => {
@@ -282,6 +289,12 @@ impl StageState {
         // Idle from now on, until a record comes.
         state.seen = state.clock.max_ts.map(|max_ts| Seen { at: Instant::now(), max_ts });
         self.partitions.insert(partition, state);
+    }
+
+    /// Which restore loaded `partition` (a number that changes each time it
+    /// is loaded again, after a rebalance): a recording copies it again.
+    pub fn loaded(&self, partition: &Partition) -> Option<u64> {
+        self.partitions.get(partition).map(|p| p.load)
     }
 
     /// `partition`'s state as of the last applied batch, in the stored form
