@@ -256,37 +256,13 @@ impl Data {
     }
 }
 
-fn headers(headers: &[RecordHeader]) -> Vec<(String, Data)> {
-    headers.iter().map(|h| (h.name.clone(), Data::new(&h.value))).collect()
-}
-
 fn record_headers(headers: &[(String, Data)]) -> anyhow::Result<Vec<RecordHeader>> {
     headers.iter().map(|(name, value)| Ok(RecordHeader { name: name.clone(), value: value.bytes()? })).collect()
 }
 
 impl InputRecord {
-    pub fn new(r: &crate::record::RecordRef<'_>) -> Self {
-        InputRecord {
-            topic: r.origin.topic.to_string(),
-            partition: r.origin.partition,
-            offset: r.origin.offset,
-            key: r.key.map(Data::new),
-            value: Data::new(r.value),
-            headers: headers(r.headers),
-            timestamp: r.timestamp,
-        }
-    }
-
-    /// The record, its topic shared through `topics`.
-    pub fn record(&self, topics: &mut Vec<Arc<str>>) -> anyhow::Result<Record> {
-        let topic = match topics.iter().find(|t| ***t == *self.topic) {
-            Some(t) => t.clone(),
-            None => {
-                let t: Arc<str> = self.topic.as_str().into();
-                topics.push(t.clone());
-                t
-            }
-        };
+    /// The record, in `topic` (the capture's topic name, shared).
+    pub fn record(&self, topic: Arc<str>) -> anyhow::Result<Record> {
         Ok(Record {
             key: self.key.as_ref().map(|k| k.bytes().map(Bytes::from)).transpose()?,
             value: self.value.bytes()?.into(),
@@ -299,16 +275,6 @@ impl InputRecord {
 }
 
 impl OutputRecord {
-    pub fn new(o: &Output) -> Self {
-        OutputRecord {
-            key: o.key.as_deref().map(Data::new),
-            value: Data::new(&o.value),
-            headers: headers(&o.headers),
-            timestamp: o.timestamp,
-            route: o.route.clone(),
-        }
-    }
-
     pub fn output(&self) -> anyhow::Result<Output> {
         Ok(Output {
             key: self.key.as_ref().map(|k| k.bytes().map(Bytes::from)).transpose()?,

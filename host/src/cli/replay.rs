@@ -197,16 +197,14 @@ impl Replay {
     /// its fired timers taken out of the state first.
     fn call(&mut self, call: &Call) -> anyhow::Result<(Vec<Record>, Vec<Replayed>)> {
         let records =
-            call.inputs.iter().map(|r| r.record(&mut self.topics)).collect::<anyhow::Result<Vec<Record>>>()?;
+            call.inputs.iter().map(|r| r.record(self.topic(&r.topic))).collect::<anyhow::Result<Vec<Record>>>()?;
+        let marks: Vec<(Partition, Option<i64>)> =
+            call.watermarks.iter().map(|w| ((self.topic(&w.topic), w.partition), w.watermark)).collect();
         self.clock.set(call.now_ms);
         if let Some(state) = self.instance.state() {
             let mut state = lock(state);
-            for w in &call.watermarks {
-                let topic = match self.topics.iter().find(|t| ***t == *w.topic) {
-                    Some(t) => t.clone(),
-                    None => w.topic.as_str().into(),
-                };
-                state.set_watermark(&(topic, w.partition), w.watermark);
+            for (partition, watermark) in &marks {
+                state.set_watermark(partition, *watermark);
             }
             state.expire(call.now_ms);
             for r in records.iter().filter(|r| !r.origin.is_source()) {
